@@ -1,0 +1,1 @@
+"""Training stage: data, training loops, curves, FGE, evaluation, export, CLI."""

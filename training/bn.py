@@ -1,0 +1,43 @@
+"""BatchNorm re-estimation: statistics are not a function of the weights, so recompute them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def update_bn(
+    batches: Iterable[torch.Tensor],
+    model: nn.Module,
+    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> None:
+    """Reset every BN layer's running statistics and recompute them in one pass over
+    `batches` as an exact cumulative average (momentum=None).
+
+    `forward` runs the network (default `model`); curves pass a forward at a fixed t.
+    The model's mode, momenta and the global RNG (dropout draws) are left as they were.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers:
+        return
+    momenta = {layer: layer.momentum for layer in layers}
+    was_training = model.training
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None
+    model.train()
+    run = forward or model
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        for x in batches:
+            run(x)
+    for layer, momentum in momenta.items():
+        layer.momentum = momentum
+    model.train(was_training)

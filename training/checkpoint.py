@@ -1,0 +1,84 @@
+"""Checkpoint I/O in one place: atomic writes, safe loads (`weights_only=True`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "modeconn-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, truncated, or not a modeconn checkpoint."""
+
+
+def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """Save a dict of tensors and plain values (no custom objects, so it loads safely)."""
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, ...: all mean "unusable"
+        raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a modeconn checkpoint")
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; expected {VERSION}")
+    for key in ("model", "architecture", "dataset"):
+        if key not in state:
+            raise CheckpointError(f"checkpoint {path} lacks {key!r}")
+    return state
+
+
+def model_checkpoint(model: torch.nn.Module, architecture: dict, dataset: dict, **extra: Any) -> dict[str, Any]:
+    """The fields every checkpoint has, so any of them loads as a plain network."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "architecture": architecture,
+        "dataset": dataset,
+        **extra,
+    }

@@ -1,0 +1,161 @@
+"""Run settings: one pydantic-validated YAML config per experiment, with CLI overrides.
+
+An unknown key or a bad value is an error that names the field (`train.lr: ...`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not validate; the message names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSettings(_Strict):
+    name: str = "mnist1d"
+    root: str | None = None  # folder holding the CIFAR archives; a cache folder for MNIST-1D
+
+
+class ModelSettings(_Strict):
+    name: str = "cnn1d"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainSettings(_Strict):
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+
+
+class CurveSettings(_Strict):
+    curve: Literal["bezier", "polychain"] = "bezier"
+    num_bends: int = Field(3, ge=3)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.03, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    init: Literal["linear", "random"] = "linear"
+    fix_start: bool = True
+    fix_end: bool = True
+    save_every: int = Field(5, ge=1)
+    eval_points: int = Field(61, ge=2)
+
+
+class FGESettings(_Strict):
+    cycle_epochs: float = Field(2.0, gt=0)
+    lr1: float = Field(0.05, gt=0)
+    lr2: float = Field(0.005, gt=0)
+    epochs: float = Field(6.0, gt=0, description="FGE budget in epochs")
+    start_fraction: float = Field(0.8, gt=0, le=1, description="start from this point of a train run")
+    bn_update: bool = True
+    batch_size: int = Field(128, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+    @model_validator(mode="after")
+    def _lr2_below_lr1(self) -> FGESettings:
+        if self.lr2 > self.lr1:
+            raise ValueError(f"lr2 ({self.lr2}) must not exceed lr1 ({self.lr1}): the cycle descends to lr2")
+        return self
+
+
+class SSESettings(_Strict):
+    cycle_epochs: float = Field(10.0, gt=0)
+    epochs: int = Field(30, ge=1, description="SSE budget in epochs")
+    lr: float = Field(0.2, gt=0)
+    batch_size: int = Field(128, ge=1)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
+class ExportSettings(_Strict):
+    name: str = "modeconn-mnist1d"
+    bn_grid_points: int = Field(61, ge=2)
+    parity_atol: float = Field(1e-5, gt=0)
+
+
+class CompareSettings(_Strict):
+    budgets: list[int] = Field(default_factory=lambda: [1, 2, 3])
+    seeds: int = Field(3, ge=1)
+
+
+class Config(_Strict):
+    name: str = "demo"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataSettings = Field(default_factory=DataSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    curve: CurveSettings = Field(default_factory=CurveSettings)
+    fge: FGESettings = Field(default_factory=FGESettings)
+    sse: SSESettings = Field(default_factory=SSESettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    compare: CompareSettings = Field(default_factory=CompareSettings)
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a YAML config (or the defaults) and apply dotted overrides like {"train.lr": 0.05}."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from err
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_path(tree, dotted, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def parse_set_overrides(items: list[str]) -> dict[str, Any]:
+    """`--set train.lr=0.05` pairs; values are read as YAML scalars (numbers, bools, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example train.lr=0.05")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out

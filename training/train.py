@@ -1,0 +1,74 @@
+"""`modeconn train`: one independently trained network (the paper's "Ind")."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import progress
+from training.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from training.config import Config
+from training.loop import fit, resolve_device
+from training.networks import architecture_spec, build_network, dataset_spec, load_data, test_metrics
+from training.runs import prepare_run_dir
+from training.schedules import paper_learning_rate
+
+
+def fge_start_epoch(config: Config) -> int:
+    """The epoch whose checkpoint FGE starts from (the paper: 160 of 200)."""
+    return max(1, round(config.fge.start_fraction * config.train.epochs))
+
+
+def train_network(config: Config, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Train one network; returns output paths and final test metrics."""
+    final_path = run_dir / "final.pt"
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    data = load_data(dataset_spec(config), device)
+    torch.manual_seed(config.seed)
+    model = build_network(architecture_spec(config), data.num_classes, device)
+    settings = config.train
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    fields = {
+        "kind": "train",
+        "architecture": architecture_spec(config),
+        "dataset": {**dataset_spec(config), **data.describe()},
+        "config": config.model_dump(),
+    }
+    rows = fit(
+        run_dir=run_dir,
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=lambda epoch, _: paper_learning_rate(settings.lr, epoch, settings.epochs),
+        seed=config.seed + 1,
+        checkpoint_fields=fields,
+        save_every=settings.save_every,
+        save_epochs=[fge_start_epoch(config)],
+        evaluate=lambda: test_metrics(model, data),
+        resume=resume,
+        description=f"train {config.name}",
+    )
+    metrics = {**rows[-1], **test_metrics(model, data)}
+    save_checkpoint(final_path, model_checkpoint(model, **fields, metrics=metrics))
+    seconds = time.perf_counter() - started
+    progress.log(f"train {config.name}: test error {metrics['test_error']:.2f} %  ({seconds:.1f}s)")
+    return {"run_dir": str(run_dir), "checkpoint": str(final_path), "metrics": metrics, "seconds": seconds}
+
+
+def finished_result(run_dir: Path) -> dict[str, Any] | None:
+    """The result of a run that already finished, when its final checkpoint is valid."""
+    path = run_dir / "final.pt"
+    try:
+        state = load_checkpoint(path)
+    except ValueError:
+        return None
+    return {"run_dir": str(run_dir), "checkpoint": str(path), "metrics": state.get("metrics", {}), "skipped": True}
