@@ -29,6 +29,10 @@ class _Request(BaseModel):
 
 
 class PredictRequest(_Request):
+    # BentoML wraps request models in a "<Name>IODescriptor" subclass; a title keeps that
+    # internal name out of the 400 message ("1 validation error for PredictRequest").
+    model_config = ConfigDict(title="PredictRequest")
+
     inputs: list[Any] = Field(
         min_length=1,
         max_length=MAX_REQUEST_ROWS,
@@ -37,6 +41,8 @@ class PredictRequest(_Request):
 
 
 class CurvePredictRequest(PredictRequest):
+    model_config = ConfigDict(title="CurvePredictRequest")
+
     t: UnitFloat | None = Field(default=None, description="one point on the curve, in [0, 1]")
     ts: list[UnitFloat] | None = Field(
         default=None,
@@ -82,6 +88,7 @@ class InfoResponse(BaseModel):
     execution_providers: dict[str, str]
     batching: dict[str, Any]
     limits: dict[str, Any]
+    ready: bool
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
+
+from training.data import Dataset, eval_batches
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -13,15 +15,10 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def update_bn(
-    batches: Iterable[torch.Tensor],
-    model: nn.Module,
-    forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> None:
+def update_bn(batches: Iterable[torch.Tensor], model: nn.Module) -> None:
     """Reset every BN layer's running statistics and recompute them in one pass over
     `batches` as an exact cumulative average (momentum=None).
 
-    `forward` runs the network (default `model`); curves pass a forward at a fixed t.
     The model's mode, momenta and the global RNG (dropout draws) are left as they were.
     """
     layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -33,11 +30,16 @@ def update_bn(
         layer.reset_running_stats()
         layer.momentum = None
     model.train()
-    run = forward or model
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         for x in batches:
-            run(x)
+            model(x)
     for layer, momentum in momenta.items():
         layer.momentum = momentum
     model.train(was_training)
+
+
+def recompute_bn(model: nn.Module, data: Dataset, batch_size: int = 512) -> nn.Module:
+    """`update_bn` over the training split, without augmentation (deterministic)."""
+    update_bn((x for x, _ in eval_batches(data, "train", batch_size)), model)
+    return model

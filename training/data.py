@@ -110,7 +110,7 @@ def mnist1d(root: str | Path | None = None) -> Dataset:
     Generation takes a few seconds, so the arrays are cached (plain .npz, no pickle) under
     `root` or $MODECONN_DATA_DIR (default ~/.cache/modeconn).
     """
-    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.data import get_dataset_args
 
     args = get_dataset_args()
     key = hashlib.sha256(repr(sorted(vars(args).items())).encode()).hexdigest()[:12]
@@ -124,6 +124,8 @@ def mnist1d(root: str | Path | None = None) -> Dataset:
         except (OSError, ValueError, KeyError):
             arrays = None  # a damaged cache is regenerated, never trusted
     if arrays is None:
+        from mnist1d.data import make_dataset
+
         data = make_dataset(args)
         arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
         cache.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,13 @@ from training import progress
 from training.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from training.config import Config
 from training.loop import fit, resolve_device
-from training.networks import architecture_spec, build_network, dataset_spec, load_data, test_metrics
+from training.networks import (
+    architecture_spec,
+    build_network,
+    dataset_spec,
+    load_data,
+    test_metrics,
+)
 from training.runs import prepare_run_dir
 from training.schedules import paper_learning_rate
 

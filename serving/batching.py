@@ -1,0 +1,194 @@
+"""Adaptive micro-batching in front of one onnxruntime session.
+
+Requests arrive here already validated (one bad request can never fail a batch). Each is
+queued with a key (graph input other than `x`: None for the ensemble, t for the curve).
+One asyncio task per batcher:
+
+1. waits for the first pending request;
+2. waits until `max_batch_rows` rows are pending, or until the oldest pending request is
+   `max_wait_ms` old, whichever comes first;
+3. takes pending requests in arrival order up to `max_batch_rows` rows (always at least one
+   request, so a single request larger than the cap still runs), concatenates the rows of
+   each key and runs the session once per key in its own thread, then splits the outputs
+   back per request.
+
+While a batch runs, new requests pile up, so under load batches grow on their own; at low
+load a request waits at most `max_wait_ms` before its batch starts. Pending rows above
+`max_queue_rows` are refused with `Overloaded` (HTTP 503 + Retry-After) rather than left to
+time out: backpressure instead of an unbounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+# Under "bentoml." so the handlers BentoML configures for its workers print it.
+logger = logging.getLogger(f"bentoml.serve.{__name__}")
+
+RunFn = Callable[[Hashable, np.ndarray], Sequence[np.ndarray]]
+
+
+class Overloaded(RuntimeError):
+    """More rows are pending than the batcher's queue bound allows."""
+
+
+@dataclass
+class _Pending:
+    key: Hashable
+    x: np.ndarray
+    future: asyncio.Future[list[np.ndarray]]
+    enqueued_at: float
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    rows: int = 0
+    requests: int = 0
+    max_rows_seen: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        mean = self.rows / self.batches if self.batches else 0.0
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "rows": self.rows,
+            "mean_rows_per_batch": round(mean, 3),
+            "max_rows_per_batch": self.max_rows_seen,
+        }
+
+
+class MicroBatcher:
+    """Coalesces concurrent `submit(key, x)` calls into few `run(key, x_batch)` calls.
+
+    `run` returns the graph outputs; output i is split along `split_axes[i]` (0 for
+    `probabilities` [N, C], 1 for `member_probabilities` [K, N, C]).
+    """
+
+    def __init__(
+        self,
+        run: RunFn,
+        *,
+        split_axes: Sequence[int],
+        max_batch_rows: int,
+        max_wait_ms: float,
+        max_queue_rows: int,
+        name: str,
+    ) -> None:
+        self._run = run
+        self._split_axes = tuple(split_axes)
+        self.max_batch_rows = max_batch_rows
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_rows = max_queue_rows
+        self.name = name
+        self.stats = BatchStats()
+        self._pending: deque[_Pending] = deque()
+        self._pending_rows = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        # One thread: session calls of this batcher are serial, which is what makes the
+        # queue fill up (and batches grow) under load.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
+
+    async def submit(self, key: Hashable, x: np.ndarray) -> list[np.ndarray]:
+        rows = len(x)
+        if self._pending_rows and self._pending_rows + rows > self.max_queue_rows:
+            raise Overloaded(
+                f"{self._pending_rows} rows are already queued for {self.name}; "
+                f"the queue bound is {self.max_queue_rows}"
+            )
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done():
+            self._wakeup = asyncio.Event()
+            self._task = loop.create_task(self._loop(), name=f"batcher-{self.name}")
+        future: asyncio.Future[list[np.ndarray]] = loop.create_future()
+        self._pending.append(_Pending(key, x, future, loop.time()))
+        self._pending_rows += rows
+        assert self._wakeup is not None
+        self._wakeup.set()
+        return await future
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wait_for_batch()
+            batch = self._take_batch()
+            try:
+                await self._run_batch(batch)
+            except Exception:  # never let the loop die: later requests would hang
+                logger.exception("batcher %s: batch failed", self.name)
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(RuntimeError("batch failed"))
+
+    async def _wait_for_batch(self) -> None:
+        assert self._wakeup is not None
+        while not self._pending:
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        loop = asyncio.get_running_loop()
+        deadline = self._pending[0].enqueued_at + self.max_wait_s
+        while self._pending_rows < self.max_batch_rows:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        rows = 0
+        while self._pending:
+            n = len(self._pending[0].x)
+            if batch and rows + n > self.max_batch_rows:
+                break
+            item = self._pending.popleft()
+            self._pending_rows -= n
+            rows += n
+            if not item.future.done():  # skip requests whose client already gave up
+                batch.append(item)
+        return batch
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        groups: dict[Hashable, list[_Pending]] = {}
+        for item in batch:
+            groups.setdefault(item.key, []).append(item)
+        loop = asyncio.get_running_loop()
+        for key, items in groups.items():
+            x = items[0].x if len(items) == 1 else np.concatenate([it.x for it in items])
+            try:
+                outputs = await loop.run_in_executor(self._executor, self._run, key, x)
+            except Exception as exc:
+                logger.exception("batcher %s: session run failed (%d rows)", self.name, len(x))
+                for it in items:
+                    if not it.future.done():
+                        it.future.set_exception(exc)
+                continue
+            self.stats.batches += 1
+            self.stats.rows += len(x)
+            self.stats.requests += len(items)
+            self.stats.max_rows_seen = max(self.stats.max_rows_seen, len(x))
+            start = 0
+            for it in items:
+                stop = start + len(it.x)
+                parts = [
+                    out[(slice(None),) * axis + (slice(start, stop),)]
+                    for out, axis in zip(outputs, self._split_axes, strict=True)
+                ]
+                if not it.future.done():
+                    it.future.set_result(parts)
+                start = stop

@@ -1,0 +1,116 @@
+"""ASGI middleware in front of BentoML: refuse what it would turn into a 500 or read whole.
+
+- Body above a byte limit -> 413.
+- multipart/* or BentoML's pickle media type -> 415: the APIs take JSON only, and BentoML
+  1.4.40 answers multipart without a boundary with a 500 (it parses any other media type,
+  even a missing or text/plain one, as JSON, which is fine).
+
+BentoML reads the whole body into memory before validating it, so the limit has to sit in
+front of it. The middleware buffers the body itself (it is read whole anyway), then replays
+it to the app. A body over the limit is drained (up to `drain_factor` times the limit) before
+the 413 is sent: a client still uploading when the server answers and closes often sees a
+connection reset instead of the status code.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+_REFUSED_MEDIA_PREFIXES = (b"multipart/", b"application/vnd.bentoml+pickle")
+
+
+class RequestGuardMiddleware:
+    def __init__(self, app: Any, max_bytes: int, drain_factor: int = 4) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.drain_bytes = max_bytes * drain_factor
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        media_type = _header(scope, b"content-type").strip().lower()
+        if media_type.startswith(_REFUSED_MEDIA_PREFIXES):
+            await self._drain(receive, already=0)
+            shown = media_type.decode(errors="replace")
+            await _send_json(send, 415, f"content type {shown!r} is not accepted; send JSON")
+            return
+        try:
+            declared: int | None = int(_header(scope, b"content-length") or b"-1")
+        except ValueError:
+            declared = None
+        if declared is not None and declared > self.max_bytes:
+            await self._drain(receive, already=0)
+            await self._refuse(send, declared)
+            return
+
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away: let the app see it
+                await self.app(scope, _replay([message], receive), send)
+                return
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                if message.get("more_body", False):
+                    await self._drain(receive, already=size)
+                await self._refuse(send, size)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([whole], receive), send)
+
+    async def _drain(self, receive: Any, already: int) -> None:
+        size = already
+        while size <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            size += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def _refuse(self, send: Any, size: int) -> None:
+        message = (
+            f"request body is {size} bytes or more; the limit is {self.max_bytes} bytes "
+            "(split the batch into smaller requests)"
+        )
+        await _send_json(send, 413, message)
+
+
+async def _send_json(send: Any, status: int, message: str) -> None:
+    body = json.dumps({"error": message}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),  # the body may not have been read to its end
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value
+    return b""
+
+
+def _replay(messages: list[Message], receive: Any) -> Any:
+    pending = list(messages)
+
+    async def replay() -> Message:
+        if pending:
+            return pending.pop(0)
+        return await receive()  # after the body: wait for http.disconnect as usual
+
+    return replay

@@ -1,0 +1,129 @@
+"""onnxruntime sessions for one artifact, and the per-row statistics served with predictions.
+
+Provider choice: CUDA when onnxruntime offers CUDAExecutionProvider *and* the driver reports
+a GPU (onnxruntime-gpu lists CUDA even on machines without one); otherwise CPU. A session
+whose CUDA provider fails to load falls back to CPU inside onnxruntime, so what is logged
+and reported is `session.get_providers()[0]`, the provider really in use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.artifact import Artifact, ArtifactError
+
+# Under "bentoml." so the handlers BentoML configures for its workers print it.
+logger = logging.getLogger(f"bentoml.serve.{__name__}")
+
+# HEURISTIC skips cuDNN's exhaustive benchmark on every new input shape, which would
+# otherwise stall the first requests of each batch size for seconds.
+CUDA_PROVIDER_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
+def cuda_device_count() -> int:
+    """GPUs visible to the CUDA driver (0 without a driver); no torch needed."""
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if libcuda.cuInit(0) != 0 or libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def choose_providers(preference: str = "auto") -> list[Any]:
+    """Execution providers for `preference` in {"auto", "cuda", "cpu"}."""
+    if preference not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"provider preference must be auto, cuda or cpu, not {preference!r}")
+    if preference != "cpu":
+        has_provider = "CUDAExecutionProvider" in ort.get_available_providers()
+        gpus = cuda_device_count() if has_provider else 0
+        if has_provider and gpus > 0:
+            return [("CUDAExecutionProvider", CUDA_PROVIDER_OPTIONS), "CPUExecutionProvider"]
+        logger.info(
+            "no GPU in use (onnxruntime CUDA provider %s, %d GPU(s) visible): running on CPU",
+            "available" if has_provider else "not available",
+            gpus,
+        )
+    return ["CPUExecutionProvider"]
+
+
+class Runtime:
+    """The ensemble session and, when the artifact has one, the curve session."""
+
+    def __init__(self, artifact: Artifact, providers: Sequence[Any]) -> None:
+        self.artifact = artifact
+        self.ensemble = _open(
+            artifact.ensemble_file, providers, {"x"}, {"probabilities", "member_probabilities"}
+        )
+        self.curve = (
+            None
+            if artifact.curve_file is None
+            else _open(artifact.curve_file, providers, {"x", "t"}, {"probabilities"})
+        )
+        self.providers = {"ensemble": self.ensemble.get_providers()[0]}
+        if self.curve is not None:
+            self.providers["curve"] = self.curve.get_providers()[0]
+        for graph, provider in self.providers.items():
+            logger.info("%s session runs on %s", graph, provider)
+
+    def run_ensemble(self, _key: Any, x: np.ndarray) -> list[np.ndarray]:
+        """[mean probabilities [N, C], member probabilities [K, N, C]]."""
+        return self.ensemble.run(["probabilities", "member_probabilities"], {"x": x})
+
+    def run_curve(self, t: float, x: np.ndarray) -> list[np.ndarray]:
+        """[probabilities [N, C] of the model at phi(t)]."""
+        assert self.curve is not None
+        return self.curve.run(["probabilities"], {"x": x, "t": np.array([t], dtype=np.float32)})
+
+    def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """Run every graph once per batch size, so first requests don't pay for allocation."""
+        for n in batch_sizes:
+            x = np.zeros((n, *self.artifact.input_shape), dtype=np.float32)
+            self.run_ensemble(None, x)
+            if self.curve is not None:
+                self.run_curve(0.5, x)
+
+
+def _open(
+    path: Path, providers: Sequence[Any], inputs: set[str], outputs: set[str]
+) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    # The graph names are the contract (docs/manifest.md): refuse a graph that breaks it
+    # at load time rather than on the first request.
+    have_in = {i.name for i in session.get_inputs()}
+    have_out = {o.name for o in session.get_outputs()}
+    if have_in != inputs or not outputs <= have_out:
+        raise ArtifactError(
+            f"{path.name}: graph inputs {sorted(have_in)} / outputs {sorted(have_out)}; "
+            f"expected inputs {sorted(inputs)} and outputs including {sorted(outputs)}"
+        )
+    return session
+
+
+def summarize(
+    mean_probs: np.ndarray, per_model_probs: np.ndarray, class_names: Sequence[str]
+) -> dict[str, list[Any]]:
+    """Response fields from the averaged distribution [N, C] and the averaged models' [M, N, C]."""
+    predictions = mean_probs.argmax(axis=1)
+    p = mean_probs.astype(np.float64)
+    safe = np.where(p > 0, p, 1.0)  # 0 * log 0 = 0
+    entropy = -(p * np.log(safe)).sum(axis=1)
+    agreement = (per_model_probs.argmax(axis=2) == predictions[None, :]).mean(axis=0)
+    return {
+        "probabilities": mean_probs.tolist(),
+        "predictions": predictions.tolist(),
+        "labels": [class_names[i] for i in predictions],
+        "entropy": entropy.tolist(),
+        "agreement": agreement.tolist(),
+    }

@@ -1,0 +1,266 @@
+"""BentoML service for an exported modeconn artifact (docs/manifest.md).
+
+Endpoints
+  POST /predict        {"inputs": N x input_shape}            -> ensemble.onnx
+  POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> curve.onnx at phi(t) / mean over ts
+  GET|POST /info       model card + execution provider + batching settings
+  BentoML's own /healthz /livez /readyz /metrics stay as they are.
+
+Process model and batching (the numbers the benchmark compares):
+  workers = 1. One process holds the sessions; more workers would each hold a copy of every
+    graph (and a GPU context) and split the traffic, so batches would be smaller.
+  threads: the APIs are async, so BentoML's thread pool for sync APIs is unused. Each graph
+    gets one dedicated thread that runs onnxruntime (whose intra-op pool uses the cores).
+  Adaptive batching (serving/batching.py), on unless MODECONN_BATCHING=0: requests are
+    validated first, then queued per graph; a batch closes at MODECONN_MAX_BATCH_ROWS rows
+    (default 1024) or when its oldest request has waited MODECONN_MAX_WAIT_MS (default 2 ms).
+    Pending rows above MODECONN_MAX_QUEUE_ROWS (default 16384) get 503 + Retry-After instead
+    of queueing without bound; 64 concurrent batch-1 clients queue at most 64 rows.
+    With MODECONN_BATCHING=0 each request runs its own session call in a thread.
+  Limits per request: 1024 rows, 16 values in `ts`, body MODECONN_MAX_BODY_BYTES (8 MiB).
+  No BentoML max_concurrency (it sheds with 503 "process is overloaded"); traffic timeout 60 s.
+
+Readiness: __init__ verifies the artifact (sha256 of every file; a corrupt artifact fails the
+worker at once), then a background thread opens the sessions and warms up batch sizes
+WARMUP_BATCH_SIZES; `__is_ready__` (so /readyz) turns 200 only after that. Requests that
+arrive earlier get 503.
+
+Environment: MODECONN_MODEL (model name or tag in the BentoML store, default
+"modeconn-mnist1d"), MODECONN_PROVIDER (auto|cuda|cpu), the batching variables above, and
+MODECONN_WARMUP_DELAY_S (tests only: lengthens loading so /readyz can be seen non-200).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from serving.artifact import load_artifact
+from serving.batching import MicroBatcher, Overloaded
+from serving.middleware import RequestGuardMiddleware
+from serving.runtime import Runtime, choose_providers, summarize
+from serving.schemas import (
+    MAX_REQUEST_ROWS,
+    MAX_TS,
+    CurvePredictRequest,
+    CurvePredictResponse,
+    InfoResponse,
+    InputError,
+    PredictRequest,
+    PredictResponse,
+    parse_inputs,
+)
+
+logger = logging.getLogger("bentoml.serve.modeconn")
+
+MODEL_NAME = os.environ.get("MODECONN_MODEL", "modeconn-mnist1d")
+MAX_BODY_BYTES = int(os.environ.get("MODECONN_MAX_BODY_BYTES", str(8 << 20)))
+WARMUP_BATCH_SIZES = (1, 8, 32, 64)
+WORKERS = 1
+TRAFFIC_TIMEOUT_S = 60
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off")
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+
+
+@bentoml.service(name="modeconn", workers=WORKERS, traffic={"timeout": TRAFFIC_TIMEOUT_S})
+class ModeConnService:
+    model = bentoml.models.BentoModel(MODEL_NAME)
+
+    def __init__(self) -> None:
+        self.artifact = load_artifact(self.model.path)  # hash check: fail the worker fast
+        self.batching = _env_flag("MODECONN_BATCHING", True)
+        self.batch_settings = {
+            "enabled": self.batching,
+            "max_batch_rows": int(os.environ.get("MODECONN_MAX_BATCH_ROWS", "1024")),
+            "max_wait_ms": float(os.environ.get("MODECONN_MAX_WAIT_MS", "2")),
+            "max_queue_rows": int(os.environ.get("MODECONN_MAX_QUEUE_ROWS", "16384")),
+            "workers": WORKERS,
+            "session_threads_per_graph": 1,
+        }
+        self.runtime: Runtime | None = None
+        self._batchers: dict[str, MicroBatcher] = {}
+        self._load_error: str | None = None
+        self._ready = threading.Event()
+        logger.info(
+            "artifact %s verified (%d members, curve: %s); loading sessions",
+            self.artifact.name,
+            self.artifact.num_members,
+            self.artifact.has_curve,
+        )
+        # Sessions and warm-up run in the background so /readyz can answer 503 meanwhile.
+        threading.Thread(target=self._load, name="modeconn-load", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            started = time.perf_counter()
+            runtime = Runtime(
+                self.artifact, choose_providers(os.environ.get("MODECONN_PROVIDER", "auto"))
+            )
+            runtime.warmup(WARMUP_BATCH_SIZES)
+            if delay := float(os.environ.get("MODECONN_WARMUP_DELAY_S", "0")):
+                time.sleep(delay)
+            if self.batching:
+                settings = self.batch_settings
+                common = {
+                    "max_batch_rows": settings["max_batch_rows"],
+                    "max_wait_ms": settings["max_wait_ms"],
+                    "max_queue_rows": settings["max_queue_rows"],
+                }
+                self._batchers["ensemble"] = MicroBatcher(
+                    runtime.run_ensemble, split_axes=(0, 1), name="ensemble", **common
+                )
+                if runtime.curve is not None:
+                    self._batchers["curve"] = MicroBatcher(
+                        runtime.run_curve, split_axes=(0,), name="curve", **common
+                    )
+            self.runtime = runtime
+            self._ready.set()
+            logger.info(
+                "ready in %.2f s: providers %s, batching %s",
+                time.perf_counter() - started,
+                runtime.providers,
+                self.batch_settings,
+            )
+        except Exception as exc:  # a dead loader must not look like a slow one
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("loading the artifact failed")
+
+    async def __is_ready__(self) -> bool:
+        return self._ready.is_set()
+
+    async def __is_alive__(self) -> bool:
+        return self._load_error is None
+
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        for batcher in self._batchers.values():
+            batcher.close()
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
+    async def predict(self, inputs: list[Any]) -> PredictResponse | JSONResponse:
+        """Mean softmax of the ensemble members, with entropy and member agreement."""
+        if (refusal := self._refuse_early()) is not None:
+            return refusal
+        try:
+            x = parse_inputs(inputs, self.artifact.input_shape)
+        except InputError as exc:
+            return _error(400, str(exc))
+        try:
+            mean, members = await self._run("ensemble", None, x)
+        except Overloaded as exc:
+            return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
+        return PredictResponse(**summarize(mean, members, self.artifact.class_names))
+
+    @bentoml.api(
+        route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
+    )
+    async def predict_curve(
+        self, inputs: list[Any], t: float | None = None, ts: list[float] | None = None
+    ) -> CurvePredictResponse | JSONResponse:
+        """Softmax of the curve model at phi(t), or the mean softmax over several t."""
+        if (refusal := self._refuse_early()) is not None:
+            return refusal
+        if not self.artifact.has_curve:
+            return _error(404, "this artifact has no curve (manifest 'curve' is null)")
+        try:
+            x = parse_inputs(inputs, self.artifact.input_shape)
+        except InputError as exc:
+            return _error(400, str(exc))
+        t_values = [t] if t is not None else list(ts or [])
+        try:
+            per_t = await asyncio.gather(*(self._run("curve", tv, x) for tv in t_values))
+        except Overloaded as exc:
+            return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
+        stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
+        mean = stacked[0] if len(t_values) == 1 else stacked.mean(axis=0, dtype=np.float64)
+        fields = summarize(mean, stacked, self.artifact.class_names)
+        return CurvePredictResponse(**fields, ts=t_values)
+
+    @bentoml.api(route="/info", output_spec=InfoResponse)
+    async def info(self) -> InfoResponse:
+        """Model card (also served at GET /info)."""
+        return self.model_card()
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _refuse_early(self) -> JSONResponse | None:
+        if self._load_error is not None:
+            return _error(503, f"model failed to load: {self._load_error}")
+        if not self._ready.is_set():
+            return _error(503, "model is still loading; poll /readyz", **{"Retry-After": "1"})
+        return None
+
+    async def _run(self, graph: str, key: Any, x: np.ndarray) -> list[np.ndarray]:
+        if self.batching:
+            return await self._batchers[graph].submit(key, x)
+        assert self.runtime is not None
+        run = self.runtime.run_ensemble if graph == "ensemble" else self.runtime.run_curve
+        return await asyncio.get_running_loop().run_in_executor(None, run, key, x)
+
+    def model_card(self) -> InfoResponse:
+        m = self.artifact.manifest
+        ensemble = m["ensemble"]
+        curve = m["curve"]
+        return InfoResponse(
+            name=m["name"],
+            created_at=m["created_at"],
+            versions=m["versions"],
+            architecture=m["architecture"],
+            dataset={
+                "name": m["dataset"].get("name"),
+                "num_classes": self.artifact.num_classes,
+                "class_names": list(self.artifact.class_names),
+            },
+            input=m["input"],
+            num_members=self.artifact.num_members,
+            member_metrics=[member.get("metrics", {}) for member in m["members"]],
+            ensemble={k: ensemble.get(k) for k in ("kind", "num_members", "settings", "metrics")},
+            curve=None
+            if curve is None
+            else {
+                k: curve.get(k)
+                for k in ("type", "num_bends", "bn_grid_points", "settings", "metrics")
+            },
+            execution_providers={} if self.runtime is None else self.runtime.providers,
+            batching={
+                **self.batch_settings,
+                "stats": {name: b.stats.as_dict() for name, b in self._batchers.items()},
+            },
+            limits={
+                "max_rows_per_request": MAX_REQUEST_ROWS,
+                "max_ts_per_request": MAX_TS,
+                "max_body_bytes": MAX_BODY_BYTES,
+            },
+            ready=self._ready.is_set(),
+        )
+
+
+async def _get_info(_: Request) -> JSONResponse:
+    service = bentoml.get_current_service()
+    return JSONResponse(service.model_card().model_dump(mode="json"))
+
+
+# BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
+# (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
+ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, methods=["GET"])]))
+ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=MAX_BODY_BYTES)

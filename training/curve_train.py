@@ -1,0 +1,114 @@
+"""`modeconn curve`: fit a Bezier or PolyChain curve between two trained networks.
+
+Loss: E_{t~U[0,1]} L(φθ(t)), one t per minibatch; the L2 penalty 0.5·wd·‖w(t)‖² acts on
+the weights at the sampled t (as in the paper), not on the control points.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from training import progress
+from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.config import Config
+from training.curves import CurveModel
+from training.loop import fit, resolve_device
+from training.networks import build_network, load_data
+from training.runs import prepare_run_dir
+from training.schedules import paper_learning_rate
+
+
+def _endpoint(path: Path) -> dict[str, Any]:
+    state = load_checkpoint(path)
+    if state.get("kind") == "curve":
+        raise CheckpointError(f"{path} is a curve, not a network; endpoints must be networks")
+    return state
+
+
+def fit_curve(
+    config: Config, start: Path, end: Path, run_dir: Path, resume: bool = False, force: bool = False
+) -> dict[str, Any]:
+    final_path = run_dir / "final.pt"
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
+    started = time.perf_counter()
+    w0, w1 = _endpoint(start), _endpoint(end)
+    if w0["architecture"] != w1["architecture"]:
+        raise CheckpointError(f"endpoints differ in architecture: {w0['architecture']} vs {w1['architecture']}")
+    if w0["dataset"]["name"] != w1["dataset"]["name"]:
+        raise CheckpointError(f"endpoints were trained on different data: {w0['dataset']['name']} vs {w1['dataset']['name']}")
+    device = resolve_device(config.device)
+    data = load_data(w0["dataset"], device)
+    settings = config.curve
+    torch.manual_seed(config.seed)
+    base = build_network(w0["architecture"], data.num_classes, device)
+    base.load_state_dict(w0["model"])  # BN buffers start from w0's; they are recomputed per t later
+    curve = CurveModel(
+        base,
+        {k: v.to(device) for k, v in w0["model"].items()},
+        {k: v.to(device) for k, v in w1["model"].items()},
+        curve=settings.curve,
+        num_bends=settings.num_bends,
+        fix_start=settings.fix_start,
+        fix_end=settings.fix_end,
+        init=settings.init,
+    )
+    optimizer = torch.optim.SGD([curve.free_points], lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
+
+    def loss_fn(model: CurveModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits, y) + 0.5 * settings.weight_decay * model.last_l2, logits
+
+    fields = {
+        "kind": "curve",
+        "architecture": w0["architecture"],
+        "dataset": w0["dataset"],
+        "curve": {**curve.settings(), "fix_start": settings.fix_start, "fix_end": settings.fix_end,
+                  "start": str(start), "end": str(end), "weight_decay": settings.weight_decay},
+        "config": config.model_dump(),
+    }
+    rows = fit(
+        run_dir=run_dir,
+        model=curve,
+        optimizer=optimizer,
+        data=data,
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=lambda epoch, _: paper_learning_rate(settings.lr, epoch, settings.epochs),
+        seed=config.seed + 1,
+        checkpoint_fields=fields,
+        loss_fn=loss_fn,
+        save_every=settings.save_every,
+        resume=resume,
+        description=f"curve {settings.curve}",
+    )
+    save_checkpoint(final_path, {**fields, "model": curve.state_dict(), "metrics": rows[-1]})
+    seconds = time.perf_counter() - started
+    progress.log(f"curve {settings.curve}: trained in {seconds:.1f}s -> {final_path}")
+    return {"run_dir": str(run_dir), "checkpoint": str(final_path), "metrics": rows[-1], "seconds": seconds}
+
+
+def curve_file(path: Path) -> Path:
+    """A curve run directory or its final checkpoint."""
+    return path / "final.pt" if path.is_dir() else path
+
+
+def load_curve(path: Path, device: torch.device | str = "cpu") -> tuple[CurveModel, dict[str, Any]]:
+    path = curve_file(Path(path))
+    state = load_checkpoint(path, map_location=device)
+    if state.get("kind") != "curve":
+        raise CheckpointError(f"{path} is not a curve checkpoint (kind {state.get('kind')!r})")
+    spec = state["curve"]
+    base = build_network(state["architecture"], state["dataset"]["num_classes"], device)
+    params = dict(base.named_parameters())
+    curve = CurveModel(base, params, params, curve=spec["curve"], num_bends=spec["num_bends"],
+                       fix_start=spec["fix_start"], fix_end=spec["fix_end"])
+    try:
+        curve.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise CheckpointError(f"{path}: curve weights do not fit {state['architecture']}: {err}") from err
+    return curve.eval(), state

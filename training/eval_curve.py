@@ -1,0 +1,183 @@
+"""`modeconn eval-curve`: metrics along the curve and along the straight line between its ends.
+
+For each of `points` evenly spaced t: BN statistics recomputed, then train loss/NLL/error,
+test NLL/error and the segment length ‖w(t_i) − w(t_{i−1})‖; the same for the line; the
+ensemble of the two endpoints, and of w0 with φ(t) for each t.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import progress
+from training.bn import recompute_bn
+from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from training.curve_train import curve_file, load_curve
+from training.curves import CurveModel, network_at
+from training.data import Dataset
+from training.loop import resolve_device
+from training.metrics import classification_metrics
+from training.networks import load_data, predict_probs
+
+METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
+
+
+def straight_line(curve: CurveModel) -> CurveModel:
+    """The segment between the curve's endpoints, as a two-bend curve."""
+    points = curve.control_points()
+    ends = [curve.unflatten(points[0]), curve.unflatten(points[-1])]
+    return CurveModel(network_at(curve, 0.0), ends[0], ends[1], curve="polychain", num_bends=2).eval()
+
+
+@torch.no_grad()
+def evaluate_point(curve: CurveModel, t: float, data: Dataset, weight_decay: float) -> tuple[dict[str, float], torch.Tensor]:
+    """Metrics of φ(t) with BN recomputed, and its test probabilities."""
+    net = recompute_bn(network_at(curve, t), data).eval()
+    train = classification_metrics(predict_probs(net, data, "train"), data.y_train)
+    test_probs = predict_probs(net, data, "test")
+    test = classification_metrics(test_probs, data.y_test)
+    l2 = float(sum((p.double() ** 2).sum() for p in net.parameters()))
+    row = {
+        "train_loss": train["nll"] + 0.5 * weight_decay * l2,
+        "train_nll": train["nll"],
+        "train_error": train["error"],
+        "test_nll": test["nll"],
+        "test_error": test["error"],
+        "test_ece": test["ece"],
+    }
+    return row, test_probs
+
+
+def summarize(rows: list[dict[str, float]], lengths: list[float]) -> dict[str, Any]:
+    """Start, end, min, max, mean and the length-weighted (trapezoid) average of each metric."""
+    total = sum(lengths[1:])
+    out: dict[str, Any] = {"length": total}
+    for key in METRICS:
+        values = [r[key] for r in rows]
+        integral = sum((values[i] + values[i - 1]) / 2 * lengths[i] for i in range(1, len(values)))
+        out[key] = {
+            "start": values[0],
+            "end": values[-1],
+            "min": min(values),
+            "max": max(values),
+            "mean": sum(values) / len(values),
+            "integral": integral / total if total > 0 else values[0],
+        }
+    return out
+
+
+def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, device: str = "auto") -> dict[str, Any]:
+    started = time.perf_counter()
+    path = curve_file(Path(path))
+    out_dir = Path(out_dir) if out_dir else path.parent
+    dev = resolve_device(device)
+    curve, state = load_curve(path, dev)
+    data = load_data(state["dataset"], dev)
+    wd = float(state["curve"].get("weight_decay", 0.0))
+    line = straight_line(curve)
+    ts = torch.linspace(0, 1, points).tolist()
+    results: dict[str, list] = {"curve": [], "line": []}
+    probs_curve: list[torch.Tensor] = []
+    with progress.task("eval-curve", 2 * points) as advance:
+        for name, model in (("curve", curve), ("line", line)):
+            previous = None
+            for t in ts:
+                row, test_probs = evaluate_point(model, t, data, wd)
+                flat = model.flat_weights(t)
+                row["segment_length"] = 0.0 if previous is None else float((flat - previous).norm())
+                previous = flat
+                results[name].append({"t": t, **row})
+                if name == "curve":
+                    probs_curve.append(test_probs)
+                advance(status=f"{name} t={t:.3f} test err {row['test_error']:.2f}")
+    y = data.y_test
+    endpoints = classification_metrics((probs_curve[0] + probs_curve[-1]) / 2, y)
+    for row, probs in zip(results["curve"], probs_curve, strict=True):
+        ens = classification_metrics((probs_curve[0] + probs) / 2, y)
+        row["ensemble_test_error"], row["ensemble_test_nll"] = ens["error"], ens["nll"]
+    summary = {
+        "curve": summarize(results["curve"], [r["segment_length"] for r in results["curve"]]),
+        "line": summarize(results["line"], [r["segment_length"] for r in results["line"]]),
+        "endpoint_ensemble": endpoints,
+    }
+    headline = {
+        "start_test_error": results["curve"][0]["test_error"],
+        "end_test_error": results["curve"][-1]["test_error"],
+        "curve_max_test_error": summary["curve"]["test_error"]["max"],
+        "line_max_test_error": summary["line"]["test_error"]["max"],
+        "endpoint_ensemble_test_error": endpoints["error"],
+        "best_ensemble_along_curve_test_error": min(r["ensemble_test_error"] for r in results["curve"]),
+    }
+    report = {"checkpoint": str(path), "points": points, "settings": state["curve"], "summary": summary,
+              "headline": headline, "curve": results["curve"], "line": results["line"]}
+    json_path, csv_path, png_path = out_dir / "curve.json", out_dir / "curve.csv", out_dir / "curve.png"
+    atomic_write_json(json_path, report)
+    atomic_write_text(csv_path, _csv(results))
+    atomic_write_bytes(png_path, _plot(results, endpoints["error"], state["curve"]["curve"]))
+    seconds = time.perf_counter() - started
+    progress.log(
+        f"eval-curve: ends {headline['start_test_error']:.2f} / {headline['end_test_error']:.2f} %, "
+        f"max along curve {headline['curve_max_test_error']:.2f} %, along line {headline['line_max_test_error']:.2f} % "
+        f"({seconds:.1f}s)"
+    )
+    return {"json": str(json_path), "csv": str(csv_path), "png": str(png_path), "seconds": seconds,
+            **headline, "summary": summary}
+
+
+def _csv(results: dict[str, list]) -> str:
+    keys = [*METRICS, "test_ece", "segment_length"]
+    header = ["t", *[f"curve_{k}" for k in keys], *[f"line_{k}" for k in keys], "ensemble_test_error", "ensemble_test_nll"]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(header)
+    for c, line in zip(results["curve"], results["line"], strict=True):
+        writer.writerow([c["t"], *[c[k] for k in keys], *[line[k] for k in keys], c["ensemble_test_error"], c["ensemble_test_nll"]])
+    return buf.getvalue()
+
+
+def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = [r["t"] for r in results["curve"]]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, key, title in ((axes[0], "test_error", "test error (%)"), (axes[1], "train_loss", "train loss")):
+        ax.plot(ts, [r[key] for r in results["curve"]], label=f"{curve_type} curve", lw=2)
+        ax.plot(ts, [r[key] for r in results["line"]], label="straight line", lw=2, ls="--")
+        ax.set(xlabel="t", title=title)
+        ax.legend()
+    axes[1].set_yscale("log")
+    axes[2].plot(ts, [r["ensemble_test_error"] for r in results["curve"]], label="ensemble of w0 and φ(t)", lw=2)
+    axes[2].axhline(endpoint_ensemble_error, color="k", ls=":", label="ensemble of the two endpoints")
+    axes[2].set(xlabel="t", title="ensemble test error (%)")
+    axes[2].legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> dict[str, Any]:
+    """φ(t) with BN recomputed, saved as an ordinary checkpoint of the base architecture."""
+    from training.checkpoint import model_checkpoint, save_checkpoint
+    from training.networks import test_metrics
+
+    if not 0.0 <= t <= 1.0:
+        raise ValueError(f"t must lie in [0, 1], got {t}")
+    dev = resolve_device(device)
+    curve, state = load_curve(Path(path), dev)
+    data = load_data(state["dataset"], dev)
+    net = recompute_bn(network_at(curve, t), data).eval()
+    metrics = test_metrics(net, data)
+    save_checkpoint(out, model_checkpoint(net, state["architecture"], state["dataset"], kind="curve-point",
+                                          curve_point={"t": t, "curve": str(curve_file(Path(path)))}, metrics=metrics))
+    return {"checkpoint": str(out), "t": t, "metrics": metrics}
