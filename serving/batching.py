@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,33 @@ import numpy as np
 logger = logging.getLogger(f"bentoml.serve.{__name__}")
 
 RunFn = Callable[[Hashable, np.ndarray], Sequence[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """How requests are coalesced; read from MODECONN_* environment variables."""
+
+    enabled: bool = True
+    max_batch_rows: int = 1024  # rows per session call
+    max_wait_ms: float = 2.0  # longest a request waits for company before its batch runs
+    max_queue_rows: int = 16384  # pending rows above this are refused with 503
+
+    def __post_init__(self) -> None:
+        if self.max_batch_rows < 1 or self.max_wait_ms < 0:
+            raise ValueError(f"invalid batching settings: {self}")
+        if self.max_queue_rows < self.max_batch_rows:
+            raise ValueError(f"max_queue_rows must be >= max_batch_rows: {self}")
+
+    @classmethod
+    def from_env(cls) -> BatchSettings:
+        env = os.environ
+        flag = env.get("MODECONN_BATCHING", "1").strip().lower()
+        return cls(
+            enabled=flag not in ("0", "false", "no", "off"),
+            max_batch_rows=int(env.get("MODECONN_MAX_BATCH_ROWS", cls.max_batch_rows)),
+            max_wait_ms=float(env.get("MODECONN_MAX_WAIT_MS", cls.max_wait_ms)),
+            max_queue_rows=int(env.get("MODECONN_MAX_QUEUE_ROWS", cls.max_queue_rows)),
+        )
 
 
 class Overloaded(RuntimeError):
@@ -73,20 +101,13 @@ class MicroBatcher:
     """
 
     def __init__(
-        self,
-        run: RunFn,
-        *,
-        split_axes: Sequence[int],
-        max_batch_rows: int,
-        max_wait_ms: float,
-        max_queue_rows: int,
-        name: str,
+        self, run: RunFn, *, split_axes: Sequence[int], settings: BatchSettings, name: str
     ) -> None:
         self._run = run
         self._split_axes = tuple(split_axes)
-        self.max_batch_rows = max_batch_rows
-        self.max_wait_s = max_wait_ms / 1000.0
-        self.max_queue_rows = max_queue_rows
+        self.max_batch_rows = settings.max_batch_rows
+        self.max_wait_s = settings.max_wait_ms / 1000.0
+        self.max_queue_rows = settings.max_queue_rows
         self.name = name
         self.stats = BatchStats()
         self._pending: deque[_Pending] = deque()

@@ -47,6 +47,7 @@ def choose_providers(preference: str = "auto") -> list[Any]:
         has_provider = "CUDAExecutionProvider" in ort.get_available_providers()
         gpus = cuda_device_count() if has_provider else 0
         if has_provider and gpus > 0:
+            _preload_cuda_libraries()
             return [("CUDAExecutionProvider", CUDA_PROVIDER_OPTIONS), "CPUExecutionProvider"]
         logger.info(
             "no GPU in use (onnxruntime CUDA provider %s, %d GPU(s) visible): running on CPU",
@@ -54,6 +55,16 @@ def choose_providers(preference: str = "auto") -> list[Any]:
             gpus,
         )
     return ["CPUExecutionProvider"]
+
+
+def _preload_cuda_libraries() -> None:
+    # onnxruntime-gpu 1.31 links CUDA 13 / cuDNN 9 but does not ship them; with the pip
+    # packages (onnxruntime-gpu[cuda,cudnn]) installed this makes them loadable, and with
+    # system libraries it is a no-op. Without either, session creation falls back to CPU.
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # best effort; the provider actually used is logged later
+        logger.warning("onnxruntime.preload_dlls() failed: %s", exc)
 
 
 class Runtime:

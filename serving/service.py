@@ -21,9 +21,10 @@ Process model and batching (the numbers the benchmark compares):
   No BentoML max_concurrency (it sheds with 503 "process is overloaded"); traffic timeout 60 s.
 
 Readiness: __init__ verifies the artifact (sha256 of every file; a corrupt artifact fails the
-worker at once), then a background thread opens the sessions and warms up batch sizes
-WARMUP_BATCH_SIZES; `__is_ready__` (so /readyz) turns 200 only after that. Requests that
-arrive earlier get 503.
+worker at once with an ArtifactError naming the file; BentoML's supervisor then respawns it
+every ~10 s, so /readyz never turns 200), then a background thread opens the sessions and
+warms up batch sizes WARMUP_BATCH_SIZES; `__is_ready__` (so /readyz) turns 200 only after
+that. Requests that arrive earlier get 503; a failed load turns /livez to 503 as well.
 
 Environment: MODECONN_MODEL (model name or tag in the BentoML store, default
 "modeconn-mnist1d"), MODECONN_PROVIDER (auto|cuda|cpu), the batching variables above, and
@@ -33,6 +34,7 @@ MODECONN_WARMUP_DELAY_S (tests only: lengthens loading so /readyz can be seen no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -47,7 +49,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serving.artifact import load_artifact
-from serving.batching import MicroBatcher, Overloaded
+from serving.batching import BatchSettings, MicroBatcher, Overloaded
 from serving.middleware import RequestGuardMiddleware
 from serving.runtime import Runtime, choose_providers, summarize
 from serving.schemas import (
@@ -71,11 +73,6 @@ WORKERS = 1
 TRAFFIC_TIMEOUT_S = 60
 
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    return default if value is None else value.strip().lower() not in ("0", "false", "no", "off")
-
-
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
@@ -86,15 +83,7 @@ class ModeConnService:
 
     def __init__(self) -> None:
         self.artifact = load_artifact(self.model.path)  # hash check: fail the worker fast
-        self.batching = _env_flag("MODECONN_BATCHING", True)
-        self.batch_settings = {
-            "enabled": self.batching,
-            "max_batch_rows": int(os.environ.get("MODECONN_MAX_BATCH_ROWS", "1024")),
-            "max_wait_ms": float(os.environ.get("MODECONN_MAX_WAIT_MS", "2")),
-            "max_queue_rows": int(os.environ.get("MODECONN_MAX_QUEUE_ROWS", "16384")),
-            "workers": WORKERS,
-            "session_threads_per_graph": 1,
-        }
+        self.batching = BatchSettings.from_env()
         self.runtime: Runtime | None = None
         self._batchers: dict[str, MicroBatcher] = {}
         self._load_error: str | None = None
@@ -117,19 +106,13 @@ class ModeConnService:
             runtime.warmup(WARMUP_BATCH_SIZES)
             if delay := float(os.environ.get("MODECONN_WARMUP_DELAY_S", "0")):
                 time.sleep(delay)
-            if self.batching:
-                settings = self.batch_settings
-                common = {
-                    "max_batch_rows": settings["max_batch_rows"],
-                    "max_wait_ms": settings["max_wait_ms"],
-                    "max_queue_rows": settings["max_queue_rows"],
-                }
+            if self.batching.enabled:
                 self._batchers["ensemble"] = MicroBatcher(
-                    runtime.run_ensemble, split_axes=(0, 1), name="ensemble", **common
+                    runtime.run_ensemble, split_axes=(0, 1), settings=self.batching, name="ensemble"
                 )
                 if runtime.curve is not None:
                     self._batchers["curve"] = MicroBatcher(
-                        runtime.run_curve, split_axes=(0,), name="curve", **common
+                        runtime.run_curve, split_axes=(0,), settings=self.batching, name="curve"
                     )
             self.runtime = runtime
             self._ready.set()
@@ -137,7 +120,7 @@ class ModeConnService:
                 "ready in %.2f s: providers %s, batching %s",
                 time.perf_counter() - started,
                 runtime.providers,
-                self.batch_settings,
+                self.batching,
             )
         except Exception as exc:  # a dead loader must not look like a slow one
             self._load_error = f"{type(exc).__name__}: {exc}"
@@ -211,7 +194,7 @@ class ModeConnService:
         return None
 
     async def _run(self, graph: str, key: Any, x: np.ndarray) -> list[np.ndarray]:
-        if self.batching:
+        if self.batching.enabled:
             return await self._batchers[graph].submit(key, x)
         assert self.runtime is not None
         run = self.runtime.run_ensemble if graph == "ensemble" else self.runtime.run_curve
@@ -243,7 +226,9 @@ class ModeConnService:
             },
             execution_providers={} if self.runtime is None else self.runtime.providers,
             batching={
-                **self.batch_settings,
+                **dataclasses.asdict(self.batching),
+                "workers": WORKERS,
+                "session_threads_per_graph": 1,
                 "stats": {name: b.stats.as_dict() for name, b in self._batchers.items()},
             },
             limits={

@@ -113,7 +113,112 @@ def _curve_point(args: argparse.Namespace) -> dict[str, Any]:
     return save_curve_point(args.run, args.t, args.out, device=args.device)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_curve, _add_eval_curve, _add_curve_point]
+# ---------------------------------------------------------------- export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export members, the fused ensemble and a curve to ONNX + manifest")
+    p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
+                   help="FGE/SSE run dirs (their snapshots), train runs or checkpoints (members), one curve run")
+    p.add_argument("--name", default=None, help="BentoML model name (default: export.name, the demo's)")
+    p.add_argument("--out", type=Path, help="write the artifact to this folder instead of the BentoML store")
+    p.add_argument("--config", type=Path, help="YAML config whose export section is used")
+    p.add_argument("--bn-grid-points", type=int, help="t grid for the curve's BN statistics (default 61)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(handler=_export)
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from training.export import export_artifact
+
+    merged = {"export.name": args.name, "export.bn_grid_points": args.bn_grid_points, **parse_set_overrides(args.set)}
+    settings = load_config(args.config, merged).export
+    return export_artifact(args.runs, settings.name, out=args.out, grid_points=settings.bn_grid_points,
+                           atol=settings.parity_atol)
+
+
+# ---------------------------------------------------------------- FGE, SSE, ensembles
+def _add_fge(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fge", help="Fast Geometric Ensembling from an epoch checkpoint of a train run")
+    _common(p, "fge")
+    p.add_argument("--from", dest="start", type=Path, required=True,
+                   help="epoch checkpoint of a train run (weights + optimizer), e.g. RUN/checkpoints/epoch-0024.pt")
+    p.add_argument("--cycle", type=float, help="overrides fge.cycle_epochs (cycle length in epochs; made even in iterations)")
+    p.add_argument("--lr1", type=float, help="overrides fge.lr1 (the LR at a cycle's start and end)")
+    p.add_argument("--lr2", type=float, help="overrides fge.lr2 (the LR at the middle, where snapshots are taken; <= lr1)")
+    p.add_argument("--epochs", type=float, help="overrides fge.epochs (the budget; may be fractional)")
+    p.add_argument("--no-bn-update", action="store_true",
+                   help="keep the BN running averages in the snapshots instead of recomputing them")
+    p.set_defaults(handler=_fge)
+
+
+def _fge(args: argparse.Namespace) -> dict[str, Any]:
+    from training.fge import run_fge
+
+    config = config_from_args(args, {
+        "fge.cycle_epochs": args.cycle, "fge.lr1": args.lr1, "fge.lr2": args.lr2, "fge.epochs": args.epochs,
+        "fge.bn_update": False if args.no_bn_update else None,
+    })
+    return run_fge(config, args.start, run_dir_from_args(args, config), resume=args.resume, force=args.force)
+
+
+def _add_sse(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sse", help="Snapshot Ensembles (cosine restarts) from a fresh network")
+    _common(p, "sse")
+    p.add_argument("--cycle", type=float, help="overrides sse.cycle_epochs")
+    p.add_argument("--lr", type=float, help="overrides sse.lr (the LR at each cycle's start)")
+    p.add_argument("--epochs", type=int, help="overrides sse.epochs (the budget)")
+    p.set_defaults(handler=_sse)
+
+
+def _sse(args: argparse.Namespace) -> dict[str, Any]:
+    from training.sse import run_sse
+
+    config = config_from_args(args, {"sse.cycle_epochs": args.cycle, "sse.lr": args.lr, "sse.epochs": args.epochs})
+    return run_sse(config, run_dir_from_args(args, config), resume=args.resume, force=args.force)
+
+
+def _add_ensemble_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "ensemble-eval", help="evaluate any set of network checkpoints as one ensemble",
+        description="Ensemble (mean of softmax outputs) of network checkpoints: train runs' final.pt, "
+                    "FGE/SSE snapshots, curve points. A run directory stands for all its snapshots "
+                    "(RUN/snapshots/snapshot-*.pt) when it has any, else for its final.pt.",
+    )
+    p.add_argument("checkpoints", type=Path, nargs="+", metavar="CKPT", help="checkpoint file or run directory")
+    p.add_argument("--out", type=Path, help="also write ensemble.json and ensemble.csv into this folder")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(handler=_ensemble_eval)
+
+
+def _ensemble_eval(args: argparse.Namespace) -> dict[str, Any]:
+    from training.ensemble import evaluate_checkpoints
+
+    return evaluate_checkpoints(args.checkpoints, device=args.device, out_dir=args.out)
+
+
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="the paper's budget table: Ind vs SSE vs FGE ensembles at 1B, 2B, 3B",
+        description="Train (or reuse) K independent networks, one FGE run and one SSE run per seed, and "
+                    "write compare.md / compare.csv. Always continues what --out holds (finished sub-runs are "
+                    "skipped, interrupted ones resumed), so --resume is implied; --force starts over.",
+    )
+    _common(p, "compare")
+    p.add_argument("--budgets", type=int, nargs="+", metavar="K", help="overrides compare.budgets (multiples of B = train.epochs)")
+    p.add_argument("--seeds", type=int, help="overrides compare.seeds")
+    p.set_defaults(handler=_compare)
+
+
+def _compare(args: argparse.Namespace) -> dict[str, Any]:
+    from training.compare import compare_budgets
+
+    config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
+    return compare_budgets(config, run_dir_from_args(args, config), force=args.force)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_curve, _add_eval_curve, _add_curve_point, _add_export,
+                                                                 _add_fge, _add_sse, _add_ensemble_eval, _add_compare]
 
 
 def build_parser() -> argparse.ArgumentParser:

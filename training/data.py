@@ -67,12 +67,16 @@ class Dataset:
         }
 
 
+def normalization_tensors(mean: list[float], std: list[float], ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std shaped to broadcast over a batch of `ndim` dims: per channel (axis 1)
+    for images, one scalar for 1D signals."""
+    shape = (1, -1) + (1,) * (ndim - 2) if len(mean) > 1 else (1,)
+    return torch.tensor(mean).view(shape), torch.tensor(std).view(shape)
+
+
 def normalize(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
-    """Per-channel normalisation; channel axis 1 for images, a scalar for 1D signals."""
-    shape = (1, -1) + (1,) * (x.dim() - 2) if len(mean) > 1 else (1,)
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(shape)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(shape)
-    return (x - m) / s
+    m, s = normalization_tensors(mean, std, x.dim())
+    return (x - m.to(x)) / s.to(x)
 
 
 # ---------------------------------------------------------------- registry
@@ -159,6 +163,8 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # protocol-2 pickles written by Python 3 store bytes as _codecs.encode(str, "latin1")
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201
@@ -168,8 +174,11 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _read_cifar_file(path: Path) -> dict:
-    with open(path, "rb") as f:
-        raw = _CifarUnpickler(f, encoding="bytes").load()
+    try:
+        with open(path, "rb") as f:
+            raw = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, OSError) as err:
+        raise DataError(f"{path}: cannot read CIFAR archive ({err})") from err
     if not isinstance(raw, dict):
         raise DataError(f"{path} is not a CIFAR archive (expected a dict)")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
@@ -197,10 +206,7 @@ def _load_cifar(root, folder, train_files, test_file, meta_file, label_key, name
     def read(files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for fname in files:
-            try:
-                batch = _read_cifar_file(base / fname)
-            except (pickle.UnpicklingError, EOFError, OSError) as err:
-                raise DataError(f"{base / fname}: cannot read CIFAR archive ({err})") from err
+            batch = _read_cifar_file(base / fname)
             if label_key not in batch:
                 raise DataError(f"{base / fname}: no {label_key!r} entry")
             xs.append(_cifar_images(batch, base / fname))

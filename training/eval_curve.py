@@ -81,7 +81,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     data = load_data(state["dataset"], dev)
     wd = float(state["curve"].get("weight_decay", 0.0))
     line = straight_line(curve)
-    ts = torch.linspace(0, 1, points).tolist()
+    ts = [i / (points - 1) for i in range(points)]  # exact grid (float32 linspace gives 0.49999997)
     results: dict[str, list] = {"curve": [], "line": []}
     probs_curve: list[torch.Tensor] = []
     with progress.task("eval-curve", 2 * points) as advance:

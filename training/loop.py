@@ -90,11 +90,14 @@ def fit(
     resume: bool = False,
     description: str = "train",
     augment: bool = True,
+    max_iterations: int | None = None,
 ) -> list[dict[str, Any]]:
     """Run `epochs` epochs of SGD; returns the per-epoch metric rows.
 
     `learning_rate(epoch, iteration)` (epoch from 0, iteration from 1) sets the LR of every
     step; `after_step(iteration, epoch)` runs after each step (FGE collects snapshots there).
+    `max_iterations` ends the last epoch early, for budgets given in fractional epochs
+    (the caller passes `epochs = ceil(max_iterations / iterations per epoch)`).
     """
     generator = torch.Generator().manual_seed(seed)
     metrics_path = run_dir / "metrics.jsonl"
@@ -123,6 +126,8 @@ def fit(
         seen = 0
         with progress.task(f"{description} epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
             for x, y in train_batches(data, batch_size, generator, augment=augment):
+                if max_iterations is not None and iteration >= max_iterations:
+                    break  # depends on the iteration count only, so a resume replays it exactly
                 iteration += 1
                 lr = learning_rate(epoch, iteration)
                 for group in optimizer.param_groups:
@@ -150,6 +155,9 @@ def fit(
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         _log_epoch(description, row)
+        # metrics first: a kill between the two writes then leaves an extra row (dropped on
+        # resume), never a checkpoint whose epoch has no row
+        _append_metrics(metrics_path, rows)
         if (epoch + 1) % save_every == 0 or (epoch + 1) in save_at:
             save_checkpoint(
                 checkpoint_path(run_dir, epoch + 1),
@@ -163,7 +171,6 @@ def fit(
                     "metrics": row,
                 },
             )
-        _append_metrics(metrics_path, rows)
     return rows
 
 

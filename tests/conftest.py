@@ -1,0 +1,68 @@
+"""Session-wide fixtures: the demo config, two demo networks trained once, and a curve between them.
+
+Training is the expensive part (about 25 s per network and 20 s for the curve on an idle
+CPU, 50 s for a 61-point eval-curve), so it happens once per session and every test that
+needs trained networks shares the results. The MNIST-1D cache stays in its default place
+(~/.cache/modeconn or $MODECONN_DATA_DIR): regenerating it costs seconds per process.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from training.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = REPO / "configs" / "mnist1d.yaml"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def demo_config() -> Config:
+    return load_config(DEMO_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """Two demo networks (the full demo config, seeds 0 and 1, on the CPU); their result dicts."""
+    from training.train import train_network
+
+    root = tmp_path_factory.mktemp("pair")
+    results = []
+    for seed in (0, 1):
+        config = load_config(DEMO_CONFIG, {"seed": seed, "device": "cpu"})
+        started = time.perf_counter()
+        result = train_network(config, root / f"seed{seed}")
+        print(f"\n[trained_pair] seed {seed}: test error {result['metrics']['test_error']:.2f} % "
+              f"in {time.perf_counter() - started:.1f} s")
+        results.append(result)
+    return results
+
+
+@pytest.fixture(scope="session")
+def demo_curve(
+    trained_pair: list[dict[str, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    """A Bezier curve (the demo config's curve section) between the trained pair, evaluated
+    at 61 points: {"fit": fit_curve's result, "eval": evaluate_curve's result}."""
+    from training.curve_train import fit_curve
+    from training.eval_curve import evaluate_curve
+
+    config = load_config(DEMO_CONFIG, {"device": "cpu"})
+    run_dir = tmp_path_factory.mktemp("curve") / "bezier"
+    started = time.perf_counter()
+    fit = fit_curve(
+        config, Path(trained_pair[0]["checkpoint"]), Path(trained_pair[1]["checkpoint"]), run_dir
+    )
+    fitted = time.perf_counter()
+    evaluation = evaluate_curve(Path(fit["checkpoint"]), points=61, device="cpu")
+    print(f"\n[demo_curve] fit {fitted - started:.1f} s, eval-curve {time.perf_counter() - fitted:.1f} s")
+    return {"fit": fit, "eval": evaluation}

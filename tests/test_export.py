@@ -1,0 +1,174 @@
+"""Export: ONNX graphs against PyTorch, the manifest's hashes, the parity gate, bad runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from serving.artifact import ArtifactError, load_artifact
+from training.bn import recompute_bn
+from training.config import load_config
+from training.curve_train import fit_curve, load_curve
+from training.curves import network_at
+from training.export import ExportError, export_artifact
+from training.networks import load_data, load_network
+from training.train import train_network
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two short MNIST-1D runs and a Bezier and a PolyChain curve between them."""
+    base = tmp_path_factory.mktemp("export-runs")
+    overrides = {"device": "cpu", "train.epochs": 3, "curve.epochs": 2}
+    runs = {}
+    for seed in (0, 1):
+        config = load_config(ROOT / "configs/mnist1d.yaml", {**overrides, "seed": seed})
+        runs[f"net{seed}"] = Path(train_network(config, base / f"net{seed}")["checkpoint"])
+    for curve in ("bezier", "polychain"):
+        config = load_config(ROOT / "configs/mnist1d.yaml", {**overrides, "curve.curve": curve})
+        fit_curve(config, runs["net0"], runs["net1"], base / curve)
+        runs[curve] = base / curve
+    return runs
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("curve_type", ["bezier", "polychain"])
+def test_graphs_match_pytorch(small_runs: dict[str, Path], tmp_path: Path, curve_type: str) -> None:
+    out = tmp_path / "artifact"
+    result = export_artifact([small_runs["net0"], small_runs["net1"], small_runs[curve_type]], "t", out=out,
+                             grid_points=11)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest == result["manifest"]
+    assert manifest["curve"]["type"] == curve_type and manifest["curve"]["num_bends"] == 3
+    nets = [load_network(small_runs[k])[0] for k in ("net0", "net1")]
+    data = load_data({"name": "mnist1d"}, "cpu")
+    x = data.x_test[:300]  # raw inputs: normalisation is inside the graphs
+    mean, std = manifest["input"]["normalization"]["mean"][0], manifest["input"]["normalization"]["std"][0]
+    with torch.no_grad():
+        expected = [torch.softmax(net((x - mean) / std), dim=1).numpy() for net in nets]
+
+    for i, member in enumerate(manifest["members"]):
+        got = _session(out / member["file"]).run(None, {"x": x.numpy()})[0]
+        np.testing.assert_allclose(got, expected[i], atol=1e-5, rtol=0)
+    mean_probs, member_probs = _session(out / "ensemble.onnx").run(None, {"x": x.numpy()})
+    np.testing.assert_allclose(member_probs, np.stack(expected), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(mean_probs, (expected[0] + expected[1]) / 2, atol=1e-5, rtol=0)
+
+    # the curve at t: an independent PyTorch network with the weights at t and BN recomputed
+    curve, _ = load_curve(small_runs[curve_type])
+    session = _session(out / "curve.onnx")
+    for t in (0.0, 0.3, 0.5, 0.9, 1.0):  # 0.3 and 0.9 lie on the 11-point grid
+        net = recompute_bn(network_at(curve, t), data).eval()
+        with torch.no_grad():
+            want = torch.softmax(net((x - mean) / std), dim=1).numpy()
+        got = session.run(None, {"x": x.numpy(), "t": np.array([t], dtype=np.float32)})[0]
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0, err_msg=f"t={t}")
+    # t = 0 and t = 1 are the endpoints' weights exactly
+    for t, endpoint in ((0.0, nets[0]), (1.0, nets[1])):
+        at_t = network_at(curve, t)
+        for name, p in endpoint.named_parameters():
+            assert torch.equal(at_t.get_parameter(name), p), name
+
+
+def test_off_grid_bn_interpolation_close_to_exact(demo_curve: dict, trained_pair: list, tmp_path: Path) -> None:
+    """On the demo (full budget), interpolated BN statistics at off-grid t give the same
+    test error as exactly recomputed ones, within 0.2 pp."""
+    result = export_artifact([Path(trained_pair[0]["checkpoint"]), Path(demo_curve["fit"]["run_dir"])], "t",
+                             out=tmp_path / "a", grid_points=61)
+    check = result["manifest"]["curve"]["bn_interpolation"]
+    print(f"\noff-grid BN interpolation vs exact (demo, 61-point grid): {check}")
+    assert len(check["points"]) >= 3
+    assert all(0 < p["t"] < 1 for p in check["points"])
+    assert check["max_abs_error_difference_pp"] <= 0.2
+    assert result["manifest"]["curve"]["metrics"]["curve_max_test_error"] == demo_curve["eval"]["curve_max_test_error"]
+
+
+def test_manifest_hashes_and_loader_refuses_changed_files(small_runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    export_artifact([small_runs["net0"], small_runs["net1"]], "t", out=out)
+    artifact = load_artifact(out)
+    assert artifact.curve_file is None and artifact.num_members == 2
+    manifest = json.loads((out / "manifest.json").read_text())
+    import hashlib
+
+    for rel, record in manifest["files"].items():
+        blob = (out / rel).read_bytes()
+        assert hashlib.sha256(blob).hexdigest() == record["sha256"] and len(blob) == record["bytes"]
+    # flip one byte of a member graph: same size, other hash
+    victim = out / manifest["members"][1]["file"]
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    victim.write_bytes(bytes(blob))
+    with pytest.raises(ArtifactError, match="member-001.onnx"):
+        load_artifact(out)
+
+
+def test_parity_gate_refuses_and_leaves_the_folder_unchanged(small_runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "artifact"
+    with pytest.raises(ExportError, match="parity gate failed"):
+        export_artifact([small_runs["net0"]], "t", out=out, atol=1e-30)
+    assert not out.exists()
+
+
+def _cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BENTOML_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _store_listing(home: Path) -> list[str]:
+    models = home / "models"
+    return sorted(str(p.relative_to(models)) for p in models.rglob("*") if p.is_dir()) if models.exists() else []
+
+
+def test_store_export_and_bad_runs_leave_store_unchanged(small_runs: dict[str, Path], tmp_path: Path) -> None:
+    home = tmp_path / "bentoml"
+    ok = _cli(["export", str(small_runs["net0"]), str(small_runs["net1"]), str(small_runs["bezier"]),
+               "--name", "export-test", "--bn-grid-points", "5", "--json"], home)
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert result["tag"].startswith("export-test:")
+    stored = [p for p in (home / "models" / "export-test").iterdir() if p.is_dir()]
+    assert len(stored) == 1
+    artifact = load_artifact(stored[0])
+    assert artifact.num_members == 2 and artifact.has_curve
+    before = _store_listing(home)
+
+    incomplete = tmp_path / "incomplete-run"
+    (incomplete / "checkpoints").mkdir(parents=True)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(small_runs["net0"].read_bytes()[:1000])
+    for bad, message in ((tmp_path / "missing", "does not exist"),
+                         (incomplete, "not a finished run"),
+                         (truncated, "truncated")):
+        res = _cli(["export", str(bad), "--name", "export-test"], home)
+        assert res.returncode == 2, res.stderr
+        assert message in res.stderr and "Traceback" not in res.stderr
+        assert _store_listing(home) == before
+
+
+def test_refuses_members_of_different_architectures(small_runs: dict[str, Path], tmp_path: Path) -> None:
+    other = tmp_path / "other.pt"
+    state = torch.load(small_runs["net0"], weights_only=True)
+    net = copy.deepcopy(state)
+    net["architecture"] = {"name": "cnn1d", "kwargs": {"width": 8}}
+    from models import build_model
+
+    net["model"] = build_model("cnn1d", num_classes=10, width=8).state_dict()
+    torch.save(net, other)
+    with pytest.raises(ExportError, match="differ"):
+        export_artifact([small_runs["net0"], other], "t", out=tmp_path / "a")

@@ -1,0 +1,245 @@
+"""`modeconn compare`: the paper's budget table, Ind vs SSE vs FGE at 1B, 2B, 3B.
+
+One budget B = train.epochs. For each seed s, with K = the largest budget multiple:
+- Ind at kB: the ensemble of the first k of K independently trained networks.
+- FGE at kB: the first Ind run's checkpoint at fge_start_epoch (80 % of B), followed by
+  kB - that many FGE epochs. Snapshots accumulate, so ONE FGE run of KB - start epochs gives
+  every k: its snapshots whose cycle ends inside the first kB - start epochs.
+- SSE at kB: one SSE run of KB epochs; its snapshots whose cycle ends inside the first kB epochs.
+So a seed trains K + (K - 0.8) + K budgets (8.2 B for K = 3).
+
+Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is skipped when
+finished, resumed when interrupted: rerunning the command after a kill continues it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from training import progress
+from training.checkpoint import atomic_write_text
+from training.config import Config
+from training.data import Dataset, iterations_per_epoch
+from training.ensemble import ensemble_probs, expand_members, predict_members, with_test_prefix
+from training.fge import finished_snapshot_run, run_fge
+from training.loop import checkpoint_path, resolve_device
+from training.metrics import classification_metrics
+from training.networks import dataset_spec, load_data
+from training.runs import RunDirError
+from training.schedules import even_cycle_iterations
+from training.sse import run_sse
+from training.train import fge_start_epoch, finished_result, train_network
+
+METHODS = ("Ind", "SSE", "FGE")
+# seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
+_SEED_STRIDE, _SSE_OFFSET = 100, 50
+
+
+def _variant(config: Config, seed: int, **sections: dict[str, Any]) -> Config:
+    """The config with another seed and some fields of its sections replaced."""
+    tree = config.model_dump()
+    tree["seed"] = seed
+    for section, fields in sections.items():
+        tree[section].update(fields)
+    return Config.model_validate(tree)
+
+
+def _check_settings(run_dir: Path, config: Config) -> None:
+    """A folder keeps the settings it was started with: finished sub-runs are only reused for those.
+
+    More seeds, other budgets below the largest, or another device change nothing already trained.
+    """
+    current = {k: v for k, v in config.model_dump().items() if k not in ("device", "compare")}
+    current["largest_budget"] = max(config.compare.budgets)
+    path = run_dir / "settings.yaml"
+    if path.is_file():
+        saved = yaml.safe_load(path.read_text())
+        if saved != current:
+            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise RunDirError(
+                f"{run_dir} holds a comparison made with other settings ({', '.join(changed)}); "
+                "pass --force to start over or choose another --out"
+            )
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, yaml.safe_dump(current, sort_keys=False))
+
+
+def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
+    """The sorted budget multiples; an error naming the field when a method gets no snapshot at 1B."""
+    budgets = sorted(set(config.compare.budgets))
+    if not budgets or budgets[0] < 1 or budgets[-1] >= _SSE_OFFSET:
+        raise ValueError(f"compare.budgets must be whole numbers from 1 to {_SSE_OFFSET - 1}, got {config.compare.budgets}")
+    epochs, start = config.train.epochs, fge_start_epoch(config)
+    if start >= epochs:
+        raise ValueError(
+            f"fge.start_fraction ({config.fge.start_fraction}) starts FGE at epoch {start} of train.epochs "
+            f"({epochs}): no FGE epochs are left inside 1 budget"
+        )
+    if (epochs - start) * fge_steps < even_cycle_iterations(config.fge.cycle_epochs, fge_steps):
+        raise ValueError(
+            f"fge.cycle_epochs ({config.fge.cycle_epochs}) is longer than the {epochs - start} FGE epochs "
+            "inside 1 budget: FGE would have no snapshot at 1B"
+        )
+    if round(config.sse.cycle_epochs * sse_steps) > epochs * sse_steps:
+        raise ValueError(
+            f"sse.cycle_epochs ({config.sse.cycle_epochs}) is longer than 1 budget (train.epochs {epochs}): "
+            "SSE would have no snapshot at 1B"
+        )
+    return budgets
+
+
+# ---------------------------------------------------------------- the sub-runs
+def _train_runs(config: Config, seed_dir: Path, count: int, base_seed: int) -> list[Path]:
+    finals = []
+    for j in range(count):
+        run_dir = seed_dir / f"ind-{j}"
+        result = finished_result(run_dir) or train_network(_variant(config, base_seed + j), run_dir, resume=True)
+        finals.append(Path(result["checkpoint"]))
+    return finals
+
+
+def _fge_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Path:
+    """One FGE run from the first Ind run's fge_start_epoch checkpoint, long enough for K budgets."""
+    run_dir = seed_dir / "fge"
+    start = checkpoint_path(seed_dir / "ind-0", fge_start_epoch(config))
+    epochs = largest * config.train.epochs - fge_start_epoch(config)
+    if finished_snapshot_run(run_dir, "fge") is None:
+        run_fge(_variant(config, base_seed, fge={"epochs": epochs}), start, run_dir, resume=True)
+    return run_dir
+
+
+def _sse_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Path:
+    run_dir = seed_dir / "sse"
+    if finished_snapshot_run(run_dir, "sse") is None:
+        run_sse(_variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs}),
+                run_dir, resume=True)
+    return run_dir
+
+
+# ---------------------------------------------------------------- evaluation
+def _prefix_metrics(probs: torch.Tensor, count: int, data: Dataset) -> dict[str, float]:
+    if count == 0:
+        raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
+    return with_test_prefix(classification_metrics(ensemble_probs(probs[:count]), data.y_test))
+
+
+def _snapshots_within(states: list[dict[str, Any]], iterations: int) -> int:
+    """How many snapshots (in collection order) come from cycles that end inside `iterations`."""
+    return sum(1 for s in states if s["snapshot"]["cycle_end"] <= iterations)
+
+
+def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse_dir: Path,
+               budgets: list[int], data: Dataset, device: torch.device) -> list[dict[str, Any]]:
+    epochs, start = config.train.epochs, fge_start_epoch(config)
+    fge_steps = iterations_per_epoch(data, config.fge.batch_size)
+    sse_steps = iterations_per_epoch(data, config.sse.batch_size)
+    ind = predict_members(finals, device, data)
+    fge = predict_members(expand_members([fge_dir]), device, data)
+    sse = predict_members(expand_members([sse_dir]), device, data)
+    rows = []
+    for k in budgets:
+        counts = {
+            "Ind": k,
+            "FGE": _snapshots_within(fge.states, round((k * epochs - start) * fge_steps)),
+            "SSE": _snapshots_within(sse.states, k * epochs * sse_steps),
+        }
+        members = {"Ind": ind, "FGE": fge, "SSE": sse}
+        for method in METHODS:
+            metrics = _prefix_metrics(members[method].probs, counts[method], data)
+            rows.append({"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed,
+                         "members": counts[method], **metrics})
+    return rows
+
+
+def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict[int, dict[str, float]]]:
+    table: dict[str, dict[int, dict[str, float]]] = {}
+    for method in METHODS:
+        for k in budgets:
+            cell = [r for r in rows if r["method"] == method and r["k"] == k]
+            errors = [r["test_error"] for r in cell]
+            table.setdefault(method, {})[k] = {
+                "test_error_mean": statistics.fmean(errors),
+                "test_error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
+                "test_nll_mean": statistics.fmean(r["test_nll"] for r in cell),
+                "test_ece_mean": statistics.fmean(r["test_ece"] for r in cell),
+                "members": statistics.fmean(r["members"] for r in cell),
+                "seeds": len(cell),
+            }
+    return table
+
+
+def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], budgets: list[int], seeds: int) -> str:
+    epochs, start = config.train.epochs, fge_start_epoch(config)
+    lines = [
+        f"# Budget comparison: {config.model.name} on {config.data.name} ({config.name})",
+        "",
+        f"B = {epochs} epochs. Test error (%) of the ensemble, mean ± std over {seeds} seed(s); "
+        "mean test NLL in parentheses; ensemble size in brackets.",
+        "",
+        "| method | " + " | ".join(f"{k}B ({k * epochs} ep)" for k in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for method in METHODS:
+        cells = [table[method][k] for k in budgets]
+        lines.append(f"| {method} | " + " | ".join(
+            f"{c['test_error_mean']:.2f} ± {c['test_error_std']:.2f} ({c['test_nll_mean']:.4f}) [{c['members']:g}]"
+            for c in cells
+        ) + " |")
+    lines += [
+        "",
+        f"- Ind at kB: k independently trained networks of {epochs} epochs (train.lr {config.train.lr}).",
+        f"- FGE at kB: the first Ind network's epoch-{start} checkpoint, then kB − {start} FGE epochs "
+        f"(cycle {config.fge.cycle_epochs} epochs, lr1 {config.fge.lr1}, lr2 {config.fge.lr2}).",
+        f"- SSE at kB: the first kB epochs of one SSE run from scratch (cycle {config.sse.cycle_epochs} epochs, "
+        f"lr {config.sse.lr}).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    header = ["method", "k", "budget_epochs", "seed", "members", "test_error", "test_nll", "test_ece"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[str, Any]:
+    """Train (or reuse) every sub-run, then write compare.md and compare.csv into `run_dir`."""
+    started = time.perf_counter()
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    device = resolve_device(config.device)
+    data = load_data(dataset_spec(config), device)
+    budgets = _check_budgets(config, iterations_per_epoch(data, config.fge.batch_size),
+                             iterations_per_epoch(data, config.sse.batch_size))
+    _check_settings(run_dir, config)
+    largest, seeds = budgets[-1], config.compare.seeds
+    rows: list[dict[str, Any]] = []
+    for s in range(seeds):
+        seed_dir, base_seed = run_dir / f"seed-{s}", config.seed + _SEED_STRIDE * s
+        progress.log(f"[bold]compare: seed {s + 1}/{seeds}[/bold] ({seed_dir})")
+        finals = _train_runs(config, seed_dir, largest, base_seed)
+        fge_dir = _fge_run(config, seed_dir, largest, base_seed)
+        sse_dir = _sse_run(config, seed_dir, largest, base_seed)
+        rows += _seed_rows(config, s, finals, fge_dir, sse_dir, budgets, data, device)
+    table = _aggregate(rows, budgets)
+    md_path, csv_path = run_dir / "compare.md", run_dir / "compare.csv"
+    markdown = _markdown(config, table, budgets, seeds)
+    atomic_write_text(md_path, markdown)
+    atomic_write_text(csv_path, _csv(rows))
+    seconds = time.perf_counter() - started
+    progress.log(markdown + f"\ncompare: {seeds} seed(s) in {seconds:.1f}s -> {md_path}")
+    return {"run_dir": str(run_dir), "markdown": str(md_path), "csv": str(csv_path), "seconds": seconds,
+            "table": {m: {f"{k}B": cell for k, cell in cells.items()} for m, cells in table.items()}}

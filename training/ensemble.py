@@ -1,0 +1,275 @@
+"""Ensembles of ordinary checkpoints: `modeconn ensemble-eval`, and the report FGE and SSE write.
+
+The ensemble's prediction is the mean of the members' softmax outputs (DESIGN.md), not of
+their logits. Any checkpoint that loads as a plain network can be a member (train runs'
+final.pt, FGE/SSE snapshots, curve points), as long as all share architecture and data set.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import progress
+from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from training.data import Dataset
+from training.loop import resolve_device
+from training.metrics import classification_metrics, disagreement
+from training.networks import load_data, load_network, predict_probs
+
+_WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
+
+
+class EnsembleError(ValueError):
+    """Members that cannot form one ensemble (missing, or of different networks or data)."""
+
+
+@dataclass
+class Members:
+    paths: list[Path]
+    probs: torch.Tensor  # [K, N, C] test softmax outputs of each member as saved
+    running_probs: torch.Tensor | None  # the same with BN running averages; None when not asked
+    states: list[dict[str, Any]]  # each checkpoint's fields, weights left out
+    data: Dataset
+
+
+def expand_members(paths: list[Path]) -> list[Path]:
+    """Checkpoint files as given; a run directory stands for its snapshots (FGE/SSE) or its final.pt."""
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            snapshots = sorted((path / "snapshots").glob("snapshot-*.pt"))
+            if snapshots:
+                out.extend(snapshots)
+            elif (path / "final.pt").is_file():
+                out.append(path / "final.pt")
+            else:
+                raise EnsembleError(f"{path} is a directory without snapshots/snapshot-*.pt or final.pt")
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise EnsembleError(f"checkpoint {path} does not exist")
+    if not out:
+        raise EnsembleError("no checkpoints given")
+    return out
+
+
+def _check_same_network(state: dict[str, Any], path: Path, first: dict[str, Any], first_path: Path) -> None:
+    if state["architecture"] != first["architecture"]:
+        raise EnsembleError(
+            f"mixed architectures: {path} is {state['architecture']}, {first_path} is {first['architecture']}"
+        )
+    for key in ("name", "num_classes"):
+        if state["dataset"].get(key) != first["dataset"].get(key):
+            raise EnsembleError(
+                f"mixed data sets: {path} has dataset {key} {state['dataset'].get(key)!r}, "
+                f"{first_path} has {first['dataset'].get(key)!r}"
+            )
+
+
+@torch.no_grad()
+def predict_members(
+    paths: list[Path], device: torch.device, data: Dataset | None = None, running_bn: bool = False
+) -> Members:
+    """Test probabilities of every member (each checkpoint is loaded once).
+
+    `running_bn` also predicts with the BN running averages that FGE/SSE snapshots keep
+    beside their recomputed statistics; members without them were saved with their
+    running averages already, so both predictions are the same for those.
+    """
+    probs, running, states = [], [], []
+    for path in paths:
+        model, state = load_network(path, device)
+        if states:
+            _check_same_network(state, path, states[0], paths[0])
+        if data is None:
+            data = load_data(state["dataset"], device)
+        probs.append(predict_probs(model, data, "test"))
+        if running_bn:
+            if "bn_running_averages" in state:
+                model.load_state_dict({**model.state_dict(), **state["bn_running_averages"]})
+                running.append(predict_probs(model, data, "test"))
+            else:
+                running.append(probs[-1])
+        states.append({k: v for k, v in state.items() if k not in _WEIGHTS})
+    assert data is not None  # paths is never empty
+    return Members(list(paths), torch.stack(probs), torch.stack(running) if running_bn else None, states, data)
+
+
+def with_test_prefix(metrics: dict[str, float]) -> dict[str, float]:
+    return {f"test_{k}": v for k, v in metrics.items()}
+
+
+def ensemble_probs(member_probs: torch.Tensor) -> torch.Tensor:
+    """[K, N, C] member probabilities -> [N, C] ensemble probabilities (in float64)."""
+    return member_probs.double().mean(0)
+
+
+def growing_ensemble(member_probs: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float]]:
+    """Test metrics of the ensemble of the first k members, for k = 1..K."""
+    cumulative = member_probs.double().cumsum(0)
+    return [
+        {"members": k, **with_test_prefix(classification_metrics(cumulative[k - 1] / k, labels))}
+        for k in range(1, len(member_probs) + 1)
+    ]
+
+
+def member_metrics(member_probs: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float]]:
+    return [with_test_prefix(classification_metrics(p, labels)) for p in member_probs]
+
+
+# ---------------------------------------------------------------- modeconn ensemble-eval
+def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
+    """Error, NLL and ECE of the ensemble of `paths` and of each member; mean pairwise disagreement."""
+    started = time.perf_counter()
+    files = expand_members(paths)
+    members = predict_members(files, resolve_device(device))
+    labels = members.data.y_test
+    ensemble = with_test_prefix(classification_metrics(ensemble_probs(members.probs), labels))
+    rows = [
+        {"checkpoint": str(path), "kind": state.get("kind", "train"), **metrics}
+        for path, state, metrics in zip(files, members.states, member_metrics(members.probs, labels), strict=True)
+    ]
+    result: dict[str, Any] = {
+        "members": len(files),
+        "ensemble": ensemble,
+        "disagreement": disagreement(members.probs),
+        "member_metrics": rows,
+        "growing": growing_ensemble(members.probs, labels),
+        "architecture": members.states[0]["architecture"],
+        "dataset": members.states[0]["dataset"].get("name"),
+    }
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        result["json"], result["csv"] = str(out_dir / "ensemble.json"), str(out_dir / "ensemble.csv")
+        atomic_write_json(out_dir / "ensemble.json", result)
+        atomic_write_text(out_dir / "ensemble.csv", _table_csv(
+            ["checkpoint", "kind", "test_error", "test_nll", "test_ece"],
+            [*rows, {"checkpoint": "ensemble", "kind": f"{len(files)} members", **ensemble}],
+        ))
+    best = min(r["test_error"] for r in rows)
+    progress.log(
+        f"ensemble-eval: {len(files)} members, ensemble test error {ensemble['test_error']:.2f} % "
+        f"(best member {best:.2f} %), NLL {ensemble['test_nll']:.4f}, ECE {ensemble['test_ece']:.4f}, "
+        f"disagreement {result['disagreement']:.3f}  ({time.perf_counter() - started:.1f}s)"
+    )
+    return result
+
+
+def _table_csv(header: list[str], rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- the FGE / SSE report
+def snapshot_report(
+    method: str,
+    run_dir: Path,
+    snapshots: list[Path],
+    data: Dataset,
+    lr_rows: dict[int, float],
+    start: dict[str, Any] | None,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Evaluate the ensemble as snapshots are added; write METHOD.json/.csv/.png; return the summary.
+
+    Each snapshot is evaluated twice: as saved (BN recomputed, unless the run kept the
+    running averages) and with the running averages of the training model at collection
+    time, which the snapshot keeps beside (see fge.save_snapshot).
+    """
+    members = predict_members(snapshots, data.x_test.device, data, running_bn=True)
+    assert members.running_probs is not None
+    labels = data.y_test
+    growing = growing_ensemble(members.probs, labels)
+    growing_running = growing_ensemble(members.running_probs, labels)
+    own = member_metrics(members.probs, labels)
+    own_running = member_metrics(members.running_probs, labels)
+    rows = []
+    for k, (path, state) in enumerate(zip(snapshots, members.states, strict=True)):
+        info = state.get("snapshot", {})
+        rows.append({
+            "members": k + 1,
+            "checkpoint": str(path),
+            "iteration": info.get("iteration"),
+            "epoch": info.get("epoch"),
+            "lr": info.get("lr"),
+            **{f"member_{key}": v for key, v in own[k].items()},
+            **{f"ensemble_{key}": v for key, v in growing[k].items() if key != "members"},
+            **{f"running_bn_member_{key}": v for key, v in own_running[k].items()},
+            **{f"running_bn_ensemble_{key}": v for key, v in growing_running[k].items() if key != "members"},
+        })
+    final = {k: v for k, v in growing[-1].items() if k != "members"}
+    final_running = {k: v for k, v in growing_running[-1].items() if k != "members"}
+    bn_recomputed = any(s.get("bn_recomputed") for s in members.states)
+    paths = {name: run_dir / f"{method}.{name}" for name in ("json", "csv", "png")}
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        **{name: str(p) for name, p in paths.items()},
+        "lr_csv": str(run_dir / "lr.csv"),
+        "snapshots": len(snapshots),
+        "start": {k: start[k] for k in ("test_error", "test_nll", "test_ece")} if start else None,
+        "ensemble": final,
+        "ensemble_running_bn": final_running,
+        # recomputed minus running averages: negative = recomputing BN helps
+        "bn_recompute_effect": {k: final[k] - final_running[k] for k in final} if bn_recomputed else None,
+        "disagreement": disagreement(members.probs),
+    }
+    report = {
+        "method": method,
+        "summary": summary,
+        "settings": settings,
+        "start": start,
+        "bn_recomputed": bn_recomputed,
+        "members": rows,
+    }
+    header = [k for k in rows[0] if k != "checkpoint"]
+    atomic_write_text(paths["csv"], _table_csv(header, rows))
+    atomic_write_bytes(paths["png"], _plot(method, rows, lr_rows, start))
+    atomic_write_json(paths["json"], report)  # last: its presence marks a finished run
+    start_text = f"start {start['test_error']:.2f} % / NLL {start['test_nll']:.4f} -> " if start else ""
+    progress.log(
+        f"{method}: {start_text}ensemble of {len(snapshots)}: {final['test_error']:.2f} % / NLL {final['test_nll']:.4f}"
+        f" / ECE {final['test_ece']:.4f} (BN running averages: {final_running['test_error']:.2f} % / "
+        f"NLL {final_running['test_nll']:.4f})"
+    )
+    return summary
+
+
+def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], start: dict[str, Any] | None) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = method.upper()
+    k = [r["members"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    iterations = sorted(lr_rows)
+    axes[0].plot(iterations, [lr_rows[i] for i in iterations], lw=1.5)
+    axes[0].plot([r["iteration"] for r in rows], [r["lr"] for r in rows], "o", color="C3", label="snapshot collected")
+    axes[0].set(xlabel=f"{name} iteration", ylabel="learning rate", title="learning rate")
+    axes[0].legend()
+    for ax, key, title in ((axes[1], "test_error", "test error (%)"), (axes[2], "test_nll", "test NLL")):
+        ax.plot(k, [r[f"member_{key}"] for r in rows], "o", color="C0", alpha=0.6, label="each member")
+        ax.plot(k, [r[f"ensemble_{key}"] for r in rows], "-", color="C1", lw=2, label="ensemble")
+        ax.plot(k, [r[f"running_bn_ensemble_{key}"] for r in rows], "--", color="C2",
+                label="ensemble, BN running averages")
+        if start:
+            ax.axhline(start[key], color="k", ls=":", label="starting network")
+        ax.set(xlabel="number of members", title=title)
+        ax.legend()
+    fig.suptitle(f"{name}: members and ensemble")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()

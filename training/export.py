@@ -1,0 +1,363 @@
+"""`modeconn export`: member graphs, one fused ensemble graph, one curve graph with t as
+an input, and `manifest.json` (docs/manifest.md), into the BentoML model store or a folder.
+
+Every graph is checked against PyTorch on real test inputs (onnxruntime, CPU provider)
+before anything is stored; an artifact that fails the parity gate is never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import io
+import json
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from serving.artifact import MANIFEST_NAME, file_record, load_artifact
+from training import progress
+from training.bn import recompute_bn
+from training.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from training.curve_train import load_curve
+from training.curves import COEFFICIENTS, CurveModel, network_at
+from training.data import Dataset, normalization_tensors
+from training.metrics import classification_metrics
+from training.networks import load_data, load_network, predict_probs
+
+OPSET = 18
+
+
+class ExportError(ValueError):
+    """Nothing was stored: bad inputs, or a graph that failed the parity gate."""
+
+
+# ---------------------------------------------------------------- graph modules
+class Normalize(nn.Module):
+    """The data set's normalisation, inside the graph, so clients send raw inputs."""
+
+    def __init__(self, mean: list[float], std: list[float], ndim: int) -> None:
+        super().__init__()
+        m, s = normalization_tensors(mean, std, ndim)
+        self.register_buffer("mean", m)
+        self.register_buffer("std", s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MemberGraph(nn.Module):
+    def __init__(self, net: nn.Module, normalize: Normalize) -> None:
+        super().__init__()
+        self.net, self.normalize = net, normalize
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(self.normalize(x)), dim=1)
+
+
+class EnsembleGraph(nn.Module):
+    """All members in one graph: the mean of their softmax outputs, and each member's."""
+
+    def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
+        super().__init__()
+        self.nets, self.normalize = nn.ModuleList(nets), normalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.normalize(x)
+        member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
+        return member_probs.mean(dim=0), member_probs
+
+
+class CurveGraph(nn.Module):
+    """φ(t) for any t: weights = coefficients(t) @ control points; BN statistics
+    interpolated linearly between the two nearest of `grid` precomputed points."""
+
+    def __init__(self, curve: CurveModel, bn_grid: dict[str, torch.Tensor], grid_points: int, normalize: Normalize) -> None:
+        super().__init__()
+        self.base = network_at(curve, 0.0).eval()
+        self.curve_type, self.num_bends = curve.curve, curve.num_bends
+        self.names, self.shapes, self.sizes = curve.names, curve.shapes, curve.sizes
+        self.register_buffer("points", curve.control_points())
+        self.register_buffer("grid", torch.linspace(0, 1, grid_points) * (grid_points - 1))
+        self.bn_names = list(bn_grid)
+        for i, name in enumerate(self.bn_names):
+            self.register_buffer(f"bn_{i}", bn_grid[name])  # [grid_points, C]
+        self.normalize = normalize
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(())
+        flat = COEFFICIENTS[self.curve_type](t, self.num_bends) @ self.points
+        weights = {n: w.view(s) for n, w, s in zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
+        hat = torch.relu(1 - (t * (self.grid.shape[0] - 1) - self.grid).abs())  # [grid_points]
+        stats = {name: hat @ getattr(self, f"bn_{i}") for i, name in enumerate(self.bn_names)}
+        return torch.softmax(functional_call(self.base, {**weights, **stats}, (self.normalize(x),)), dim=1)
+
+
+@torch.no_grad()
+def bn_statistics_grid(curve: CurveModel, data: Dataset, grid_points: int) -> dict[str, torch.Tensor]:
+    """BN running mean/var recomputed at `grid_points` evenly spaced t, stacked per buffer."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    with progress.task("BN statistics along the curve", grid_points) as advance:
+        for t in torch.linspace(0, 1, grid_points).tolist():
+            net = recompute_bn(network_at(curve, t), data)
+            for name, buf in net.named_buffers():
+                if name.endswith(("running_mean", "running_var")):
+                    rows.setdefault(name, []).append(buf.clone())
+            advance()
+    return {name: torch.stack(values) for name, values in rows.items()}
+
+
+# ---------------------------------------------------------------- sources
+@dataclass
+class Sources:
+    members: list[Path] = field(default_factory=list)
+    curve: Path | None = None
+    curve_report: Path | None = None
+
+
+def collect_sources(paths: list[Path]) -> Sources:
+    """Run directories or checkpoint files -> member checkpoints and at most one curve."""
+    found = Sources()
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            raise ExportError(f"{path} does not exist")
+        if path.is_dir():
+            snapshots = sorted((path / "snapshots").glob("snapshot-*.pt"))
+            final = path / "final.pt"
+            if snapshots:
+                found.members.extend(snapshots)
+                continue
+            if not final.is_file():
+                raise ExportError(f"{path} is not a finished run: it has neither snapshots/ nor final.pt")
+            path = final
+        kind = load_checkpoint(path).get("kind")
+        if kind == "curve":
+            if found.curve is not None:
+                raise ExportError(f"more than one curve given ({found.curve} and {path}); export takes one")
+            found.curve = path
+            report = path.parent / "curve.json"
+            found.curve_report = report if report.is_file() else None
+        else:
+            found.members.append(path)
+    if not found.members:
+        raise ExportError("no member networks given: pass FGE/SSE run directories, train runs or checkpoints")
+    return found
+
+
+# ---------------------------------------------------------------- ONNX and parity
+def _export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = {"x": {0: batch}, **({"t": None} if "t" in inputs else {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the exporter warns about every torchvision op it cannot find; none is used here
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(), args, str(path), input_names=inputs, output_names=outputs, opset_version=OPSET,
+            dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False,
+        )
+
+
+def _ort_session(path: Path):  # noqa: ANN202
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _check_parity(name: str, got: np.ndarray, expected: torch.Tensor, atol: float) -> float:
+    diff = float(np.abs(got - expected.cpu().numpy()).max())
+    if not diff <= atol:  # also catches NaN
+        raise ExportError(f"parity gate failed for {name}: onnxruntime differs from PyTorch by {diff:.3g} (> {atol:g})")
+    return diff
+
+
+# ---------------------------------------------------------------- export
+def export_artifact(
+    paths: list[Path], name: str, out: Path | None = None, grid_points: int = 61, atol: float = 1e-5,
+    parity_samples: int = 256,
+) -> dict[str, Any]:
+    """Build, check and store the artifact; returns the tag or folder and the manifest."""
+    started = time.perf_counter()
+    sources = collect_sources(paths)
+    device = torch.device("cpu")  # export traces on the CPU; parity is checked against CPU onnxruntime
+    nets, states = zip(*(load_network(p, device) for p in sources.members), strict=True)
+    first = states[0]
+    for path, state in zip(sources.members, states, strict=True):
+        if state["architecture"] != first["architecture"] or state["dataset"]["name"] != first["dataset"]["name"]:
+            raise ExportError(f"{path}: architecture/data {state['architecture']} differ from {sources.members[0]}'s")
+    curve = curve_state = None
+    if sources.curve is not None:
+        curve, curve_state = load_curve(sources.curve, device)
+        if curve_state["architecture"] != first["architecture"]:
+            raise ExportError(f"the curve's architecture {curve_state['architecture']} differs from the members'")
+    data = load_data(first["dataset"], device)
+    info = first["dataset"]
+    normalize = Normalize(info["mean"], info["std"], 1 + len(data.input_shape))
+    x_check = data.x_test[:parity_samples].contiguous()
+
+    work = Path(tempfile.mkdtemp(prefix="modeconn-export-"))
+    try:
+        manifest = _build(work, nets, states, sources, curve, curve_state, data, normalize, x_check,
+                          grid_points, atol, name)
+        atomic_write_json(work / MANIFEST_NAME, manifest)
+        load_artifact(work)  # the serving loader must accept exactly what we wrote
+        if out is not None:
+            _replace_folder(work, Path(out))
+            where = {"folder": str(out)}
+        else:
+            from serving.store import save_to_bentoml_store
+
+            labels = {"architecture": first["architecture"]["name"], "dataset": info["name"],
+                      "members": str(len(nets)), "curve": curve.curve if curve is not None else "none"}
+            tag = save_to_bentoml_store(work, name, labels=labels, metadata=_store_metadata(manifest))
+            where = {"tag": tag}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    progress.log(f"export: {len(nets)} members{' + curve' if curve is not None else ''} -> {where} ({seconds:.1f}s)")
+    return {**where, "seconds": seconds, "manifest": manifest}
+
+
+def _build(work, nets, states, sources, curve, curve_state, data, normalize, x_check, grid_points, atol, name) -> dict[str, Any]:  # noqa: ANN001
+    parity: dict[str, float] = {}
+    files: list[str] = []
+    members_meta = []
+    member_probs = []
+    with progress.task("export members", len(nets)) as advance:
+        for i, (net, state, path) in enumerate(zip(nets, states, sources.members, strict=True)):
+            graph = MemberGraph(net, normalize).eval()
+            rel = f"members/member-{i:03d}.onnx"
+            _export_onnx(graph, (x_check[:2],), work / rel, ["x"], ["probabilities"])
+            with torch.no_grad():
+                expected = graph(x_check)
+                probs = predict_probs(net, data, "test")
+            parity[rel] = _check_parity(rel, _ort_session(work / rel).run(None, {"x": x_check.numpy()})[0], expected, atol)
+            member_probs.append(probs)
+            members_meta.append({"file": rel, "source": str(path), "kind": state.get("kind"),
+                                 "metrics": classification_metrics(probs, data.y_test)})
+            files.append(rel)
+            advance()
+
+    ensemble = EnsembleGraph(list(nets), normalize).eval()
+    _export_onnx(ensemble, (x_check[:2],), work / "ensemble.onnx", ["x"], ["probabilities", "member_probabilities"])
+    with torch.no_grad():
+        mean_expected, members_expected = ensemble(x_check)
+    got_mean, got_members = _ort_session(work / "ensemble.onnx").run(None, {"x": x_check.numpy()})
+    parity["ensemble.onnx"] = max(_check_parity("ensemble.onnx", got_mean, mean_expected, atol),
+                                  _check_parity("ensemble.onnx (members)", got_members, members_expected, atol))
+    files.append("ensemble.onnx")
+    ensemble_probs = torch.stack(member_probs).mean(dim=0)
+    first = states[0]
+    kinds = sorted({str(s.get("kind")) for s in states})
+    ensemble_meta = {"file": "ensemble.onnx", "num_members": len(nets), "kind": "+".join(kinds),
+                     "settings": first.get("fge") or first.get("config", {}).get("fge", {}),
+                     "metrics": classification_metrics(ensemble_probs, data.y_test)}
+
+    curve_meta = None
+    if curve is not None:
+        curve_meta = _export_curve(work, curve, curve_state, sources, data, normalize, x_check, grid_points, atol, parity)
+        files.append("curve.onnx")
+
+    info = first["dataset"]
+    return {
+        "format_version": 1,
+        "name": name,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "architecture": first["architecture"],
+        "dataset": {"name": info["name"], "num_classes": data.num_classes, "class_names": data.class_names},
+        "input": {"shape": list(data.input_shape), "dtype": "float32", "range": list(data.value_range),
+                  "normalization": {"mean": info["mean"], "std": info["std"]}},
+        "files": {rel: file_record(work / rel) for rel in files},
+        "members": members_meta,
+        "ensemble": ensemble_meta,
+        "curve": curve_meta,
+        "parity": {"atol": atol, "samples": len(x_check), "max_abs_diff": parity},
+    }
+
+
+def _export_curve(work, curve, curve_state, sources, data, normalize, x_check, grid_points, atol, parity) -> dict[str, Any]:  # noqa: ANN001
+    grid = bn_statistics_grid(curve, data, grid_points)
+    graph = CurveGraph(curve, grid, grid_points, normalize).eval()
+    t0 = torch.tensor([0.5])
+    _export_onnx(graph, (x_check[:2], t0), work / "curve.onnx", ["x", "t"], ["probabilities"])
+    session = _ort_session(work / "curve.onnx")
+    worst = 0.0
+    for t in (0.0, 0.25, 0.5, 0.77, 1.0):
+        with torch.no_grad():
+            expected = graph(x_check, torch.tensor([t]))
+        got = session.run(None, {"x": x_check.numpy(), "t": np.array([t], dtype=np.float32)})[0]
+        worst = max(worst, _check_parity(f"curve.onnx at t={t}", got, expected, atol))
+    parity["curve.onnx"] = worst
+    interpolation = _interpolation_check(graph, curve, data, grid_points)
+    metrics = {}
+    if sources.curve_report is not None:
+        metrics = json.loads(sources.curve_report.read_text()).get("headline", {})
+    return {"file": "curve.onnx", "type": curve.curve, "num_bends": curve.num_bends,
+            "bn_grid_points": grid_points, "settings": curve_state["curve"], "metrics": metrics,
+            "bn_interpolation": interpolation}
+
+
+@torch.no_grad()
+def _interpolation_check(graph: CurveGraph, curve: CurveModel, data: Dataset, grid_points: int) -> dict[str, Any]:
+    """Test error at off-grid t with interpolated BN statistics vs exactly recomputed ones."""
+    step = 1.0 / (grid_points - 1)
+    rows = []
+    for t in (0.5 * step, 0.25 + 0.5 * step, 0.5 + 0.5 * step, 0.75 + 0.3 * step):
+        interp = torch.cat([graph(x, torch.tensor([t])) for x in data.x_test.split(1024)])
+        exact_net = recompute_bn(network_at(curve, t), data).eval()
+        exact = predict_probs(exact_net, data, "test")
+        rows.append({"t": t, "interpolated_error": classification_metrics(interp, data.y_test)["error"],
+                     "exact_error": classification_metrics(exact, data.y_test)["error"]})
+    worst = max(abs(r["interpolated_error"] - r["exact_error"]) for r in rows)
+    return {"points": rows, "max_abs_error_difference_pp": worst}
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+
+    try:
+        own = importlib_metadata.version("modeconn")
+    except importlib_metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"modeconn": own, "torch": torch.__version__, "onnx": onnx.__version__}
+
+
+def _store_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {"format_version": manifest["format_version"], "architecture": manifest["architecture"]["name"],
+            "dataset": manifest["dataset"]["name"], "members": len(manifest["members"]),
+            "ensemble_test_error": manifest["ensemble"]["metrics"]["error"],
+            "curve": manifest["curve"]["type"] if manifest["curve"] else None}
+
+
+def _replace_folder(src: Path, dst: Path) -> None:
+    """Move the finished artifact into place; an existing folder is replaced only after the
+    new one is complete, so a crash leaves either the old or the new artifact."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    shutil.rmtree(staged)
+    shutil.copytree(src, staged)
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        dst.rename(old)
+        staged.rename(dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staged.rename(dst)
+
+
+__all__ = ["ExportError", "export_artifact", "collect_sources", "CheckpointError"]

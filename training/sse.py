@@ -1,0 +1,73 @@
+"""`modeconn sse`: Snapshot Ensembles (Huang et al. 2017), the baseline FGE is compared with.
+
+From a freshly initialised network (seeded like `train`), SGD with the cosine LR restarted
+every `sse.cycle_epochs` epochs; a snapshot (BN recomputed) at the end of every cycle, where
+the LR is smallest. Snapshots only from cycles that end inside the `sse.epochs` budget.
+Shares the driver, snapshot format and report with FGE (training/fge.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.config import Config, SSESettings
+from training.data import iterations_per_epoch
+from training.fge import run_snapshots
+from training.loop import resolve_device
+from training.networks import architecture_spec, build_network, dataset_spec, load_data
+from training.runs import prepare_run_dir
+from training.schedules import cosine_restart_learning_rate
+
+
+def sse_budget(settings: SSESettings, steps_per_epoch: int) -> tuple[int, int]:
+    """(cycle, budget) in iterations; an error when not even one cycle fits."""
+    cycle = max(1, round(settings.cycle_epochs * steps_per_epoch))
+    budget = settings.epochs * steps_per_epoch
+    if budget < cycle:
+        raise ValueError(
+            f"sse.epochs ({settings.epochs}) is shorter than one cycle (sse.cycle_epochs {settings.cycle_epochs}): "
+            "no snapshot would be collected"
+        )
+    return cycle, budget
+
+
+def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """Snapshot Ensembles from scratch; returns output paths and ensemble metrics."""
+    settings = config.sse
+    device = resolve_device(config.device)
+    data = load_data(dataset_spec(config), device)
+    steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
+    cycle, budget = sse_budget(settings, steps_per_epoch)
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
+    torch.manual_seed(config.seed)
+    model = build_network(architecture_spec(config), data.num_classes, device)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    fields = {
+        "kind": "sse",
+        "architecture": architecture_spec(config),
+        "dataset": {**dataset_spec(config), **data.describe()},
+        "config": config.model_dump(),
+    }
+    return run_snapshots(
+        "sse",
+        run_dir,
+        model=model,
+        optimizer=optimizer,
+        data=data,
+        batch_size=settings.batch_size,
+        budget=budget,
+        learning_rate=lambda i: cosine_restart_learning_rate(i, cycle, settings.lr),
+        collect_index=lambda i: i // cycle if i % cycle == 0 else None,
+        cycle_end=lambda i: i,
+        fields=fields,
+        seed=config.seed + 1,  # the data order of a train run with the same seed
+        save_every=config.train.save_every,
+        bn_update=True,
+        resume=resume,
+        settings={**settings.model_dump(), "cycle_iterations": cycle},
+    )
