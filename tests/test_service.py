@@ -34,13 +34,11 @@ import yaml
 from serving.artifact import ArtifactError, file_record, load_artifact
 from serving.batching import BatchSettings, MicroBatcher
 
-try:  # `python -m pytest` puts the repo root on sys.path, plain `pytest` only tests/
-    from tests.artifact_builder import build_test_artifact
-except ModuleNotFoundError:
-    from artifact_builder import build_test_artifact
+from tests.artifact_builder import ENDPOINT_MEMBERS, build_test_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "modeconn-test"
+MNIST1D_CLASSES = [str(i) for i in range(10)]  # the class names the exporter records
 MODEL_NO_CURVE = "modeconn-test-nocurve"
 WARMUP_DELAY_S = 1.5
 START_TIMEOUT_S = 90
@@ -234,7 +232,7 @@ def _check_fields(body: dict[str, Any], mean: np.ndarray, per_model: np.ndarray)
     np.testing.assert_allclose(probs, mean, atol=ATOL, rtol=0)
     top = mean.argmax(axis=1)
     assert body["predictions"] == top.tolist()
-    assert body["labels"] == [f"class-{i}" for i in top]
+    assert body["labels"] == [MNIST1D_CLASSES[i] for i in top]
     np.testing.assert_allclose(body["entropy"], _entropy(mean), atol=1e-5)
     agreement = (per_model.argmax(axis=2) == top[None]).mean(axis=0)
     np.testing.assert_allclose(body["agreement"], agreement, atol=1e-12)
@@ -314,10 +312,9 @@ def test_predict_curve_endpoints_match_offline(server: Server, offline: Offline)
 
 
 def test_test_artifact_curve_ends_at_its_members(offline: Offline) -> None:
-    # Builder honesty (not a server property): phi(0), phi(1) are the endpoint members.
+    # Exporter honesty (not a server property): phi(0), phi(1) are the endpoint members.
     x = _inputs(9, seed=2)
-    ends = offline.artifact.manifest["curve"]["settings"]["endpoints"]
-    for t, rel in zip((0.0, 1.0), ends, strict=True):
+    for t, rel in ENDPOINT_MEMBERS.items():
         member = ort.InferenceSession(str(offline.artifact.root / rel))
         np.testing.assert_allclose(offline.at(t, x), member.run(None, {"x": x})[0], atol=ATOL)
 

@@ -1,0 +1,338 @@
+"""FGE, SSE, ensemble-eval and compare on tiny budgets (a width-8 CNN on MNIST-1D, CPU).
+
+Tests that train are marked slow (about a minute together on an idle 2-core machine).
+
+Expected values are computed here independently of the code under test: the LR schedules
+by linear interpolation / the cosine formula, ensembles by loading each checkpoint with
+load_network and averaging softmax outputs by hand.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from training.cli import main
+from training.config import load_config
+from training.fge import fge_start
+from training.metrics import classification_metrics
+from training.networks import build_network, load_data, load_network, predict_probs
+from training.networks import test_metrics as network_metrics  # not test_*: pytest would collect it
+from training.schedules import cosine_restart_learning_rate, fge_collects, fge_learning_rate
+from training.sse import run_sse
+from training.train import train_network
+
+STEPS = 32  # MNIST-1D: 4000 training samples, batch 128
+SETTINGS = {"device": "cpu", "model.kwargs.width": 8, "train.epochs": 4, "train.save_every": 1,
+            "fge.start_fraction": 0.5}
+# FGE from the epoch-2 checkpoint: cycle 1 epoch (32 iterations), 4.5 epochs = 144 iterations:
+# collections at 16, 48, 80, 112 (and 144 would be the middle of a cycle the budget cuts off)
+FGE_ARGS = ["--cycle", "1", "--epochs", "4.5", "--lr1", "0.05", "--lr2", "0.005"]
+SET_ARGS = [a for k, v in SETTINGS.items() if k != "device" for a in ("--set", f"{k}={v}")] + ["--device", "cpu"]
+
+
+def expected_fge_lr(i: int, c: int, lr1: float, lr2: float) -> float:
+    """The triangle by interpolation: lr1 at a cycle's start and end, lr2 at its middle."""
+    position = (i - 1) % c + 1  # 1..c
+    return float(np.interp(position, [0, c / 2, c], [lr1, lr2, lr1]))
+
+
+def read_lr_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def ensemble_by_hand(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(member probabilities [K, N, C], their mean) from each checkpoint loaded on its own."""
+    members = []
+    for path in paths:
+        model, state = load_network(path)
+        data = load_data(state["dataset"], "cpu")
+        members.append(predict_probs(model, data, "test").double())
+    stacked = torch.stack(members)
+    return stacked, stacked.sum(0) / len(members)
+
+
+def labels_of(path: Path) -> torch.Tensor:
+    return load_data(load_checkpoint(path)["dataset"], "cpu").y_test
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("train")
+    train_network(load_config(None, SETTINGS), run_dir)
+    assert (run_dir / "checkpoints" / "epoch-0002.pt").is_file()  # fge_start_epoch: 0.5 x 4
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def fge_run(train_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("fge")
+    start = train_run / "checkpoints" / "epoch-0002.pt"
+    result = _cli_json(["fge", "--from", str(start), "--out", str(run_dir), *FGE_ARGS, *SET_ARGS])
+    return run_dir, result
+
+
+def _cli_json(argv: list[str]) -> dict:
+    """Run the CLI in-process with --json and return its JSON line."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([*argv, "--json"]) == 0
+    return json.loads(out.getvalue().strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- schedules
+def test_fge_learning_rate_equals_design_formula_over_two_cycles() -> None:
+    c, lr1, lr2 = 8, 0.05, 0.005
+    for i in range(1, 2 * c + 1):
+        assert fge_learning_rate(i, c, lr1, lr2) == pytest.approx(expected_fge_lr(i, c, lr1, lr2), abs=1e-15)
+    # i ≡ 0 (mod c): t = 1, the cycle's end, lr = lr1; the middle i ≡ c/2: lr = lr2
+    assert fge_learning_rate(c, c, lr1, lr2) == pytest.approx(lr1)
+    assert fge_learning_rate(2 * c, c, lr1, lr2) == pytest.approx(lr1)
+    assert fge_learning_rate(c // 2, c, lr1, lr2) == pytest.approx(lr2)
+    assert fge_learning_rate(c + c // 2, c, lr1, lr2) == pytest.approx(lr2)
+    assert fge_learning_rate(1, c, lr1, lr2) == pytest.approx(lr1 + (lr2 - lr1) / 4)
+    assert [i for i in range(1, 2 * c + 1) if fge_collects(i, c)] == [4, 12]
+
+
+def test_sse_learning_rate_is_cosine_with_restarts() -> None:
+    period, base = 5, 0.2
+    expected = [base / 2 * (1 + math.cos(math.pi * k / period)) for k in range(period)] * 2
+    assert [cosine_restart_learning_rate(i, period, base) for i in range(1, 2 * period + 1)] == pytest.approx(expected)
+    assert cosine_restart_learning_rate(1, period, base) == base
+    assert cosine_restart_learning_rate(period + 1, period, base) == base  # the restart
+
+
+# ---------------------------------------------------------------- FGE
+@pytest.mark.slow
+def test_fge_snapshots_one_per_whole_cycle_at_the_cycle_middles(fge_run: tuple[Path, dict]) -> None:
+    run_dir, result = fge_run
+    snapshots = sorted((run_dir / "snapshots").glob("snapshot-*.pt"))
+    assert [p.name for p in snapshots] == [f"snapshot-00{k}.pt" for k in range(1, 5)]
+    assert result["snapshots"] == 4 == 144 // STEPS
+    for path, iteration in zip(snapshots, [16, 48, 80, 112], strict=True):
+        state = load_checkpoint(path)
+        assert state["kind"] == "fge-snapshot"
+        assert state["snapshot"]["iteration"] == iteration
+        assert state["snapshot"]["lr"] == pytest.approx(0.005)
+        # BN recomputed on a copy: the running averages kept beside differ from what the model holds
+        running = state["bn_running_averages"]
+        assert running and any(not torch.equal(v.float(), state["model"][k].float()) for k, v in running.items())
+        assert state["metrics"] == pytest.approx(network_metrics(load_network(path)[0], load_data(state["dataset"], "cpu")))
+
+
+@pytest.mark.slow
+def test_fge_lr_csv_has_every_iteration_with_the_formula_values(fge_run: tuple[Path, dict]) -> None:
+    run_dir, _ = fge_run
+    rows = read_lr_csv(run_dir / "lr.csv")
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 145))
+    for r in rows:
+        i = int(r["iteration"])
+        assert float(r["lr"]) == pytest.approx(expected_fge_lr(i, STEPS, 0.05, 0.005), abs=1e-12)
+        assert int(r["epoch"]) == (i - 1) // STEPS + 1
+    collected = [int(r["iteration"]) for r in rows if int(r["iteration"]) % STEPS == STEPS // 2]
+    assert collected == [16, 48, 80, 112, 144]  # 144: mid-cycle, but its cycle is cut off by the budget
+
+
+@pytest.mark.slow
+def test_fge_ensemble_is_the_mean_of_the_snapshots_probabilities(fge_run: tuple[Path, dict], train_run: Path) -> None:
+    run_dir, result = fge_run
+    snapshots = sorted((run_dir / "snapshots").glob("snapshot-*.pt"))
+    members, mean = ensemble_by_hand(snapshots)
+    labels = labels_of(snapshots[0])
+    report = json.loads((run_dir / "fge.json").read_text())
+    for k, row in enumerate(report["members"], start=1):
+        expected = classification_metrics(members[:k].mean(0), labels)
+        assert row["ensemble_test_nll"] == pytest.approx(expected["nll"], rel=1e-9)
+        assert row["ensemble_test_error"] == pytest.approx(expected["error"])
+        assert row["member_test_nll"] == pytest.approx(classification_metrics(members[k - 1], labels)["nll"], rel=1e-9)
+    final = classification_metrics(mean, labels)
+    assert result["ensemble"]["test_nll"] == pytest.approx(final["nll"], rel=1e-9)
+    assert result["ensemble"]["test_ece"] == pytest.approx(final["ece"], rel=1e-9)
+    start_net, start_state = load_network(train_run / "checkpoints" / "epoch-0002.pt")
+    start = network_metrics(start_net, load_data(start_state["dataset"], "cpu"))
+    assert result["start"] == pytest.approx(start)
+    for name in ("json", "csv", "png", "lr_csv"):
+        assert Path(result[name]).is_file()
+    assert result["ensemble_running_bn"]["test_nll"] != result["ensemble"]["test_nll"]
+
+
+@pytest.mark.slow
+def test_fge_starts_from_the_checkpoints_optimizer_state(train_run: Path) -> None:
+    path = train_run / "checkpoints" / "epoch-0002.pt"
+    saved = load_checkpoint(path)
+    settings = load_config(None, SETTINGS).fge
+    model, optimizer, _ = fge_start(path, settings, torch.device("cpu"))
+    buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
+    expected = [saved["optimizer"]["state"][i]["momentum_buffer"] for i in range(len(buffers))]
+    assert all(torch.equal(b, e) for b, e in zip(buffers, expected, strict=True))
+    assert any(b.abs().sum() > 0 for b in buffers)
+    assert optimizer.param_groups[0]["momentum"] == settings.momentum
+    # one step from the loaded state differs from one step of a zero-momentum start
+    fresh, _, _ = fge_start(path, settings, torch.device("cpu"))
+    cold = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    data = load_data(saved["dataset"], "cpu")
+    x, y = data.x_train[:128], data.y_train[:128]
+    for net, opt in ((model, optimizer), (fresh, cold)):
+        for group in opt.param_groups:
+            group["lr"] = 0.05
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert not torch.equal(torch.cat([p.flatten() for p in model.parameters()]),
+                           torch.cat([p.flatten() for p in fresh.parameters()]))
+
+
+@pytest.mark.slow
+def test_fge_resume_after_sigkill_ends_with_the_same_snapshots(
+    fge_run: tuple[Path, dict], train_run: Path, tmp_path: Path
+) -> None:
+    reference, _ = fge_run
+    run_dir = tmp_path / "fge-killed"
+    argv = ["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out", str(run_dir),
+            *FGE_ARGS, *SET_ARGS]
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", *argv], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    first = run_dir / "checkpoints" / "epoch-0001.pt"
+    deadline = time.monotonic() + 120
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the run never wrote its first epoch checkpoint"
+    assert not (run_dir / "fge.json").exists(), "the run finished before it was killed"
+    assert main([*argv, "--resume"]) == 0
+    for name in [f"snapshot-00{k}.pt" for k in range(1, 5)]:
+        got, want = load_checkpoint(run_dir / "snapshots" / name), load_checkpoint(reference / "snapshots" / name)
+        assert got["snapshot"] == want["snapshot"]
+        for key, tensor in want["model"].items():
+            assert torch.equal(got["model"][key], tensor), f"{name}: {key} differs after the resume"
+    assert (run_dir / "lr.csv").read_text() == (reference / "lr.csv").read_text()
+    assert not (run_dir / "snapshots" / "snapshot-005.pt").exists()
+
+
+@pytest.mark.slow
+def test_fge_no_bn_update_keeps_the_running_averages(train_run: Path, tmp_path: Path) -> None:
+    result = _cli_json(["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out",
+                        str(tmp_path), "--cycle", "1", "--epochs", "1", "--no-bn-update", *SET_ARGS])
+    state = load_checkpoint(tmp_path / "snapshots" / "snapshot-001.pt")
+    assert state["bn_recomputed"] is False and "bn_running_averages" not in state
+    assert result["snapshots"] == 1 and result["bn_recompute_effect"] is None
+    assert result["ensemble_running_bn"] == result["ensemble"]
+
+
+@pytest.mark.slow
+def test_fge_user_errors_name_the_field_or_file(train_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    start = str(train_run / "checkpoints" / "epoch-0002.pt")
+    assert main(["fge", "--from", start, "--out", str(tmp_path / "a"), "--lr1", "0.01", "--lr2", "0.1", *SET_ARGS]) == 2
+    assert "lr2" in capsys.readouterr().err
+    missing = str(tmp_path / "nope.pt")
+    assert main(["fge", "--from", missing, "--out", str(tmp_path / "b"), *SET_ARGS]) == 2
+    assert missing in capsys.readouterr().err
+    assert main(["fge", "--from", str(train_run / "final.pt"), "--out", str(tmp_path / "c"), *SET_ARGS]) == 2
+    assert "optimizer" in capsys.readouterr().err
+    assert main(["fge", "--from", start, "--out", str(tmp_path / "d"), "--cycle", "2", "--epochs", "1", *SET_ARGS]) == 2
+    assert "fge.epochs" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- SSE
+@pytest.mark.slow
+def test_sse_one_snapshot_per_cycle_with_cosine_lr(tmp_path: Path) -> None:
+    config = load_config(None, {**SETTINGS, "sse.epochs": 2, "sse.cycle_epochs": 1, "sse.lr": 0.2})
+    result = run_sse(config, tmp_path)
+    snapshots = sorted((tmp_path / "snapshots").glob("snapshot-*.pt"))
+    assert result["snapshots"] == len(snapshots) == 2
+    assert [load_checkpoint(p)["snapshot"]["iteration"] for p in snapshots] == [STEPS, 2 * STEPS]
+    assert all(load_checkpoint(p)["kind"] == "sse-snapshot" for p in snapshots)
+    rows = read_lr_csv(tmp_path / "lr.csv")
+    assert len(rows) == 2 * STEPS
+    for r in rows:
+        k = (int(r["iteration"]) - 1) % STEPS
+        assert float(r["lr"]) == pytest.approx(0.1 * (1 + math.cos(math.pi * k / STEPS)), abs=1e-12)
+    members, mean = ensemble_by_hand(snapshots)
+    expected = classification_metrics(mean, labels_of(snapshots[0]))
+    assert result["ensemble"]["test_nll"] == pytest.approx(expected["nll"], rel=1e-9)
+    assert result["start"] is None
+
+
+# ---------------------------------------------------------------- ensemble-eval
+@pytest.mark.slow
+def test_ensemble_eval_of_a_mix_equals_an_independent_computation(
+    train_run: Path, fge_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    fge_dir, _ = fge_run
+    given = [train_run / "final.pt", fge_dir / "snapshots" / "snapshot-002.pt", fge_dir]
+    result = _cli_json(["ensemble-eval", *map(str, given), "--device", "cpu", "--out", str(tmp_path)])
+    files = [given[0], given[1], *sorted((fge_dir / "snapshots").glob("snapshot-*.pt"))]
+    assert [m["checkpoint"] for m in result["member_metrics"]] == [str(p) for p in files]
+    members, mean = ensemble_by_hand(files)
+    labels = labels_of(files[0])
+    expected = classification_metrics(mean, labels)
+    assert result["members"] == 6
+    assert result["ensemble"] == pytest.approx({f"test_{k}": v for k, v in expected.items()}, rel=1e-9)
+    top = members.argmax(2)
+    pairs = [(a, b) for a in range(6) for b in range(6) if a != b]
+    disagree = sum(float((top[a] != top[b]).float().mean()) for a, b in pairs) / len(pairs)
+    assert result["disagreement"] == pytest.approx(disagree)
+    assert result["member_metrics"][0]["test_nll"] == pytest.approx(classification_metrics(members[0], labels)["nll"])
+    assert json.loads((tmp_path / "ensemble.json").read_text())["members"] == 6
+    assert (tmp_path / "ensemble.csv").read_text().count("\n") == 7
+
+
+@pytest.mark.slow
+def test_ensemble_eval_errors_clearly(train_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    final = train_run / "final.pt"
+    missing = tmp_path / "missing.pt"
+    assert main(["ensemble-eval", str(final), str(missing)]) == 2
+    assert f"checkpoint {missing} does not exist" in capsys.readouterr().err
+    state = load_checkpoint(final)
+    wider = build_network({"name": "cnn1d", "kwargs": {"width": 16}}, 10)
+    save_checkpoint(tmp_path / "wide.pt", model_checkpoint(wider, {"name": "cnn1d", "kwargs": {"width": 16}},
+                                                           state["dataset"]))
+    assert main(["ensemble-eval", str(final), str(tmp_path / "wide.pt"), "--device", "cpu"]) == 2
+    assert "mixed architectures" in capsys.readouterr().err
+    save_checkpoint(tmp_path / "other.pt", {**state, "dataset": {**state["dataset"], "name": "cifar10"}})
+    assert main(["ensemble-eval", str(final), str(tmp_path / "other.pt"), "--device", "cpu"]) == 2
+    assert "mixed data sets" in capsys.readouterr().err
+    assert main(["ensemble-eval", str(tmp_path), "--device", "cpu"]) == 2
+    assert "without snapshots" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- compare
+@pytest.mark.slow
+def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path) -> None:
+    argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "1", "--device", "cpu",
+            "--set", "model.kwargs.width=8", "--set", "train.epochs=2", "--set", "fge.start_fraction=0.5",
+            "--set", "fge.cycle_epochs=1", "--set", "sse.cycle_epochs=1"]
+    result = _cli_json(argv)
+    table = (tmp_path / "compare.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method"))
+    assert "1B" in header and "2B" in header
+    for method in ("Ind", "SSE", "FGE"):
+        assert any(line.startswith(f"| {method} |") for line in table.splitlines())
+    with (tmp_path / "compare.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    members = {(r["method"], int(r["k"])): int(r["members"]) for r in rows}
+    # FGE: 1 + (k-1)*2 FGE epochs after epoch 1 of 2, cycle 1 epoch; SSE: 2k cycles of 1 epoch
+    assert members == {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4}
+    assert result["table"]["FGE"]["2B"]["members"] == 3
+    finished = tmp_path / "seed-0" / "fge" / "fge.json"
+    stamp = finished.stat().st_mtime_ns
+    assert _cli_json(argv)["table"] == result["table"]  # all sub-runs reused, the same numbers
+    assert finished.stat().st_mtime_ns == stamp
+    assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other settings: refused
