@@ -217,8 +217,29 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     return compare_budgets(config, run_dir_from_args(args, config), force=args.force)
 
 
+# ---------------------------------------------------------------- pipeline
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="the whole demo: two networks, a curve, FGE, export to the store")
+    p.add_argument("--config", type=Path, help="YAML config (default: built-in demo settings)")
+    p.add_argument("--runs", type=Path, default=None, help="where the stages' runs go (default runs/NAME)")
+    p.add_argument("--out", type=Path, default=None, help="write the artifact to this folder instead of the BentoML store")
+    p.add_argument("--seed", type=int, help="seed of the first network (the second uses seed + 1)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.set_defaults(handler=_pipeline)
+
+
+def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
+    from training.pipeline import run_pipeline
+
+    config = load_config(args.config, {"seed": args.seed, "device": args.device, **parse_set_overrides(args.set)})
+    return run_pipeline(config, args.runs or Path("runs") / config.name, force=args.force, out=args.out)
+
+
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_curve, _add_eval_curve, _add_curve_point, _add_export,
-                                                                 _add_fge, _add_sse, _add_ensemble_eval, _add_compare]
+                                                                 _add_fge, _add_sse, _add_ensemble_eval, _add_compare, _add_pipeline]
 
 
 def build_parser() -> argparse.ArgumentParser:

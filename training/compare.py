@@ -42,6 +42,7 @@ from training.train import fge_start_epoch, finished_result, train_network
 METHODS = ("Ind", "SSE", "FGE")
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
 _SEED_STRIDE, _SSE_OFFSET = 100, 50
+_TRAINING_SECTIONS = ("name", "seed", "data", "model", "train", "fge", "sse")
 
 
 def _variant(config: Config, seed: int, **sections: dict[str, Any]) -> Config:
@@ -56,9 +57,10 @@ def _variant(config: Config, seed: int, **sections: dict[str, Any]) -> Config:
 def _check_settings(run_dir: Path, config: Config) -> None:
     """A folder keeps the settings it was started with: finished sub-runs are only reused for those.
 
-    More seeds, other budgets below the largest, or another device change nothing already trained.
+    More seeds, other budgets below the largest, or other device, curve or export settings
+    change nothing already trained.
     """
-    current = {k: v for k, v in config.model_dump().items() if k not in ("device", "compare")}
+    current = {k: v for k, v in config.model_dump().items() if k in _TRAINING_SECTIONS}
     current["largest_budget"] = max(config.compare.budgets)
     path = run_dir / "settings.yaml"
     if path.is_file():

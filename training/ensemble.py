@@ -249,6 +249,7 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     name = method.upper()
     k = [r["members"] for r in rows]
@@ -266,6 +267,7 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
         if start:
             ax.axhline(start[key], color="k", ls=":", label="starting network")
         ax.set(xlabel="number of members", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
     fig.suptitle(f"{name}: members and ensemble")
     fig.tight_layout()

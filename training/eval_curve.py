@@ -89,7 +89,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
             previous = None
             for t in ts:
                 row, test_probs = evaluate_point(model, t, data, wd)
-                flat = model.flat_weights(t)
+                flat = model.flat_weights(t).detach()
                 row["segment_length"] = 0.0 if previous is None else float((flat - previous).norm())
                 previous = flat
                 results[name].append({"t": t, **row})

@@ -9,7 +9,8 @@ Budget: round(fge.epochs x iterations per epoch) iterations; a snapshot is colle
 cycle that ends inside the budget, so the number of snapshots = budget // cycle.
 
 `run_snapshots` is the driver FGE and SSE (training/sse.py) share: the one loop `fit`, the
-snapshot writer, the per-iteration LR log and the report (training/ensemble.py).
+snapshot writer, the per-iteration LR log `lr.csv` (iteration, lr, epoch counted from 1) and
+the report METHOD.json/.csv/.png (training/ensemble.py).
 """
 
 from __future__ import annotations
