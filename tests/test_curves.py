@@ -286,7 +286,7 @@ def test_recompute_bn_is_the_cumulative_average_of_batch_statistics(mnist1d) -> 
     assert not net.training
 
     # independently: per-batch means/variances of each BN input over the training set in
-    # order, batches of 512, averaged with equal weight per batch (momentum=None)
+    # order, batches of 512, averaged with each batch weighted by its size
     w = {k: v.double() for k, v in curve.weights(t).items()}
     x_all = ((mnist1d.x_train - mnist1d.mean[0]) / mnist1d.std[0]).double()
     stats: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -294,14 +294,19 @@ def test_recompute_bn_is_the_cumulative_average_of_batch_statistics(mnist1d) -> 
         h1 = x_all[start:start + 512] @ w["fc1.weight"].T + w["fc1.bias"]
         stats.append((h1.mean(0), h1.var(0, unbiased=True)))
     assert len(stats) == math.ceil(4000 / 512)
-    mean1 = torch.stack([m for m, _ in stats]).mean(0)
-    var1 = torch.stack([v for _, v in stats]).mean(0)
+    sizes = torch.tensor([min(512, len(x_all) - s) for s in range(0, len(x_all), 512)], dtype=torch.float64)
+    weights = (sizes / sizes.sum())[:, None]
+    mean1 = (torch.stack([m for m, _ in stats]) * weights).sum(0)
+    var1 = (torch.stack([v for _, v in stats]) * weights).sum(0)
     assert torch.allclose(net.bn1.running_mean.double(), mean1, atol=1e-5, rtol=1e-4)
     assert torch.allclose(net.bn1.running_var.double(), var1, atol=1e-5, rtol=1e-4)
     assert int(net.bn1.num_batches_tracked) == len(stats)
-    # the whole-set mean differs (the last batch is smaller): the test tells the two apart
+    # the running mean is the mean over the whole training set, although the last batch is
+    # smaller; an equal weight per batch would differ: the test tells the two apart
     whole = (x_all @ w["fc1.weight"].T + w["fc1.bias"]).mean(0)
-    assert not torch.allclose(mean1, whole, atol=1e-6)
+    assert torch.allclose(net.bn1.running_mean.double(), whole, atol=1e-5, rtol=1e-4)
+    equal_weight = torch.stack([m for m, _ in stats]).mean(0)
+    assert not torch.allclose(equal_weight, whole, atol=1e-6)
 
 
 def test_recompute_bn_second_layer_without_dropout(mnist1d) -> None:
@@ -313,12 +318,12 @@ def test_recompute_bn_second_layer_without_dropout(mnist1d) -> None:
     net = recompute_bn(network_at(curve, 0.7), mnist1d)
     w = {k: v.double() for k, v in curve.weights(0.7).items()}
     x_all = ((mnist1d.x_train - mnist1d.mean[0]) / mnist1d.std[0]).double()
-    means = []
+    outputs = []
     for start in range(0, len(x_all), 512):
         h1 = x_all[start:start + 512] @ w["fc1.weight"].T + w["fc1.bias"]
         a1 = torch.relu((h1 - h1.mean(0)) / torch.sqrt(h1.var(0, unbiased=False) + 1e-5) * w["bn1.weight"] + w["bn1.bias"])
-        means.append((a1 @ w["fc2.weight"].T + w["fc2.bias"]).mean(0))
-    assert torch.allclose(net.bn2.running_mean.double(), torch.stack(means).mean(0), atol=1e-5, rtol=1e-4)
+        outputs.append(a1 @ w["fc2.weight"].T + w["fc2.bias"])
+    assert torch.allclose(net.bn2.running_mean.double(), torch.cat(outputs).mean(0), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("train_mode", [False, True])

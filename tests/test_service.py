@@ -33,7 +33,6 @@ import yaml
 
 from serving.artifact import ArtifactError, file_record, load_artifact
 from serving.batching import BatchSettings, MicroBatcher
-
 from tests.artifact_builder import ENDPOINT_MEMBERS, build_test_artifact
 
 REPO = Path(__file__).resolve().parents[1]

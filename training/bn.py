@@ -17,7 +17,8 @@ def has_batchnorm(model: nn.Module) -> bool:
 @torch.no_grad()
 def update_bn(batches: Iterable[torch.Tensor], model: nn.Module) -> None:
     """Reset every BN layer's running statistics and recompute them in one pass over
-    `batches` as an exact cumulative average (momentum=None).
+    `batches` as an exact cumulative average, each batch weighted by its size: the running
+    mean becomes the mean over all inputs, even when the last batch is smaller.
 
     The model's mode, momenta and the global RNG (dropout draws) are left as they were.
     """
@@ -28,12 +29,16 @@ def update_bn(batches: Iterable[torch.Tensor], model: nn.Module) -> None:
     was_training = model.training
     for layer in layers:
         layer.reset_running_stats()
-        layer.momentum = None
     model.train()
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    seen = 0
     with torch.random.fork_rng(devices=devices):
         for x in batches:
+            # new = (1 - m) old + m batch with m = b / (seen + b): the size-weighted average
+            for layer in layers:
+                layer.momentum = len(x) / (seen + len(x))
             model(x)
+            seen += len(x)
     for layer, momentum in momenta.items():
         layer.momentum = momentum
     model.train(was_training)

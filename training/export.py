@@ -67,16 +67,141 @@ class MemberGraph(nn.Module):
 
 
 class EnsembleGraph(nn.Module):
-    """All members in one graph: the mean of their softmax outputs, and each member's."""
+    """All members in one graph: the mean of their softmax outputs, and each member's.
+
+    The K members run as ONE network K times as wide ("member-stacked" channels
+    [N, K*C, ...], member k's channels at k*C..(k+1)*C): every convolution is one grouped
+    convolution (groups = K x its own groups), every linear layer one batched matmul, every
+    eval-mode BatchNorm one BatchNorm over K*C channels. The ONNX graph so has one op per
+    layer instead of K, and each op is K times larger, which onnxruntime runs faster than K
+    small ones (benchmarks/ensemble_inference.py; a graph of K members one after another
+    was 1.3-1.9x slower). The first layer reads the shared input once (its K weights are
+    concatenated along the output channels). Channel-agnostic code in the architecture's
+    forward (activations, pooling, flatten, residual adds) runs unchanged on stacked
+    tensors; code that mixes channels any other way would be wrong, which the exporter's
+    parity gate catches. Architectures with a stateful layer other than Conv1d/2d/3d,
+    Linear and BatchNorm run as before, the members one after another.
+    Peak activation memory is K times one member's at the same batch size.
+    """
 
     def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
         super().__init__()
-        self.nets, self.normalize = nn.ModuleList(nets), normalize
+        self.num_members, self.normalize = len(nets), normalize
+        self.stacked = stack_members(nets)
+        self.nets = nn.ModuleList(nets) if self.stacked is None else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.normalize(x)
-        member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
+        if self.stacked is None:
+            member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
+        else:
+            logits = self.stacked(z).unflatten(1, (self.num_members, -1))  # [N, K, C]
+            member_probs = torch.softmax(logits, dim=2).transpose(0, 1)  # [K, N, C]
         return member_probs.mean(dim=0), member_probs
+
+
+def stack_members(nets: list[nn.Module]) -> nn.Module | None:
+    """One eval-mode network computing all `nets` side by side on member-stacked channels
+    (EnsembleGraph), or None when a stateful layer has no stacked form here."""
+    import copy
+
+    modules = [dict(net.named_modules()) for net in nets]
+    if any(m.keys() != modules[0].keys() for m in modules):
+        return None
+    wide = copy.deepcopy(nets[0]).eval()
+    for name, module in list(wide.named_modules()):
+        layers = [m[name] for m in modules]
+        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.padding_mode == "zeros":
+            replacement: nn.Module = _StackedConv(layers)
+        elif isinstance(module, nn.Linear):
+            replacement = _StackedLinear(layers)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            replacement = _StackedBatchNorm(layers)
+        elif [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            return None  # a layer with state that has no stacked form here
+        else:
+            continue
+        if not name:
+            return replacement.eval()  # the whole network is one layer
+        parent, _, attr = name.rpartition(".")
+        setattr(wide.get_submodule(parent), attr, replacement)
+    return wide.eval()
+
+
+def _tile(x: torch.Tensor, k: int) -> torch.Tensor:
+    """A shared [N, C, ...] input as member-stacked [N, K*C, ...]."""
+    return x.repeat(1, k, *([1] * (x.dim() - 2)))
+
+
+def _frozen(tensors: list[torch.Tensor | None], stack: bool = False) -> nn.Parameter | None:
+    if tensors[0] is None:
+        return None
+    joined = torch.stack if stack else torch.cat
+    return nn.Parameter(joined([t.detach() for t in tensors]), requires_grad=False)
+
+
+class _StackedConv(nn.Module):
+    """K convolutions as one with groups = K x groups on member-stacked channels."""
+
+    _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+
+    def __init__(self, convs: list[nn.Module]) -> None:
+        super().__init__()
+        c = convs[0]
+        self.members, self.in_channels, self.groups = len(convs), c.in_channels, c.groups
+        self.stride, self.padding, self.dilation = c.stride, c.padding, c.dilation
+        self.conv = self._CONV[len(c.kernel_size)]
+        self.weight = _frozen([m.weight for m in convs])  # [K*O, C/groups, *kernel]
+        self.bias = _frozen([m.bias for m in convs])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == self.in_channels:  # the shared input: read it once
+            if self.groups == 1:
+                return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
+            x = _tile(x, self.members)
+        return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                         self.members * self.groups)
+
+
+class _StackedLinear(nn.Module):
+    """K linear layers as one batched matmul; [N, K*F] -> [N, K*O]."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        super().__init__()
+        self.members, self.in_features = len(linears), linears[0].in_features
+        self.weight = _frozen([m.weight.t() for m in linears], stack=True)  # [K, F, O]
+        bias = _frozen([m.bias for m in linears], stack=True)
+        self.bias = None if bias is None else nn.Parameter(bias.unsqueeze(1), requires_grad=False)  # [K, 1, O]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise NotImplementedError("the stacked ensemble supports linear layers on [N, features] inputs only")
+        n = x.shape[0]
+        if x.shape[1] == self.in_features:
+            h = x.unsqueeze(0)  # the shared input, broadcast over the members
+        else:
+            h = x.reshape(n, self.members, self.in_features).transpose(0, 1)  # [K, N, F]
+        y = torch.matmul(h, self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.transpose(0, 1).reshape(n, -1)
+
+
+class _StackedBatchNorm(nn.Module):
+    """K eval-mode BatchNorms as one over K*C channels."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        b = layers[0]
+        self.members, self.num_features = len(layers), b.num_features
+        self.bn = type(b)(len(layers) * b.num_features, eps=b.eps, affine=b.affine).eval()
+        with torch.no_grad():
+            for name in ("running_mean", "running_var", *(("weight", "bias") if b.affine else ())):
+                getattr(self.bn, name).copy_(torch.cat([getattr(m, name) for m in layers]))
+        self.bn.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(_tile(x, self.members) if x.shape[1] == self.num_features else x)
 
 
 class CurveGraph(nn.Module):
