@@ -326,7 +326,7 @@ def test_ensemble_eval_errors_clearly(train_run: Path, tmp_path: Path, capsys: p
 
 # ---------------------------------------------------------------- compare
 @pytest.mark.slow
-def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path) -> None:
+def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "1", "--device", "cpu",
             "--set", "model.kwargs.width=8", "--set", "train.epochs=2", "--set", "fge.start_fraction=0.5",
             "--set", "fge.cycle_epochs=1", "--set", "sse.cycle_epochs=1"]
@@ -346,4 +346,5 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path)
     stamp = finished.stat().st_mtime_ns
     assert _cli_json(argv)["table"] == result["table"]  # all sub-runs reused, the same numbers
     assert finished.stat().st_mtime_ns == stamp
-    assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other settings: refused
+    assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other SSE settings: refused
+    assert f"{tmp_path / 'seed-0' / 'sse'} was made with other sse settings" in capsys.readouterr().err

@@ -9,7 +9,8 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
 So a seed trains K + (K - 0.8) + K budgets (8.2 B for K = 3).
 
 Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is skipped when
-finished, resumed when interrupted: rerunning the command after a kill continues it.
+finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
+made with other settings (its config.yaml) is refused, naming the folder to delete.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ from training.train import fge_start_epoch, finished_result, train_network
 METHODS = ("Ind", "SSE", "FGE")
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
 _SEED_STRIDE, _SSE_OFFSET = 100, 50
-_TRAINING_SECTIONS = ("name", "seed", "data", "model", "train", "fge", "sse")
+# the config sections that shape each kind of sub-run
+_SHAPED_BY = {"ind": ("seed", "data", "model", "train"), "fge": ("seed", "data", "model", "fge"),
+              "sse": ("seed", "data", "model", "sse")}
 
 
 def _variant(config: Config, seed: int, **sections: dict[str, Any]) -> Config:
@@ -54,26 +57,22 @@ def _variant(config: Config, seed: int, **sections: dict[str, Any]) -> Config:
     return Config.model_validate(tree)
 
 
-def _check_settings(run_dir: Path, config: Config) -> None:
-    """A folder keeps the settings it was started with: finished sub-runs are only reused for those.
+def _check_reusable(run_dir: Path, config: Config, sections: tuple[str, ...]) -> None:
+    """A sub-run folder is continued or reused only for the settings it was made with.
 
-    More seeds, other budgets below the largest, or other device, curve or export settings
-    change nothing already trained.
+    Only the sections that shape that sub-run count, so new FGE settings leave the Ind and SSE
+    runs reusable: the error names the folder to delete.
     """
-    current = {k: v for k, v in config.model_dump().items() if k in _TRAINING_SECTIONS}
-    current["largest_budget"] = max(config.compare.budgets)
-    path = run_dir / "settings.yaml"
-    if path.is_file():
-        saved = yaml.safe_load(path.read_text())
-        if saved != current:
-            changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise RunDirError(
-                f"{run_dir} holds a comparison made with other settings ({', '.join(changed)}); "
-                "pass --force to start over or choose another --out"
-            )
+    path = run_dir / "config.yaml"
+    if not path.is_file():
         return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, yaml.safe_dump(current, sort_keys=False))
+    saved, current = yaml.safe_load(path.read_text()) or {}, config.model_dump()
+    changed = [k for k in sections if saved.get(k) != current[k]]
+    if changed:
+        raise RunDirError(
+            f"{run_dir} was made with other {', '.join(changed)} settings; delete it to redo it with the "
+            "current ones, or pass --force to start the whole comparison over"
+        )
 
 
 def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
@@ -104,8 +103,9 @@ def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
 def _train_runs(config: Config, seed_dir: Path, count: int, base_seed: int) -> list[Path]:
     finals = []
     for j in range(count):
-        run_dir = seed_dir / f"ind-{j}"
-        result = finished_result(run_dir) or train_network(_variant(config, base_seed + j), run_dir, resume=True)
+        run_dir, run_config = seed_dir / f"ind-{j}", _variant(config, base_seed + j)
+        _check_reusable(run_dir, run_config, _SHAPED_BY["ind"])
+        result = finished_result(run_dir) or train_network(run_config, run_dir, resume=True)
         finals.append(Path(result["checkpoint"]))
     return finals
 
@@ -114,17 +114,19 @@ def _fge_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Pa
     """One FGE run from the first Ind run's fge_start_epoch checkpoint, long enough for K budgets."""
     run_dir = seed_dir / "fge"
     start = checkpoint_path(seed_dir / "ind-0", fge_start_epoch(config))
-    epochs = largest * config.train.epochs - fge_start_epoch(config)
+    run_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
+    _check_reusable(run_dir, run_config, _SHAPED_BY["fge"])
     if finished_snapshot_run(run_dir, "fge") is None:
-        run_fge(_variant(config, base_seed, fge={"epochs": epochs}), start, run_dir, resume=True)
+        run_fge(run_config, start, run_dir, resume=True)
     return run_dir
 
 
 def _sse_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Path:
     run_dir = seed_dir / "sse"
+    run_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
+    _check_reusable(run_dir, run_config, _SHAPED_BY["sse"])
     if finished_snapshot_run(run_dir, "sse") is None:
-        run_sse(_variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs}),
-                run_dir, resume=True)
+        run_sse(run_config, run_dir, resume=True)
     return run_dir
 
 
@@ -226,7 +228,6 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[
     data = load_data(dataset_spec(config), device)
     budgets = _check_budgets(config, iterations_per_epoch(data, config.fge.batch_size),
                              iterations_per_epoch(data, config.sse.batch_size))
-    _check_settings(run_dir, config)
     largest, seeds = budgets[-1], config.compare.seeds
     rows: list[dict[str, Any]] = []
     for s in range(seeds):

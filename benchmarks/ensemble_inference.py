@@ -1,0 +1,438 @@
+"""Ensemble inference, side by side (issue 8, items 1 and 3).
+
+Item 1, for the demo artifact (cnn1d on MNIST-1D) and a CIFAR-shaped ensemble (K = 8
+PreResNet-20 with random weights and BN statistics, random 3x32x32 inputs): samples per
+second at batch 1, 64 and 1024 of
+  (a) member loop      K member sessions (members/*.onnx) one after another, mean in numpy
+  (b) fused ensemble   ensemble.onnx as the exporter writes it now (training/export.py's
+                       EnsembleGraph: the members stacked into one K-times-wide network)
+  (b0) fused, sequential  the previous EnsembleGraph design (K member subgraphs one after
+                       another inside one graph), exported here, for the design's effect
+  (c) torch eager      PyTorch over the K models
+with FLOPs per sample (FlopCounterMode: 2 x multiply-adds of conv/linear) and the achieved
+GFLOP/s against this machine's fp32 matmul peak, measured in the same run.
+Item 3: curve.onnx at a new t on every call against a member graph of the same architecture.
+Also: onnxruntime session options on the fused graphs, and an onnxruntime profile of where
+the time goes (batch 64).
+
+Every ORT session is opened as serving/runtime.py opens it (ORT_ENABLE_ALL, default threads)
+unless a row says otherwise. Usage:
+  python benchmarks/ensemble_inference.py [--quick] [--artifact DIR|TAG] [--members 8]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import common
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from models import build_model
+from training.curves import CurveModel
+from training.export import CurveGraph, EnsembleGraph, MemberGraph, Normalize, _export_onnx
+
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+
+
+# ---------------------------------------------------------------- graphs
+class SequentialEnsembleGraph(nn.Module):
+    """The previous EnsembleGraph design, kept here as a baseline: K members one after another."""
+
+    def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
+        super().__init__()
+        self.nets, self.normalize = nn.ModuleList(nets), normalize
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.normalize(x)
+        member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
+        return member_probs.mean(dim=0), member_probs
+
+
+def session(path: Path, threads: int = 0, spinning: bool = True, parallel: int = 0,
+            level: str = "all") -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                                        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if parallel:
+        options.execution_mode = ort.ExecutionMode.ORT_PARALLEL
+        options.inter_op_num_threads = parallel
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def conv_count(path: Path) -> int:
+    import onnx
+
+    return sum(node.op_type == "Conv" for node in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def quiet_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> float:
+    started = time.perf_counter()
+    with contextlib.redirect_stderr(io.StringIO()):
+        _export_onnx(module, args, path, inputs, outputs)
+    return time.perf_counter() - started
+
+
+# ---------------------------------------------------------------- workloads
+@dataclass
+class Workload:
+    name: str
+    input_shape: tuple[int, ...]
+    members: list[Path]
+    fused: Path
+    fused_design: str
+    member_flops: int  # per sample, one member
+    sequential: Path | None = None
+    curve: Path | None = None
+    nets: list[nn.Module] | None = None
+    normalize: Normalize | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def k(self) -> int:
+        return len(self.members)
+
+
+def randomize_bn(net: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Plausible BN statistics and affine parameters, so no layer is an identity."""
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=generator) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            if m.affine:
+                m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+                m.bias.data.copy_(torch.rand(m.num_features, generator=generator) * 0.2 - 0.1)
+    return net.eval()
+
+
+def bn_grid(nets: tuple[nn.Module, nn.Module], points: int) -> dict[str, torch.Tensor]:
+    """A BN-statistics grid for CurveGraph: linear between the two ends (stand-in for recomputed ones)."""
+    a, b = (dict(n.named_buffers()) for n in nets)
+    ts = torch.linspace(0, 1, points)[:, None]
+    return {k: (1 - ts) * a[k] + ts * b[k] for k in a if k.endswith(("running_mean", "running_var"))}
+
+
+def synthetic_workload(name: str, arch: str, kwargs: dict, k: int, shape: tuple[int, ...], mean: list[float],
+                       std: list[float], work: Path, with_curve: bool = True) -> Workload:
+    """K random members of `arch`, exported as member graphs, both fused designs and a curve graph."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    nets = [randomize_bn(build_model(arch, num_classes=10, **kwargs), generator) for _ in range(k)]
+    normalize = Normalize(mean, std, 1 + len(shape))
+    example = torch.rand(2, *shape)
+    folder = work / name
+    members = []
+    seconds: dict[str, float] = defaultdict(float)
+    for i, net in enumerate(nets):
+        members.append(folder / f"member-{i:03d}.onnx")
+        seconds["members"] += quiet_export(MemberGraph(net, normalize), (example,), members[-1], ["x"], ["probabilities"])
+    outputs = ["probabilities", "member_probabilities"]
+    seconds["fused"] = quiet_export(EnsembleGraph(nets, normalize), (example,), folder / "ensemble.onnx", ["x"], outputs)
+    seconds["sequential"] = quiet_export(SequentialEnsembleGraph(nets, normalize), (example,),
+                                         folder / "ensemble-sequential.onnx", ["x"], outputs)
+    curve_path = None
+    if with_curve:
+        curve = CurveModel(copy.deepcopy(nets[0]), nets[0].state_dict(), nets[1].state_dict(), "bezier", 3)
+        with torch.no_grad():  # a middle bend off the straight line, as after training
+            curve.free_points.add_(0.01 * torch.randn(curve.free_points.shape, generator=generator))
+        graph = CurveGraph(curve.eval(), bn_grid((nets[0], nets[1]), 61), 61, normalize)
+        curve_path = folder / "curve.onnx"
+        seconds["curve"] = quiet_export(graph, (example, torch.tensor([0.5])), curve_path, ["x", "t"], ["probabilities"])
+    flops = common.flops_per_sample(lambda x: nets[0](normalize(x)), torch.rand(1, *shape))
+    return Workload(name, shape, members, folder / "ensemble.onnx", "stacked (new)", flops, folder / "ensemble-sequential.onnx",
+                    curve_path, nets, normalize, [f"export seconds: { {k: round(v, 1) for k, v in seconds.items()} }"])
+
+
+def artifact_workload(spec: str | None, work: Path) -> Workload:
+    """The demo artifact: a folder or BentoML tag, else a small real one built like the tests'."""
+    from serving.artifact import load_artifact
+    from training.networks import load_network
+
+    notes = []
+    if spec is None:
+        from tests.artifact_builder import build_test_artifact
+
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            folder = build_test_artifact(work / "demo-artifact")
+        notes.append(f"artifact built by tests/artifact_builder.py (3 members: points of a short MNIST-1D curve) "
+                     f"in {time.perf_counter() - started:.0f} s")
+    elif Path(spec).is_dir():
+        folder = Path(spec)
+    else:
+        from serving.store import artifact_path_in_store
+
+        folder = artifact_path_in_store(spec)
+    artifact = load_artifact(folder)
+    manifest = artifact.manifest
+    members = [folder / m["file"] for m in manifest["members"]]
+    fused = folder / manifest["ensemble"]["file"]
+    design = "stacked (new)" if conv_count(fused) == conv_count(members[0]) else "sequential (previous)"
+    nets = None
+    sources = [Path(m.get("source", "")) for m in manifest["members"]]
+    if all(s.is_file() for s in sources):
+        nets = [load_network(s)[0] for s in sources]
+    norm = manifest["input"]["normalization"]
+    shape = tuple(manifest["input"]["shape"])
+    normalize = Normalize(norm["mean"], norm["std"], 1 + len(shape))
+    sequential = None
+    if nets is not None:
+        sequential = work / "demo-sequential.onnx"
+        quiet_export(SequentialEnsembleGraph(nets, normalize), (torch.rand(2, *shape),), sequential, ["x"],
+                     ["probabilities", "member_probabilities"])
+        flops = common.flops_per_sample(lambda x: nets[0](normalize(x)), torch.rand(1, *shape))
+    else:
+        notes.append("member checkpoints not found: no PyTorch eager or sequential-design rows")
+        flops = 0
+    name = f"demo artifact ({manifest['architecture']['name']}, {manifest['dataset']['name']})"
+    return Workload(name, shape, members, fused, design, flops, sequential, artifact.curve_file, nets, normalize, notes)
+
+
+# ---------------------------------------------------------------- the ways
+def ways(w: Workload, threads: int) -> dict[str, Any]:
+    """name -> callable(x: np.ndarray) returning the mean probabilities [N, C]."""
+    members = [session(p) for p in w.members]
+
+    def member_loop(x: np.ndarray) -> np.ndarray:
+        return np.mean([s.run(None, {"x": x})[0] for s in members], axis=0)
+
+    fused = session(w.fused)
+    out = {"(a) member loop": member_loop, f"(b) fused, {w.fused_design}": lambda x: fused.run(None, {"x": x})[0]}
+    if w.sequential is not None:
+        seq = session(w.sequential)
+        out["(b0) fused, sequential (previous)"] = lambda x: seq.run(None, {"x": x})[0]
+    if w.nets is not None:
+        nets, normalize = w.nets, w.normalize
+
+        def eager(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                z = normalize(torch.from_numpy(x))
+                return torch.stack([torch.softmax(net(z), dim=1) for net in nets]).mean(dim=0).numpy()
+
+        out["(c) torch eager"] = eager
+    torch.set_num_threads(threads)
+    return out
+
+
+def rounds_for(batch: int, quick: bool) -> tuple[int, float]:
+    if quick:
+        return 2, 0.05
+    return (5, 0.3) if batch < 1024 else (2, 0.0)
+
+
+def item1(run: dict, w: Workload, batches: list[int], peak: float, quick: bool, threads: int) -> dict:
+    fns = ways(w, threads)
+    rng = np.random.default_rng(0)
+    rows, data = [], {}
+    x64 = rng.random((64, *w.input_shape), dtype=np.float32)
+    reference = fns["(a) member loop"](x64)
+    parity = {name: float(np.abs(fn(x64) - reference).max()) for name, fn in fns.items()}
+    flops = w.k * w.member_flops
+    for batch in batches:
+        x = rng.random((batch, *w.input_shape), dtype=np.float32)
+        n_rounds, min_s = rounds_for(batch, quick)
+        times = common.interleaved({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, n_rounds, min_s)
+        base = common.median(times["(a) member loop"])
+        for name, t in times.items():
+            sec = common.median(t)
+            gflops = flops * batch / sec / 1e9 if flops else float("nan")
+            rows.append([w.name, w.k, batch, name, batch / sec, sec * 1e3, common.spread(t), gflops,
+                         100 * gflops / peak, base / sec])
+        data[batch] = {name: t for name, t in times.items()}
+    common.add_section(
+        run, f"Item 1: {w.name}, K = {w.k}",
+        ["workload", "K", "batch", "way", "samples/s", "ms/call", "spread", "GFLOP/s", "% matmul peak", "x member loop"],
+        rows,
+        notes=(f"FLOPs per sample: {flops / 1e6:.2f} MFLOP ({w.k} x {w.member_flops / 1e6:.2f}). "
+               f"Matmul peak {peak:.1f} GFLOP/s. spread = fastest/slowest sample vs the median. "
+               f"Max |mean prob - member loop's| at batch 64: "
+               + ", ".join(f"{k.split(')')[0]})={v:.1e}" for k, v in parity.items()) + ". " + " ".join(w.notes)),
+        data={"times_s": data, "flops_per_sample": flops, "parity": parity, "fused_design": w.fused_design},
+    )
+    return data
+
+
+def options_sweep(run: dict, w: Workload, batch: int, quick: bool) -> None:
+    """The fused graphs under other onnxruntime session options, and the members in two threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = np.random.default_rng(1).random((batch, *w.input_shape), dtype=np.float32)
+    cores = len(os.sched_getaffinity(0))
+    variants: dict[str, Any] = {}
+    for label, kw in (("defaults (as serving)", {}), ("spinning off", {"spinning": False}),
+                      ("ORT_ENABLE_EXTENDED (no NCHWc layout)", {"level": "extended"}),
+                      ("intra_op 1 thread", {"threads": 1})):
+        s = session(w.fused, **kw)
+        variants[f"fused stacked, {label}"] = lambda s=s: s.run(None, {"x": x})
+    if w.sequential is not None:
+        s = session(w.sequential)
+        variants["fused sequential, defaults"] = lambda s=s: s.run(None, {"x": x})
+        s = session(w.sequential, threads=1, parallel=cores)
+        variants[f"fused sequential, ORT_PARALLEL inter {cores} x intra 1"] = lambda s=s: s.run(None, {"x": x})
+    singles = [session(p, threads=1) for p in w.members]
+    pool = ThreadPoolExecutor(cores)
+    variants[f"member loop, {cores} Python threads x intra 1"] = lambda: np.mean(
+        list(pool.map(lambda s: s.run(None, {"x": x})[0], singles)), axis=0)
+    members = [session(p) for p in w.members]
+    variants["member loop, defaults"] = lambda: np.mean([s.run(None, {"x": x})[0] for s in members], axis=0)
+    times = common.interleaved(variants, 2 if quick else 5, 0.05 if quick else 0.3)
+    pool.shutdown()
+    base = common.median(times["member loop, defaults"])
+    rows = [[w.name, batch, name, batch / common.median(t), common.median(t) * 1e3, common.spread(t),
+             base / common.median(t)] for name, t in times.items()]
+    common.add_section(run, f"Session options: {w.name}, K = {w.k}, batch {batch}",
+                       ["workload", "batch", "variant", "samples/s", "ms/call", "spread", "x member loop"], rows,
+                       data={"times_s": times})
+
+
+def ort_profile(path: Path, x: np.ndarray, runs: int) -> dict[str, Any]:
+    """onnxruntime's own per-node timing: ms per run by op type, and the costliest nodes."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(tempfile.gettempdir()) / f"ort-profile-{os.getpid()}")
+    s = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    s.run(None, {"x": x})
+    for _ in range(runs):
+        s.run(None, {"x": x})
+    trace = Path(s.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    by_op: dict[str, float] = defaultdict(float)
+    nodes: dict[str, list] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            by_op[op] += e["dur"] / 1e3 / (runs + 1)
+            shapes = [list(d.values())[0] for d in e["args"].get("input_type_shape", [])[:2]]
+            entry = nodes.setdefault(e["name"][: -len("_kernel_time")], [op, 0.0, shapes])
+            entry[1] += e["dur"] / 1e3 / (runs + 1)
+    total = sum(by_op.values())
+    top = sorted(nodes.items(), key=lambda kv: -kv[1][1])[:6]
+    return {"total_ms": total, "by_op_ms": dict(sorted(by_op.items(), key=lambda kv: -kv[1])),
+            "top_nodes": [{"node": k, "op": v[0], "ms": v[1], "inputs": v[2]} for k, v in top]}
+
+
+def profile_section(run: dict, w: Workload, batch: int, quick: bool) -> None:
+    x = np.random.default_rng(2).random((batch, *w.input_shape), dtype=np.float32)
+    runs = 2 if quick else 5
+    graphs = {"member graph (one member)": w.members[0], "fused stacked": w.fused}
+    if w.sequential is not None:
+        graphs["fused sequential"] = w.sequential
+    rows, data = [], {}
+    for label, path in graphs.items():
+        p = ort_profile(path, x, runs)
+        data[label] = p
+        scale = w.k if label.startswith("member") else 1
+        shares = ", ".join(f"{op} {ms / p['total_ms'] * 100:.0f}%" for op, ms in list(p["by_op_ms"].items())[:4])
+        rows.append([label, p["total_ms"], p["total_ms"] * scale, shares])
+    common.add_section(
+        run, f"Where the time goes: {w.name}, batch {batch} (onnxruntime profile)",
+        ["graph", "kernel ms/run", f"x K ({w.k}) for the member", "top op types (after ORT fusions)"], rows,
+        notes=("ORT fuses BN+ReLU into Conv and turns a BN it cannot fuse (pre-activation BN) into a depthwise "
+               "1x1 Conv, so 'Conv' covers nearly everything. Costliest nodes are in the JSON."),
+        data=data)
+
+
+def item3(run: dict, w: Workload, batches: list[int], quick: bool) -> None:
+    if w.curve is None:
+        return
+    member = session(w.members[0])
+    curve = session(w.curve)
+    rng = np.random.default_rng(3)
+    rows, data = [], {}
+    for batch in batches:
+        x = rng.random((batch, *w.input_shape), dtype=np.float32)
+
+        def at_new_t(x: np.ndarray = x) -> Any:
+            return curve.run(None, {"x": x, "t": rng.random(1, dtype=np.float32)})
+
+        n_rounds, min_s = rounds_for(batch, quick)
+        times = common.interleaved({"member graph": lambda x=x: member.run(None, {"x": x}), "curve.onnx, new t": at_new_t},
+                                   n_rounds + 2, min_s)
+        m, c = common.median(times["member graph"]), common.median(times["curve.onnx, new t"])
+        rows.append([w.name, batch, m * 1e3, c * 1e3, c / m, "<= 1.5" if batch == 64 else ""])
+        data[batch] = times
+    common.add_section(run, f"Item 3: curve at any t, {w.name}",
+                       ["workload", "batch", "member graph ms", "curve.onnx ms (new t per call)", "curve / member", "target"],
+                       rows, data={"times_s": data})
+
+
+def main() -> None:
+    parser = common.arguments(__doc__.splitlines()[0])
+    parser.add_argument("--artifact", help="demo artifact folder or BentoML tag (default: build a small one)")
+    parser.add_argument("--members", type=int, default=8, help="K of the CIFAR-shaped ensemble")
+    parser.add_argument("--depth", type=int, default=20, help="PreResNet depth of the CIFAR-shaped ensemble")
+    parser.add_argument("--keep", type=Path, help="keep the exported graphs in this folder")
+    args = parser.parse_args()
+    threads = len(os.sched_getaffinity(0))
+    run = common.start_run("ensemble_inference")
+    run["quick"], run["command"] = args.quick, common.command_line()
+    work = Path(tempfile.mkdtemp(prefix="bench-ensemble-"))
+    try:
+        peak = common.matmul_peak(threads, args.quick)
+        run["matmul_peak"] = peak
+        print(f"fp32 matmul peak: {peak['gflops']} GFLOP/s ({peak['by']}, {threads} threads)", flush=True)
+        if args.quick:
+            demo = synthetic_workload("demo-shaped (cnn1d, random)", "cnn1d", {}, 3, (40,), [0.0], [1.0], work)
+            cifar = synthetic_workload("CIFAR-shaped PreResNet-8 (random)", "preresnet", {"depth": 8}, 2,
+                                       (3, 32, 32), CIFAR_MEAN, CIFAR_STD, work)
+            batches = [1, 64]
+        else:
+            demo = artifact_workload(args.artifact, work)
+            cifar = synthetic_workload(f"CIFAR-shaped PreResNet-{args.depth} (random)", "preresnet",
+                                       {"depth": args.depth}, args.members, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, work)
+            batches = [1, 64, 1024]
+        for w in (demo, cifar):
+            item1(run, w, batches, peak["gflops"], args.quick, threads)
+        for w in (demo, cifar):
+            options_sweep(run, w, 64, args.quick)
+        for w in (demo, cifar):
+            profile_section(run, w, 64, args.quick)
+        for w in (demo, cifar):
+            item3(run, w, [1, 64], args.quick)
+        if args.keep:
+            shutil.copytree(work, args.keep, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    common.write_results(run, summary=summary(run), out_dir=args.out)
+
+
+def summary(run: dict) -> str:
+    """Targets: fused >= 2x the member loop at batch 64; >= 50 % of the matmul peak at batch >= 64;
+    curve <= 1.5x a member at batch 64."""
+    lines = ["## Targets", ""]
+    for s in run["sections"]:
+        if s["title"].startswith("Item 1"):
+            for r in s["rows"]:
+                if r[3].startswith("(b) ") and r[2] >= 64:
+                    ok2 = r[9] >= 2 if r[2] == 64 else None
+                    lines.append(f"- {r[0]}, batch {r[2]}: fused {r[9]:.2f}x the member loop"
+                                 + ("" if ok2 is None else f" (target >= 2x: {'met' if ok2 else 'MISSED'})")
+                                 + f"; {r[8]:.0f} % of the matmul peak (target >= 50 %: {'met' if r[8] >= 50 else 'MISSED'})")
+        if s["title"].startswith("Item 3"):
+            for r in s["rows"]:
+                if r[1] == 64:
+                    lines.append(f"- {r[0]}, batch 64: curve.onnx {r[4]:.2f}x the member graph "
+                                 f"(target <= 1.5x: {'met' if r[4] <= 1.5 else 'MISSED'})")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+if __name__ == "__main__":
+    main()
