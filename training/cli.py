@@ -140,7 +140,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 def _add_fge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("fge", help="Fast Geometric Ensembling from an epoch checkpoint of a train run")
     _common(p, "fge")
-    p.add_argument("--from", dest="start", type=Path, required=True,
+    p.add_argument("--from", dest="start", type=Path, required=True, metavar="CKPT",
                    help="epoch checkpoint of a train run (weights + optimizer), e.g. RUN/checkpoints/epoch-0024.pt")
     p.add_argument("--cycle", type=float, help="overrides fge.cycle_epochs (cycle length in epochs; made even in iterations)")
     p.add_argument("--lr1", type=float, help="overrides fge.lr1 (the LR at a cycle's start and end)")

@@ -141,26 +141,36 @@ def _frozen(tensors: list[torch.Tensor | None], stack: bool = False) -> nn.Param
 
 
 class _StackedConv(nn.Module):
-    """K convolutions as one with groups = K x groups on member-stacked channels."""
-
-    _CONV = {1: torch.conv1d, 2: torch.conv2d, 3: torch.conv3d}
+    """K convolutions as one with groups = K x groups on member-stacked channels. A 1D
+    convolution runs as a 2D one of height 1: onnxruntime has its fast blocked-layout
+    (NCHWc) CPU kernels for 2D convolutions only."""
 
     def __init__(self, convs: list[nn.Module]) -> None:
         super().__init__()
         c = convs[0]
         self.members, self.in_channels, self.groups = len(convs), c.in_channels, c.groups
-        self.stride, self.padding, self.dilation = c.stride, c.padding, c.dilation
-        self.conv = self._CONV[len(c.kernel_size)]
-        self.weight = _frozen([m.weight for m in convs])  # [K*O, C/groups, *kernel]
-        self.bias = _frozen([m.bias for m in convs])
+        self.lift = len(c.kernel_size) == 1
+        weight = _frozen([m.weight for m in convs])  # [K*O, C/groups, *kernel]
+        if self.lift:
+            weight = nn.Parameter(weight.unsqueeze(2), requires_grad=False)
+            self.stride, self.dilation = (1, *c.stride), (1, *c.dilation)
+            self.padding = c.padding if isinstance(c.padding, str) else (0, *c.padding)
+        else:
+            self.stride, self.padding, self.dilation = c.stride, c.padding, c.dilation
+        self.conv = torch.conv3d if len(c.kernel_size) == 3 else torch.conv2d
+        self.weight, self.bias = weight, _frozen([m.bias for m in convs])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = self.members * self.groups
         if x.shape[1] == self.in_channels:  # the shared input: read it once
             if self.groups == 1:
-                return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, 1)
-            x = _tile(x, self.members)
-        return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
-                         self.members * self.groups)
+                groups = 1
+            else:
+                x = _tile(x, self.members)
+        if self.lift:
+            return self.conv(x.unsqueeze(2), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                             groups).squeeze(2)
+        return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)
 
 
 class _StackedLinear(nn.Module):

@@ -1,0 +1,72 @@
+"""End to end: `modeconn pipeline` on a reduced demo config into a temporary BentoML store,
+a rerun that skips every finished stage, then the stored model served over HTTP."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.artifact import load_artifact
+from tests.test_service import _base_env, _start, _stop, _wait_ready
+from training.data import build_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+REDUCED = ["--set", "train.epochs=8", "--set", "train.save_every=4", "--set", "curve.epochs=4",
+           "--set", "curve.eval_points=11", "--set", "fge.epochs=2", "--set", "fge.cycle_epochs=1",
+           "--set", "export.bn_grid_points=11"]
+
+
+def _pipeline(runs: Path, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", "pipeline", "--config", "configs/mnist1d.yaml", "--device", "cpu",
+         "--runs", str(runs), "--json", *REDUCED],
+        cwd=ROOT, env=_base_env(home), capture_output=True, text=True, timeout=1200)
+
+
+def test_pipeline_then_served_model(tmp_path: Path) -> None:
+    home, runs = tmp_path / "bentoml", tmp_path / "runs"
+    first = _pipeline(runs, home)
+    assert first.returncode == 0, first.stderr[-4000:]
+    summary = json.loads(first.stdout.strip().splitlines()[-1])
+    print(f"\npipeline summary (reduced demo): {json.dumps({k: summary[k] for k in ('single_network', 'fge_ensemble', 'endpoint_ensemble', 'curve', 'seconds')})}")
+    assert summary["fge_ensemble"]["members"] == 2  # 2 epochs of 1-epoch cycles
+    assert summary["single_network"]["error"] < 15.0
+    assert summary["curve"]["max_test_error"] < summary["curve"]["line_max_test_error"]
+    for plot in summary["plots"].values():
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary["artifact"]["tag"].startswith("modeconn-mnist1d:")
+    assert (runs / "summary.json").is_file()
+
+    again = _pipeline(runs, home)  # every stage is done: all skipped, nothing re-exported
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.stderr.count("already done, skipped") == 6
+    assert json.loads(again.stdout.strip().splitlines()[-1])["artifact"] == summary["artifact"]
+    stored = list((home / "models" / "modeconn-mnist1d").glob("*/manifest.json"))
+    assert len(stored) == 1
+    artifact = load_artifact(stored[0].parent)
+    assert artifact.num_members == 2 and artifact.has_curve
+
+    data = build_dataset("mnist1d")
+    x = data.x_test[:200].numpy()
+    offline = ort.InferenceSession(str(artifact.ensemble_file), providers=["CPUExecutionProvider"])
+    expected = offline.run(None, {"x": x})[0]
+    server = _start(home, "modeconn-mnist1d", tmp_path / "serve.log")
+    try:
+        _wait_ready(server)
+        r = server.post("/predict", {"inputs": x.tolist()})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        np.testing.assert_allclose(np.asarray(body["probabilities"]), expected, atol=1e-5, rtol=0)
+        accuracy = float((np.asarray(body["predictions"]) == data.y_test[:200].numpy()).mean())
+        assert accuracy > 0.85, accuracy
+        r = server.post("/predict_curve", {"inputs": x[:5].tolist(), "ts": [0.0, 0.5, 1.0]})
+        assert r.status_code == 200 and r.json()["ts"] == [0.0, 0.5, 1.0], r.text
+        info = server.post("/info", {}).json()
+        assert info["num_members"] == 2 and info["curve"]["type"] == "bezier"
+    finally:
+        _stop(server)
