@@ -43,8 +43,8 @@ from training.train import fge_start_epoch, finished_result, train_network
 METHODS = ("Ind", "SSE", "FGE")
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
 _SEED_STRIDE, _SSE_OFFSET = 100, 50
-# the config sections that shape each kind of sub-run
-_SHAPED_BY = {"ind": ("seed", "data", "model", "train"), "fge": ("seed", "data", "model", "fge"),
+# the config sections that shape each kind of sub-run (FGE starts from an Ind run: train too)
+_SHAPED_BY = {"ind": ("seed", "data", "model", "train"), "fge": ("seed", "data", "model", "train", "fge"),
               "sse": ("seed", "data", "model", "sse")}
 
 
