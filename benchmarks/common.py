@@ -9,6 +9,7 @@ average is recorded at the start and the end of every run, next to the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -17,6 +18,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,24 +86,106 @@ def start_run(name: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- timing
+class CpuMonitor:
+    """CPU time used by *other* processes (and the hypervisor: steal), in cores, from
+    /proc/stat minus this process (all its threads) and the processes in `pids`. The
+    benchmarks wait for a quiet machine before each block and keep, per timing sample,
+    how busy the rest of the machine was; a table's numbers come from the quiet samples."""
+
+    def __init__(self, pids: Sequence[int] = ()) -> None:
+        self.pids = list(pids)
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def _ours(self) -> int:
+        total = 0
+        for pid in ["self", *self.pids]:
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
+        return total
+
+    def snapshot(self) -> tuple[float, int, int]:
+        try:
+            cpu = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return time.perf_counter(), 0, 0
+        busy = cpu[0] + cpu[1] + cpu[2] + cpu[5] + cpu[6] + (cpu[7] if len(cpu) > 7 else 0)
+        return time.perf_counter(), busy, self._ours()
+
+    def others(self, before: tuple[float, int, int], after: tuple[float, int, int]) -> float:
+        """Cores busy with other work between two snapshots."""
+        seconds = max(after[0] - before[0], 1e-9)
+        return max(0.0, ((after[1] - before[1]) - (after[2] - before[2])) / self.tick / seconds)
+
+
+QUIET_CORES = 0.25  # a sample counts as quiet when other work used less than this many cores
+
+
+def wait_for_quiet(monitor: CpuMonitor | None = None, max_wait_s: float = 120.0, window_s: float = 1.0) -> float:
+    """Wait (at most `max_wait_s`) for a `window_s` window in which other work used less than
+    QUIET_CORES; returns the cores other work used in the last window."""
+    monitor = monitor or CpuMonitor()
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = monitor.snapshot()
+        time.sleep(window_s)
+        busy = monitor.others(before, monitor.snapshot())
+        if busy < QUIET_CORES or time.monotonic() > deadline:
+            return busy
+
+
+@dataclass
+class Samples:
+    """Seconds per call of each timing sample, and the cores other work used meanwhile."""
+
+    seconds: list[float] = field(default_factory=list)
+    background: list[float] = field(default_factory=list)
+
+    def quiet(self) -> list[float]:
+        """The samples taken while the machine was quiet; all of them if fewer than two were."""
+        kept = [s for s, b in zip(self.seconds, self.background, strict=True) if b < QUIET_CORES]
+        return kept if len(kept) >= 2 else list(self.seconds)
+
+    @property
+    def value(self) -> float:
+        """Median seconds per call over the quiet samples."""
+        return statistics.median(self.quiet())
+
+    @property
+    def quiet_count(self) -> str:
+        return f"{sum(b < QUIET_CORES for b in self.background)}/{len(self.seconds)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "background_cores": [round(b, 3) for b in self.background],
+                "value_s": self.value}
+
+
 def interleaved(cases: dict[str, Callable[[], Any]], rounds: int, min_sample_s: float = 0.2,
-                max_calls: int = 1000, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each case: `rounds` samples each, taken round-robin; one sample is
-    as many back-to-back calls as fill `min_sample_s` (at least one)."""
+                max_calls: int = 1000, warmup: int = 1, monitor: CpuMonitor | None = None,
+                quiet_wait_s: float = 60.0, settle_s: float = 0.05) -> dict[str, Samples]:
+    """Seconds per call of each case: `rounds` samples each, taken round-robin, after waiting
+    for a quiet machine; one sample is as many back-to-back calls as fill `min_sample_s`
+    (at least one). Between samples the process sleeps `settle_s`, so thread pools that spin
+    after a call (onnxruntime's, OpenMP's) are asleep before the next case starts."""
+    monitor = monitor or CpuMonitor()
     for fn in cases.values():
         for _ in range(warmup):
             fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
+    wait_for_quiet(monitor, quiet_wait_s)
+    samples = {name: Samples() for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
-            calls, started = 0, time.perf_counter()
+            time.sleep(settle_s)
+            calls, before = 0, monitor.snapshot()
             while True:
                 fn()
                 calls += 1
-                elapsed = time.perf_counter() - started
+                elapsed = time.perf_counter() - before[0]
                 if elapsed >= min_sample_s or calls >= max_calls:
                     break
-            samples[name].append(elapsed / calls)
+            after = monitor.snapshot()
+            samples[name].seconds.append((after[0] - before[0]) / calls)
+            samples[name].background.append(monitor.others(before, after))
     return samples
 
 
@@ -128,8 +212,9 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-def spread(values: Sequence[float]) -> str:
-    """min..max of the samples relative to their median, e.g. '-3%/+12%'."""
+def spread(samples: Samples) -> str:
+    """Fastest and slowest quiet sample against their median, e.g. '-3%/+12%'."""
+    values = samples.quiet()
     m = median(values)
     return f"-{(1 - min(values) / m) * 100:.0f}%/+{(max(values) / m - 1) * 100:.0f}%"
 
@@ -147,7 +232,7 @@ def matmul_peak(threads: int, quick: bool = False) -> dict[str, Any]:
         flop = 2 * n**3
         for name, fn in (("torch.mm", lambda a=a, b=b: torch.mm(a, b)), ("numpy.matmul", lambda an=an, bn=bn: an @ bn)):
             times = interleaved({name: fn}, rounds=3 if quick else 7, min_sample_s=0.05)[name]
-            best[f"{name} n={n}"] = flop / min(times) / 1e9
+            best[f"{name} n={n}"] = flop / min(times.quiet()) / 1e9
     key = max(best, key=best.get)
     return {"gflops": round(best[key], 1), "by": key, "all": {k: round(v, 1) for k, v in best.items()},
             "threads": threads}

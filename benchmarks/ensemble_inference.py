@@ -45,6 +45,9 @@ from models import build_model
 from training.curves import CurveModel
 from training.export import CurveGraph, EnsembleGraph, MemberGraph, Normalize, _export_onnx
 
+QUIET_NOTE = ("Each number is the median over the timing samples taken while other processes used < "
+              f"{common.QUIET_CORES} cores ('quiet' counts them; all samples if fewer than 2 were quiet); "
+              "spread = fastest/slowest of those vs the median.")
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
@@ -248,19 +251,20 @@ def item1(run: dict, w: Workload, batches: list[int], peak: float, quick: bool, 
         x = rng.random((batch, *w.input_shape), dtype=np.float32)
         n_rounds, min_s = rounds_for(batch, quick)
         times = common.interleaved({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, n_rounds, min_s)
-        base = common.median(times["(a) member loop"])
+        base = times["(a) member loop"].value
         for name, t in times.items():
-            sec = common.median(t)
+            sec = t.value
             gflops = flops * batch / sec / 1e9 if flops else float("nan")
-            rows.append([w.name, w.k, batch, name, batch / sec, sec * 1e3, common.spread(t), gflops,
+            rows.append([w.name, w.k, batch, name, batch / sec, sec * 1e3, common.spread(t), t.quiet_count, gflops,
                          100 * gflops / peak, base / sec])
-        data[batch] = {name: t for name, t in times.items()}
+        data[batch] = {name: t.as_dict() for name, t in times.items()}
     common.add_section(
         run, f"Item 1: {w.name}, K = {w.k}",
-        ["workload", "K", "batch", "way", "samples/s", "ms/call", "spread", "GFLOP/s", "% matmul peak", "x member loop"],
+        ["workload", "K", "batch", "way", "samples/s", "ms/call", "spread", "quiet", "GFLOP/s", "% matmul peak",
+         "x member loop"],
         rows,
         notes=(f"FLOPs per sample: {flops / 1e6:.2f} MFLOP ({w.k} x {w.member_flops / 1e6:.2f}). "
-               f"Matmul peak {peak:.1f} GFLOP/s. spread = fastest/slowest sample vs the median. "
+               f"Matmul peak {peak:.1f} GFLOP/s. {QUIET_NOTE} "
                f"Max |mean prob - member loop's| at batch 64: "
                + ", ".join(f"{k.split(')')[0]})={v:.1e}" for k, v in parity.items()) + ". " + " ".join(w.notes)),
         data={"times_s": data, "flops_per_sample": flops, "parity": parity, "fused_design": w.fused_design},
@@ -293,12 +297,12 @@ def options_sweep(run: dict, w: Workload, batch: int, quick: bool) -> None:
     variants["member loop, defaults"] = lambda: np.mean([s.run(None, {"x": x})[0] for s in members], axis=0)
     times = common.interleaved(variants, 2 if quick else 5, 0.05 if quick else 0.3)
     pool.shutdown()
-    base = common.median(times["member loop, defaults"])
-    rows = [[w.name, batch, name, batch / common.median(t), common.median(t) * 1e3, common.spread(t),
-             base / common.median(t)] for name, t in times.items()]
+    base = times["member loop, defaults"].value
+    rows = [[w.name, batch, name, batch / t.value, t.value * 1e3, common.spread(t), t.quiet_count, base / t.value]
+            for name, t in times.items()]
     common.add_section(run, f"Session options: {w.name}, K = {w.k}, batch {batch}",
-                       ["workload", "batch", "variant", "samples/s", "ms/call", "spread", "x member loop"], rows,
-                       data={"times_s": times})
+                       ["workload", "batch", "variant", "samples/s", "ms/call", "spread", "quiet", "x member loop"],
+                       rows, notes=QUIET_NOTE, data={name: t.as_dict() for name, t in times.items()})
 
 
 def ort_profile(path: Path, x: np.ndarray, runs: int) -> dict[str, Any]:
@@ -366,12 +370,14 @@ def item3(run: dict, w: Workload, batches: list[int], quick: bool) -> None:
         n_rounds, min_s = rounds_for(batch, quick)
         times = common.interleaved({"member graph": lambda x=x: member.run(None, {"x": x}), "curve.onnx, new t": at_new_t},
                                    n_rounds + 2, min_s)
-        m, c = common.median(times["member graph"]), common.median(times["curve.onnx, new t"])
-        rows.append([w.name, batch, m * 1e3, c * 1e3, c / m, "<= 1.5" if batch == 64 else ""])
-        data[batch] = times
+        m, c = times["member graph"].value, times["curve.onnx, new t"].value
+        rows.append([w.name, batch, m * 1e3, c * 1e3, c / m, times["curve.onnx, new t"].quiet_count,
+                     "<= 1.5" if batch == 64 else ""])
+        data[batch] = {name: t.as_dict() for name, t in times.items()}
     common.add_section(run, f"Item 3: curve at any t, {w.name}",
-                       ["workload", "batch", "member graph ms", "curve.onnx ms (new t per call)", "curve / member", "target"],
-                       rows, data={"times_s": data})
+                       ["workload", "batch", "member graph ms", "curve.onnx ms (new t per call)", "curve / member",
+                        "quiet", "target"],
+                       rows, notes=QUIET_NOTE, data={"times_s": data})
 
 
 def main() -> None:
@@ -422,10 +428,10 @@ def summary(run: dict) -> str:
         if s["title"].startswith("Item 1"):
             for r in s["rows"]:
                 if r[3].startswith("(b) ") and r[2] >= 64:
-                    ok2 = r[9] >= 2 if r[2] == 64 else None
-                    lines.append(f"- {r[0]}, batch {r[2]}: fused {r[9]:.2f}x the member loop"
+                    ok2 = r[10] >= 2 if r[2] == 64 else None
+                    lines.append(f"- {r[0]}, batch {r[2]}: fused {r[10]:.2f}x the member loop"
                                  + ("" if ok2 is None else f" (target >= 2x: {'met' if ok2 else 'MISSED'})")
-                                 + f"; {r[8]:.0f} % of the matmul peak (target >= 50 %: {'met' if r[8] >= 50 else 'MISSED'})")
+                                 + f"; {r[9]:.0f} % of the matmul peak (target >= 50 %: {'met' if r[9] >= 50 else 'MISSED'})")
         if s["title"].startswith("Item 3"):
             for r in s["rows"]:
                 if r[1] == 64:
