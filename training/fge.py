@@ -40,7 +40,7 @@ from training.config import Config, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
 from training.loop import fit, load_resumable, resolve_device
-from training.networks import build_network, load_data, test_metrics
+from training.networks import load_data, network_from_state, test_metrics
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
 
@@ -209,11 +209,7 @@ def fge_start(path: Path, settings: FGESettings, device: torch.device) -> tuple[
     state = load_resumable(Path(path))
     if state.get("kind") == "curve":
         raise CheckpointError(f"{path} is a curve run; FGE starts from an epoch checkpoint of a network")
-    model = build_network(state["architecture"], state["dataset"]["num_classes"], device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit architecture {state['architecture']}: {err}") from err
+    model = network_from_state(state, path, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr1, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     try:

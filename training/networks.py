@@ -39,12 +39,17 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") == "curve":
         raise CheckpointError(f"{path} is a curve; pick a point with `modeconn curve-point` first")
+    return network_from_state(state, path, device).eval(), state
+
+
+def network_from_state(state: dict[str, Any], path: str | Path, device: torch.device | str) -> nn.Module:
+    """The checkpoint's architecture with its weights; a mismatch names the file."""
     model = build_network(state["architecture"], state["dataset"]["num_classes"], device)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
         raise CheckpointError(f"{path}: weights do not fit architecture {state['architecture']}: {err}") from err
-    return model.eval(), state
+    return model
 
 
 @torch.no_grad()
