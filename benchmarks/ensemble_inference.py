@@ -4,10 +4,12 @@ Item 1, for the demo artifact (cnn1d on MNIST-1D) and a CIFAR-shaped ensemble (K
 PreResNet-20 with random weights and BN statistics, random 3x32x32 inputs): samples per
 second at batch 1, 64 and 1024 of
   (a) member loop      K member sessions (members/*.onnx) one after another, mean in numpy
-  (b) fused ensemble   ensemble.onnx as the exporter writes it now (training/export.py's
-                       EnsembleGraph: the members stacked into one K-times-wide network)
-  (b0) fused, sequential  the previous EnsembleGraph design (K member subgraphs one after
-                       another inside one graph), exported here, for the design's effect
+  (b) fused ensemble   ensemble.onnx as training/export.py's EnsembleGraph writes it now:
+                       the members stacked into one K-times-wide network (grouped convs)
+  (b0) fused, previous the EnsembleGraph before this change: the K members one after
+                       another in one graph (benchmarks/ensemble_designs.py)
+  (b1) fused, in turn, 1D as 2D   the other candidate design: the previous one with 1D
+                       convs run as 2D (benchmarks/ensemble_designs.py); 1D nets only
   (c) torch eager      PyTorch over the K models
 with FLOPs per sample (FlopCounterMode: 2 x multiply-adds of conv/linear) and the achieved
 GFLOP/s against this machine's fp32 matmul peak, measured in the same run.
@@ -16,7 +18,10 @@ Also: onnxruntime session options on the fused graphs, and an onnxruntime profil
 the time goes (batch 64).
 
 Every ORT session is opened as serving/runtime.py opens it (ORT_ENABLE_ALL, default threads)
-unless a row says otherwise. Usage:
+unless a row says otherwise. Each way runs in a process of its own (this script with
+--worker), driven round-robin over pipes: sessions in one process disturb each other (each
+has its own intra-op thread pool, whose threads spin after a call), which made in-process
+comparisons depend on which way ran after the member loop. Usage:
   python benchmarks/ensemble_inference.py [--quick] [--artifact DIR|TAG] [--members 8]
 """
 
@@ -28,6 +33,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -39,6 +46,7 @@ import common
 import numpy as np
 import onnxruntime as ort
 import torch
+from ensemble_designs import InTurnConv2dEnsembleGraph, PreviousEnsembleGraph
 from torch import nn
 
 from models import build_model
@@ -52,19 +60,6 @@ CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
 
 
 # ---------------------------------------------------------------- graphs
-class SequentialEnsembleGraph(nn.Module):
-    """The previous EnsembleGraph design, kept here as a baseline: K members one after another."""
-
-    def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
-        super().__init__()
-        self.nets, self.normalize = nn.ModuleList(nets), normalize
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.normalize(x)
-        member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
-        return member_probs.mean(dim=0), member_probs
-
-
 def session(path: Path, threads: int = 0, spinning: bool = True, parallel: int = 0,
             level: str = "all") -> ort.InferenceSession:
     options = ort.SessionOptions()
@@ -99,9 +94,10 @@ class Workload:
     input_shape: tuple[int, ...]
     members: list[Path]
     fused: Path
-    fused_design: str
     member_flops: int  # per sample, one member
-    sequential: Path | None = None
+    previous: Path | None = None
+    in_turn_2d: Path | None = None
+    nets_file: Path | None = None  # the torch nets and Normalize, for the eager worker
     curve: Path | None = None
     nets: list[nn.Module] | None = None
     normalize: Normalize | None = None
@@ -147,8 +143,12 @@ def synthetic_workload(name: str, arch: str, kwargs: dict, k: int, shape: tuple[
         seconds["members"] += quiet_export(MemberGraph(net, normalize), (example,), members[-1], ["x"], ["probabilities"])
     outputs = ["probabilities", "member_probabilities"]
     seconds["fused"] = quiet_export(EnsembleGraph(nets, normalize), (example,), folder / "ensemble.onnx", ["x"], outputs)
-    seconds["sequential"] = quiet_export(SequentialEnsembleGraph(nets, normalize), (example,),
-                                         folder / "ensemble-sequential.onnx", ["x"], outputs)
+    previous, in_turn_2d = folder / "ensemble-previous.onnx", None
+    seconds["previous"] = quiet_export(PreviousEnsembleGraph(nets, normalize), (example,), previous, ["x"], outputs)
+    if has_conv1d(nets[0]):
+        in_turn_2d = folder / "ensemble-in-turn-2d.onnx"
+        seconds["in turn 2d"] = quiet_export(InTurnConv2dEnsembleGraph(nets, normalize), (example,), in_turn_2d,
+                                             ["x"], outputs)
     curve_path = None
     if with_curve:
         curve = CurveModel(copy.deepcopy(nets[0]), nets[0].state_dict(), nets[1].state_dict(), "bezier", 3)
@@ -158,8 +158,14 @@ def synthetic_workload(name: str, arch: str, kwargs: dict, k: int, shape: tuple[
         curve_path = folder / "curve.onnx"
         seconds["curve"] = quiet_export(graph, (example, torch.tensor([0.5])), curve_path, ["x", "t"], ["probabilities"])
     flops = common.flops_per_sample(lambda x: nets[0](normalize(x)), torch.rand(1, *shape))
-    return Workload(name, shape, members, folder / "ensemble.onnx", "stacked (new)", flops, folder / "ensemble-sequential.onnx",
-                    curve_path, nets, normalize, [f"export seconds: { {k: round(v, 1) for k, v in seconds.items()} }"])
+    nets_file = folder / "nets.pt"
+    torch.save({"nets": nets, "normalize": normalize}, nets_file)
+    return Workload(name, shape, members, folder / "ensemble.onnx", flops, previous, in_turn_2d, nets_file, curve_path,
+                    nets, normalize, [f"export seconds: { {k: round(v, 1) for k, v in seconds.items()} }"])
+
+
+def has_conv1d(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv1d) for m in net.modules())
 
 
 def artifact_workload(spec: str | None, work: Path) -> Workload:
@@ -186,7 +192,6 @@ def artifact_workload(spec: str | None, work: Path) -> Workload:
     manifest = artifact.manifest
     members = [folder / m["file"] for m in manifest["members"]]
     fused = folder / manifest["ensemble"]["file"]
-    design = "stacked (new)" if conv_count(fused) == conv_count(members[0]) else "sequential (previous)"
     nets = None
     sources = [Path(m.get("source", "")) for m in manifest["members"]]
     if all(s.is_file() for s in sources):
@@ -194,109 +199,224 @@ def artifact_workload(spec: str | None, work: Path) -> Workload:
     norm = manifest["input"]["normalization"]
     shape = tuple(manifest["input"]["shape"])
     normalize = Normalize(norm["mean"], norm["std"], 1 + len(shape))
-    sequential = None
+    previous = in_turn_2d = nets_file = None
     if nets is not None:
-        sequential = work / "demo-sequential.onnx"
-        quiet_export(SequentialEnsembleGraph(nets, normalize), (torch.rand(2, *shape),), sequential, ["x"],
-                     ["probabilities", "member_probabilities"])
+        outputs, example = ["probabilities", "member_probabilities"], (torch.rand(2, *shape),)
+        previous = work / "demo-previous.onnx"
+        quiet_export(PreviousEnsembleGraph(nets, normalize), example, previous, ["x"], outputs)
+        if has_conv1d(nets[0]):
+            in_turn_2d = work / "demo-in-turn-2d.onnx"
+            quiet_export(InTurnConv2dEnsembleGraph(nets, normalize), example, in_turn_2d, ["x"], outputs)
+        nets_file = work / "demo-nets.pt"
+        torch.save({"nets": nets, "normalize": normalize}, nets_file)
         flops = common.flops_per_sample(lambda x: nets[0](normalize(x)), torch.rand(1, *shape))
     else:
-        notes.append("member checkpoints not found: no PyTorch eager or sequential-design rows")
+        notes.append("member checkpoints not found: no PyTorch eager or other-design rows")
         flops = 0
     name = f"demo artifact ({manifest['architecture']['name']}, {manifest['dataset']['name']})"
-    return Workload(name, shape, members, fused, design, flops, sequential, artifact.curve_file, nets, normalize, notes)
+    notes.append(f"ensemble.onnx has {conv_count(fused)} Conv nodes, a member graph {conv_count(members[0])}")
+    return Workload(name, shape, members, fused, flops, previous, in_turn_2d, nets_file, artifact.curve_file, nets,
+                    normalize, notes)
 
 
 # ---------------------------------------------------------------- the ways
-def ways(w: Workload, threads: int) -> dict[str, Any]:
-    """name -> callable(x: np.ndarray) returning the mean probabilities [N, C]."""
-    members = [session(p) for p in w.members]
+# ---------------------------------------------------------------- worker processes
+def build_call(spec: dict[str, Any], batch: int) -> Any:
+    """One call of a way at `batch` (inside a worker process)."""
+    rng = np.random.default_rng(batch)
+    x = rng.random((batch, *spec["shape"]), dtype=np.float32)
+    kind, opts = spec["kind"], spec.get("options", {})
+    if kind == "session":
+        s = spec.setdefault("_sessions", [session(Path(spec["paths"][0]), **opts)])[0]
+        return lambda: s.run(None, {"x": x})
+    if kind == "curve":
+        s = spec.setdefault("_sessions", [session(Path(spec["paths"][0]))])[0]
+        return lambda: s.run(None, {"x": x, "t": rng.random(1, dtype=np.float32)})
+    if kind in ("loop", "loop-threads"):
+        sessions = spec.setdefault("_sessions", [session(Path(p), **opts) for p in spec["paths"]])
+        if kind == "loop":
+            return lambda: np.mean([s.run(None, {"x": x})[0] for s in sessions], axis=0)
+        from concurrent.futures import ThreadPoolExecutor
 
-    def member_loop(x: np.ndarray) -> np.ndarray:
-        return np.mean([s.run(None, {"x": x})[0] for s in members], axis=0)
+        pool = spec.setdefault("_pool", ThreadPoolExecutor(len(os.sched_getaffinity(0))))
+        return lambda: np.mean(list(pool.map(lambda s: s.run(None, {"x": x})[0], sessions)), axis=0)
+    if kind == "torch":
+        if "_nets" not in spec:
+            spec["_nets"] = torch.load(spec["paths"][0], weights_only=False)
+            torch.set_num_threads(len(os.sched_getaffinity(0)))
+        nets, normalize = spec["_nets"]["nets"], spec["_nets"]["normalize"]
+        xt = torch.from_numpy(x)
 
-    fused = session(w.fused)
-    out = {"(a) member loop": member_loop, f"(b) fused, {w.fused_design}": lambda x: fused.run(None, {"x": x})[0]}
-    if w.sequential is not None:
-        seq = session(w.sequential)
-        out["(b0) fused, sequential (previous)"] = lambda x: seq.run(None, {"x": x})[0]
-    if w.nets is not None:
-        nets, normalize = w.nets, w.normalize
-
-        def eager(x: np.ndarray) -> np.ndarray:
+        def eager() -> Any:
             with torch.inference_mode():
-                z = normalize(torch.from_numpy(x))
-                return torch.stack([torch.softmax(net(z), dim=1) for net in nets]).mean(dim=0).numpy()
+                z = normalize(xt)
+                return torch.stack([torch.softmax(net(z), dim=1) for net in nets]).mean(dim=0)
 
-        out["(c) torch eager"] = eager
-    torch.set_num_threads(threads)
+        return eager
+    raise ValueError(kind)
+
+
+def worker() -> None:
+    """`--worker`: read a spec line, answer 'sample BATCH MIN_S' with seconds per call."""
+    spec = json.loads(sys.stdin.readline())
+    calls: dict[int, Any] = {}
+    print("ready", flush=True)
+    for line in sys.stdin:
+        words = line.split()
+        if not words or words[0] == "quit":
+            return
+        batch, min_s = int(words[1]), float(words[2])
+        if batch not in calls:
+            calls[batch] = build_call(spec, batch)
+            for _ in range(2):
+                calls[batch]()
+        fn, n, started = calls[batch], 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - started
+            if elapsed >= min_s or n >= 1000:
+                break
+        print(elapsed / n, flush=True)
+
+
+class Worker:
+    """A way in its own process."""
+
+    def __init__(self, kind: str, paths: list[Path], shape: tuple[int, ...], **options: Any) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker"], cwd=common.ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        spec = {"kind": kind, "paths": [str(p) for p in paths], "shape": list(shape), "options": options}
+        self._send(json.dumps(spec))
+        if self._read() != "ready":
+            raise RuntimeError(f"worker for {kind} did not start")
+
+    def _send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args} died ({self.proc.poll()})")
+        return line
+
+    def sample(self, batch: int, min_s: float) -> float:
+        self._send(f"sample {batch} {min_s}")
+        return float(self._read())
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._send("quit")
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def measure(workers: dict[str, Worker], batch: int, rounds: int, min_s: float) -> dict[str, common.Samples]:
+    """Round-robin samples of every worker at `batch`, after a warm-up call and a quiet wait."""
+    monitor = common.CpuMonitor([w.proc.pid for w in workers.values()])
+    for w in workers.values():
+        w.sample(batch, 0.0)  # builds and warms this batch size
+    common.wait_for_quiet(monitor, 60)
+    samples = {name: common.Samples() for name in workers}
+    for _ in range(rounds):
+        for name, w in workers.items():
+            time.sleep(0.05)
+            before = monitor.snapshot()
+            samples[name].seconds.append(w.sample(batch, min_s))
+            samples[name].background.append(monitor.others(before, monitor.snapshot()))
+    return samples
+
+
+@contextlib.contextmanager
+def started(workers: dict[str, Worker]) -> Any:
+    try:
+        yield workers
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def way_workers(w: Workload) -> dict[str, Worker]:
+    out = {"(a) member loop": Worker("loop", w.members, w.input_shape),
+           "(b) fused ensemble.onnx": Worker("session", [w.fused], w.input_shape)}
+    if w.previous is not None:
+        out["(b0) fused, previous design"] = Worker("session", [w.previous], w.input_shape)
+    if w.in_turn_2d is not None:
+        out["(b1) fused, in turn, 1D as 2D"] = Worker("session", [w.in_turn_2d], w.input_shape)
+    if w.nets_file is not None:
+        out["(c) torch eager"] = Worker("torch", [w.nets_file], w.input_shape)
+    return out
+
+
+def parity(w: Workload) -> dict[str, float]:
+    """Max |mean probabilities - the member loop's| at batch 64, in this process."""
+    x = np.random.default_rng(0).random((64, *w.input_shape), dtype=np.float32)
+    reference = np.mean([session(p).run(None, {"x": x})[0] for p in w.members], axis=0)
+    out = {}
+    for label, path in (("(b)", w.fused), ("(b0)", w.previous), ("(b1)", w.in_turn_2d)):
+        if path is not None:
+            out[label] = float(np.abs(session(path).run(None, {"x": x})[0] - reference).max())
+    if w.nets is not None:
+        with torch.inference_mode():
+            z = w.normalize(torch.from_numpy(x))
+            eager = torch.stack([torch.softmax(net(z), dim=1) for net in w.nets]).mean(dim=0).numpy()
+        out["(c)"] = float(np.abs(eager - reference).max())
     return out
 
 
 def rounds_for(batch: int, quick: bool) -> tuple[int, float]:
     if quick:
         return 2, 0.05
-    return (5, 0.3) if batch < 1024 else (2, 0.0)
+    return (5, 0.3) if batch < 1024 else (3, 0.0)
 
 
-def item1(run: dict, w: Workload, batches: list[int], peak: float, quick: bool, threads: int) -> dict:
-    fns = ways(w, threads)
-    rng = np.random.default_rng(0)
+def item1(run: dict, w: Workload, batches: list[int], peak: float, quick: bool) -> None:
     rows, data = [], {}
-    x64 = rng.random((64, *w.input_shape), dtype=np.float32)
-    reference = fns["(a) member loop"](x64)
-    parity = {name: float(np.abs(fn(x64) - reference).max()) for name, fn in fns.items()}
     flops = w.k * w.member_flops
-    for batch in batches:
-        x = rng.random((batch, *w.input_shape), dtype=np.float32)
-        n_rounds, min_s = rounds_for(batch, quick)
-        times = common.interleaved({name: (lambda fn=fn, x=x: fn(x)) for name, fn in fns.items()}, n_rounds, min_s)
-        base = times["(a) member loop"].value
-        for name, t in times.items():
-            sec = t.value
-            gflops = flops * batch / sec / 1e9 if flops else float("nan")
-            rows.append([w.name, w.k, batch, name, batch / sec, sec * 1e3, common.spread(t), t.quiet_count, gflops,
-                         100 * gflops / peak, base / sec])
-        data[batch] = {name: t.as_dict() for name, t in times.items()}
+    diffs = parity(w)
+    with started(way_workers(w)) as workers:
+        for batch in batches:
+            times = measure(workers, batch, *rounds_for(batch, quick))
+            base = times["(a) member loop"].value
+            for name, t in times.items():
+                sec = t.value
+                gflops = flops * batch / sec / 1e9 if flops else float("nan")
+                rows.append([w.name, w.k, batch, name, batch / sec, sec * 1e3, common.spread(t), t.quiet_count, gflops,
+                             100 * gflops / peak, base / sec])
+            data[batch] = {name: t.as_dict() for name, t in times.items()}
     common.add_section(
         run, f"Item 1: {w.name}, K = {w.k}",
         ["workload", "K", "batch", "way", "samples/s", "ms/call", "spread", "quiet", "GFLOP/s", "% matmul peak",
          "x member loop"],
         rows,
         notes=(f"FLOPs per sample: {flops / 1e6:.2f} MFLOP ({w.k} x {w.member_flops / 1e6:.2f}). "
-               f"Matmul peak {peak:.1f} GFLOP/s. {QUIET_NOTE} "
-               f"Max |mean prob - member loop's| at batch 64: "
-               + ", ".join(f"{k.split(')')[0]})={v:.1e}" for k, v in parity.items()) + ". " + " ".join(w.notes)),
-        data={"times_s": data, "flops_per_sample": flops, "parity": parity, "fused_design": w.fused_design},
+               f"Matmul peak {peak:.1f} GFLOP/s. {QUIET_NOTE} Max |mean prob - member loop's| at batch 64: "
+               + ", ".join(f"{k}={v:.1e}" for k, v in diffs.items()) + ". " + " ".join(w.notes)),
+        data={"times_s": data, "flops_per_sample": flops, "parity": diffs},
     )
-    return data
 
 
 def options_sweep(run: dict, w: Workload, batch: int, quick: bool) -> None:
-    """The fused graphs under other onnxruntime session options, and the members in two threads."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    x = np.random.default_rng(1).random((batch, *w.input_shape), dtype=np.float32)
+    """The fused graph under other onnxruntime session options, and the member loop in threads."""
     cores = len(os.sched_getaffinity(0))
-    variants: dict[str, Any] = {}
-    for label, kw in (("defaults (as serving)", {}), ("spinning off", {"spinning": False}),
-                      ("ORT_ENABLE_EXTENDED (no NCHWc layout)", {"level": "extended"}),
-                      ("intra_op 1 thread", {"threads": 1})):
-        s = session(w.fused, **kw)
-        variants[f"fused stacked, {label}"] = lambda s=s: s.run(None, {"x": x})
-    if w.sequential is not None:
-        s = session(w.sequential)
-        variants["fused sequential, defaults"] = lambda s=s: s.run(None, {"x": x})
-        s = session(w.sequential, threads=1, parallel=cores)
-        variants[f"fused sequential, ORT_PARALLEL inter {cores} x intra 1"] = lambda s=s: s.run(None, {"x": x})
-    singles = [session(p, threads=1) for p in w.members]
-    pool = ThreadPoolExecutor(cores)
-    variants[f"member loop, {cores} Python threads x intra 1"] = lambda: np.mean(
-        list(pool.map(lambda s: s.run(None, {"x": x})[0], singles)), axis=0)
-    members = [session(p) for p in w.members]
-    variants["member loop, defaults"] = lambda: np.mean([s.run(None, {"x": x})[0] for s in members], axis=0)
-    times = common.interleaved(variants, 2 if quick else 5, 0.05 if quick else 0.3)
-    pool.shutdown()
+    shape = w.input_shape
+    workers = {f"fused, {label}": Worker("session", [w.fused], shape, **kw) for label, kw in (
+        ("defaults (as serving)", {}), ("spinning off", {"spinning": False}),
+        ("ORT_ENABLE_EXTENDED (no NCHWc layout)", {"level": "extended"}), ("intra_op 1 thread", {"threads": 1}))}
+    workers[f"fused, ORT_PARALLEL inter_op {cores} x intra_op 1"] = Worker("session", [w.fused], shape, threads=1,
+                                                                          parallel=cores)
+    if w.previous is not None:
+        workers["previous design (in turn), defaults"] = Worker("session", [w.previous], shape)
+    workers[f"member loop, {cores} Python threads x intra_op 1"] = Worker("loop-threads", w.members, shape, threads=1)
+    workers["member loop, spinning off"] = Worker("loop", w.members, shape, spinning=False)
+    workers["member loop, defaults"] = Worker("loop", w.members, shape)
+    with started(workers):
+        times = measure(workers, batch, 2 if quick else 5, 0.05 if quick else 0.3)
     base = times["member loop, defaults"].value
     rows = [[w.name, batch, name, batch / t.value, t.value * 1e3, common.spread(t), t.quiet_count, base / t.value]
             for name, t in times.items()]
@@ -336,9 +456,11 @@ def ort_profile(path: Path, x: np.ndarray, runs: int) -> dict[str, Any]:
 def profile_section(run: dict, w: Workload, batch: int, quick: bool) -> None:
     x = np.random.default_rng(2).random((batch, *w.input_shape), dtype=np.float32)
     runs = 2 if quick else 5
-    graphs = {"member graph (one member)": w.members[0], "fused stacked": w.fused}
-    if w.sequential is not None:
-        graphs["fused sequential"] = w.sequential
+    graphs = {"member graph (one member)": w.members[0], "fused ensemble.onnx": w.fused}
+    if w.previous is not None:
+        graphs["fused, previous design"] = w.previous
+    if w.in_turn_2d is not None:
+        graphs["fused, in turn, 1D as 2D"] = w.in_turn_2d
     rows, data = [], {}
     for label, path in graphs.items():
         p = ort_profile(path, x, runs)
@@ -357,23 +479,17 @@ def profile_section(run: dict, w: Workload, batch: int, quick: bool) -> None:
 def item3(run: dict, w: Workload, batches: list[int], quick: bool) -> None:
     if w.curve is None:
         return
-    member = session(w.members[0])
-    curve = session(w.curve)
-    rng = np.random.default_rng(3)
     rows, data = [], {}
-    for batch in batches:
-        x = rng.random((batch, *w.input_shape), dtype=np.float32)
-
-        def at_new_t(x: np.ndarray = x) -> Any:
-            return curve.run(None, {"x": x, "t": rng.random(1, dtype=np.float32)})
-
-        n_rounds, min_s = rounds_for(batch, quick)
-        times = common.interleaved({"member graph": lambda x=x: member.run(None, {"x": x}), "curve.onnx, new t": at_new_t},
-                                   n_rounds + 2, min_s)
-        m, c = times["member graph"].value, times["curve.onnx, new t"].value
-        rows.append([w.name, batch, m * 1e3, c * 1e3, c / m, times["curve.onnx, new t"].quiet_count,
-                     "<= 1.5" if batch == 64 else ""])
-        data[batch] = {name: t.as_dict() for name, t in times.items()}
+    workers = {"member graph": Worker("session", [w.members[0]], w.input_shape),
+               "curve.onnx, new t": Worker("curve", [w.curve], w.input_shape)}
+    with started(workers):
+        for batch in batches:
+            n_rounds, min_s = rounds_for(batch, quick)
+            times = measure(workers, batch, n_rounds + 2, min_s)
+            m, c = times["member graph"].value, times["curve.onnx, new t"].value
+            rows.append([w.name, batch, m * 1e3, c * 1e3, c / m, times["curve.onnx, new t"].quiet_count,
+                         "<= 1.5" if batch == 64 else ""])
+            data[batch] = {name: t.as_dict() for name, t in times.items()}
     common.add_section(run, f"Item 3: curve at any t, {w.name}",
                        ["workload", "batch", "member graph ms", "curve.onnx ms (new t per call)", "curve / member",
                         "quiet", "target"],
@@ -406,7 +522,7 @@ def main() -> None:
                                        {"depth": args.depth}, args.members, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, work)
             batches = [1, 64, 1024]
         for w in (demo, cifar):
-            item1(run, w, batches, peak["gflops"], args.quick, threads)
+            item1(run, w, batches, peak["gflops"], args.quick)
         for w in (demo, cifar):
             options_sweep(run, w, 64, args.quick)
         for w in (demo, cifar):
@@ -441,4 +557,4 @@ def summary(run: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    worker() if "--worker" in sys.argv else main()

@@ -72,16 +72,18 @@ class EnsembleGraph(nn.Module):
     The K members run as ONE network K times as wide ("member-stacked" channels
     [N, K*C, ...], member k's channels at k*C..(k+1)*C): every convolution is one grouped
     convolution (groups = K x its own groups), every linear layer one batched matmul, every
-    eval-mode BatchNorm one BatchNorm over K*C channels. The ONNX graph so has one op per
-    layer instead of K, and each op is K times larger, which onnxruntime runs faster than K
-    small ones (benchmarks/ensemble_inference.py; a graph of K members one after another
-    was 1.3-1.9x slower). The first layer reads the shared input once (its K weights are
-    concatenated along the output channels). Channel-agnostic code in the architecture's
-    forward (activations, pooling, flatten, residual adds) runs unchanged on stacked
-    tensors; code that mixes channels any other way would be wrong, which the exporter's
-    parity gate catches. Architectures with a stateful layer other than Conv1d/2d/3d,
-    Linear and BatchNorm run as before, the members one after another.
-    Peak activation memory is K times one member's at the same batch size.
+    eval-mode BatchNorm one BatchNorm over K*C channels, so the graph has one op per layer
+    instead of K. It is what torch.func.vmap over stacked parameters computes, written out:
+    vmap's own export keeps Transpose/Reshape pairs between layers (slower than K members
+    in turn) and its BatchNorm rule fixes the batch size. The first layer reads the shared
+    input once (its K weights concatenated); 1D convolutions run as 2D ones of height 1,
+    since onnxruntime's fast blocked-layout (NCHWc) CPU convolutions are 2D only. On 2 CPU
+    cores about 2-2.8x the K member sessions at batch 64 and 1.6-2.7x at batch 1
+    (benchmarks/ensemble_inference.py). Channel-agnostic code in the architecture's forward
+    (activations, pooling, flatten, residual adds) runs unchanged on stacked tensors; code
+    mixing channels otherwise would be wrong, which the exporter's parity gate catches.
+    Architectures with a stateful layer other than Conv1d/2d/3d, Linear and BatchNorm run
+    the members one after another instead. Peak activation memory is K times one member's.
     """
 
     def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
