@@ -321,7 +321,7 @@ def measure(workers: dict[str, Worker], batch: int, rounds: int, min_s: float) -
     monitor = common.CpuMonitor([w.proc.pid for w in workers.values()])
     for w in workers.values():
         w.sample(batch, 0.0)  # builds and warms this batch size
-    common.wait_for_quiet(monitor, 60)
+    common.wait_for_quiet(monitor, 20)
     samples = {name: common.Samples() for name in workers}
     for _ in range(rounds):
         for name, w in workers.items():
@@ -372,7 +372,7 @@ def parity(w: Workload) -> dict[str, float]:
 def rounds_for(batch: int, quick: bool) -> tuple[int, float]:
     if quick:
         return 2, 0.05
-    return (5, 0.3) if batch < 1024 else (3, 0.0)
+    return (4, 0.25) if batch < 1024 else (2, 0.0)
 
 
 def item1(run: dict, w: Workload, batches: list[int], peak: float, quick: bool) -> None:
@@ -416,7 +416,7 @@ def options_sweep(run: dict, w: Workload, batch: int, quick: bool) -> None:
     workers["member loop, spinning off"] = Worker("loop", w.members, shape, spinning=False)
     workers["member loop, defaults"] = Worker("loop", w.members, shape)
     with started(workers):
-        times = measure(workers, batch, 2 if quick else 5, 0.05 if quick else 0.3)
+        times = measure(workers, batch, 2 if quick else 3, 0.05 if quick else 0.25)
     base = times["member loop, defaults"].value
     rows = [[w.name, batch, name, batch / t.value, t.value * 1e3, common.spread(t), t.quiet_count, base / t.value]
             for name, t in times.items()]
@@ -485,7 +485,7 @@ def item3(run: dict, w: Workload, batches: list[int], quick: bool) -> None:
     with started(workers):
         for batch in batches:
             n_rounds, min_s = rounds_for(batch, quick)
-            times = measure(workers, batch, n_rounds + 2, min_s)
+            times = measure(workers, batch, n_rounds + 1, min_s)
             m, c = times["member graph"].value, times["curve.onnx, new t"].value
             rows.append([w.name, batch, m * 1e3, c * 1e3, c / m, times["curve.onnx, new t"].quiet_count,
                          "<= 1.5" if batch == 64 else ""])
