@@ -78,8 +78,9 @@ class EnsembleGraph(nn.Module):
     in turn) and its BatchNorm rule fixes the batch size. The first layer reads the shared
     input once (its K weights concatenated); 1D convolutions run as 2D ones of height 1,
     since onnxruntime's fast blocked-layout (NCHWc) CPU convolutions are 2D only. On 2 CPU
-    cores about 2-2.8x the K member sessions at batch 64 and 1.6-2.7x at batch 1
-    (benchmarks/ensemble_inference.py). Channel-agnostic code in the architecture's forward
+    cores 1.8-2.8x the K member sessions at batch 64 (benchmarks/ensemble_inference.py; the
+    members in turn in one graph do about as well there, both mostly by using one session
+    instead of K). Channel-agnostic code in the architecture's forward
     (activations, pooling, flatten, residual adds) runs unchanged on stacked tensors; code
     mixing channels otherwise would be wrong, which the exporter's parity gate catches.
     Architectures with a stateful layer other than Conv1d/2d/3d, Linear and BatchNorm run
