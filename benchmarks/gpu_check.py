@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import common  # benchmarks/ is on sys.path when a script here runs
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,14 +38,7 @@ MODEL = "modeconn-mnist1d"
 
 def _timed(fn, repeats: int) -> float:  # noqa: ANN001
     """Median seconds of `fn()` after two warm-up calls."""
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(common.latencies(fn, repeats, warmup=2))
 
 
 def run_pipeline(runs: Path, env: dict[str, str], quick: bool, device: str) -> dict[str, Any]:
