@@ -6,14 +6,16 @@ One asyncio task per batcher:
 
 1. waits for the first pending request;
 2. waits until `max_batch_rows` rows are pending, or until the oldest pending request is
-   `max_wait_ms` old, whichever comes first;
+   `max_wait_ms` old, whichever comes first (max_wait_ms = 0, the default: no waiting);
 3. takes pending requests in arrival order up to `max_batch_rows` rows (always at least one
    request, so a single request larger than the cap still runs), concatenates the rows of
    each key and runs the session once per key in its own thread, then splits the outputs
    back per request.
 
 While a batch runs, new requests pile up, so under load batches grow on their own; at low
-load a request waits at most `max_wait_ms` before its batch starts. Pending rows above
+load a request runs at once. A positive `max_wait_ms` makes a lone request wait that long
+for company: measured on the demo it only added latency (benchmarks/results/http_serving-*),
+since one worker's HTTP handling, not the session, is what limits throughput there. Pending rows above
 `max_queue_rows` are refused with `Overloaded` (HTTP 503 + Retry-After) rather than left to
 time out: backpressure instead of an unbounded queue.
 """
@@ -42,7 +44,7 @@ class BatchSettings:
 
     enabled: bool = True
     max_batch_rows: int = 1024  # rows per session call
-    max_wait_ms: float = 2.0  # longest a request waits for company before its batch runs
+    max_wait_ms: float = 0.0  # longest a request waits for company before its batch runs
     max_queue_rows: int = 16384  # pending rows above this are refused with 503
 
     def __post_init__(self) -> None:

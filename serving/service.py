@@ -12,8 +12,9 @@ Process model and batching (the numbers the benchmark compares):
   threads: the APIs are async, so BentoML's thread pool for sync APIs is unused. Each graph
     gets one dedicated thread that runs onnxruntime (whose intra-op pool uses the cores).
   Adaptive batching (serving/batching.py), on unless MODECONN_BATCHING=0: requests are
-    validated first, then queued per graph; a batch closes at MODECONN_MAX_BATCH_ROWS rows
-    (default 1024) or when its oldest request has waited MODECONN_MAX_WAIT_MS (default 2 ms).
+    validated first, then queued per graph; when the session is free, what is queued runs
+    as one batch of at most MODECONN_MAX_BATCH_ROWS rows (default 1024), after its oldest
+    request has waited MODECONN_MAX_WAIT_MS (default 0: no waiting).
     Pending rows above MODECONN_MAX_QUEUE_ROWS (default 16384) get 503 + Retry-After instead
     of queueing without bound; 64 concurrent batch-1 clients queue at most 64 rows.
     With MODECONN_BATCHING=0 each request runs its own session call in a thread.
@@ -27,7 +28,9 @@ warms up batch sizes WARMUP_BATCH_SIZES; `__is_ready__` (so /readyz) turns 200 o
 that. Requests that arrive earlier get 503; a failed load turns /livez to 503 as well.
 
 Environment: MODECONN_MODEL (model name or tag in the BentoML store, default
-"modeconn-mnist1d"), MODECONN_PROVIDER (auto|cuda|cpu), the batching variables above, and
+"modeconn-mnist1d"), MODECONN_PROVIDER (auto|cuda|cpu), the batching variables above,
+MODECONN_ORT_THREADS / MODECONN_ORT_SPINNING (serving/runtime.py), MODECONN_METRICS /
+MODECONN_ACCESS_LOG / MODECONN_TRACE_PREDICTIONS (per-request observability, below), and
 MODECONN_WARMUP_DELAY_S (tests only: lengthens loading so /readyz can be seen non-200).
 """
 
@@ -43,15 +46,16 @@ from typing import Any
 
 import bentoml
 import numpy as np
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from serving.artifact import load_artifact
 from serving.batching import BatchSettings, MicroBatcher, Overloaded
 from serving.middleware import RequestGuardMiddleware
-from serving.runtime import Runtime, choose_providers, summarize
+from serving.runtime import Runtime, SessionSettings, choose_providers, summarize
 from serving.schemas import (
     MAX_REQUEST_ROWS,
     MAX_TS,
@@ -73,17 +77,47 @@ WORKERS = 1
 TRAFFIC_TIMEOUT_S = 60
 
 
+def _flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "1" if default else "0").strip().lower()
+    return value in ("1", "true", "yes", "on")
+
+
+# Per-request observability, each a layer every request and response passes through
+# (benchmarks/results/http_serving-*: together about a third of the server's time per
+# request at batch 1). Prometheus /metrics stays on; the access log (one INFO line per
+# request) and OpenTelemetry spans for the prediction routes are opt-in. BentoML's
+# tracing samples nothing unless configured, so by default those spans were never kept.
+ACCESS_LOG = _flag("MODECONN_ACCESS_LOG", False)
+METRICS = _flag("MODECONN_METRICS", True)
+TRACE_PREDICTIONS = _flag("MODECONN_TRACE_PREDICTIONS", False)
+_UNTRACED = [] if TRACE_PREDICTIONS else ["/predict", "/predict_curve", "/info"]
+
+
+def _ok(body: BaseModel) -> Response:
+    """A whole JSON body with its length. Returning the model itself makes BentoML stream
+    it in chunks, one more trip through every middleware per response."""
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers or None)
 
 
-@bentoml.service(name="modeconn", workers=WORKERS, traffic={"timeout": TRAFFIC_TIMEOUT_S})
+@bentoml.service(
+    name="modeconn",
+    workers=WORKERS,
+    traffic={"timeout": TRAFFIC_TIMEOUT_S},
+    logging={"access": {"enabled": ACCESS_LOG}},
+    metrics={"enabled": METRICS},
+    tracing={"excluded_urls": ["/readyz", "/livez", "/healthz", "/metrics", *_UNTRACED]},
+)
 class ModeConnService:
     model = bentoml.models.BentoModel(MODEL_NAME)
 
     def __init__(self) -> None:
         self.artifact = load_artifact(self.model.path)  # hash check: fail the worker fast
         self.batching = BatchSettings.from_env()
+        self.session_settings = SessionSettings.from_env()
         self.runtime: Runtime | None = None
         self._batchers: dict[str, MicroBatcher] = {}
         self._load_error: str | None = None
@@ -101,7 +135,9 @@ class ModeConnService:
         try:
             started = time.perf_counter()
             runtime = Runtime(
-                self.artifact, choose_providers(os.environ.get("MODECONN_PROVIDER", "auto"))
+                self.artifact,
+                choose_providers(os.environ.get("MODECONN_PROVIDER", "auto")),
+                self.session_settings,
             )
             runtime.warmup(WARMUP_BATCH_SIZES)
             if delay := float(os.environ.get("MODECONN_WARMUP_DELAY_S", "0")):
@@ -140,7 +176,7 @@ class ModeConnService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
-    async def predict(self, inputs: list[Any]) -> PredictResponse | JSONResponse:
+    async def predict(self, inputs: list[Any]) -> Response:
         """Mean softmax of the ensemble members, with entropy and member agreement."""
         if (refusal := self._refuse_early()) is not None:
             return refusal
@@ -152,14 +188,14 @@ class ModeConnService:
             mean, members = await self._run("ensemble", None, x)
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
-        return PredictResponse(**summarize(mean, members, self.artifact.class_names))
+        return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names)))
 
     @bentoml.api(
         route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
     )
     async def predict_curve(
         self, inputs: list[Any], t: float | None = None, ts: list[float] | None = None
-    ) -> CurvePredictResponse | JSONResponse:
+    ) -> Response:
         """Softmax of the curve model at phi(t), or the mean softmax over several t."""
         if (refusal := self._refuse_early()) is not None:
             return refusal
@@ -177,7 +213,7 @@ class ModeConnService:
         stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
         mean = stacked[0] if len(t_values) == 1 else stacked.mean(axis=0, dtype=np.float64)
         fields = summarize(mean, stacked, self.artifact.class_names)
-        return CurvePredictResponse(**fields, ts=t_values)
+        return _ok(CurvePredictResponse(**fields, ts=t_values))
 
     @bentoml.api(route="/info", output_spec=InfoResponse)
     async def info(self) -> InfoResponse:
@@ -229,6 +265,7 @@ class ModeConnService:
                 **dataclasses.asdict(self.batching),
                 "workers": WORKERS,
                 "session_threads_per_graph": 1,
+                "onnxruntime": dataclasses.asdict(self.session_settings),
                 "stats": {name: b.stats.as_dict() for name, b in self._batchers.items()},
             },
             limits={

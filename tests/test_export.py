@@ -64,6 +64,15 @@ def test_graphs_match_pytorch(small_runs: dict[str, Path], tmp_path: Path, curve
     for i, member in enumerate(manifest["members"]):
         got = _session(out / member["file"]).run(None, {"x": x.numpy()})[0]
         np.testing.assert_allclose(got, expected[i], atol=1e-5, rtol=0)
+    import onnx
+
+    for graph in (manifest["members"][0]["file"], "ensemble.onnx"):  # 1D convolutions run as 2D ones
+        model = onnx.shape_inference.infer_shapes(onnx.load(str(out / graph)))
+        ranks = {t.name: len(t.dims) for t in model.graph.initializer}
+        ranks.update({v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info})
+        convs = [n for n in model.graph.node if n.op_type == "Conv"]
+        assert len(convs) == 4 * (1 if graph.startswith("members") else 2), graph
+        assert [ranks.get(n.input[1]) for n in convs] == [4] * len(convs), graph
     mean_probs, member_probs = _session(out / "ensemble.onnx").run(None, {"x": x.numpy()})
     np.testing.assert_allclose(member_probs, np.stack(expected), atol=1e-5, rtol=0)
     np.testing.assert_allclose(mean_probs, (expected[0] + expected[1]) / 2, atol=1e-5, rtol=0)

@@ -283,6 +283,8 @@ def test_info_get_and_post(server: Server, artifact_dir: Path) -> None:
     }
     assert card["batching"]["enabled"] is True
     assert card["batching"]["workers"] == 1
+    assert card["batching"]["max_wait_ms"] == 0.0  # a lone request runs at once
+    assert card["batching"]["onnxruntime"] == {"threads": 0, "spinning": True}
     assert card["limits"]["max_rows_per_request"] == 1024
     assert card["ready"] is True
 
@@ -296,6 +298,10 @@ def test_predict_matches_offline_ensemble(server: Server, offline: Offline) -> N
     assert r.status_code == 200, r.text
     mean, members = offline.predict(x)
     _check_fields(r.json(), mean, members)
+    # one whole body with its length, not BentoML's chunked stream of a returned model
+    assert r.headers["content-type"] == "application/json"
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert "chunked" not in r.headers.get("transfer-encoding", "")
 
 
 def test_predict_curve_endpoints_match_offline(server: Server, offline: Offline) -> None:
@@ -648,3 +654,52 @@ def test_batcher_refuses_beyond_its_queue_bound() -> None:
 
     results = asyncio.run(main())
     assert [type(r).__name__ for r in results] == ["list", "list", "Overloaded"]
+
+
+def test_batcher_runs_a_lone_request_at_once_and_batches_what_waits_meanwhile() -> None:
+    """max_wait_ms = 0 (the default): the first request starts a batch by itself; the
+    requests that arrive while it runs form the next batch together."""
+    assert BatchSettings().max_wait_ms == 0.0
+    release = threading.Event()
+    started = threading.Event()
+    batches: list[int] = []
+
+    def run(_key: Any, x: np.ndarray) -> list[np.ndarray]:
+        batches.append(len(x))
+        if len(batches) == 1:
+            started.set()
+            assert release.wait(timeout=30)  # hold the session busy until the others queue
+        return [x + 1]
+
+    async def main() -> list[Any]:
+        batcher = MicroBatcher(run, split_axes=(0,), settings=BatchSettings(), name="test")
+        try:
+            first = asyncio.ensure_future(batcher.submit(None, np.zeros((1, 2), np.float32)))
+            while not started.is_set():  # the lone request is running, alone
+                await asyncio.sleep(0.001)
+            rest = [asyncio.ensure_future(batcher.submit(None, np.full((1, 2), i, np.float32))) for i in range(5)]
+            await asyncio.sleep(0.05)
+            assert batches == [1]  # nothing else ran while the session was busy
+            release.set()
+            return await asyncio.gather(first, *rest)
+        finally:
+            batcher.close()
+
+    results = asyncio.run(main())
+    assert batches == [1, 5]
+    for i, result in enumerate(results[1:]):
+        np.testing.assert_array_equal(result[0], np.full((1, 2), i + 1, np.float32))
+
+
+def test_session_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.runtime import SessionSettings
+
+    monkeypatch.delenv("MODECONN_ORT_THREADS", raising=False)
+    monkeypatch.delenv("MODECONN_ORT_SPINNING", raising=False)
+    assert SessionSettings.from_env() == SessionSettings(threads=0, spinning=True)
+    monkeypatch.setenv("MODECONN_ORT_THREADS", "1")
+    monkeypatch.setenv("MODECONN_ORT_SPINNING", "off")
+    assert SessionSettings.from_env() == SessionSettings(threads=1, spinning=False)
+    monkeypatch.setenv("MODECONN_ORT_THREADS", "-2")
+    with pytest.raises(ValueError, match="MODECONN_ORT_THREADS"):
+        SessionSettings.from_env()

@@ -8,6 +8,7 @@ before anything is stored; an artifact that fails the parity gate is never store
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime as dt
 import io
 import json
@@ -58,9 +59,12 @@ class Normalize(nn.Module):
 
 
 class MemberGraph(nn.Module):
+    """One network: softmax of its logits on normalised inputs, 1D convolutions run as 2D
+    (conv1d_as_2d: 1.6-2.4x faster on the demo at batch 64 and 1024 on 2 CPU cores)."""
+
     def __init__(self, net: nn.Module, normalize: Normalize) -> None:
         super().__init__()
-        self.net, self.normalize = net, normalize
+        self.net, self.normalize = conv1d_as_2d(net), normalize
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net(self.normalize(x)), dim=1)
@@ -69,152 +73,57 @@ class MemberGraph(nn.Module):
 class EnsembleGraph(nn.Module):
     """All members in one graph: the mean of their softmax outputs, and each member's.
 
-    The K members run as ONE network K times as wide ("member-stacked" channels
-    [N, K*C, ...], member k's channels at k*C..(k+1)*C): every convolution is one grouped
-    convolution (groups = K x its own groups), every linear layer one batched matmul, every
-    eval-mode BatchNorm one BatchNorm over K*C channels, so the graph has one op per layer
-    instead of K. It is what torch.func.vmap over stacked parameters computes, written out:
-    vmap's own export keeps Transpose/Reshape pairs between layers (slower than K members
-    in turn) and its BatchNorm rule fixes the batch size. The first layer reads the shared
-    input once (its K weights concatenated); 1D convolutions run as 2D ones of height 1,
-    since onnxruntime's fast blocked-layout (NCHWc) CPU convolutions are 2D only. On 2 CPU
-    cores 1.8-2.8x the K member sessions at batch 64 (benchmarks/ensemble_inference.py; the
-    members in turn in one graph do about as well there, both mostly by using one session
-    instead of K). Channel-agnostic code in the architecture's forward
-    (activations, pooling, flatten, residual adds) runs unchanged on stacked tensors; code
-    mixing channels otherwise would be wrong, which the exporter's parity gate catches.
-    Architectures with a stateful layer other than Conv1d/2d/3d, Linear and BatchNorm run
-    the members one after another instead. Peak activation memory is K times one member's.
+    The members run one after another inside the graph, each with its 1D convolutions run
+    as 2D ones of height 1 (onnxruntime's fast blocked-layout (NCHWc) CPU convolutions are
+    2D only). The design shipped before it, the members stacked into one K-times-wide
+    network of grouped convolutions (benchmarks/ensemble_designs.py), is as fast on 2 CPU
+    cores at batch 64 and 1024 and faster at batch 1, but ran at 0.17x the member loop on
+    an H100 at batch 1024 (cuDNN's grouped convolutions) and was bimodal at batch 1 on
+    CIFAR shapes; members in turn run the same kernels as the member graphs on any
+    provider. The gain over K member sessions is one call and one thread pool instead of K
+    (benchmarks/results/ensemble_inference-*).
     """
 
     def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
         super().__init__()
-        self.num_members, self.normalize = len(nets), normalize
-        self.stacked = stack_members(nets)
-        self.nets = nn.ModuleList(nets) if self.stacked is None else None
+        self.nets, self.normalize = nn.ModuleList(conv1d_as_2d(net) for net in nets), normalize
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z = self.normalize(x)
-        if self.stacked is None:
-            member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
-        else:
-            logits = self.stacked(z).unflatten(1, (self.num_members, -1))  # [N, K, C]
-            member_probs = torch.softmax(logits, dim=2).transpose(0, 1)  # [K, N, C]
+        member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
         return member_probs.mean(dim=0), member_probs
 
 
-def stack_members(nets: list[nn.Module]) -> nn.Module | None:
-    """One eval-mode network computing all `nets` side by side on member-stacked channels
-    (EnsembleGraph), or None when a stateful layer has no stacked form here."""
-    import copy
+class Conv2dOfHeight1(nn.Module):
+    """A Conv1d computed as a Conv2d over [N, C, 1, L]: the same numbers, the 2D kernels."""
 
-    modules = [dict(net.named_modules()) for net in nets]
-    if any(m.keys() != modules[0].keys() for m in modules):
-        return None
-    wide = copy.deepcopy(nets[0]).eval()
-    for name, module in list(wide.named_modules()):
-        layers = [m[name] for m in modules]
-        if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed and module.padding_mode == "zeros":
-            replacement: nn.Module = _StackedConv(layers)
-        elif isinstance(module, nn.Linear):
-            replacement = _StackedLinear(layers)
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            replacement = _StackedBatchNorm(layers)
-        elif [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-            return None  # a layer with state that has no stacked form here
-        else:
-            continue
-        if not name:
-            return replacement.eval()  # the whole network is one layer
+    def __init__(self, conv: nn.Conv1d) -> None:
+        super().__init__()
+        # the Conv1d's own parameters, same names and shapes: the state dict stays the network's
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.out_channels = conv.out_channels
+        self.stride, self.dilation, self.groups = (1, *conv.stride), (1, *conv.dilation), conv.groups
+        self.padding = conv.padding if isinstance(conv.padding, str) else (0, *conv.padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, self.stride, self.padding,
+                         self.dilation, self.groups)
+        return y.squeeze(2)
+
+
+def conv1d_as_2d(net: nn.Module) -> nn.Module:
+    """`net` itself when it has no Conv1d, else an eval-mode copy whose Conv1d layers run as 2D ones."""
+    convs = [name for name, m in net.named_modules() if isinstance(m, nn.Conv1d) and m.padding_mode == "zeros"]
+    if not convs:
+        return net
+    if "" in convs:
+        return Conv2dOfHeight1(net)
+    net = copy.deepcopy(net).eval()
+    for name in convs:
         parent, _, attr = name.rpartition(".")
-        setattr(wide.get_submodule(parent), attr, replacement)
-    return wide.eval()
-
-
-def _tile(x: torch.Tensor, k: int) -> torch.Tensor:
-    """A shared [N, C, ...] input as member-stacked [N, K*C, ...]."""
-    return x.repeat(1, k, *([1] * (x.dim() - 2)))
-
-
-def _frozen(tensors: list[torch.Tensor | None], stack: bool = False) -> nn.Parameter | None:
-    if tensors[0] is None:
-        return None
-    joined = torch.stack if stack else torch.cat
-    return nn.Parameter(joined([t.detach() for t in tensors]), requires_grad=False)
-
-
-class _StackedConv(nn.Module):
-    """K convolutions as one with groups = K x groups on member-stacked channels. A 1D
-    convolution runs as a 2D one of height 1: onnxruntime has its fast blocked-layout
-    (NCHWc) CPU kernels for 2D convolutions only."""
-
-    def __init__(self, convs: list[nn.Module]) -> None:
-        super().__init__()
-        c = convs[0]
-        self.members, self.in_channels, self.groups = len(convs), c.in_channels, c.groups
-        self.lift = len(c.kernel_size) == 1
-        weight = _frozen([m.weight for m in convs])  # [K*O, C/groups, *kernel]
-        if self.lift:
-            weight = nn.Parameter(weight.unsqueeze(2), requires_grad=False)
-            self.stride, self.dilation = (1, *c.stride), (1, *c.dilation)
-            self.padding = c.padding if isinstance(c.padding, str) else (0, *c.padding)
-        else:
-            self.stride, self.padding, self.dilation = c.stride, c.padding, c.dilation
-        self.conv = torch.conv3d if len(c.kernel_size) == 3 else torch.conv2d
-        self.weight, self.bias = weight, _frozen([m.bias for m in convs])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        groups = self.members * self.groups
-        if x.shape[1] == self.in_channels:  # the shared input: read it once
-            if self.groups == 1:
-                groups = 1
-            else:
-                x = _tile(x, self.members)
-        if self.lift:
-            return self.conv(x.unsqueeze(2), self.weight, self.bias, self.stride, self.padding, self.dilation,
-                             groups).squeeze(2)
-        return self.conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation, groups)
-
-
-class _StackedLinear(nn.Module):
-    """K linear layers as one batched matmul; [N, K*F] -> [N, K*O]."""
-
-    def __init__(self, linears: list[nn.Module]) -> None:
-        super().__init__()
-        self.members, self.in_features = len(linears), linears[0].in_features
-        self.weight = _frozen([m.weight.t() for m in linears], stack=True)  # [K, F, O]
-        bias = _frozen([m.bias for m in linears], stack=True)
-        self.bias = None if bias is None else nn.Parameter(bias.unsqueeze(1), requires_grad=False)  # [K, 1, O]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2:
-            raise NotImplementedError("the stacked ensemble supports linear layers on [N, features] inputs only")
-        n = x.shape[0]
-        if x.shape[1] == self.in_features:
-            h = x.unsqueeze(0)  # the shared input, broadcast over the members
-        else:
-            h = x.reshape(n, self.members, self.in_features).transpose(0, 1)  # [K, N, F]
-        y = torch.matmul(h, self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.transpose(0, 1).reshape(n, -1)
-
-
-class _StackedBatchNorm(nn.Module):
-    """K eval-mode BatchNorms as one over K*C channels."""
-
-    def __init__(self, layers: list[nn.Module]) -> None:
-        super().__init__()
-        b = layers[0]
-        self.members, self.num_features = len(layers), b.num_features
-        self.bn = type(b)(len(layers) * b.num_features, eps=b.eps, affine=b.affine).eval()
-        with torch.no_grad():
-            for name in ("running_mean", "running_var", *(("weight", "bias") if b.affine else ())):
-                getattr(self.bn, name).copy_(torch.cat([getattr(m, name) for m in layers]))
-        self.bn.requires_grad_(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(_tile(x, self.members) if x.shape[1] == self.num_features else x)
+        setattr(net.get_submodule(parent), attr, Conv2dOfHeight1(net.get_submodule(name)))
+    return net
 
 
 class CurveGraph(nn.Module):
@@ -444,8 +353,9 @@ def _export_curve(work, curve, curve_state, sources, data, normalize, x_check, g
     metrics = {}
     if sources.curve_report is not None:
         metrics = json.loads(sources.curve_report.read_text()).get("headline", {})
-    return {"file": "curve.onnx", "type": curve.curve, "num_bends": curve.num_bends,
-            "bn_grid_points": grid_points, "settings": curve_state["curve"], "metrics": metrics,
+    return {"file": "curve.onnx", "source": str(sources.curve), "type": curve.curve, "num_bends": curve.num_bends,
+            "bn_grid_points": grid_points,
+            "settings": curve_state["curve"], "metrics": metrics,
             "bn_interpolation": interpolation}
 
 
