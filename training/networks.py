@@ -30,6 +30,23 @@ def build_network(architecture: dict[str, Any], num_classes: int, device: torch.
     return build_model(architecture["name"], num_classes=num_classes, **architecture.get("kwargs", {})).to(device)
 
 
+def fresh_network(
+    config: Config, data: Dataset, device: torch.device | str, sgd: Any, kind: str
+) -> tuple[nn.Module, torch.optim.SGD, dict[str, Any]]:
+    """A network seeded with config.seed, its SGD optimizer from `sgd` (lr, momentum,
+    weight_decay), and the checkpoint fields naming where it came from."""
+    torch.manual_seed(config.seed)
+    model = build_network(architecture_spec(config), data.num_classes, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
+    fields = {
+        "kind": kind,
+        "architecture": architecture_spec(config),
+        "dataset": {**dataset_spec(config), **data.describe()},
+        "config": config.model_dump(),
+    }
+    return model, optimizer, fields
+
+
 def load_data(spec: dict[str, Any], device: torch.device | str) -> Dataset:
     return build_dataset(spec["name"], root=spec.get("root"), device=device)
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from training.config import Config, SSESettings
 from training.data import iterations_per_epoch
 from training.fge import run_snapshots
 from training.loop import resolve_device
-from training.networks import architecture_spec, build_network, dataset_spec, load_data
+from training.networks import dataset_spec, fresh_network, load_data
 from training.runs import prepare_run_dir
 from training.schedules import cosine_restart_learning_rate
 
@@ -42,17 +40,7 @@ def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = F
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
     cycle, budget = sse_budget(settings, steps_per_epoch)
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
-    torch.manual_seed(config.seed)
-    model = build_network(architecture_spec(config), data.num_classes, device)
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
-    fields = {
-        "kind": "sse",
-        "architecture": architecture_spec(config),
-        "dataset": {**dataset_spec(config), **data.describe()},
-        "config": config.model_dump(),
-    }
+    model, optimizer, fields = fresh_network(config, data, device, settings, "sse")
     return run_snapshots(
         "sse",
         run_dir,

@@ -6,16 +6,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from training import progress
 from training.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from training.config import Config
 from training.loop import fit, resolve_device
 from training.networks import (
-    architecture_spec,
-    build_network,
     dataset_spec,
+    fresh_network,
     load_data,
     test_metrics,
 )
@@ -35,18 +32,8 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
     started = time.perf_counter()
     device = resolve_device(config.device)
     data = load_data(dataset_spec(config), device)
-    torch.manual_seed(config.seed)
-    model = build_network(architecture_spec(config), data.num_classes, device)
     settings = config.train
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-    )
-    fields = {
-        "kind": "train",
-        "architecture": architecture_spec(config),
-        "dataset": {**dataset_spec(config), **data.describe()},
-        "config": config.model_dump(),
-    }
+    model, optimizer, fields = fresh_network(config, data, device, settings, "train")
     rows = fit(
         run_dir=run_dir,
         model=model,
