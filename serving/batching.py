@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.env import env_flag
+
 # Under "bentoml." so the handlers BentoML configures for its workers print it.
 logger = logging.getLogger(f"bentoml.serve.{__name__}")
 
@@ -56,9 +58,8 @@ class BatchSettings:
     @classmethod
     def from_env(cls) -> BatchSettings:
         env = os.environ
-        flag = env.get("MODECONN_BATCHING", "1").strip().lower()
         return cls(
-            enabled=flag not in ("0", "false", "no", "off"),
+            enabled=env_flag("MODECONN_BATCHING", cls.enabled),
             max_batch_rows=int(env.get("MODECONN_MAX_BATCH_ROWS", cls.max_batch_rows)),
             max_wait_ms=float(env.get("MODECONN_MAX_WAIT_MS", cls.max_wait_ms)),
             max_queue_rows=int(env.get("MODECONN_MAX_QUEUE_ROWS", cls.max_queue_rows)),

@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.artifact import Artifact, ArtifactError
+from serving.env import env_flag
 
 # Under "bentoml." so the handlers BentoML configures for its workers print it.
 logger = logging.getLogger(f"bentoml.serve.{__name__}")
@@ -91,10 +92,9 @@ class SessionSettings:
 
     @classmethod
     def from_env(cls) -> SessionSettings:
-        flag = os.environ.get("MODECONN_ORT_SPINNING", "1").strip().lower()
         return cls(
             threads=int(os.environ.get("MODECONN_ORT_THREADS", cls.threads)),
-            spinning=flag in ("1", "true", "yes", "on"),
+            spinning=env_flag("MODECONN_ORT_SPINNING", cls.spinning),
         )
 
 

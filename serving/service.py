@@ -54,6 +54,7 @@ from starlette.routing import Route
 
 from serving.artifact import load_artifact
 from serving.batching import BatchSettings, MicroBatcher, Overloaded
+from serving.env import env_flag
 from serving.middleware import RequestGuardMiddleware
 from serving.runtime import Runtime, SessionSettings, choose_providers, summarize
 from serving.schemas import (
@@ -77,19 +78,14 @@ WORKERS = 1
 TRAFFIC_TIMEOUT_S = 60
 
 
-def _flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "1" if default else "0").strip().lower()
-    return value in ("1", "true", "yes", "on")
-
-
 # Per-request observability, each a layer every request and response passes through
 # (benchmarks/results/http_serving-*: together about a third of the server's time per
 # request at batch 1). Prometheus /metrics stays on; the access log (one INFO line per
 # request) and OpenTelemetry spans for the prediction routes are opt-in. BentoML's
 # tracing samples nothing unless configured, so by default those spans were never kept.
-ACCESS_LOG = _flag("MODECONN_ACCESS_LOG", False)
-METRICS = _flag("MODECONN_METRICS", True)
-TRACE_PREDICTIONS = _flag("MODECONN_TRACE_PREDICTIONS", False)
+ACCESS_LOG = env_flag("MODECONN_ACCESS_LOG", False)
+METRICS = env_flag("MODECONN_METRICS", True)
+TRACE_PREDICTIONS = env_flag("MODECONN_TRACE_PREDICTIONS", False)
 _UNTRACED = [] if TRACE_PREDICTIONS else ["/predict", "/predict_curve", "/info"]
 
 

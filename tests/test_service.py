@@ -703,3 +703,18 @@ def test_session_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("MODECONN_ORT_THREADS", "-2")
     with pytest.raises(ValueError, match="MODECONN_ORT_THREADS"):
         SessionSettings.from_env()
+
+
+def test_env_flags_are_read_one_way_and_refuse_unknown_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.env import env_flag
+
+    monkeypatch.delenv("MODECONN_BATCHING", raising=False)
+    assert env_flag("MODECONN_BATCHING", True) is True and env_flag("MODECONN_BATCHING", False) is False
+    for value, expected in (("1", True), (" On ", True), ("yes", True), ("0", False), ("OFF", False), ("no", False)):
+        monkeypatch.setenv("MODECONN_BATCHING", value)
+        assert env_flag("MODECONN_BATCHING", not expected) is expected, value
+        assert BatchSettings.from_env().enabled is expected, value
+    monkeypatch.setenv("MODECONN_BATCHING", "maybe")
+    with pytest.raises(ValueError, match="MODECONN_BATCHING='maybe'"):
+        BatchSettings.from_env()
+
