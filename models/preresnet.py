@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from models.registry import register_model
+from models.registry import ModelSpecError, register_model
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -74,13 +74,13 @@ def _block_and_count(depth: int) -> tuple[type[BasicBlock] | type[Bottleneck], i
     """Block type and blocks per stage for a given total depth."""
     if depth >= 44:
         if (depth - 2) % 9 != 0:
-            raise ValueError(
+            raise ModelSpecError(
                 f"PreResNet depth {depth} is invalid: depth >= 44 uses bottleneck blocks "
                 "and must be 9n+2 (e.g. 56, 110, 164)"
             )
         return Bottleneck, (depth - 2) // 9
     if depth < 8 or (depth - 2) % 6 != 0:
-        raise ValueError(
+        raise ModelSpecError(
             f"PreResNet depth {depth} is invalid: depth < 44 uses basic blocks "
             "and must be 6n+2 with n >= 1 (e.g. 8, 20, 32)"
         )

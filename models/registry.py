@@ -7,6 +7,11 @@ from collections.abc import Callable
 from torch import nn
 
 ModelFactory = Callable[..., nn.Module]
+class ModelSpecError(ValueError):
+    """An unknown architecture or arguments it does not take (models/ imports nothing of the
+    rest, so the training side turns this into its ConfigError)."""
+
+
 _REGISTRY: dict[str, ModelFactory] = {}
 
 
@@ -29,8 +34,8 @@ def list_models() -> list[str]:
 def build_model(name: str, num_classes: int, **kwargs: object) -> nn.Module:
     """Build a registered architecture; unknown names and arguments are clear errors."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
+        raise ModelSpecError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
     try:
         return _REGISTRY[name](num_classes=num_classes, **kwargs)
     except TypeError as err:  # an unknown keyword for this architecture
-        raise ValueError(f"bad arguments for model {name!r}: {err}") from err
+        raise ModelSpecError(f"bad arguments for model {name!r}: {err}") from err

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.registry import register_model
+from models.registry import ModelSpecError, register_model
 
 
 class WideBasic(nn.Module):
@@ -47,12 +47,12 @@ class WideResNet(nn.Module):
     ) -> None:
         super().__init__()
         if depth < 10 or (depth - 4) % 6 != 0:
-            raise ValueError(
+            raise ModelSpecError(
                 f"WideResNet depth {depth} is invalid: it must be 6n+4 with n >= 1 "
                 "(e.g. 10, 16, 28, 40)"
             )
         if widen_factor < 1:
-            raise ValueError(f"WideResNet widen_factor must be >= 1, got {widen_factor}")
+            raise ModelSpecError(f"WideResNet widen_factor must be >= 1, got {widen_factor}")
         n = (depth - 4) // 6
         k = widen_factor
         stages = [16, 16 * k, 32 * k, 64 * k]

@@ -16,13 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from serving.errors import ModeconnError
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ArtifactError(ValueError):
+class ArtifactError(ModeconnError):
     """The artifact folder does not match its manifest (or the manifest is malformed)."""
 
 

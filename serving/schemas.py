@@ -13,13 +13,15 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.errors import ModeconnError
+
 MAX_REQUEST_ROWS = 1024  # rows per request; larger jobs should be split by the client
 MAX_TS = 16  # t values per /predict_curve request (each costs one pass over the batch)
 
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 
 
-class InputError(ValueError):
+class InputError(ModeconnError):
     """A request whose content is well-formed JSON but not a valid input for this model."""
 
 

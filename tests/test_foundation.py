@@ -228,6 +228,29 @@ def test_cli_config_error_exits_2_without_traceback(tmp_path: Path) -> None:
 CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta"]
 
 
+def test_cli_prints_user_errors_in_one_line_and_bugs_with_their_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import training.train
+    from serving.errors import ModeconnError
+    from training import cli
+
+    def user_mistake(*_args: Any, **_kw: Any) -> None:
+        raise ConfigError("train.lr: must be positive")
+
+    monkeypatch.setattr(training.train, "train_network", user_mistake)
+    assert cli.main(["train", "--out", str(tmp_path / "a")]) == 2
+    assert capsys.readouterr().err.strip() == "modeconn train: train.lr: must be positive"
+    assert issubclass(ConfigError, ModeconnError) and issubclass(DataError, ModeconnError)
+
+    def internal_bug(*_args: Any, **_kw: Any) -> None:
+        raise KeyError("num_classes")
+
+    monkeypatch.setattr(training.train, "train_network", internal_bug)
+    with pytest.raises(KeyError, match="num_classes"):
+        cli.main(["train", "--out", str(tmp_path / "b")])
+
+
 def test_missing_cifar_folder_names_the_expected_files(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         build_dataset("cifar10", root=tmp_path)

@@ -11,11 +11,13 @@ from typing import Any
 
 import torch
 
+from serving.errors import ModeconnError
+
 FORMAT = "modeconn-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ModeconnError):
     """A checkpoint that is missing, truncated, or not a modeconn checkpoint."""
 
 

@@ -10,9 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serving.errors import ModeconnError
 from training.config import Config, ConfigError, load_config, parse_set_overrides
-
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -93,7 +92,7 @@ def _eval_curve(args: argparse.Namespace) -> dict[str, Any]:
     from training.eval_curve import evaluate_curve
 
     if args.points < 2:
-        raise ValueError(f"--points must be at least 2, got {args.points}")
+        raise ConfigError(f"--points must be at least 2, got {args.points}")
     return evaluate_curve(args.run, points=args.points, out_dir=args.out, device=args.device)
 
 
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"modeconn {args.command}: {err}", file=sys.stderr)
         return 2
-    except USER_ERRORS as err:
+    except ModeconnError as err:  # only user mistakes: a bug keeps its traceback
         print(f"modeconn {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

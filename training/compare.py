@@ -28,7 +28,7 @@ import yaml
 
 from training import progress
 from training.checkpoint import atomic_write_text
-from training.config import Config
+from training.config import Config, ConfigError
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import ensemble_probs, expand_members, predict_members, with_test_prefix
 from training.fge import finished_snapshot_run, run_fge
@@ -79,20 +79,20 @@ def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
     """The sorted budget multiples; an error naming the field when a method gets no snapshot at 1B."""
     budgets = sorted(set(config.compare.budgets))
     if not budgets or budgets[0] < 1 or budgets[-1] >= _SSE_OFFSET:
-        raise ValueError(f"compare.budgets must be whole numbers from 1 to {_SSE_OFFSET - 1}, got {config.compare.budgets}")
+        raise ConfigError(f"compare.budgets must be whole numbers from 1 to {_SSE_OFFSET - 1}, got {config.compare.budgets}")
     epochs, start = config.train.epochs, fge_start_epoch(config)
     if start >= epochs:
-        raise ValueError(
+        raise ConfigError(
             f"fge.start_fraction ({config.fge.start_fraction}) starts FGE at epoch {start} of train.epochs "
             f"({epochs}): no FGE epochs are left inside 1 budget"
         )
     if (epochs - start) * fge_steps < even_cycle_iterations(config.fge.cycle_epochs, fge_steps):
-        raise ValueError(
+        raise ConfigError(
             f"fge.cycle_epochs ({config.fge.cycle_epochs}) is longer than the {epochs - start} FGE epochs "
             "inside 1 budget: FGE would have no snapshot at 1B"
         )
     if round(config.sse.cycle_epochs * sse_steps) > epochs * sse_steps:
-        raise ValueError(
+        raise ConfigError(
             f"sse.cycle_epochs ({config.sse.cycle_epochs}) is longer than 1 budget (train.epochs {epochs}): "
             "SSE would have no snapshot at 1B"
         )

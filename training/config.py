@@ -11,8 +11,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from serving.errors import ModeconnError
 
-class ConfigError(ValueError):
+
+class ConfigError(ModeconnError):
     """A config file or override that does not validate; the message names the field."""
 
 

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from serving.errors import ModeconnError
 from training.checkpoint import atomic_write_bytes
 
 
-class DataError(ValueError):
+class DataError(ModeconnError):
     """A data set that cannot be built as asked (missing folder, incomplete archive)."""
 
 
@@ -193,7 +194,7 @@ def _cifar_images(batch: dict, path: Path) -> torch.Tensor:
 
 def _load_cifar(root, folder, train_files, test_file, meta_file, label_key, names_key, name, mean, std):
     if root is None:
-        raise DataError(f"{name} needs a data folder: pass --data-root DIR (holding {folder}/)")
+        raise DataError(f"{name} needs a data folder: pass --set data.root=DIR (the folder holding {folder}/)")
     base = Path(root).expanduser() / folder
     expected = [*train_files, test_file, meta_file]
     missing = [f for f in expected if not (base / f).is_file()]

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from serving.errors import ModeconnError
 from training import progress
 from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from training.data import Dataset
@@ -26,7 +27,7 @@ from training.networks import load_data, load_network, predict_probs
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 
 
-class EnsembleError(ValueError):
+class EnsembleError(ModeconnError):
     """Members that cannot form one ensemble (missing, or of different networks or data)."""
 
 

@@ -18,6 +18,7 @@ import torch
 from training import progress
 from training.bn import recompute_bn
 from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from training.config import ConfigError
 from training.curve_train import curve_file, load_curve
 from training.curves import CurveModel, network_at
 from training.data import Dataset
@@ -172,7 +173,7 @@ def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> d
     from training.networks import test_metrics
 
     if not 0.0 <= t <= 1.0:
-        raise ValueError(f"t must lie in [0, 1], got {t}")
+        raise ConfigError(f"--t must lie in [0, 1], got {t}")
     dev = resolve_device(device)
     curve, state = load_curve(Path(path), dev)
     data = load_data(state["dataset"], dev)

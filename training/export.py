@@ -28,6 +28,7 @@ from torch import nn
 from torch.func import functional_call
 
 from serving.artifact import MANIFEST_NAME, file_record, load_artifact
+from serving.errors import ModeconnError
 from training import progress
 from training.bn import recompute_bn
 from training.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
@@ -40,7 +41,7 @@ from training.networks import load_data, load_network, predict_probs
 OPSET = 18
 
 
-class ExportError(ValueError):
+class ExportError(ModeconnError):
     """Nothing was stored: bad inputs, or a graph that failed the parity gate."""
 
 

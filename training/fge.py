@@ -36,7 +36,7 @@ from training.checkpoint import (
     model_checkpoint,
     save_checkpoint,
 )
-from training.config import Config, FGESettings
+from training.config import Config, ConfigError, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
 from training.loop import fit, load_resumable, resolve_device
@@ -227,7 +227,7 @@ def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
     cycle = even_cycle_iterations(settings.cycle_epochs, steps_per_epoch)
     budget = round(settings.epochs * steps_per_epoch)
     if budget < cycle:
-        raise ValueError(
+        raise ConfigError(
             f"fge.epochs ({settings.epochs}) is shorter than one cycle (fge.cycle_epochs {settings.cycle_epochs} "
             f"= {cycle} iterations): no snapshot would be collected"
         )

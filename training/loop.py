@@ -21,6 +21,7 @@ from torch import nn
 
 from training import progress
 from training.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from training.config import ConfigError
 from training.data import Dataset, iterations_per_epoch, train_batches
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -36,7 +37,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: cuda was asked for but no CUDA GPU is visible")
+        raise ConfigError("device: cuda was asked for but no CUDA GPU is visible")
     return torch.device(name)
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import build_model
+from models import ModelSpecError, build_model
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import Config
+from training.config import Config, ConfigError
 from training.data import Dataset, build_dataset, eval_batches
 from training.metrics import classification_metrics
 
@@ -27,7 +27,11 @@ def dataset_spec(config: Config) -> dict[str, Any]:
 
 
 def build_network(architecture: dict[str, Any], num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
-    return build_model(architecture["name"], num_classes=num_classes, **architecture.get("kwargs", {})).to(device)
+    try:
+        model = build_model(architecture["name"], num_classes=num_classes, **architecture.get("kwargs", {}))
+    except ModelSpecError as err:
+        raise ConfigError(f"model: {err}") from err
+    return model.to(device)
 
 
 def fresh_network(

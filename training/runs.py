@@ -7,11 +7,12 @@ from pathlib import Path
 
 import yaml
 
+from serving.errors import ModeconnError
 from training.checkpoint import atomic_write_text
 from training.config import Config
 
 
-class RunDirError(ValueError):
+class RunDirError(ModeconnError):
     """A run directory that is in the way (already holds a run)."""
 
 

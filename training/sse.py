@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.config import Config, SSESettings
+from training.config import Config, ConfigError, SSESettings
 from training.data import iterations_per_epoch
 from training.fge import run_snapshots
 from training.loop import resolve_device
@@ -25,7 +25,7 @@ def sse_budget(settings: SSESettings, steps_per_epoch: int) -> tuple[int, int]:
     cycle = max(1, round(settings.cycle_epochs * steps_per_epoch))
     budget = settings.epochs * steps_per_epoch
     if budget < cycle:
-        raise ValueError(
+        raise ConfigError(
             f"sse.epochs ({settings.epochs}) is shorter than one cycle (sse.cycle_epochs {settings.cycle_epochs}): "
             "no snapshot would be collected"
         )
