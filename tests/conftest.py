@@ -31,6 +31,15 @@ def demo_config() -> Config:
 
 
 @pytest.fixture(scope="session")
+def served_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving tests' artifact (tests/artifact_builder.py: about 40 s), built once for
+    tests/test_service.py and tests/test_contract.py alike. Tests copy it before changing it."""
+    from tests.artifact_builder import build_test_artifact
+
+    return build_test_artifact(tmp_path_factory.mktemp("artifact") / "modeconn-test")
+
+
+@pytest.fixture(scope="session")
 def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Two demo networks (the full demo config, seeds 0 and 1, on the CPU); their result dicts."""
     from training.train import train_network
