@@ -14,7 +14,9 @@ ensemble.onnx; an answer is wrong unless its probabilities match to 1e-5 and its
 predictions and labels are the offline argmax. Reported: requests, statuses, errors
 (connection failures and non-200 answers), wrong answers, p50/p99/max latency, throughput,
 and the resident memory (RSS) of the server's worker process(es) before and after the run,
-sampled every 5 s in between.
+sampled every 5 s in between; --rounds N repeats the measured run on the same server, so
+growth that levels off (allocator and onnxruntime arenas warming up to the batch sizes seen)
+can be told from a leak.
 
 Usage: python benchmarks/soak.py [--clients 64] [--seconds 60] [--artifact DIR]
 """
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--artifact", type=Path, help="an exported artifact folder (default: build one)")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measured runs back to back on the same server (RSS after each: growth or warm-up?)")
     parser.add_argument("--warmup-seconds", type=float, default=5.0)
     args = parser.parse_args()
     if args.quick:
@@ -176,9 +180,11 @@ def main() -> None:
                 raise RuntimeError(f"no worker process found under {server.proc.pid}")
             idle = [rss_mib(p) for p in pids]
             warm = asyncio.run(load(server.port, ref, args.clients, args.warmup_seconds, pids))
-            before = [rss_mib(p) for p in pids]
-            result = asyncio.run(load(server.port, ref, args.clients, args.seconds, pids))
-            after = [rss_mib(p) for p in pids]
+            rss = [[rss_mib(p) for p in pids]]  # after warm-up, then after each round
+            rounds = []
+            for _ in range(args.rounds):
+                rounds.append(asyncio.run(load(server.port, ref, args.clients, args.seconds, pids)))
+                rss.append([rss_mib(p) for p in pids])
             still = asyncio.run(load(server.port, ref, 1, 1.0, pids))
             alive = [p for p in pids if Path(f"/proc/{p}").exists()]
         finally:
@@ -186,41 +192,46 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     run["artifact"] = source
-    lat = result["latencies_s"]
-    requests = len(lat)
-    row = [args.clients, round(result["seconds"], 1), requests, result["rows"], requests / result["seconds"],
-           ", ".join(f"{k}: {v}" for k, v in sorted(result["statuses"].items())), len(result["errors"]),
-           len(result["wrong"]), common.percentile(lat, 50) * 1e3, common.percentile(lat, 99) * 1e3,
-           max(lat) * 1e3, result["client_cpu_s"]]
+    rows = []
+    for i, result in enumerate(rounds):
+        lat = result["latencies_s"]
+        rows.append([i + 1, args.clients, round(result["seconds"], 1), len(lat), result["rows"],
+                     len(lat) / result["seconds"], ", ".join(f"{k}: {v}" for k, v in sorted(result["statuses"].items())),
+                     len(result["errors"]), len(result["wrong"]), common.percentile(lat, 50) * 1e3,
+                     common.percentile(lat, 99) * 1e3, max(lat) * 1e3, result["client_cpu_s"]])
     common.add_section(
         run, f"{args.clients} keep-alive clients for {args.seconds:.0f} s, POST /predict",
-        ["clients", "seconds", "requests", "rows", "requests/s", "statuses", "errors", "wrong answers",
-         "p50 ms", "p99 ms", "max ms", "client CPU s"], [row],
+        ["round", "clients", "seconds", "requests", "rows", "requests/s", "statuses", "errors", "wrong answers",
+         "p50 ms", "p99 ms", "max ms", "client CPU s"], rows,
         notes=(f"Artifact: {source}. Server: the service's defaults (one worker, adaptive batching), ready in "
                f"{ready_s:.1f} s, then {args.warmup_seconds:.0f} s of the same load as warm-up (not counted: "
                f"{len(warm['latencies_s'])} requests, {len(warm['errors'])} errors, {len(warm['wrong'])} wrong). "
-               f"A request holds 1 row (80 %) or 8 rows of {ref.source}; every answer is compared with onnxruntime's offline "
-               f"ensemble.onnx output (probabilities within {ATOL}, predictions and labels equal). Client and "
-               "server share this machine's cores; client CPU s is the client's share. After the run one more "
-               f"client for 1 s: {len(still['latencies_s'])} answers, {len(still['errors'])} errors, "
+               f"A request holds 1 row (80 %) or 8 rows of {ref.source}; every answer is compared with onnxruntime's "
+               f"offline ensemble.onnx output (probabilities within {ATOL}, predictions and labels equal). Client "
+               "and server share this machine's cores; client CPU s is the client's share. After the last round "
+               f"one more client for 1 s: {len(still['latencies_s'])} answers, {len(still['errors'])} errors, "
                f"{len(still['wrong'])} wrong."),
-        data={"latencies_s": lat, "errors": result["errors"][:50], "wrong": result["wrong"][:20]})
-    rss_rows = [[pid, idle[i], before[i], after[i], after[i] - before[i], pid in alive] for i, pid in enumerate(pids)]
+        data=[{"latencies_s": r["latencies_s"], "errors": r["errors"][:50], "wrong": r["wrong"][:20]} for r in rounds])
+    rss_rows = [[pid, idle[i], *(r[i] for r in rss), rss[-1][i] - rss[0][i], pid in alive] for i, pid in enumerate(pids)]
     common.add_section(
         run, "Worker memory (RSS, MiB)",
-        ["worker pid", "idle after start", "after warm-up (before)", "after the run", "growth", "same process"],
-        rss_rows,
-        notes=f"Sampled every {RSS_EVERY_S:.0f} s during the run (seconds, MiB per worker): "
-              + "; ".join(f"{t}: {', '.join(f'{v:.1f}' for v in vs)}" for t, vs in result["rss_mib"]),
-        data={"rss_mib": result["rss_mib"]})
-    errors, wrong = len(result["errors"]) + len(still["errors"]), len(result["wrong"]) + len(still["wrong"])
-    growth = max(after[i] - before[i] for i in range(len(pids)))
+        ["worker pid", "idle after start", "after warm-up", *(f"after round {k + 1}" for k in range(len(rounds))),
+         "growth over the rounds", "same process"], rss_rows,
+        notes=f"Sampled every {RSS_EVERY_S:.0f} s during each round (seconds into the round: MiB per worker): "
+              + " | ".join(f"round {k + 1}: " + "; ".join(f"{t}: {', '.join(f'{v:.1f}' for v in vs)}"
+                                                      for t, vs in r["rss_mib"]) for k, r in enumerate(rounds)),
+        data={"rss_mib": [r["rss_mib"] for r in rounds], "after": rss})
+    errors = sum(len(r["errors"]) for r in rounds) + len(still["errors"])
+    wrong = sum(len(r["wrong"]) for r in rounds) + len(still["wrong"])
+    total = sum(len(r["latencies_s"]) for r in rounds)
+    per_round = [max(rss[k + 1][i] - rss[k][i] for i in range(len(pids))) for k in range(len(rounds))]
     summary = "\n".join([
         "## Outcome", "",
-        f"- {requests} requests in {result['seconds']:.0f} s from {args.clients} clients: {errors} errors, "
-        f"{wrong} wrong answers; p50 {row[8]:.1f} ms, p99 {row[9]:.1f} ms",
-        f"- worker RSS {', '.join(f'{b:.1f}' for b in before)} MiB before, {', '.join(f'{a:.1f}' for a in after)} "
-        f"MiB after (largest growth {growth:+.1f} MiB)",
+        f"- {total} requests in {len(rounds)} x {args.seconds:.0f} s from {args.clients} clients: {errors} errors, "
+        f"{wrong} wrong answers; p50 {rows[0][9]:.1f} ms, p99 {rows[0][10]:.1f} ms (round 1)",
+        f"- worker RSS after warm-up {', '.join(f'{v:.1f}' for v in rss[0])} MiB, after the last round "
+        f"{', '.join(f'{v:.1f}' for v in rss[-1])} MiB; growth per round (largest worker): "
+        + ", ".join(f"{g:+.1f}" for g in per_round) + " MiB",
     ])
     common.write_results(run, summary=summary, out_dir=args.out)
 

@@ -53,10 +53,9 @@ def openapi_document(
     components: dict[str, Any] = {}
     for model in (ErrorResponse, InfoResponse, PredictResponse, CurvePredictResponse):
         components.update(_model_schemas(model))
-    components["PredictResponse"] = _tighten_answer(components["PredictResponse"], classes, max_rows)
-    curve_answer = _tighten_answer(components["CurvePredictResponse"], classes, max_rows)
-    curve_answer["properties"]["ts"].update(_unit_array(max_ts))
-    components["CurvePredictResponse"] = curve_answer
+    for name in ("PredictResponse", "CurvePredictResponse"):
+        components[name] = _tighten_answer(components[name], classes, max_rows)
+    components["CurvePredictResponse"]["properties"]["ts"].update(_unit_array(max_ts))
     components["PredictRequest"] = {
         "title": "PredictRequest",
         "type": "object",
@@ -109,9 +108,9 @@ def openapi_document(
             )
         },
         "/info": {
-            "get": _operation("info", "The model card.", answer="InfoResponse", errors={
-                "500": errors["500"]
-            }),
+            "get": _operation(
+                "info", "The model card.", answer="InfoResponse", errors={"500": errors["500"]}
+            ),
             "post": _operation(
                 "info_post",
                 "The model card (the same as GET); any JSON object as body, or none.",
@@ -182,7 +181,8 @@ def _tighten_answer(schema: dict[str, Any], classes: list[str], max_rows: int) -
         "minItems": len(classes),
         "maxItems": len(classes),
     }
-    props["predictions"].update(rows, items={"type": "integer", "minimum": 0, "maximum": len(classes) - 1})
+    last = len(classes) - 1
+    props["predictions"].update(rows, items={"type": "integer", "minimum": 0, "maximum": last})
     props["labels"].update(rows, items={"type": "string", "enum": sorted(set(classes))})
     props["entropy"].update(rows, items={"type": "number", "minimum": 0.0})
     props["agreement"].update(rows, items=_unit())
@@ -209,7 +209,10 @@ def _error_responses(max_body_bytes: int) -> dict[str, dict[str, Any]]:
         "500": "a bug; the server log has the traceback",
         "503": "still loading, failed to load, or the batching queue is full",
     }
-    responses = {code: {"description": text, "content": _json("ErrorResponse")} for code, text in described.items()}
+    responses = {
+        code: {"description": text, "content": _json("ErrorResponse")}
+        for code, text in described.items()
+    }
     responses["503"]["headers"] = retry_after
     return responses
 
