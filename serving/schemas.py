@@ -14,6 +14,7 @@ service's and middleware's ({"error": "..."}).
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -172,7 +173,7 @@ def parse_inputs(
         for k in index:
             value = value[k]
         where = "inputs" + "".join(f"[{k}]" for k in index)
-        if not np.isfinite(value):
+        if not math.isfinite(value):  # value is a Python int or float (ints may exceed int64)
             reason = "is not finite; values must be finite numbers"
         elif abs(value) > _FLOAT32_MAX:
             reason = "overflows float32"

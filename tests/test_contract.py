@@ -156,6 +156,8 @@ def test_declared_inputs_schema_and_the_validator_agree() -> None:
         "bool": [[[True, 0.5, 0.5, 0.5]] + [[0.5] * 4] * 2],
         "string": [[["1", 0.5, 0.5, 0.5]] + [[0.5] * 4] * 2],
         "too-big": [[[MAX_ABS_INPUT * 10, 0.5, 0.5, 0.5]] + [[0.5] * 4] * 2],
+        "int-beyond-int64": [[[10**20, 0.5, 0.5, 0.5]] + [[0.5] * 4] * 2],  # numpy: object array
+        "edge": [[[-MAX_ABS_INPUT, MAX_ABS_INPUT, 0, 1]] * 3],
         "too-many-rows": [row] * 9,
         "empty": [],
     }
@@ -169,7 +171,7 @@ def test_declared_inputs_schema_and_the_validator_agree() -> None:
             accepted = False
         verdicts[name] = (declared, accepted)
     assert verdicts == {
-        name: (name in ("ok", "ints"),) * 2 for name in cases
+        name: (name in ("ok", "ints", "edge"),) * 2 for name in cases
     }, verdicts
 
 
