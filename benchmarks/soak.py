@@ -7,7 +7,7 @@ curve on MNIST-1D; or takes --artifact DIR), stores it in a temporary BENTOML_HO
 defaults, warms it up under full load, then runs --clients keep-alive connections (one
 asyncio HTTP/1.1 client each, benchmarks/http_serving.py's) that send POST /predict back to
 back for --seconds. A request holds 1 row (4 in 5) or 8 rows, drawn from a pool of inputs
-(the MNIST-1D test set for an MNIST-1D artifact: uniform noise in the input range would make
+(the artifact's MNIST-1D test set for an MNIST-1D artifact: uniform noise in the input range would make
 almost every answer "class 8 with probability 1", so a mixed-up answer would pass as right)
 whose answers onnxruntime computed offline, in this process, from the artifact's
 ensemble.onnx; an answer is wrong unless its probabilities match to 1e-5 and its
@@ -38,6 +38,7 @@ import numpy as np
 from http_serving import Connection, Server, build_artifact, store
 
 ATOL = 1e-5
+POOL_ROWS = 2000  # distinct inputs; their request bodies are encoded once and cached
 RSS_EVERY_S = 5.0
 
 
@@ -74,15 +75,16 @@ class Reference:
 
         manifest = json.loads((artifact / "manifest.json").read_text())
         if manifest["dataset"].get("name") == "mnist1d":
-            from training.data import build_dataset
+            from training.networks import load_data  # the variant the manifest records
 
-            self.x = build_dataset("mnist1d").x_test.numpy().astype(np.float32)
-            self.source = f"the MNIST-1D test set ({len(self.x)} samples)"
+            x_test = load_data(manifest["dataset"], "cpu").x_test.numpy().astype(np.float32)
+            self.x = x_test[:POOL_ROWS]
+            self.source = f"the artifact's MNIST-1D test set (its first {len(self.x)} samples)"
         else:
             low, high = manifest["input"]["range"]
             rng = np.random.default_rng(seed)
-            self.x = rng.uniform(low, high, size=(1024, *manifest["input"]["shape"])).astype(np.float32)
-            self.source = "1024 uniform samples in the manifest's input range"
+            self.x = rng.uniform(low, high, size=(POOL_ROWS, *manifest["input"]["shape"])).astype(np.float32)
+            self.source = f"{POOL_ROWS} uniform samples in the manifest's input range"
         session = ort.InferenceSession(str(artifact / "ensemble.onnx"), providers=["CPUExecutionProvider"])
         self.probabilities = session.run(["probabilities"], {"x": self.x})[0]
         self.predictions = self.probabilities.argmax(axis=1)
