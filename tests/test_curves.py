@@ -1,4 +1,4 @@
-"""Curves: the coefficient formulas (DESIGN.md), the generic wrapper over any nn.Module, BN
+"""Curves: the coefficient formulas (docs/design.md), the generic wrapper over any nn.Module, BN
 re-estimation, and the MNIST-1D result (a low-loss curve where the straight line is not).
 """
 
@@ -59,7 +59,7 @@ def test_bezier_coefficients_are_the_bernstein_basis() -> None:
 
 
 def _polychain3(t: float) -> list[float]:
-    """DESIGN.md: 2(tθ + (0.5−t)w0) for t ≤ 0.5; 2((t−0.5)w1 + (1−t)θ) for t > 0.5."""
+    """docs/design.md: 2(tθ + (0.5−t)w0) for t ≤ 0.5; 2((t−0.5)w1 + (1−t)θ) for t > 0.5."""
     return [2 * (0.5 - t), 2 * t, 0.0] if t <= 0.5 else [0.0, 2 * (1 - t), 2 * (t - 0.5)]
 
 

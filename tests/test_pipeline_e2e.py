@@ -19,7 +19,7 @@ from training.networks import dataset_spec, load_data
 ROOT = Path(__file__).resolve().parents[1]
 REDUCED = ["--set", "train.epochs=8", "--set", "train.save_every=4", "--set", "curve.epochs=4",
            "--set", "curve.eval_points=11", "--set", "fge.epochs=2", "--set", "fge.cycle_epochs=1",
-           "--set", "export.bn_grid_points=11"]
+           "--set", "export.bn_grid_points=11", "--set", "export.max_bn_interpolation_pp=100"]
 
 
 def _pipeline(runs: Path, home: Path) -> subprocess.CompletedProcess:

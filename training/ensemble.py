@@ -1,6 +1,6 @@
 """Ensembles of ordinary checkpoints: `modeconn ensemble-eval`, and the report FGE and SSE write.
 
-The ensemble's prediction is the mean of the members' softmax outputs (DESIGN.md), not of
+The ensemble's prediction is the mean of the members' softmax outputs (docs/design.md), not of
 their logits. Any checkpoint that loads as a plain network can be a member (train runs'
 final.pt, FGE/SSE snapshots, curve points), as long as all share architecture and data set.
 """

@@ -1,7 +1,7 @@
 """`modeconn fge`: Fast Geometric Ensembling (Garipov et al. 2018) from a train run's checkpoint.
 
 FGE continues SGD from an epoch checkpoint (weights and optimizer state, momentum buffers
-included) with the triangular cyclical LR of DESIGN.md, and collects the weights in the
+included) with the triangular cyclical LR of docs/design.md, and collects the weights in the
 middle of every cycle (where lr = lr2) as an ordinary network checkpoint
 `run_dir/snapshots/snapshot-NNN.pt`, BN statistics recomputed on a copy.
 
@@ -40,7 +40,7 @@ from training.config import Config, ConfigError, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
 from training.loop import fit, load_resumable, resolve_device
-from training.networks import held_out_metrics, load_data, network_from_state
+from training.networks import epoch_metrics, held_out_metrics, load_data, network_from_state
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
 
@@ -158,7 +158,7 @@ def run_snapshots(
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
-        return held_out_metrics(model, data)
+        return epoch_metrics(model, data)
 
     fit(
         run_dir=run_dir,

@@ -89,13 +89,19 @@ def held_out_splits(data: Dataset) -> tuple[str, ...]:
     return ("val", "test") if len(data.y_val) else ("test",)
 
 
-def held_out_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
-    """Error, NLL, ECE and Brier of a network on the validation and test splits, keyed
-    val_* and test_* (settings are chosen on val_*; test_* is only reported)."""
+def epoch_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """What a training run logs after each epoch: validation metrics (the test split, often
+    much larger, only at the end), or test metrics for a data set without validation."""
+    return held_out_metrics(model, data, held_out_splits(data)[:1])
+
+
+def held_out_metrics(model: nn.Module, data: Dataset, splits: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Error, NLL and ECE of a network on the validation and test splits (or `splits`),
+    keyed val_* and test_* (settings are chosen on val_*; test_* is only reported)."""
     was_training = model.training
     model.eval()
     out = {}
-    for split in held_out_splits(data):
+    for split in splits or held_out_splits(data):
         metrics = classification_metrics(predict_probs(model, data, split), data.split(split)[1])
         out.update({f"{split}_{k}": v for k, v in metrics.items()})
     model.train(was_training)
