@@ -204,7 +204,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare", help="the paper's budget table: Ind vs SSE vs FGE ensembles at 1B, 2B, 3B",
         description="Train (or reuse) K independent networks, one FGE run and one SSE run per seed, and "
                     "write compare.md / compare.csv. Always continues what --out holds (finished sub-runs are "
-                    "skipped, interrupted ones resumed), so --resume is implied; --force starts over.",
+                    "skipped, interrupted ones resumed), so --resume is implied; --force starts over, deleting "
+                    "only what the comparison wrote in --out.",
     )
     _common(p, "compare")
     p.add_argument("--budgets", type=int, nargs="+", metavar="K", help="overrides compare.budgets (multiples of B = train.epochs)")

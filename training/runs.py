@@ -154,14 +154,15 @@ def _is_earlier_run(folder: Path, kind: str) -> bool:
 
 # ---------------------------------------------------------------- claiming and clearing
 def _clear(folder: Path, plan: _Plan) -> None:
+    # markers go last, and only with their folder: a folder that keeps a foreign file (and the
+    # top one, reused now) stays marked, so a crash or the next run still finds it the tool's
     for path in plan.files:
-        if path != folder / MARKER:  # the top marker stays: a crash here leaves a folder still ours
+        if path.name != MARKER:
             path.unlink(missing_ok=True)
     for path in plan.dirs:
-        try:
+        if {p.name for p in path.iterdir()} <= {MARKER}:
+            (path / MARKER).unlink(missing_ok=True)
             path.rmdir()
-        except OSError:  # something the tool did not write is inside: it stays
-            pass
     if plan.foreign:
         progress.log(f"[yellow]{escape(str(folder))}: --force kept what modeconn did not write there: "
                      f"{escape(_names(plan.foreign, folder))}[/yellow]")
@@ -198,6 +199,14 @@ def claim_folder(folder: Path, kind: str, *, force: bool, container: bool = Fals
             raise RunDirError(
                 f"{folder} is not empty and was not made by modeconn: {_names(entries, folder)}; "
                 "choose a new or empty folder for --out")
+        elif not earlier:  # a container adds its entries beside foreign ones, but overwrites none
+            if _is_earlier_run(folder, "run"):
+                raise RunDirError(f"{folder} holds a modeconn run (made by an earlier version), not a {kind} "
+                                  "root; choose another folder")
+            clash = [e for e in entries if e.name != MARKER and _match(e.name, LAYOUTS[kind]) == (True, None)]
+            if clash:
+                raise RunDirError(f"{folder} was not made by modeconn and holds files the {kind} would overwrite: "
+                                  f"{_names(clash, folder)}; choose a new or empty folder")
     if force and entries:
         _clear(folder, _plan(folder, LAYOUTS[kind]))
     folder.mkdir(parents=True, exist_ok=True)
@@ -207,8 +216,8 @@ def claim_folder(folder: Path, kind: str, *, force: bool, container: bool = Fals
 
 def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, final: Path) -> None:
     claim_folder(run_dir, "run", force=force)
-    has_run = (run_dir / "checkpoints").exists() or final.exists()
-    if has_run and not resume:
+    has_run = any((run_dir / "checkpoints").glob("epoch-*.pt")) or final.exists()
+    if has_run and not resume and not force:  # after --force only foreign files can be left
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
 
