@@ -40,7 +40,7 @@ from training.config import Config, ConfigError, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
 from training.loop import fit, load_resumable, resolve_device
-from training.networks import load_data, network_from_state, test_metrics
+from training.networks import held_out_metrics, load_data, network_from_state
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
 
@@ -78,7 +78,7 @@ def save_snapshot(
     if recomputed:
         recompute_bn(net, data)
     net.eval()
-    metrics = test_metrics(net, data)
+    metrics = held_out_metrics(net, data)
     extra = {k: v for k, v in fields.items() if k not in ("architecture", "dataset")}
     extra.update(kind=f"{fields['kind']}-snapshot", metrics=metrics, snapshot=info, bn_recomputed=recomputed)
     if recomputed:
@@ -158,7 +158,7 @@ def run_snapshots(
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
-        return test_metrics(model, data)
+        return held_out_metrics(model, data)
 
     fit(
         run_dir=run_dir,
@@ -246,7 +246,7 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         progress.log(f"[yellow]fge: the budget ({budget} iterations) is not a whole number of cycles ({cycle}); "
                      f"the last {budget % cycle} iterations add no snapshot[/yellow]")
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "fge.json")
-    start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), **test_metrics(model, data)}
+    start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), **held_out_metrics(model, data)}
     fields = {
         "kind": "fge",
         "architecture": state["architecture"],
