@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import io
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ from training.fge import finished_snapshot_run, run_fge
 from training.loop import checkpoint_path, resolve_device
 from training.metrics import classification_metrics
 from training.networks import dataset_spec, load_data
-from training.runs import RunDirError
+from training.runs import RunDirError, claim_folder
 from training.schedules import even_cycle_iterations
 from training.sse import run_sse
 from training.train import fge_start_epoch, finished_result, train_network
@@ -235,8 +234,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[str, Any]:
     """Train (or reuse) every sub-run, then write compare.md and compare.csv into `run_dir`."""
     started = time.perf_counter()
-    if force and run_dir.exists():
-        shutil.rmtree(run_dir)
+    claim_folder(run_dir, "compare", force=force, container=True)  # --force deletes only the comparison's own files
     device = resolve_device(config.device)
     data = load_data(dataset_spec(config), device)
     budgets = _check_budgets(config, iterations_per_epoch(data, config.fge.batch_size),

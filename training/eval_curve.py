@@ -177,9 +177,11 @@ def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> d
     """φ(t) with BN recomputed, saved as an ordinary checkpoint of the base architecture."""
     from training.checkpoint import model_checkpoint, save_checkpoint
     from training.networks import held_out_metrics
+    from training.runs import check_replaceable_checkpoint
 
     if not 0.0 <= t <= 1.0:
         raise ConfigError(f"--t must lie in [0, 1], got {t}")
+    check_replaceable_checkpoint(out, "curve-point")  # never over the run's own files or a user's
     dev = resolve_device(device)
     curve, state = load_curve(Path(path), dev)
     data = load_data(state["dataset"], dev)

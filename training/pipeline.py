@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from training.eval_curve import evaluate_curve
 from training.export import export_artifact
 from training.fge import finished_snapshot_run, run_fge
 from training.loop import checkpoint_path
+from training.runs import claim_folder
 from training.train import fge_start_epoch, finished_result, train_network
 
 
@@ -81,9 +81,7 @@ def run_pipeline(config: Config, root: Path, force: bool = False, out: Path | No
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
     under `config.export.name`, or to the folder `out`."""
     started = time.perf_counter()
-    if force and root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
+    claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)
     runs = [root / f"train-seed{s}" for s in seeds]
     with progress.display(), progress.task("pipeline", 6, transient=False) as advance:
