@@ -187,15 +187,18 @@ def test_fge_ensemble_is_the_mean_of_the_snapshots_probabilities(fge_run: tuple[
 def test_fge_starts_from_the_checkpoints_optimizer_state(train_run: Path) -> None:
     path = train_run / "checkpoints" / "epoch-0002.pt"
     saved = load_checkpoint(path)
-    settings = load_config(None, SETTINGS).fge
-    model, optimizer, _ = fge_start(path, settings, torch.device("cpu"))
+    config = load_config(None, SETTINGS)
+    settings = config.fge
+    begin = fge_start(path, config, torch.device("cpu"))
+    model, optimizer = begin.model, begin.optimizer
+    assert (begin.source, begin.momentum) == ("epoch checkpoint", "from checkpoint")
     buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     expected = [saved["optimizer"]["state"][i]["momentum_buffer"] for i in range(len(buffers))]
     assert all(torch.equal(b, e) for b, e in zip(buffers, expected, strict=True))
     assert any(b.abs().sum() > 0 for b in buffers)
     assert optimizer.param_groups[0]["momentum"] == settings.momentum
     # one step from the loaded state differs from one step of a zero-momentum start
-    fresh, _, _ = fge_start(path, settings, torch.device("cpu"))
+    fresh = fge_start(path, config, torch.device("cpu")).model
     cold = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=settings.momentum, weight_decay=settings.weight_decay)
     data = load_data(saved["dataset"], "cpu")
     x, y = data.x_train[:128], data.y_train[:128]
@@ -238,6 +241,58 @@ def test_fge_resume_after_sigkill_ends_with_the_same_snapshots(
 
 
 @pytest.mark.slow
+def test_fge_from_a_final_checkpoint_starts_with_fresh_momentum(
+    train_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    final = train_run / "final.pt"
+    begin = fge_start(final, load_config(None, SETTINGS), torch.device("cpu"))
+    assert (begin.source, begin.momentum) == ("checkpoint without optimizer state", "fresh")
+    assert len(begin.optimizer.state) == 0  # no momentum buffers: the first step starts them from its gradient
+    saved = load_checkpoint(final)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in begin.model.state_dict().items())
+    capsys.readouterr()
+    result = _cli_json(["fge", "--from", str(final), "--out", str(tmp_path), "--cycle", "1", "--epochs", "1", *SET_ARGS])
+    assert "no optimizer state: fresh momentum" in capsys.readouterr().err
+    assert (result["momentum"], result["start_source"], result["snapshots"]) == ("fresh", begin.source, 1)
+    report = json.loads((tmp_path / "fge.json").read_text())
+    assert report["start"]["momentum"] == report["settings"]["momentum_start"] == "fresh"
+    net, state = load_network(final)
+    assert result["start"] == pytest.approx(network_metrics(net, load_data(state["dataset"], "cpu")))
+    # the epoch checkpoint's run says the other thing
+    assert _cli_json(["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out", str(tmp_path / "kept"),
+                      "--cycle", "1", "--epochs", "1", *SET_ARGS])["momentum"] == "from checkpoint"
+
+
+@pytest.mark.slow
+def test_fge_from_a_bare_state_dict_takes_the_network_from_the_config(train_run: Path, tmp_path: Path) -> None:
+    net, state = load_network(train_run / "final.pt")
+    torch.save(net.state_dict(), tmp_path / "weights.pt")  # a plain torch state_dict, no modeconn fields
+    result = _cli_json(["fge", "--from", str(tmp_path / "weights.pt"), "--out", str(tmp_path / "run"),
+                        "--cycle", "1", "--epochs", "1", *SET_ARGS])
+    assert (result["momentum"], result["start_source"], result["snapshots"]) == ("fresh", "weights file", 1)
+    assert result["start"] == pytest.approx(network_metrics(net, load_data(state["dataset"], "cpu")))
+    snapshot = load_checkpoint(tmp_path / "run" / "snapshots" / "snapshot-001.pt")
+    assert snapshot["architecture"] == state["architecture"] == {"name": "cnn1d", "kwargs": {"width": 8}}
+    assert snapshot["dataset"] == state["dataset"]
+    assert snapshot["source"] == str(tmp_path / "weights.pt")
+
+
+@pytest.mark.slow
+def test_fge_bad_start_files_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
+    wide = build_network({"name": "cnn1d", "kwargs": {"width": 16}}, 10)
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")  # the config's model is width 8
+    cases = ((tmp_path / "wide.pt", "shape mismatch"), (tmp_path / "missing.pt", "does not exist"))
+    for path, words in cases:
+        proc = subprocess.run([sys.executable, "-m", "training.cli", "fge", "--from", str(path),
+                               "--out", str(tmp_path / "run"), *SET_ARGS],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr
+        assert len(lines) == 1 and str(path) in lines[0] and words in lines[0], proc.stderr
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
 def test_fge_no_bn_update_keeps_the_running_averages(train_run: Path, tmp_path: Path) -> None:
     result = _cli_json(["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out",
                         str(tmp_path), "--cycle", "1", "--epochs", "1", "--no-bn-update", *SET_ARGS])
@@ -255,8 +310,9 @@ def test_fge_user_errors_name_the_field_or_file(train_run: Path, tmp_path: Path,
     missing = str(tmp_path / "nope.pt")
     assert main(["fge", "--from", missing, "--out", str(tmp_path / "b"), *SET_ARGS]) == 2
     assert missing in capsys.readouterr().err
-    assert main(["fge", "--from", str(train_run / "final.pt"), "--out", str(tmp_path / "c"), *SET_ARGS]) == 2
-    assert "optimizer" in capsys.readouterr().err
+    torch.save({"not": "weights"}, tmp_path / "other.pt")
+    assert main(["fge", "--from", str(tmp_path / "other.pt"), "--out", str(tmp_path / "c"), *SET_ARGS]) == 2
+    assert f"{tmp_path / 'other.pt'} is neither a modeconn checkpoint nor a state_dict" in capsys.readouterr().err
     assert main(["fge", "--from", start, "--out", str(tmp_path / "d"), "--cycle", "2", "--epochs", "1", *SET_ARGS]) == 2
     assert "fge.epochs" in capsys.readouterr().err
 

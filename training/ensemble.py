@@ -217,7 +217,7 @@ def snapshot_report(
         **{name: str(p) for name, p in paths.items()},
         "lr_csv": str(run_dir / "lr.csv"),
         "snapshots": len(snapshots),
-        "start": {k: start[k] for k in ("test_error", "test_nll", "test_ece")} if start else None,
+        "start": {k: v for k, v in start.items() if k.startswith(("test_", "val_"))} if start else None,
         "ensemble": final,
         "ensemble_running_bn": final_running,
         # recomputed minus running averages: negative = recomputing BN helps
