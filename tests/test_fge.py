@@ -183,6 +183,36 @@ def test_fge_ensemble_is_the_mean_of_the_snapshots_probabilities(fge_run: tuple[
     assert result["ensemble_running_bn"]["test_nll"] != result["ensemble"]["test_nll"]
 
 
+def flat_parameters(path: Path) -> torch.Tensor:
+    """A checkpoint's parameters (named_parameters of its architecture; BN buffers left out) as one vector."""
+    state = load_checkpoint(path)
+    names = [name for name, _ in build_network(state["architecture"], 10).named_parameters()]
+    assert len(names) < len(state["model"])  # the state_dict also holds BN buffers; they do not count
+    return torch.cat([state["model"][name].double().flatten() for name in names])
+
+
+@pytest.mark.slow
+def test_fge_weight_distances_equal_a_direct_computation(fge_run: tuple[Path, dict], train_run: Path) -> None:
+    run_dir, _ = fge_run
+    snapshots = sorted((run_dir / "snapshots").glob("snapshot-*.pt"))
+    start = flat_parameters(train_run / "checkpoints" / "epoch-0002.pt")  # the --from file itself
+    vectors = [flat_parameters(p) for p in snapshots]
+    report = json.loads((run_dir / "fge.json").read_text())
+    table = read_lr_csv(run_dir / "fge.csv")
+    assert len(report["members"]) == len(table) == len(vectors) == 4
+    for k, (row, line) in enumerate(zip(report["members"], table, strict=True)):
+        from_start = float((vectors[k] - start).norm())
+        assert row["distance_from_start"] == pytest.approx(from_start, rel=1e-9)
+        assert float(line["distance_from_start"]) == pytest.approx(from_start, rel=1e-9)
+        if k == 0:
+            assert row["distance_from_previous"] is None and line["distance_from_previous"] == ""
+        else:
+            step = float((vectors[k] - vectors[k - 1]).norm())
+            assert step > 0 and row["distance_from_previous"] == pytest.approx(step, rel=1e-9)
+            assert float(line["distance_from_previous"]) == pytest.approx(step, rel=1e-9)
+    assert load_checkpoint(run_dir / "start.pt")["kind"] == "fge-start"
+
+
 @pytest.mark.slow
 def test_fge_starts_from_the_checkpoints_optimizer_state(train_run: Path) -> None:
     path = train_run / "checkpoints" / "epoch-0002.pt"
@@ -335,6 +365,14 @@ def test_sse_one_snapshot_per_cycle_with_cosine_lr(tmp_path: Path) -> None:
     expected = classification_metrics(mean, labels_of(snapshots[0]))
     assert result["ensemble"]["test_nll"] == pytest.approx(expected["nll"], rel=1e-9)
     assert result["start"] is None
+    # distances from the initialisation: the seeded network fresh_network builds
+    torch.manual_seed(config.seed)
+    init = build_network({"name": "cnn1d", "kwargs": {"width": 8}}, 10)
+    origin = torch.cat([p.detach().double().flatten() for p in init.parameters()])
+    rows = json.loads((tmp_path / "sse.json").read_text())["members"]
+    vectors = [flat_parameters(p) for p in snapshots]
+    assert rows[0]["distance_from_start"] == pytest.approx(float((vectors[0] - origin).norm()), rel=1e-9)
+    assert rows[1]["distance_from_previous"] == pytest.approx(float((vectors[1] - vectors[0]).norm()), rel=1e-9)
 
 
 # ---------------------------------------------------------------- ensemble-eval

@@ -172,6 +172,29 @@ def _table_csv(header: list[str], rows: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------- the FGE / SSE report
+def parameter_vector(path: Path) -> torch.Tensor:
+    """A network checkpoint's parameters as one float64 vector (BN running statistics left out)."""
+    model, _ = load_network(path)
+    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+
+
+def weight_distances(snapshots: list[Path], start: Path | None) -> list[dict[str, float | None]]:
+    """Per snapshot, the Euclidean distance in weight space from the starting weights and from the
+    previous snapshot (None for the first). Parameters only, as in the paper's figure: BN
+    buffers are statistics of the data, recomputed per snapshot, not weights."""
+    origin = parameter_vector(start) if start is not None and start.is_file() else None
+    rows: list[dict[str, float | None]] = []
+    previous = None
+    for path in snapshots:
+        current = parameter_vector(path)
+        rows.append({
+            "distance_from_start": None if origin is None else float((current - origin).norm()),
+            "distance_from_previous": None if previous is None else float((current - previous).norm()),
+        })
+        previous = current
+    return rows
+
+
 def snapshot_report(
     method: str,
     run_dir: Path,
@@ -180,14 +203,18 @@ def snapshot_report(
     lr_rows: dict[int, float],
     start: dict[str, Any] | None,
     settings: dict[str, Any],
+    start_weights: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the ensemble as snapshots are added; write METHOD.json/.csv/.png; return the summary.
 
     Each snapshot is evaluated twice: as saved (BN recomputed, unless the run kept the
     running averages) and with the running averages of the training model at collection
-    time, which the snapshot keeps beside (see fge.save_snapshot).
+    time, which the snapshot keeps beside (see fge.save_snapshot). `start_weights` is the
+    network the run started from (FGE: its --from network; SSE: the initialisation), for the
+    distances in weight space.
     """
     members = predict_members(snapshots, data.x_test.device, data, running_bn=True)
+    distances = weight_distances(snapshots, start_weights)
     assert members.running_probs is not None
     labels = data.y_test
     growing = growing_ensemble(members.probs, labels)
@@ -207,6 +234,7 @@ def snapshot_report(
             **{f"ensemble_{key}": v for key, v in growing[k].items() if key != "members"},
             **{f"running_bn_member_{key}": v for key, v in own_running[k].items()},
             **{f"running_bn_ensemble_{key}": v for key, v in growing_running[k].items() if key != "members"},
+            **distances[k],
         })
     final = {k: v for k, v in growing[-1].items() if k != "members"}
     final_running = {k: v for k, v in growing_running[-1].items() if k != "members"}
@@ -223,6 +251,7 @@ def snapshot_report(
         # recomputed minus running averages: negative = recomputing BN helps
         "bn_recompute_effect": {k: final[k] - final_running[k] for k in final} if bn_recomputed else None,
         "disagreement": disagreement(members.probs),
+        "start_weights": str(start_weights) if start_weights is not None else None,
     }
     report = {
         "method": method,
@@ -254,7 +283,7 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
 
     name = method.upper()
     k = [r["members"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     iterations = sorted(lr_rows)
     axes[0].plot(iterations, [lr_rows[i] for i in iterations], lw=1.5)
     axes[0].plot([r["iteration"] for r in rows], [r["lr"] for r in rows], "o", color="C3", label="snapshot collected")
@@ -270,6 +299,15 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
         ax.set(xlabel="number of members", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
+    # the paper's third panel: how far apart the snapshots are in weight space
+    for key, label, style in (("distance_from_start", "from the starting weights", "o-"),
+                              ("distance_from_previous", "from the previous snapshot", "s--")):
+        points = [(r["members"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            axes[3].plot(*zip(*points, strict=True), style, label=label)
+    axes[3].set(xlabel="snapshot", ylabel="‖Δw‖ (parameters)", title="distance in weight space")
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[3].legend()
     fig.suptitle(f"{name}: members and ensemble")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -4,7 +4,8 @@ FGE continues SGD from an epoch checkpoint (weights and optimizer state, momentu
 included: the paper's setting), or from any network checkpoint or bare state_dict with
 fresh momentum (see fge_start), with the triangular cyclical LR of DESIGN.md, and collects the weights in the
 middle of every cycle (where lr = lr2) as an ordinary network checkpoint
-`run_dir/snapshots/snapshot-NNN.pt`, BN statistics recomputed on a copy.
+`run_dir/snapshots/snapshot-NNN.pt`, BN statistics recomputed on a copy. The weights it
+starts from are kept as `run_dir/start.pt` (for the report's distances in weight space).
 
 Budget: round(fge.epochs x iterations per epoch) iterations; a snapshot is collected only in a
 cycle that ends inside the budget, so the number of snapshots = budget // cycle.
@@ -145,6 +146,12 @@ def run_snapshots(
     # fit's checkpoint; a resume drops the rows after the point it restarts from.
     lr_rows = read_lr_log(lr_path) if resume else {}
     first_call = True
+    # the weights the run starts from, for the report's distances (the model is still at its
+    # start here: fit loads a resumed run's state later, so a resume writes the same file)
+    start_weights = run_dir / "start.pt"
+    if not start_weights.is_file():
+        save_checkpoint(start_weights, model_checkpoint(model, fields["architecture"], fields["dataset"],
+                                                        kind=f"{method}-start", source=fields.get("source")))
 
     def lr_at(epoch: int, iteration: int) -> float:
         nonlocal first_call
@@ -196,6 +203,7 @@ def run_snapshots(
         lr_rows={i: lr for i, (lr, _) in lr_rows.items()},
         start=start,
         settings={**settings, "budget_iterations": budget, "iterations_per_epoch": steps_per_epoch},
+        start_weights=start_weights,
     )
     result["seconds"] = time.perf_counter() - started
     return result
