@@ -396,6 +396,22 @@ def test_ensemble_eval_of_a_mix_equals_an_independent_computation(
     assert result["disagreement"] == pytest.approx(disagree)
     assert result["member_metrics"][0]["test_nll"] == pytest.approx(classification_metrics(members[0], labels)["nll"])
     assert json.loads((tmp_path / "ensemble.json").read_text())["members"] == 6
+    # intervals: the ensemble against the first member and against the member with the lowest test error
+    n = len(labels)
+    assert result["test_size"] == n
+    best = int(np.argmin([classification_metrics(m, labels)["error"] for m in members]))
+    index = np.random.default_rng(0).integers(0, n, size=(1000, n))  # statistics.py's documented draws
+    ens_nll = -np.log(mean[torch.arange(n), labels].numpy())
+    for name, k in (("ensemble - first member", 0), ("ensemble - best member", best)):
+        cell = result["differences"][name]
+        assert cell["member"] == str(files[k])
+        err = (mean.argmax(1) != labels).double().numpy() * 100 - (members[k].argmax(1) != labels).double().numpy() * 100
+        nll_diff = ens_nll + np.log(members[k][torch.arange(n), labels].numpy())
+        for key, d in (("error", err), ("nll", nll_diff)):
+            low, high = np.percentile(d[index].mean(axis=1), [2.5, 97.5])
+            assert (cell[key]["mean"], cell[key]["low"], cell[key]["high"]) == pytest.approx((d.mean(), low, high), abs=1e-9)
+            assert cell[key]["resamples"] == 1000
+    assert result["differences"]["ensemble - best member"]["chosen_on"] == "test_error"
     assert (tmp_path / "ensemble.csv").read_text().count("\n") == 1 + 6 + 1  # header, members, ensemble
 
 

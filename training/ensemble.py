@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from serving.errors import ModeconnError
-from training import progress
+from training import progress, statistics
 from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from training.data import Dataset
 from training.loop import resolve_device
@@ -126,23 +126,39 @@ def member_metrics(member_probs: torch.Tensor, labels: torch.Tensor) -> list[dic
 
 
 # ---------------------------------------------------------------- modeconn ensemble-eval
+def _best_member(rows: list[dict[str, Any]]) -> tuple[int, str]:
+    """The member with the lowest validation error where members have one, else the lowest test error."""
+    key = "val_error" if all("val_error" in r for r in rows) else "test_error"
+    return min(range(len(rows)), key=lambda i: rows[i][key]), key
+
+
 def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
-    """Error, NLL and ECE of the ensemble of `paths` and of each member; mean pairwise disagreement."""
+    """Error, NLL, ECE and Brier of the ensemble of `paths` and of each member; mean pairwise
+    disagreement; paired bootstrap intervals of ensemble − best member and ensemble − first member."""
     started = time.perf_counter()
     files = expand_members(paths)
     members = predict_members(files, resolve_device(device))
     labels = members.data.y_test
-    ensemble = with_test_prefix(classification_metrics(ensemble_probs(members.probs), labels))
+    combined = ensemble_probs(members.probs)
+    ensemble = with_test_prefix(classification_metrics(combined, labels))
     rows = [
         {"checkpoint": str(path), "kind": state.get("kind", "train"), **metrics}
         for path, state, metrics in zip(files, members.states, member_metrics(members.probs, labels), strict=True)
     ]
+    best, chosen_on = _best_member(rows)
+    differences = {
+        name: {"member": str(files[i]), **statistics.intervals_json(statistics.compare_probs(combined, members.probs[i], labels))}
+        for name, i in (("ensemble - best member", best), ("ensemble - first member", 0))
+    }
+    differences["ensemble - best member"]["chosen_on"] = chosen_on
     result: dict[str, Any] = {
         "members": len(files),
         "ensemble": ensemble,
         "disagreement": disagreement(members.probs),
         "member_metrics": rows,
         "growing": growing_ensemble(members.probs, labels),
+        "differences": differences,
+        "test_size": len(labels),
         "architecture": members.states[0]["architecture"],
         "dataset": members.states[0]["dataset"].get("name"),
     }
@@ -151,15 +167,18 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         result["json"], result["csv"] = str(out_dir / "ensemble.json"), str(out_dir / "ensemble.csv")
         atomic_write_json(out_dir / "ensemble.json", result)
         atomic_write_text(out_dir / "ensemble.csv", _table_csv(
-            ["checkpoint", "kind", "test_error", "test_nll", "test_ece"],
+            ["checkpoint", "kind", "test_error", "test_nll", "test_ece", "test_brier"],
             [*rows, {"checkpoint": "ensemble", "kind": f"{len(files)} members", **ensemble}],
         ))
-    best = min(r["test_error"] for r in rows)
     progress.log(
-        f"ensemble-eval: {len(files)} members, ensemble test error {ensemble['test_error']:.2f} % "
-        f"(best member {best:.2f} %), NLL {ensemble['test_nll']:.4f}, ECE {ensemble['test_ece']:.4f}, "
+        f"ensemble-eval: {len(files)} members, {len(labels)} test examples, ensemble test error "
+        f"{ensemble['test_error']:.2f} % (best member {rows[best]['test_error']:.2f} %, lowest {chosen_on}), "
+        f"NLL {ensemble['test_nll']:.4f}, ECE {ensemble['test_ece']:.4f}, Brier {ensemble['test_brier']:.4f}, "
         f"disagreement {result['disagreement']:.3f}  ({time.perf_counter() - started:.1f}s)"
     )
+    for name, cell in differences.items():
+        intervals = {k: statistics.Interval(**cell[k]) for k in statistics.LOSSES}
+        progress.log(f"  {name} (95 % interval): {statistics.differences_text(intervals)}")
     return result
 
 

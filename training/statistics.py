@@ -137,3 +137,12 @@ def mean_std(values: Sequence[float]) -> dict[str, float | int]:
 
 def intervals_json(intervals: Mapping[str, Interval]) -> dict[str, dict[str, float | int]]:
     return {k: v.as_dict() for k, v in intervals.items()}
+
+
+DIGITS = {"error": 2, "nll": 4, "brier": 4}
+LABELS = {"error": "error (pp)", "nll": "NLL", "brier": "Brier"}
+
+
+def differences_text(intervals: Mapping[str, Interval]) -> str:
+    """`error (pp) -0.40 [-0.80, -0.05], NLL ..., Brier ...` for a log line."""
+    return ", ".join(f"{LABELS[k]} {v.text(DIGITS[k])}" for k, v in intervals.items())
