@@ -437,7 +437,7 @@ def test_ensemble_eval_errors_clearly(train_run: Path, tmp_path: Path, capsys: p
 # ---------------------------------------------------------------- compare
 @pytest.mark.slow
 def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "1", "--device", "cpu",
+    argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "2", "--device", "cpu",
             "--set", "model.kwargs.width=8", "--set", "train.epochs=2", "--set", "fge.start_fraction=0.5",
             "--set", "fge.cycle_epochs=1", "--set", "sse.cycle_epochs=1"]
     result = _cli_json(argv)
@@ -448,13 +448,57 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
         assert any(line.startswith(f"| {method} |") for line in table.splitlines())
     with (tmp_path / "compare.csv").open() as f:
         rows = list(csv.DictReader(f))
-    members = {(r["method"], int(r["k"])): int(r["members"]) for r in rows}
+    members = {(r["method"], int(r["k"]), int(r["seed"])): int(r["members"]) for r in rows}
     # FGE: 1 + (k-1)*2 FGE epochs after epoch 1 of 2, cycle 1 epoch; SSE: 2k cycles of 1 epoch
-    assert members == {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4}
+    assert members == {(m, k, s): c for s in (0, 1) for (m, k), c in
+                       {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4}.items()}
     assert result["table"]["FGE"]["2B"]["members"] == 3
+    _check_compare_intervals(tmp_path, result, table)
     finished = tmp_path / "seed-0" / "fge" / "fge.json"
     stamp = finished.stat().st_mtime_ns
     assert _cli_json(argv)["table"] == result["table"]  # all sub-runs reused, the same numbers
     assert finished.stat().st_mtime_ns == stamp
     assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other SSE settings: refused
     assert f"{tmp_path / 'seed-0' / 'sse'} was made with other sse settings" in capsys.readouterr().err
+
+
+def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
+    """FGE − Ind at 2B and FGE − single network at 1B, recomputed from the sub-runs' files."""
+    seeds = [run_dir / f"seed-{s}" for s in (0, 1)]
+    labels = labels_of(seeds[0] / "ind-0" / "final.pt")
+    n = len(labels)
+    assert result["test_size"] == n and f"Test set: {n:,} examples" in table
+
+    def errors(probs: torch.Tensor) -> np.ndarray:
+        return (probs.argmax(1) != labels).double().numpy() * 100
+
+    def brier(probs: torch.Tensor) -> np.ndarray:
+        return ((probs - torch.nn.functional.one_hot(labels, probs.shape[1]).double()) ** 2).sum(1).numpy()
+
+    index = np.random.default_rng(0).integers(0, n, size=(1000, n))
+    fge2 = [ensemble_by_hand(sorted((d / "fge" / "snapshots").glob("snapshot-*.pt"))[:3])[1] for d in seeds]
+    ind2 = [ensemble_by_hand([d / "ind-0" / "final.pt", d / "ind-1" / "final.pt"])[1] for d in seeds]
+    fge1 = [ensemble_by_hand(sorted((d / "fge" / "snapshots").glob("snapshot-*.pt"))[:1])[1] for d in seeds]
+    single = [ensemble_by_hand([d / "ind-0" / "final.pt"])[1] for d in seeds]
+    for name, budget, a, b in (("FGE - Ind", "2B", fge2, ind2), ("FGE - single network", "1B", fge1, single)):
+        cell = result["differences"][name][budget]
+        for metric, per_example in (("error", errors), ("brier", brier)):
+            per_seed = [per_example(x) - per_example(y) for x, y in zip(a, b, strict=True)]
+            for s, d in enumerate(per_seed):
+                low, high = np.percentile(d[index].mean(axis=1), [2.5, 97.5])
+                got = cell["per_seed"][s][metric]
+                assert (got["mean"], got["low"], got["high"]) == pytest.approx((d.mean(), low, high), abs=1e-9)
+            d = (per_seed[0] + per_seed[1]) / 2  # the seed mean, resampled with the same indices
+            low, high = np.percentile(d[index].mean(axis=1), [2.5, 97.5])
+            got = cell["seed_mean"][metric]
+            assert (got["mean"], got["low"], got["high"]) == pytest.approx((d.mean(), low, high), abs=1e-9)
+            means = [x.mean() for x in per_seed]
+            assert cell["over_seeds"][metric]["mean"] == pytest.approx(np.mean(means), abs=1e-9)
+            assert cell["over_seeds"][metric]["std"] == pytest.approx(np.std(means, ddof=1), abs=1e-9)
+    assert "| FGE − Ind | error (pp) |" in table and "| FGE − SSE | NLL |" in table
+    mean = result["differences"]["FGE - Ind"]["2B"]["seed_mean"]["error"]
+    assert f"{mean['mean']:+.2f} [{mean['low']:+.2f}, {mean['high']:+.2f}]" in table
+    with (run_dir / "compare_differences.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 3 * 2 * 3 * 3  # comparisons x budgets x metrics x (2 seeds + mean)
+    assert json.loads((run_dir / "compare.json").read_text())["differences"] == result["differences"]

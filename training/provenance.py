@@ -64,6 +64,6 @@ def markdown_lines(info: dict[str, Any]) -> list[str]:
         f"torch {m['torch']}, Python {m['python']}.",
         f"- Date: {info['date']}.",
         f"- Test set: {info['test_size']:,} examples. Intervals: paired bootstrap over the test examples, "
-        f"{b['level']:.0%} percentile interval, {b['resamples']} resamples, seed {b['seed']}; "
+        f"{b['level'] * 100:g} % percentile interval, {b['resamples']} resamples, seed {b['seed']}; "
         "error differences in percentage points.",
     ]
