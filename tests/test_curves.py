@@ -23,9 +23,8 @@ from models import build_model
 from training import cli
 from training.bn import recompute_bn, update_bn
 from training.curves import CurveModel, bezier_coefficients, network_at, polychain_coefficients
-from training.data import build_dataset
+from training.networks import held_out_metrics as network_test_metrics
 from training.networks import load_network
-from training.networks import test_metrics as network_test_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("modeconn")
@@ -271,8 +270,8 @@ def test_l2_term_is_the_squared_norm_of_the_weights_at_t() -> None:
 
 # ------------------------------------------------------------------ BatchNorm
 @pytest.fixture(scope="module")
-def mnist1d():
-    return build_dataset("mnist1d")
+def mnist1d(demo_data):  # noqa: ANN001, ANN201
+    return demo_data
 
 
 def test_recompute_bn_is_the_cumulative_average_of_batch_statistics(mnist1d) -> None:

@@ -36,7 +36,12 @@ from training import progress, provenance, statistics
 from training.checkpoint import atomic_write_json, atomic_write_text
 from training.config import Config, ConfigError
 from training.data import Dataset, iterations_per_epoch
-from training.ensemble import ensemble_probs, expand_members, predict_members, with_test_prefix
+from training.ensemble import (
+    ensemble_probs,
+    expand_members,
+    predict_members,
+    split_prefixed,
+)
 from training.fge import finished_snapshot_run, run_fge
 from training.loop import checkpoint_path, resolve_device
 from training.metrics import classification_metrics
@@ -170,9 +175,12 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
         for method in METHODS:
             if counts[method] == 0:
                 raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
-            probs = ensemble_probs(members[method].probs[:counts[method]])
+            chosen, count = members[method], counts[method]
+            probs = ensemble_probs(chosen.probs[:count])
+            val = {} if chosen.val_probs is None else split_prefixed(
+                classification_metrics(ensemble_probs(chosen.val_probs[:count]), data.y_val), "val")
             rows.append({"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed,
-                         "members": counts[method], **with_test_prefix(classification_metrics(probs, data.y_test))})
+                         "members": count, **val, **split_prefixed(classification_metrics(probs, data.y_test))})
             losses[method, k] = statistics.per_example_losses(probs, data.y_test)
         losses["single", k] = single
     return rows, losses
@@ -185,9 +193,12 @@ def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict
         for k in budgets:
             cell = [r for r in rows if r["method"] == method and r["k"] == k]
             entry: dict[str, float] = {}
-            for metric in ("error", "nll", "ece", "brier"):
-                spread = statistics.mean_std([r[f"test_{metric}"] for r in cell])
-                entry[f"test_{metric}_mean"], entry[f"test_{metric}_std"] = spread["mean"], spread["std"]
+            metrics = [("test", m) for m in ("error", "nll", "ece", "brier")]
+            if "val_nll" in cell[0]:
+                metrics += [("val", "error"), ("val", "nll")]
+            for split, metric in metrics:
+                spread = statistics.mean_std([r[f"{split}_{metric}"] for r in cell])
+                entry[f"{split}_{metric}_mean"], entry[f"{split}_{metric}_std"] = spread["mean"], spread["std"]
             entry["members"] = statistics.mean_std([r["members"] for r in cell])["mean"]
             entry["seeds"] = len(cell)
             table.setdefault(method, {})[k] = entry
@@ -283,7 +294,8 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "k", "budget_epochs", "seed", "members", "test_error", "test_nll", "test_ece", "test_brier"]
+    header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
+              "test_error", "test_nll", "test_ece", "test_brier"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
     writer.writeheader()

@@ -25,6 +25,12 @@ class _Strict(BaseModel):
 class DataSettings(_Strict):
     name: str = "mnist1d"
     root: str | None = None  # folder holding the CIFAR archives; a cache folder for MNIST-1D
+    # validation hold-out of the training set, for choosing settings (never the test split);
+    # None: the data set's default (MNIST-1D 10 % of its training part, CIFAR 5000 images)
+    val_size: int | None = Field(None, ge=0)
+    split_seed: int = 0
+    # MNIST-1D only: the mnist1d package's generation parameters (get_dataset_args fields)
+    generation: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelSettings(_Strict):

@@ -39,6 +39,7 @@ from training.metrics import classification_metrics
 from training.networks import load_data, load_network, predict_probs
 
 OPSET = 18
+DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
 
 
 class ExportError(ModeconnError):
@@ -326,7 +327,9 @@ def _build(work, nets, states, sources, curve, curve_state, data, normalize, x_c
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "architecture": first["architecture"],
-        "dataset": {"name": info["name"], "num_classes": data.num_classes, "class_names": data.class_names},
+        # sizes, split seed and (MNIST-1D) generation parameters: enough to make the same data again
+        "dataset": {"name": info["name"], "num_classes": data.num_classes, "class_names": data.class_names,
+                    **{k: v for k, v in data.describe().items() if k in DATA_PROVENANCE}},
         "input": {"shape": list(data.input_shape), "dtype": "float32", "range": list(data.value_range),
                   "normalization": {"mean": info["mean"], "std": info["std"]}},
         "files": {rel: file_record(work / rel) for rel in files},

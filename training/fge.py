@@ -47,9 +47,9 @@ from training.loop import fit, resolve_device
 from training.networks import (
     config_specs,
     dataset_spec,
+    held_out_metrics,
     load_data,
     network_from_state,
-    test_metrics,
 )
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
@@ -88,7 +88,7 @@ def save_snapshot(
     if recomputed:
         recompute_bn(net, data)
     net.eval()
-    metrics = test_metrics(net, data)
+    metrics = held_out_metrics(net, data)
     extra = {k: v for k, v in fields.items() if k not in ("architecture", "dataset")}
     extra.update(kind=f"{fields['kind']}-snapshot", metrics=metrics, snapshot=info, bn_recomputed=recomputed)
     if recomputed:
@@ -174,7 +174,7 @@ def run_snapshots(
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
-        return test_metrics(model, data)
+        return held_out_metrics(model, data)
 
     fit(
         run_dir=run_dir,
@@ -295,7 +295,7 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
     note = "momentum buffers kept" if begin.momentum == MOMENTUM_KEPT else "no optimizer state: fresh momentum"
     progress.log(f"fge: starting from {start} ({begin.source}; {note})")
     start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), "source": begin.source,
-                  "momentum": begin.momentum, **test_metrics(model, data)}
+                  "momentum": begin.momentum, **held_out_metrics(model, data)}
     fields = {
         "kind": "fge",
         "architecture": state["architecture"],

@@ -23,7 +23,9 @@ def architecture_spec(config: Config) -> dict[str, Any]:
 
 
 def dataset_spec(config: Config) -> dict[str, Any]:
-    return {"name": config.data.name, "root": config.data.root}
+    d = config.data
+    return {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
+            "generation": dict(d.generation)}
 
 
 def config_specs(config: Config, data: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -53,7 +55,10 @@ def fresh_network(
 
 
 def load_data(spec: dict[str, Any], device: torch.device | str) -> Dataset:
-    return build_dataset(spec["name"], root=spec.get("root"), device=device)
+    """The data a config section or a checkpoint's `dataset` record describes; checkpoints
+    from before the validation split (no `val_size`) get none, as they were trained."""
+    return build_dataset(spec["name"], root=spec.get("root"), device=device, val_size=spec.get("val_size", 0),
+                         split_seed=spec.get("split_seed", 0), generation=spec.get("generation") or None)
 
 
 def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -97,14 +102,19 @@ def predict_probs(forward: Forward, data: Dataset, split: str = "test", batch_si
     return torch.cat([torch.softmax(forward(x), dim=1) for x, _ in eval_batches(data, split, batch_size)])
 
 
-def labels(data: Dataset, split: str = "test") -> torch.Tensor:
-    return data.y_test if split == "test" else data.y_train
+def held_out_splits(data: Dataset) -> tuple[str, ...]:
+    """The splits a network is evaluated on: validation (when the data set has one) and test."""
+    return ("val", "test") if len(data.y_val) else ("test",)
 
 
-def test_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
-    """Test error, NLL and ECE of a network in eval mode, keyed test_*."""
+def held_out_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """Error, NLL, ECE and Brier of a network on the validation and test splits, keyed
+    val_* and test_* (settings are chosen on val_*; test_* is only reported)."""
     was_training = model.training
     model.eval()
-    metrics = classification_metrics(predict_probs(model, data, "test"), data.y_test)
+    out = {}
+    for split in held_out_splits(data):
+        metrics = classification_metrics(predict_probs(model, data, split), data.split(split)[1])
+        out.update({f"{split}_{k}": v for k, v in metrics.items()})
     model.train(was_training)
-    return {f"test_{k}": v for k, v in metrics.items()}
+    return out

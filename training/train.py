@@ -13,8 +13,8 @@ from training.loop import fit, resolve_device
 from training.networks import (
     dataset_spec,
     fresh_network,
+    held_out_metrics,
     load_data,
-    test_metrics,
 )
 from training.runs import prepare_run_dir
 from training.schedules import paper_learning_rate
@@ -46,11 +46,11 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
         checkpoint_fields=fields,
         save_every=settings.save_every,
         save_epochs=[fge_start_epoch(config)],
-        evaluate=lambda: test_metrics(model, data),
+        evaluate=lambda: held_out_metrics(model, data),
         resume=resume,
         description=f"train {config.name}",
     )
-    metrics = {**rows[-1], **test_metrics(model, data)}
+    metrics = {**rows[-1], **held_out_metrics(model, data)}
     save_checkpoint(final_path, model_checkpoint(model, **fields, metrics=metrics))
     seconds = time.perf_counter() - started
     progress.log(f"train {config.name}: test error {metrics['test_error']:.2f} %  ({seconds:.1f}s)")
