@@ -4,7 +4,9 @@ Endpoints
   POST /predict        {"inputs": N x input_shape}            -> ensemble.onnx
   POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> curve.onnx at phi(t) / mean over ts
   GET|POST /info       model card + execution provider + batching settings
+  GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
+  Every error answer is {"error": "...", "detail"?: [...]} (schemas.ErrorResponse).
 
 Process model and batching (the numbers the benchmark compares):
   workers: MODECONN_WORKERS (default DEFAULT_WORKERS; benchmarks/results/worker_kill-*).
@@ -62,13 +64,15 @@ from starlette.routing import Route
 from serving.artifact import Artifact, ArtifactError, load_artifact
 from serving.batching import BatchSettings, MicroBatcher, Overloaded
 from serving.env import env_flag, env_int
-from serving.middleware import RequestGuardMiddleware
+from serving.middleware import OpenAPIMiddleware, RequestGuardMiddleware
+from serving.openapi import openapi_document
 from serving.runtime import Runtime, SessionSettings, choose_providers, summarize
 from serving.schemas import (
     MAX_REQUEST_ROWS,
     MAX_TS,
     CurvePredictRequest,
     CurvePredictResponse,
+    ErrorResponse,
     InfoResponse,
     InputError,
     PredictRequest,
@@ -106,7 +110,18 @@ def _ok(body: BaseModel) -> Response:
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+    body = ErrorResponse(error=message).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _non_finite(probabilities: np.ndarray) -> JSONResponse | None:
+    """A 500 naming the rows whose output is not finite (JSON has no NaN; the contract
+    promises numbers). Inputs are bounded so that this should not happen."""
+    bad = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+    if not len(bad):
+        return None
+    logger.error("non-finite model output for rows %s", bad.tolist())
+    return _error(500, f"the model's output is not finite for inputs rows {bad[:10].tolist()}")
 
 
 @bentoml.service(
@@ -211,6 +226,8 @@ class ModeConnService:
             mean, members = await self._run("ensemble", None, x)
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
+        if (refusal := _non_finite(mean)) is not None:
+            return refusal
         return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names)))
 
     @bentoml.api(
@@ -235,6 +252,8 @@ class ModeConnService:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
         mean = stacked[0] if len(t_values) == 1 else stacked.mean(axis=0, dtype=np.float64)
+        if (refusal := _non_finite(mean)) is not None:
+            return refusal
         fields = summarize(mean, stacked, self.artifact.class_names)
         return _ok(CurvePredictResponse(**fields, ts=t_values))
 
@@ -329,8 +348,22 @@ class _ProbeReasons:
         await self.app(scope, receive, send)
 
 
+def _openapi() -> dict[str, Any] | None:
+    """The document for the served artifact; None before the service instance exists."""
+    try:
+        service = bentoml.get_current_service()
+    except bentoml.exceptions.BentoMLException:
+        return None
+    artifact = getattr(service, "artifact", None)
+    if artifact is None:  # a worker whose artifact failed to load: every route answers 503
+        return None
+    version = f"{artifact.name} {artifact.manifest['created_at']}"
+    return openapi_document(artifact, max_body_bytes=MAX_BODY_BYTES, version=version)
+
+
 # BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
 # (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
 ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, methods=["GET"])]))
 ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=MAX_BODY_BYTES)
 ModeConnService.add_asgi_middleware(_ProbeReasons)
+ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)
