@@ -74,11 +74,11 @@ OVERLOAD_CLIENTS = 48
 
 @pytest.fixture(scope="module")
 def servers(
-    served_artifact: Path, tmp_path_factory: pytest.TempPathFactory
+    built_artifact: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Server, Server]]:
     tmp = tmp_path_factory.mktemp("contract")
     home = tmp / "bentoml"
-    _store(served_artifact, MODEL, home)
+    _store(built_artifact, MODEL, home)
     main = _start(home, MODEL, tmp / "main.log")
     # One row may wait while one batch runs; everything beyond that is refused. One
     # onnxruntime thread makes each batch take long enough for requests to pile up.
@@ -106,8 +106,8 @@ def servers(
 
 
 @pytest.fixture(scope="module")
-def offline(served_artifact: Path) -> Offline:
-    return Offline(served_artifact)
+def offline(built_artifact: Path) -> Offline:
+    return Offline(built_artifact)
 
 
 def _schema(server: Server) -> Any:
@@ -120,9 +120,9 @@ def _schema(server: Server) -> Any:
 # -- the document ------------------------------------------------------------------------------
 
 
-def test_docs_json_states_the_artifacts_contract(servers: tuple[Server, Server], served_artifact: Path) -> None:
+def test_docs_json_states_the_artifacts_contract(servers: tuple[Server, Server], built_artifact: Path) -> None:
     doc = requests.get(servers[0].url + "/docs.json", timeout=30).json()
-    artifact = load_artifact(served_artifact)
+    artifact = load_artifact(built_artifact)
     assert doc == openapi_document(
         artifact, max_body_bytes=8 << 20, version=f"{artifact.name} {artifact.manifest['created_at']}"
     )

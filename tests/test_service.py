@@ -150,8 +150,8 @@ def _stop(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def artifact_dir(served_artifact: Path) -> Path:
-    return served_artifact  # conftest.py: built once, shared with tests/test_contract.py
+def artifact_dir(built_artifact: Path) -> Path:
+    return built_artifact
 
 
 @pytest.fixture(scope="module")
