@@ -139,7 +139,9 @@ class CurveGraph(nn.Module):
         self.curve_type, self.num_bends = curve.curve, curve.num_bends
         self.names, self.shapes, self.sizes = curve.names, curve.shapes, curve.sizes
         self.register_buffer("points", curve.control_points())
-        self.register_buffer("grid", torch.linspace(0, 1, grid_points) * (grid_points - 1))
+        # exact integers 0..n-1: a float32 linspace scaled by n-1 is off by an ulp, and the hat
+        # weights at a grid t then sum to 1 - 1e-6 (1e-5 in the probabilities)
+        self.register_buffer("grid", torch.arange(grid_points, dtype=torch.float32))
         self.bn_names = list(bn_grid)
         for i, name in enumerate(self.bn_names):
             self.register_buffer(f"bn_{i}", bn_grid[name])  # [grid_points, C]
