@@ -1,5 +1,9 @@
 """The `modeconn` command line: one subcommand per stage, all sharing the common options
-`--config`, `--out`, `--seed`, `--device`, `--resume`, `--force`, `--set`, `--json`."""
+`--config`, `--out`, `--seed`, `--device`, `--resume`, `--force`, `--set`, `--json`.
+
+`train`, `curve`, `fge` and `sse` also run under `torchrun --nproc_per_node=N` (one
+optimisation over N processes, training/distributed.py); the other commands run as one process.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import ModeconnError
+from training import distributed
 from training.config import Config, ConfigError, load_config, parse_set_overrides
+
+DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -252,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(f"{args.command} runs as one process; start it without torchrun "
+                              f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
         result = args.handler(args)
     except ConfigError as err:
         print(f"modeconn {args.command}: {err}", file=sys.stderr)
@@ -262,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"modeconn {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    if args.json:
+    finally:
+        distributed.shutdown()
+    if args.json and distributed.rank_from_env() == 0:
         print(json.dumps(result, default=str))
     return 0
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training import progress
+from training import distributed, progress
 from training.bn import recompute_bn
 from training.checkpoint import (
     CheckpointError,
@@ -39,8 +39,8 @@ from training.checkpoint import (
 from training.config import Config, ConfigError, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
-from training.loop import fit, load_resumable, resolve_device
-from training.networks import load_data, network_from_state, test_metrics
+from training.loop import fit, load_resumable
+from training.networks import load_data, network_from_state, stage_device, test_metrics
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
 
@@ -71,12 +71,16 @@ def save_snapshot(
     averages, which the next steps keep updating) is untouched. The running averages are
     kept beside the recomputed ones (`bn_running_averages`, a few KB) so the report can
     measure what the recomputation changes from the files alone, also after a resume.
+    Under torchrun every rank calls this (the recomputation is shared); rank 0 evaluates
+    and writes, the others return {}.
     """
     net = copy.deepcopy(model)
     running = bn_running_averages(net)
     recomputed = bn_update and bool(running)
     if recomputed:
         recompute_bn(net, data)
+    if not distributed.is_main():
+        return {}
     net.eval()
     metrics = test_metrics(net, data)
     extra = {k: v for k, v in fields.items() if k not in ("architecture", "dataset")}
@@ -126,6 +130,7 @@ def run_snapshots(
     resume: bool,
     settings: dict[str, Any],
     start: dict[str, Any] | None = None,
+    sync_batchnorm: bool = False,
 ) -> dict[str, Any]:
     """Train `budget` iterations with `learning_rate(i)` (i = this run's iteration from 1),
     save a snapshot wherever `collect_index(i)` names one, then write the report."""
@@ -154,7 +159,8 @@ def run_snapshots(
         info = {"method": method, "index": index, "iteration": iteration, "cycle_end": cycle_end(iteration),
                 "epoch": iteration / steps_per_epoch, "lr": learning_rate(iteration)}
         metrics = save_snapshot(snapshot_path(run_dir, index), model, data, fields, info, bn_update)
-        progress.log(f"{method} snapshot {index} at iteration {iteration}: test error {metrics['test_error']:.2f} %")
+        if metrics:
+            progress.log(f"{method} snapshot {index} at iteration {iteration}: test error {metrics['test_error']:.2f} %")
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
@@ -176,7 +182,11 @@ def run_snapshots(
         after_step=after_step,
         resume=resume,
         description=method,
+        sync_batchnorm=sync_batchnorm,
+        batch_setting=f"{method}.batch_size",
     )
+    if not distributed.is_main():
+        return {"run_dir": str(run_dir), "rank": distributed.rank()}
     write_lr_log(lr_path, lr_rows)
     points = collection_points(budget, collect_index)
     result = snapshot_report(
@@ -237,7 +247,7 @@ def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
 def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """FGE from the epoch checkpoint `start`; returns output paths and start/ensemble metrics."""
     settings = config.fge
-    device = resolve_device(config.device)
+    device = stage_device(config)
     model, optimizer, state = fge_start(start, settings, device)
     data = load_data(state["dataset"], device)
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
@@ -246,7 +256,8 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         progress.log(f"[yellow]fge: the budget ({budget} iterations) is not a whole number of cycles ({cycle}); "
                      f"the last {budget % cycle} iterations add no snapshot[/yellow]")
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "fge.json")
-    start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), **test_metrics(model, data)}
+    start_info = {"checkpoint": str(start), "epoch": state.get("epoch"),
+                  **(test_metrics(model, data) if distributed.is_main() else {})}
     fields = {
         "kind": "fge",
         "architecture": state["architecture"],
@@ -273,4 +284,5 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         resume=resume,
         settings={**settings.model_dump(), "cycle_iterations": cycle},
         start=start_info,
+        sync_batchnorm=config.distributed.sync_batchnorm,
     )

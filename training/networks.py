@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from models import ModelSpecError, build_model
+from training import distributed
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import Config, ConfigError
 from training.data import Dataset, build_dataset, eval_batches
+from training.loop import resolve_device
 from training.metrics import classification_metrics
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -52,7 +54,14 @@ def fresh_network(
 
 
 def load_data(spec: dict[str, Any], device: torch.device | str) -> Dataset:
-    return build_dataset(spec["name"], root=spec.get("root"), device=device)
+    with distributed.main_first():  # under torchrun rank 0 fills the data cache, the others read it
+        return build_dataset(spec["name"], root=spec.get("root"), device=device)
+
+
+def stage_device(config: Config) -> torch.device:
+    """The device of this process: the `device` setting, and under torchrun this rank's GPU
+    (the process group is joined here, with the `distributed.backend` setting)."""
+    return distributed.setup(resolve_device(config.device), config.distributed.backend)
 
 
 def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 
 from serving.errors import ModeconnError
+from training import distributed
 from training.checkpoint import atomic_write_text
 from training.config import Config
 
@@ -17,10 +18,13 @@ class RunDirError(ModeconnError):
 
 
 def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, final: Path) -> None:
-    if force and run_dir.exists():
+    """Every rank checks (so all fail alike); rank 0 alone deletes and writes."""
+    if force and run_dir.exists() and distributed.is_main():
         shutil.rmtree(run_dir)
+    distributed.barrier()
     has_run = (run_dir / "checkpoints").exists() or final.exists()
     if has_run and not resume:
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
