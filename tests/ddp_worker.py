@@ -22,13 +22,16 @@ from training.checkpoint import atomic_write_bytes
 from training.config import ConfigError, load_config
 from training.curve_train import fit_curve
 from training.curves import CurveModel
+from training.fge import run_fge
 from training.networks import load_data, load_network, stage_device
+from training.sse import run_sse
 from training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
 NO_BN = {"model.kwargs": {"width": 8, "batchnorm": False}}
 BN = {"model.kwargs": {"width": 8}}
-TINY = {"device": "cpu", "train.epochs": 2, "train.save_every": 1, "curve.epochs": 1, "curve.save_every": 1}
+TINY = {"device": "cpu", "train.epochs": 2, "train.save_every": 1, "curve.epochs": 1, "curve.save_every": 1,
+        "fge.epochs": 1, "fge.cycle_epochs": 1, "sse.epochs": 1, "sse.cycle_epochs": 1}
 
 
 def config(**overrides: object):  # noqa: ANN201
@@ -56,6 +59,10 @@ def main(out: Path, start: Path, end: Path) -> None:
     fit_curve(config(**NO_BN), start, end, out / "curve-nobn")
     CurveModel.forward = forward
     seen["curve_t"] = ts
+
+    for name in ("nobn", "bn"):  # FGE from epoch 1 of the train runs: one snapshot, BN recomputed
+        run_fge(config(), out / f"train-{name}" / "checkpoints" / "epoch-0001.pt", out / f"fge-{name}")
+    run_sse(config(**NO_BN), out / "sse-nobn")
 
     distributed.barrier()  # rank 0 has written train-bn/final.pt
     model, state = load_network(out / "train-bn" / "final.pt")

@@ -28,7 +28,9 @@ from training.bn import recompute_bn
 from training.checkpoint import load_checkpoint
 from training.config import ConfigError, load_config
 from training.curve_train import fit_curve
+from training.fge import run_fge
 from training.networks import load_data, load_network
+from training.sse import run_sse
 from training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +63,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     for name, overrides in (("train-nobn", NO_BN), ("train-bn", BN)):
         train_network(config(**overrides), one / name)
     fit_curve(config(**NO_BN), Path(ends[0]), Path(ends[1]), one / "curve-nobn")
+    run_fge(config(), one / "train-nobn" / "checkpoints" / "epoch-0001.pt", one / "fge-nobn")
+    run_sse(config(**NO_BN), one / "sse-nobn")
     two = root / "two"
     two.mkdir()
     started = time.perf_counter()
@@ -135,8 +139,29 @@ def test_a_curve_step_uses_the_same_t_on_both_ranks(runs: dict[str, Any]) -> Non
 
 
 @pytest.mark.slow
+def test_fge_and_sse_on_two_ranks(runs: dict[str, Any]) -> None:
+    """Without BN: the one-process snapshots and LR log (schedules count global steps). With BN:
+    the snapshot's statistics are the exact re-estimation over the whole training set (one
+    process recomputing them on the snapshot's weights), not any rank's running averages."""
+    for name in ("fge-nobn", "sse-nobn"):
+        one, two = runs["one"] / name, runs["two"] / name
+        assert _files(one) == _files(two) and (two / "snapshots" / "snapshot-001.pt").is_file()
+        assert _max_diff(_weights(one / "snapshots" / "snapshot-001.pt"), _weights(two / "snapshots" / "snapshot-001.pt")) < 1e-5
+    lr_one, lr_two = ((runs[w] / "fge-nobn" / "lr.csv").read_text() for w in ("one", "two"))
+    assert lr_one == lr_two and len(lr_one.splitlines()) == 33
+    snapshot = runs["two"] / "fge-bn" / "snapshots" / "snapshot-001.pt"
+    model, state = load_network(snapshot)
+    saved = model.state_dict()
+    assert state["bn_recomputed"]
+    recompute_bn(model, load_data(state["dataset"], "cpu"))
+    keys = [k for k in saved if "running" in k]
+    assert _max_diff(model.state_dict(), saved, keys) < 1e-5
+    assert _max_diff(state["bn_running_averages"], saved, keys) > 1e-3  # rank 0's averages differ
+
+
+@pytest.mark.slow
 def test_only_rank_zero_writes(runs: dict[str, Any]) -> None:
-    for name in ("train-nobn", "train-bn", "curve-nobn"):
+    for name in ("train-nobn", "train-bn", "curve-nobn", "fge-nobn", "sse-nobn"):
         assert _files(runs["two"] / name) == _files(runs["one"] / name)
     r0, r1 = runs["seen"]
     assert r0["write"] == "written" and (runs["two"] / "written-by-rank-0").is_file()
