@@ -250,3 +250,32 @@ def test_commands_that_run_as_one_process_refuse_torchrun(
 def test_distributed_settings_validate() -> None:
     with pytest.raises(ConfigError, match="distributed.backend"):
         load_config(None, {"distributed.backend": "mpi"})
+
+
+@pytest.mark.slow
+def test_compare_jobs_2_equals_jobs_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ind and SSE side by side in two worker processes, then FGE after its Ind run: the same
+    table and the same snapshots as one after the other (one thread per run in both)."""
+    from training.compare import compare_budgets
+
+    settings = load_config(REPO / "configs" / "mnist1d.yaml", {
+        "device": "cpu", "model.kwargs": {"width": 8}, "train.epochs": 2, "fge.start_fraction": 0.5,
+        "fge.cycle_epochs": 1, "sse.cycle_epochs": 1, "compare.budgets": [1], "compare.seeds": 1})
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compare_budgets(settings, tmp_path / "jobs1")
+        started = time.perf_counter()
+        compare_budgets(settings, tmp_path / "jobs2", jobs_at_once=2)
+        print(f"\n[compare --jobs 2] {time.perf_counter() - started:.1f} s")
+    finally:
+        torch.set_num_threads(threads)
+    one, two = tmp_path / "jobs1", tmp_path / "jobs2"
+    assert (one / "compare.csv").read_text() == (two / "compare.csv").read_text()
+    snapshots = sorted(p.relative_to(one) for p in one.rglob("snapshot-*.pt"))
+    assert len(snapshots) == 3  # FGE 1 (one cycle in 1 epoch), SSE 2 (2 epochs, cycle 1)
+    assert snapshots == sorted(p.relative_to(two) for p in two.rglob("snapshot-*.pt"))
+    for rel in [*snapshots, Path("seed-0/ind-0/final.pt")]:
+        a, b = _weights(one / rel), _weights(two / rel)
+        assert all(torch.equal(a[k], b[k]) for k in a), rel

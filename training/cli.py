@@ -213,6 +213,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _common(p, "compare")
     p.add_argument("--budgets", type=int, nargs="+", metavar="K", help="overrides compare.budgets (multiples of B = train.epochs)")
     p.add_argument("--seeds", type=int, help="overrides compare.seeds")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N sub-runs side by side, one process each (GPUs in turn); the same results as 1")
     p.set_defaults(handler=_compare)
 
 
@@ -220,7 +222,13 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from training.compare import compare_budgets
 
     config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
-    return compare_budgets(config, run_dir_from_args(args, config), force=args.force)
+    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args))
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    return args.jobs
 
 
 # ---------------------------------------------------------------- pipeline
@@ -232,6 +240,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the first network (the second uses seed + 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
     p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="2: train the two networks side by side")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.set_defaults(handler=_pipeline)
@@ -241,7 +250,8 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from training.pipeline import run_pipeline
 
     config = load_config(args.config, {"seed": args.seed, "device": args.device, **parse_set_overrides(args.set)})
-    return run_pipeline(config, args.runs or Path("runs") / config.name, force=args.force, out=args.out)
+    return run_pipeline(config, args.runs or Path("runs") / config.name, force=args.force, out=args.out,
+                        jobs=_jobs(args))
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_curve, _add_eval_curve, _add_curve_point, _add_export,

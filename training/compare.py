@@ -11,6 +11,7 @@ So a seed trains K + (K - 0.8) + K budgets (8.2 B for K = 3).
 Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is skipped when
 finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
 made with other settings (its config.yaml) is refused, naming the folder to delete.
+`--jobs N` runs N sub-runs side by side (an FGE run after its Ind run), with the same results.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from training import progress
 from training.checkpoint import atomic_write_text
 from training.config import Config, ConfigError
 from training.data import Dataset, iterations_per_epoch
+from training.distributed import Job, run_jobs
 from training.ensemble import ensemble_probs, expand_members, predict_members, with_test_prefix
 from training.fge import finished_snapshot_run, run_fge
 from training.loop import checkpoint_path, resolve_device
@@ -38,7 +40,7 @@ from training.networks import dataset_spec, load_data
 from training.runs import RunDirError
 from training.schedules import even_cycle_iterations
 from training.sse import run_sse
-from training.train import fge_start_epoch, finished_result, train_network
+from training.train import fge_start_epoch, train_or_reuse
 
 METHODS = ("Ind", "SSE", "FGE")
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
@@ -100,34 +102,33 @@ def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- the sub-runs
-def _train_runs(config: Config, seed_dir: Path, count: int, base_seed: int) -> list[Path]:
-    finals = []
-    for j in range(count):
+def _fge_run(config: Config, start: Path, run_dir: Path) -> None:
+    if finished_snapshot_run(run_dir, "fge") is None:
+        run_fge(config, start, run_dir, resume=True)
+
+
+def _sse_run(config: Config, run_dir: Path) -> None:
+    if finished_snapshot_run(run_dir, "sse") is None:
+        run_sse(config, run_dir, resume=True)
+
+
+def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, first: int) -> list[Job]:
+    """K Ind runs, then one FGE run from the first Ind run's fge_start_epoch checkpoint (long
+    enough for K budgets), then one SSE run; `first` is the index of this seed's first job.
+    Each folder is checked here, before anything runs."""
+    jobs = []
+    for j in range(largest):
         run_dir, run_config = seed_dir / f"ind-{j}", _variant(config, base_seed + j)
         _check_reusable(run_dir, run_config, _SHAPED_BY["ind"])
-        result = finished_result(run_dir) or train_network(run_config, run_dir, resume=True)
-        finals.append(Path(result["checkpoint"]))
-    return finals
-
-
-def _fge_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Path:
-    """One FGE run from the first Ind run's fge_start_epoch checkpoint, long enough for K budgets."""
-    run_dir = seed_dir / "fge"
+        jobs.append(Job(train_or_reuse, (run_config, run_dir)))
+    fge_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
+    _check_reusable(seed_dir / "fge", fge_config, _SHAPED_BY["fge"])
     start = checkpoint_path(seed_dir / "ind-0", fge_start_epoch(config))
-    run_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
-    _check_reusable(run_dir, run_config, _SHAPED_BY["fge"])
-    if finished_snapshot_run(run_dir, "fge") is None:
-        run_fge(run_config, start, run_dir, resume=True)
-    return run_dir
-
-
-def _sse_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Path:
-    run_dir = seed_dir / "sse"
-    run_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
-    _check_reusable(run_dir, run_config, _SHAPED_BY["sse"])
-    if finished_snapshot_run(run_dir, "sse") is None:
-        run_sse(run_config, run_dir, resume=True)
-    return run_dir
+    jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first,)))
+    sse_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
+    _check_reusable(seed_dir / "sse", sse_config, _SHAPED_BY["sse"])
+    jobs.append(Job(_sse_run, (sse_config, seed_dir / "sse")))
+    return jobs
 
 
 # ---------------------------------------------------------------- evaluation
@@ -219,8 +220,10 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[str, Any]:
-    """Train (or reuse) every sub-run, then write compare.md and compare.csv into `run_dir`."""
+def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1) -> dict[str, Any]:
+    """Train (or reuse) every sub-run, `jobs_at_once` side by side (training/distributed.py
+    `run_jobs`; the same results as one after the other), then write compare.md and
+    compare.csv into `run_dir`."""
     started = time.perf_counter()
     if force and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -229,14 +232,16 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[
     budgets = _check_budgets(config, iterations_per_epoch(data, config.fge.batch_size),
                              iterations_per_epoch(data, config.sse.batch_size))
     largest, seeds = budgets[-1], config.compare.seeds
+    seed_dirs = [run_dir / f"seed-{s}" for s in range(seeds)]
+    jobs: list[Job] = []
+    for s, seed_dir in enumerate(seed_dirs):
+        jobs += _seed_jobs(config, seed_dir, largest, config.seed + _SEED_STRIDE * s, len(jobs))
+    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {jobs_at_once} at a time[/bold] ({run_dir})")
+    run_jobs(jobs, jobs_at_once, device)
     rows: list[dict[str, Any]] = []
-    for s in range(seeds):
-        seed_dir, base_seed = run_dir / f"seed-{s}", config.seed + _SEED_STRIDE * s
-        progress.log(f"[bold]compare: seed {s + 1}/{seeds}[/bold] ({seed_dir})")
-        finals = _train_runs(config, seed_dir, largest, base_seed)
-        fge_dir = _fge_run(config, seed_dir, largest, base_seed)
-        sse_dir = _sse_run(config, seed_dir, largest, base_seed)
-        rows += _seed_rows(config, s, finals, fge_dir, sse_dir, budgets, data, device)
+    for s, seed_dir in enumerate(seed_dirs):
+        finals = [seed_dir / f"ind-{j}" / "final.pt" for j in range(largest)]
+        rows += _seed_rows(config, s, finals, seed_dir / "fge", seed_dir / "sse", budgets, data, device)
     table = _aggregate(rows, budgets)
     md_path, csv_path = run_dir / "compare.md", run_dir / "compare.csv"
     markdown = _markdown(config, table, budgets, seeds)

@@ -8,6 +8,9 @@ the stages call them without branches.
 
 gloo on CPUs, NCCL on CUDA (one GPU per rank, chosen by LOCAL_RANK). Rank 0 alone writes
 files (training/checkpoint.py refuses a write from any other rank).
+
+`run_jobs` is the other way past one process: independent runs (compare's sub-runs, the
+pipeline's two networks) side by side in worker processes.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import multiprocessing
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -252,3 +258,55 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out
+
+
+# ---------------------------------------------------------------- independent runs side by side
+@dataclass(frozen=True)
+class Job:
+    """One independent run: `fn(*args)`, after the jobs whose indices are in `after`.
+
+    `fn` must be a module-level function (a worker process imports it by name)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    after: tuple[int, ...] = ()
+
+
+def run_jobs(jobs: list[Job], parallel: int, device: torch.device) -> list[Any]:
+    """Every job's result, in order. `parallel` 1: one after the other, in this process (list
+    the jobs in an order that respects `after`). Otherwise up to `parallel` worker processes,
+    each job on the next GPU in turn when `device` is CUDA; on CPUs each worker gets an equal
+    share of the cores unless OMP_NUM_THREADS says otherwise. Every run seeds itself, so the
+    results do not depend on which process runs it (to float rounding, exactly when the
+    thread count per run is the same)."""
+    if parallel == 1:
+        return [job.fn(*job.args) for job in jobs]
+    gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    threads = None if "OMP_NUM_THREADS" in os.environ or gpus else max(1, (os.cpu_count() or 1) // parallel)
+    results: dict[int, Any] = {}
+    waiting = list(range(len(jobs)))
+    started = 0
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running: dict[Future, int] = {}
+        while waiting or running:
+            for i in [i for i in waiting if all(a in results for a in jobs[i].after)]:
+                if len(running) >= parallel:
+                    break
+                waiting.remove(i)
+                gpu = gpus[started % len(gpus)] if gpus else None
+                running[pool.submit(_job_entry, jobs[i].fn, jobs[i].args, gpu, threads)] = i
+                started += 1
+            if not running:
+                raise ValueError(f"jobs {waiting} wait for jobs that never run")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()  # a job's error ends the whole set
+    return [results[i] for i in range(len(jobs))]
+
+
+def _job_entry(fn: Callable[..., Any], args: tuple[Any, ...], gpu: int | None, threads: int | None) -> Any:
+    if gpu is not None:
+        torch.cuda.set_device(gpu)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return fn(*args)

@@ -248,6 +248,7 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
     """FGE from the epoch checkpoint `start`; returns output paths and start/ensemble metrics."""
     settings = config.fge
     device = stage_device(config)
+    torch.manual_seed(config.seed)  # dropout draws do not depend on what ran before in this process
     model, optimizer, state = fge_start(start, settings, device)
     data = load_data(state["dataset"], device)
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)

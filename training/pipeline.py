@@ -21,11 +21,12 @@ from training import progress
 from training.checkpoint import atomic_write_json
 from training.config import Config
 from training.curve_train import fit_curve
+from training.distributed import Job, run_jobs
 from training.eval_curve import evaluate_curve
 from training.export import export_artifact
 from training.fge import finished_snapshot_run, run_fge
-from training.loop import checkpoint_path
-from training.train import fge_start_epoch, finished_result, train_network
+from training.loop import checkpoint_path, resolve_device
+from training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
 
 def _stage(name: str, skip: dict[str, Any] | None, run: Any) -> dict[str, Any]:
@@ -77,15 +78,21 @@ def _finished_export(record: Path, fingerprint: str, out: Path | None) -> dict[s
     return done
 
 
-def run_pipeline(config: Config, root: Path, force: bool = False, out: Path | None = None) -> dict[str, Any]:
+def run_pipeline(
+    config: Config, root: Path, force: bool = False, out: Path | None = None, jobs: int = 1
+) -> dict[str, Any]:
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
-    under `config.export.name`, or to the folder `out`."""
+    under `config.export.name`, or to the folder `out`. `jobs` 2 trains the two networks
+    side by side (training/distributed.py `run_jobs`)."""
     started = time.perf_counter()
     if force and root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     seeds = (config.seed, config.seed + 1)
     runs = [root / f"train-seed{s}" for s in seeds]
+    if jobs > 1:  # the train stages below then find both networks finished
+        run_jobs([Job(train_or_reuse, (config.model_copy(update={"seed": s}), d)) for s, d in zip(seeds, runs, strict=True)],
+                 min(jobs, 2), resolve_device(config.device))
     with progress.display(), progress.task("pipeline", 6, transient=False) as advance:
         trained = []
         for seed, run_dir in zip(seeds, runs, strict=True):

@@ -61,6 +61,11 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
     return {"run_dir": str(run_dir), "checkpoint": str(final_path), "metrics": metrics, "seconds": seconds}
 
 
+def train_or_reuse(config: Config, run_dir: Path) -> dict[str, Any]:
+    """The result of the finished run in `run_dir`, or train (continuing what is there)."""
+    return finished_result(run_dir) or train_network(config, run_dir, resume=True)
+
+
 def finished_result(run_dir: Path) -> dict[str, Any] | None:
     """The result of a run that already finished, when its final checkpoint is valid."""
     path = run_dir / "final.pt"
