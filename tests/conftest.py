@@ -31,6 +31,14 @@ def demo_config() -> Config:
 
 
 @pytest.fixture(scope="session")
+def demo_data(demo_config: Config):  # noqa: ANN201
+    """The demo's data set (the MNIST-1D variant configs/mnist1d.yaml generates), on the CPU."""
+    from training.networks import dataset_spec, load_data
+
+    return load_data(dataset_spec(demo_config), "cpu")
+
+
+@pytest.fixture(scope="session")
 def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Two demo networks (the full demo config, seeds 0 and 1, on the CPU); their result dicts."""
     from training.train import train_network

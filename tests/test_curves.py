@@ -1,4 +1,4 @@
-"""Curves: the coefficient formulas (DESIGN.md), the generic wrapper over any nn.Module, BN
+"""Curves: the coefficient formulas (docs/design.md), the generic wrapper over any nn.Module, BN
 re-estimation, and the MNIST-1D result (a low-loss curve where the straight line is not).
 """
 
@@ -23,9 +23,8 @@ from models import build_model
 from training import cli
 from training.bn import recompute_bn, update_bn
 from training.curves import CurveModel, bezier_coefficients, network_at, polychain_coefficients
-from training.data import build_dataset
+from training.networks import held_out_metrics as network_test_metrics
 from training.networks import load_network
-from training.networks import test_metrics as network_test_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("modeconn")
@@ -60,7 +59,7 @@ def test_bezier_coefficients_are_the_bernstein_basis() -> None:
 
 
 def _polychain3(t: float) -> list[float]:
-    """DESIGN.md: 2(tθ + (0.5−t)w0) for t ≤ 0.5; 2((t−0.5)w1 + (1−t)θ) for t > 0.5."""
+    """docs/design.md: 2(tθ + (0.5−t)w0) for t ≤ 0.5; 2((t−0.5)w1 + (1−t)θ) for t > 0.5."""
     return [2 * (0.5 - t), 2 * t, 0.0] if t <= 0.5 else [0.0, 2 * (1 - t), 2 * (t - 0.5)]
 
 
@@ -271,8 +270,8 @@ def test_l2_term_is_the_squared_norm_of_the_weights_at_t() -> None:
 
 # ------------------------------------------------------------------ BatchNorm
 @pytest.fixture(scope="module")
-def mnist1d():
-    return build_dataset("mnist1d")
+def mnist1d(demo_data):  # noqa: ANN001, ANN201
+    return demo_data
 
 
 def test_recompute_bn_is_the_cumulative_average_of_batch_statistics(mnist1d) -> None:

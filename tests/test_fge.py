@@ -29,7 +29,9 @@ from training.config import load_config
 from training.fge import fge_start
 from training.metrics import classification_metrics
 from training.networks import build_network, load_data, load_network, predict_probs
-from training.networks import test_metrics as network_metrics  # not test_*: pytest would collect it
+from training.networks import (
+    held_out_metrics as network_metrics,  # not test_*: pytest would collect it
+)
 from training.schedules import cosine_restart_learning_rate, fge_collects, fge_learning_rate
 from training.sse import run_sse
 from training.train import train_network

@@ -27,8 +27,8 @@ from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from training.config import ConfigError, load_config
 from training.data import DataError, build_dataset, random_crop_flip
 from training.metrics import classification_metrics, error_percent, expected_calibration_error, nll
+from training.networks import held_out_metrics as network_test_metrics
 from training.networks import load_network
-from training.networks import test_metrics as network_test_metrics
 from training.schedules import paper_learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,8 +64,8 @@ class Evil:
 def test_mnist1d_is_deterministic_and_has_the_published_shapes(tmp_path: Path) -> None:
     from mnist1d.data import get_dataset_args, make_dataset
 
-    a = build_dataset("mnist1d", root=tmp_path / "a")
-    b = build_dataset("mnist1d", root=tmp_path / "b")
+    a = build_dataset("mnist1d", root=tmp_path / "a", val_size=0)  # the published 4000 / 1000 split
+    b = build_dataset("mnist1d", root=tmp_path / "b", val_size=0)
     assert list((tmp_path / "a").glob("mnist1d-*.npz")) and list((tmp_path / "b").glob("mnist1d-*.npz"))
     reference = make_dataset(get_dataset_args())
     expected = {
@@ -74,7 +74,7 @@ def test_mnist1d_is_deterministic_and_has_the_published_shapes(tmp_path: Path) -
         "x_test": torch.from_numpy(np.asarray(reference["x_test"], dtype=np.float32)),
         "y_test": torch.from_numpy(np.asarray(reference["y_test"], dtype=np.int64)),
     }
-    cached = build_dataset("mnist1d", root=tmp_path / "a")  # read back from the .npz cache
+    cached = build_dataset("mnist1d", root=tmp_path / "a", val_size=0)  # read back from the .npz cache
     for key, want in expected.items():
         for ds in (a, b, cached):
             got = getattr(ds, key)
@@ -87,16 +87,64 @@ def test_mnist1d_is_deterministic_and_has_the_published_shapes(tmp_path: Path) -
         assert set(y.tolist()) == set(range(10))
     assert a.mean == pytest.approx([float(expected["x_train"].double().mean())], abs=1e-5)
     assert a.std == pytest.approx([float(expected["x_train"].double().std())], rel=1e-4)
+    assert len(a.y_val) == 0 and a.describe()["generation"]["num_samples"] == 5000
+
+
+def _rows(x: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in x}
+
+
+@pytest.mark.parametrize("val_size", [None, 700])
+def test_validation_split_is_a_seeded_hold_out_disjoint_from_train_and_test(tmp_path: Path, val_size: int | None) -> None:
+    whole = build_dataset("mnist1d", root=tmp_path, val_size=0)
+    data = build_dataset("mnist1d", root=tmp_path, val_size=val_size)
+    expected_val = 400 if val_size is None else val_size  # default: 10 % of the 4000 training signals
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (4000 - expected_val, expected_val, 1000)
+    train, val, test = _rows(data.x_train), _rows(data.x_val), _rows(data.x_test)
+    assert len(val) == expected_val and not val & train and not val & test and not train & test
+    assert train | val == _rows(whole.x_train)  # the hold-out comes out of the training split only
+    assert torch.equal(data.x_test, whole.x_test)
+    # fixed by its seed: the same split again, another one for another seed
+    assert torch.equal(build_dataset("mnist1d", root=tmp_path, val_size=val_size).x_val, data.x_val)
+    other = build_dataset("mnist1d", root=tmp_path, val_size=val_size, split_seed=1)
+    assert not torch.equal(other.x_val, data.x_val)
+    with pytest.raises(DataError, match="data.val_size"):
+        build_dataset("mnist1d", root=tmp_path, val_size=4000)
+
+
+def test_mnist1d_generation_parameters_are_recorded_and_rebuild_the_data(tmp_path: Path) -> None:
+    from mnist1d.data import get_dataset_args, make_dataset
+    from mnist1d.utils import ObjectView
+
+    from training.networks import load_data
+
+    overrides = {"num_samples": 1500, "train_split": 0.4, "corr_noise_scale": 0.3}
+    data = build_dataset("mnist1d", root=tmp_path, val_size=100, generation=overrides)
+    record = data.describe()
+    assert (record["train_size"], record["val_size"], record["test_size"]) == (500, 100, 900)
+    params = {**get_dataset_args(as_dict=True), **overrides}
+    del params["url"]
+    assert record["generation"] == params and record["split_seed"] == 0
+    reference = make_dataset(ObjectView(dict(params)))  # the package itself, from the record
+    assert torch.equal(data.x_test, torch.from_numpy(np.asarray(reference["x_test"], dtype=np.float32)))
+    again = load_data({**record, "root": str(tmp_path)}, "cpu")  # what a checkpoint's record rebuilds
+    for split in ("train", "val", "test"):
+        assert torch.equal(again.split(split)[0], data.split(split)[0])
+    with pytest.raises(DataError, match="unknown MNIST-1D parameter.*noise_level"):
+        build_dataset("mnist1d", root=tmp_path, generation={"noise_level": 1})
 
 
 # ------------------------------------------------------------------ training
 @pytest.mark.slow
-def test_demo_training_reaches_97_percent(trained_pair: list[dict[str, Any]]) -> None:
-    data = build_dataset("mnist1d")
+def test_demo_training_errs_by_several_percent_on_the_hard_variant(trained_pair: list[dict[str, Any]], demo_data) -> None:  # noqa: ANN001
+    data = demo_data
+    assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (2000, 1000, 12000)
     for result in trained_pair:
         recorded = result["metrics"]["test_error"]
         print(f"\nendpoint {result['run_dir']}: test error {recorded:.2f} %")
-        assert recorded <= 3.0, result["metrics"]  # >= 97 % test accuracy
+        # the demo regime: several percent wrong (room for ensembles), far better than chance (90 %)
+        assert 3.0 <= recorded <= 15.0, result["metrics"]
+        assert 3.0 <= result["metrics"]["val_error"] <= 15.0
         model, state = load_network(result["checkpoint"])
         assert not model.training
         assert state["metrics"]["test_error"] == recorded
@@ -105,7 +153,7 @@ def test_demo_training_reaches_97_percent(trained_pair: list[dict[str, Any]]) ->
         with torch.no_grad():
             logits = model((data.x_test - data.mean[0]) / data.std[0])
         by_hand = float((logits.argmax(1) != data.y_test).double().mean()) * 100
-        assert by_hand == pytest.approx(recorded, abs=0.1 + 1e-9)
+        assert by_hand == pytest.approx(recorded, abs=2 / len(data.y_test) * 100 + 1e-9)
 
 
 def _poll(path: Path, proc: subprocess.Popen, timeout: float) -> None:
@@ -213,7 +261,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_config(bad_value)
     with pytest.raises(ConfigError, match=r"curve\.num_bends"):
         load_config(CONFIG, {"curve.num_bends": 1})
-    # the demo config itself is valid and says what DESIGN.md's demo says
+    # the demo config itself is valid and says what the README says of the demo
     config = load_config(CONFIG)
     assert (config.data.name, config.model.name, config.train.epochs) == ("mnist1d", "cnn1d", 30)
 
@@ -326,7 +374,7 @@ def _check_images(got: torch.Tensor, raw: np.ndarray, rng: np.random.Generator) 
 def test_cifar_reader_on_small_archives(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     c10 = _write_cifar10(tmp_path, rng)
-    ds = build_dataset("cifar10", root=tmp_path)
+    ds = build_dataset("cifar10", root=tmp_path, val_size=0)
     _check_images(ds.x_train, c10["x"], rng)
     _check_images(ds.x_test, c10["x_test"], rng)
     assert ds.y_train.tolist() == c10["y"] and ds.y_test.tolist() == c10["y_test"]
@@ -335,12 +383,17 @@ def test_cifar_reader_on_small_archives(tmp_path: Path) -> None:
     assert ds.augment == "crop_flip" and ds.input_shape == (3, 32, 32)
 
     c100 = _write_cifar100(tmp_path, rng)
-    ds = build_dataset("cifar100", root=tmp_path)
+    ds = build_dataset("cifar100", root=tmp_path, val_size=0)
     _check_images(ds.x_train, c100["x"], rng)
     _check_images(ds.x_test, c100["x_test"], rng)
     assert ds.y_train.tolist() == c100["y"] and ds.y_test.tolist() == c100["y_test"]
     assert ds.class_names == c100["names"] and ds.num_classes == 100
     assert ds.augment == "crop_flip"
+    held = build_dataset("cifar100", root=tmp_path, val_size=2)  # a seeded hold-out of the 7 training images
+    assert (len(held.y_train), len(held.y_val), len(held.y_test)) == (5, 2, 4)
+    assert sorted(held.y_train.tolist() + held.y_val.tolist()) == sorted(c100["y"])
+    with pytest.raises(DataError, match="generation"):
+        build_dataset("cifar10", root=tmp_path, generation={"seed": 1})
 
 
 @pytest.mark.parametrize("victim", ["data_batch_3", "batches.meta"])
@@ -460,7 +513,7 @@ def test_ece_of_a_calibrated_predictor_is_small() -> None:
 def test_paper_learning_rate_schedule(total: int) -> None:
     base = 0.05
 
-    def formula(epoch: int) -> float:  # DESIGN.md: constant, linear to 1 % from 50 % to 90 %, constant
+    def formula(epoch: int) -> float:  # docs/design.md: constant, linear to 1 % from 50 % to 90 %, constant
         return base * float(np.interp(epoch / total, [0.0, 0.5, 0.9, 1.0], [1.0, 1.0, 0.01, 0.01]))
 
     for fraction in (0.0, 0.5, 0.7, 0.9, 0.95):

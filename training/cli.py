@@ -139,7 +139,7 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     merged = {"export.name": args.name, "export.bn_grid_points": args.bn_grid_points, **parse_set_overrides(args.set)}
     settings = load_config(args.config, merged).export
     return export_artifact(args.runs, settings.name, out=args.out, grid_points=settings.bn_grid_points,
-                           atol=settings.parity_atol)
+                           atol=settings.parity_atol, max_interpolation_pp=settings.max_bn_interpolation_pp)
 
 
 # ---------------------------------------------------------------- FGE, SSE, ensembles

@@ -32,7 +32,13 @@ from training.checkpoint import atomic_write_text
 from training.config import Config, ConfigError
 from training.data import Dataset, iterations_per_epoch
 from training.distributed import Job, run_jobs
-from training.ensemble import ensemble_probs, expand_members, predict_members, with_test_prefix
+from training.ensemble import (
+    Members,
+    ensemble_probs,
+    expand_members,
+    predict_members,
+    split_prefixed,
+)
 from training.fge import finished_snapshot_run, run_fge
 from training.loop import checkpoint_path, resolve_device
 from training.metrics import classification_metrics
@@ -132,10 +138,14 @@ def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, fir
 
 
 # ---------------------------------------------------------------- evaluation
-def _prefix_metrics(probs: torch.Tensor, count: int, data: Dataset) -> dict[str, float]:
+def _prefix_metrics(members: Members, count: int, data: Dataset) -> dict[str, float]:
+    """Validation and test metrics of the ensemble of the first `count` members."""
     if count == 0:
         raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
-    return with_test_prefix(classification_metrics(ensemble_probs(probs[:count]), data.y_test))
+    out = {}
+    if members.val_probs is not None:
+        out = split_prefixed(classification_metrics(ensemble_probs(members.val_probs[:count]), data.y_val), "val")
+    return {**out, **split_prefixed(classification_metrics(ensemble_probs(members.probs[:count]), data.y_test))}
 
 
 def _snapshots_within(states: list[dict[str, Any]], iterations: int) -> int:
@@ -160,7 +170,7 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
         }
         members = {"Ind": ind, "FGE": fge, "SSE": sse}
         for method in METHODS:
-            metrics = _prefix_metrics(members[method].probs, counts[method], data)
+            metrics = _prefix_metrics(members[method], counts[method], data)
             rows.append({"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed,
                          "members": counts[method], **metrics})
     return rows
@@ -177,6 +187,8 @@ def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict
                 "test_error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
                 "test_nll_mean": statistics.fmean(r["test_nll"] for r in cell),
                 "test_ece_mean": statistics.fmean(r["test_ece"] for r in cell),
+                **({"val_error_mean": statistics.fmean(r["val_error"] for r in cell),
+                    "val_nll_mean": statistics.fmean(r["val_nll"] for r in cell)} if "val_nll" in cell[0] else {}),
                 "members": statistics.fmean(r["members"] for r in cell),
                 "seeds": len(cell),
             }
@@ -212,9 +224,10 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], bud
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "k", "budget_epochs", "seed", "members", "test_error", "test_nll", "test_ece"]
+    header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
+              "test_error", "test_nll", "test_ece"]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header)
+    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()

@@ -25,6 +25,12 @@ class _Strict(BaseModel):
 class DataSettings(_Strict):
     name: str = "mnist1d"
     root: str | None = None  # folder holding the CIFAR archives; a cache folder for MNIST-1D
+    # validation hold-out of the training set, for choosing settings (never the test split);
+    # None: the data set's default (MNIST-1D 10 % of its training part, CIFAR 5000 images)
+    val_size: int | None = Field(None, ge=0)
+    split_seed: int = 0
+    # MNIST-1D only: the mnist1d package's generation parameters (get_dataset_args fields)
+    generation: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelSettings(_Strict):
@@ -87,6 +93,8 @@ class ExportSettings(_Strict):
     name: str = "modeconn-mnist1d"
     bn_grid_points: int = Field(61, ge=2)
     parity_atol: float = Field(1e-5, gt=0)
+    # refuse a curve graph whose BN interpolation between grid points moves the test error more
+    max_bn_interpolation_pp: float = Field(0.2, ge=0)
 
 
 class CompareSettings(_Strict):

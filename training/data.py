@@ -7,6 +7,7 @@ happen there too, so the hot loop has no per-sample Python work.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 from collections.abc import Callable, Iterator
@@ -28,11 +29,14 @@ class DataError(ModeconnError):
 
 @dataclass
 class Dataset:
-    """A classification data set held as raw float32 tensors (before normalisation)."""
+    """A classification data set held as raw float32 tensors (before normalisation), in
+    three disjoint splits: train, validation (for choosing settings) and test (reported only)."""
 
     name: str
     x_train: torch.Tensor
     y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
     mean: list[float]  # per channel; normalisation is applied by `normalize`
@@ -40,7 +44,7 @@ class Dataset:
     class_names: list[str]
     augment: str | None = None  # "crop_flip" for CIFAR
     value_range: tuple[float, float] = (0.0, 1.0)
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)  # how the data was made (split seed, generation parameters)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -50,12 +54,18 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels) of "train", "val" or "test"."""
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return getattr(self, f"x_{name}"), getattr(self, f"y_{name}")
+
     def to(self, device: torch.device | str) -> Dataset:
-        move = {k: getattr(self, k).to(device) for k in ("x_train", "y_train", "x_test", "y_test")}
+        move = {f"{xy}_{s}": getattr(self, f"{xy}_{s}").to(device) for s in SPLITS for xy in "xy"}
         return Dataset(**{**self.__dict__, **move})
 
     def describe(self) -> dict:
-        """What a manifest or a checkpoint records about the data."""
+        """What a manifest or a checkpoint records about the data: enough to build it again."""
         return {
             "name": self.name,
             "num_classes": self.num_classes,
@@ -65,8 +75,22 @@ class Dataset:
             "std": self.std,
             "range": list(self.value_range),
             "train_size": len(self.y_train),
+            "val_size": len(self.y_val),
             "test_size": len(self.y_test),
+            **self.info,
         }
+
+
+SPLITS = ("train", "val", "test")
+
+
+def hold_out(x: torch.Tensor, y: torch.Tensor, size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """A fixed, seeded validation hold-out of `size` examples: (x_train, y_train, x_val, y_val)."""
+    if not 0 <= size < len(y):
+        raise DataError(f"data.val_size must be between 0 and {len(y) - 1} (the training examples), got {size}")
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    val, train = order[:size].sort().values, order[size:].sort().values
+    return x[train], y[train], x[val], y[val]
 
 
 def normalization_tensors(mean: list[float], std: list[float], ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,10 +122,26 @@ def list_datasets() -> list[str]:
     return sorted(_DATASETS)
 
 
-def build_dataset(name: str, root: str | Path | None = None, device: str | torch.device = "cpu") -> Dataset:
+def build_dataset(
+    name: str,
+    root: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    val_size: int | None = None,
+    split_seed: int = 0,
+    generation: dict | None = None,
+) -> Dataset:
+    """The data set `name` with a validation hold-out of `val_size` training examples
+    (None: the data set's default), chosen by `split_seed`. `generation` overrides the
+    generator's parameters for generated data sets (MNIST-1D)."""
     if name not in _DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(list_datasets())}")
-    return _DATASETS[name](root=root).to(device)
+    data = _DATASETS[name](root=root, val_size=val_size, split_seed=split_seed, generation=generation)
+    return data.to(device)
+
+
+def _no_generation(name: str, generation: dict | None) -> None:
+    if generation:
+        raise DataError(f"data.generation is for generated data sets (mnist1d); {name} is read from files")
 
 
 # ---------------------------------------------------------------- MNIST-1D
@@ -109,49 +149,70 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("MODECONN_DATA_DIR", Path.home() / ".cache" / "modeconn"))
 
 
-@register_dataset("mnist1d")
-def mnist1d(root: str | Path | None = None) -> Dataset:
-    """MNIST-1D (Greydanus 2020) generated offline with the package's default arguments.
+MNIST1D_DEFAULT_VAL_FRACTION = 0.1
 
-    Generation takes a few seconds, so the arrays are cached (plain .npz, no pickle) under
-    `root` or $MODECONN_DATA_DIR (default ~/.cache/modeconn).
-    """
+
+def mnist1d_generation(overrides: dict | None = None) -> dict:
+    """The `mnist1d` package's generation parameters (get_dataset_args) with `overrides`;
+    an unknown name is an error naming it."""
     from mnist1d.data import get_dataset_args
 
-    args = get_dataset_args()
-    key = hashlib.sha256(repr(sorted(vars(args).items())).encode()).hexdigest()[:12]
-    cache = Path(root) if root else _cache_dir()
+    args = get_dataset_args(as_dict=True)
+    args.pop("url", None)  # where the package's own pickle lives; never fetched here
+    unknown = sorted(set(overrides or {}) - set(args))
+    if unknown:
+        raise DataError(f"data.generation: unknown MNIST-1D parameter(s) {', '.join(unknown)}; "
+                        f"known: {', '.join(sorted(args))}")
+    return {**args, **(overrides or {})}
+
+
+def _mnist1d_arrays(generation: dict, cache: Path) -> dict[str, np.ndarray]:
+    """Generate (or read from the .npz cache) the package's train and test arrays."""
+    key = hashlib.sha256(repr(sorted(generation.items())).encode()).hexdigest()[:12]
     path = cache / f"mnist1d-{key}.npz"
-    arrays = None
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as f:
-                arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+                return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
         except (OSError, ValueError, KeyError):
-            arrays = None  # a damaged cache is regenerated, never trusted
-    if arrays is None:
-        from mnist1d.data import make_dataset
+            pass  # a damaged cache is regenerated, never trusted
+    from mnist1d.data import make_dataset
+    from mnist1d.utils import ObjectView
 
-        data = make_dataset(args)
-        arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
-        cache.mkdir(parents=True, exist_ok=True)
-        import io
+    data = make_dataset(ObjectView(dict(generation)))
+    arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return arrays
 
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        atomic_write_bytes(path, buf.getvalue())
+
+@register_dataset("mnist1d")
+def mnist1d(root: str | Path | None = None, val_size: int | None = None, split_seed: int = 0,
+            generation: dict | None = None) -> Dataset:
+    """MNIST-1D (Greydanus 2020) generated offline by the `mnist1d` package.
+
+    With no `generation` overrides this is the published data set (4000 train / 1000 test
+    signals); the validation split is held out of the training part. Generation takes
+    seconds, so the arrays are cached (plain .npz, no pickle) under `root` or
+    $MODECONN_DATA_DIR (default ~/.cache/modeconn), keyed by the parameters.
+    """
+    params = mnist1d_generation(generation)
+    arrays = _mnist1d_arrays(params, Path(root) if root else _cache_dir())
     x, x_test = (torch.from_numpy(arrays[k].astype(np.float32)) for k in ("x", "x_test"))
     y, y_test = (torch.from_numpy(arrays[k].astype(np.int64)) for k in ("y", "y_test"))
+    if val_size is None:
+        val_size = round(MNIST1D_DEFAULT_VAL_FRACTION * len(y))
+    x, y, x_val, y_val = hold_out(x, y, val_size, split_seed)
+    everything = torch.cat([x, x_val, x_test])
     return Dataset(
         name="mnist1d",
-        x_train=x,
-        y_train=y,
-        x_test=x_test,
-        y_test=y_test,
+        x_train=x, y_train=y, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
         mean=[float(x.mean())],
         std=[float(x.std())],
         class_names=[str(i) for i in range(10)],
-        value_range=(float(min(x.min(), x_test.min())), float(max(x.max(), x_test.max()))),
+        value_range=(float(everything.min()), float(everything.max())),
+        info={"split_seed": split_seed, "generation": params},
     )
 
 
@@ -193,7 +254,11 @@ def _cifar_images(batch: dict, path: Path) -> torch.Tensor:
     return torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
 
 
-def _load_cifar(root, folder, train_files, test_file, meta_file, label_key, names_key, name, mean, std):
+CIFAR_DEFAULT_VAL_SIZE = 5000
+
+
+def _load_cifar(root, folder, train_files, test_file, meta_file, label_key, names_key, name, mean, std,  # noqa: ANN001
+                val_size, split_seed):
     if root is None:
         raise DataError(f"{name} needs a data folder: pass --set data.root=DIR (the folder holding {folder}/)")
     base = Path(root).expanduser() / folder
@@ -221,23 +286,29 @@ def _load_cifar(root, folder, train_files, test_file, meta_file, label_key, name
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(names_key, [])]
     if not names:
         raise DataError(f"{base / meta_file}: no {names_key!r} entry")
-    return Dataset(name, x, y, x_test, y_test, mean, std, names, augment="crop_flip")
+    x, y, x_val, y_val = hold_out(x, y, CIFAR_DEFAULT_VAL_SIZE if val_size is None else val_size, split_seed)
+    return Dataset(name, x, y, x_val, y_val, x_test, y_test, mean, std, names, augment="crop_flip",
+                   info={"split_seed": split_seed})
 
 
 @register_dataset("cifar10")
-def cifar10(root: str | Path | None = None) -> Dataset:
+def cifar10(root: str | Path | None = None, val_size: int | None = None, split_seed: int = 0,
+            generation: dict | None = None) -> Dataset:
+    _no_generation("cifar10", generation)
     return _load_cifar(
         root, "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch",
         "batches.meta", "labels", "label_names", "cifar10",
-        [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616],
+        [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616], val_size, split_seed,
     )
 
 
 @register_dataset("cifar100")
-def cifar100(root: str | Path | None = None) -> Dataset:
+def cifar100(root: str | Path | None = None, val_size: int | None = None, split_seed: int = 0,
+             generation: dict | None = None) -> Dataset:
+    _no_generation("cifar100", generation)
     return _load_cifar(
         root, "cifar-100-python", ["train"], "test", "meta", "fine_labels", "fine_label_names",
-        "cifar100", [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762],
+        "cifar100", [0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762], val_size, split_seed,
     )
 
 
@@ -289,8 +360,8 @@ def train_batches(
 def eval_batches(
     data: Dataset, split: str, batch_size: int = 1024
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised batches of `split` ("train" or "test") in order, without augmentation."""
-    x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
+    """Normalised batches of `split` ("train", "val" or "test") in order, without augmentation."""
+    x, y = data.split(split)
     for start in range(0, len(y), batch_size):
         yield normalize(x[start : start + batch_size], data.mean, data.std), y[start : start + batch_size]
 

@@ -1,6 +1,6 @@
 """Ensembles of ordinary checkpoints: `modeconn ensemble-eval`, and the report FGE and SSE write.
 
-The ensemble's prediction is the mean of the members' softmax outputs (DESIGN.md), not of
+The ensemble's prediction is the mean of the members' softmax outputs (docs/design.md), not of
 their logits. Any checkpoint that loads as a plain network can be a member (train runs'
 final.pt, FGE/SSE snapshots, curve points), as long as all share architecture and data set.
 """
@@ -35,6 +35,7 @@ class EnsembleError(ModeconnError):
 class Members:
     paths: list[Path]
     probs: torch.Tensor  # [K, N, C] test softmax outputs of each member as saved
+    val_probs: torch.Tensor | None  # [K, N_val, C] the same on the validation split; None without one
     running_probs: torch.Tensor | None  # the same with BN running averages; None when not asked
     states: list[dict[str, Any]]  # each checkpoint's fields, weights left out
     data: Dataset
@@ -84,7 +85,7 @@ def predict_members(
     beside their recomputed statistics; members without them were saved with their
     running averages already, so both predictions are the same for those.
     """
-    probs, running, states = [], [], []
+    probs, val, running, states = [], [], [], []
     for path in paths:
         model, state = load_network(path, device)
         if states:
@@ -92,6 +93,8 @@ def predict_members(
         if data is None:
             data = load_data(state["dataset"], device)
         probs.append(predict_probs(model, data, "test"))
+        if len(data.y_val):
+            val.append(predict_probs(model, data, "val"))
         if running_bn:
             if "bn_running_averages" in state:
                 model.load_state_dict({**model.state_dict(), **state["bn_running_averages"]})
@@ -100,11 +103,13 @@ def predict_members(
                 running.append(probs[-1])
         states.append({k: v for k, v in state.items() if k not in _WEIGHTS})
     assert data is not None  # paths is never empty
-    return Members(list(paths), torch.stack(probs), torch.stack(running) if running_bn else None, states, data)
+    return Members(list(paths), torch.stack(probs), torch.stack(val) if val else None,
+                   torch.stack(running) if running_bn else None, states, data)
 
 
-def with_test_prefix(metrics: dict[str, float]) -> dict[str, float]:
-    return {f"test_{k}": v for k, v in metrics.items()}
+def split_prefixed(metrics: dict[str, float], split: str = "test") -> dict[str, float]:
+    """{"error": 1.0} -> {"test_error": 1.0} (or val_error for split="val")."""
+    return {f"{split}_{k}": v for k, v in metrics.items()}
 
 
 def ensemble_probs(member_probs: torch.Tensor) -> torch.Tensor:
@@ -112,17 +117,26 @@ def ensemble_probs(member_probs: torch.Tensor) -> torch.Tensor:
     return member_probs.double().mean(0)
 
 
-def growing_ensemble(member_probs: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float]]:
-    """Test metrics of the ensemble of the first k members, for k = 1..K."""
+def growing_ensemble(member_probs: torch.Tensor, labels: torch.Tensor, split: str = "test") -> list[dict[str, float]]:
+    """Metrics on `split` of the ensemble of the first k members, for k = 1..K."""
     cumulative = member_probs.double().cumsum(0)
     return [
-        {"members": k, **with_test_prefix(classification_metrics(cumulative[k - 1] / k, labels))}
+        {"members": k, **split_prefixed(classification_metrics(cumulative[k - 1] / k, labels), split)}
         for k in range(1, len(member_probs) + 1)
     ]
 
 
-def member_metrics(member_probs: torch.Tensor, labels: torch.Tensor) -> list[dict[str, float]]:
-    return [with_test_prefix(classification_metrics(p, labels)) for p in member_probs]
+def member_metrics(member_probs: torch.Tensor, labels: torch.Tensor, split: str = "test") -> list[dict[str, float]]:
+    return [split_prefixed(classification_metrics(p, labels), split) for p in member_probs]
+
+
+def with_validation(test_rows: list[dict[str, float]], val_probs: torch.Tensor | None, labels: torch.Tensor,
+                    grow: bool) -> list[dict[str, float]]:
+    """Test rows (growing ensemble or per member) joined with the same rows on validation."""
+    if val_probs is None:
+        return test_rows
+    val_rows = growing_ensemble(val_probs, labels, "val") if grow else member_metrics(val_probs, labels, "val")
+    return [{**val, **test} for val, test in zip(val_rows, test_rows, strict=True)]
 
 
 # ---------------------------------------------------------------- modeconn ensemble-eval
@@ -132,17 +146,20 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
     files = expand_members(paths)
     members = predict_members(files, resolve_device(device))
     labels = members.data.y_test
-    ensemble = with_test_prefix(classification_metrics(ensemble_probs(members.probs), labels))
+    y_val = members.data.y_val
+    growing = with_validation(growing_ensemble(members.probs, labels), members.val_probs, y_val, grow=True)
+    ensemble = {k: v for k, v in growing[-1].items() if k != "members"}
+    own = with_validation(member_metrics(members.probs, labels), members.val_probs, y_val, grow=False)
     rows = [
         {"checkpoint": str(path), "kind": state.get("kind", "train"), **metrics}
-        for path, state, metrics in zip(files, members.states, member_metrics(members.probs, labels), strict=True)
+        for path, state, metrics in zip(files, members.states, own, strict=True)
     ]
     result: dict[str, Any] = {
         "members": len(files),
         "ensemble": ensemble,
         "disagreement": disagreement(members.probs),
         "member_metrics": rows,
-        "growing": growing_ensemble(members.probs, labels),
+        "growing": growing,
         "architecture": members.states[0]["architecture"],
         "dataset": members.states[0]["dataset"].get("name"),
     }
@@ -190,9 +207,9 @@ def snapshot_report(
     members = predict_members(snapshots, data.x_test.device, data, running_bn=True)
     assert members.running_probs is not None
     labels = data.y_test
-    growing = growing_ensemble(members.probs, labels)
+    growing = with_validation(growing_ensemble(members.probs, labels), members.val_probs, data.y_val, grow=True)
     growing_running = growing_ensemble(members.running_probs, labels)
-    own = member_metrics(members.probs, labels)
+    own = with_validation(member_metrics(members.probs, labels), members.val_probs, data.y_val, grow=False)
     own_running = member_metrics(members.running_probs, labels)
     rows = []
     for k, (path, state) in enumerate(zip(snapshots, members.states, strict=True)):
@@ -217,11 +234,11 @@ def snapshot_report(
         **{name: str(p) for name, p in paths.items()},
         "lr_csv": str(run_dir / "lr.csv"),
         "snapshots": len(snapshots),
-        "start": {k: start[k] for k in ("test_error", "test_nll", "test_ece")} if start else None,
+        "start": {k: v for k, v in start.items() if k.startswith(("val_", "test_"))} if start else None,
         "ensemble": final,
         "ensemble_running_bn": final_running,
         # recomputed minus running averages: negative = recomputing BN helps
-        "bn_recompute_effect": {k: final[k] - final_running[k] for k in final} if bn_recomputed else None,
+        "bn_recompute_effect": {k: final[k] - final_running[k] for k in final_running} if bn_recomputed else None,
         "disagreement": disagreement(members.probs),
     }
     report = {

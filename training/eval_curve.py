@@ -27,6 +27,7 @@ from training.metrics import classification_metrics
 from training.networks import load_data, predict_probs
 
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
+VAL_METRICS = ("val_nll", "val_error")
 
 
 def straight_line(curve: CurveModel) -> CurveModel:
@@ -52,6 +53,9 @@ def evaluate_point(curve: CurveModel, t: float, data: Dataset, weight_decay: flo
         "test_error": test["error"],
         "test_ece": test["ece"],
     }
+    if len(data.y_val):  # what a choice of curve settings reads; test is only reported
+        val = classification_metrics(predict_probs(net, data, "val"), data.y_val)
+        row.update(val_nll=val["nll"], val_error=val["error"])
     return row, test_probs
 
 
@@ -59,7 +63,9 @@ def summarize(rows: list[dict[str, float]], lengths: list[float]) -> dict[str, A
     """Start, end, min, max, mean and the length-weighted (trapezoid) average of each metric."""
     total = sum(lengths[1:])
     out: dict[str, Any] = {"length": total}
-    for key in METRICS:
+    for key in (*METRICS, *VAL_METRICS):
+        if key not in rows[0]:
+            continue
         values = [r[key] for r in rows]
         integral = sum((values[i] + values[i - 1]) / 2 * lengths[i] for i in range(1, len(values)))
         out[key] = {
@@ -132,7 +138,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
 
 
 def _csv(results: dict[str, list]) -> str:
-    keys = [*METRICS, "test_ece", "segment_length"]
+    keys = [*METRICS, *(k for k in VAL_METRICS if k in results["curve"][0]), "test_ece", "segment_length"]
     header = ["t", *[f"curve_{k}" for k in keys], *[f"line_{k}" for k in keys], "ensemble_test_error", "ensemble_test_nll"]
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -170,7 +176,7 @@ def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: 
 def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> dict[str, Any]:
     """φ(t) with BN recomputed, saved as an ordinary checkpoint of the base architecture."""
     from training.checkpoint import model_checkpoint, save_checkpoint
-    from training.networks import test_metrics
+    from training.networks import held_out_metrics
 
     if not 0.0 <= t <= 1.0:
         raise ConfigError(f"--t must lie in [0, 1], got {t}")
@@ -178,7 +184,7 @@ def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> d
     curve, state = load_curve(Path(path), dev)
     data = load_data(state["dataset"], dev)
     net = recompute_bn(network_at(curve, t), data).eval()
-    metrics = test_metrics(net, data)
+    metrics = held_out_metrics(net, data)
     save_checkpoint(out, model_checkpoint(net, state["architecture"], state["dataset"], kind="curve-point",
                                           curve_point={"t": t, "curve": str(curve_file(Path(path)))}, metrics=metrics))
     return {"checkpoint": str(out), "t": t, "metrics": metrics}

@@ -1,7 +1,7 @@
 """`modeconn fge`: Fast Geometric Ensembling (Garipov et al. 2018) from a train run's checkpoint.
 
 FGE continues SGD from an epoch checkpoint (weights and optimizer state, momentum buffers
-included) with the triangular cyclical LR of DESIGN.md, and collects the weights in the
+included) with the triangular cyclical LR of docs/design.md, and collects the weights in the
 middle of every cycle (where lr = lr2) as an ordinary network checkpoint
 `run_dir/snapshots/snapshot-NNN.pt`, BN statistics recomputed on a copy.
 
@@ -40,7 +40,13 @@ from training.config import Config, ConfigError, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
 from training.loop import fit, load_resumable
-from training.networks import load_data, network_from_state, stage_device, test_metrics
+from training.networks import (
+    epoch_metrics,
+    held_out_metrics,
+    load_data,
+    network_from_state,
+    stage_device,
+)
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
 
@@ -82,7 +88,7 @@ def save_snapshot(
     if not distributed.is_main():
         return {}
     net.eval()
-    metrics = test_metrics(net, data)
+    metrics = held_out_metrics(net, data)
     extra = {k: v for k, v in fields.items() if k not in ("architecture", "dataset")}
     extra.update(kind=f"{fields['kind']}-snapshot", metrics=metrics, snapshot=info, bn_recomputed=recomputed)
     if recomputed:
@@ -164,7 +170,7 @@ def run_snapshots(
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
-        return test_metrics(model, data)
+        return epoch_metrics(model, data)
 
     fit(
         run_dir=run_dir,
@@ -258,7 +264,7 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
                      f"the last {budget % cycle} iterations add no snapshot[/yellow]")
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "fge.json")
     start_info = {"checkpoint": str(start), "epoch": state.get("epoch"),
-                  **(test_metrics(model, data) if distributed.is_main() else {})}
+                  **(held_out_metrics(model, data) if distributed.is_main() else {})}
     fields = {
         "kind": "fge",
         "architecture": state["architecture"],

@@ -209,8 +209,9 @@ def fit(
 
 def _log_epoch(description: str, row: dict[str, Any]) -> None:
     test = ""
-    if "test_nll" in row:
-        test = f"  test nll {row['test_nll']:.4f}  test acc {100 - row['test_error']:6.2f}"
+    for split in ("val", "test"):
+        if f"{split}_nll" in row:
+            test += f"  {split} nll {row[f'{split}_nll']:.4f}  {split} acc {100 - row[f'{split}_error']:6.2f}"
     progress.log(
         f"{description} epoch {row['epoch']:4d}  lr {row['lr']:.5f}  train loss {row['train_loss']:.4f}"
         f"  train acc {row['train_acc']:6.2f}{test}  {row['seconds']:.1f}s"

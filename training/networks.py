@@ -25,7 +25,9 @@ def architecture_spec(config: Config) -> dict[str, Any]:
 
 
 def dataset_spec(config: Config) -> dict[str, Any]:
-    return {"name": config.data.name, "root": config.data.root}
+    d = config.data
+    return {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
+            "generation": dict(d.generation)}
 
 
 def build_network(architecture: dict[str, Any], num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
@@ -54,8 +56,12 @@ def fresh_network(
 
 
 def load_data(spec: dict[str, Any], device: torch.device | str) -> Dataset:
-    with distributed.main_first():  # under torchrun rank 0 fills the data cache, the others read it
-        return build_dataset(spec["name"], root=spec.get("root"), device=device)
+    """The data a config section or a checkpoint's `dataset` record describes; checkpoints
+    from before the validation split (no `val_size`) get none, as they were trained.
+    Under torchrun rank 0 builds it first (it may fill the data cache), then the others."""
+    with distributed.main_first():
+        return build_dataset(spec["name"], root=spec.get("root"), device=device, val_size=spec.get("val_size", 0),
+                             split_seed=spec.get("split_seed", 0), generation=spec.get("generation") or None)
 
 
 def stage_device(config: Config) -> torch.device:
@@ -88,14 +94,25 @@ def predict_probs(forward: Forward, data: Dataset, split: str = "test", batch_si
     return torch.cat([torch.softmax(forward(x), dim=1) for x, _ in eval_batches(data, split, batch_size)])
 
 
-def labels(data: Dataset, split: str = "test") -> torch.Tensor:
-    return data.y_test if split == "test" else data.y_train
+def held_out_splits(data: Dataset) -> tuple[str, ...]:
+    """The splits a network is evaluated on: validation (when the data set has one) and test."""
+    return ("val", "test") if len(data.y_val) else ("test",)
 
 
-def test_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
-    """Test error, NLL and ECE of a network in eval mode, keyed test_*."""
+def epoch_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """What a training run logs after each epoch: validation metrics (the test split, often
+    much larger, only at the end), or test metrics for a data set without validation."""
+    return held_out_metrics(model, data, held_out_splits(data)[:1])
+
+
+def held_out_metrics(model: nn.Module, data: Dataset, splits: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Error, NLL and ECE of a network on the validation and test splits (or `splits`),
+    keyed val_* and test_* (settings are chosen on val_*; test_* is only reported)."""
     was_training = model.training
     model.eval()
-    metrics = classification_metrics(predict_probs(model, data, "test"), data.y_test)
+    out = {}
+    for split in splits or held_out_splits(data):
+        metrics = classification_metrics(predict_probs(model, data, split), data.split(split)[1])
+        out.update({f"{split}_{k}": v for k, v in metrics.items()})
     model.train(was_training)
-    return {f"test_{k}": v for k, v in metrics.items()}
+    return out

@@ -118,7 +118,8 @@ def run_pipeline(
 
         def export() -> dict[str, Any]:
             result = export_artifact([fge_dir, curve_dir], config.export.name, out=out,
-                                     grid_points=config.export.bn_grid_points, atol=config.export.parity_atol)
+                                     grid_points=config.export.bn_grid_points, atol=config.export.parity_atol,
+                                     max_interpolation_pp=config.export.max_bn_interpolation_pp)
             done = {k: v for k, v in result.items() if k != "manifest"}
             done["fingerprint"] = fingerprint
             done["bn_interpolation"] = result["manifest"]["curve"]["bn_interpolation"]

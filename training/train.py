@@ -12,10 +12,11 @@ from training.config import Config
 from training.loop import fit
 from training.networks import (
     dataset_spec,
+    epoch_metrics,
     fresh_network,
+    held_out_metrics,
     load_data,
     stage_device,
-    test_metrics,
 )
 from training.runs import prepare_run_dir
 from training.schedules import paper_learning_rate
@@ -47,14 +48,14 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
         checkpoint_fields=fields,
         save_every=settings.save_every,
         save_epochs=[fge_start_epoch(config)],
-        evaluate=lambda: test_metrics(model, data),
+        evaluate=lambda: epoch_metrics(model, data),
         resume=resume,
         description=f"train {config.name}",
         sync_batchnorm=config.distributed.sync_batchnorm,
     )
     if not distributed.is_main():
         return {"run_dir": str(run_dir), "rank": distributed.rank()}
-    metrics = {**rows[-1], **test_metrics(model, data)}
+    metrics = {**rows[-1], **held_out_metrics(model, data)}
     save_checkpoint(final_path, model_checkpoint(model, **fields, metrics=metrics))
     seconds = time.perf_counter() - started
     progress.log(f"train {config.name}: test error {metrics['test_error']:.2f} %  ({seconds:.1f}s)")
