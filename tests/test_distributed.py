@@ -206,7 +206,8 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(runs: dict[str
     """The whole job SIGKILLed after its first checkpoint, then `--resume`: the weights of the
     uninterrupted 2-rank run (the worker's, same settings), bit for bit."""
     out = tmp_path / "killed"
-    args = ["train", "--config", str(REPO / "configs" / "mnist1d.yaml"), "--device", "cpu",
+    args = ["train", "--config", str(REPO / "configs" / "mnist1d_standard.yaml"), "--device", "cpu",
+            "--set", "data.val_size=0",
             "--set", "model.kwargs={width: 8, batchnorm: false}", "--set", "train.epochs=2",
             "--set", "train.save_every=1", "--out", str(out)]
     cli = [*TORCHRUN, "--no-python", str(Path(sys.executable).with_name("modeconn"))]
@@ -258,8 +259,8 @@ def test_compare_jobs_2_equals_jobs_1(tmp_path: Path, monkeypatch: pytest.Monkey
     table and the same snapshots as one after the other (one thread per run in both)."""
     from training.compare import compare_budgets
 
-    settings = load_config(REPO / "configs" / "mnist1d.yaml", {
-        "device": "cpu", "model.kwargs": {"width": 8}, "train.epochs": 2, "fge.start_fraction": 0.5,
+    settings = load_config(REPO / "configs" / "mnist1d_standard.yaml", {
+        "device": "cpu", "data.val_size": 0, "model.kwargs": {"width": 8}, "train.epochs": 2, "fge.start_fraction": 0.5,
         "fge.cycle_epochs": 1, "sse.cycle_epochs": 1, "compare.budgets": [1], "compare.seeds": 1})
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the workers' thread count
     threads = torch.get_num_threads()
