@@ -27,7 +27,9 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--force", action="store_true", help="delete what --out holds and start over")
+    parser.add_argument("--force", action="store_true",
+                        help="start over: delete what modeconn wrote in --out (a folder it made; anything else there "
+                             "is kept, and a folder it did not make is refused)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.lr=0.05")
     parser.add_argument("--json", action="store_true", help="print one JSON object (paths, metrics) as the last line")
     parser.set_defaults(default_out=default_out)
@@ -125,7 +127,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", type=Path, nargs="+", metavar="RUN",
                    help="FGE/SSE run dirs (their snapshots), train runs or checkpoints (members), one curve run")
     p.add_argument("--name", default=None, help="BentoML model name (default: export.name, the demo's)")
-    p.add_argument("--out", type=Path, help="write the artifact to this folder instead of the BentoML store")
+    p.add_argument("--out", type=Path, help="write the artifact to this folder instead of the BentoML store (new, empty, "
+                   "or an earlier artifact with nothing else in it, which is replaced)")
     p.add_argument("--config", type=Path, help="YAML config whose export section is used")
     p.add_argument("--bn-grid-points", type=int, help="t grid for the curve's BN statistics (default 61)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -144,10 +147,18 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- FGE, SSE, ensembles
 def _add_fge(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fge", help="Fast Geometric Ensembling from an epoch checkpoint of a train run")
+    p = sub.add_parser(
+        "fge", help="Fast Geometric Ensembling from a trained network",
+        description="FGE from an epoch checkpoint of a train run (weights and momentum buffers: the paper's "
+                    "setting, the default in pipeline and compare), or from any network checkpoint without "
+                    "optimizer state (final.pt, a snapshot, a curve point) or a bare state_dict saved with "
+                    "torch.save (its architecture and data from the config's model and data sections); "
+                    "those two start with fresh momentum, which the log and --json ('momentum') say.",
+    )
     _common(p, "fge")
     p.add_argument("--from", dest="start", type=Path, required=True, metavar="CKPT",
-                   help="epoch checkpoint of a train run (weights + optimizer), e.g. RUN/checkpoints/epoch-0024.pt")
+                   help="e.g. RUN/checkpoints/epoch-0024.pt (momentum kept), RUN/final.pt or a state_dict file "
+                        "(fresh momentum)")
     p.add_argument("--cycle", type=float, help="overrides fge.cycle_epochs (cycle length in epochs; made even in iterations)")
     p.add_argument("--lr1", type=float, help="overrides fge.lr1 (the LR at a cycle's start and end)")
     p.add_argument("--lr2", type=float, help="overrides fge.lr2 (the LR at the middle, where snapshots are taken; <= lr1)")
@@ -208,7 +219,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         "compare", help="the paper's budget table: Ind vs SSE vs FGE ensembles at 1B, 2B, 3B",
         description="Train (or reuse) K independent networks, one FGE run and one SSE run per seed, and "
                     "write compare.md / compare.csv. Always continues what --out holds (finished sub-runs are "
-                    "skipped, interrupted ones resumed), so --resume is implied; --force starts over.",
+                    "skipped, interrupted ones resumed), so --resume is implied; --force starts over, deleting "
+                    "only what the comparison wrote in --out.",
     )
     _common(p, "compare")
     p.add_argument("--budgets", type=int, nargs="+", metavar="K", help="overrides compare.budgets (multiples of B = train.epochs)")
@@ -236,10 +248,13 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="the whole demo: two networks, a curve, FGE, export to the store")
     p.add_argument("--config", type=Path, help="YAML config (default: built-in demo settings)")
     p.add_argument("--runs", type=Path, default=None, help="where the stages' runs go (default runs/NAME)")
-    p.add_argument("--out", type=Path, default=None, help="write the artifact to this folder instead of the BentoML store")
+    p.add_argument("--out", type=Path, default=None, help="write the artifact to this folder instead of the BentoML store "
+                   "(new, empty, or an earlier artifact with nothing else in it)")
     p.add_argument("--seed", type=int, help="seed of the first network (the second uses seed + 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--force", action="store_true", help="rerun every stage")
+    p.add_argument("--force", action="store_true",
+                   help="rerun every stage: delete what the pipeline wrote in --runs (anything else there is kept; "
+                        "a folder modeconn did not make is refused)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="2: train the two networks side by side")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")

@@ -37,6 +37,7 @@ from training.curves import COEFFICIENTS, CurveModel, network_at
 from training.data import Dataset, normalization_tensors
 from training.metrics import classification_metrics
 from training.networks import load_data, load_network, predict_probs
+from training.runs import artifact_target_problem, write_marker
 
 OPSET = 18
 DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
@@ -269,6 +270,8 @@ def export_artifact(
 ) -> dict[str, Any]:
     """Build, check and store the artifact; returns the tag or folder and the manifest."""
     started = time.perf_counter()
+    if out is not None:  # before minutes of work: the same check runs again just before the replace
+        _check_target(Path(out), paths)
     sources = collect_sources(paths)
     device = torch.device("cpu")  # export traces on the CPU; parity is checked against CPU onnxruntime
     nets, states = zip(*(load_network(p, device) for p in sources.members), strict=True)
@@ -294,7 +297,7 @@ def export_artifact(
         atomic_write_json(work / MANIFEST_NAME, manifest)
         load_artifact(work)  # the serving loader must accept exactly what we wrote
         if out is not None:
-            _replace_folder(work, Path(out))
+            _replace_folder(work, Path(out), paths)
             where = {"folder": str(out)}
         else:
             from serving.store import save_to_bentoml_store
@@ -432,21 +435,33 @@ def _store_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
             "curve": manifest["curve"]["type"] if manifest["curve"] else None}
 
 
-def _replace_folder(src: Path, dst: Path) -> None:
-    """Move the finished artifact into place; an existing folder is replaced only after the
+def _check_target(dst: Path, sources: list[Path]) -> None:
+    if (problem := artifact_target_problem(dst, sources)) is not None:
+        raise ExportError(problem)
+
+
+def _replace_folder(src: Path, dst: Path, sources: list[Path]) -> None:
+    """Move the finished artifact into place; an existing folder is replaced only when it is
+    empty or an earlier artifact holding nothing else (training/runs.py), and only after the
     new one is complete, so a crash leaves either the old or the new artifact."""
+    _check_target(dst, sources)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    shutil.rmtree(staged)
-    shutil.copytree(src, staged)
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        dst.rename(old)
-        staged.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staged.rename(dst)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))  # ours alone: nothing else is touched
+    try:
+        staged, old = scratch / "new", scratch / "old"
+        shutil.copytree(src, staged)
+        write_marker(staged, "artifact")
+        if dst.exists():
+            dst.rename(old)
+            try:
+                staged.rename(dst)
+            except BaseException:
+                old.rename(dst)  # the earlier artifact back in place before the scratch folder goes
+                raise
+        else:
+            staged.rename(dst)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 __all__ = ["ExportError", "export_artifact", "collect_sources", "CheckpointError"]
