@@ -156,7 +156,7 @@ def run_snapshots(
     # the weights the run starts from, for the report's distances (the model is still at its
     # start here: fit loads a resumed run's state later, so a resume writes the same file)
     start_weights = run_dir / "start.pt"
-    if not start_weights.is_file():
+    if distributed.is_main() and not start_weights.is_file():
         save_checkpoint(start_weights, model_checkpoint(model, fields["architecture"], fields["dataset"],
                                                         kind=f"{method}-start", source=fields.get("source")))
 
