@@ -105,7 +105,7 @@ def test_losses_share_the_draws_and_chunking_changes_nothing(monkeypatch: pytest
 
     alone = {key: st.paired_bootstrap(a[key], b[key], resamples=1000, seed=2) for key in st.LOSSES}
     assert bounds(together) == pytest.approx(bounds(alone), abs=1e-12)  # summation order only
-    monkeypatch.setattr(st, "_CHUNK_VALUES", 1000)  # chunks of 1 resample x 3 losses x 300 examples
+    monkeypatch.setattr(st, "_CHUNK_VALUES", 1000)  # chunks of 3 resamples x 300 examples
     assert bounds(st.loss_differences(a, b, resamples=1000, seed=2)) == pytest.approx(bounds(together), abs=1e-12)
 
 

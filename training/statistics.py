@@ -2,7 +2,7 @@
 
 Two models A and B are compared on the same n test examples through their per-example
 losses (error indicator in %, NLL, Brier; see `per_example_losses`). The paired bootstrap
-(DESIGN.md) draws `resamples` sets of n indices with replacement from
+(docs/design.md) draws `resamples` sets of n indices with replacement from
 numpy.random.default_rng(seed), row by row (resample r is the r-th call of
 `rng.integers(0, n, size=n)`; drawing them in chunks gives the same stream), and takes
 mean(loss_A − loss_B) over each; the 2.5 and 97.5 percentiles (numpy's linear
@@ -27,7 +27,7 @@ RESAMPLES = 1000
 SEED = 0
 LEVEL = 0.95
 LOSSES = ("error", "nll", "brier")
-_CHUNK_VALUES = 4_000_000  # values gathered per chunk of resamples (bounds memory, not the result)
+_CHUNK_VALUES = 4_000_000  # drawn indices per chunk of resamples (bounds memory, not the result)
 
 
 @dataclass(frozen=True)
@@ -86,12 +86,16 @@ def bootstrap_means(
     if resamples < 1:
         raise ValueError(f"resamples must be positive, got {resamples}")
     rng = np.random.default_rng(seed)
-    chunk = max(1, _CHUNK_VALUES // (n * rows))
+    chunk = max(1, _CHUNK_VALUES // n)
     means = np.empty((rows, resamples))
     for start in range(0, resamples, chunk):  # a loop over chunks of resamples; examples are vectorised
         size = min(chunk, resamples - start)
         index = rng.integers(0, n, size=(size, n))
-        means[:, start:start + size] = d[:, index].mean(axis=2)
+        # a resample's mean is (how often each example was drawn) . values / n: one bincount and
+        # one matrix product, several times faster than gathering the drawn values
+        flat = (index + np.arange(size)[:, None] * n).ravel()
+        counts = np.bincount(flat, minlength=size * n).reshape(size, n).astype(np.float64)
+        means[:, start:start + size] = (counts @ d.T).T / n
     tail = (1.0 - level) / 2 * 100.0
     low, high = np.percentile(means, [tail, 100.0 - tail], axis=1)
     return [Interval(float(d[r].mean()), float(low[r]), float(high[r]), resamples, seed) for r in range(rows)]
