@@ -22,7 +22,14 @@ class CheckpointError(ModeconnError):
 
 
 def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, rename: a crash never leaves half a file."""
+    """Write to a temp file beside `path`, fsync, rename: a crash never leaves half a file.
+
+    Under torchrun only rank 0 writes; a write from another rank is a bug, refused loudly.
+    """
+    from training.distributed import rank
+
+    if rank() != 0:
+        raise RuntimeError(f"rank {rank()} tried to write {path}: only rank 0 writes files")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -1,5 +1,9 @@
 """The `modeconn` command line: one subcommand per stage, all sharing the common options
-`--config`, `--out`, `--seed`, `--device`, `--resume`, `--force`, `--set`, `--json`."""
+`--config`, `--out`, `--seed`, `--device`, `--resume`, `--force`, `--set`, `--json`.
+
+`train`, `curve`, `fge` and `sse` also run under `torchrun --nproc_per_node=N` (one
+optimisation over N processes, training/distributed.py); the other commands run as one process.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import ModeconnError
+from training import distributed
 from training.config import Config, ConfigError, load_config, parse_set_overrides
+
+DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -218,6 +225,8 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     _common(p, "compare")
     p.add_argument("--budgets", type=int, nargs="+", metavar="K", help="overrides compare.budgets (multiples of B = train.epochs)")
     p.add_argument("--seeds", type=int, help="overrides compare.seeds")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N sub-runs side by side, one process each (GPUs in turn); the same results as 1")
     p.set_defaults(handler=_compare)
 
 
@@ -225,7 +234,13 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from training.compare import compare_budgets
 
     config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
-    return compare_budgets(config, run_dir_from_args(args, config), force=args.force)
+    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args))
+
+
+def _jobs(args: argparse.Namespace) -> int:
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
+    return args.jobs
 
 
 # ---------------------------------------------------------------- pipeline
@@ -240,6 +255,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true",
                    help="rerun every stage: delete what the pipeline wrote in --runs (anything else there is kept; "
                         "a folder modeconn did not make is refused)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="2: train the two networks side by side")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.set_defaults(handler=_pipeline)
@@ -249,7 +265,8 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from training.pipeline import run_pipeline
 
     config = load_config(args.config, {"seed": args.seed, "device": args.device, **parse_set_overrides(args.set)})
-    return run_pipeline(config, args.runs or Path("runs") / config.name, force=args.force, out=args.out)
+    return run_pipeline(config, args.runs or Path("runs") / config.name, force=args.force, out=args.out,
+                        jobs=_jobs(args))
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_curve, _add_eval_curve, _add_curve_point, _add_export,
@@ -267,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
+            raise ConfigError(f"{args.command} runs as one process; start it without torchrun "
+                              f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
         result = args.handler(args)
     except ConfigError as err:
         print(f"modeconn {args.command}: {err}", file=sys.stderr)
@@ -277,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"modeconn {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
-    if args.json:
+    finally:
+        distributed.shutdown()
+    if args.json and distributed.rank_from_env() == 0:
         print(json.dumps(result, default=str))
     return 0
 

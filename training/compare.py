@@ -17,6 +17,7 @@ and compare.json.
 Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is skipped when
 finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
 made with other settings (its config.yaml) is refused, naming the folder to delete.
+`--jobs N` runs N sub-runs side by side (an FGE run after its Ind run), with the same results.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from training import progress, provenance, statistics
 from training.checkpoint import atomic_write_json, atomic_write_text
 from training.config import Config, ConfigError
 from training.data import Dataset, iterations_per_epoch
+from training.distributed import Job, run_jobs
 from training.ensemble import (
     ensemble_probs,
     expand_members,
@@ -48,7 +50,7 @@ from training.networks import dataset_spec, load_data
 from training.runs import RunDirError, claim_folder
 from training.schedules import even_cycle_iterations
 from training.sse import run_sse
-from training.train import fge_start_epoch, finished_result, train_network
+from training.train import fge_start_epoch, train_or_reuse
 
 METHODS = ("Ind", "SSE", "FGE")
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
@@ -110,34 +112,33 @@ def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- the sub-runs
-def _train_runs(config: Config, seed_dir: Path, count: int, base_seed: int) -> list[Path]:
-    finals = []
-    for j in range(count):
+def _fge_run(config: Config, start: Path, run_dir: Path) -> None:
+    if finished_snapshot_run(run_dir, "fge") is None:
+        run_fge(config, start, run_dir, resume=True)
+
+
+def _sse_run(config: Config, run_dir: Path) -> None:
+    if finished_snapshot_run(run_dir, "sse") is None:
+        run_sse(config, run_dir, resume=True)
+
+
+def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, first: int) -> list[Job]:
+    """K Ind runs, then one FGE run from the first Ind run's fge_start_epoch checkpoint (long
+    enough for K budgets), then one SSE run; `first` is the index of this seed's first job.
+    Each folder is checked here, before anything runs."""
+    jobs = []
+    for j in range(largest):
         run_dir, run_config = seed_dir / f"ind-{j}", _variant(config, base_seed + j)
         _check_reusable(run_dir, run_config, _SHAPED_BY["ind"])
-        result = finished_result(run_dir) or train_network(run_config, run_dir, resume=True)
-        finals.append(Path(result["checkpoint"]))
-    return finals
-
-
-def _fge_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Path:
-    """One FGE run from the first Ind run's fge_start_epoch checkpoint, long enough for K budgets."""
-    run_dir = seed_dir / "fge"
+        jobs.append(Job(train_or_reuse, (run_config, run_dir)))
+    fge_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
+    _check_reusable(seed_dir / "fge", fge_config, _SHAPED_BY["fge"])
     start = checkpoint_path(seed_dir / "ind-0", fge_start_epoch(config))
-    run_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
-    _check_reusable(run_dir, run_config, _SHAPED_BY["fge"])
-    if finished_snapshot_run(run_dir, "fge") is None:
-        run_fge(run_config, start, run_dir, resume=True)
-    return run_dir
-
-
-def _sse_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Path:
-    run_dir = seed_dir / "sse"
-    run_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
-    _check_reusable(run_dir, run_config, _SHAPED_BY["sse"])
-    if finished_snapshot_run(run_dir, "sse") is None:
-        run_sse(run_config, run_dir, resume=True)
-    return run_dir
+    jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first,)))
+    sse_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
+    _check_reusable(seed_dir / "sse", sse_config, _SHAPED_BY["sse"])
+    jobs.append(Job(_sse_run, (sse_config, seed_dir / "sse")))
+    return jobs
 
 
 # ---------------------------------------------------------------- evaluation
@@ -316,8 +317,10 @@ def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[str, Any]:
-    """Train (or reuse) every sub-run, then write compare.md and compare.csv into `run_dir`."""
+def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1) -> dict[str, Any]:
+    """Train (or reuse) every sub-run, `jobs_at_once` side by side (training/distributed.py
+    `run_jobs`; the same results as one after the other), then write compare.md and
+    compare.csv into `run_dir`."""
     started = time.perf_counter()
     claim_folder(run_dir, "compare", force=force, container=True)  # --force deletes only the comparison's own files
     device = resolve_device(config.device)
@@ -325,15 +328,17 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[
     budgets = _check_budgets(config, iterations_per_epoch(data, config.fge.batch_size),
                              iterations_per_epoch(data, config.sse.batch_size))
     largest, seeds = budgets[-1], config.compare.seeds
+    seed_dirs = [run_dir / f"seed-{s}" for s in range(seeds)]
+    jobs: list[Job] = []
+    for s, seed_dir in enumerate(seed_dirs):
+        jobs += _seed_jobs(config, seed_dir, largest, config.seed + _SEED_STRIDE * s, len(jobs))
+    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {jobs_at_once} at a time[/bold] ({run_dir})")
+    run_jobs(jobs, jobs_at_once, device)
     rows: list[dict[str, Any]] = []
     losses: list[dict[tuple[str, int], Losses]] = []
-    for s in range(seeds):
-        seed_dir, base_seed = run_dir / f"seed-{s}", config.seed + _SEED_STRIDE * s
-        progress.log(f"[bold]compare: seed {s + 1}/{seeds}[/bold] ({seed_dir})")
-        finals = _train_runs(config, seed_dir, largest, base_seed)
-        fge_dir = _fge_run(config, seed_dir, largest, base_seed)
-        sse_dir = _sse_run(config, seed_dir, largest, base_seed)
-        seed_rows, seed_losses = _seed_rows(config, s, finals, fge_dir, sse_dir, budgets, data, device)
+    for s, seed_dir in enumerate(seed_dirs):
+        finals = [seed_dir / f"ind-{j}" / "final.pt" for j in range(largest)]
+        seed_rows, seed_losses = _seed_rows(config, s, finals, seed_dir / "fge", seed_dir / "sse", budgets, data, device)
         rows += seed_rows
         losses.append(seed_losses)
     table = _aggregate(rows, budgets)

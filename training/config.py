@@ -102,6 +102,13 @@ class CompareSettings(_Strict):
     seeds: int = Field(3, ge=1)
 
 
+class DistributedSettings(_Strict):
+    """Used only under torchrun (several processes); one process ignores it."""
+
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: NCCL on CUDA, gloo on CPUs
+    sync_batchnorm: bool = False  # BN over the global batch in training (default: each rank's own)
+
+
 class Config(_Strict):
     name: str = "demo"
     seed: int = 0
@@ -114,6 +121,7 @@ class Config(_Strict):
     sse: SSESettings = Field(default_factory=SSESettings)
     export: ExportSettings = Field(default_factory=ExportSettings)
     compare: CompareSettings = Field(default_factory=CompareSettings)
+    distributed: DistributedSettings = Field(default_factory=DistributedSettings)
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -2,6 +2,10 @@
 
 Loss: E_{t~U[0,1]} L(φθ(t)), one t per minibatch; the L2 penalty 0.5·wd·‖w(t)‖² acts on
 the weights at the sampled t (as in the paper), not on the control points.
+
+t comes from a generator of its own, seeded alike on every rank (and saved in the
+checkpoints): under torchrun every rank draws the same t for its part of the global batch,
+without a broadcast.
 """
 
 from __future__ import annotations
@@ -13,12 +17,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training import progress
+from training import distributed, progress
 from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from training.config import Config
 from training.curves import CurveModel
-from training.loop import fit, resolve_device
-from training.networks import build_network, load_data
+from training.loop import fit
+from training.networks import build_network, load_data, stage_device
 from training.runs import prepare_run_dir
 from training.schedules import paper_learning_rate
 
@@ -34,6 +38,7 @@ def fit_curve(
     config: Config, start: Path, end: Path, run_dir: Path, resume: bool = False, force: bool = False
 ) -> dict[str, Any]:
     final_path = run_dir / "final.pt"
+    device = stage_device(config)
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     started = time.perf_counter()
     w0, w1 = _endpoint(start), _endpoint(end)
@@ -41,7 +46,6 @@ def fit_curve(
         raise CheckpointError(f"endpoints differ in architecture: {w0['architecture']} vs {w1['architecture']}")
     if w0["dataset"]["name"] != w1["dataset"]["name"]:
         raise CheckpointError(f"endpoints were trained on different data: {w0['dataset']['name']} vs {w1['dataset']['name']}")
-    device = resolve_device(config.device)
     data = load_data(w0["dataset"], device)
     settings = config.curve
     torch.manual_seed(config.seed)
@@ -59,9 +63,12 @@ def fit_curve(
     )
     optimizer = torch.optim.SGD([curve.free_points], lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
 
-    def loss_fn(model: CurveModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
-        return F.cross_entropy(logits, y) + 0.5 * settings.weight_decay * model.last_l2, logits
+    t_generator = torch.Generator().manual_seed(config.seed + 3)
+
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.rand((), generator=t_generator).to(x.device)
+        logits = model(x, t)  # the curve itself, or DDP around it
+        return F.cross_entropy(logits, y) + 0.5 * settings.weight_decay * distributed.unwrap(model).last_l2, logits
 
     fields = {
         "kind": "curve",
@@ -85,7 +92,12 @@ def fit_curve(
         save_every=settings.save_every,
         resume=resume,
         description=f"curve {settings.curve}",
+        shared_generators={"curve_t": t_generator},
+        sync_batchnorm=config.distributed.sync_batchnorm,
+        batch_setting="curve.batch_size",
     )
+    if not distributed.is_main():
+        return {"run_dir": str(run_dir), "rank": distributed.rank()}
     save_checkpoint(final_path, {**fields, "model": curve.state_dict(), "metrics": rows[-1]})
     seconds = time.perf_counter() - started
     progress.log(f"curve {settings.curve}: trained in {seconds:.1f}s -> {final_path}")

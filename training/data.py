@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from serving.errors import ModeconnError
 from training.checkpoint import atomic_write_bytes
+from training.distributed import shard_bounds
 
 
 class DataError(ModeconnError):
@@ -329,9 +330,20 @@ def random_crop_flip(x: torch.Tensor, pad: int, generator: torch.Generator) -> t
 
 
 def train_batches(
-    data: Dataset, batch_size: int, generator: torch.Generator, augment: bool = True
+    data: Dataset,
+    batch_size: int,
+    generator: torch.Generator,
+    augment: bool = True,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled epoch of normalised training batches (the last partial batch kept)."""
+    """One shuffled epoch of normalised training batches (the last partial batch kept).
+
+    `shard=(rank, world)`: this rank's contiguous part of every global batch of `batch_size`
+    (training/distributed.py `shard_bounds`: as even as possible). Every rank draws the same
+    permutation and augmentation (for the whole global batch) from the same seeded generator,
+    so the ranks together see exactly the batches of one process.
+    """
+    part, parts = shard
     n = len(data.y_train)
     order = torch.randperm(n, generator=generator).to(data.x_train.device)
     for start in range(0, n, batch_size):
@@ -339,6 +351,9 @@ def train_batches(
         x = data.x_train[idx]
         if augment and data.augment == "crop_flip":
             x = random_crop_flip(x, 4, generator)
+        if parts > 1:
+            lo, hi = shard_bounds(len(idx), part, parts)
+            x, idx = x[lo:hi], idx[lo:hi]
         yield normalize(x, data.mean, data.std), data.y_train[idx]
 
 

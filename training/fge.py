@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training import progress
+from training import distributed, progress
 from training.bn import recompute_bn
 from training.checkpoint import (
     CheckpointError,
@@ -43,7 +43,7 @@ from training.checkpoint import (
 from training.config import Config, ConfigError, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
-from training.loop import fit, resolve_device
+from training.loop import fit
 from training.networks import (
     config_specs,
     dataset_spec,
@@ -51,6 +51,7 @@ from training.networks import (
     held_out_metrics,
     load_data,
     network_from_state,
+    stage_device,
 )
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
@@ -82,12 +83,16 @@ def save_snapshot(
     averages, which the next steps keep updating) is untouched. The running averages are
     kept beside the recomputed ones (`bn_running_averages`, a few KB) so the report can
     measure what the recomputation changes from the files alone, also after a resume.
+    Under torchrun every rank calls this (the recomputation is shared); rank 0 evaluates
+    and writes, the others return {}.
     """
     net = copy.deepcopy(model)
     running = bn_running_averages(net)
     recomputed = bn_update and bool(running)
     if recomputed:
         recompute_bn(net, data)
+    if not distributed.is_main():
+        return {}
     net.eval()
     metrics = held_out_metrics(net, data)
     extra = {k: v for k, v in fields.items() if k not in ("architecture", "dataset")}
@@ -137,6 +142,7 @@ def run_snapshots(
     resume: bool,
     settings: dict[str, Any],
     start: dict[str, Any] | None = None,
+    sync_batchnorm: bool = False,
 ) -> dict[str, Any]:
     """Train `budget` iterations with `learning_rate(i)` (i = this run's iteration from 1),
     save a snapshot wherever `collect_index(i)` names one, then write the report."""
@@ -150,7 +156,7 @@ def run_snapshots(
     # the weights the run starts from, for the report's distances (the model is still at its
     # start here: fit loads a resumed run's state later, so a resume writes the same file)
     start_weights = run_dir / "start.pt"
-    if not start_weights.is_file():
+    if distributed.is_main() and not start_weights.is_file():
         save_checkpoint(start_weights, model_checkpoint(model, fields["architecture"], fields["dataset"],
                                                         kind=f"{method}-start", source=fields.get("source")))
 
@@ -171,7 +177,8 @@ def run_snapshots(
         info = {"method": method, "index": index, "iteration": iteration, "cycle_end": cycle_end(iteration),
                 "epoch": iteration / steps_per_epoch, "lr": learning_rate(iteration)}
         metrics = save_snapshot(snapshot_path(run_dir, index), model, data, fields, info, bn_update)
-        progress.log(f"{method} snapshot {index} at iteration {iteration}: test error {metrics['test_error']:.2f} %")
+        if metrics:
+            progress.log(f"{method} snapshot {index} at iteration {iteration}: test error {metrics['test_error']:.2f} %")
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
@@ -193,7 +200,11 @@ def run_snapshots(
         after_step=after_step,
         resume=resume,
         description=method,
+        sync_batchnorm=sync_batchnorm,
+        batch_setting=f"{method}.batch_size",
     )
+    if not distributed.is_main():
+        return {"run_dir": str(run_dir), "rank": distributed.rank()}
     write_lr_log(lr_path, lr_rows)
     points = collection_points(budget, collect_index)
     result = snapshot_report(
@@ -283,7 +294,8 @@ def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
 def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """FGE from `start` (see fge_start); returns output paths and start/ensemble metrics."""
     settings = config.fge
-    device = resolve_device(config.device)
+    device = stage_device(config)
+    torch.manual_seed(config.seed)  # dropout draws do not depend on what ran before in this process
     begin = fge_start(start, config, device)
     model, optimizer, state = begin.model, begin.optimizer, begin.state
     data = load_data(state["dataset"], device)
@@ -296,7 +308,7 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
     note = "momentum buffers kept" if begin.momentum == MOMENTUM_KEPT else "no optimizer state: fresh momentum"
     progress.log(f"fge: starting from {start} ({begin.source}; {note})")
     start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), "source": begin.source,
-                  "momentum": begin.momentum, **held_out_metrics(model, data)}
+                  "momentum": begin.momentum, **(held_out_metrics(model, data) if distributed.is_main() else {})}
     fields = {
         "kind": "fge",
         "architecture": state["architecture"],
@@ -324,5 +336,6 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         settings={**settings.model_dump(), "cycle_iterations": cycle, "start_source": begin.source,
                   "momentum_start": begin.momentum},
         start=start_info,
+        sync_batchnorm=config.distributed.sync_batchnorm,
     )
     return {**result, "start_source": begin.source, "momentum": begin.momentum}

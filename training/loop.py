@@ -4,6 +4,10 @@ A checkpoint is written atomically every `save_every` epochs, at the epochs in
 `save_epochs` and at the end. It holds the model, the optimizer, the position
 (epoch, iteration), the RNG states and the resolved config, so `resume=True`
 continues a killed run and ends with the same weights as an uninterrupted one.
+
+Under torchrun (training/distributed.py) the same loop runs on every rank: `batch_size` is
+the global batch, each rank takes its part of it, DDP averages the gradients, iterations
+count global steps; rank 0 writes the files, and a checkpoint holds every rank's RNG states.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import progress
+from training import distributed, progress
 from training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from training.config import ConfigError
 from training.data import Dataset, iterations_per_epoch, train_batches
@@ -54,16 +58,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
-    state = {"torch": torch.get_rng_state(), "data": generator.get_state()}
+def _rng_state(generators: dict[str, torch.Generator]) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), **{name: g.get_state() for name, g in generators.items()}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+def _restore_rng(saved: dict[str, Any], generators: dict[str, torch.Generator], description: str) -> None:
+    """This rank's states: its own entry of `rng_ranks` when the checkpoint has one."""
+    state = saved["rng"]
+    ranks = saved.get("rng_ranks") or [state]
+    if len(ranks) != distributed.world_size():
+        progress.log(f"[yellow]{description}: resuming with {distributed.world_size()} process(es) a run "
+                     f"checkpointed with {len(ranks)}; the rest differs slightly from an uninterrupted run[/yellow]")
+    state = ranks[distributed.rank()] if distributed.rank() < len(ranks) else state
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["data"])
+    for name, generator in generators.items():
+        if name in state:
+            generator.set_state(state[name])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -92,15 +105,24 @@ def fit(
     description: str = "train",
     augment: bool = True,
     max_iterations: int | None = None,
+    shared_generators: dict[str, torch.Generator] | None = None,
+    sync_batchnorm: bool = False,
+    batch_setting: str = "train.batch_size",
 ) -> list[dict[str, Any]]:
     """Run `epochs` epochs of SGD; returns the per-epoch metric rows.
 
     `learning_rate(epoch, iteration)` (epoch from 0, iteration from 1) sets the LR of every
-    step; `after_step(iteration, epoch)` runs after each step (FGE collects snapshots there).
-    `max_iterations` ends the last epoch early, for budgets given in fractional epochs
-    (the caller passes `epochs = ceil(max_iterations / iterations per epoch)`).
+    step; `after_step(iteration, epoch)` runs after each step on every rank (FGE collects
+    snapshots there). `max_iterations` ends the last epoch early, for budgets given in
+    fractional epochs (the caller passes `epochs = ceil(max_iterations / iterations per epoch)`).
+    `shared_generators`: generators seeded alike on every rank that the caller draws from
+    (the curve's t), saved and restored with the checkpoints. `evaluate` runs on rank 0 only.
+    `sync_batchnorm` and `batch_setting` (the setting named in errors): see distributed.py.
     """
     generator = torch.Generator().manual_seed(seed)
+    generators = {"data": generator, **(shared_generators or {})}
+    distributed.check_batch_size(batch_size, len(data.y_train), batch_setting)
+    shard = (distributed.rank(), distributed.world_size())
     metrics_path = run_dir / "metrics.jsonl"
     rows: list[dict[str, Any]] = []
     start_epoch, iteration = 0, 0
@@ -108,7 +130,7 @@ def fit(
         state = load_checkpoint(last, map_location=next(model.parameters()).device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        _restore_rng(state["rng"], generator)
+        _restore_rng(state, generators, description)
         start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
         if metrics_path.exists():
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -118,24 +140,27 @@ def fit(
         progress.log(f"[dim]{description}: nothing to resume in {run_dir}, starting fresh[/dim]")
     steps_per_epoch = iterations_per_epoch(data, batch_size)
     save_at = set(save_epochs) | {epochs}
+    step_model = distributed.wrap_for_training(model, sync_batchnorm)
+    rows_total = len(data.y_train)
 
     for epoch in range(start_epoch, epochs):
         started = time.perf_counter()
-        model.train()
+        step_model.train()
         loss_sum = torch.zeros((), device=data.x_train.device)
         correct = torch.zeros((), device=data.x_train.device)
         seen = 0
         with progress.task(f"{description} epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
-            for x, y in train_batches(data, batch_size, generator, augment=augment):
+            for step, (x, y) in enumerate(train_batches(data, batch_size, generator, augment=augment, shard=shard)):
                 if max_iterations is not None and iteration >= max_iterations:
                     break  # depends on the iteration count only, so a resume replays it exactly
                 iteration += 1
                 lr = learning_rate(epoch, iteration)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss, logits = loss_fn(model, x, y)
+                loss, logits = loss_fn(step_model, x, y)
+                weight = distributed.loss_weight(len(y), min(batch_size, rows_total - step * batch_size))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if weight == 1 else loss * weight).backward()
                 optimizer.step()
                 # accumulate on the device: no host sync per step
                 loss_sum += loss.detach() * len(y)
@@ -144,22 +169,28 @@ def fit(
                 if after_step is not None:
                     after_step(iteration, epoch)
                 advance()
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                         loss_sum.new_tensor(seen, dtype=torch.float64)]))
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "iteration": iteration,
             "lr": lr,
-            "train_loss": float(loss_sum) / seen,
-            "train_acc": float(correct) / seen * 100.0,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_acc": float(totals[1] / totals[2]) * 100.0,
         }
-        if evaluate is not None:
+        if evaluate is not None and distributed.is_main():
             row.update(evaluate())
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         _log_epoch(description, row)
+        saving = (epoch + 1) % save_every == 0 or (epoch + 1) in save_at
+        rng_ranks = distributed.all_gather_objects(_rng_state(generators)) if saving else []
+        if not distributed.is_main():
+            continue
         # metrics first: a kill between the two writes then leaves an extra row (dropped on
         # resume), never a checkpoint whose epoch has no row
         _append_metrics(metrics_path, rows)
-        if (epoch + 1) % save_every == 0 or (epoch + 1) in save_at:
+        if saving:
             save_checkpoint(
                 checkpoint_path(run_dir, epoch + 1),
                 {
@@ -168,7 +199,8 @@ def fit(
                     "optimizer": optimizer.state_dict(),
                     "epoch": epoch + 1,
                     "iteration": iteration,
-                    "rng": _rng_state(generator),
+                    "rng": rng_ranks[0],
+                    **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
                     "metrics": row,
                 },
             )

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from models import ModelSpecError, build_model
+from training import distributed
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import Config, ConfigError
 from training.data import Dataset, build_dataset, eval_batches
+from training.loop import resolve_device
 from training.metrics import classification_metrics
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -56,9 +58,17 @@ def fresh_network(
 
 def load_data(spec: dict[str, Any], device: torch.device | str) -> Dataset:
     """The data a config section or a checkpoint's `dataset` record describes; checkpoints
-    from before the validation split (no `val_size`) get none, as they were trained."""
-    return build_dataset(spec["name"], root=spec.get("root"), device=device, val_size=spec.get("val_size", 0),
-                         split_seed=spec.get("split_seed", 0), generation=spec.get("generation") or None)
+    from before the validation split (no `val_size`) get none, as they were trained.
+    Under torchrun rank 0 builds it first (it may fill the data cache), then the others."""
+    with distributed.main_first():
+        return build_dataset(spec["name"], root=spec.get("root"), device=device, val_size=spec.get("val_size", 0),
+                             split_seed=spec.get("split_seed", 0), generation=spec.get("generation") or None)
+
+
+def stage_device(config: Config) -> torch.device:
+    """The device of this process: the `device` setting, and under torchrun this rank's GPU
+    (the process group is joined here, with the `distributed.backend` setting)."""
+    return distributed.setup(resolve_device(config.device), config.distributed.backend)
 
 
 def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

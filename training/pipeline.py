@@ -22,13 +22,14 @@ from training import progress, provenance, statistics
 from training.checkpoint import atomic_write_json, atomic_write_text
 from training.config import Config
 from training.curve_train import fit_curve
+from training.distributed import Job, run_jobs
 from training.ensemble import ensemble_probs, expand_members, predict_members
 from training.eval_curve import evaluate_curve
 from training.export import export_artifact
 from training.fge import finished_snapshot_run, run_fge
 from training.loop import checkpoint_path, resolve_device
 from training.runs import claim_folder
-from training.train import fge_start_epoch, finished_result, train_network
+from training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
 
 def _stage(name: str, skip: dict[str, Any] | None, run: Any, skipped: list[str]) -> dict[str, Any]:
@@ -84,13 +85,19 @@ def _finished_export(record: Path, fingerprint: str, out: Path | None) -> dict[s
     return done
 
 
-def run_pipeline(config: Config, root: Path, force: bool = False, out: Path | None = None) -> dict[str, Any]:
+def run_pipeline(
+    config: Config, root: Path, force: bool = False, out: Path | None = None, jobs: int = 1
+) -> dict[str, Any]:
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
-    under `config.export.name`, or to the folder `out`."""
+    under `config.export.name`, or to the folder `out`. `jobs` 2 trains the two networks
+    side by side (training/distributed.py `run_jobs`)."""
     started = time.perf_counter()
     claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)
     runs = [root / f"train-seed{s}" for s in seeds]
+    if jobs > 1:  # the train stages below then find both networks finished
+        run_jobs([Job(train_or_reuse, (config.model_copy(update={"seed": s}), d)) for s, d in zip(seeds, runs, strict=True)],
+                 min(jobs, 2), resolve_device(config.device))
     skipped: list[str] = []
     with progress.display(), progress.task("pipeline", 6, transient=False) as advance:
         trained = []

@@ -1,6 +1,7 @@
 """Progress display in one place: one shared rich display, tasks added and removed in it.
 
 Everything human-readable goes to stderr so that `--json` leaves stdout to the JSON line.
+Under torchrun only rank 0 shows anything (the other ranks' lines would repeat it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from training import distributed
 
 console = Console(stderr=True, highlight=False)
 _display: Progress | None = None
@@ -40,7 +43,7 @@ def display() -> Iterator[Progress]:
 @contextlib.contextmanager
 def task(description: str, total: int, transient: bool = True) -> Iterator[Callable[..., None]]:
     """A bar with `total` steps; yields `advance(steps=1, status="")`."""
-    if not console.is_terminal:  # logs and CI: epoch lines only, no redrawn bars
+    if not console.is_terminal or not distributed.is_main():  # logs and CI: epoch lines only, no redrawn bars
         yield lambda steps=1, status="": None
         return
     with display() as progress:
@@ -58,4 +61,6 @@ def task(description: str, total: int, transient: bool = True) -> Iterator[Calla
 
 def log(message: str) -> None:
     """A line above the bars (one per epoch, stage summaries)."""
+    if not distributed.is_main():
+        return
     console.print(message, soft_wrap=True)

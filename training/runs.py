@@ -24,7 +24,7 @@ import yaml
 from rich.markup import escape
 
 from serving.errors import ModeconnError
-from training import progress
+from training import distributed, progress
 from training.checkpoint import (
     CheckpointError,
     atomic_write_json,
@@ -215,11 +215,16 @@ def claim_folder(folder: Path, kind: str, *, force: bool, container: bool = Fals
 
 
 def prepare_run_dir(run_dir: Path, config: Config, *, resume: bool, force: bool, final: Path) -> None:
-    claim_folder(run_dir, "run", force=force)
+    """Under torchrun rank 0 alone claims the folder (clears, marks) and writes; then every rank
+    checks, so all fail alike."""
+    if distributed.is_main():
+        claim_folder(run_dir, "run", force=force)
+    distributed.barrier()
     has_run = any((run_dir / "checkpoints").glob("epoch-*.pt")) or final.exists()
     if has_run and not resume and not force:  # after --force only foreign files can be left
         raise RunDirError(f"{run_dir} already holds a run; pass --resume to continue it or --force to start over")
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
+    if distributed.is_main():
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.model_dump(), sort_keys=False))
 
 
 def check_replaceable_checkpoint(path: Path, kind: str) -> None:

@@ -14,8 +14,7 @@ from typing import Any
 from training.config import Config, ConfigError, SSESettings
 from training.data import iterations_per_epoch
 from training.fge import run_snapshots
-from training.loop import resolve_device
-from training.networks import dataset_spec, fresh_network, load_data
+from training.networks import dataset_spec, fresh_network, load_data, stage_device
 from training.runs import prepare_run_dir
 from training.schedules import cosine_restart_learning_rate
 
@@ -35,7 +34,7 @@ def sse_budget(settings: SSESettings, steps_per_epoch: int) -> tuple[int, int]:
 def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Snapshot Ensembles from scratch; returns output paths and ensemble metrics."""
     settings = config.sse
-    device = resolve_device(config.device)
+    device = stage_device(config)
     data = load_data(dataset_spec(config), device)
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
     cycle, budget = sse_budget(settings, steps_per_epoch)
@@ -58,4 +57,5 @@ def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = F
         bn_update=True,
         resume=resume,
         settings={**settings.model_dump(), "cycle_iterations": cycle},
+        sync_batchnorm=config.distributed.sync_batchnorm,
     )

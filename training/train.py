@@ -6,16 +6,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training import progress
+from training import distributed, progress
 from training.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from training.config import Config
-from training.loop import fit, resolve_device
+from training.loop import fit
 from training.networks import (
     dataset_spec,
     epoch_metrics,
     fresh_network,
     held_out_metrics,
     load_data,
+    stage_device,
 )
 from training.runs import prepare_run_dir
 from training.schedules import paper_learning_rate
@@ -29,9 +30,9 @@ def fge_start_epoch(config: Config) -> int:
 def train_network(config: Config, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Train one network; returns output paths and final test metrics."""
     final_path = run_dir / "final.pt"
+    device = stage_device(config)
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     started = time.perf_counter()
-    device = resolve_device(config.device)
     data = load_data(dataset_spec(config), device)
     settings = config.train
     model, optimizer, fields = fresh_network(config, data, device, settings, "train")
@@ -50,12 +51,20 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
         evaluate=lambda: epoch_metrics(model, data),
         resume=resume,
         description=f"train {config.name}",
+        sync_batchnorm=config.distributed.sync_batchnorm,
     )
+    if not distributed.is_main():
+        return {"run_dir": str(run_dir), "rank": distributed.rank()}
     metrics = {**rows[-1], **held_out_metrics(model, data)}
     save_checkpoint(final_path, model_checkpoint(model, **fields, metrics=metrics))
     seconds = time.perf_counter() - started
     progress.log(f"train {config.name}: test error {metrics['test_error']:.2f} %  ({seconds:.1f}s)")
     return {"run_dir": str(run_dir), "checkpoint": str(final_path), "metrics": metrics, "seconds": seconds}
+
+
+def train_or_reuse(config: Config, run_dir: Path) -> dict[str, Any]:
+    """The result of the finished run in `run_dir`, or train (continuing what is there)."""
+    return finished_result(run_dir) or train_network(config, run_dir, resume=True)
 
 
 def finished_result(run_dir: Path) -> dict[str, Any] | None:

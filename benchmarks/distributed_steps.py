@@ -1,0 +1,120 @@
+"""Training throughput over 1 and 2 processes (issue 14): images/s of the real loop.
+
+For each world size W (torchrun --nproc_per_node=W, gloo on CPUs; one thread per process),
+`training.loop.fit` trains on synthetic CIFAR-shaped tensors (crop/flip augmentation on,
+global batch 128) and the second epoch's seconds give images/s:
+- plain: a network (`modeconn train`),
+- curve: a Bezier curve with 3 bends around it (`modeconn curve`: CurveModel, its L2 term, one t
+  per global step from a shared generator),
+- fge: the plain step with FGE's cyclical LR plus, once per epoch (one cycle), the BN
+  re-estimation of a copy over the training set that every snapshot costs, split over the ranks.
+
+GPU rows (fp32 vs bf16 vs compile) need a GPU machine; they are not measured here.
+
+Usage: python benchmarks/distributed_steps.py [--quick] (the parent starts the torchrun workers)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import common
+import torch
+import torch.nn.functional as F
+
+from models import build_model
+from training import distributed
+from training.bn import recompute_bn
+from training.curves import CurveModel
+from training.data import Dataset
+from training.loop import fit
+from training.schedules import fge_learning_rate
+
+BATCH = 128
+
+
+def synthetic_cifar(rows: int) -> Dataset:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(rows, 3, 32, 32, generator=g), torch.randint(0, 10, (rows,), generator=g)
+    return Dataset("synthetic-cifar", x, y, x[:0], y[:0], x[:0], y[:0], [0.5] * 3, [0.25] * 3,
+                   [str(i) for i in range(10)], augment="crop_flip")
+
+
+def epoch_seconds(kind: str, depth: int, data: Dataset, run_dir: Path) -> float:
+    """Seconds of the second of two epochs of `kind` (the first warms up)."""
+    torch.manual_seed(0)
+    net = build_model("preresnet", num_classes=10, depth=depth)
+    model, loss_fn, after_step = net, None, None
+    steps = -(-len(data.y_train) // BATCH)
+    if kind == "curve":
+        ends = [build_model("preresnet", num_classes=10, depth=depth).state_dict() for _ in range(2)]
+        model = CurveModel(net, ends[0], ends[1], "bezier", 3)
+        t_gen = torch.Generator().manual_seed(0)
+
+        def loss_fn(m: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = m(x, torch.rand((), generator=t_gen))
+            return F.cross_entropy(logits, y) + 0.5 * 3e-4 * distributed.unwrap(m).last_l2, logits
+    elif kind == "fge":
+        def after_step(iteration: int, epoch: int) -> None:
+            if iteration % steps == steps // 2:  # a snapshot per cycle of one epoch
+                recompute_bn(copy.deepcopy(net), data)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.0 if kind == "curve" else 3e-4)
+    lr = (lambda e, i: fge_learning_rate(i, 2 * steps, 0.05, 0.01)) if kind == "fge" else (lambda e, i: 0.05)
+    rows = fit(run_dir=run_dir, model=model, optimizer=optimizer, data=data, epochs=2, batch_size=BATCH,
+               learning_rate=lr, seed=1, checkpoint_fields={}, save_every=100, after_step=after_step,
+               description=f"{kind} preresnet{depth}", **({"loss_fn": loss_fn} if loss_fn else {}))
+    return rows[-1]["seconds"]
+
+
+def worker(out: Path, quick: bool) -> None:
+    torch.set_num_threads(1)
+    distributed.setup(torch.device("cpu"), "gloo")
+    data = synthetic_cifar(BATCH * (4 if quick else 8))
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shared = distributed.all_gather_objects(tmp)[0]  # rank 0's folder: only rank 0 writes
+        for kind in ("plain", "curve", "fge"):
+            seconds = epoch_seconds(kind, 20, data, Path(shared) / kind)
+            results[kind] = {"seconds": seconds, "images_per_s": len(data.y_train) / seconds}
+        distributed.barrier()
+    if distributed.is_main():
+        out.write_text(json.dumps({"world": distributed.world_size(), "rows": len(data.y_train), **results}))
+    distributed.shutdown()
+
+
+def main() -> None:
+    args = common.arguments(__doc__.splitlines()[0]).parse_args()
+    run = common.start_run("distributed_steps")
+    run["quick"], run["command"] = args.quick, common.command_line()
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    env = {**os.environ, "PYTHONPATH": str(common.ROOT), "OMP_NUM_THREADS": "1"}
+    measured = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for world in (1, 2):
+            out = Path(tmp) / f"world-{world}.json"
+            cmd = [torchrun, "--standalone", f"--nproc_per_node={world}", __file__, "--worker", str(out)]
+            subprocess.run([*cmd, *(["--quick"] if args.quick else [])], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            measured[world] = json.loads(out.read_text())
+    rows = [[kind, measured[1][kind]["images_per_s"], measured[2][kind]["images_per_s"],
+             measured[2][kind]["images_per_s"] / measured[1][kind]["images_per_s"]] for kind in ("plain", "curve", "fge")]
+    common.add_section(run, "PreResNet-20, CIFAR-shaped (synthetic), global batch 128, CPU, 1 thread per process",
+                       ["step", "images/s, 1 process", "images/s, 2 processes (gloo)", "speed-up"], rows,
+                       notes=(f"{measured[1]['rows']} images per epoch; the second of two epochs of training.loop.fit. "
+                              "With 2 processes on a 2-core machine each process gets one core."),
+                       data=measured)
+    common.write_results(run)
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:
+        worker(Path(sys.argv[sys.argv.index("--worker") + 1]), "--quick" in sys.argv)
+    else:
+        main()
