@@ -351,3 +351,24 @@ def test_curve_point_out_never_replaces_a_run_file_or_a_users_file(tmp_path: Pat
         with pytest.raises(RunDirError, match=str(out)):
             save_curve_point(run_dir, 0.5, out, device="cpu")
     assert snapshot(run_dir) == before
+
+
+def test_reports_never_overwrite_a_users_file(tiny_run: Path, tmp_path: Path) -> None:
+    """eval-curve and ensemble-eval --out: a foreign folder holding a file of a report's name is
+    refused; a new folder is the tool's and may be written again; a run folder takes reports."""
+    mine = foreign_folder(tmp_path / "mine")
+    (mine / "curve.png").write_bytes(b"my own plot")
+    (mine / "ensemble.json").write_text('{"mine": true}\n')
+    before = snapshot(mine)
+    assert_refused(modeconn("eval-curve", tiny_run, "--out", mine, "--device", "cpu"), mine, "curve.png")
+    assert_refused(modeconn("ensemble-eval", tiny_run, "--out", mine, "--device", "cpu"), mine, "ensemble.json")
+    assert snapshot(mine) == before
+    from training.ensemble import evaluate_checkpoints
+
+    fresh = tmp_path / "reports"
+    first = evaluate_checkpoints([tiny_run], device="cpu", out_dir=fresh)
+    again = evaluate_checkpoints([tiny_run], device="cpu", out_dir=fresh)  # the tool's own folder
+    assert folder_kind(fresh) == "reports" and first["ensemble"] == again["ensemble"]
+    run_dir = copy_run(tiny_run, tmp_path / "run")
+    evaluate_checkpoints([run_dir], device="cpu", out_dir=run_dir)
+    assert json.loads((run_dir / "ensemble.json").read_text())["members"] == 1

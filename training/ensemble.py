@@ -23,6 +23,7 @@ from training.data import Dataset
 from training.loop import resolve_device
 from training.metrics import classification_metrics, disagreement
 from training.networks import load_data, load_network, predict_probs
+from training.runs import check_report_folder
 
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 
@@ -143,6 +144,8 @@ def with_validation(test_rows: list[dict[str, float]], val_probs: torch.Tensor |
 def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
     """Error, NLL and ECE of the ensemble of `paths` and of each member; mean pairwise disagreement."""
     started = time.perf_counter()
+    if out_dir is not None:
+        check_report_folder(Path(out_dir), ("ensemble.json", "ensemble.csv"))  # never over a user's files
     files = expand_members(paths)
     members = predict_members(files, resolve_device(device))
     labels = members.data.y_test
