@@ -4,6 +4,11 @@
 listed under `files` exists with the recorded byte size and sha256. Anything wrong raises
 `ArtifactError` naming the file and what differs. The exporter calls the same function to
 verify what it wrote, so this module imports only the standard library.
+
+An artifact comes from a model store, so it is untrusted: nothing it names may lead out of
+its folder. Entries must be relative paths without `..`, no file (or folder on the way) may
+be a symbolic link that resolves outside the folder, and every graph must be ONNX whose
+external tensor data, if any, is a file listed under `files` (so inside and verified).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from serving.errors import ModeconnError
+from serving.onnx_refs import NotOnnx, external_data
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -76,6 +82,8 @@ def load_artifact(path: str | Path, *, verify_hashes: bool = True) -> Artifact:
     manifest_path = root / MANIFEST_NAME
     if not manifest_path.is_file():
         raise ArtifactError(f"{root}: no {MANIFEST_NAME} (is this an exported artifact folder?)")
+    real_root = root.resolve()
+    _check_inside(real_root, root, MANIFEST_NAME)
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -162,7 +170,9 @@ def load_artifact(path: str | Path, *, verify_hashes: bool = True) -> Artifact:
         _get(curve, "metrics", dict, f"{ctx}: curve")
 
     for rel, record in files.items():
-        _verify_file(root, rel, record, verify_hashes)
+        _verify_file(root, real_root, rel, record, verify_hashes)
+    for rel in (*member_files, ensemble_file, *([curve_file] if curve_file else [])):
+        _check_graph(root, rel, files)
 
     return Artifact(
         root=root,
@@ -213,8 +223,19 @@ def _listed_file(section: dict[str, Any], files: dict[str, Any], ctx: str) -> st
     return rel
 
 
-def _verify_file(root: Path, rel: str, record: dict[str, Any], verify_hashes: bool) -> None:
+def _check_inside(real_root: Path, root: Path, rel: str) -> None:
+    resolved = (root / rel).resolve()
+    if not resolved.is_relative_to(real_root):
+        raise ArtifactError(
+            f"{root}: {rel!r} leads through a symbolic link to {resolved}, outside the artifact folder"
+        )
+
+
+def _verify_file(
+    root: Path, real_root: Path, rel: str, record: dict[str, Any], verify_hashes: bool
+) -> None:
     path = root / rel
+    _check_inside(real_root, root, rel)  # before reading it: a link out is not ours to read
     if not path.is_file():
         raise ArtifactError(f"{root}: file {rel!r} is listed in the manifest but missing")
     size = path.stat().st_size
@@ -227,4 +248,25 @@ def _verify_file(root: Path, rel: str, record: dict[str, Any], verify_hashes: bo
         if actual != record["sha256"]:
             raise ArtifactError(
                 f"{root}: file {rel!r} has sha256 {actual}; the manifest says {record['sha256']}"
+            )
+
+
+def _check_graph(root: Path, rel: str, files: dict[str, Any]) -> None:
+    """`rel` is ONNX, and any external tensor data it names is a file under `files`."""
+    try:
+        refs = external_data(root / rel)
+    except NotOnnx as exc:
+        raise ArtifactError(f"{root}: file {rel!r} is not an ONNX model ({exc})") from None
+    for ref in refs:
+        where = f"{root}: graph {rel!r}, tensor {ref.tensor!r}: external data"
+        if not ref.location:
+            raise ArtifactError(f"{where} names no location")
+        location = PurePosixPath(ref.location)
+        if location.is_absolute() or ".." in location.parts or "\\" in ref.location:
+            raise ArtifactError(f"{where} at {ref.location!r} is outside the artifact folder")
+        # onnxruntime reads the location relative to the graph's own folder
+        target = (PurePosixPath(rel).parent / location).as_posix()
+        if target not in files:
+            raise ArtifactError(
+                f"{where} at {ref.location!r} is not listed under 'files' (so not verified)"
             )

@@ -1,4 +1,7 @@
-"""ASGI middleware in front of BentoML: refuse what it would turn into a 500 or read whole.
+"""ASGI middleware in front of BentoML: refuse what it would turn into a 500 or read whole,
+and serve the service's own OpenAPI document.
+
+RequestGuardMiddleware:
 
 - Body above a byte limit -> 413.
 - multipart/* or BentoML's pickle media type -> 415: the APIs take JSON only, and BentoML
@@ -10,11 +13,17 @@ front of it. The middleware buffers the body itself (it is read whole anyway), t
 it to the app. A body over the limit is drained (up to `drain_factor` times the limit) before
 the 413 is sent: a client still uploading when the server answers and closes often sees a
 connection reset instead of the status code.
+
+OpenAPIMiddleware answers GET /docs.json with the document serving/openapi.py builds from
+the served artifact (BentoML registers its own, less true, /docs.json route before any
+mounted app, so only a middleware can take its place); until the service instance exists
+the request falls through to BentoML's.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 Scope = dict[str, Any]
@@ -87,12 +96,38 @@ class RequestGuardMiddleware:
         await _send_json(send, 413, message)
 
 
+class OpenAPIMiddleware:
+    def __init__(
+        self, app: Any, document: Callable[[], dict[str, Any] | None], path: str = "/docs.json"
+    ) -> None:
+        self.app = app
+        self.document = document
+        self.path = path
+        self._body: bytes | None = None  # built once: the artifact does not change
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == self.path and scope["method"] == "GET":
+            if self._body is None and (document := self.document()) is not None:
+                self._body = json.dumps(document).encode()
+            if self._body is not None:
+                await _send(send, 200, self._body)
+                return
+        await self.app(scope, receive, send)
+
+
 async def _send_json(send: Any, status: int, message: str) -> None:
     body = json.dumps({"error": message}).encode()
+    # connection: close, since the body may not have been read to its end
+    await _send(send, status, body, [(b"connection", b"close")])
+
+
+async def _send(
+    send: Any, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),  # the body may not have been read to its end
+        *(extra or []),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

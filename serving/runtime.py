@@ -98,6 +98,20 @@ class SessionSettings:
         )
 
 
+# The graph contract (docs/manifest.md): input names, and outputs the service reads.
+ENSEMBLE_IO = ({"x"}, {"probabilities", "member_probabilities"})
+CURVE_IO = ({"x", "t"}, {"probabilities"})
+
+
+def check_graphs(artifact: Artifact) -> None:
+    """Open every served graph once on CPU, check its contract, and drop it: what a worker
+    would fail on when loading, found before any worker starts (ArtifactError naming it)."""
+    settings = SessionSettings(threads=1, spinning=False)
+    _open(artifact.ensemble_file, ["CPUExecutionProvider"], settings, *ENSEMBLE_IO)
+    if artifact.curve_file is not None:
+        _open(artifact.curve_file, ["CPUExecutionProvider"], settings, *CURVE_IO)
+
+
 class Runtime:
     """The ensemble session and, when the artifact has one, the curve session."""
 
@@ -108,17 +122,11 @@ class Runtime:
         settings: SessionSettings = SessionSettings(),
     ) -> None:
         self.artifact = artifact
-        self.ensemble = _open(
-            artifact.ensemble_file,
-            providers,
-            settings,
-            {"x"},
-            {"probabilities", "member_probabilities"},
-        )
+        self.ensemble = _open(artifact.ensemble_file, providers, settings, *ENSEMBLE_IO)
         self.curve = (
             None
             if artifact.curve_file is None
-            else _open(artifact.curve_file, providers, settings, {"x", "t"}, {"probabilities"})
+            else _open(artifact.curve_file, providers, settings, *CURVE_IO)
         )
         self.providers = {"ensemble": self.ensemble.get_providers()[0]}
         if self.curve is not None:
@@ -157,7 +165,10 @@ def _open(
     options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if settings.spinning else "0"
     )
-    session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except Exception as exc:  # onnxruntime's load errors share no base class below Exception
+        raise ArtifactError(f"{path}: onnxruntime cannot load this graph: {exc}") from exc
     # The graph names are the contract (docs/manifest.md): refuse a graph that breaks it
     # at load time rather than on the first request.
     have_in = {i.name for i in session.get_inputs()}

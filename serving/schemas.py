@@ -3,11 +3,18 @@
 Requests forbid unknown fields. `inputs` is typed loosely (nested lists) because its
 shape comes from the artifact's manifest, known only at worker start; `parse_inputs`
 checks it against that shape and names the first offending element, so a bad request is
-refused with a precise 400 before it can reach (and poison) a shared batch.
+refused with a precise 400 before it can reach (and poison) a shared batch. The contract
+these checks enforce is declared, with the manifest's shape, by serving/openapi.py.
+
+Every error answer has one body, `ErrorResponse`: BentoML's own 400 for a request that
+fails these models ({"error": "1 validation error for ...", "detail": [...]}) and the
+service's and middleware's ({"error": "..."}).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -17,6 +24,10 @@ from serving.errors import ModeconnError
 
 MAX_REQUEST_ROWS = 1024  # rows per request; larger jobs should be split by the client
 MAX_TS = 16  # t values per /predict_curve request (each costs one pass over the batch)
+# Largest accepted |input|. Far beyond any real input, and 23 decades below float32's limit,
+# so a network's activations cannot overflow: fed values near 1e38 the demo ensemble answered
+# NaN probabilities (a 200 with nulls where the contract promises numbers).
+MAX_ABS_INPUT = 1e15
 
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 
@@ -53,6 +64,17 @@ class CurvePredictRequest(PredictRequest):
         description="several points; the response is the mean of their softmax outputs",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_explicit_null(cls, data: Any) -> Any:
+        # Leaving `t` or `ts` out means "not given"; an explicit null is a malformed request
+        # (the declared contract has no null), not a second way to say the same.
+        if isinstance(data, dict):
+            for name in ("t", "ts"):
+                if name in data and data[name] is None:
+                    raise ValueError(f"'{name}' is null; leave it out or give a value")
+        return data
+
     @model_validator(mode="after")
     def _exactly_one_of_t_ts(self) -> CurvePredictRequest:
         if (self.t is None) == (self.ts is None):
@@ -72,6 +94,28 @@ class PredictResponse(BaseModel):
 
 class CurvePredictResponse(PredictResponse):
     ts: list[float] = Field(description="the t values used")
+
+
+class ValidationIssue(BaseModel):
+    """One entry of `detail`: pydantic's error, as BentoML reports it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="pydantic error type, e.g. missing, extra_forbidden")
+    loc: list[str | int] = Field(description="path to the offending field")
+    msg: str
+    url: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx/5xx answer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: str = Field(description="what is wrong, naming the field, element or limit")
+    detail: list[ValidationIssue] | None = Field(
+        default=None, description="present when the body failed the request model (400)"
+    )
 
 
 class InfoResponse(BaseModel):
@@ -102,7 +146,8 @@ def parse_inputs(
 ) -> np.ndarray:
     """Check nested lists against `[N, *shape]` and return them as a float32 array.
 
-    Raises InputError naming the first problem, e.g. "inputs[3] has length 39; expected 40".
+    numpy converts and checks the shape in one pass; only a request that fails is walked
+    element by element, to name the first problem, e.g. "inputs[3] has length 39; expected 40".
     """
     expected = f"expected {len(shape) + 1}-d inputs of shape [N, {', '.join(map(str, shape))}]"
     if not isinstance(inputs, list):
@@ -111,19 +156,42 @@ def parse_inputs(
         raise InputError("inputs is empty; send at least one row")
     if len(inputs) > max_rows:
         raise InputError(f"inputs has {len(inputs)} rows; the maximum per request is {max_rows}")
-    for i, row in enumerate(inputs):
-        _check_nested(row, shape, f"inputs[{i}]", expected)
-    array = np.asarray(inputs, dtype=np.float32)
-    finite = np.isfinite(array)
-    if not finite.all():
-        index = tuple(int(k) for k in np.argwhere(~finite)[0])
+    try:
+        values = np.asarray(inputs)
+    except ValueError:  # ragged nesting
+        values = None
+    numeric = values is not None and values.dtype.kind in "if"
+    if not numeric or values.shape != (len(inputs), *shape) or _may_hold_booleans(values, inputs):
+        for i, row in enumerate(inputs):  # raises, naming the element
+            _check_nested(row, shape, f"inputs[{i}]", expected)
+        # All numbers of the right shape (ints beyond int64 made numpy fall back to objects).
+        values = np.asarray(inputs, dtype=np.float64)
+    bounded = np.abs(values) <= MAX_ABS_INPUT  # False for NaN and infinities too
+    if not bounded.all():
+        index = tuple(int(k) for k in np.argwhere(~bounded)[0])
         value = inputs
         for k in index:
             value = value[k]
         where = "inputs" + "".join(f"[{k}]" for k in index)
-        reason = "is not finite" if not np.isfinite(value) else "overflows float32"
-        raise InputError(f"{where} = {value!r} {reason}; values must be finite numbers")
-    return array
+        if not math.isfinite(value):  # value is a Python int or float (ints may exceed int64)
+            reason = "is not finite; values must be finite numbers"
+        elif abs(value) > _FLOAT32_MAX:
+            reason = "overflows float32"
+        else:
+            reason = f"is beyond the accepted magnitude ({MAX_ABS_INPUT:g})"
+        raise InputError(f"{where} = {value!r} {reason}")
+    return values.astype(np.float32)
+
+
+def _may_hold_booleans(values: np.ndarray, inputs: list[Any]) -> bool:
+    """JSON true/false become 1/0 beside numbers, so only a request holding an exact 0 or 1
+    needs its element types looked at (at C speed: no Python loop per element)."""
+    if not ((values == 0) | (values == 1)).any():
+        return False
+    flat: Any = inputs
+    for _ in range(values.ndim - 1):
+        flat = itertools.chain.from_iterable(flat)
+    return bool in set(map(type, flat))
 
 
 def _check_nested(node: Any, shape: tuple[int, ...], where: str, expected: str) -> None:

@@ -4,11 +4,17 @@ Endpoints
   POST /predict        {"inputs": N x input_shape}            -> ensemble.onnx
   POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> curve.onnx at phi(t) / mean over ts
   GET|POST /info       model card + execution provider + batching settings
+  GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
+  Every error answer is {"error": "...", "detail"?: [...]} (schemas.ErrorResponse).
 
 Process model and batching (the numbers the benchmark compares):
-  workers = 1. One process holds the sessions; more workers would each hold a copy of every
-    graph (and a GPU context) and split the traffic, so batches would be smaller.
+  workers: MODECONN_WORKERS (default DEFAULT_WORKERS; benchmarks/results/worker_kill-*).
+    Each worker holds a copy of every graph (and a GPU context) and its own batcher; they
+    share one listening socket. With two or more, a worker killed with SIGKILL loses only
+    the requests it had in flight while the others keep answering, and the arbiter starts
+    a replacement, which accepts connections only once it can answer them
+    (serving/startup.py). With one, every crash is an outage until the replacement loads.
   threads: the APIs are async, so BentoML's thread pool for sync APIs is unused. Each graph
     gets one dedicated thread that runs onnxruntime (whose intra-op pool uses the cores).
   Adaptive batching (serving/batching.py), on unless MODECONN_BATCHING=0: requests are
@@ -21,11 +27,14 @@ Process model and batching (the numbers the benchmark compares):
   Limits per request: 1024 rows, 16 values in `ts`, body MODECONN_MAX_BODY_BYTES (8 MiB).
   No BentoML max_concurrency (it sheds with 503 "process is overloaded"); traffic timeout 60 s.
 
-Readiness: __init__ verifies the artifact (sha256 of every file; a corrupt artifact fails the
-worker at once with an ArtifactError naming the file; BentoML's supervisor then respawns it
-every ~10 s, so /readyz never turns 200), then a background thread opens the sessions and
-warms up batch sizes WARMUP_BATCH_SIZES; `__is_ready__` (so /readyz) turns 200 only after
-that. Requests that arrive earlier get 503; a failed load turns /livez to 503 as well.
+Start-up and readiness: before any worker starts, the `bentoml serve` process verifies the
+artifact (sha256 of every file, the manifest, ONNX graphs with no data outside the folder,
+the graphs open with their contract) and stops with one line naming the model and the file
+if anything is wrong (serving/startup.py says why it exits rather than staying up). Each
+worker verifies again in __init__, then a background thread opens the sessions and warms up
+batch sizes WARMUP_BATCH_SIZES; `__is_ready__` (so /readyz) turns 200 only after that.
+Requests that arrive earlier get 503. A worker whose own load fails stays up rather than
+crash-looping: /livez and /readyz answer 503 with the reason in JSON, predictions 503.
 
 Environment: MODECONN_MODEL (model name or tag in the BentoML store, default
 "modeconn-mnist1d"), MODECONN_PROVIDER (auto|cuda|cpu), the batching variables above,
@@ -52,29 +61,34 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving.artifact import load_artifact
+from serving.artifact import Artifact, ArtifactError, load_artifact
 from serving.batching import BatchSettings, MicroBatcher, Overloaded
-from serving.env import env_flag
-from serving.middleware import RequestGuardMiddleware
+from serving.env import env_flag, env_int
+from serving.middleware import OpenAPIMiddleware, RequestGuardMiddleware
+from serving.openapi import openapi_document
 from serving.runtime import Runtime, SessionSettings, choose_providers, summarize
 from serving.schemas import (
     MAX_REQUEST_ROWS,
     MAX_TS,
     CurvePredictRequest,
     CurvePredictResponse,
+    ErrorResponse,
     InfoResponse,
     InputError,
     PredictRequest,
     PredictResponse,
     parse_inputs,
 )
+from serving.startup import mark_served, siblings_have_served, verify_before_workers
 
 logger = logging.getLogger("bentoml.serve.modeconn")
 
 MODEL_NAME = os.environ.get("MODECONN_MODEL", "modeconn-mnist1d")
 MAX_BODY_BYTES = int(os.environ.get("MODECONN_MAX_BODY_BYTES", str(8 << 20)))
 WARMUP_BATCH_SIZES = (1, 8, 32, 64)
-WORKERS = 1
+# TODO(measure) the default from benchmarks/worker_kill.py
+DEFAULT_WORKERS = 1
+WORKERS = env_int("MODECONN_WORKERS", DEFAULT_WORKERS, minimum=1)
 TRAFFIC_TIMEOUT_S = 60
 
 
@@ -96,7 +110,18 @@ def _ok(body: BaseModel) -> Response:
 
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers or None)
+    body = ErrorResponse(error=message).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def _non_finite(probabilities: np.ndarray) -> JSONResponse | None:
+    """A 500 naming the rows whose output is not finite (JSON has no NaN; the contract
+    promises numbers). Inputs are bounded so that this should not happen."""
+    bad = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+    if not len(bad):
+        return None
+    logger.error("non-finite model output for rows %s", bad.tolist())
+    return _error(500, f"the model's output is not finite for inputs rows {bad[:10].tolist()}")
 
 
 @bentoml.service(
@@ -110,24 +135,40 @@ def _error(status: int, message: str, **headers: str) -> JSONResponse:
 class ModeConnService:
     model = bentoml.models.BentoModel(MODEL_NAME)
 
+    @bentoml.on_deployment
+    def _verify_before_workers() -> None:
+        """Once, in the `bentoml serve` process, before any worker is spawned."""
+        verify_before_workers(MODEL_NAME)
+
     def __init__(self) -> None:
-        self.artifact = load_artifact(self.model.path)  # hash check: fail the worker fast
         self.batching = BatchSettings.from_env()
         self.session_settings = SessionSettings.from_env()
         self.runtime: Runtime | None = None
         self._batchers: dict[str, MicroBatcher] = {}
         self._load_error: str | None = None
         self._ready = threading.Event()
+        try:
+            self.artifact: Artifact | None = load_artifact(self.model.path)
+        except ArtifactError as exc:  # raising here would make the arbiter respawn us forever
+            self.artifact = None
+            self._load_error = f"ArtifactError: {exc}"
+            logger.error("cannot serve model %s: %s", self.model.tag, exc)
+            return
+        replacement = siblings_have_served()
         logger.info(
-            "artifact %s verified (%d members, curve: %s); loading sessions",
+            "artifact %s verified (%d members, curve: %s); loading sessions%s",
             self.artifact.name,
             self.artifact.num_members,
             self.artifact.has_curve,
+            " before accepting connections (a sibling already serves)" if replacement else "",
         )
-        # Sessions and warm-up run in the background so /readyz can answer 503 meanwhile.
-        threading.Thread(target=self._load, name="modeconn-load", daemon=True).start()
+        if replacement:  # siblings take every connection until __init__ returns
+            self._load()
+        else:  # in the background, so /readyz can answer 503 meanwhile
+            threading.Thread(target=self._load, name="modeconn-load", daemon=True).start()
 
     def _load(self) -> None:
+        assert self.artifact is not None
         try:
             started = time.perf_counter()
             runtime = Runtime(
@@ -148,6 +189,7 @@ class ModeConnService:
                     )
             self.runtime = runtime
             self._ready.set()
+            mark_served()
             logger.info(
                 "ready in %.2f s: providers %s, batching %s",
                 time.perf_counter() - started,
@@ -184,6 +226,8 @@ class ModeConnService:
             mean, members = await self._run("ensemble", None, x)
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
+        if (refusal := _non_finite(mean)) is not None:
+            return refusal
         return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names)))
 
     @bentoml.api(
@@ -208,15 +252,22 @@ class ModeConnService:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
         mean = stacked[0] if len(t_values) == 1 else stacked.mean(axis=0, dtype=np.float64)
+        if (refusal := _non_finite(mean)) is not None:
+            return refusal
         fields = summarize(mean, stacked, self.artifact.class_names)
         return _ok(CurvePredictResponse(**fields, ts=t_values))
 
     @bentoml.api(route="/info", output_spec=InfoResponse)
-    async def info(self) -> InfoResponse:
+    async def info(self) -> InfoResponse | JSONResponse:
         """Model card (also served at GET /info)."""
-        return self.model_card()
+        return self._refuse_unloaded() or self.model_card()
 
     # -- helpers ---------------------------------------------------------------------------
+
+    def _refuse_unloaded(self) -> JSONResponse | None:
+        if self.artifact is None:  # nothing to describe: the manifest itself was refused
+            return _error(503, f"model failed to load: {self._load_error}")
+        return None
 
     def _refuse_early(self) -> JSONResponse | None:
         if self._load_error is not None:
@@ -233,6 +284,7 @@ class ModeConnService:
         return await asyncio.get_running_loop().run_in_executor(None, run, key, x)
 
     def model_card(self) -> InfoResponse:
+        assert self.artifact is not None
         m = self.artifact.manifest
         ensemble = m["ensemble"]
         curve = m["curve"]
@@ -260,6 +312,7 @@ class ModeConnService:
             batching={
                 **dataclasses.asdict(self.batching),
                 "workers": WORKERS,
+                "worker_pid": os.getpid(),
                 "session_threads_per_graph": 1,
                 "onnxruntime": dataclasses.asdict(self.session_settings),
                 "stats": {name: b.stats.as_dict() for name, b in self._batchers.items()},
@@ -275,10 +328,42 @@ class ModeConnService:
 
 async def _get_info(_: Request) -> JSONResponse:
     service = bentoml.get_current_service()
-    return JSONResponse(service.model_card().model_dump(mode="json"))
+    return service._refuse_unloaded() or JSONResponse(service.model_card().model_dump(mode="json"))
+
+
+class _ProbeReasons:
+    """/livez and /readyz of a worker whose load failed: 503 with the reason as JSON
+    ({"error": ...}) instead of BentoML's plain-text 'returns False'."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in ("/livez", "/readyz"):
+            service = bentoml.get_current_service()
+            error = getattr(service, "_load_error", None)
+            if error is not None:
+                await _error(503, f"model failed to load: {error}")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _openapi() -> dict[str, Any] | None:
+    """The document for the served artifact; None before the service instance exists."""
+    try:
+        service = bentoml.get_current_service()
+    except bentoml.exceptions.BentoMLException:
+        return None
+    artifact = getattr(service, "artifact", None)
+    if artifact is None:  # a worker whose artifact failed to load: every route answers 503
+        return None
+    version = f"{artifact.name} {artifact.manifest['created_at']}"
+    return openapi_document(artifact, max_body_bytes=MAX_BODY_BYTES, version=version)
 
 
 # BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
 # (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
 ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, methods=["GET"])]))
 ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=MAX_BODY_BYTES)
+ModeConnService.add_asgi_middleware(_ProbeReasons)
+ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)

@@ -74,3 +74,12 @@ def demo_curve(
     evaluation = evaluate_curve(Path(fit["checkpoint"]), points=61, device="cpu")
     print(f"\n[demo_curve] fit {fitted - started:.1f} s, eval-curve {time.perf_counter() - fitted:.1f} s")
     return {"fit": fit, "eval": evaluation}
+
+
+@pytest.fixture(scope="session")
+def built_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving tests' artifact (tests/artifact_builder.py: about 40 s), built once per
+    session for every service test and never modified: tests that change files change a copy."""
+    from tests.artifact_builder import build_test_artifact
+
+    return build_test_artifact(tmp_path_factory.mktemp("artifact") / "modeconn-test")

@@ -1,4 +1,4 @@
-"""Curves: the coefficient formulas (DESIGN.md), the generic wrapper over any nn.Module, BN
+"""Curves: the coefficient formulas (docs/design.md), the generic wrapper over any nn.Module, BN
 re-estimation, and the MNIST-1D result (a low-loss curve where the straight line is not).
 """
 
@@ -59,7 +59,7 @@ def test_bezier_coefficients_are_the_bernstein_basis() -> None:
 
 
 def _polychain3(t: float) -> list[float]:
-    """DESIGN.md: 2(tθ + (0.5−t)w0) for t ≤ 0.5; 2((t−0.5)w1 + (1−t)θ) for t > 0.5."""
+    """docs/design.md: 2(tθ + (0.5−t)w0) for t ≤ 0.5; 2((t−0.5)w1 + (1−t)θ) for t > 0.5."""
     return [2 * (0.5 - t), 2 * t, 0.0] if t <= 0.5 else [0.0, 2 * (1 - t), 2 * (t - 0.5)]
 
 
@@ -404,3 +404,37 @@ def test_curve_point_is_an_ordinary_checkpoint(demo_curve: dict[str, Any], tmp_p
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "t must" in bad.stderr and "1.5" in bad.stderr
     assert not (tmp_path / "q.pt").exists()
+
+
+@pytest.mark.slow
+def test_eval_curve_interval_of_max_minus_worse_endpoint(demo_curve: dict[str, Any], tmp_path: Path, mnist1d) -> None:
+    """Recomputed from curve-point checkpoints at the worst t and the worse endpoint."""
+    import numpy as np
+
+    from training.eval_curve import save_curve_point
+    from training.networks import predict_probs
+
+    ev = demo_curve["eval"]
+    report = json.loads(Path(ev["json"]).read_text())
+    rows = report["curve"]
+    cell = ev["differences"]["curve max - worse endpoint"]
+    errors = [r["test_error"] for r in rows]
+    assert cell["t"] == rows[errors.index(max(errors))]["t"]
+    assert cell["worse_endpoint_t"] == (0.0 if errors[0] >= errors[-1] else 1.0)
+    labels = mnist1d.y_test
+    per_example = {}
+    for t in (cell["t"], cell["worse_endpoint_t"]):
+        save_curve_point(Path(demo_curve["fit"]["run_dir"]), t, tmp_path / f"{t}.pt", device="cpu")
+        model, _ = load_network(tmp_path / f"{t}.pt")
+        per_example[t] = (predict_probs(model, mnist1d, "test").argmax(1) != labels).double().numpy() * 100
+    d = per_example[cell["t"]] - per_example[cell["worse_endpoint_t"]]
+    index = np.random.default_rng(0).integers(0, len(d), size=(1000, len(d)))
+    low, high = np.percentile(d[index].mean(axis=1), [2.5, 97.5])
+    got = cell["error"]
+    assert (got["mean"], got["low"], got["high"]) == pytest.approx((d.mean(), low, high), abs=1e-9)
+    assert got["mean"] == pytest.approx(max(errors) - max(errors[0], errors[-1]), abs=1e-4)
+    line = ev["differences"]["line max - worse endpoint"]
+    line_errors = [r["test_error"] for r in report["line"]]
+    assert line["error"]["mean"] == pytest.approx(max(line_errors) - max(line_errors[0], line_errors[-1]), abs=1e-4)
+    assert line["error"]["low"] > 0  # the straight line's barrier is far outside the noise
+    assert report["differences"] == ev["differences"] and report["test_size"] == len(labels)

@@ -16,6 +16,7 @@ import torch
 
 from serving.artifact import ArtifactError, load_artifact
 from training.bn import recompute_bn
+from training.checkpoint import load_checkpoint
 from training.config import load_config
 from training.curve_train import fit_curve, load_curve
 from training.curves import network_at
@@ -49,13 +50,14 @@ def _session(path: Path) -> ort.InferenceSession:
 @pytest.mark.parametrize("curve_type", ["bezier", "polychain"])
 def test_graphs_match_pytorch(small_runs: dict[str, Path], tmp_path: Path, curve_type: str) -> None:
     out = tmp_path / "artifact"
+    # curves of 2 epochs on a coarse grid: the interpolation bound is tested on the demo curve instead
     result = export_artifact([small_runs["net0"], small_runs["net1"], small_runs[curve_type]], "t", out=out,
-                             grid_points=11)
+                             grid_points=11, max_interpolation_pp=100)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == result["manifest"]
     assert manifest["curve"]["type"] == curve_type and manifest["curve"]["num_bends"] == 3
     nets = [load_network(small_runs[k])[0] for k in ("net0", "net1")]
-    data = load_data({"name": "mnist1d"}, "cpu")
+    data = load_data(load_checkpoint(small_runs["net0"])["dataset"], "cpu")  # the data the runs trained on
     x = data.x_test[:300]  # raw inputs: normalisation is inside the graphs
     mean, std = manifest["input"]["normalization"]["mean"][0], manifest["input"]["normalization"]["std"][0]
     with torch.no_grad():
@@ -147,7 +149,7 @@ def _store_listing(home: Path) -> list[str]:
 def test_store_export_and_bad_runs_leave_store_unchanged(small_runs: dict[str, Path], tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
     ok = _cli(["export", str(small_runs["net0"]), str(small_runs["net1"]), str(small_runs["bezier"]),
-               "--name", "export-test", "--bn-grid-points", "5", "--json"], home)
+               "--name", "export-test", "--bn-grid-points", "5", "--set", "export.max_bn_interpolation_pp=100", "--json"], home)
     assert ok.returncode == 0, ok.stderr
     result = json.loads(ok.stdout.strip().splitlines()[-1])
     assert result["tag"].startswith("export-test:")
@@ -181,3 +183,31 @@ def test_refuses_members_of_different_architectures(small_runs: dict[str, Path],
     torch.save(net, other)
     with pytest.raises(ExportError, match="differ"):
         export_artifact([small_runs["net0"], other], "t", out=tmp_path / "a")
+
+
+def test_parity_gate_holds_each_graph_to_the_original_network(
+    small_runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong export rewrite (here: 1D kernels mirrored when run as 2D; same shapes, other
+    numbers) would pass a gate that compares the graph with its own export module."""
+    import training.export as export
+
+    original = export.Conv2dOfHeight1.__init__
+
+    def mirrored(self: export.Conv2dOfHeight1, conv: torch.nn.Conv1d) -> None:
+        original(self, conv)
+        self.weight.data = self.weight.data.flip(-1)
+
+    monkeypatch.setattr(export.Conv2dOfHeight1, "__init__", mirrored)
+    with pytest.raises(ExportError, match="parity gate failed for members/member-000.onnx"):
+        export_artifact([small_runs["net0"]], "t", out=tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_curve_graph_with_too_coarse_a_bn_grid_is_refused(small_runs: dict[str, Path], tmp_path: Path) -> None:
+    """Two grid points (the ends only): BN statistics in the middle of the curve are guessed
+    by interpolation and the test error moves; a bound of 0 pp refuses the export."""
+    with pytest.raises(ExportError, match="max_bn_interpolation_pp 0.*--bn-grid-points"):
+        export_artifact([small_runs["net0"], small_runs["bezier"]], "t", out=tmp_path / "a", grid_points=2,
+                        max_interpolation_pp=0.0)
+    assert not (tmp_path / "a").exists()

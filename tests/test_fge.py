@@ -36,12 +36,15 @@ from training.schedules import cosine_restart_learning_rate, fge_collects, fge_l
 from training.sse import run_sse
 from training.train import train_network
 
-STEPS = 32  # MNIST-1D: 4000 training samples, batch 128
+STEPS = 29  # the demo's MNIST-1D variant: 3600 training signals (400 more held out for validation), batch 128
+CYCLE = 30  # a cycle of 1 epoch, made even in iterations
 SETTINGS = {"device": "cpu", "model.kwargs.width": 8, "train.epochs": 4, "train.save_every": 1,
             "fge.start_fraction": 0.5}
-# FGE from the epoch-2 checkpoint: cycle 1 epoch (32 iterations), 4.5 epochs = 144 iterations:
-# collections at 16, 48, 80, 112 (and 144 would be the middle of a cycle the budget cuts off)
-FGE_ARGS = ["--cycle", "1", "--epochs", "4.5", "--lr1", "0.05", "--lr2", "0.005"]
+# FGE from the epoch-2 checkpoint: cycle 1 epoch (30 iterations), 4.9 epochs = 142 iterations:
+# collections at 15, 45, 75, 105 (and 135 would be the middle of a cycle the budget cuts off)
+FGE_ARGS = ["--cycle", "1", "--epochs", "4.9", "--lr1", "0.05", "--lr2", "0.005"]
+# the smallest run with one snapshot: 2 epochs (58 iterations) hold one whole 30-iteration cycle
+ONE_SNAPSHOT = ["--cycle", "1", "--epochs", "2"]
 SET_ARGS = [a for k, v in SETTINGS.items() if k != "device" for a in ("--set", f"{k}={v}")] + ["--device", "cpu"]
 
 
@@ -137,8 +140,8 @@ def test_fge_snapshots_one_per_whole_cycle_at_the_cycle_middles(fge_run: tuple[P
     run_dir, result = fge_run
     snapshots = sorted((run_dir / "snapshots").glob("snapshot-*.pt"))
     assert [p.name for p in snapshots] == [f"snapshot-00{k}.pt" for k in range(1, 5)]
-    assert result["snapshots"] == 4 == 144 // STEPS
-    for path, iteration in zip(snapshots, [16, 48, 80, 112], strict=True):
+    assert result["snapshots"] == 4 == 142 // CYCLE
+    for path, iteration in zip(snapshots, [15, 45, 75, 105], strict=True):
         state = load_checkpoint(path)
         assert state["kind"] == "fge-snapshot"
         assert state["snapshot"]["iteration"] == iteration
@@ -153,13 +156,13 @@ def test_fge_snapshots_one_per_whole_cycle_at_the_cycle_middles(fge_run: tuple[P
 def test_fge_lr_csv_has_every_iteration_with_the_formula_values(fge_run: tuple[Path, dict]) -> None:
     run_dir, _ = fge_run
     rows = read_lr_csv(run_dir / "lr.csv")
-    assert [int(r["iteration"]) for r in rows] == list(range(1, 145))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 143))
     for r in rows:
         i = int(r["iteration"])
-        assert float(r["lr"]) == pytest.approx(expected_fge_lr(i, STEPS, 0.05, 0.005), abs=1e-12)
+        assert float(r["lr"]) == pytest.approx(expected_fge_lr(i, CYCLE, 0.05, 0.005), abs=1e-12)
         assert int(r["epoch"]) == (i - 1) // STEPS + 1
-    collected = [int(r["iteration"]) for r in rows if int(r["iteration"]) % STEPS == STEPS // 2]
-    assert collected == [16, 48, 80, 112, 144]  # 144: mid-cycle, but its cycle is cut off by the budget
+    collected = [int(r["iteration"]) for r in rows if int(r["iteration"]) % CYCLE == CYCLE // 2]
+    assert collected == [15, 45, 75, 105, 135]  # 135: mid-cycle, but its cycle is cut off by the budget
 
 
 @pytest.mark.slow
@@ -185,19 +188,52 @@ def test_fge_ensemble_is_the_mean_of_the_snapshots_probabilities(fge_run: tuple[
     assert result["ensemble_running_bn"]["test_nll"] != result["ensemble"]["test_nll"]
 
 
+def flat_parameters(path: Path) -> torch.Tensor:
+    """A checkpoint's parameters (named_parameters of its architecture; BN buffers left out) as one vector."""
+    state = load_checkpoint(path)
+    names = [name for name, _ in build_network(state["architecture"], 10).named_parameters()]
+    assert len(names) < len(state["model"])  # the state_dict also holds BN buffers; they do not count
+    return torch.cat([state["model"][name].double().flatten() for name in names])
+
+
+@pytest.mark.slow
+def test_fge_weight_distances_equal_a_direct_computation(fge_run: tuple[Path, dict], train_run: Path) -> None:
+    run_dir, _ = fge_run
+    snapshots = sorted((run_dir / "snapshots").glob("snapshot-*.pt"))
+    start = flat_parameters(train_run / "checkpoints" / "epoch-0002.pt")  # the --from file itself
+    vectors = [flat_parameters(p) for p in snapshots]
+    report = json.loads((run_dir / "fge.json").read_text())
+    table = read_lr_csv(run_dir / "fge.csv")
+    assert len(report["members"]) == len(table) == len(vectors) == 4
+    for k, (row, line) in enumerate(zip(report["members"], table, strict=True)):
+        from_start = float((vectors[k] - start).norm())
+        assert row["distance_from_start"] == pytest.approx(from_start, rel=1e-9)
+        assert float(line["distance_from_start"]) == pytest.approx(from_start, rel=1e-9)
+        if k == 0:
+            assert row["distance_from_previous"] is None and line["distance_from_previous"] == ""
+        else:
+            step = float((vectors[k] - vectors[k - 1]).norm())
+            assert step > 0 and row["distance_from_previous"] == pytest.approx(step, rel=1e-9)
+            assert float(line["distance_from_previous"]) == pytest.approx(step, rel=1e-9)
+    assert load_checkpoint(run_dir / "start.pt")["kind"] == "fge-start"
+
+
 @pytest.mark.slow
 def test_fge_starts_from_the_checkpoints_optimizer_state(train_run: Path) -> None:
     path = train_run / "checkpoints" / "epoch-0002.pt"
     saved = load_checkpoint(path)
-    settings = load_config(None, SETTINGS).fge
-    model, optimizer, _ = fge_start(path, settings, torch.device("cpu"))
+    config = load_config(None, SETTINGS)
+    settings = config.fge
+    begin = fge_start(path, config, torch.device("cpu"))
+    model, optimizer = begin.model, begin.optimizer
+    assert (begin.source, begin.momentum) == ("epoch checkpoint", "from checkpoint")
     buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
     expected = [saved["optimizer"]["state"][i]["momentum_buffer"] for i in range(len(buffers))]
     assert all(torch.equal(b, e) for b, e in zip(buffers, expected, strict=True))
     assert any(b.abs().sum() > 0 for b in buffers)
     assert optimizer.param_groups[0]["momentum"] == settings.momentum
     # one step from the loaded state differs from one step of a zero-momentum start
-    fresh, _, _ = fge_start(path, settings, torch.device("cpu"))
+    fresh = fge_start(path, config, torch.device("cpu")).model
     cold = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=settings.momentum, weight_decay=settings.weight_decay)
     data = load_data(saved["dataset"], "cpu")
     x, y = data.x_train[:128], data.y_train[:128]
@@ -240,13 +276,65 @@ def test_fge_resume_after_sigkill_ends_with_the_same_snapshots(
 
 
 @pytest.mark.slow
+def test_fge_from_a_final_checkpoint_starts_with_fresh_momentum(
+    train_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    final = train_run / "final.pt"
+    begin = fge_start(final, load_config(None, SETTINGS), torch.device("cpu"))
+    assert (begin.source, begin.momentum) == ("checkpoint without optimizer state", "fresh")
+    assert len(begin.optimizer.state) == 0  # no momentum buffers: the first step starts them from its gradient
+    saved = load_checkpoint(final)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in begin.model.state_dict().items())
+    capsys.readouterr()
+    result = _cli_json(["fge", "--from", str(final), "--out", str(tmp_path), *ONE_SNAPSHOT, *SET_ARGS])
+    assert "no optimizer state: fresh momentum" in capsys.readouterr().err
+    assert (result["momentum"], result["start_source"], result["snapshots"]) == ("fresh", begin.source, 1)
+    report = json.loads((tmp_path / "fge.json").read_text())
+    assert report["start"]["momentum"] == report["settings"]["momentum_start"] == "fresh"
+    net, state = load_network(final)
+    assert result["start"] == pytest.approx(network_metrics(net, load_data(state["dataset"], "cpu")))
+    # the epoch checkpoint's run says the other thing
+    assert _cli_json(["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out", str(tmp_path / "kept"),
+                      *ONE_SNAPSHOT, *SET_ARGS])["momentum"] == "from checkpoint"
+
+
+@pytest.mark.slow
+def test_fge_from_a_bare_state_dict_takes_the_network_from_the_config(train_run: Path, tmp_path: Path) -> None:
+    net, state = load_network(train_run / "final.pt")
+    torch.save(net.state_dict(), tmp_path / "weights.pt")  # a plain torch state_dict, no modeconn fields
+    result = _cli_json(["fge", "--from", str(tmp_path / "weights.pt"), "--out", str(tmp_path / "run"),
+                        *ONE_SNAPSHOT, *SET_ARGS])
+    assert (result["momentum"], result["start_source"], result["snapshots"]) == ("fresh", "weights file", 1)
+    assert result["start"] == pytest.approx(network_metrics(net, load_data(state["dataset"], "cpu")))
+    snapshot = load_checkpoint(tmp_path / "run" / "snapshots" / "snapshot-001.pt")
+    assert snapshot["architecture"] == state["architecture"] == {"name": "cnn1d", "kwargs": {"width": 8}}
+    assert snapshot["dataset"] == state["dataset"]
+    assert snapshot["source"] == str(tmp_path / "weights.pt")
+
+
+@pytest.mark.slow
+def test_fge_bad_start_files_are_one_line_errors_naming_the_file(tmp_path: Path) -> None:
+    wide = build_network({"name": "cnn1d", "kwargs": {"width": 16}}, 10)
+    torch.save(wide.state_dict(), tmp_path / "wide.pt")  # the config's model is width 8
+    cases = ((tmp_path / "wide.pt", "shape mismatch"), (tmp_path / "missing.pt", "does not exist"))
+    for path, words in cases:
+        proc = subprocess.run([sys.executable, "-m", "training.cli", "fge", "--from", str(path),
+                               "--out", str(tmp_path / "run"), *SET_ARGS],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr
+        assert len(lines) == 1 and str(path) in lines[0] and words in lines[0], proc.stderr
+        assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
 def test_fge_no_bn_update_keeps_the_running_averages(train_run: Path, tmp_path: Path) -> None:
     result = _cli_json(["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out",
-                        str(tmp_path), "--cycle", "1", "--epochs", "1", "--no-bn-update", *SET_ARGS])
+                        str(tmp_path), *ONE_SNAPSHOT, "--no-bn-update", *SET_ARGS])
     state = load_checkpoint(tmp_path / "snapshots" / "snapshot-001.pt")
     assert state["bn_recomputed"] is False and "bn_running_averages" not in state
     assert result["snapshots"] == 1 and result["bn_recompute_effect"] is None
-    assert result["ensemble_running_bn"] == result["ensemble"]
+    assert result["ensemble_running_bn"] == {k: v for k, v in result["ensemble"].items() if k.startswith("test_")}
 
 
 @pytest.mark.slow
@@ -257,8 +345,9 @@ def test_fge_user_errors_name_the_field_or_file(train_run: Path, tmp_path: Path,
     missing = str(tmp_path / "nope.pt")
     assert main(["fge", "--from", missing, "--out", str(tmp_path / "b"), *SET_ARGS]) == 2
     assert missing in capsys.readouterr().err
-    assert main(["fge", "--from", str(train_run / "final.pt"), "--out", str(tmp_path / "c"), *SET_ARGS]) == 2
-    assert "optimizer" in capsys.readouterr().err
+    torch.save({"not": "weights"}, tmp_path / "other.pt")
+    assert main(["fge", "--from", str(tmp_path / "other.pt"), "--out", str(tmp_path / "c"), *SET_ARGS]) == 2
+    assert f"{tmp_path / 'other.pt'} is neither a modeconn checkpoint nor a state_dict" in capsys.readouterr().err
     assert main(["fge", "--from", start, "--out", str(tmp_path / "d"), "--cycle", "2", "--epochs", "1", *SET_ARGS]) == 2
     assert "fge.epochs" in capsys.readouterr().err
 
@@ -281,6 +370,14 @@ def test_sse_one_snapshot_per_cycle_with_cosine_lr(tmp_path: Path) -> None:
     expected = classification_metrics(mean, labels_of(snapshots[0]))
     assert result["ensemble"]["test_nll"] == pytest.approx(expected["nll"], rel=1e-9)
     assert result["start"] is None
+    # distances from the initialisation: the seeded network fresh_network builds
+    torch.manual_seed(config.seed)
+    init = build_network({"name": "cnn1d", "kwargs": {"width": 8}}, 10)
+    origin = torch.cat([p.detach().double().flatten() for p in init.parameters()])
+    rows = json.loads((tmp_path / "sse.json").read_text())["members"]
+    vectors = [flat_parameters(p) for p in snapshots]
+    assert rows[0]["distance_from_start"] == pytest.approx(float((vectors[0] - origin).norm()), rel=1e-9)
+    assert rows[1]["distance_from_previous"] == pytest.approx(float((vectors[1] - vectors[0]).norm()), rel=1e-9)
 
 
 # ---------------------------------------------------------------- ensemble-eval
@@ -297,13 +394,33 @@ def test_ensemble_eval_of_a_mix_equals_an_independent_computation(
     labels = labels_of(files[0])
     expected = classification_metrics(mean, labels)
     assert result["members"] == 6
-    assert result["ensemble"] == pytest.approx({f"test_{k}": v for k, v in expected.items()}, rel=1e-9)
+    test_part = {k: v for k, v in result["ensemble"].items() if k.startswith("test_")}
+    assert test_part == pytest.approx({f"test_{k}": v for k, v in expected.items()}, rel=1e-9)
     top = members.argmax(2)
     pairs = [(a, b) for a in range(6) for b in range(6) if a != b]
     disagree = sum(float((top[a] != top[b]).float().mean()) for a, b in pairs) / len(pairs)
     assert result["disagreement"] == pytest.approx(disagree)
     assert result["member_metrics"][0]["test_nll"] == pytest.approx(classification_metrics(members[0], labels)["nll"])
     assert json.loads((tmp_path / "ensemble.json").read_text())["members"] == 6
+    # intervals: the ensemble against the first member and against the member with the lowest test error
+    n = len(labels)
+    assert result["test_size"] == n
+    # the best member is chosen on validation (these data have a validation split), never on test
+    data = load_data(load_checkpoint(files[0])["dataset"], "cpu")
+    assert len(data.y_val) > 0
+    best = int(np.argmin([network_metrics(load_network(p)[0], data)["val_error"] for p in files]))
+    index = np.random.default_rng(0).integers(0, n, size=(1000, n))  # statistics.py's documented draws
+    ens_nll = -np.log(mean[torch.arange(n), labels].numpy())
+    for name, k in (("ensemble - first member", 0), ("ensemble - best member", best)):
+        cell = result["differences"][name]
+        assert cell["member"] == str(files[k])
+        err = (mean.argmax(1) != labels).double().numpy() * 100 - (members[k].argmax(1) != labels).double().numpy() * 100
+        nll_diff = ens_nll + np.log(members[k][torch.arange(n), labels].numpy())
+        for key, d in (("error", err), ("nll", nll_diff)):
+            low, high = np.percentile(d[index].mean(axis=1), [2.5, 97.5])
+            assert (cell[key]["mean"], cell[key]["low"], cell[key]["high"]) == pytest.approx((d.mean(), low, high), abs=1e-9)
+            assert cell[key]["resamples"] == 1000
+    assert result["differences"]["ensemble - best member"]["chosen_on"] == "val_error"
     assert (tmp_path / "ensemble.csv").read_text().count("\n") == 1 + 6 + 1  # header, members, ensemble
 
 
@@ -329,9 +446,9 @@ def test_ensemble_eval_errors_clearly(train_run: Path, tmp_path: Path, capsys: p
 # ---------------------------------------------------------------- compare
 @pytest.mark.slow
 def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "1", "--device", "cpu",
+    argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "2", "--device", "cpu",
             "--set", "model.kwargs.width=8", "--set", "train.epochs=2", "--set", "fge.start_fraction=0.5",
-            "--set", "fge.cycle_epochs=1", "--set", "sse.cycle_epochs=1"]
+            "--set", "fge.cycle_epochs=0.9", "--set", "sse.cycle_epochs=1"]
     result = _cli_json(argv)
     table = (tmp_path / "compare.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method"))
@@ -340,13 +457,58 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
         assert any(line.startswith(f"| {method} |") for line in table.splitlines())
     with (tmp_path / "compare.csv").open() as f:
         rows = list(csv.DictReader(f))
-    members = {(r["method"], int(r["k"])): int(r["members"]) for r in rows}
-    # FGE: 1 + (k-1)*2 FGE epochs after epoch 1 of 2, cycle 1 epoch; SSE: 2k cycles of 1 epoch
-    assert members == {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4}
+    members = {(r["method"], int(r["k"]), int(r["seed"])): int(r["members"]) for r in rows}
+    # FGE: 1 + (k-1)*2 FGE epochs (29 iterations each) after epoch 1 of 2, cycle 26 iterations;
+    # SSE: 2k cycles of 1 epoch
+    assert members == {(m, k, s): c for s in (0, 1) for (m, k), c in
+                       {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4}.items()}
     assert result["table"]["FGE"]["2B"]["members"] == 3
+    _check_compare_intervals(tmp_path, result, table)
     finished = tmp_path / "seed-0" / "fge" / "fge.json"
     stamp = finished.stat().st_mtime_ns
     assert _cli_json(argv)["table"] == result["table"]  # all sub-runs reused, the same numbers
     assert finished.stat().st_mtime_ns == stamp
     assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other SSE settings: refused
     assert f"{tmp_path / 'seed-0' / 'sse'} was made with other sse settings" in capsys.readouterr().err
+
+
+def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
+    """FGE − Ind at 2B and FGE − single network at 1B, recomputed from the sub-runs' files."""
+    seeds = [run_dir / f"seed-{s}" for s in (0, 1)]
+    labels = labels_of(seeds[0] / "ind-0" / "final.pt")
+    n = len(labels)
+    assert result["test_size"] == n and f"Test set: {n:,} examples" in table
+
+    def errors(probs: torch.Tensor) -> np.ndarray:
+        return (probs.argmax(1) != labels).double().numpy() * 100
+
+    def brier(probs: torch.Tensor) -> np.ndarray:
+        return ((probs - torch.nn.functional.one_hot(labels, probs.shape[1]).double()) ** 2).sum(1).numpy()
+
+    index = np.random.default_rng(0).integers(0, n, size=(1000, n))
+    fge2 = [ensemble_by_hand(sorted((d / "fge" / "snapshots").glob("snapshot-*.pt"))[:3])[1] for d in seeds]
+    ind2 = [ensemble_by_hand([d / "ind-0" / "final.pt", d / "ind-1" / "final.pt"])[1] for d in seeds]
+    fge1 = [ensemble_by_hand(sorted((d / "fge" / "snapshots").glob("snapshot-*.pt"))[:1])[1] for d in seeds]
+    single = [ensemble_by_hand([d / "ind-0" / "final.pt"])[1] for d in seeds]
+    for name, budget, a, b in (("FGE - Ind", "2B", fge2, ind2), ("FGE - single network", "1B", fge1, single)):
+        cell = result["differences"][name][budget]
+        for metric, per_example in (("error", errors), ("brier", brier)):
+            per_seed = [per_example(x) - per_example(y) for x, y in zip(a, b, strict=True)]
+            for s, d in enumerate(per_seed):
+                low, high = np.percentile(d[index].mean(axis=1), [2.5, 97.5])
+                got = cell["per_seed"][s][metric]
+                assert (got["mean"], got["low"], got["high"]) == pytest.approx((d.mean(), low, high), abs=1e-9)
+            d = (per_seed[0] + per_seed[1]) / 2  # the seed mean, resampled with the same indices
+            low, high = np.percentile(d[index].mean(axis=1), [2.5, 97.5])
+            got = cell["seed_mean"][metric]
+            assert (got["mean"], got["low"], got["high"]) == pytest.approx((d.mean(), low, high), abs=1e-9)
+            means = [x.mean() for x in per_seed]
+            assert cell["over_seeds"][metric]["mean"] == pytest.approx(np.mean(means), abs=1e-9)
+            assert cell["over_seeds"][metric]["std"] == pytest.approx(np.std(means, ddof=1), abs=1e-9)
+    assert "| FGE − Ind | error (pp) |" in table and "| FGE − SSE | NLL |" in table
+    mean = result["differences"]["FGE - Ind"]["2B"]["seed_mean"]["error"]
+    assert f"{mean['mean']:+.2f} [{mean['low']:+.2f}, {mean['high']:+.2f}]" in table
+    with (run_dir / "compare_differences.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 3 * 2 * 3 * 3  # comparisons x budgets x metrics x (2 seeds + mean)
+    assert json.loads((run_dir / "compare.json").read_text())["differences"] == result["differences"]

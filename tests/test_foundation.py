@@ -261,7 +261,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_config(bad_value)
     with pytest.raises(ConfigError, match=r"curve\.num_bends"):
         load_config(CONFIG, {"curve.num_bends": 1})
-    # the demo config itself is valid and says what DESIGN.md's demo says
+    # the demo config itself is valid and says what the README says of the demo
     config = load_config(CONFIG)
     assert (config.data.name, config.model.name, config.train.epochs) == ("mnist1d", "cnn1d", 30)
 
@@ -513,7 +513,7 @@ def test_ece_of_a_calibrated_predictor_is_small() -> None:
 def test_paper_learning_rate_schedule(total: int) -> None:
     base = 0.05
 
-    def formula(epoch: int) -> float:  # DESIGN.md: constant, linear to 1 % from 50 % to 90 %, constant
+    def formula(epoch: int) -> float:  # docs/design.md: constant, linear to 1 % from 50 % to 90 %, constant
         return base * float(np.interp(epoch / total, [0.0, 0.5, 0.9, 1.0], [1.0, 1.0, 0.01, 0.01]))
 
     for fraction in (0.0, 0.5, 0.7, 0.9, 0.95):

@@ -33,7 +33,7 @@ import yaml
 
 from serving.artifact import ArtifactError, file_record, load_artifact
 from serving.batching import BatchSettings, MicroBatcher
-from tests.artifact_builder import ENDPOINT_MEMBERS, build_test_artifact
+from tests.artifact_builder import ENDPOINT_MEMBERS
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "modeconn-test"
@@ -150,8 +150,8 @@ def _stop(server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def artifact_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_test_artifact(tmp_path_factory.mktemp("artifact") / "modeconn-test")
+def artifact_dir(built_artifact: Path) -> Path:
+    return built_artifact
 
 
 @pytest.fixture(scope="module")

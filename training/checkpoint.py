@@ -58,15 +58,44 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return Path(path)
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    path = Path(path)
+def _read(path: Path, map_location: str | torch.device) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, ...: all mean "unusable"
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+
+
+def is_modeconn_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def is_state_dict(obj: Any) -> bool:
+    """A bare `model.state_dict()` saved with torch.save: a non-empty mapping of names to tensors."""
+    return isinstance(obj, dict) and bool(obj) and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    return _validated(_read(path, map_location), path)
+
+
+def load_checkpoint_or_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], bool]:
+    """(contents, is_checkpoint): a modeconn checkpoint, or a bare state_dict (read once, safely)."""
+    path = Path(path)
+    obj = _read(path, map_location)
+    if is_state_dict(obj):
+        return obj, False
+    if not is_modeconn_checkpoint(obj):
+        raise CheckpointError(f"{path} is neither a modeconn checkpoint nor a state_dict (a mapping of names to tensors)")
+    return _validated(obj, path), True
+
+
+def _validated(state: Any, path: Path) -> dict[str, Any]:
+    if not is_modeconn_checkpoint(state):
         raise CheckpointError(f"{path} is not a modeconn checkpoint")
     if state.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint version {state.get('version')}; expected {VERSION}")

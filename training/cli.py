@@ -135,15 +135,23 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     merged = {"export.name": args.name, "export.bn_grid_points": args.bn_grid_points, **parse_set_overrides(args.set)}
     settings = load_config(args.config, merged).export
     return export_artifact(args.runs, settings.name, out=args.out, grid_points=settings.bn_grid_points,
-                           atol=settings.parity_atol)
+                           atol=settings.parity_atol, max_interpolation_pp=settings.max_bn_interpolation_pp)
 
 
 # ---------------------------------------------------------------- FGE, SSE, ensembles
 def _add_fge(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fge", help="Fast Geometric Ensembling from an epoch checkpoint of a train run")
+    p = sub.add_parser(
+        "fge", help="Fast Geometric Ensembling from a trained network",
+        description="FGE from an epoch checkpoint of a train run (weights and momentum buffers: the paper's "
+                    "setting, the default in pipeline and compare), or from any network checkpoint without "
+                    "optimizer state (final.pt, a snapshot, a curve point) or a bare state_dict saved with "
+                    "torch.save (its architecture and data from the config's model and data sections); "
+                    "those two start with fresh momentum, which the log and --json ('momentum') say.",
+    )
     _common(p, "fge")
     p.add_argument("--from", dest="start", type=Path, required=True, metavar="CKPT",
-                   help="epoch checkpoint of a train run (weights + optimizer), e.g. RUN/checkpoints/epoch-0024.pt")
+                   help="e.g. RUN/checkpoints/epoch-0024.pt (momentum kept), RUN/final.pt or a state_dict file "
+                        "(fresh momentum)")
     p.add_argument("--cycle", type=float, help="overrides fge.cycle_epochs (cycle length in epochs; made even in iterations)")
     p.add_argument("--lr1", type=float, help="overrides fge.lr1 (the LR at a cycle's start and end)")
     p.add_argument("--lr2", type=float, help="overrides fge.lr2 (the LR at the middle, where snapshots are taken; <= lr1)")

@@ -8,6 +8,12 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
 - SSE at kB: one SSE run of KB epochs; its snapshots whose cycle ends inside the first kB epochs.
 So a seed trains K + (K - 0.8) + K budgets (8.2 B for K = 3).
 
+Statistics (training/statistics.py): every metric as mean ± std over seeds, and paired bootstrap
+95 % intervals over the test examples of FGE − Ind, FGE − SSE and FGE − single network (the
+first Ind network) at each budget, per seed and for the seed mean. Written to compare.md
+(with machine, date and test-set size), compare.csv (per-seed metrics), compare_differences.csv
+and compare.json.
+
 Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is skipped when
 finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
 made with other settings (its config.yaml) is refused, naming the folder to delete.
@@ -17,20 +23,19 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
-from training import progress
-from training.checkpoint import atomic_write_text
+from training import progress, provenance, statistics
+from training.checkpoint import atomic_write_json, atomic_write_text
 from training.config import Config, ConfigError
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import (
-    Members,
     ensemble_probs,
     expand_members,
     predict_members,
@@ -136,14 +141,9 @@ def _sse_run(config: Config, seed_dir: Path, largest: int, base_seed: int) -> Pa
 
 
 # ---------------------------------------------------------------- evaluation
-def _prefix_metrics(members: Members, count: int, data: Dataset) -> dict[str, float]:
-    """Validation and test metrics of the ensemble of the first `count` members."""
-    if count == 0:
-        raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
-    out = {}
-    if members.val_probs is not None:
-        out = split_prefixed(classification_metrics(ensemble_probs(members.val_probs[:count]), data.y_val), "val")
-    return {**out, **split_prefixed(classification_metrics(ensemble_probs(members.probs[:count]), data.y_test))}
+# the differences that matter (the paper's table): FGE against each baseline at the same budget
+COMPARISONS = (("FGE - Ind", "Ind"), ("FGE - SSE", "SSE"), ("FGE - single network", "single"))
+Losses = dict[str, np.ndarray]  # statistics.LOSSES -> per-example values on the test set
 
 
 def _snapshots_within(states: list[dict[str, Any]], iterations: int) -> int:
@@ -152,82 +152,167 @@ def _snapshots_within(states: list[dict[str, Any]], iterations: int) -> int:
 
 
 def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse_dir: Path,
-               budgets: list[int], data: Dataset, device: torch.device) -> list[dict[str, Any]]:
+               budgets: list[int], data: Dataset, device: torch.device
+               ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], Losses]]:
+    """The seed's metric rows, and the per-example test losses of every (method, k) and of
+    ("single", k): the first Ind network alone (FGE's starting run), the same at every k."""
     epochs, start = config.train.epochs, fge_start_epoch(config)
     fge_steps = iterations_per_epoch(data, config.fge.batch_size)
     sse_steps = iterations_per_epoch(data, config.sse.batch_size)
     ind = predict_members(finals, device, data)
     fge = predict_members(expand_members([fge_dir]), device, data)
     sse = predict_members(expand_members([sse_dir]), device, data)
-    rows = []
+    members = {"Ind": ind, "FGE": fge, "SSE": sse}
+    single = statistics.per_example_losses(ind.probs[0], data.y_test)
+    rows, losses = [], {}
     for k in budgets:
         counts = {
             "Ind": k,
             "FGE": _snapshots_within(fge.states, round((k * epochs - start) * fge_steps)),
             "SSE": _snapshots_within(sse.states, k * epochs * sse_steps),
         }
-        members = {"Ind": ind, "FGE": fge, "SSE": sse}
         for method in METHODS:
-            metrics = _prefix_metrics(members[method], counts[method], data)
+            if counts[method] == 0:
+                raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
+            chosen, count = members[method], counts[method]
+            probs = ensemble_probs(chosen.probs[:count])
+            val = {} if chosen.val_probs is None else split_prefixed(
+                classification_metrics(ensemble_probs(chosen.val_probs[:count]), data.y_val), "val")
             rows.append({"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed,
-                         "members": counts[method], **metrics})
-    return rows
+                         "members": count, **val, **split_prefixed(classification_metrics(probs, data.y_test))})
+            losses[method, k] = statistics.per_example_losses(probs, data.y_test)
+        losses["single", k] = single
+    return rows, losses
 
 
 def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict[int, dict[str, float]]]:
+    """Per method and budget: mean and std over seeds of each test metric."""
     table: dict[str, dict[int, dict[str, float]]] = {}
     for method in METHODS:
         for k in budgets:
             cell = [r for r in rows if r["method"] == method and r["k"] == k]
-            errors = [r["test_error"] for r in cell]
-            table.setdefault(method, {})[k] = {
-                "test_error_mean": statistics.fmean(errors),
-                "test_error_std": statistics.stdev(errors) if len(errors) > 1 else 0.0,
-                "test_nll_mean": statistics.fmean(r["test_nll"] for r in cell),
-                "test_ece_mean": statistics.fmean(r["test_ece"] for r in cell),
-                **({"val_error_mean": statistics.fmean(r["val_error"] for r in cell),
-                    "val_nll_mean": statistics.fmean(r["val_nll"] for r in cell)} if "val_nll" in cell[0] else {}),
-                "members": statistics.fmean(r["members"] for r in cell),
-                "seeds": len(cell),
-            }
+            entry: dict[str, float] = {}
+            metrics = [("test", m) for m in ("error", "nll", "ece", "brier")]
+            if "val_nll" in cell[0]:
+                metrics += [("val", "error"), ("val", "nll")]
+            for split, metric in metrics:
+                spread = statistics.mean_std([r[f"{split}_{metric}"] for r in cell])
+                entry[f"{split}_{metric}_mean"], entry[f"{split}_{metric}_std"] = spread["mean"], spread["std"]
+            entry["members"] = statistics.mean_std([r["members"] for r in cell])["mean"]
+            entry["seeds"] = len(cell)
+            table.setdefault(method, {})[k] = entry
     return table
 
 
-def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], budgets: list[int], seeds: int) -> str:
+def _differences(losses: list[dict[tuple[str, int], Losses]], budgets: list[int]) -> dict[str, dict[str, Any]]:
+    """For each comparison and budget: every seed's interval, mean ± std of the per-seed
+    differences, and the interval of the seed-mean difference (test examples resampled once
+    for all seeds; see training/statistics.py)."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, baseline in COMPARISONS:
+        for k in budgets:
+            fge = [seed_losses["FGE", k] for seed_losses in losses]
+            base = [seed_losses[baseline, k] for seed_losses in losses]
+            per_seed = [statistics.loss_differences(a, b) for a, b in zip(fge, base, strict=True)]
+            stacked = {m: np.stack([a[m] for a in fge]) for m in statistics.LOSSES}
+            seed_mean = statistics.loss_differences(stacked, {m: np.stack([b[m] for b in base]) for m in statistics.LOSSES})
+            out.setdefault(name, {})[f"{k}B"] = {
+                "seed_mean": statistics.intervals_json(seed_mean),
+                "over_seeds": {m: statistics.mean_std([d[m].mean for d in per_seed]) for m in statistics.LOSSES},
+                "per_seed": [statistics.intervals_json(d) for d in per_seed],
+            }
+    return out
+
+
+def _cell(interval: dict[str, Any], metric: str) -> str:
+    """`diff [low, high]`, starred when the interval excludes 0."""
+    text = statistics.Interval(**interval).text(statistics.DIGITS[metric])
+    return text + (" *" if interval["low"] > 0 or interval["high"] < 0 else "")
+
+
+def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], differences: dict[str, dict[str, Any]],
+              budgets: list[int], seeds: int, info: dict[str, Any]) -> str:
     epochs, start = config.train.epochs, fge_start_epoch(config)
+    columns = " | ".join(f"{k}B ({k * epochs} ep)" for k in budgets)
+    rule = "|---|---|" + "---|" * len(budgets)
     lines = [
-        f"# Budget comparison: {config.model.name} on {config.data.name} ({config.name})",
+        f"**Budget comparison: {config.model.name} on {config.data.name}** (config `{config.name}`)",
         "",
-        f"B = {epochs} epochs. Test error (%) of the ensemble, mean ± std over {seeds} seed(s); "
-        "mean test NLL in parentheses; ensemble size in brackets.",
+        *provenance.markdown_lines(info),
         "",
-        "| method | " + " | ".join(f"{k}B ({k * epochs} ep)" for k in budgets) + " |",
-        "|---|" + "---|" * len(budgets),
+        f"B = {epochs} epochs. Ensemble test metrics, mean ± std over {seeds} seed(s); ensemble size in brackets.",
+        "",
+        f"| method | metric | {columns} |",
+        rule,
     ]
     for method in METHODS:
         cells = [table[method][k] for k in budgets]
-        lines.append(f"| {method} | " + " | ".join(
-            f"{c['test_error_mean']:.2f} ± {c['test_error_std']:.2f} ({c['test_nll_mean']:.4f}) [{c['members']:g}]"
-            for c in cells
-        ) + " |")
+        for metric, label, digits in (("error", "error %", 2), ("nll", "NLL", 4), ("brier", "Brier", 4), ("ece", "ECE", 4)):
+            values = " | ".join(f"{c[f'test_{metric}_mean']:.{digits}f} ± {c[f'test_{metric}_std']:.{digits}f}"
+                                + (f" [{c['members']:g}]" if metric == "error" else "") for c in cells)
+            lines.append(f"| {method} | {label} | {values} |")
+    lines += [
+        "",
+        f"Differences, FGE minus the baseline at the same budget (negative: FGE lower), on the {info['test_size']:,} "
+        "test examples: `diff [low, high]` is the seed-mean difference with its 95 % paired bootstrap interval "
+        "(the test examples resampled once for all seeds); * marks an interval that excludes 0.",
+        "",
+        f"| comparison | metric | {columns} |",
+        rule,
+    ]
+    for name, _ in COMPARISONS:
+        for metric in statistics.LOSSES:
+            cells = [_cell(differences[name][f"{k}B"]["seed_mean"][metric], metric) for k in budgets]
+            lines.append(f"| {name.replace(' - ', ' − ')} | {statistics.LABELS[metric]} | {' | '.join(cells)} |")
+    lines += [
+        "",
+        "Per seed: mean ± std over seeds of the per-seed differences, then each seed's own interval.",
+        "",
+        "| comparison | metric | budget | mean ± std | " + " | ".join(f"seed {s}" for s in range(seeds)) + " |",
+        "|---|---|---|---|" + "---|" * seeds,
+    ]
+    for name, _ in COMPARISONS:
+        for metric in statistics.LOSSES:
+            digits = statistics.DIGITS[metric]
+            for k in budgets:
+                cell = differences[name][f"{k}B"]
+                spread = cell["over_seeds"][metric]
+                per_seed = " | ".join(_cell(d[metric], metric) for d in cell["per_seed"])
+                lines.append(f"| {name.replace(' - ', ' − ')} | {statistics.LABELS[metric]} | {k}B | "
+                             f"{spread['mean']:+.{digits}f} ± {spread['std']:.{digits}f} | {per_seed} |")
     lines += [
         "",
         f"- Ind at kB: k independently trained networks of {epochs} epochs (train.lr {config.train.lr}).",
-        f"- FGE at kB: the first Ind network's epoch-{start} checkpoint, then kB − {start} FGE epochs "
+        f"- FGE at kB: the first Ind network's epoch-{start} checkpoint (momentum kept), then kB − {start} FGE epochs "
         f"(cycle {config.fge.cycle_epochs} epochs, lr1 {config.fge.lr1}, lr2 {config.fge.lr2}).",
         f"- SSE at kB: the first kB epochs of one SSE run from scratch (cycle {config.sse.cycle_epochs} epochs, "
         f"lr {config.sse.lr}).",
+        "- single network: the first Ind network alone (1B), the one FGE starts from.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
-              "test_error", "test_nll", "test_ece"]
+              "test_error", "test_nll", "test_ece", "test_brier"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
+    """One row per comparison, budget, metric and seed ("mean" for the seed-mean difference)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["comparison", "budget", "metric", "seed", "diff", "low", "high", "resamples", "bootstrap_seed"])
+    for name, cells in differences.items():
+        for budget, cell in cells.items():
+            for metric in statistics.LOSSES:
+                for seed, d in [*enumerate(cell["per_seed"]), ("mean", cell["seed_mean"])]:
+                    i = d[metric]
+                    writer.writerow([name, budget, metric, seed, i["mean"], i["low"], i["high"], i["resamples"], i["seed"]])
     return buf.getvalue()
 
 
@@ -241,19 +326,29 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False) -> dict[
                              iterations_per_epoch(data, config.sse.batch_size))
     largest, seeds = budgets[-1], config.compare.seeds
     rows: list[dict[str, Any]] = []
+    losses: list[dict[tuple[str, int], Losses]] = []
     for s in range(seeds):
         seed_dir, base_seed = run_dir / f"seed-{s}", config.seed + _SEED_STRIDE * s
         progress.log(f"[bold]compare: seed {s + 1}/{seeds}[/bold] ({seed_dir})")
         finals = _train_runs(config, seed_dir, largest, base_seed)
         fge_dir = _fge_run(config, seed_dir, largest, base_seed)
         sse_dir = _sse_run(config, seed_dir, largest, base_seed)
-        rows += _seed_rows(config, s, finals, fge_dir, sse_dir, budgets, data, device)
+        seed_rows, seed_losses = _seed_rows(config, s, finals, fge_dir, sse_dir, budgets, data, device)
+        rows += seed_rows
+        losses.append(seed_losses)
     table = _aggregate(rows, budgets)
-    md_path, csv_path = run_dir / "compare.md", run_dir / "compare.csv"
-    markdown = _markdown(config, table, budgets, seeds)
-    atomic_write_text(md_path, markdown)
-    atomic_write_text(csv_path, _csv(rows))
-    seconds = time.perf_counter() - started
-    progress.log(markdown + f"\ncompare: {seeds} seed(s) in {seconds:.1f}s -> {md_path}")
-    return {"run_dir": str(run_dir), "markdown": str(md_path), "csv": str(csv_path), "seconds": seconds,
-            "table": {m: {f"{k}B": cell for k, cell in cells.items()} for m, cells in table.items()}}
+    differences = _differences(losses, budgets)
+    info = provenance.provenance(len(data.y_test))
+    paths = {name: run_dir / f"compare{suffix}" for name, suffix in
+             (("markdown", ".md"), ("csv", ".csv"), ("differences_csv", "_differences.csv"), ("json", ".json"))}
+    markdown = _markdown(config, table, differences, budgets, seeds, info)
+    result = {"run_dir": str(run_dir), **{k: str(p) for k, p in paths.items()},
+              "table": {m: {f"{k}B": cell for k, cell in cells.items()} for m, cells in table.items()},
+              "differences": differences, "provenance": info, "test_size": len(data.y_test), "seeds": seeds}
+    atomic_write_text(paths["markdown"], markdown)
+    atomic_write_text(paths["csv"], _csv(rows))
+    atomic_write_text(paths["differences_csv"], _differences_csv(differences))
+    result["seconds"] = time.perf_counter() - started
+    atomic_write_json(paths["json"], result)
+    progress.log(markdown + f"\ncompare: {seeds} seed(s) in {result['seconds']:.1f}s -> {paths['markdown']}")
+    return result

@@ -93,6 +93,8 @@ class ExportSettings(_Strict):
     name: str = "modeconn-mnist1d"
     bn_grid_points: int = Field(61, ge=2)
     parity_atol: float = Field(1e-5, gt=0)
+    # refuse a curve graph whose BN interpolation between grid points moves the test error more
+    max_bn_interpolation_pp: float = Field(0.2, ge=0)
 
 
 class CompareSettings(_Strict):

@@ -1,6 +1,6 @@
 """Ensembles of ordinary checkpoints: `modeconn ensemble-eval`, and the report FGE and SSE write.
 
-The ensemble's prediction is the mean of the members' softmax outputs (DESIGN.md), not of
+The ensemble's prediction is the mean of the members' softmax outputs (docs/design.md), not of
 their logits. Any checkpoint that loads as a plain network can be a member (train runs'
 final.pt, FGE/SSE snapshots, curve points), as long as all share architecture and data set.
 """
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from serving.errors import ModeconnError
-from training import progress
+from training import progress, statistics
 from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from training.data import Dataset
 from training.loop import resolve_device
@@ -141,14 +141,22 @@ def with_validation(test_rows: list[dict[str, float]], val_probs: torch.Tensor |
 
 
 # ---------------------------------------------------------------- modeconn ensemble-eval
+def _best_member(rows: list[dict[str, Any]]) -> tuple[int, str]:
+    """The member with the lowest validation error where members have one, else the lowest test error."""
+    key = "val_error" if all("val_error" in r for r in rows) else "test_error"
+    return min(range(len(rows)), key=lambda i: rows[i][key]), key
+
+
 def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
-    """Error, NLL and ECE of the ensemble of `paths` and of each member; mean pairwise disagreement."""
+    """Error, NLL, ECE and Brier of the ensemble of `paths` and of each member; mean pairwise
+    disagreement; paired bootstrap intervals of ensemble − best member and ensemble − first member."""
     started = time.perf_counter()
     if out_dir is not None:
         check_report_folder(Path(out_dir), ("ensemble.json", "ensemble.csv"))  # never over a user's files
     files = expand_members(paths)
     members = predict_members(files, resolve_device(device))
     labels = members.data.y_test
+    combined = ensemble_probs(members.probs)
     y_val = members.data.y_val
     growing = with_validation(growing_ensemble(members.probs, labels), members.val_probs, y_val, grow=True)
     ensemble = {k: v for k, v in growing[-1].items() if k != "members"}
@@ -157,12 +165,20 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         {"checkpoint": str(path), "kind": state.get("kind", "train"), **metrics}
         for path, state, metrics in zip(files, members.states, own, strict=True)
     ]
+    best, chosen_on = _best_member(rows)
+    differences = {
+        name: {"member": str(files[i]), **statistics.intervals_json(statistics.compare_probs(combined, members.probs[i], labels))}
+        for name, i in (("ensemble - best member", best), ("ensemble - first member", 0))
+    }
+    differences["ensemble - best member"]["chosen_on"] = chosen_on
     result: dict[str, Any] = {
         "members": len(files),
         "ensemble": ensemble,
         "disagreement": disagreement(members.probs),
         "member_metrics": rows,
         "growing": growing,
+        "differences": differences,
+        "test_size": len(labels),
         "architecture": members.states[0]["architecture"],
         "dataset": members.states[0]["dataset"].get("name"),
     }
@@ -171,15 +187,18 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         result["json"], result["csv"] = str(out_dir / "ensemble.json"), str(out_dir / "ensemble.csv")
         atomic_write_json(out_dir / "ensemble.json", result)
         atomic_write_text(out_dir / "ensemble.csv", _table_csv(
-            ["checkpoint", "kind", "test_error", "test_nll", "test_ece"],
+            ["checkpoint", "kind", "test_error", "test_nll", "test_ece", "test_brier"],
             [*rows, {"checkpoint": "ensemble", "kind": f"{len(files)} members", **ensemble}],
         ))
-    best = min(r["test_error"] for r in rows)
     progress.log(
-        f"ensemble-eval: {len(files)} members, ensemble test error {ensemble['test_error']:.2f} % "
-        f"(best member {best:.2f} %), NLL {ensemble['test_nll']:.4f}, ECE {ensemble['test_ece']:.4f}, "
+        f"ensemble-eval: {len(files)} members, {len(labels)} test examples, ensemble test error "
+        f"{ensemble['test_error']:.2f} % (best member {rows[best]['test_error']:.2f} %, lowest {chosen_on}), "
+        f"NLL {ensemble['test_nll']:.4f}, ECE {ensemble['test_ece']:.4f}, Brier {ensemble['test_brier']:.4f}, "
         f"disagreement {result['disagreement']:.3f}  ({time.perf_counter() - started:.1f}s)"
     )
+    for name, cell in differences.items():
+        intervals = {k: statistics.Interval(**cell[k]) for k in statistics.LOSSES}
+        progress.log(f"  {name} (95 % interval): {statistics.differences_text(intervals)}")
     return result
 
 
@@ -192,6 +211,29 @@ def _table_csv(header: list[str], rows: list[dict[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------- the FGE / SSE report
+def parameter_vector(path: Path) -> torch.Tensor:
+    """A network checkpoint's parameters as one float64 vector (BN running statistics left out)."""
+    model, _ = load_network(path)
+    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+
+
+def weight_distances(snapshots: list[Path], start: Path | None) -> list[dict[str, float | None]]:
+    """Per snapshot, the Euclidean distance in weight space from the starting weights and from the
+    previous snapshot (None for the first). Parameters only, as in the paper's figure: BN
+    buffers are statistics of the data, recomputed per snapshot, not weights."""
+    origin = parameter_vector(start) if start is not None and start.is_file() else None
+    rows: list[dict[str, float | None]] = []
+    previous = None
+    for path in snapshots:
+        current = parameter_vector(path)
+        rows.append({
+            "distance_from_start": None if origin is None else float((current - origin).norm()),
+            "distance_from_previous": None if previous is None else float((current - previous).norm()),
+        })
+        previous = current
+    return rows
+
+
 def snapshot_report(
     method: str,
     run_dir: Path,
@@ -200,14 +242,18 @@ def snapshot_report(
     lr_rows: dict[int, float],
     start: dict[str, Any] | None,
     settings: dict[str, Any],
+    start_weights: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate the ensemble as snapshots are added; write METHOD.json/.csv/.png; return the summary.
 
     Each snapshot is evaluated twice: as saved (BN recomputed, unless the run kept the
     running averages) and with the running averages of the training model at collection
-    time, which the snapshot keeps beside (see fge.save_snapshot).
+    time, which the snapshot keeps beside (see fge.save_snapshot). `start_weights` is the
+    network the run started from (FGE: its --from network; SSE: the initialisation), for the
+    distances in weight space.
     """
     members = predict_members(snapshots, data.x_test.device, data, running_bn=True)
+    distances = weight_distances(snapshots, start_weights)
     assert members.running_probs is not None
     labels = data.y_test
     growing = with_validation(growing_ensemble(members.probs, labels), members.val_probs, data.y_val, grow=True)
@@ -227,6 +273,7 @@ def snapshot_report(
             **{f"ensemble_{key}": v for key, v in growing[k].items() if key != "members"},
             **{f"running_bn_member_{key}": v for key, v in own_running[k].items()},
             **{f"running_bn_ensemble_{key}": v for key, v in growing_running[k].items() if key != "members"},
+            **distances[k],
         })
     final = {k: v for k, v in growing[-1].items() if k != "members"}
     final_running = {k: v for k, v in growing_running[-1].items() if k != "members"}
@@ -243,6 +290,7 @@ def snapshot_report(
         # recomputed minus running averages: negative = recomputing BN helps
         "bn_recompute_effect": {k: final[k] - final_running[k] for k in final_running} if bn_recomputed else None,
         "disagreement": disagreement(members.probs),
+        "start_weights": str(start_weights) if start_weights is not None else None,
     }
     report = {
         "method": method,
@@ -274,7 +322,7 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
 
     name = method.upper()
     k = [r["members"] for r in rows]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     iterations = sorted(lr_rows)
     axes[0].plot(iterations, [lr_rows[i] for i in iterations], lw=1.5)
     axes[0].plot([r["iteration"] for r in rows], [r["lr"] for r in rows], "o", color="C3", label="snapshot collected")
@@ -290,6 +338,15 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
         ax.set(xlabel="number of members", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
+    # the paper's third panel: how far apart the snapshots are in weight space
+    for key, label, style in (("distance_from_start", "from the starting weights", "o-"),
+                              ("distance_from_previous", "from the previous snapshot", "s--")):
+        points = [(r["members"], r[key]) for r in rows if r[key] is not None]
+        if points:
+            axes[3].plot(*zip(*points, strict=True), style, label=label)
+    axes[3].set(xlabel="snapshot", ylabel="‖Δw‖ (parameters)", title="distance in weight space")
+    axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[3].legend()
     fig.suptitle(f"{name}: members and ensemble")
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1,8 +1,13 @@
 """`modeconn eval-curve`: metrics along the curve and along the straight line between its ends.
 
 For each of `points` evenly spaced t: BN statistics recomputed, then train loss/NLL/error,
-test NLL/error and the segment length ‖w(t_i) − w(t_{i−1})‖; the same for the line; the
-ensemble of the two endpoints, and of w0 with φ(t) for each t.
+test NLL/error/ECE/Brier and the segment length ‖w(t_i) − w(t_{i−1})‖; the same for the line;
+the ensemble of the two endpoints, and of w0 with φ(t) for each t.
+
+Statistics: for the curve and for the line, the paired bootstrap interval (training/statistics.py)
+over the test examples of (error at the t of the largest test error) − (error of the worse
+endpoint). That t is picked on the same test set, so the difference leans high; it measures
+how much worse the path's worst point is than its ends, not a held-out estimate.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from training import progress
+from training import progress, statistics
 from training.bn import recompute_bn
 from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from training.config import ConfigError
@@ -53,6 +59,7 @@ def evaluate_point(curve: CurveModel, t: float, data: Dataset, weight_decay: flo
         "test_nll": test["nll"],
         "test_error": test["error"],
         "test_ece": test["ece"],
+        "test_brier": test["brier"],
     }
     if len(data.y_val):  # what a choice of curve settings reads; test is only reported
         val = classification_metrics(predict_probs(net, data, "val"), data.y_val)
@@ -80,6 +87,16 @@ def summarize(rows: list[dict[str, float]], lengths: list[float]) -> dict[str, A
     return out
 
 
+def max_minus_worse_endpoint(rows: list[dict[str, float]], errors: list[np.ndarray]) -> dict[str, Any]:
+    """(error at the first t of the largest test error) − (error of the worse endpoint), with its
+    paired bootstrap interval; `errors` holds each t's per-example error indicators (%)."""
+    test_errors = [r["test_error"] for r in rows]
+    peak = max(range(len(rows)), key=test_errors.__getitem__)
+    worse = 0 if test_errors[0] >= test_errors[-1] else len(rows) - 1
+    return {"t": rows[peak]["t"], "worse_endpoint_t": rows[worse]["t"],
+            "error": statistics.paired_bootstrap(errors[peak], errors[worse]).as_dict()}
+
+
 def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, device: str = "auto") -> dict[str, Any]:
     started = time.perf_counter()
     path = curve_file(Path(path))
@@ -93,6 +110,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     ts = [i / (points - 1) for i in range(points)]  # exact grid (float32 linspace gives 0.49999997)
     results: dict[str, list] = {"curve": [], "line": []}
     probs_curve: list[torch.Tensor] = []
+    errors: dict[str, list[np.ndarray]] = {"curve": [], "line": []}
     with progress.task("eval-curve", 2 * points) as advance:
         for name, model in (("curve", curve), ("line", line)):
             previous = None
@@ -102,6 +120,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
                 row["segment_length"] = 0.0 if previous is None else float((flat - previous).norm())
                 previous = flat
                 results[name].append({"t": t, **row})
+                errors[name].append(statistics.per_example_losses(test_probs, data.y_test)["error"])
                 if name == "curve":
                     probs_curve.append(test_probs)
                 advance(status=f"{name} t={t:.3f} test err {row['test_error']:.2f}")
@@ -123,8 +142,11 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
         "endpoint_ensemble_test_error": endpoints["error"],
         "best_ensemble_along_curve_test_error": min(r["ensemble_test_error"] for r in results["curve"]),
     }
+    differences = {f"{name} max - worse endpoint": max_minus_worse_endpoint(results[name], errors[name])
+                   for name in ("curve", "line")}
     report = {"checkpoint": str(path), "points": points, "settings": state["curve"], "summary": summary,
-              "headline": headline, "curve": results["curve"], "line": results["line"]}
+              "headline": headline, "differences": differences, "test_size": len(y),
+              "curve": results["curve"], "line": results["line"]}
     json_path, csv_path, png_path = out_dir / "curve.json", out_dir / "curve.csv", out_dir / "curve.png"
     atomic_write_json(json_path, report)
     atomic_write_text(csv_path, _csv(results))
@@ -135,12 +157,15 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
         f"max along curve {headline['curve_max_test_error']:.2f} %, along line {headline['line_max_test_error']:.2f} % "
         f"({seconds:.1f}s)"
     )
+    for name, cell in differences.items():
+        progress.log(f"  {name} (t = {cell['t']:.3f} vs {cell['worse_endpoint_t']:g}, {len(y)} test examples): "
+                     f"error {statistics.Interval(**cell['error']).text()} pp (95 % interval)")
     return {"json": str(json_path), "csv": str(csv_path), "png": str(png_path), "seconds": seconds,
-            **headline, "summary": summary}
+            **headline, "summary": summary, "differences": differences, "test_size": len(y)}
 
 
 def _csv(results: dict[str, list]) -> str:
-    keys = [*METRICS, *(k for k in VAL_METRICS if k in results["curve"][0]), "test_ece", "segment_length"]
+    keys = [*METRICS, *(k for k in VAL_METRICS if k in results["curve"][0]), "test_ece", "test_brier", "segment_length"]
     header = ["t", *[f"curve_{k}" for k in keys], *[f"line_{k}" for k in keys], "ensemble_test_error", "ensemble_test_nll"]
     buf = io.StringIO()
     writer = csv.writer(buf)

@@ -154,18 +154,29 @@ class CurveGraph(nn.Module):
         return torch.softmax(functional_call(self.base, {**weights, **stats}, (self.normalize(x),)), dim=1)
 
 
+def grid_ts(grid_points: int) -> list[float]:
+    """The exact grid i / (n - 1) (float32 linspace gives 0.49999997 for 0.5)."""
+    return [i / (grid_points - 1) for i in range(grid_points)]
+
+
 @torch.no_grad()
-def bn_statistics_grid(curve: CurveModel, data: Dataset, grid_points: int) -> dict[str, torch.Tensor]:
-    """BN running mean/var recomputed at `grid_points` evenly spaced t, stacked per buffer."""
+def bn_statistics_grid(
+    curve: CurveModel, data: Dataset, grid_points: int, x_check: torch.Tensor, normalize: Normalize
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """BN running mean/var recomputed at `grid_points` evenly spaced t, stacked per buffer, and
+    the exactly recomputed network's probabilities on `x_check` at each t ([grid_points, N, C]):
+    what the parity gate holds the curve graph to."""
     rows: dict[str, list[torch.Tensor]] = {}
+    exact = []
     with progress.task("BN statistics along the curve", grid_points) as advance:
-        for t in torch.linspace(0, 1, grid_points).tolist():
-            net = recompute_bn(network_at(curve, t), data)
+        for t in grid_ts(grid_points):
+            net = recompute_bn(network_at(curve, t), data).eval()
             for name, buf in net.named_buffers():
                 if name.endswith(("running_mean", "running_var")):
                     rows.setdefault(name, []).append(buf.clone())
+            exact.append(torch.softmax(net(normalize(x_check)), dim=1))
             advance()
-    return {name: torch.stack(values) for name, values in rows.items()}
+    return {name: torch.stack(values) for name, values in rows.items()}, torch.stack(exact)
 
 
 # ---------------------------------------------------------------- sources
@@ -206,6 +217,24 @@ def collect_sources(paths: list[Path]) -> Sources:
     return found
 
 
+@dataclass
+class ExportJob:
+    """What one export works from: the loaded members and curve, the data, the gate's settings."""
+
+    name: str
+    sources: Sources
+    nets: list[nn.Module]
+    states: list[dict[str, Any]]
+    curve: CurveModel | None
+    curve_state: dict[str, Any] | None
+    data: Dataset
+    normalize: Normalize
+    x_check: torch.Tensor  # raw test inputs every graph is checked on
+    grid_points: int
+    atol: float
+    max_interpolation_pp: float
+
+
 # ---------------------------------------------------------------- ONNX and parity
 def _export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -237,7 +266,7 @@ def _check_parity(name: str, got: np.ndarray, expected: torch.Tensor, atol: floa
 # ---------------------------------------------------------------- export
 def export_artifact(
     paths: list[Path], name: str, out: Path | None = None, grid_points: int = 61, atol: float = 1e-5,
-    parity_samples: int = 256,
+    parity_samples: int = 256, max_interpolation_pp: float = 0.2,
 ) -> dict[str, Any]:
     """Build, check and store the artifact; returns the tag or folder and the manifest."""
     started = time.perf_counter()
@@ -262,8 +291,9 @@ def export_artifact(
 
     work = Path(tempfile.mkdtemp(prefix="modeconn-export-"))
     try:
-        manifest = _build(work, nets, states, sources, curve, curve_state, data, normalize, x_check,
-                          grid_points, atol, name)
+        job = ExportJob(name, sources, list(nets), list(states), curve, curve_state, data, normalize, x_check,
+                        grid_points, atol, max_interpolation_pp)
+        manifest = _build(work, job)
         atomic_write_json(work / MANIFEST_NAME, manifest)
         load_artifact(work)  # the serving loader must accept exactly what we wrote
         if out is not None:
@@ -283,18 +313,19 @@ def export_artifact(
     return {**where, "seconds": seconds, "manifest": manifest}
 
 
-def _build(work, nets, states, sources, curve, curve_state, data, normalize, x_check, grid_points, atol, name) -> dict[str, Any]:  # noqa: ANN001
+def _build(work: Path, job: ExportJob) -> dict[str, Any]:
+    nets, states, data, normalize, x_check, atol = job.nets, job.states, job.data, job.normalize, job.x_check, job.atol
     parity: dict[str, float] = {}
     files: list[str] = []
     members_meta = []
     member_probs = []
     with progress.task("export members", len(nets)) as advance:
-        for i, (net, state, path) in enumerate(zip(nets, states, sources.members, strict=True)):
+        for i, (net, state, path) in enumerate(zip(nets, states, job.sources.members, strict=True)):
             graph = MemberGraph(net, normalize).eval()
             rel = f"members/member-{i:03d}.onnx"
             _export_onnx(graph, (x_check[:2],), work / rel, ["x"], ["probabilities"])
-            with torch.no_grad():
-                expected = graph(x_check)
+            with torch.no_grad():  # the original network, not the rewritten export module
+                expected = torch.softmax(net(normalize(x_check)), dim=1)
                 probs = predict_probs(net, data, "test")
             parity[rel] = _check_parity(rel, _ort_session(work / rel).run(None, {"x": x_check.numpy()})[0], expected, atol)
             member_probs.append(probs)
@@ -305,8 +336,9 @@ def _build(work, nets, states, sources, curve, curve_state, data, normalize, x_c
 
     ensemble = EnsembleGraph(list(nets), normalize).eval()
     _export_onnx(ensemble, (x_check[:2],), work / "ensemble.onnx", ["x"], ["probabilities", "member_probabilities"])
-    with torch.no_grad():
-        mean_expected, members_expected = ensemble(x_check)
+    with torch.no_grad():  # the mean of the original networks' softmax outputs
+        members_expected = torch.stack([torch.softmax(net(normalize(x_check)), dim=1) for net in nets])
+        mean_expected = members_expected.mean(dim=0)
     got_mean, got_members = _ort_session(work / "ensemble.onnx").run(None, {"x": x_check.numpy()})
     parity["ensemble.onnx"] = max(_check_parity("ensemble.onnx", got_mean, mean_expected, atol),
                                   _check_parity("ensemble.onnx (members)", got_members, members_expected, atol))
@@ -319,14 +351,14 @@ def _build(work, nets, states, sources, curve, curve_state, data, normalize, x_c
                      "metrics": classification_metrics(ensemble_probs, data.y_test)}
 
     curve_meta = None
-    if curve is not None:
-        curve_meta = _export_curve(work, curve, curve_state, sources, data, normalize, x_check, grid_points, atol, parity)
+    if job.curve is not None:
+        curve_meta = _export_curve(work, job, parity)
         files.append("curve.onnx")
 
     info = first["dataset"]
     return {
         "format_version": 1,
-        "name": name,
+        "name": job.name,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "architecture": first["architecture"],
@@ -343,26 +375,31 @@ def _build(work, nets, states, sources, curve, curve_state, data, normalize, x_c
     }
 
 
-def _export_curve(work, curve, curve_state, sources, data, normalize, x_check, grid_points, atol, parity) -> dict[str, Any]:  # noqa: ANN001
-    grid = bn_statistics_grid(curve, data, grid_points)
+def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> dict[str, Any]:
+    curve, data, normalize, x_check, grid_points = job.curve, job.data, job.normalize, job.x_check, job.grid_points
+    assert curve is not None and job.curve_state is not None
+    grid, exact = bn_statistics_grid(curve, data, grid_points, x_check, normalize)
     graph = CurveGraph(curve, grid, grid_points, normalize).eval()
     t0 = torch.tensor([0.5])
     _export_onnx(graph, (x_check[:2], t0), work / "curve.onnx", ["x", "t"], ["probabilities"])
     session = _ort_session(work / "curve.onnx")
     worst = 0.0
-    for t in (0.0, 0.25, 0.5, 0.77, 1.0):
-        with torch.no_grad():
-            expected = graph(x_check, torch.tensor([t]))
+    for t, expected in zip(grid_ts(grid_points), exact, strict=True):  # every grid t: the exact network there
         got = session.run(None, {"x": x_check.numpy(), "t": np.array([t], dtype=np.float32)})[0]
-        worst = max(worst, _check_parity(f"curve.onnx at t={t}", got, expected, atol))
+        worst = max(worst, _check_parity(f"curve.onnx at t={t:g}", got, expected, job.atol))
     parity["curve.onnx"] = worst
     interpolation = _interpolation_check(graph, curve, data, grid_points)
+    if not interpolation["max_abs_error_difference_pp"] <= job.max_interpolation_pp:
+        raise ExportError(
+            f"curve.onnx: between the {grid_points} grid points, interpolated BN statistics change the test error "
+            f"by {interpolation['max_abs_error_difference_pp']:.3g} pp from exactly recomputed ones "
+            f"(export.max_bn_interpolation_pp {job.max_interpolation_pp:g}); use more grid points (--bn-grid-points)")
     metrics = {}
-    if sources.curve_report is not None:
-        metrics = json.loads(sources.curve_report.read_text()).get("headline", {})
-    return {"file": "curve.onnx", "source": str(sources.curve), "type": curve.curve, "num_bends": curve.num_bends,
+    if job.sources.curve_report is not None:
+        metrics = json.loads(job.sources.curve_report.read_text()).get("headline", {})
+    return {"file": "curve.onnx", "source": str(job.sources.curve), "type": curve.curve, "num_bends": curve.num_bends,
             "bn_grid_points": grid_points,
-            "settings": curve_state["curve"], "metrics": metrics,
+            "settings": job.curve_state["curve"], "metrics": metrics,
             "bn_interpolation": interpolation}
 
 

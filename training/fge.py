@@ -1,9 +1,11 @@
-"""`modeconn fge`: Fast Geometric Ensembling (Garipov et al. 2018) from a train run's checkpoint.
+"""`modeconn fge`: Fast Geometric Ensembling (Garipov et al. 2018) from a trained network.
 
 FGE continues SGD from an epoch checkpoint (weights and optimizer state, momentum buffers
-included) with the triangular cyclical LR of DESIGN.md, and collects the weights in the
+included: the paper's setting), or from any network checkpoint or bare state_dict with
+fresh momentum (see fge_start), with the triangular cyclical LR of docs/design.md, and collects the weights in the
 middle of every cycle (where lr = lr2) as an ordinary network checkpoint
-`run_dir/snapshots/snapshot-NNN.pt`, BN statistics recomputed on a copy.
+`run_dir/snapshots/snapshot-NNN.pt`, BN statistics recomputed on a copy. The weights it
+starts from are kept as `run_dir/start.pt` (for the report's distances in weight space).
 
 Budget: round(fge.epochs x iterations per epoch) iterations; a snapshot is collected only in a
 cycle that ends inside the budget, so the number of snapshots = budget // cycle.
@@ -22,6 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +36,22 @@ from training.bn import recompute_bn
 from training.checkpoint import (
     CheckpointError,
     atomic_write_text,
+    load_checkpoint_or_weights,
     model_checkpoint,
     save_checkpoint,
 )
 from training.config import Config, ConfigError, FGESettings
 from training.data import Dataset, iterations_per_epoch
 from training.ensemble import snapshot_report
-from training.loop import fit, load_resumable, resolve_device
-from training.networks import held_out_metrics, load_data, network_from_state
+from training.loop import fit, resolve_device
+from training.networks import (
+    config_specs,
+    dataset_spec,
+    epoch_metrics,
+    held_out_metrics,
+    load_data,
+    network_from_state,
+)
 from training.runs import prepare_run_dir
 from training.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
 
@@ -136,6 +147,12 @@ def run_snapshots(
     # fit's checkpoint; a resume drops the rows after the point it restarts from.
     lr_rows = read_lr_log(lr_path) if resume else {}
     first_call = True
+    # the weights the run starts from, for the report's distances (the model is still at its
+    # start here: fit loads a resumed run's state later, so a resume writes the same file)
+    start_weights = run_dir / "start.pt"
+    if not start_weights.is_file():
+        save_checkpoint(start_weights, model_checkpoint(model, fields["architecture"], fields["dataset"],
+                                                        kind=f"{method}-start", source=fields.get("source")))
 
     def lr_at(epoch: int, iteration: int) -> float:
         nonlocal first_call
@@ -158,7 +175,7 @@ def run_snapshots(
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
-        return held_out_metrics(model, data)
+        return epoch_metrics(model, data)
 
     fit(
         run_dir=run_dir,
@@ -187,6 +204,7 @@ def run_snapshots(
         lr_rows={i: lr for i, (lr, _) in lr_rows.items()},
         start=start,
         settings={**settings, "budget_iterations": budget, "iterations_per_epoch": steps_per_epoch},
+        start_weights=start_weights,
     )
     result["seconds"] = time.perf_counter() - started
     return result
@@ -204,14 +222,42 @@ def finished_snapshot_run(run_dir: Path, method: str) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------- FGE
-def fge_start(path: Path, settings: FGESettings, device: torch.device) -> tuple[nn.Module, torch.optim.SGD, dict[str, Any]]:
-    """The network and SGD optimizer of an epoch checkpoint (momentum buffers included)."""
-    state = load_resumable(Path(path))
-    if state.get("kind") == "curve":
-        raise CheckpointError(f"{path} is a curve run; FGE starts from an epoch checkpoint of a network")
+MOMENTUM_KEPT, MOMENTUM_FRESH = "from checkpoint", "fresh"
+
+
+@dataclass
+class FGEStart:
+    model: nn.Module
+    optimizer: torch.optim.SGD
+    state: dict[str, Any]  # the start's fields (architecture, dataset, epoch, ...), weights included
+    source: str  # "epoch checkpoint", "checkpoint without optimizer state" or "weights file"
+    momentum: str  # MOMENTUM_KEPT or MOMENTUM_FRESH
+
+
+def fge_start(path: Path, config: Config, device: torch.device) -> FGEStart:
+    """The network and SGD optimizer FGE starts from.
+
+    An epoch checkpoint brings its momentum buffers (the paper's setting). A checkpoint
+    without optimizer state (final.pt, a snapshot, a curve point) or a bare state_dict of the
+    config's model (architecture and data from the config's model/data sections) starts
+    with fresh momentum (zero buffers, as at any SGD start).
+    """
+    path, settings = Path(path), config.fge
+    contents, is_checkpoint = load_checkpoint_or_weights(path, map_location=device)
+    if is_checkpoint:
+        state = contents
+        if state.get("kind") == "curve":
+            raise CheckpointError(f"{path} is a curve run; FGE starts from a network (pick a point with curve-point)")
+        source = "epoch checkpoint" if "optimizer" in state else "checkpoint without optimizer state"
+    else:
+        architecture, dataset = config_specs(config, load_data(dataset_spec(config), device))
+        state = {"architecture": architecture, "dataset": dataset, "model": contents}
+        source = "weights file"
     model = network_from_state(state, path, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr1, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
+    if "optimizer" not in state:
+        return FGEStart(model, optimizer, state, source, MOMENTUM_FRESH)
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as err:
@@ -219,7 +265,7 @@ def fge_start(path: Path, settings: FGESettings, device: torch.device) -> tuple[
     # load_state_dict also brings back the train run's hyperparameters; FGE's settings apply
     for group in optimizer.param_groups:
         group.update(momentum=settings.momentum, weight_decay=settings.weight_decay)
-    return model, optimizer, state
+    return FGEStart(model, optimizer, state, source, MOMENTUM_KEPT)
 
 
 def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
@@ -235,10 +281,11 @@ def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
 
 
 def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """FGE from the epoch checkpoint `start`; returns output paths and start/ensemble metrics."""
+    """FGE from `start` (see fge_start); returns output paths and start/ensemble metrics."""
     settings = config.fge
     device = resolve_device(config.device)
-    model, optimizer, state = fge_start(start, settings, device)
+    begin = fge_start(start, config, device)
+    model, optimizer, state = begin.model, begin.optimizer, begin.state
     data = load_data(state["dataset"], device)
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
     cycle, budget = fge_budget(settings, steps_per_epoch)
@@ -246,7 +293,10 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         progress.log(f"[yellow]fge: the budget ({budget} iterations) is not a whole number of cycles ({cycle}); "
                      f"the last {budget % cycle} iterations add no snapshot[/yellow]")
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "fge.json")
-    start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), **held_out_metrics(model, data)}
+    note = "momentum buffers kept" if begin.momentum == MOMENTUM_KEPT else "no optimizer state: fresh momentum"
+    progress.log(f"fge: starting from {start} ({begin.source}; {note})")
+    start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), "source": begin.source,
+                  "momentum": begin.momentum, **held_out_metrics(model, data)}
     fields = {
         "kind": "fge",
         "architecture": state["architecture"],
@@ -254,7 +304,7 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         "config": config.model_dump(),
         "source": str(start),
     }
-    return run_snapshots(
+    result = run_snapshots(
         "fge",
         run_dir,
         model=model,
@@ -271,6 +321,8 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         save_every=config.train.save_every,
         bn_update=settings.bn_update,
         resume=resume,
-        settings={**settings.model_dump(), "cycle_iterations": cycle},
+        settings={**settings.model_dump(), "cycle_iterations": cycle, "start_source": begin.source,
+                  "momentum_start": begin.momentum},
         start=start_info,
     )
+    return {**result, "start_source": begin.source, "momentum": begin.momentum}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training import progress
-from training.checkpoint import CheckpointError, atomic_write_text, load_checkpoint, save_checkpoint
+from training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from training.config import ConfigError
 from training.data import Dataset, iterations_per_epoch, train_batches
 
@@ -185,10 +185,3 @@ def _log_epoch(description: str, row: dict[str, Any]) -> None:
         f"  train acc {row['train_acc']:6.2f}{test}  {row['seconds']:.1f}s"
     )
 
-
-def load_resumable(path: Path) -> dict[str, Any]:
-    """A checkpoint that carries optimizer state (an epoch checkpoint of some run)."""
-    state = load_checkpoint(path)
-    if "optimizer" not in state:
-        raise CheckpointError(f"{path} has no optimizer state; FGE needs an epoch checkpoint of a run")
-    return state

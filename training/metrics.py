@@ -1,4 +1,4 @@
-"""Metrics used by every stage: error %, NLL, expected calibration error (15 bins)."""
+"""Metrics used by every stage: error %, NLL, expected calibration error (15 bins), Brier score."""
 
 from __future__ import annotations
 
@@ -27,13 +27,20 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     return float((acc_sum - conf_sum).abs().sum() / len(labels))
 
 
+def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over examples of sum_c (p_c - 1[y = c])^2 (0 is perfect, 2 the worst)."""
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    return float(((probs - onehot) ** 2).sum(dim=1).mean())
+
+
 def classification_metrics(probs: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Error (%), NLL (nats) and ECE (fraction) of predicted probabilities."""
+    """Error (%), NLL (nats), ECE (fraction) and Brier score of predicted probabilities."""
     probs, labels = probs.double(), labels.to(probs.device)
     return {
         "error": error_percent(probs, labels),
         "nll": nll(probs, labels),
         "ece": expected_calibration_error(probs, labels),
+        "brier": brier_score(probs, labels),
     }
 
 

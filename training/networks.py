@@ -28,6 +28,11 @@ def dataset_spec(config: Config) -> dict[str, Any]:
             "generation": dict(d.generation)}
 
 
+def config_specs(config: Config, data: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The architecture and dataset fields a checkpoint of a network made from `config` records."""
+    return architecture_spec(config), {**dataset_spec(config), **data.describe()}
+
+
 def build_network(architecture: dict[str, Any], num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
     try:
         model = build_model(architecture["name"], num_classes=num_classes, **architecture.get("kwargs", {}))
@@ -44,12 +49,8 @@ def fresh_network(
     torch.manual_seed(config.seed)
     model = build_network(architecture_spec(config), data.num_classes, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
-    fields = {
-        "kind": kind,
-        "architecture": architecture_spec(config),
-        "dataset": {**dataset_spec(config), **data.describe()},
-        "config": config.model_dump(),
-    }
+    architecture, dataset = config_specs(config, data)
+    fields = {"kind": kind, "architecture": architecture, "dataset": dataset, "config": config.model_dump()}
     return model, optimizer, fields
 
 
@@ -68,13 +69,30 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return network_from_state(state, path, device).eval(), state
 
 
+def weights_mismatch(model: nn.Module, weights: dict[str, torch.Tensor]) -> str | None:
+    """One line saying how a state_dict does not fit `model` (keys, shapes), or None when it fits."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) (first {missing[0]!r})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (first {unexpected[0]!r})")
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{len(shapes)} shape mismatch(es) (first {k!r}: {list(weights[k].shape)} in the file, "
+                        f"{list(expected[k].shape)} in the model)")
+    return "; ".join(problems) or None
+
+
 def network_from_state(state: dict[str, Any], path: str | Path, device: torch.device | str) -> nn.Module:
     """The checkpoint's architecture with its weights; a mismatch names the file."""
     model = build_network(state["architecture"], state["dataset"]["num_classes"], device)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise CheckpointError(f"{path}: weights do not fit architecture {state['architecture']}: {err}") from err
+    if (problem := weights_mismatch(model, state["model"])) is not None:
+        raise CheckpointError(f"{path}: weights do not fit architecture {state['architecture']}: {problem}")
+    model.load_state_dict(state["model"])
     return model
 
 
@@ -89,13 +107,19 @@ def held_out_splits(data: Dataset) -> tuple[str, ...]:
     return ("val", "test") if len(data.y_val) else ("test",)
 
 
-def held_out_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
-    """Error, NLL, ECE and Brier of a network on the validation and test splits, keyed
-    val_* and test_* (settings are chosen on val_*; test_* is only reported)."""
+def epoch_metrics(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """What a training run logs after each epoch: validation metrics (the test split, often
+    much larger, only at the end), or test metrics for a data set without validation."""
+    return held_out_metrics(model, data, held_out_splits(data)[:1])
+
+
+def held_out_metrics(model: nn.Module, data: Dataset, splits: tuple[str, ...] | None = None) -> dict[str, float]:
+    """Error, NLL and ECE of a network on the validation and test splits (or `splits`),
+    keyed val_* and test_* (settings are chosen on val_*; test_* is only reported)."""
     was_training = model.training
     model.eval()
     out = {}
-    for split in held_out_splits(data):
+    for split in splits or held_out_splits(data):
         metrics = classification_metrics(predict_probs(model, data, split), data.split(split)[1])
         out.update({f"{split}_{k}": v for k, v in metrics.items()})
     model.train(was_training)

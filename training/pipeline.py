@@ -1,9 +1,11 @@
 """`modeconn pipeline`: the whole demo in one run.
 
 Two independent networks -> a Bezier curve between them, evaluated at 61 points -> FGE from
-the first run's 80 % checkpoint -> export to the BentoML store -> a summary table. Every
-stage resumes what it finds: a finished stage is skipped, an interrupted one continues
-from its last checkpoint; `--force` starts over.
+the first run's 80 % checkpoint -> export to the BentoML store -> a summary table, written
+as summary.json and summary.md (machine, date, test-set size, and the paired bootstrap
+intervals of FGE − single network and curve/line max − worse endpoint). Every stage resumes
+what it finds: a finished stage is skipped, an interrupted one continues from its last
+checkpoint; `--force` starts over.
 """
 
 from __future__ import annotations
@@ -16,21 +18,23 @@ from typing import Any
 
 from rich.table import Table
 
-from training import progress
-from training.checkpoint import atomic_write_json
+from training import progress, provenance, statistics
+from training.checkpoint import atomic_write_json, atomic_write_text
 from training.config import Config
 from training.curve_train import fit_curve
+from training.ensemble import ensemble_probs, expand_members, predict_members
 from training.eval_curve import evaluate_curve
 from training.export import export_artifact
 from training.fge import finished_snapshot_run, run_fge
-from training.loop import checkpoint_path
+from training.loop import checkpoint_path, resolve_device
 from training.runs import claim_folder
 from training.train import fge_start_epoch, finished_result, train_network
 
 
-def _stage(name: str, skip: dict[str, Any] | None, run: Any) -> dict[str, Any]:
+def _stage(name: str, skip: dict[str, Any] | None, run: Any, skipped: list[str]) -> dict[str, Any]:
     if skip is not None:
         progress.log(f"[dim]pipeline: {name} already done, skipped[/dim]")
+        skipped.append(name)
         return skip
     progress.log(f"[bold]pipeline: {name}[/bold]")
     return run()
@@ -46,8 +50,11 @@ def _finished_eval(run_dir: Path) -> dict[str, Any] | None:
         report = json.loads((run_dir / "curve.json").read_text())
     except (OSError, ValueError):
         return None
+    if "differences" not in report:  # written before eval-curve had intervals: evaluate again
+        return None
     paths = {k: str(run_dir / f"curve.{k}") for k in ("json", "csv", "png")}
-    return {**paths, **report["headline"], "summary": report["summary"], "skipped": True}
+    return {**paths, **report["headline"], "summary": report["summary"], "differences": report["differences"],
+            "test_size": report["test_size"], "skipped": True}
 
 
 def _fingerprint(paths: list[Path]) -> str:
@@ -84,24 +91,27 @@ def run_pipeline(config: Config, root: Path, force: bool = False, out: Path | No
     claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)
     runs = [root / f"train-seed{s}" for s in seeds]
+    skipped: list[str] = []
     with progress.display(), progress.task("pipeline", 6, transient=False) as advance:
         trained = []
         for seed, run_dir in zip(seeds, runs, strict=True):
             seeded = config.model_copy(update={"seed": seed})
             trained.append(_stage(f"train seed {seed}", finished_result(run_dir),
-                                  lambda c=seeded, d=run_dir: train_network(c, d, resume=True)))
+                                  lambda c=seeded, d=run_dir: train_network(c, d, resume=True), skipped))
             advance()
         curve_dir = root / "curve"
         _stage("curve", _finished_curve(curve_dir),
-               lambda: fit_curve(config, Path(trained[0]["checkpoint"]), Path(trained[1]["checkpoint"]), curve_dir, resume=True))
+               lambda: fit_curve(config, Path(trained[0]["checkpoint"]), Path(trained[1]["checkpoint"]), curve_dir,
+                                 resume=True), skipped)
         advance()
         curve_eval = _stage("eval-curve", _finished_eval(curve_dir),
-                            lambda: evaluate_curve(curve_dir, points=config.curve.eval_points, device=config.device))
+                            lambda: evaluate_curve(curve_dir, points=config.curve.eval_points, device=config.device),
+                            skipped)
         advance()
         fge_dir = root / "fge"
         fge_from = checkpoint_path(runs[0], fge_start_epoch(config))
         fge = _stage("fge", finished_snapshot_run(fge_dir, "fge"),
-                     lambda: run_fge(config, fge_from, fge_dir, resume=True))
+                     lambda: run_fge(config, fge_from, fge_dir, resume=True), skipped)
         advance()
         sources = [*sorted((fge_dir / "snapshots").glob("snapshot-*.pt")), curve_dir / "final.pt"]
         record = root / "export.json"
@@ -109,23 +119,46 @@ def run_pipeline(config: Config, root: Path, force: bool = False, out: Path | No
 
         def export() -> dict[str, Any]:
             result = export_artifact([fge_dir, curve_dir], config.export.name, out=out,
-                                     grid_points=config.export.bn_grid_points, atol=config.export.parity_atol)
+                                     grid_points=config.export.bn_grid_points, atol=config.export.parity_atol,
+                                     max_interpolation_pp=config.export.max_bn_interpolation_pp)
             done = {k: v for k, v in result.items() if k != "manifest"}
             done["fingerprint"] = fingerprint
             done["bn_interpolation"] = result["manifest"]["curve"]["bn_interpolation"]
             atomic_write_json(record, done)
             return done
 
-        exported = _stage("export", _finished_export(record, fingerprint, out), export)
+        exported = _stage("export", _finished_export(record, fingerprint, out), export, skipped)
         advance()
+    fge_vs_single = _fge_vs_single(Path(trained[0]["checkpoint"]), fge_dir, config.device)
     summary = _summary(trained, curve_eval, fge, exported, curve_dir, fge_dir, time.perf_counter() - started)
+    summary.update(differences={"fge - single network": fge_vs_single, **curve_eval["differences"]},
+                   test_size=curve_eval["test_size"], skipped_stages=skipped,
+                   provenance=provenance.provenance(curve_eval["test_size"]),
+                   markdown=str(root / "summary.md"))
     atomic_write_json(root / "summary.json", summary)
+    atomic_write_text(root / "summary.md", summary_markdown(config, summary))
     _print_table(summary)
     return summary
 
 
-def _row(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, float]:
-    return {k: float(metrics[f"{prefix}{k}"]) for k in ("error", "nll", "ece")}
+def _fge_vs_single(single: Path, fge_dir: Path, device: str) -> dict[str, Any]:
+    """Paired bootstrap intervals of the FGE ensemble minus the network FGE started from (its run's final.pt)."""
+    network = predict_members([single], resolve_device(device))
+    snapshots = predict_members(expand_members([fge_dir]), resolve_device(device), network.data)
+    labels = network.data.y_test
+    return statistics.intervals_json(statistics.compare_probs(ensemble_probs(snapshots.probs), network.probs[0], labels))
+
+
+def _row(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, float | None]:
+    """The test metrics; None for one a run finished before it was recorded (Brier in older runs)."""
+    return {k: None if metrics.get(f"{prefix}{k}") is None else float(metrics[f"{prefix}{k}"]) for k in _METRICS}
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+_METRICS = ("error", "nll", "ece", "brier")
 
 
 def _summary(trained, curve_eval, fge, exported, curve_dir, fge_dir, seconds) -> dict[str, Any]:  # noqa: ANN001
@@ -134,7 +167,7 @@ def _summary(trained, curve_eval, fge, exported, curve_dir, fge_dir, seconds) ->
         "single_network": _row(trained[0]["metrics"]),
         "second_network": _row(trained[1]["metrics"]),
         "fge_ensemble": {**_row(fge["ensemble"]), "members": fge["snapshots"]},
-        "endpoint_ensemble": {k: float(ends[k]) for k in ("error", "nll", "ece")},
+        "endpoint_ensemble": _row(ends, prefix=""),
         "curve": {"max_test_error": curve_eval["curve_max_test_error"],
                   "line_max_test_error": curve_eval["line_max_test_error"]},
         "plots": {"curve": str(curve_dir / "curve.png"), "fge": str(fge_dir / "fge.png")},
@@ -143,18 +176,81 @@ def _summary(trained, curve_eval, fge, exported, curve_dir, fge_dir, seconds) ->
     }
 
 
-def _print_table(summary: dict[str, Any]) -> None:
-    table = Table(title="modeconn demo (MNIST-1D test set)")
-    for column in ("model", "error %", "NLL", "ECE"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for label, key in (("single network (seed 0)", "single_network"),
-                       (f"FGE ensemble ({summary['fge_ensemble']['members']} snapshots)", "fge_ensemble"),
-                       ("ensemble of the two endpoints", "endpoint_ensemble")):
-        m = summary[key]
-        table.add_row(label, f"{m['error']:.2f}", f"{m['nll']:.4f}", f"{m['ece']:.4f}")
+def _model_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float | None] | None, float | None]]:
+    """(label, metrics, or None with only an error %) for the summary tables."""
     curve = summary["curve"]
-    table.add_row("max error along the Bezier curve", f"{curve['max_test_error']:.2f}", "", "")
-    table.add_row("max error along the straight line", f"{curve['line_max_test_error']:.2f}", "", "")
+    return [
+        ("single network (seed 0)", summary["single_network"], None),
+        ("second network (seed 1)", summary["second_network"], None),
+        (f"FGE ensemble ({summary['fge_ensemble']['members']} snapshots)", summary["fge_ensemble"], None),
+        ("ensemble of the two endpoints", summary["endpoint_ensemble"], None),
+        ("max error along the Bezier curve", None, curve["max_test_error"]),
+        ("max error along the straight line", None, curve["line_max_test_error"]),
+    ]
+
+
+def _difference_rows(summary: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(label, [error, NLL, Brier] cells as `diff [low, high]`) for the summary tables."""
+    d = summary["differences"]
+    fge = d["fge - single network"]
+    rows = [("FGE ensemble − single network",
+             [statistics.Interval(**fge[k]).text(statistics.DIGITS[k]) for k in statistics.LOSSES])]
+    for name, label in (("curve max - worse endpoint", "curve max − worse endpoint"),
+                        ("line max - worse endpoint", "line max − worse endpoint")):
+        cell = d[name]
+        rows.append((f"{label} (t = {cell['t']:.3f} vs t = {cell['worse_endpoint_t']:g})",
+                     [statistics.Interval(**cell["error"]).text(), "", ""]))
+    return rows
+
+
+def summary_markdown(config: Config, summary: dict[str, Any]) -> str:
+    """summary.md: the demo's table with machine, date, test size and intervals (the README copies it)."""
+    info = summary["provenance"]
+    skipped = summary.get("skipped_stages") or []
+    timing = f"{summary['seconds']:.0f} s" + (f" (skipped as already done: {', '.join(skipped)})" if skipped else "")
+    lines = [
+        f"**modeconn pipeline: {config.model.name} on {config.data.name}** (config `{config.name}`)",
+        "",
+        *provenance.markdown_lines(info),
+        f"- Pipeline time: {timing}.",
+        "",
+        "| model | test error % | NLL | ECE | Brier |",
+        "|---|---|---|---|---|",
+    ]
+    for label, metrics, error in _model_rows(summary):
+        if metrics is None:
+            lines.append(f"| {label} | {error:.2f} | | | |")
+        else:
+            lines.append(f"| {label} | {_fmt(metrics['error'], 2)} | {_fmt(metrics['nll'], 4)} | "
+                         f"{_fmt(metrics['ece'], 4)} | {_fmt(metrics['brier'], 4)} |")
+    lines += [
+        "",
+        f"Differences on the {info['test_size']:,} test examples, `diff [low, high]` with the 95 % paired "
+        "bootstrap interval (error in percentage points; negative: the first is lower):",
+        "",
+        "| difference | error (pp) | NLL | Brier |",
+        "|---|---|---|---|",
+        *(f"| {label} | {' | '.join(cells)} |" for label, cells in _difference_rows(summary)),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    table = Table(title=f"modeconn demo ({summary['test_size']:,} test examples)")
+    for column in ("model", "error %", "NLL", "ECE", "Brier"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for label, metrics, error in _model_rows(summary):
+        if metrics is None:
+            table.add_row(label, f"{error:.2f}", "", "", "")
+        else:
+            table.add_row(label, _fmt(metrics["error"], 2), _fmt(metrics["nll"], 4), _fmt(metrics["ece"], 4),
+                          _fmt(metrics["brier"], 4))
     progress.console.print(table)
+    differences = Table(title="differences, 95 % paired bootstrap intervals")
+    for column in ("difference", "error (pp)", "NLL", "Brier"):
+        differences.add_column(column, justify="left" if column == "difference" else "right")
+    for label, cells in _difference_rows(summary):
+        differences.add_row(label, *cells)
+    progress.console.print(differences)
     progress.log(f"plots: {summary['plots']['curve']}, {summary['plots']['fge']}")
-    progress.log(f"artifact: {summary['artifact']}  ({summary['seconds']:.0f}s)")
+    progress.log(f"artifact: {summary['artifact']}  ({summary['seconds']:.0f}s) -> {summary['markdown']}")

@@ -1,4 +1,4 @@
-"""Learning-rate schedules in one place (the paper's formulas, see DESIGN.md)."""
+"""Learning-rate schedules in one place (the paper's formulas, see docs/design.md)."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from training.config import Config
 from training.loop import fit, resolve_device
 from training.networks import (
     dataset_spec,
+    epoch_metrics,
     fresh_network,
     held_out_metrics,
     load_data,
@@ -46,7 +47,7 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
         checkpoint_fields=fields,
         save_every=settings.save_every,
         save_epochs=[fge_start_epoch(config)],
-        evaluate=lambda: held_out_metrics(model, data),
+        evaluate=lambda: epoch_metrics(model, data),
         resume=resume,
         description=f"train {config.name}",
     )

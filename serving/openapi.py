@@ -1,0 +1,267 @@
+"""The service's OpenAPI document, built from the served artifact's manifest.
+
+BentoML 1.4 derives /docs.json from the request models alone (_bentoml_sdk/service/
+openapi.py) and offers no hook to change it: `inputs` there is "an array of anything",
+every API is said to answer 400/404/500 with BentoML's exception schemas (whose `detail`
+is a string, while its real 400 carries a list), and mounted non-FastAPI routes such as
+GET /info are missing. This document states what the service really accepts and answers:
+
+- `inputs`: 1..max_rows rows, each nested arrays of exactly the manifest's input shape
+  (minItems = maxItems per dimension) of numbers of magnitude <= MAX_ABS_INPUT;
+- `t` in [0, 1], or `ts`: 1..max_ts values in [0, 1]; exactly one of them (oneOf);
+- answers: probabilities with one entry per class, predictions and labels from the
+  manifest's classes; every error (400/404/413/415/500/503) with the one `ErrorResponse`;
+- GET and POST /info with the model card, and BentoML's health and metrics routes.
+
+serving/middleware.py serves it at GET /docs.json (BentoML's route for the same path is
+registered before any mounted app could shadow it). The validation it describes is
+serving/schemas.py's; tests/test_contract.py fuzzes the live server against it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel
+
+from serving.artifact import Artifact
+from serving.schemas import (
+    MAX_ABS_INPUT,
+    MAX_REQUEST_ROWS,
+    MAX_TS,
+    CurvePredictResponse,
+    ErrorResponse,
+    InfoResponse,
+    PredictResponse,
+)
+
+OPENAPI_VERSION = "3.1.0"  # JSON Schema 2020-12: pydantic's schemas (null in anyOf) fit as they are
+_REF = "#/components/schemas/{model}"
+
+
+def openapi_document(
+    artifact: Artifact,
+    *,
+    max_body_bytes: int,
+    max_rows: int = MAX_REQUEST_ROWS,
+    max_ts: int = MAX_TS,
+    version: str = "None",
+) -> dict[str, Any]:
+    """The whole document for `artifact` (a dict ready for JSON)."""
+    shape, classes = artifact.input_shape, list(artifact.class_names)
+    components: dict[str, Any] = {}
+    for model in (ErrorResponse, InfoResponse, PredictResponse, CurvePredictResponse):
+        components.update(_model_schemas(model))
+    for name in ("PredictResponse", "CurvePredictResponse"):
+        components[name] = _tighten_answer(components[name], classes, max_rows)
+    components["CurvePredictResponse"]["properties"]["ts"].update(_unit_array(max_ts))
+    components["PredictRequest"] = {
+        "title": "PredictRequest",
+        "type": "object",
+        "properties": {"inputs": inputs_schema(shape, max_rows)},
+        "required": ["inputs"],
+        "additionalProperties": False,
+    }
+    components["CurvePredictRequest"] = {
+        "title": "CurvePredictRequest",
+        "type": "object",
+        "properties": {
+            "inputs": inputs_schema(shape, max_rows),
+            "t": {**_unit(), "description": "one point on the curve"},
+            "ts": {
+                **_unit_array(max_ts),
+                "description": "several points; the answer is the mean of their softmax outputs",
+            },
+        },
+        "required": ["inputs"],
+        "oneOf": [
+            {"title": "one t", "required": ["t"]},
+            {"title": "several ts", "required": ["ts"]},
+        ],
+        "additionalProperties": False,
+    }
+    limits = (
+        f"at most {max_rows} rows and {max_ts} `ts` values per request, "
+        f"bodies up to {max_body_bytes} bytes"
+    )
+    errors = _error_responses(max_body_bytes)
+    post_errors = {k: errors[k] for k in ("400", "413", "415", "500", "503")}
+    paths = {
+        "/predict": {
+            "post": _operation(
+                "predict",
+                "Mean softmax of the ensemble members, with entropy and member agreement.",
+                request="PredictRequest",
+                answer="PredictResponse",
+                errors=post_errors,
+            )
+        },
+        "/predict_curve": {
+            "post": _operation(
+                "predict_curve",
+                "Softmax of the curve model at phi(t), or the mean softmax over several t."
+                + ("" if artifact.has_curve else " This artifact has no curve: always 404."),
+                request="CurvePredictRequest",
+                answer="CurvePredictResponse",
+                errors={**post_errors, "404": errors["404"]},
+            )
+        },
+        "/info": {
+            "get": _operation(
+                "info", "The model card.", answer="InfoResponse", errors={"500": errors["500"]}
+            ),
+            "post": _operation(
+                "info_post",
+                "The model card (the same as GET); any JSON object as body, or none.",
+                answer="InfoResponse",
+                errors={k: errors[k] for k in ("400", "413", "415", "500")},
+                body={"type": "object"},
+            ),
+        },
+        **_infra_paths(),
+    }
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "modeconn",
+            "version": version,
+            "description": (
+                f"Serves artifact `{artifact.name}`: inputs of shape [N, "
+                f"{', '.join(map(str, shape))}] (float32; the training data's range is "
+                f"{list(artifact.input_range)}), {len(classes)} classes, "
+                f"{artifact.num_members} members, curve: {'yes' if artifact.has_curve else 'no'}. "
+                f"Limits: {limits}."
+            ),
+        },
+        "servers": [{"url": "."}],
+        "paths": paths,
+        "components": {"schemas": components},
+    }
+
+
+def inputs_schema(shape: tuple[int, ...], max_rows: int) -> dict[str, Any]:
+    """`inputs` as JSON Schema: rows of nested arrays of exactly `shape`, bounded numbers."""
+    node: dict[str, Any] = {"type": "number", "minimum": -MAX_ABS_INPUT, "maximum": MAX_ABS_INPUT}
+    for size in reversed(shape):
+        node = {"type": "array", "items": node, "minItems": size, "maxItems": size}
+    return {
+        "type": "array",
+        "items": node,
+        "minItems": 1,
+        "maxItems": max_rows,
+        "description": f"N rows of shape [{', '.join(map(str, shape))}], raw values, "
+        f"|x| <= {MAX_ABS_INPUT:g}",
+    }
+
+
+def _unit() -> dict[str, Any]:
+    return {"type": "number", "minimum": 0.0, "maximum": 1.0}
+
+
+def _unit_array(max_items: int) -> dict[str, Any]:
+    return {"type": "array", "items": _unit(), "minItems": 1, "maxItems": max_items}
+
+
+def _model_schemas(model: type[BaseModel]) -> dict[str, Any]:
+    schema = model.model_json_schema(ref_template=_REF)
+    defs = schema.pop("$defs", {})
+    return {model.__name__: schema, **defs}
+
+
+def _tighten_answer(schema: dict[str, Any], classes: list[str], max_rows: int) -> dict[str, Any]:
+    """Per-row fields of a prediction answer, with this artifact's classes."""
+    schema = copy.deepcopy(schema)
+    props = schema["properties"]
+    rows = {"minItems": 1, "maxItems": max_rows}
+    props["probabilities"].update(rows)
+    props["probabilities"]["items"] = {
+        "type": "array",
+        "items": _unit(),
+        "minItems": len(classes),
+        "maxItems": len(classes),
+    }
+    last = len(classes) - 1
+    props["predictions"].update(rows, items={"type": "integer", "minimum": 0, "maximum": last})
+    props["labels"].update(rows, items={"type": "string", "enum": sorted(set(classes))})
+    props["entropy"].update(rows, items={"type": "number", "minimum": 0.0})
+    props["agreement"].update(rows, items=_unit())
+    schema["additionalProperties"] = False
+    return schema
+
+
+def _json(ref: str) -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": _REF.format(model=ref)}}}
+
+
+def _error_responses(max_body_bytes: int) -> dict[str, dict[str, Any]]:
+    retry_after = {
+        "Retry-After": {
+            "description": "seconds to wait (sent while loading and when the queue is full)",
+            "schema": {"type": "integer", "minimum": 0},
+        }
+    }
+    described = {
+        "400": "the request is not valid for this model; `error` names the field or element",
+        "404": "this artifact has no curve",
+        "413": f"the body is larger than {max_body_bytes} bytes",
+        "415": "multipart or pickle content type; send JSON",
+        "500": "a bug; the server log has the traceback",
+        "503": "still loading, failed to load, or the batching queue is full",
+    }
+    responses = {
+        code: {"description": text, "content": _json("ErrorResponse")}
+        for code, text in described.items()
+    }
+    responses["503"]["headers"] = retry_after
+    return responses
+
+
+def _operation(
+    operation_id: str,
+    description: str,
+    *,
+    answer: str,
+    errors: dict[str, Any],
+    request: str | None = None,
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "operationId": operation_id,
+        "tags": ["Service APIs"],
+        "description": description,
+        "responses": {"200": {"description": "success", "content": _json(answer)}, **errors},
+    }
+    if request is not None:
+        op["requestBody"] = {"required": True, "content": _json(request)}
+    elif body is not None:
+        op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
+    return op
+
+
+def _infra_paths() -> dict[str, Any]:
+    """BentoML's own routes, as BentoML serves them (plain text, not JSON)."""
+
+    def route(operation_id: str, description: str, unavailable: str | None) -> dict[str, Any]:
+        responses: dict[str, Any] = {
+            "200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}
+        }
+        if unavailable:
+            responses["503"] = {"description": unavailable}
+        return {
+            "get": {
+                "operationId": operation_id,
+                "tags": ["Infrastructure"],
+                "description": description,
+                "responses": responses,
+            }
+        }
+
+    return {
+        "/healthz": route("healthz", "Health check (deprecated alias of /livez).", "not alive"),
+        "/livez": route("livez", "Liveness: 200 unless loading the artifact failed.", "not alive"),
+        "/readyz": route(
+            "readyz", "Readiness: 200 once the sessions are loaded and warmed up.", "not ready"
+        ),
+        "/metrics": route("metrics", "Prometheus metrics.", None),
+    }

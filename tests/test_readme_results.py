@@ -1,0 +1,61 @@
+"""training/readme_results.py on a temporary README (no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.readme_results import main, replace_section
+
+README = """# project
+
+intro text, kept byte for byte
+
+<!-- results:demo -->
+old demo numbers, typed by hand
+<!-- /results:demo -->
+
+middle text
+
+<!-- results:compare -->
+<!-- /results:compare -->
+tail
+"""
+
+
+def test_sections_are_replaced_and_the_rest_is_kept(tmp_path: Path) -> None:
+    readme, demo, compare = tmp_path / "README.md", tmp_path / "summary.md", tmp_path / "compare.md"
+    readme.write_text(README)
+    demo.write_text("| model | error |\n|---|---|\n| FGE | 1.00 [-0.50, +0.20] |\n")
+    compare.write_text("\n\nbudget table\n")
+    assert main(["--readme", str(readme), "--demo", str(demo), "--compare", str(compare)]) == 0
+    text = readme.read_text()
+    assert text == README.replace("old demo numbers, typed by hand\n", demo.read_text()).replace(
+        "<!-- results:compare -->\n", "<!-- results:compare -->\nbudget table\n")
+    assert "typed by hand" not in text
+    assert main(["--readme", str(readme), "--demo", str(demo), "--compare", str(compare)]) == 0
+    assert readme.read_text() == text  # idempotent
+    compare.write_text("new table\n")
+    assert main(["--readme", str(readme), "--compare", str(compare)]) == 0  # only that section changes
+    assert readme.read_text() == text.replace("budget table", "new table")
+
+
+def test_missing_markers_and_files_are_errors_naming_them(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    readme, demo = tmp_path / "README.md", tmp_path / "summary.md"
+    demo.write_text("numbers\n")
+    readme.write_text("# no markers here\n")
+    assert main(["--readme", str(readme), "--demo", str(demo)]) == 2
+    err = capsys.readouterr().err
+    assert str(readme) in err and "<!-- results:demo -->" in err and len(err.strip().splitlines()) == 1
+    assert readme.read_text() == "# no markers here\n"  # untouched
+    readme.write_text(README)
+    missing = tmp_path / "nope.md"
+    assert main(["--readme", str(readme), "--demo", str(missing)]) == 2
+    assert f"results file {missing}" in capsys.readouterr().err
+    assert readme.read_text() == README
+    with pytest.raises(Exception, match="exactly one"):
+        replace_section(README + "<!-- results:demo -->\n", "demo", "x")
+    with pytest.raises(Exception, match="comes before"):
+        replace_section("<!-- /results:demo -->\n<!-- results:demo -->\n", "demo", "x")
+

@@ -1,0 +1,402 @@
+"""Faults at serving time (issue 13): a broken artifact stops `bentoml serve` at once with
+one line naming the model and the file; a worker killed with SIGKILL costs only its
+in-flight requests while its sibling answers and a replacement starts; a worker whose own
+load fails stays up answering 503 with the reason instead of crash-looping; an artifact that
+points out of its folder (entries, symbolic links, ONNX external data) is refused at load.
+
+Everything runs against real `bentoml serve` subprocesses (tests/test_service.py's helpers)
+or the real loader, on the artifact of tests/artifact_builder.py; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+import pytest
+import requests
+from onnx import TensorProto, helper, numpy_helper
+
+from serving.artifact import ArtifactError, file_record, load_artifact
+from serving.env import env_int
+from tests.test_service import (
+    ATOL,
+    REPO,
+    Server,
+    _base_env,
+    _free_port,
+    _start,
+    _stop,
+    _store,
+    _wait_ready,
+)
+
+MODEL = "modeconn-test"
+EXIT_TIMEOUT_S = 90  # a refused start takes a few seconds (imports); this only bounds a hang
+MAX_LOG_LINES = 40
+
+
+@pytest.fixture(scope="module")
+def home(built_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BentoML store holding the test artifact; tests that break it break a copy."""
+    home = tmp_path_factory.mktemp("faults") / "bentoml"
+    _store(built_artifact, MODEL, home)
+    return home
+
+
+def _stored(home: Path) -> Path:
+    (folder,) = (home / "models" / MODEL).glob("*/manifest.json")
+    return folder.parent
+
+
+def _edit_manifest(folder: Path, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest, indent=2))
+
+
+def _replace_file(folder: Path, rel: str, data: bytes) -> None:
+    """Swap a file's bytes and record them in the manifest, so only the content is wrong."""
+    (folder / rel).write_bytes(data)
+    _edit_manifest(folder, lambda m: m["files"].update({rel: file_record(folder / rel)}))
+
+
+def _flip_byte(folder: Path) -> None:
+    path = folder / "members/member-001.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _truncate(folder: Path) -> None:
+    path = folder / "ensemble.onnx"
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+# (id, how to break the stored copy, words the one error line must hold besides the model)
+CORRUPTIONS: list[tuple[str, Callable[[Path], None], list[str]]] = [
+    ("flipped-byte", _flip_byte, ["members/member-001.onnx", "sha256"]),
+    ("truncated", _truncate, ["ensemble.onnx", "bytes"]),
+    ("missing-file", lambda f: (f / "curve.onnx").unlink(), ["curve.onnx", "missing"]),
+    ("not-onnx", lambda f: _replace_file(f, "members/member-000.onnx", b"not a graph\n" * 99),
+     ["members/member-000.onnx", "not an ONNX model"]),
+    # a member graph where the ensemble belongs: ONNX, but without member_probabilities
+    ("wrong-graph", lambda f: _replace_file(f, "ensemble.onnx", (f / "members/member-000.onnx").read_bytes()),
+     ["ensemble.onnx", "member_probabilities"]),
+    ("format-version", lambda f: _edit_manifest(f, lambda m: m.update(format_version=2)),
+     ["manifest.json", "format_version is 2"]),
+    ("manifest-not-json", lambda f: (f / "manifest.json").write_text('{"format_version": 1,'),
+     ["manifest.json", "not valid JSON"]),
+]  # fmt: skip
+
+
+def _serve_until_exit(home: Path, model: str, log: Path) -> tuple[int, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*cmd, "--port", str(port), "--host", "127.0.0.1"],
+            cwd=REPO,
+            env={**_base_env(home), "MODECONN_MODEL": model, "MODECONN_WORKERS": "2"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout=EXIT_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+            pytest.fail(f"`bentoml serve` still running after {EXIT_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+    return code, log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize(("breakage", "words"), [pytest.param(c[1], c[2], id=c[0]) for c in CORRUPTIONS])
+def test_broken_artifact_stops_serve_with_one_error(
+    home: Path, tmp_path: Path, breakage: Callable[[Path], None], words: list[str]
+) -> None:
+    broken = tmp_path / "bentoml"
+    shutil.copytree(home, broken)
+    folder = _stored(broken)
+    breakage(folder)
+    code, log = _serve_until_exit(broken, MODEL, tmp_path / "serve.log")
+    lines = log.splitlines()
+    assert code != 0, log
+    assert len(lines) <= MAX_LOG_LINES, log
+    errors = [line for line in lines if "Error" in line]
+    assert len(errors) == 1, log
+    assert f"cannot serve model {MODEL}:{folder.name}" in errors[0], log
+    for word in words:
+        assert word in errors[0], log
+    assert "worker" not in log.lower(), log  # refused before any worker was spawned
+
+
+def test_missing_model_stops_serve_with_one_error(home: Path, tmp_path: Path) -> None:
+    code, log = _serve_until_exit(home, "modeconn-absent", tmp_path / "serve.log")
+    assert code != 0
+    assert len(log.splitlines()) <= MAX_LOG_LINES, log
+    errors = [line for line in log.splitlines() if "Error" in line]
+    assert len(errors) == 1 and "modeconn-absent" in errors[0], log
+
+
+# -- a dead worker ---------------------------------------------------------------------------
+
+
+def _workers(server: Server) -> set[int]:
+    """pids of the arbiter's live worker processes."""
+    pids = set()
+    for child in psutil.Process(server.proc.pid).children():
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and "_bentoml_impl.worker.service" in child.cmdline():
+                pids.add(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids
+
+
+def _worker_pid_answering(server: Server) -> int | None:
+    """The pid of whichever worker takes a fresh connection, if it has a model card."""
+    try:
+        r = requests.get(server.url + "/info", timeout=10, headers={"Connection": "close"})
+    except requests.RequestException:
+        return None
+    return r.json()["batching"]["worker_pid"] if r.status_code == 200 else None
+
+
+def _until(what: str, deadline_s: float, check: Callable[[], Any], server: Server) -> Any:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"{what} not within {deadline_s} s:\n{server.log_tail()}")
+
+
+@pytest.fixture
+def two_workers(home: Path, tmp_path: Path) -> Iterator[Server]:
+    server = _start(home, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="2")
+    try:
+        _wait_ready(server)
+        workers = _until("two worker processes", 60, lambda: len(_workers(server)) == 2 and _workers(server), server)
+        # both answer: fresh connections land on either (the kernel hands them to whichever accepts)
+        seen: set[int] = set()
+        _until("both workers answering", 60, lambda: seen.add(_worker_pid_answering(server) or 0) or seen >= workers, server)
+        yield server
+    finally:
+        _stop(server)
+
+
+def test_killed_worker_costs_only_its_requests_and_is_replaced(two_workers: Server, home: Path) -> None:
+    server = two_workers
+    artifact = load_artifact(_stored(home))
+    x = np.random.default_rng(0).uniform(-4, 4, size=(4, 40)).astype(np.float32)
+    session = ort.InferenceSession(str(artifact.ensemble_file), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"x": x})[0]
+    before = _workers(server)
+    victim = min(before)
+    killed_at: list[float] = []
+    outcomes: list[tuple[float, str]] = []  # (send time, "200" | status | exception name)
+    wrong: list[Any] = []
+    stop = threading.Event()
+
+    def client(i: int) -> None:
+        http = requests.Session()
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                r = http.post(server.url + "/predict", json={"inputs": x[i : i + 1].tolist()}, timeout=30)
+            except requests.RequestException as exc:
+                outcomes.append((sent, type(exc).__name__))
+                continue
+            outcomes.append((sent, str(r.status_code)))
+            if r.status_code == 200 and not np.allclose(r.json()["probabilities"], expected[i : i + 1], atol=ATOL):
+                wrong.append(r.json())
+
+    clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for c in clients:
+        c.start()
+    try:
+        _until("answers before the kill", 30, lambda: sum(o == "200" for _, o in outcomes) >= 20, server)
+        killed_at.append(time.monotonic())
+        os.kill(victim, signal.SIGKILL)
+        _until("answers after the kill", 30, lambda: sum(t > killed_at[0] and o == "200" for t, o in outcomes) >= 20, server)
+        new = _until("a replacement worker", 60, lambda: _workers(server) - before, server)
+        _until("the replacement answering", 60, lambda: _worker_pid_answering(server) in new, server)
+    finally:
+        stop.set()
+        for c in clients:
+            c.join(timeout=60)
+    after_kill = Counter(o for t, o in outcomes if t >= killed_at[0])
+    failed = {o: n for o, n in Counter(o for _, o in outcomes).items() if o != "200"}
+    assert not wrong, wrong[:2]
+    # at most one request per client was in flight on the victim; no 503s from the replacement
+    assert sum(failed.values()) <= len(clients), failed
+    assert all(o.endswith("Error") for o in failed), failed
+    assert after_kill["200"] >= 20
+    assert victim not in _workers(server) and len(_workers(server)) == 2
+
+
+# -- a worker whose own load fails -----------------------------------------------------------
+
+
+def test_worker_that_cannot_load_answers_503_with_the_reason(home: Path, tmp_path: Path) -> None:
+    """The start-up check passed, then the stored artifact broke and the worker died: its
+    replacement refuses the artifact and stays up; every endpoint answers at once."""
+    own = tmp_path / "bentoml"
+    shutil.copytree(home, own)
+    server = _start(own, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="1")
+    try:
+        _wait_ready(server)
+        (first,) = _until("one worker", 60, lambda: _workers(server), server)
+        _flip_byte(_stored(own))
+        os.kill(first, signal.SIGKILL)
+        (second,) = _until("a replacement", 60, lambda: (w := _workers(server)) and first not in w and w, server)
+        _until("/livez answering", 60, lambda: _get(server, "/livez") is not None, server)
+        livez = requests.get(server.url + "/livez", timeout=5)
+        assert livez.status_code == 503, livez.text
+        assert "member-001.onnx" in livez.json()["error"] and "sha256" in livez.json()["error"]
+        for _ in range(20):  # over a few seconds: answers at once, same worker (no crash loop)
+            for path in ("/livez", "/readyz"):
+                r = requests.get(server.url + path, timeout=5)
+                assert r.status_code == 503 and "member-001.onnx" in r.json()["error"], r.text
+            r = requests.post(server.url + "/predict", json={"inputs": [[0.5] * 40]}, timeout=5)
+            assert r.status_code == 503 and "failed to load" in r.json()["error"], r.text
+            assert requests.get(server.url + "/info", timeout=5).status_code == 503
+            time.sleep(0.1)
+        assert _workers(server) == {second}
+        assert server.log_tail(10**6).count("cannot serve model") == 1
+    finally:
+        _stop(server)
+
+
+def _get(server: Server, path: str) -> requests.Response | None:
+    try:
+        return requests.get(server.url + path, timeout=5)
+    except requests.RequestException:
+        return None
+
+
+# -- untrusted artifacts ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def copy(built_artifact: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(built_artifact, tmp_path / "artifact"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m["files"].update({"/etc/passwd": {"sha256": "0" * 64, "bytes": 1}}), "'/etc/passwd' is not a relative"),
+        (lambda m: m["members"][0].update(file="../member-000.onnx"), "'../member-000.onnx' is not listed"),
+        (lambda m: m["files"].update({"members/../../x.onnx": {"sha256": "0" * 64, "bytes": 1}}), "not a relative path"),
+    ],
+)  # fmt: skip
+def test_manifest_entries_outside_the_folder_are_refused(copy: Path, edit: Any, message: str) -> None:
+    _edit_manifest(copy, edit)
+    with pytest.raises(ArtifactError, match=message):
+        load_artifact(copy)
+
+
+def test_symlink_out_of_the_folder_is_refused_even_with_the_right_bytes(copy: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside.onnx"
+    member = copy / "members/member-000.onnx"
+    shutil.copy(member, outside)  # same bytes: the hash would pass
+    member.unlink()
+    member.symlink_to(outside)
+    with pytest.raises(ArtifactError, match=r"'members/member-000\.onnx' leads through a symbolic link.*outside"):
+        load_artifact(copy)
+
+
+def test_symlinked_folder_out_is_refused(copy: Path, tmp_path: Path) -> None:
+    shutil.move(copy / "members", tmp_path / "members-elsewhere")
+    (copy / "members").symlink_to(tmp_path / "members-elsewhere")
+    with pytest.raises(ArtifactError, match=r"'members/member-000\.onnx' leads through a symbolic link"):
+        load_artifact(copy)
+
+
+def test_symlink_inside_the_folder_is_accepted(copy: Path) -> None:
+    member = copy / "members/member-002.onnx"
+    shutil.copy(member, copy / "members/real-002.onnx")
+    member.unlink()
+    member.symlink_to("real-002.onnx")
+    assert load_artifact(copy).num_members == 3
+
+
+def test_manifest_symlinked_out_is_refused(copy: Path, tmp_path: Path) -> None:
+    shutil.move(copy / "manifest.json", tmp_path / "manifest.json")
+    (copy / "manifest.json").symlink_to(tmp_path / "manifest.json")
+    with pytest.raises(ArtifactError, match=r"'manifest\.json' leads through a symbolic link"):
+        load_artifact(copy)
+
+
+def _graph_with_external_weight(location: str) -> bytes:
+    """y = x + w, with w (40 floats) stored outside the graph file at `location`."""
+    w = numpy_helper.from_array(np.ones(40, np.float32), "w")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "160")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["probabilities"])],
+        "external",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 40])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 40])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [
+        ("../outside.bin", r"'\.\./outside\.bin' is outside the artifact folder"),
+        ("/tmp/outside.bin", r"'/tmp/outside\.bin' is outside the artifact folder"),
+        ("weights.bin", r"'weights\.bin' is not listed under 'files'"),
+    ],
+)
+def test_onnx_external_data_outside_or_unverified_is_refused(
+    copy: Path, tmp_path: Path, location: str, message: str
+) -> None:
+    np.ones(40, np.float32).tofile(tmp_path / "outside.bin")
+    np.ones(40, np.float32).tofile(copy / "members/weights.bin")  # present, but not in `files`
+    _replace_file(copy, "members/member-000.onnx", _graph_with_external_weight(location))
+    with pytest.raises(ArtifactError, match=r"graph 'members/member-000\.onnx', tensor 'w': external data at " + message):
+        load_artifact(copy)
+
+
+def test_onnx_external_data_listed_in_the_manifest_is_accepted(copy: Path) -> None:
+    np.full(40, 0.5, np.float32).tofile(copy / "members/weights.bin")
+    _edit_manifest(copy, lambda m: m["files"].update({"members/weights.bin": file_record(copy / "members/weights.bin")}))
+    _replace_file(copy, "members/member-000.onnx", _graph_with_external_weight("weights.bin"))
+    artifact = load_artifact(copy)
+    session = ort.InferenceSession(str(artifact.member_files[0]), providers=["CPUExecutionProvider"])
+    x = np.zeros((2, 40), np.float32)
+    np.testing.assert_array_equal(session.run(None, {"x": x})[0], x + 0.5)  # it really reads the file
+
+
+def test_workers_variable_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MODECONN_WORKERS", raising=False)
+    assert env_int("MODECONN_WORKERS", 2, minimum=1) == 2
+    monkeypatch.setenv("MODECONN_WORKERS", " 3 ")
+    assert env_int("MODECONN_WORKERS", 2, minimum=1) == 3
+    for bad, why in (("0", "must be at least 1"), ("two", "not an integer"), ("1.5", "not an integer")):
+        monkeypatch.setenv("MODECONN_WORKERS", bad)
+        with pytest.raises(ValueError, match=f"MODECONN_WORKERS='{bad}': {why}"):
+            env_int("MODECONN_WORKERS", 2, minimum=1)

@@ -1,0 +1,85 @@
+"""Copy the results the commands wrote into README.md, so its numbers are generated, never retyped.
+
+    python -m training.readme_results [--readme README.md] [--demo runs/demo/summary.md]
+                                      [--compare runs/demo/compare/compare.md]
+
+Each file replaces what lies between its pair of marker comments in the README,
+`<!-- results:demo -->` ... `<!-- /results:demo -->` (the pipeline's summary.md) and
+`<!-- results:compare -->` ... `<!-- /results:compare -->` (compare's compare.md); the rest
+of the README is left byte for byte. Both files state their machine, date, test-set size
+and intervals (training/provenance.py), so the copy carries them. A section whose file is
+not given is left as it is; a missing file or marker is an error naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from serving.errors import ModeconnError
+from training.checkpoint import atomic_write_text
+
+SECTIONS = ("demo", "compare")
+DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md")}
+
+
+class ReadmeError(ModeconnError):
+    """A results file or README marker that is missing or malformed."""
+
+
+def markers(section: str) -> tuple[str, str]:
+    return f"<!-- results:{section} -->", f"<!-- /results:{section} -->"
+
+
+def replace_section(readme: str, section: str, content: str, where: str = "README") -> str:
+    """`readme` with the text between the section's markers replaced by `content`."""
+    begin, end = markers(section)
+    found = [(m.start(), m.end()) for m in re.finditer(re.escape(begin), readme)]
+    closing = [(m.start(), m.end()) for m in re.finditer(re.escape(end), readme)]
+    if len(found) != 1 or len(closing) != 1:
+        raise ReadmeError(f"{where} must hold exactly one {begin} and one {end} (found {len(found)} and {len(closing)})")
+    (_, open_end), (close_start, _) = found[0], closing[0]
+    if close_start < open_end:
+        raise ReadmeError(f"{where}: {end} comes before {begin}")
+    return readme[:open_end] + "\n" + content.strip("\n") + "\n" + readme[close_start:]
+
+
+def update_readme(readme: Path, files: dict[str, Path]) -> list[str]:
+    """Replace each given section of `readme` with its file; returns the sections updated."""
+    if not readme.is_file():
+        raise ReadmeError(f"README {readme} does not exist")
+    text = readme.read_text()
+    for section, path in files.items():
+        if not path.is_file():
+            raise ReadmeError(f"results file {path} (section {section}) does not exist; run the command that writes it")
+        text = replace_section(text, section, path.read_text(), where=str(readme))
+    atomic_write_text(readme, text)
+    return list(files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.readme_results", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    for section in SECTIONS:
+        parser.add_argument(f"--{section}", type=Path, help=f"results file (default {DEFAULTS[section]} when it exists)")
+    args = parser.parse_args(argv)
+    given = {s: getattr(args, s) for s in SECTIONS if getattr(args, s) is not None}
+    # without arguments: every default file that exists (a section not run yet stays as it is)
+    files = given or {s: p for s, p in DEFAULTS.items() if p.is_file()}
+    try:
+        if not files:
+            raise ReadmeError(f"no results files: none of {', '.join(map(str, DEFAULTS.values()))} exists")
+        updated = update_readme(args.readme, files)
+    except ModeconnError as err:
+        print(f"readme_results: error: {err}", file=sys.stderr)
+        return 2
+    for section in updated:
+        print(f"{args.readme}: section {section} <- {files[section]}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
