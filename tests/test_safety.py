@@ -138,6 +138,9 @@ def test_curve_fge_sse_force_keep_a_foreign_file(command: str, tiny_run: Path, t
         run_sse(config, run_dir, force=True)
         assert (run_dir / "sse.json").is_file() and not (run_dir / "final.pt").exists()
     assert (run_dir / "thesis.tex").read_bytes() == THESIS
+    # every file the command wrote is one runs.py knows as the tool's: --force leaves only the foreign one
+    claim_folder(run_dir, "run", force=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "thesis.tex"]
 
 
 # ---------------------------------------------------------------- folders the tool did not make
@@ -240,6 +243,9 @@ def test_compare_force_keeps_a_foreign_file(tiny_run: Path, tmp_path: Path) -> N
     assert (root / "seed-0" / "ind-0" / "final.pt").stat().st_mtime_ns != old_final  # deleted and trained again
     assert (root / "seed-0" / "fge" / "fge.json").is_file() and (root / "seed-0" / "sse" / "sse.json").is_file()
     assert "resumed from" not in proc.stderr and "kept" in proc.stderr
+    claim_folder(root, "compare", force=True, container=True)  # all the comparison wrote is known as its own
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        MARKER, "seed-0", "seed-0/fge", f"seed-0/fge/{MARKER}", "seed-0/fge/notes.txt", "thesis.tex"]
 
 
 def test_pipeline_force_deletes_only_the_pipelines_files(tiny_run: Path, tmp_path: Path) -> None:

@@ -47,15 +47,15 @@ class RunDirError(ModeconnError):
 # --force keeps it (in a marked folder) or refuses (in an unmarked one).
 Layout = dict[str, Any]
 RUN_LAYOUT: Layout = {
-    r"config\.yaml": None, r"metrics\.jsonl": None, r"final\.pt": None, r"lr\.csv": None,
+    r"config\.yaml": None, r"metrics\.jsonl": None, r"(final|start)\.pt": None, r"lr\.csv": None,
     r"(fge|sse|curve)\.(json|csv|png)": None, r"ensemble\.(json|csv)": None,
     r"checkpoints": {r"epoch-\d+\.pt": None},
     r"snapshots": {r"snapshot-\d+\.pt": None},
 }
 LAYOUTS: dict[str, Layout] = {
     "run": RUN_LAYOUT,
-    "compare": {r"compare\.(md|csv|json)": None, r"seed-\d+": {r"ind-\d+": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"sse": RUN_LAYOUT}},
-    "pipeline": {r"export\.json": None, r"summary\.json": None, r"train-seed-?\d+": RUN_LAYOUT,
+    "compare": {r"compare(_differences)?\.(md|csv|json)": None, r"seed-\d+": {r"ind-\d+": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"sse": RUN_LAYOUT}},
+    "pipeline": {r"export\.json": None, r"summary\.(json|md)": None, r"train-seed-?\d+": RUN_LAYOUT,
                  r"curve": RUN_LAYOUT, r"fge": RUN_LAYOUT},
 }
 # atomic_write_bytes' temporary file beside NAME (tempfile.mkstemp: 8 random characters)
