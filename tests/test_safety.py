@@ -138,6 +138,9 @@ def test_curve_fge_sse_force_keep_a_foreign_file(command: str, tiny_run: Path, t
         run_sse(config, run_dir, force=True)
         assert (run_dir / "sse.json").is_file() and not (run_dir / "final.pt").exists()
     assert (run_dir / "thesis.tex").read_bytes() == THESIS
+    # every file the command wrote is one runs.py knows as the tool's: --force leaves only the foreign one
+    claim_folder(run_dir, "run", force=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == [MARKER, "thesis.tex"]
 
 
 # ---------------------------------------------------------------- folders the tool did not make
@@ -240,6 +243,9 @@ def test_compare_force_keeps_a_foreign_file(tiny_run: Path, tmp_path: Path) -> N
     assert (root / "seed-0" / "ind-0" / "final.pt").stat().st_mtime_ns != old_final  # deleted and trained again
     assert (root / "seed-0" / "fge" / "fge.json").is_file() and (root / "seed-0" / "sse" / "sse.json").is_file()
     assert "resumed from" not in proc.stderr and "kept" in proc.stderr
+    claim_folder(root, "compare", force=True, container=True)  # all the comparison wrote is known as its own
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == [
+        MARKER, "seed-0", "seed-0/fge", f"seed-0/fge/{MARKER}", "seed-0/fge/notes.txt", "thesis.tex"]
 
 
 def test_pipeline_force_deletes_only_the_pipelines_files(tiny_run: Path, tmp_path: Path) -> None:
@@ -351,3 +357,24 @@ def test_curve_point_out_never_replaces_a_run_file_or_a_users_file(tmp_path: Pat
         with pytest.raises(RunDirError, match=str(out)):
             save_curve_point(run_dir, 0.5, out, device="cpu")
     assert snapshot(run_dir) == before
+
+
+def test_reports_never_overwrite_a_users_file(tiny_run: Path, tmp_path: Path) -> None:
+    """eval-curve and ensemble-eval --out: a foreign folder holding a file of a report's name is
+    refused; a new folder is the tool's and may be written again; a run folder takes reports."""
+    mine = foreign_folder(tmp_path / "mine")
+    (mine / "curve.png").write_bytes(b"my own plot")
+    (mine / "ensemble.json").write_text('{"mine": true}\n')
+    before = snapshot(mine)
+    assert_refused(modeconn("eval-curve", tiny_run, "--out", mine, "--device", "cpu"), mine, "curve.png")
+    assert_refused(modeconn("ensemble-eval", tiny_run, "--out", mine, "--device", "cpu"), mine, "ensemble.json")
+    assert snapshot(mine) == before
+    from training.ensemble import evaluate_checkpoints
+
+    fresh = tmp_path / "reports"
+    first = evaluate_checkpoints([tiny_run], device="cpu", out_dir=fresh)
+    again = evaluate_checkpoints([tiny_run], device="cpu", out_dir=fresh)  # the tool's own folder
+    assert folder_kind(fresh) == "reports" and first["ensemble"] == again["ensemble"]
+    run_dir = copy_run(tiny_run, tmp_path / "run")
+    evaluate_checkpoints([run_dir], device="cpu", out_dir=run_dir)
+    assert json.loads((run_dir / "ensemble.json").read_text())["members"] == 1

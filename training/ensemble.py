@@ -23,6 +23,7 @@ from training.data import Dataset
 from training.loop import resolve_device
 from training.metrics import classification_metrics, disagreement
 from training.networks import load_data, load_network, predict_probs
+from training.runs import check_report_folder
 
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 
@@ -150,6 +151,8 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
     """Error, NLL, ECE and Brier of the ensemble of `paths` and of each member; mean pairwise
     disagreement; paired bootstrap intervals of ensemble − best member and ensemble − first member."""
     started = time.perf_counter()
+    if out_dir is not None:
+        check_report_folder(Path(out_dir), ("ensemble.json", "ensemble.csv"))  # never over a user's files
     files = expand_members(paths)
     members = predict_members(files, resolve_device(device))
     labels = members.data.y_test

@@ -31,6 +31,7 @@ from training.data import Dataset
 from training.loop import resolve_device
 from training.metrics import classification_metrics
 from training.networks import load_data, predict_probs
+from training.runs import check_report_folder
 
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
 VAL_METRICS = ("val_nll", "val_error")
@@ -100,6 +101,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     started = time.perf_counter()
     path = curve_file(Path(path))
     out_dir = Path(out_dir) if out_dir else path.parent
+    check_report_folder(out_dir, ("curve.json", "curve.csv", "curve.png"))  # never over a user's files
     dev = resolve_device(device)
     curve, state = load_curve(path, dev)
     data = load_data(state["dataset"], dev)

@@ -1,7 +1,7 @@
 """Folders the tool writes: which it may create, continue, clear or replace (one place for the rules).
 
 Every folder the tool makes gets a marker file, MARKER, naming its kind: a "run" (train,
-curve, fge, sse), a "compare" or "pipeline" root, an exported "artifact". Deleting acts
+curve, fge, sse), a "compare" or "pipeline" root, an exported "artifact", a folder of "reports". Deleting acts
 only on a folder that is empty, marked, or made by an earlier version (no marker) and
 holding nothing but known tool outputs around a real modeconn checkpoint or manifest;
 and even there only on the files the tool writes (LAYOUTS): anything else in a marked
@@ -47,15 +47,15 @@ class RunDirError(ModeconnError):
 # --force keeps it (in a marked folder) or refuses (in an unmarked one).
 Layout = dict[str, Any]
 RUN_LAYOUT: Layout = {
-    r"config\.yaml": None, r"metrics\.jsonl": None, r"final\.pt": None, r"lr\.csv": None,
+    r"config\.yaml": None, r"metrics\.jsonl": None, r"(final|start)\.pt": None, r"lr\.csv": None,
     r"(fge|sse|curve)\.(json|csv|png)": None, r"ensemble\.(json|csv)": None,
     r"checkpoints": {r"epoch-\d+\.pt": None},
     r"snapshots": {r"snapshot-\d+\.pt": None},
 }
 LAYOUTS: dict[str, Layout] = {
     "run": RUN_LAYOUT,
-    "compare": {r"compare\.(md|csv|json)": None, r"seed-\d+": {r"ind-\d+": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"sse": RUN_LAYOUT}},
-    "pipeline": {r"export\.json": None, r"summary\.json": None, r"train-seed-?\d+": RUN_LAYOUT,
+    "compare": {r"compare(_differences)?\.(md|csv|json)": None, r"seed-\d+": {r"ind-\d+": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"sse": RUN_LAYOUT}},
+    "pipeline": {r"export\.json": None, r"summary\.(json|md)": None, r"train-seed-?\d+": RUN_LAYOUT,
                  r"curve": RUN_LAYOUT, r"fge": RUN_LAYOUT},
 }
 # atomic_write_bytes' temporary file beside NAME (tempfile.mkstemp: 8 random characters)
@@ -246,6 +246,25 @@ def check_replaceable_checkpoint(path: Path, kind: str) -> None:
                           f"not an earlier {kind}; choose a new file name")
 
 
+def check_report_folder(folder: Path, names: tuple[str, ...]) -> None:
+    """Reports (eval-curve, ensemble-eval --out) go into a run folder, a folder of reports the
+    tool made (marked "reports" when new or empty), or any other folder where none of `names`
+    exists yet: a file of the user's is never overwritten."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunDirError(f"--out {folder} is not a folder; give the folder the reports go into")
+    if not folder.exists() or not any(folder.iterdir()):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_marker(folder, "reports")
+        return
+    if folder_kind(folder) in ("run", "reports") or (folder_kind(folder) is None and _is_earlier_run(folder, "run")):
+        return
+    clash = [folder / name for name in names if (folder / name).exists() or (folder / name).is_symlink()]
+    if clash:
+        raise RunDirError(f"--out {folder} was not made by modeconn and already holds {_names(clash, folder)}, "
+                          "which the reports would overwrite; choose another --out")
+
+
 # ---------------------------------------------------------------- export targets
 def _source_folder(path: Path) -> Path:
     """The run folder a source stands for: itself, or the run holding a checkpoint file."""
@@ -301,5 +320,5 @@ def artifact_target_problem(dst: Path, sources: list[Path]) -> str | None:
     return None
 
 
-__all__ = ["MARKER", "RunDirError", "artifact_target_problem", "check_replaceable_checkpoint", "claim_folder", "folder_kind",
+__all__ = ["MARKER", "RunDirError", "artifact_target_problem", "check_replaceable_checkpoint", "check_report_folder", "claim_folder", "folder_kind",
            "prepare_run_dir", "write_marker"]
