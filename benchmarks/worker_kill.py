@@ -185,7 +185,16 @@ def run_setting(home: Path, tag: str, log: Path, env: dict[str, str], bodies: li
             "killed_at_s": killed_at, "counts": counts, "replacement": replacement,
             "p50_ms": common.percentile(lat, 50) * 1e3, "p99_ms": common.percentile(lat, 99) * 1e3,
             "client_cpu_s": client_cpu, **recovery(records, killed_at, seconds),
-            "records": [(round(s, 4), round(e, 4), o) for s, e, o in records]}
+            "timeline": timeline(records)}
+
+
+def timeline(records: list[tuple[float, float, str]], step: float = 0.25) -> dict[str, Any]:
+    """Outcomes per `step` seconds by completion time (the raw records are ~10^4 per run)."""
+    bins = int(max((end for _, end, _ in records), default=0) / step) + 1
+    counts = {k: [0] * bins for k in ("200", "reset", "503", "other")}
+    for _, end, outcome in records:
+        counts[outcome][int(end / step)] += 1
+    return {"step_s": step, **counts}
 
 
 def main() -> None:
