@@ -76,7 +76,8 @@ def _preload_cuda_libraries() -> None:
 class SessionSettings:
     """onnxruntime CPU threading; read from MODECONN_ORT_* environment variables.
 
-    threads: intra-op threads per session (0: onnxruntime's default, one per core).
+    threads: intra-op threads per session (0: onnxruntime's default, one per core; the
+    service's default with several workers is cores // workers, so they share the cores).
     spinning: whether idle intra-op threads busy-wait for the next op (onnxruntime's default,
     kept: on the 2-core machine it answered batch-1 requests about 0.5 ms sooner, with the
     same 64-client throughput). Turn it off where other processes need the cores: spinning
@@ -91,9 +92,9 @@ class SessionSettings:
             raise ValueError(f"MODECONN_ORT_THREADS must be >= 0, not {self.threads}")
 
     @classmethod
-    def from_env(cls) -> SessionSettings:
+    def from_env(cls, default_threads: int = 0) -> SessionSettings:
         return cls(
-            threads=int(os.environ.get("MODECONN_ORT_THREADS", cls.threads)),
+            threads=int(os.environ.get("MODECONN_ORT_THREADS", default_threads)),
             spinning=env_flag("MODECONN_ORT_SPINNING", cls.spinning),
         )
 

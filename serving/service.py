@@ -16,7 +16,8 @@ Process model and batching (the numbers the benchmark compares):
     a replacement, which accepts connections only once it can answer them
     (serving/startup.py). With one, every crash is an outage until the replacement loads.
   threads: the APIs are async, so BentoML's thread pool for sync APIs is unused. Each graph
-    gets one dedicated thread that runs onnxruntime (whose intra-op pool uses the cores).
+    gets one dedicated thread that runs onnxruntime, whose intra-op pool uses the cores
+    (with several workers, each worker's share of them unless MODECONN_ORT_THREADS is set).
   Adaptive batching (serving/batching.py), on unless MODECONN_BATCHING=0: requests are
     validated first, then queued per graph; when the session is free, what is queued runs
     as one batch of at most MODECONN_MAX_BATCH_ROWS rows (default 1024), after its oldest
@@ -86,8 +87,10 @@ logger = logging.getLogger("bentoml.serve.modeconn")
 MODEL_NAME = os.environ.get("MODECONN_MODEL", "modeconn-mnist1d")
 MAX_BODY_BYTES = int(os.environ.get("MODECONN_MAX_BODY_BYTES", str(8 << 20)))
 WARMUP_BATCH_SIZES = (1, 8, 32, 64)
-# TODO(measure) the default from benchmarks/worker_kill.py
-DEFAULT_WORKERS = 1
+# Two (benchmarks/results/worker_kill-*, README "Start-up and faults"): a SIGKILLed worker
+# is then not an outage, and on 2 cores two workers with one onnxruntime thread each
+# answered more requests than one worker, for a second copy of the graphs in memory.
+DEFAULT_WORKERS = 2
 WORKERS = env_int("MODECONN_WORKERS", DEFAULT_WORKERS, minimum=1)
 TRAFFIC_TIMEOUT_S = 60
 
@@ -101,6 +104,12 @@ ACCESS_LOG = env_flag("MODECONN_ACCESS_LOG", False)
 METRICS = env_flag("MODECONN_METRICS", True)
 TRACE_PREDICTIONS = env_flag("MODECONN_TRACE_PREDICTIONS", False)
 _UNTRACED = [] if TRACE_PREDICTIONS else ["/predict", "/predict_curve", "/info"]
+
+
+def _threads_per_worker() -> int:
+    """onnxruntime's default (0: one thread per core) for one worker; with several, their
+    share of the cores, since each worker's pool would otherwise claim all of them."""
+    return 0 if WORKERS == 1 else max(1, len(os.sched_getaffinity(0)) // WORKERS)
 
 
 def _ok(body: BaseModel) -> Response:
@@ -142,7 +151,7 @@ class ModeConnService:
 
     def __init__(self) -> None:
         self.batching = BatchSettings.from_env()
-        self.session_settings = SessionSettings.from_env()
+        self.session_settings = SessionSettings.from_env(default_threads=_threads_per_worker())
         self.runtime: Runtime | None = None
         self._batchers: dict[str, MicroBatcher] = {}
         self._load_error: str | None = None

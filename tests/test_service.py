@@ -162,8 +162,9 @@ def servers(
     home = tmp / "bentoml"
     _store(artifact_dir, MODEL, home)
     _store(_without_curve(artifact_dir, tmp / "no-curve"), MODEL_NO_CURVE, home)
-    main = _start(home, MODEL, tmp / "main.log", MODECONN_WARMUP_DELAY_S=str(WARMUP_DELAY_S))
-    plain = _start(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0")
+    # one worker each: the tests read per-worker state (/info's batching statistics)
+    main = _start(home, MODEL, tmp / "main.log", MODECONN_WARMUP_DELAY_S=str(WARMUP_DELAY_S), MODECONN_WORKERS="1")
+    plain = _start(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0", MODECONN_WORKERS="1")
     try:
         # two pollers, so the main server's history starts at its process start
         waiters = [threading.Thread(target=_wait_ready, args=(s,)) for s in (main, plain)]
