@@ -56,7 +56,7 @@ from tests.test_service import (
     _start,
     _stop,
     _store,
-    _wait_ready,
+    _wait_all_ready,
 )
 
 CHECKS = [
@@ -91,14 +91,7 @@ def servers(
         MODECONN_ORT_THREADS="1",
     )
     try:
-        waiters = [threading.Thread(target=_wait_ready, args=(s,)) for s in (main, tiny)]
-        for w in waiters:
-            w.start()
-        for w in waiters:
-            w.join()
-        for s in (main, tiny):
-            if not s.readyz_history or s.readyz_history[-1] != 200:
-                pytest.fail(f"server did not become ready:\n{s.log_tail()}")
+        _wait_all_ready(main, tiny)
         yield main, tiny
     finally:
         _stop(main)

@@ -59,12 +59,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One-process references (here) and the 2-rank worker's runs (one torchrun launch)."""
     root = tmp_path_factory.mktemp("ddp")
     one = root / "one"
-    ends = [train_network(config(**NO_BN, seed=s), one / f"end-{s}")["checkpoint"] for s in (1, 2)]
-    for name, overrides in (("train-nobn", NO_BN), ("train-bn", BN)):
-        train_network(config(**overrides), one / name)
-    fit_curve(config(**NO_BN), Path(ends[0]), Path(ends[1]), one / "curve-nobn")
-    run_fge(config(), one / "train-nobn" / "checkpoints" / "epoch-0001.pt", one / "fge-nobn")
-    run_sse(config(**NO_BN), one / "sse-nobn")
+    # the workers' thread count (ENV): with other threads the reductions round otherwise, and
+    # the chaotic start of training turns that into 5e-3 apart after 64 steps
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ends = [train_network(config(**NO_BN, seed=s), one / f"end-{s}")["checkpoint"] for s in (1, 2)]
+        for name, overrides in (("train-nobn", NO_BN), ("train-bn", BN)):
+            train_network(config(**overrides), one / name)
+        fit_curve(config(**NO_BN), Path(ends[0]), Path(ends[1]), one / "curve-nobn")
+        run_fge(config(), one / "train-nobn" / "checkpoints" / "epoch-0001.pt", one / "fge-nobn")
+        run_sse(config(**NO_BN), one / "sse-nobn")
+    finally:
+        torch.set_num_threads(threads)
     two = root / "two"
     two.mkdir()
     started = time.perf_counter()

@@ -139,6 +139,18 @@ def _wait_ready(server: Server) -> None:
     pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{server.log_tail()}")
 
 
+def _wait_all_ready(*servers: Server) -> None:
+    """Poll every server at once (so each history starts at its process start) until all are ready."""
+    waiters = [threading.Thread(target=_wait_ready, args=(s,)) for s in servers]
+    for w in waiters:
+        w.start()
+    for w in waiters:
+        w.join()
+    for s in servers:
+        if not s.readyz_history or s.readyz_history[-1] != 200:
+            pytest.fail(f"server did not become ready:\n{s.log_tail()}")
+
+
 def _stop(server: Server) -> None:
     if server.proc.poll() is None:
         server.proc.terminate()
@@ -166,15 +178,7 @@ def servers(
     main = _start(home, MODEL, tmp / "main.log", MODECONN_WARMUP_DELAY_S=str(WARMUP_DELAY_S), MODECONN_WORKERS="1")
     plain = _start(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0", MODECONN_WORKERS="1")
     try:
-        # two pollers, so the main server's history starts at its process start
-        waiters = [threading.Thread(target=_wait_ready, args=(s,)) for s in (main, plain)]
-        for w in waiters:
-            w.start()
-        for w in waiters:
-            w.join()
-        for s in (main, plain):
-            if not s.readyz_history or s.readyz_history[-1] != 200:
-                pytest.fail(f"server did not become ready:\n{s.log_tail()}")
+        _wait_all_ready(main, plain)
         yield main, plain
     finally:
         _stop(main)
@@ -339,7 +343,10 @@ def _concurrent_batch1(server: Server, offline: Offline, n: int = 64) -> None:
     x = _inputs(n, seed=4)
     mean, members = offline.predict(x)
 
+    start = threading.Barrier(n)  # all requests leave together, not as the pool's threads start
+
     def one(i: int) -> tuple[int, dict[str, Any]]:
+        start.wait(timeout=60)
         r = requests.post(server.url + "/predict", json={"inputs": [x[i].tolist()]}, timeout=60)
         return r.status_code, r.json()
 
