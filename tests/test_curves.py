@@ -21,10 +21,15 @@ from torch import nn
 import models
 from models import build_model
 from training import cli
-from training.bn import recompute_bn, update_bn
-from training.curves import CurveModel, bezier_coefficients, network_at, polychain_coefficients
-from training.networks import held_out_metrics as network_test_metrics
-from training.networks import load_network
+from training.core.bn import recompute_bn, update_bn
+from training.core.networks import held_out_metrics as network_test_metrics
+from training.core.networks import load_network
+from training.curves.model import (
+    CurveModel,
+    bezier_coefficients,
+    network_at,
+    polychain_coefficients,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("modeconn")
@@ -205,7 +210,7 @@ def test_free_start_flag_frees_the_start_point(monkeypatch: pytest.MonkeyPatch, 
         seen["config"] = config
         return {}
 
-    monkeypatch.setattr("training.curve_train.fit_curve", fake_fit_curve)
+    monkeypatch.setattr("training.curves.fit.fit_curve", fake_fit_curve)
     assert cli.main(["curve", "--start", "a.pt", "--end", "b.pt", "--free-start", "--out", str(tmp_path)]) == 0
     settings = seen["config"].curve
     assert settings.fix_start is False and settings.fix_end is True
@@ -413,8 +418,8 @@ def test_eval_curve_interval_of_max_minus_worse_endpoint(demo_curve: dict[str, A
     """Recomputed from curve-point checkpoints at the worst t and the worse endpoint."""
     import numpy as np
 
-    from training.eval_curve import save_curve_point
-    from training.networks import predict_probs
+    from training.core.networks import predict_probs
+    from training.curves.evaluate import save_curve_point
 
     ev = demo_curve["eval"]
     report = json.loads(Path(ev["json"]).read_text())

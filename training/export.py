@@ -29,15 +29,15 @@ from torch.func import functional_call
 
 from serving.artifact import MANIFEST_NAME, file_record, load_artifact
 from serving.errors import ModeconnError
-from training import progress
-from training.bn import recompute_bn
-from training.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-from training.curve_train import load_curve
-from training.curves import COEFFICIENTS, CurveModel, network_at
-from training.data import Dataset, normalization_tensors
-from training.metrics import classification_metrics
-from training.networks import load_data, load_network, predict_probs
-from training.runs import artifact_target_problem, write_marker
+from training.core import progress
+from training.core.bn import recompute_bn
+from training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from training.core.data import Dataset, normalization_tensors
+from training.core.metrics import classification_metrics
+from training.core.networks import load_data, load_network, predict_probs
+from training.core.runs import artifact_target_problem, write_marker
+from training.curves.fit import load_curve
+from training.curves.model import COEFFICIENTS, CurveModel, network_at
 
 OPSET = 18
 DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
@@ -444,7 +444,7 @@ def _check_target(dst: Path, sources: list[Path]) -> None:
 
 def _replace_folder(src: Path, dst: Path, sources: list[Path]) -> None:
     """Move the finished artifact into place; an existing folder is replaced only when it is
-    empty or an earlier artifact holding nothing else (training/runs.py), and only after the
+    empty or an earlier artifact holding nothing else (training/core/runs.py), and only after the
     new one is complete, so a crash leaves either the old or the new artifact."""
     _check_target(dst, sources)
     dst.parent.mkdir(parents=True, exist_ok=True)

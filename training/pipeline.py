@@ -18,17 +18,18 @@ from typing import Any
 
 from rich.table import Table
 
-from training import progress, provenance, statistics
-from training.checkpoint import atomic_write_json, atomic_write_text
-from training.config import Config
-from training.curve_train import fit_curve
-from training.distributed import Job, run_jobs
-from training.ensemble import ensemble_probs, expand_members, predict_members
-from training.eval_curve import evaluate_curve
+from training.core import progress, provenance, statistics
+from training.core.checkpoint import atomic_write_json, atomic_write_text
+from training.core.config import Config
+from training.core.distributed import Job, run_jobs
+from training.core.loop import checkpoint_path, resolve_device
+from training.core.runs import claim_folder
+from training.curves.evaluate import evaluate_curve
+from training.curves.fit import fit_curve
+from training.ensembles.evaluate import ensemble_probs, expand_members, predict_members
+from training.ensembles.fge import run_fge
+from training.ensembles.snapshots import finished_snapshot_run
 from training.export import export_artifact
-from training.fge import finished_snapshot_run, run_fge
-from training.loop import checkpoint_path, resolve_device
-from training.runs import claim_folder
 from training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
 
@@ -90,7 +91,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
     under `config.export.name`, or to the folder `out`. `jobs` 2 trains the two networks
-    side by side (training/distributed.py `run_jobs`)."""
+    side by side (training/core/distributed.py `run_jobs`)."""
     started = time.perf_counter()
     claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)

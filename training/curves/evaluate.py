@@ -4,7 +4,7 @@ For each of `points` evenly spaced t: BN statistics recomputed, then train loss/
 test NLL/error/ECE/Brier and the segment length ‖w(t_i) − w(t_{i−1})‖; the same for the line;
 the ensemble of the two endpoints, and of w0 with φ(t) for each t.
 
-Statistics: for the curve and for the line, the paired bootstrap interval (training/statistics.py)
+Statistics: for the curve and for the line, the paired bootstrap interval (training/core/statistics.py)
 over the test examples of (error at the t of the largest test error) − (error of the worse
 endpoint). That t is picked on the same test set, so the difference leans high; it measures
 how much worse the path's worst point is than its ends, not a held-out estimate.
@@ -21,17 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import progress, statistics
-from training.bn import recompute_bn
-from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from training.config import ConfigError
-from training.curve_train import curve_file, load_curve
-from training.curves import CurveModel, network_at
-from training.data import Dataset
-from training.loop import resolve_device
-from training.metrics import classification_metrics
-from training.networks import load_data, predict_probs
-from training.runs import check_report_folder
+from training.core import progress, statistics
+from training.core.bn import recompute_bn
+from training.core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from training.core.config import ConfigError
+from training.core.data import Dataset
+from training.core.loop import resolve_device
+from training.core.metrics import classification_metrics
+from training.core.networks import load_data, predict_probs
+from training.core.runs import check_report_folder
+from training.curves.fit import curve_file, load_curve
+from training.curves.model import CurveModel, network_at
 
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
 VAL_METRICS = ("val_nll", "val_error")
@@ -202,9 +202,9 @@ def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: 
 
 def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> dict[str, Any]:
     """φ(t) with BN recomputed, saved as an ordinary checkpoint of the base architecture."""
-    from training.checkpoint import model_checkpoint, save_checkpoint
-    from training.networks import held_out_metrics
-    from training.runs import check_replaceable_checkpoint
+    from training.core.checkpoint import model_checkpoint, save_checkpoint
+    from training.core.networks import held_out_metrics
+    from training.core.runs import check_replaceable_checkpoint
 
     if not 0.0 <= t <= 1.0:
         raise ConfigError(f"--t must lie in [0, 1], got {t}")

@@ -26,7 +26,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
 
     Under torchrun only rank 0 writes; a write from another rank is a bug, refused loudly.
     """
-    from training.distributed import rank
+    from training.core.distributed import rank
 
     if rank() != 0:
         raise RuntimeError(f"rank {rank()} tried to write {path}: only rank 0 writes files")

@@ -17,13 +17,13 @@ from typing import Any
 import torch
 
 from serving.errors import ModeconnError
-from training import progress, statistics
-from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from training.data import Dataset
-from training.loop import resolve_device
-from training.metrics import classification_metrics, disagreement
-from training.networks import load_data, load_network, predict_probs
-from training.runs import check_report_folder
+from training.core import progress, statistics
+from training.core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from training.core.data import Dataset
+from training.core.loop import resolve_device
+from training.core.metrics import classification_metrics, disagreement
+from training.core.networks import load_data, load_network, predict_probs
+from training.core.runs import check_report_folder
 
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 
@@ -248,7 +248,7 @@ def snapshot_report(
 
     Each snapshot is evaluated twice: as saved (BN recomputed, unless the run kept the
     running averages) and with the running averages of the training model at collection
-    time, which the snapshot keeps beside (see fge.save_snapshot). `start_weights` is the
+    time, which the snapshot keeps beside (see snapshots.save_snapshot). `start_weights` is the
     network the run started from (FGE: its --from network; SSE: the initialisation), for the
     distances in weight space.
     """
