@@ -440,7 +440,7 @@ def test_ensemble_eval_errors_clearly(train_run: Path, tmp_path: Path, capsys: p
     assert main(["ensemble-eval", str(final), str(tmp_path / "other.pt"), "--device", "cpu"]) == 2
     assert "mixed data sets" in capsys.readouterr().err
     assert main(["ensemble-eval", str(tmp_path), "--device", "cpu"]) == 2
-    assert "without snapshots" in capsys.readouterr().err
+    assert "neither snapshots/snapshot-*.pt nor final.pt" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- compare

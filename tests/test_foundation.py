@@ -32,7 +32,6 @@ from training.core.metrics import (
     expected_calibration_error,
     nll,
 )
-from training.core.networks import held_out_metrics as network_test_metrics
 from training.core.networks import load_network
 from training.core.schedules import paper_learning_rate
 
@@ -153,8 +152,7 @@ def test_demo_training_errs_by_several_percent_on_the_hard_variant(trained_pair:
         model, state = load_network(result["checkpoint"])
         assert not model.training
         assert state["metrics"]["test_error"] == recorded
-        assert network_test_metrics(model, data)["test_error"] == pytest.approx(recorded, abs=1e-9)
-        # the same number by hand: one forward over the normalised test set
+        # the recorded number by hand: one forward over the normalised test set
         with torch.no_grad():
             logits = model((data.x_test - data.mean[0]) / data.std[0])
         by_hand = float((logits.argmax(1) != data.y_test).double().mean()) * 100

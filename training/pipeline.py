@@ -11,7 +11,6 @@ checkpoint; `--force` starts over.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 from rich.table import Table
 
 from training.core import progress, provenance, statistics
-from training.core.checkpoint import atomic_write_json, atomic_write_text
+from training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
 from training.core.config import Config
 from training.core.distributed import Job, run_jobs
 from training.core.loop import checkpoint_path, resolve_device
@@ -48,11 +47,8 @@ def _finished_curve(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _finished_eval(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        report = json.loads((run_dir / "curve.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if "differences" not in report:  # written before eval-curve had intervals: evaluate again
+    report = read_finished(run_dir / "curve.json")
+    if report is None or "differences" not in report:  # written before eval-curve had intervals: evaluate again
         return None
     paths = {k: str(run_dir / f"curve.{k}") for k in ("json", "csv", "png")}
     return {**paths, **report["headline"], "summary": report["summary"], "differences": report["differences"],
@@ -69,11 +65,8 @@ def _fingerprint(paths: list[Path]) -> str:
 
 
 def _finished_export(record: Path, fingerprint: str, out: Path | None) -> dict[str, Any] | None:
-    try:
-        done = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    if done.get("fingerprint") != fingerprint:
+    done = read_finished(record)
+    if done is None or done.get("fingerprint") != fingerprint:
         return None
     if out is not None:
         return done if (out / "manifest.json").is_file() else None

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from training.core import distributed, progress
-from training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from training.core.checkpoint import model_checkpoint, read_finished, save_checkpoint
 from training.core.config import Config
 from training.core.loop import FitPlan, fit
 from training.core.networks import (
@@ -66,8 +66,6 @@ def train_or_reuse(config: Config, run_dir: Path) -> dict[str, Any]:
 def finished_result(run_dir: Path) -> dict[str, Any] | None:
     """The result of a run that already finished, when its final checkpoint is valid."""
     path = run_dir / "final.pt"
-    try:
-        state = load_checkpoint(path)
-    except ValueError:
+    if (state := read_finished(path)) is None:
         return None
     return {"run_dir": str(run_dir), "checkpoint": str(path), "metrics": state.get("metrics", {}), "skipped": True}

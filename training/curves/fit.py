@@ -24,6 +24,7 @@ from training.core.loop import FitPlan, fit
 from training.core.networks import build_network, load_data, stage_device
 from training.core.runs import prepare_run_dir
 from training.core.schedules import paper_learning_rate
+from training.core.sources import check_same_network
 from training.curves.model import CurveModel
 
 
@@ -42,10 +43,7 @@ def fit_curve(
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     started = time.perf_counter()
     w0, w1 = _endpoint(start), _endpoint(end)
-    if w0["architecture"] != w1["architecture"]:
-        raise CheckpointError(f"endpoints differ in architecture: {w0['architecture']} vs {w1['architecture']}")
-    if w0["dataset"]["name"] != w1["dataset"]["name"]:
-        raise CheckpointError(f"endpoints were trained on different data: {w0['dataset']['name']} vs {w1['dataset']['name']}")
+    check_same_network([(start, w0), (end, w1)], CheckpointError)
     data = load_data(w0["dataset"], device)
     settings = config.curve
     torch.manual_seed(config.seed)

@@ -22,8 +22,6 @@ made with other settings (its config.yaml) is refused, naming the folder to dele
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from training.core.distributed import Job, run_jobs
 from training.core.loop import checkpoint_path, resolve_device
 from training.core.metrics import classification_metrics
 from training.core.networks import dataset_spec, load_data
+from training.core.reports import csv_text
 from training.core.runs import RunDirError, claim_folder
 from training.core.schedules import even_cycle_iterations
 from training.ensembles.evaluate import (
@@ -297,25 +296,20 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
 def _csv(rows: list[dict[str, Any]]) -> str:
     header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
               "test_error", "test_nll", "test_ece", "test_brier"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+    return csv_text(header, rows)
 
 
 def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
     """One row per comparison, budget, metric and seed ("mean" for the seed-mean difference)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["comparison", "budget", "metric", "seed", "diff", "low", "high", "resamples", "bootstrap_seed"])
-    for name, cells in differences.items():
-        for budget, cell in cells.items():
-            for metric in statistics.LOSSES:
-                for seed, d in [*enumerate(cell["per_seed"]), ("mean", cell["seed_mean"])]:
-                    i = d[metric]
-                    writer.writerow([name, budget, metric, seed, i["mean"], i["low"], i["high"], i["resamples"], i["seed"]])
-    return buf.getvalue()
+    header = ["comparison", "budget", "metric", "seed", "diff", "low", "high", "resamples", "bootstrap_seed"]
+    return csv_text(header, (
+        [name, budget, metric, seed, d[metric]["mean"], d[metric]["low"], d[metric]["high"], d[metric]["resamples"],
+         d[metric]["seed"]]
+        for name, cells in differences.items()
+        for budget, cell in cells.items()
+        for metric in statistics.LOSSES
+        for seed, d in [*enumerate(cell["per_seed"]), ("mean", cell["seed_mean"])]
+    ))
 
 
 def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1) -> dict[str, Any]:

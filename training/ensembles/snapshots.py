@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import io
-import json
 import math
 import time
 from collections.abc import Callable
@@ -21,10 +19,16 @@ from torch import nn
 
 from training.core import distributed, progress
 from training.core.bn import recompute_bn
-from training.core.checkpoint import atomic_write_text, model_checkpoint, save_checkpoint
+from training.core.checkpoint import (
+    atomic_write_text,
+    model_checkpoint,
+    read_finished,
+    save_checkpoint,
+)
 from training.core.data import Dataset, iterations_per_epoch
 from training.core.loop import FitPlan, fit
 from training.core.networks import epoch_metrics, held_out_metrics
+from training.core.reports import csv_text
 from training.ensembles.evaluate import snapshot_report
 
 # iteration (from 1) -> the snapshot number collected there, or None
@@ -82,11 +86,8 @@ def read_lr_log(path: Path) -> dict[int, tuple[float, int]]:
 
 
 def write_lr_log(path: Path, rows: dict[int, tuple[float, int]]) -> None:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["iteration", "lr", "epoch"])
-    writer.writerows([i, repr(lr), epoch] for i, (lr, epoch) in sorted(rows.items()))
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, csv_text(["iteration", "lr", "epoch"],
+                                     ([i, repr(lr), epoch] for i, (lr, epoch) in sorted(rows.items()))))
 
 
 def collection_points(budget: int, collect_index: CollectIndex) -> list[tuple[int, int]]:
@@ -199,10 +200,7 @@ def run_snapshots(
 
 def finished_snapshot_run(run_dir: Path, method: str) -> dict[str, Any] | None:
     """The report of an FGE/SSE run that already finished (its METHOD.json is written last)."""
-    try:
-        report = json.loads((run_dir / f"{method}.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not all(Path(m["checkpoint"]).is_file() for m in report.get("members", [])):
+    report = read_finished(run_dir / f"{method}.json")
+    if report is None or not all(Path(m["checkpoint"]).is_file() for m in report.get("members", [])):
         return None
     return {**report["summary"], "skipped": True}
