@@ -14,6 +14,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -996,3 +997,32 @@ def test_env_flags_are_read_one_way_and_refuse_unknown_values(monkeypatch: pytes
     with pytest.raises(ValueError, match="MODECONN_BATCHING='maybe'"):
         BatchSettings.from_env()
 
+
+
+def test_service_settings_are_one_object_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.settings import ServiceSettings, SettingsError
+
+    for name in list(os.environ):
+        if name.startswith("MODECONN_"):
+            monkeypatch.delenv(name)
+    defaults = ServiceSettings.from_env()
+    assert (defaults.model, defaults.workers, defaults.curve_cache, defaults.curve_preload) == (
+        "modeconn-mnist1d", 2, 16, 0
+    )
+    assert defaults.batching == BatchSettings() and defaults.max_body_bytes == 8 << 20
+    monkeypatch.setenv("MODECONN_CURVE_CACHE", "4")
+    monkeypatch.setenv("MODECONN_CURVE_PRELOAD", "3")
+    monkeypatch.setenv("MODECONN_WORKERS", "1")
+    settings = ServiceSettings.from_env()
+    assert settings.curve_preload_ts == [0.0, 0.5, 1.0] and settings.onnxruntime.threads == 0
+    for name, value, words in (
+        ("MODECONN_CURVE_PRELOAD", "5", "more than the cache keeps (MODECONN_CURVE_CACHE=4)"),
+        ("MODECONN_CURVE_PRELOAD", "1", "at least 2 points"),
+        ("MODECONN_CURVE_CACHE", "-1", "MODECONN_CURVE_CACHE='-1': must be at least 0"),
+        ("MODECONN_PROVIDER", "tpu", "MODECONN_PROVIDER='tpu'"),
+        ("MODECONN_MAX_BODY_BYTES", "lots", "MODECONN_MAX_BODY_BYTES='lots': not an integer"),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises((SettingsError, ValueError), match=re.escape(words)):
+                ServiceSettings.from_env()
