@@ -5,8 +5,10 @@ Item 3, per workload and batch size, seconds per call of
   (c) curve.onnx, new t      the exported graph, a new t on every call
   (g) general graph, new t   serving's curve session (curve.onnx with 1D convs as 2D)
   (f) fixed-t, repeated t    a cached fixed-t session (serving/fixed_t.py): w(t) constants
-  (s) service path, new t    Runtime.run_curve at a new t each call: the general graph, while
-                             the cache builds that t's session in a background thread
+  (s) service path, new t    Runtime.run_curve at a new t each call: the general graph (a t
+                             is built only once it was asked for twice: MODECONN_CURVE_BUILD_AFTER)
+  (s1) ..., building at once the same with a build started at every first miss (BUILD_AFTER=1):
+                             the background builds compete with the requests
 and the time to build one fixed-t session. Targets at batch 64: (f) <= 1.2x (m), new t <= 2x.
 Every session here runs with onnxruntime's spinning OFF (idle pool threads do not busy-wait),
 all in this process, sampled round-robin after waiting for a quiet machine
@@ -66,6 +68,7 @@ def stand_in_artifact(w: Workload) -> Artifact:
 
 def item3(run: dict, w: Workload, artifact: Artifact, batches: list[int], quick: bool) -> None:
     runtime = Runtime(artifact, ["CPUExecutionProvider"], OFF, curve_cache=4)
+    eager = Runtime(artifact, ["CPUExecutionProvider"], OFF, curve_cache=4, curve_build_after=1)
     cache = runtime.curve_cache
     assert cache is not None and runtime.curve is not None
     member, exported = session(w.members[0]), session(w.curve)
@@ -84,6 +87,7 @@ def item3(run: dict, w: Workload, artifact: Artifact, batches: list[int], quick:
             "(g) general graph, new t": lambda x=x: runtime.curve.run(None, {"x": x, "t": new_t()}),
             "(f) fixed-t, repeated t": lambda x=x: fixed.run(None, {"x": x}),
             "(s) service path, new t": lambda x=x: runtime.run_curve(float(new_t()[0]), x),
+            "(s1) service path, new t, building at once": lambda x=x: eager.run_curve(float(new_t()[0]), x),
         }
         min_s = 0.05 if quick else (0.3 if batch < 1024 else 0.0)
         times = common.interleaved(ways, rounds=2 if quick else 5, min_sample_s=min_s, quiet_wait_s=30)
@@ -99,6 +103,7 @@ def item3(run: dict, w: Workload, artifact: Artifact, batches: list[int], quick:
     diff = float(np.abs(fixed.run(None, {"x": x})[0]
                         - exported.run(None, {"x": x, "t": np.array([0.37], np.float32)})[0]).max())
     runtime.close()
+    eager.close()
     common.add_section(
         run, f"Item 3: curve at any t, {w.name}",
         ["workload", "batch", "way", "ms/call", "x member", "spread", "quiet"], rows,
@@ -148,20 +153,27 @@ def main() -> None:
     parser.add_argument("--artifact", help="demo artifact folder or BentoML tag (default: build a small one)")
     parser.add_argument("--members", type=int, default=8, help="K of the CIFAR-shaped ensemble")
     parser.add_argument("--skip-cifar", action="store_true", help="only the demo artifact")
+    parser.add_argument("--items", default="3,4", help="which items to run (default 3,4)")
     args = parser.parse_args()
-    run = common.start_run("curve_inference")
+    run = common.start_run("curve_inference" if args.items == "3,4" else f"curve_inference-items{args.items.replace(',', '')}")
     run["quick"], run["command"] = args.quick, common.command_line()
     work = Path(tempfile.mkdtemp(prefix="bench-curve-"))
     try:
+        items = set(args.items.split(","))
+        run["items"] = sorted(items)
         demo = artifact_workload(args.artifact, work)
-        item3(run, demo, load_artifact(demo.fused.parent), [1, 64] if args.quick else [1, 64, 1024], args.quick)
-        item4(run, demo, [1, 64] if args.quick else [1, 64, 1024], args.quick)
+        if "3" in items:
+            item3(run, demo, load_artifact(demo.fused.parent), [1, 64] if args.quick else [1, 64, 1024], args.quick)
+        if "4" in items:
+            item4(run, demo, [1, 64] if args.quick else [1, 64, 1024], args.quick)
         if not args.skip_cifar:
             with contextlib.redirect_stdout(sys.stderr):
                 cifar = synthetic(f"CIFAR-shaped PreResNet-20 (random), K = {args.members}", "preresnet",
                                   {"depth": 20}, args.members, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, work)
-            item3(run, cifar, stand_in_artifact(cifar), [1, 64], args.quick)
-            item4(run, cifar, [1, 64] if args.quick else [1, 64, 1024], args.quick)
+            if "3" in items:
+                item3(run, cifar, stand_in_artifact(cifar), [1, 64], args.quick)
+            if "4" in items:
+                item4(run, cifar, [1, 64] if args.quick else [1, 64, 1024], args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     common.write_results(run, summary=summary(run), out_dir=args.out)

@@ -156,18 +156,24 @@ def t_key(t: float) -> float:
 class FixedTCache:
     """At most `capacity` fixed-t sessions, least recently used dropped first.
 
-    `get(t)` answers a cached session or None; on a miss it starts building one in a
-    background thread (one at a time), so the request that missed runs on the general graph
-    at once instead of waiting for a build, and later requests at that t find it.
+    `get(t)` answers a cached session or None. A miss never waits for a build: the request
+    runs on the general graph. When the same t has missed `build_after` times (default 2:
+    it was asked for before), its session is built in a background thread, one build at a
+    time, and later requests at that t find it. Building on the first miss would spend a
+    build (several session runs' worth of CPU, benchmarks/results/curve_inference-*) on
+    every t of a client that never repeats one, slowing the requests it serves meanwhile.
     `build_now(t)` builds in the calling thread (preloading at start).
     """
 
-    def __init__(self, build: Callable[[float], Any], capacity: int) -> None:
-        if capacity < 0:
-            raise ValueError(f"curve cache capacity must be >= 0, not {capacity}")
+    def __init__(self, build: Callable[[float], Any], capacity: int, build_after: int = 2) -> None:
+        if capacity < 0 or build_after < 1:
+            raise ValueError(f"curve cache: capacity must be >= 0 ({capacity}), build_after >= 1 ({build_after})")
         self._build = build
+        self.build_after = build_after
         self._sessions: OrderedDict[float, Any] = OrderedDict()
-        self._building: set[float] = set()
+        self._misses: OrderedDict[float, int] = OrderedDict()  # t -> misses so far, bounded
+        self._max_tracked = max(64, 4 * capacity)
+        self._building: float | None = None
         self._lock = threading.Lock()
         self.stats = CacheStats(capacity=capacity)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fixed-t-build")
@@ -181,9 +187,16 @@ class FixedTCache:
                 self.stats.hits += 1
                 return session
             self.stats.misses += 1
-            if self.stats.capacity and key not in self._building:
-                self._building.add(key)
+            if not self.stats.capacity:
+                return None
+            misses = self._misses.pop(key, 0) + 1
+            if misses >= self.build_after and self._building is None:
+                self._building = key
                 self._executor.submit(self._build_in_background, key)
+            else:
+                self._misses[key] = misses  # most recent last; the oldest are forgotten
+                while len(self._misses) > self._max_tracked:
+                    self._misses.popitem(last=False)
         return None
 
     def build_now(self, t: float) -> Any:
@@ -207,7 +220,7 @@ class FixedTCache:
             logger.exception("building the fixed-t session for t=%s failed", key)
         finally:
             with self._lock:
-                self._building.discard(key)
+                self._building = None
 
     def _insert(self, key: float, session: Any) -> None:
         with self._lock:

@@ -124,6 +124,7 @@ class Runtime:
         providers: Sequence[Any],
         settings: SessionSettings = SessionSettings(),
         curve_cache: int = 0,
+        curve_build_after: int = 2,
     ) -> None:
         self.artifact = artifact
         self._providers, self._settings = list(providers), settings
@@ -132,14 +133,14 @@ class Runtime:
         self.curve_cache: FixedTCache | None = None
         if artifact.curve_file is not None:
             self.curve = _open(artifact.curve_file, providers, settings, *CURVE_IO)
-            self._split_curve(artifact.curve_file, curve_cache)
+            self._split_curve(artifact.curve_file, curve_cache, curve_build_after)
         self.providers = {"ensemble": self.ensemble.get_providers()[0]}
         if self.curve is not None:
             self.providers["curve"] = self.curve.get_providers()[0]
         for graph, provider in self.providers.items():
             logger.info("%s session runs on %s", graph, provider)
 
-    def _split_curve(self, path: Path, capacity: int) -> None:
+    def _split_curve(self, path: Path, capacity: int, build_after: int) -> None:
         """The general session from the split graph (1D convs as 2D) and the fixed-t cache.
         A graph the split cannot handle keeps curve.onnx as it is, without a cache."""
         try:
@@ -152,7 +153,7 @@ class Runtime:
             logger.warning("curve graph kept as exported (no fixed-t sessions): %s", exc)
             return
         self.curve = general
-        self.curve_cache = FixedTCache(self._fixed_session, capacity)
+        self.curve_cache = FixedTCache(self._fixed_session, capacity, build_after)
 
     def fixed_graph(self, t: float) -> bytes:
         """The curve's x-part with w(t) and the BN statistics at t as constants (ONNX bytes)."""
@@ -168,7 +169,7 @@ class Runtime:
 
     def run_curve(self, t: float, x: np.ndarray) -> list[np.ndarray]:
         """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or the
-        general graph (which starts building one for next time)."""
+        general graph (a t asked for again starts a build for next time)."""
         assert self.curve is not None
         if self.curve_cache is not None and (fixed := self.curve_cache.get(t)) is not None:
             return fixed.run(["probabilities"], {"x": x})

@@ -176,6 +176,7 @@ class ModeConnService:
                 choose_providers(self.settings.provider),
                 self.settings.onnxruntime,
                 curve_cache=self.settings.curve_cache,
+                curve_build_after=self.settings.curve_build_after,
             )
             runtime.warmup(WARMUP_BATCH_SIZES)
             runtime.preload_curve(self.settings.curve_preload_ts, WARMUP_BATCH_SIZES)

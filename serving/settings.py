@@ -12,6 +12,7 @@ serving/service.py is imported (BentoML's decorator needs some of them at that m
 | MODECONN_ORT_THREADS / _ORT_SPINNING | onnxruntime (serving/runtime.py) | cores // workers (0 with one worker) / on |
 | MODECONN_CURVE_CACHE | curve_cache: fixed-t curve sessions kept (serving/fixed_t.py); 0: none | 16 |
 | MODECONN_CURVE_PRELOAD | curve_preload: fixed-t sessions built before readiness, at t = i/(n-1) | 0 |
+| MODECONN_CURVE_BUILD_AFTER | curve_build_after: a t's session is built once it was asked for this often | 2 |
 
 A value that cannot be read stops the service with an error naming the variable.
 """
@@ -51,6 +52,7 @@ class ServiceSettings:
     onnxruntime: SessionSettings = SessionSettings()
     curve_cache: int = DEFAULT_CURVE_CACHE
     curve_preload: int = 0
+    curve_build_after: int = 2
 
     def __post_init__(self) -> None:
         if self.provider not in ("auto", "cuda", "cpu"):
@@ -84,6 +86,7 @@ class ServiceSettings:
             onnxruntime=SessionSettings.from_env(default_threads=_threads_per_worker(workers)),
             curve_cache=env_int("MODECONN_CURVE_CACHE", DEFAULT_CURVE_CACHE, minimum=0),
             curve_preload=env_int("MODECONN_CURVE_PRELOAD", 0, minimum=0),
+            curve_build_after=env_int("MODECONN_CURVE_BUILD_AFTER", 2, minimum=1),
         )
 
     def as_dict(self) -> dict[str, Any]:
