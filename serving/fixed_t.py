@@ -14,8 +14,10 @@ CPU kernels). `CurveSplit` cuts the graph once, at load, in two:
 
 Both parts are the exported graph's own nodes, so w(t) and the BN interpolation are
 computed exactly as curve.onnx computes them (docs/manifest.md), with no second copy of
-the formulas. The general graph (for a t not cached) is curve.onnx with the same 1D->2D
-rewrite. `FixedTCache` keeps the most recently used fixed-t sessions, bounded.
+the formulas. A t not cached runs on curve.onnx as exported: the same 1D->2D rewrite of
+the whole graph (weights still computed per call) took more CPU per call than the graph
+as it is (benchmarks/results/curve_inference-*). `FixedTCache` keeps the most recently
+used fixed-t sessions, bounded.
 """
 
 from __future__ import annotations
@@ -70,11 +72,6 @@ class CurveSplit:
             [self._inits[k] for k in _inputs_of(t_nodes) if k in self._inits],
         )
         self.t_part = self._model(t_graph)
-        general = helper.make_graph(
-            [*t_nodes, *self._x_nodes], "curve_2d", [*self._x_input, *self._t_input],
-            self._outputs, [*graph.initializer, axis],
-        )  # fmt: skip
-        self.general = self._model(general)
 
     def fixed(self, boundary_values: Iterable[np.ndarray]) -> bytes:
         """The x-part with the boundary tensors of one t as constants (serialized ONNX)."""

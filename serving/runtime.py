@@ -141,18 +141,16 @@ class Runtime:
             logger.info("%s session runs on %s", graph, provider)
 
     def _split_curve(self, path: Path, capacity: int, build_after: int) -> None:
-        """The general session from the split graph (1D convs as 2D) and the fixed-t cache.
-        A graph the split cannot handle keeps curve.onnx as it is, without a cache."""
+        """The fixed-t cache, from curve.onnx cut in two (serving/fixed_t.py). A graph the
+        split cannot handle is served without a cache."""
         try:
             self._split = CurveSplit(path)
-            general = _open(self._split.general, self._providers, self._settings, *CURVE_IO)
             self._t_part = _open(
                 self._split.t_part, ["CPUExecutionProvider"], SessionSettings(1, False), {"t"}, set()
             )
-        except Exception as exc:  # the plain graph still answers every t correctly
-            logger.warning("curve graph kept as exported (no fixed-t sessions): %s", exc)
+        except Exception as exc:  # curve.onnx still answers every t correctly
+            logger.warning("curve served without fixed-t sessions: %s", exc)
             return
-        self.curve = general
         self.curve_cache = FixedTCache(self._fixed_session, capacity, build_after)
 
     def fixed_graph(self, t: float) -> bytes:
@@ -168,8 +166,8 @@ class Runtime:
         return self.ensemble.run(["probabilities", "member_probabilities"], {"x": x})
 
     def run_curve(self, t: float, x: np.ndarray) -> list[np.ndarray]:
-        """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or the
-        general graph (a t asked for again starts a build for next time)."""
+        """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or
+        curve.onnx (a t asked for again starts a build for next time)."""
         assert self.curve is not None
         if self.curve_cache is not None and (fixed := self.curve_cache.get(t)) is not None:
             return fixed.run(["probabilities"], {"x": x})
