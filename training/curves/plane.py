@@ -50,6 +50,7 @@ from training.curves.model import CurveModel, flatten_parameters, network_at
 OUTPUTS = ("plane.json", "plane.csv", "plane.npz", "plane.png")
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
 CURVE_POINTS = 61
+EVAL_BATCH = 4096
 
 
 class PlaneError(ModeconnError):
@@ -172,8 +173,10 @@ def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float) -> dict
     if has_batchnorm(net):
         recompute_bn(net, data)
     net.eval()
-    train = predict_probs(net, data, "train").double()
-    test = predict_probs(net, data, "test").double()
+    # large batches: on 2 CPU cores 4096 rows per forward took 0.46 s for the demo's 12,000 test
+    # signals against 0.66 s at predict_probs' default 1024 (the per-point cost is what G² multiplies)
+    train = predict_probs(net, data, "train", batch_size=EVAL_BATCH).double()
+    test = predict_probs(net, data, "test", batch_size=EVAL_BATCH).double()
     l2 = float(sum((p.double() ** 2).sum() for p in net.parameters()))
     train_nll = nll(train, data.y_train)
     return {"train_loss": train_nll + 0.5 * weight_decay * l2, "train_nll": train_nll,
