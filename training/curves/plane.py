@@ -301,7 +301,9 @@ def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: 
     from matplotlib.colors import BoundaryNorm
 
     X, Y = np.meshgrid(xs, ys, indexing="ij")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    # true geometry (equal axes), the panels stacked: the plane is usually much wider than high
+    height = float(ys[-1] - ys[0]) / float(xs[-1] - xs[0])
+    fig, axes = plt.subplots(2, 1, figsize=(9, 2 * (2.2 + 7 * min(max(height, 0.2), 1.2))))
     panels = (("train_loss", "train loss (log-spaced levels)", True), ("test_error", "test error (%)", False))
     for ax, (key, title, log) in zip(axes, panels, strict=True):
         z = grids[key]
@@ -310,7 +312,7 @@ def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: 
         levels = np.geomspace(max(low, 1e-6), max(high, low * 1.01, 1e-5), 24) if log else np.linspace(low, high, 24)
         filled = ax.contourf(X, Y, z, levels=levels, cmap="viridis", norm=BoundaryNorm(levels, 256), extend="neither")
         ax.contour(X, Y, z, levels=levels, colors="k", linewidths=0.3, alpha=0.5)
-        fig.colorbar(filled, ax=ax, format="%.3g" if log else "%.1f")
+        fig.colorbar(filled, ax=ax, format="%.3g" if log else "%.1f", shrink=0.9)
         ax.plot([coords[0, 0], coords[2, 0]], [coords[0, 1], coords[2, 1]], "--", color="w", lw=2,
                 label="straight line")
         if curve_xy is not None:
@@ -321,7 +323,7 @@ def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: 
                         xytext=(6, 6), color="w", fontsize=10, weight="bold")
         ax.set(title=title, xlabel="u (distance in weight space)", ylabel="v (distance in weight space)")
         ax.set_aspect("equal")
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.18, 1.0), fontsize=8, facecolor="0.55", framealpha=1)
     fig.suptitle(f"plane through {source.description}", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
