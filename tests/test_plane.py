@@ -20,7 +20,7 @@ from training.core.bn import recompute_bn
 from training.core.checkpoint import model_checkpoint, save_checkpoint
 from training.core.networks import build_network, config_specs, load_network, predict_probs
 from training.curves.model import CurveModel
-from training.curves.plane import PlaneError, grid_axis, plane_basis
+from training.curves.plane import PlaneError, evaluate_plane, grid_axis, plane_basis, points_source
 
 ARCH = {"name": "cnn1d", "kwargs": {"width": 4}}
 
@@ -104,6 +104,12 @@ def test_plane_of_three_networks_and_of_a_curve(dataset: dict, demo_data, tmp_pa
         expected = _expected(path, demo_data, 5e-4)
         assert saved["train_loss"][i, j] == pytest.approx(expected["train_loss"], rel=1e-5)
         assert saved["test_error"][i, j] == pytest.approx(expected["test_error"], abs=1e-4)  # a float32 mean
+    # two points at a time (threads, on copies of the network) give the same grid
+    source = points_source(files, torch.device("cpu"))
+    basis = plane_basis(*source.points)
+    both = evaluate_plane(source, basis, saved["xs"], saved["ys"], demo_data, workers=2)
+    for metric, grid in both.items():
+        assert np.allclose(grid, saved[metric], rtol=1e-5, atol=0.01 if "error" in metric else 1e-6), metric
     assert (out / "plane.png").stat().st_size > 10_000
     assert (out / "plane.csv").read_text().count("\n") == 1 + 9
     assert json.loads((out / "plane.json").read_text())["grid"] == 3

@@ -22,10 +22,12 @@ Arrays are indexed [i, j] = (xs[i], ys[j]), as the official plane.npz.
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -184,19 +186,45 @@ def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float) -> dict
             "test_nll": nll(test, data.y_test), "test_error": error_percent(test, data.y_test)}
 
 
+def plane_workers(net: nn.Module, data: Dataset) -> int:
+    """How many grid points are evaluated side by side: on the CPU, one per thread torch may use
+    (each point's passes then run on one thread: on 2 cores two points at once beat one point on
+    two threads, whose small kernels wait on each other); on a GPU one. A network with dropout gets
+    one, since concurrent BN passes would draw its masks from the shared global RNG in no fixed order."""
+    if data.x_train.device.type != "cpu" or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules()):
+        return 1
+    return max(1, torch.get_num_threads())
+
+
 def evaluate_plane(source: PlaneSource, basis: PlaneBasis, xs: np.ndarray, ys: np.ndarray,
-                   data: Dataset) -> dict[str, np.ndarray]:
-    """Every metric at every grid point, [len(xs), len(ys)] arrays, with a progress bar."""
-    net = source.template
+                   data: Dataset, workers: int | None = None) -> dict[str, np.ndarray]:
+    """Every metric at every grid point, [len(xs), len(ys)] arrays, with a progress bar; `workers`
+    points at a time (default `plane_workers`), each on its own copy of the network."""
+    workers = workers or plane_workers(source.template, data)
     grids = {m: np.zeros((len(xs), len(ys))) for m in METRICS}
-    with progress.task("plane", len(xs) * len(ys)) as advance:
-        for i, x in enumerate(xs):
-            for j, y in enumerate(ys):
-                vector_to_parameters(basis.point(float(x), float(y)).to(torch.float32), net.parameters())
-                row = evaluate_network(net, data, source.weight_decay)
-                for m in METRICS:
-                    grids[m][i, j] = row[m]
-                advance(status=f"({i}, {j}) train loss {row['train_loss']:.3f} test err {row['test_error']:.2f}")
+    cells = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
+
+    def work(part: list[tuple[int, int]], advance: Any) -> None:
+        net = copy.deepcopy(source.template)
+        for i, j in part:
+            vector_to_parameters(basis.point(float(xs[i]), float(ys[j])).to(torch.float32), net.parameters())
+            row = evaluate_network(net, data, source.weight_decay)
+            for m in METRICS:
+                grids[m][i, j] = row[m]
+            advance(status=f"({i}, {j}) train loss {row['train_loss']:.3f} test err {row['test_error']:.2f}")
+
+    with progress.task("plane", len(cells)) as advance:
+        if workers == 1:
+            work(cells, advance)
+            return grids
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch's kernels release the GIL: the threads run side by side
+        try:
+            with ThreadPoolExecutor(workers) as pool:
+                for done in [pool.submit(work, cells[k::workers], advance) for k in range(workers)]:
+                    done.result()
+        finally:
+            torch.set_num_threads(threads)
     return grids
 
 
