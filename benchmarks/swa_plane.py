@@ -55,12 +55,12 @@ def swa_rows(runs: Path, work: Path) -> dict:
     }
 
 
-def time_plane(runs: Path, grid: int, work: Path) -> dict:
+def time_plane(runs: Path, grid: int, work: Path, split: str) -> dict:
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "training.cli", "plane", str(runs / "curve"), "--grid", str(grid),
-                           "--out", str(work / "plane"), "--device", "cpu", "--json"],
+                           "--out", str(work / f"plane-{split}"), "--device", "cpu", "--split", split, "--json"],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           check=True)
     seconds = time.perf_counter() - started
@@ -69,11 +69,11 @@ def time_plane(runs: Path, grid: int, work: Path) -> dict:
     report = json.loads(done.stdout.strip().splitlines()[-1])
     # CPU time (user + system) of the process: what the work costs whatever the neighbours do;
     # on an idle machine the wall time is about this over the cores it keeps busy
-    return {"grid": grid, "wall_seconds": seconds, "command_seconds": report["seconds"], "cpu_seconds": cpu,
+    return {"grid": grid, "split": split, "wall_seconds": seconds, "command_seconds": report["seconds"], "cpu_seconds": cpu,
             "threads": os.environ.get("OMP_NUM_THREADS", "default (torch: one per core)"),
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
-            "points": report["points"], "line_max_test_error": report["line_max_test_error"],
-            "plane_min_test_error": report["plane_min_test_error"], "dx": report["dx"], "dy": report["dy"]}
+            "points": report["points"], "line_max_error": report[f"line_max_{split}_error"],
+            "plane_min_error": report[f"plane_min_{split}_error"], "dx": report["dx"], "dy": report["dy"]}
 
 
 def markdown(result: dict) -> str:
@@ -86,13 +86,14 @@ def markdown(result: dict) -> str:
     for name, cell in result["swa"]["differences"].items():
         cells = [statistics.Interval(**cell[k]).text(statistics.DIGITS[k]) for k in statistics.LOSSES]
         lines.append(f"| {name} | {' | '.join(cells)} |")
-    at = ", ".join(f"{p['label']} {p['test_error']:.2f} %" for p in plane["points"])
-    lines += ["", f"`modeconn plane RUNS/curve --grid {plane['grid']}` ({plane['grid'] ** 2} grid points, BN recomputed at "
+    split = plane["split"]
+    at = ", ".join(f"{p['label']} {p[f'{split}_error']:.2f} %" for p in plane["points"])
+    lines += ["", f"`modeconn plane RUNS/curve --grid {plane['grid']} --split {split}` ({plane['grid'] ** 2} grid points, BN recomputed at "
               f"each): {plane['wall_seconds']:.0f} s wall from start to exit ({plane['command_seconds']:.0f} s in the "
               f"command), {plane['cpu_seconds']:.0f} s of CPU time, threads {plane['threads']}, load average {plane['load_before']} before and "
               f"{plane['load_after']} after.", "",
-              f"Test error at the grid points of {at}; along the straight line up to "
-              f"{plane['line_max_test_error']:.2f} %; the plane's lowest {plane['plane_min_test_error']:.2f} %; "
+              f"{'Test' if split == 'test' else 'Validation'} error at the grid points of {at}; along the straight "
+              f"line up to {plane['line_max_error']:.2f} %; the plane's lowest {plane['plane_min_error']:.2f} %; "
               f"|w1 − w0| = {plane['dx']:.2f}, θ's distance from the line {plane['dy']:.2f}."]
     return "\n".join(lines) + "\n"
 
@@ -101,15 +102,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, required=True)
     parser.add_argument("--grid", type=int, default=21)
+    parser.add_argument("--split", choices=["test", "val"], default="test", help="the plane's error split")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--keep", type=Path, help="keep swa.pt and the plane's files here (default: a temporary folder)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         swa = swa_rows(args.runs, work)
-        plane = time_plane(args.runs, args.grid, work)
+        plane = time_plane(args.runs, args.grid, work, args.split)
     result = {"provenance": provenance.provenance(swa["test_size"]), "swa": swa, "plane": plane}
-    stem = args.out / f"swa_plane-{datetime.now(UTC).strftime('%Y-%m-%d')}"
+    suffix = "" if args.split == "test" else f"-{args.split}"
+    stem = args.out / f"swa_plane{suffix}-{datetime.now(UTC).strftime('%Y-%m-%d')}"
     atomic_write_json(stem.with_suffix(".json"), result)
     atomic_write_text(stem.with_suffix(".md"), markdown(result))
     print(markdown(result))

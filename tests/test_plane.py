@@ -118,9 +118,10 @@ def test_plane_of_three_networks_and_of_a_curve(dataset: dict, demo_data, tmp_pa
     run = tmp_path / "curve"
     run.mkdir()
     _curve(run / "final.pt", dataset)
-    result = main(["plane", str(run), "--grid", "3", "--margin", "0", "--device", "cpu"])
+    result = main(["plane", str(run), "--grid", "3", "--margin", "0", "--device", "cpu", "--split", "val"])
     assert result == 0
     saved = np.load(run / "plane.npz")
+    assert "val_error" in saved and "test_error" not in saved  # the error on the validation split
     assert saved["curve_coordinates"].shape == (61, 2)
     assert np.allclose(saved["curve_coordinates"][[0, -1]], saved["bend_coordinates"][[0, 2]], atol=1e-6)
     # a quadratic Bezier's middle is (w0 + 2θ + w1) / 4

@@ -51,6 +51,11 @@ from training.curves.model import CurveModel, flatten_parameters, network_at
 
 OUTPUTS = ("plane.json", "plane.csv", "plane.npz", "plane.png")
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
+SPLITS = ("test", "val")  # where the error is measured; val: the official plane.py's default, fewer examples
+
+
+def metric_names(split: str = "test") -> tuple[str, ...]:
+    return (*METRICS[:3], f"{split}_nll", f"{split}_error")
 CURVE_POINTS = 61
 EVAL_BATCH = 4096
 
@@ -169,21 +174,22 @@ def points_source(paths: list[Path], device: torch.device) -> PlaneSource:
 
 
 @torch.no_grad()
-def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float) -> dict[str, float]:
-    """Train loss (NLL + ½·wd·‖w‖², as the official plane.py), train NLL and error, test NLL and
-    error of `net` with its BN statistics recomputed on the training split."""
+def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float, split: str = "test") -> dict[str, float]:
+    """Train loss (NLL + ½·wd·‖w‖², as the official plane.py), train NLL and error, and NLL and
+    error on `split` (test or val) of `net` with its BN statistics recomputed on the training split."""
     if has_batchnorm(net):
         recompute_bn(net, data)
     net.eval()
     # large batches: on 2 CPU cores 4096 rows per forward took 0.46 s for the demo's 12,000 test
     # signals against 0.66 s at predict_probs' default 1024 (the per-point cost is what G² multiplies)
     train = predict_probs(net, data, "train", batch_size=EVAL_BATCH).double()
-    test = predict_probs(net, data, "test", batch_size=EVAL_BATCH).double()
+    held_out = predict_probs(net, data, split, batch_size=EVAL_BATCH).double()
+    labels = data.split(split)[1]
     l2 = float(sum((p.double() ** 2).sum() for p in net.parameters()))
     train_nll = nll(train, data.y_train)
     return {"train_loss": train_nll + 0.5 * weight_decay * l2, "train_nll": train_nll,
             "train_error": error_percent(train, data.y_train),
-            "test_nll": nll(test, data.y_test), "test_error": error_percent(test, data.y_test)}
+            f"{split}_nll": nll(held_out, labels), f"{split}_error": error_percent(held_out, labels)}
 
 
 def plane_workers(net: nn.Module, data: Dataset) -> int:
@@ -197,21 +203,22 @@ def plane_workers(net: nn.Module, data: Dataset) -> int:
 
 
 def evaluate_plane(source: PlaneSource, basis: PlaneBasis, xs: np.ndarray, ys: np.ndarray,
-                   data: Dataset, workers: int | None = None) -> dict[str, np.ndarray]:
+                   data: Dataset, workers: int | None = None, split: str = "test") -> dict[str, np.ndarray]:
     """Every metric at every grid point, [len(xs), len(ys)] arrays, with a progress bar; `workers`
     points at a time (default `plane_workers`), each on its own copy of the network."""
     workers = workers or plane_workers(source.template, data)
-    grids = {m: np.zeros((len(xs), len(ys))) for m in METRICS}
+    names = metric_names(split)
+    grids = {m: np.zeros((len(xs), len(ys))) for m in names}
     cells = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
 
     def work(part: list[tuple[int, int]], advance: Any) -> None:
         net = copy.deepcopy(source.template)
         for i, j in part:
             vector_to_parameters(basis.point(float(xs[i]), float(ys[j])).to(torch.float32), net.parameters())
-            row = evaluate_network(net, data, source.weight_decay)
-            for m in METRICS:
+            row = evaluate_network(net, data, source.weight_decay, split)
+            for m in names:
                 grids[m][i, j] = row[m]
-            advance(status=f"({i}, {j}) train loss {row['train_loss']:.3f} test err {row['test_error']:.2f}")
+            advance(status=f"({i}, {j}) train loss {row['train_loss']:.3f} {split} err {row[f'{split}_error']:.2f}")
 
     with progress.task("plane", len(cells)) as advance:
         if workers == 1:
@@ -228,7 +235,9 @@ def evaluate_plane(source: PlaneSource, basis: PlaneBasis, xs: np.ndarray, ys: n
     return grids
 
 
-def _check_settings(grid: int, margin: float) -> None:
+def _check_settings(grid: int, margin: float, split: str) -> None:
+    if split not in SPLITS:
+        raise PlaneError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     if grid < 3:
         raise PlaneError(f"--grid must be at least 3 (w0, θ and w1 need grid lines of their own), got {grid}")
     if not math.isfinite(margin) or margin < 0:
@@ -236,11 +245,12 @@ def _check_settings(grid: int, margin: float) -> None:
 
 
 def make_plane(run: Path | None = None, points: list[Path] | None = None, grid: int = 21, margin: float = 0.2,
-               out_dir: Path | None = None, device: str = "auto") -> dict[str, Any]:
+               out_dir: Path | None = None, device: str = "auto", split: str = "test") -> dict[str, Any]:
     """Evaluate the plane of a 3-bend curve run (`run`) or of three networks (`points`) on a
-    `grid` × `grid` grid; write plane.json/.csv/.npz/.png into `out_dir` (default: the curve's run)."""
+    `grid` × `grid` grid, the error on `split` (test, or val: 12× fewer signals on the demo);
+    write plane.json/.csv/.npz/.png into `out_dir` (default: the curve's run)."""
     started = time.perf_counter()
-    _check_settings(grid, margin)
+    _check_settings(grid, margin, split)
     if (run is None) == (points is None):
         raise PlaneError("give either a curve run or --points A B C (not both)")
     if out_dir is None:
@@ -258,11 +268,14 @@ def make_plane(run: Path | None = None, points: list[Path] | None = None, grid: 
     ys = grid_axis(list(coords[:, 1]), margin, grid)
     index = np.array([[int(np.flatnonzero(xs == x)[0]), int(np.flatnonzero(ys == y)[0])] for x, y in coords])
     data = load_data(source.dataset, dev)
-    grids = evaluate_plane(source, basis, xs, ys, data)
+    if not len(data.split(split)[1]):
+        raise PlaneError(f"--split {split}: the data set {source.dataset.get('name')!r} has no {split} split")
+    grids = evaluate_plane(source, basis, xs, ys, data, split=split)
     ts = np.linspace(0.0, 1.0, CURVE_POINTS)
     curve_xy = (np.array([basis.coordinates(source.curve.flat_weights(float(t)).detach()) for t in ts])
                 if source.curve is not None else None)
-    report = _report(source, basis, coords, index, xs, ys, grids, margin, len(data.y_test), len(data.y_train))
+    report = _report(source, basis, coords, index, xs, ys, grids, margin, split, len(data.split(split)[1]),
+                     len(data.y_train))
     paths = {name.split(".")[1]: out_dir / name for name in OUTPUTS}
     atomic_write_bytes(paths["npz"], _npz(xs, ys, coords, index, grids, ts if curve_xy is not None else None, curve_xy))
     atomic_write_text(paths["csv"], _csv(xs, ys, grids))
@@ -270,19 +283,19 @@ def make_plane(run: Path | None = None, points: list[Path] | None = None, grid: 
     report["seconds"] = time.perf_counter() - started
     atomic_write_json(paths["json"], report)
     at = report["points"]
-    progress.log(f"plane: {grid}×{grid} grid in {report['seconds']:.1f}s; test error at "
-                 + ", ".join(f"{p['label']} {p['test_error']:.2f} %" for p in at)
-                 + f"; max along the straight line {report['line_max_test_error']:.2f} % -> {paths['png']}")
+    progress.log(f"plane: {grid}×{grid} grid in {report['seconds']:.1f}s; {split} error at "
+                 + ", ".join(f"{p['label']} {p[f'{split}_error']:.2f} %" for p in at)
+                 + f"; max along the straight line {report[f'line_max_{split}_error']:.2f} % -> {paths['png']}")
     return {**{k: str(p) for k, p in paths.items()}, **report}
 
 
 def _report(source: PlaneSource, basis: PlaneBasis, coords: np.ndarray, index: np.ndarray, xs: np.ndarray,
-            ys: np.ndarray, grids: dict[str, np.ndarray], margin: float, test_size: int, train_size: int
-            ) -> dict[str, Any]:
+            ys: np.ndarray, grids: dict[str, np.ndarray], margin: float, split: str, split_size: int,
+            train_size: int) -> dict[str, Any]:
     (i0, j0), (i1, _) = index[0], index[2]
-    line = grids["test_error"][min(i0, i1):max(i0, i1) + 1, j0]  # the grid row through w0 and w1
+    line = grids[f"{split}_error"][min(i0, i1):max(i0, i1) + 1, j0]  # the grid row through w0 and w1
     points = [{"label": label, "x": float(x), "y": float(y), "i": int(i), "j": int(j),
-               **{m: float(grids[m][i, j]) for m in METRICS}}
+               **{m: float(grids[m][i, j]) for m in grids}}
               for label, (x, y), (i, j) in zip(source.labels, coords, index, strict=True)]
     return {
         "source": source.description,
@@ -293,10 +306,11 @@ def _report(source: PlaneSource, basis: PlaneBasis, coords: np.ndarray, index: n
         "dx": float(coords[2, 0]),
         "dy": float(coords[1, 1]),
         "points": points,
-        "line_max_test_error": float(line.max()),
-        "plane_min_test_error": float(grids["test_error"].min()),
+        "split": split,
+        f"line_max_{split}_error": float(line.max()),
+        f"plane_min_{split}_error": float(grids[f"{split}_error"].min()),
         "plane_min_train_loss": float(grids["train_loss"].min()),
-        "test_size": test_size,
+        f"{split}_size": split_size,
         "train_size": train_size,
     }
 
@@ -313,10 +327,10 @@ def _npz(xs: np.ndarray, ys: np.ndarray, coords: np.ndarray, index: np.ndarray, 
 def _csv(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["i", "j", "x", "y", *METRICS])
+    writer.writerow(["i", "j", "x", "y", *grids])
     for i, x in enumerate(xs):
         for j, y in enumerate(ys):
-            writer.writerow([i, j, repr(float(x)), repr(float(y)), *(repr(float(grids[m][i, j])) for m in METRICS)])
+            writer.writerow([i, j, repr(float(x)), repr(float(y)), *(repr(float(grid[i, j])) for grid in grids.values())])
     return buf.getvalue()
 
 
@@ -332,7 +346,9 @@ def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: 
     # true geometry (equal axes), the panels stacked: the plane is usually much wider than high
     height = float(ys[-1] - ys[0]) / float(xs[-1] - xs[0])
     fig, axes = plt.subplots(2, 1, figsize=(9, 2 * (2.2 + 7 * min(max(height, 0.2), 1.2))))
-    panels = (("train_loss", "train loss (log-spaced levels)", True), ("test_error", "test error (%)", False))
+    error = next(k for k in grids if k.endswith("_error") and not k.startswith("train"))
+    panels = (("train_loss", "train loss (log-spaced levels)", True),
+              (error, f"{'validation' if error.startswith('val') else 'test'} error (%)", False))
     for ax, (key, title, log) in zip(axes, panels, strict=True):
         z = grids[key]
         low, high = float(z.min()), float(z.max())
