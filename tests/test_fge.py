@@ -453,15 +453,18 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     table = (tmp_path / "compare.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method"))
     assert "1B" in header and "2B" in header
-    for method in ("Ind", "SSE", "FGE"):
+    for method in ("Ind", "SSE", "FGE", "SWA"):
         assert any(line.startswith(f"| {method} |") for line in table.splitlines())
     with (tmp_path / "compare.csv").open() as f:
         rows = list(csv.DictReader(f))
     members = {(r["method"], int(r["k"]), int(r["seed"])): int(r["members"]) for r in rows}
     # FGE: 1 + (k-1)*2 FGE epochs (29 iterations each) after epoch 1 of 2, cycle 26 iterations;
     # SSE: 2k cycles of 1 epoch
+    # SWA averages the snapshots FGE ensembles at the same budget
     assert members == {(m, k, s): c for s in (0, 1) for (m, k), c in
-                       {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4}.items()}
+                       {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4,
+                        ("SWA", 1): 1, ("SWA", 2): 3}.items()}
+    _check_swa_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("SWA", "2", "0")))
     assert result["table"]["FGE"]["2B"]["members"] == 3
     _check_compare_intervals(tmp_path, result, table)
     finished = tmp_path / "seed-0" / "fge" / "fge.json"
@@ -470,6 +473,22 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     assert finished.stat().st_mtime_ns == stamp
     assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other SSE settings: refused
     assert f"{tmp_path / 'seed-0' / 'sse'} was made with other sse settings" in capsys.readouterr().err
+
+
+def _check_swa_row(seed_dir: Path, row: dict[str, str]) -> None:
+    """The SWA row at 2B: the mean of the first 3 FGE snapshots' weights (by hand), BN recomputed."""
+    from training.core.bn import recompute_bn
+
+    paths = sorted((seed_dir / "fge" / "snapshots").glob("snapshot-*.pt"))[:3]
+    states = [load_checkpoint(p)["model"] for p in paths]
+    net, state = load_network(paths[0])
+    net.load_state_dict({k: torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype)
+                         for k, v in states[0].items()})
+    data = load_data(state["dataset"], "cpu")
+    recompute_bn(net, data).eval()
+    expected = classification_metrics(predict_probs(net, data, "test"), data.y_test)
+    assert float(row["test_error"]) == pytest.approx(expected["error"], abs=0.01)  # at most one example
+    assert float(row["test_nll"]) == pytest.approx(expected["nll"], abs=1e-4)
 
 
 def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
@@ -510,5 +529,5 @@ def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
     assert f"{mean['mean']:+.2f} [{mean['low']:+.2f}, {mean['high']:+.2f}]" in table
     with (run_dir / "compare_differences.csv").open() as f:
         written = list(csv.DictReader(f))
-    assert len(written) == 3 * 2 * 3 * 3  # comparisons x budgets x metrics x (2 seeds + mean)
+    assert len(written) == 5 * 2 * 3 * 3  # comparisons x budgets x metrics x (2 seeds + mean)
     assert json.loads((run_dir / "compare.json").read_text())["differences"] == result["differences"]

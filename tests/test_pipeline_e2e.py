@@ -94,6 +94,10 @@ def _check_summary_markdown(runs: Path, summary: dict, tmp_path: Path) -> None:
     assert f"| FGE ensemble − single network | {fge['error']['mean']:+.2f} [{fge['error']['low']:+.2f}, " in text
     assert fge["error"]["mean"] == pytest.approx(
         summary["fge_ensemble"]["error"] - summary["single_network"]["error"], abs=1e-4)
+    swa = summary["differences"]["swa - single network"]  # SWA of the same snapshots, one network
+    assert summary["swa"]["members"] == summary["fge_ensemble"]["members"]
+    assert swa["nll"]["mean"] == pytest.approx(summary["swa"]["nll"] - summary["single_network"]["nll"], abs=1e-4)
+    assert f"| SWA − single network | {swa['error']['mean']:+.2f} [" in text
     curve = summary["differences"]["curve max - worse endpoint"]["error"]
     assert f"{curve['mean']:+.2f} [{curve['low']:+.2f}, {curve['high']:+.2f}]" in text
     assert "Brier" in text and summary["single_network"]["brier"] > 0

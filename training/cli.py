@@ -121,6 +121,35 @@ def _curve_point(args: argparse.Namespace) -> dict[str, Any]:
     return save_curve_point(args.run, args.t, args.out, device=args.device)
 
 
+def _add_plane(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plane", help="train loss and test error over the plane through a 3-bend curve's w0, θ, w1 (or three networks)",
+        description="The plane through w0, θ and w1 (orthonormal basis as dnn-mode-connectivity's plane.py) on a "
+                    "G x G grid whose lines pass exactly through the three networks, BN recomputed at every point; "
+                    "writes plane.png (contours with the curve and the straight line), plane.npz, plane.csv and "
+                    "plane.json.",
+    )
+    p.add_argument("run", type=Path, nargs="?", help="curve run directory (3 bends) or its final.pt")
+    p.add_argument("--points", type=Path, nargs=3, metavar=("A", "B", "C"),
+                   help="instead of a curve: three network checkpoints (A = w0, B = θ, C = w1)")
+    p.add_argument("--grid", type=int, default=21, help="grid points per axis (21 as the official plane.py)")
+    p.add_argument("--margin", type=float, default=0.2, help="margin on each side, a fraction of the points' extent")
+    p.add_argument("--split", choices=["test", "val"], default="test",
+                   help="where the error is measured: test (default), or val (the official plane.py's default; "
+                        "on the demo 1,000 signals instead of 12,000, about 3x faster)")
+    p.add_argument("--out", type=Path, help="where plane.* go (default: the curve's run directory; needed with --points)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.set_defaults(handler=_plane)
+
+
+def _plane(args: argparse.Namespace) -> dict[str, Any]:
+    from training.curves.plane import make_plane
+
+    return make_plane(args.run, args.points, grid=args.grid, margin=args.margin, out_dir=args.out, device=args.device,
+                      split=args.split)
+
+
 # ---------------------------------------------------------------- export
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export members, the fused ensemble and a curve to ONNX + manifest")
@@ -214,6 +243,28 @@ def _ensemble_eval(args: argparse.Namespace) -> dict[str, Any]:
     return evaluate_checkpoints(args.checkpoints, device=args.device, out_dir=args.out)
 
 
+def _add_swa(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "swa", help="Stochastic Weight Averaging: one network, the average of a run's snapshots or of checkpoints",
+        description="The arithmetic mean of the parameters (torch.optim.swa_utils.AveragedModel) of an FGE/SSE "
+                    "run's snapshots (a run directory stands for RUN/snapshots/snapshot-*.pt, else its final.pt) "
+                    "or of any network checkpoints of one architecture and data set; BatchNorm statistics "
+                    "recomputed on the training split (training/core/bn.py); saved as an ordinary checkpoint "
+                    "(kind swa, its members listed).",
+    )
+    p.add_argument("sources", type=Path, nargs="+", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (e.g. swa.pt)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(handler=_swa)
+
+
+def _swa(args: argparse.Namespace) -> dict[str, Any]:
+    from training.ensembles.swa import run_swa
+
+    return run_swa(args.sources, args.out, device=args.device)
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help="the paper's budget table: Ind vs SSE vs FGE ensembles at 1B, 2B, 3B",
@@ -270,7 +321,8 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_curve, _add_eval_curve, _add_curve_point, _add_export,
-                                                                 _add_fge, _add_sse, _add_ensemble_eval, _add_compare, _add_pipeline]
+                                                                 _add_fge, _add_sse, _add_ensemble_eval, _add_swa, _add_compare, _add_pipeline,
+                                                                 _add_plane]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,12 +22,15 @@ from training.core.checkpoint import atomic_write_json, atomic_write_text, read_
 from training.core.config import Config
 from training.core.distributed import Job, run_jobs
 from training.core.loop import checkpoint_path, resolve_device
+from training.core.metrics import classification_metrics
+from training.core.networks import predict_probs
 from training.core.runs import claim_folder
 from training.curves.evaluate import evaluate_curve
 from training.curves.fit import fit_curve
 from training.ensembles.evaluate import ensemble_probs, expand_members, predict_members
 from training.ensembles.fge import run_fge
 from training.ensembles.snapshots import finished_snapshot_run
+from training.ensembles.swa import swa_network
 from training.export import export_artifact
 from training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
@@ -131,8 +134,11 @@ def run_pipeline(
         exported = _stage("export", _finished_export(record, fingerprint, out), export, skipped)
         advance()
     fge_vs_single = _fge_vs_single(Path(trained[0]["checkpoint"]), fge_dir, config.device)
+    swa, swa_vs_single = _swa_vs_single(Path(trained[0]["checkpoint"]), fge_dir, config.device)
     summary = _summary(trained, curve_eval, fge, exported, curve_dir, fge_dir, time.perf_counter() - started)
-    summary.update(differences={"fge - single network": fge_vs_single, **curve_eval["differences"]},
+    summary["swa"] = swa
+    summary.update(differences={"fge - single network": fge_vs_single, "swa - single network": swa_vs_single,
+                                **curve_eval["differences"]},
                    test_size=curve_eval["test_size"], skipped_stages=skipped,
                    provenance=provenance.provenance(curve_eval["test_size"]),
                    markdown=str(root / "summary.md"))
@@ -148,6 +154,17 @@ def _fge_vs_single(single: Path, fge_dir: Path, device: str) -> dict[str, Any]:
     snapshots = predict_members(expand_members([fge_dir]), resolve_device(device), network.data)
     labels = network.data.y_test
     return statistics.intervals_json(statistics.compare_probs(ensemble_probs(snapshots.probs), network.probs[0], labels))
+
+
+def _swa_vs_single(single: Path, fge_dir: Path, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SWA from the FGE snapshots (one network, BN recomputed): its test metrics, and the paired
+    bootstrap intervals of SWA minus the network FGE started from."""
+    network = predict_members([single], resolve_device(device))
+    snapshots = expand_members([fge_dir])
+    net, _ = swa_network(snapshots, network.data, resolve_device(device))
+    probs, labels = predict_probs(net, network.data, "test").double(), network.data.y_test
+    row = {**{k: float(v) for k, v in classification_metrics(probs, labels).items()}, "members": len(snapshots)}
+    return row, statistics.intervals_json(statistics.compare_probs(probs, network.probs[0], labels))
 
 
 def _row(metrics: dict[str, Any], prefix: str = "test_") -> dict[str, float | None]:
@@ -184,6 +201,8 @@ def _model_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float | No
         ("single network (seed 0)", summary["single_network"], None),
         ("second network (seed 1)", summary["second_network"], None),
         (f"FGE ensemble ({summary['fge_ensemble']['members']} snapshots)", summary["fge_ensemble"], None),
+        *([(f"SWA: one network, the average of the {summary['swa']['members']} FGE snapshots", summary["swa"], None)]
+          if "swa" in summary else []),
         ("ensemble of the two endpoints", summary["endpoint_ensemble"], None),
         ("max error along the Bezier curve", None, curve["max_test_error"]),
         ("max error along the straight line", None, curve["line_max_test_error"]),
@@ -196,6 +215,9 @@ def _difference_rows(summary: dict[str, Any]) -> list[tuple[str, list[str]]]:
     fge = d["fge - single network"]
     rows = [("FGE ensemble − single network",
              [statistics.Interval(**fge[k]).text(statistics.DIGITS[k]) for k in statistics.LOSSES])]
+    if "swa - single network" in d:
+        rows.append(("SWA − single network", [statistics.Interval(**d["swa - single network"][k]).text(statistics.DIGITS[k])
+                                             for k in statistics.LOSSES]))
     for name, label in (("curve max - worse endpoint", "curve max − worse endpoint"),
                         ("line max - worse endpoint", "line max − worse endpoint")):
         cell = d[name]

@@ -48,7 +48,7 @@ class RunDirError(ModeconnError):
 Layout = dict[str, Any]
 RUN_LAYOUT: Layout = {
     r"config\.yaml": None, r"metrics\.jsonl": None, r"(final|start)\.pt": None, r"lr\.csv": None,
-    r"(fge|sse|curve)\.(json|csv|png)": None, r"ensemble\.(json|csv)": None,
+    r"(fge|sse|curve)\.(json|csv|png)": None, r"plane\.(json|csv|npz|png)": None, r"ensemble\.(json|csv)": None,
     r"checkpoints": {r"epoch-\d+\.pt": None},
     r"snapshots": {r"snapshot-\d+\.pt": None},
 }

@@ -6,11 +6,13 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
   kB - that many FGE epochs. Snapshots accumulate, so ONE FGE run of KB - start epochs gives
   every k: its snapshots whose cycle ends inside the first kB - start epochs.
 - SSE at kB: one SSE run of KB epochs; its snapshots whose cycle ends inside the first kB epochs.
+- SWA at kB: one network, the average of the same FGE snapshots as FGE at kB, BN recomputed
+  (training/ensembles/swa.py; no training: an averaging and one BN pass per budget).
 So a seed trains K + (K - 0.8) + K budgets (8.2 B for K = 3).
 
 Statistics (training/core/statistics.py): every metric as mean ± std over seeds, and paired bootstrap
-95 % intervals over the test examples of FGE − Ind, FGE − SSE and FGE − single network (the
-first Ind network) at each budget, per seed and for the seed mean. Written to compare.md
+95 % intervals over the test examples of FGE − Ind, FGE − SSE, FGE − single network (the
+first Ind network), SWA − single network and SWA − FGE at each budget, per seed and for the seed mean. Written to compare.md
 (with machine, date and test-set size), compare.csv (per-seed metrics), compare_differences.csv
 and compare.json.
 
@@ -37,7 +39,7 @@ from training.core.data import Dataset, iterations_per_epoch
 from training.core.distributed import Job, run_jobs
 from training.core.loop import checkpoint_path, resolve_device
 from training.core.metrics import classification_metrics
-from training.core.networks import dataset_spec, load_data
+from training.core.networks import dataset_spec, load_data, predict_probs
 from training.core.reports import csv_text
 from training.core.runs import RunDirError, claim_folder
 from training.core.schedules import even_cycle_iterations
@@ -50,9 +52,10 @@ from training.ensembles.evaluate import (
 from training.ensembles.fge import run_fge
 from training.ensembles.snapshots import finished_snapshot_run
 from training.ensembles.sse import run_sse
+from training.ensembles.swa import swa_network
 from training.train import fge_start_epoch, train_or_reuse
 
-METHODS = ("Ind", "SSE", "FGE")
+METHODS = ("Ind", "SSE", "FGE", "SWA")
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
 _SEED_STRIDE, _SSE_OFFSET = 100, 50
 # the config sections that shape each kind of sub-run (FGE starts from an Ind run: train too)
@@ -142,8 +145,10 @@ def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, fir
 
 
 # ---------------------------------------------------------------- evaluation
-# the differences that matter (the paper's table): FGE against each baseline at the same budget
-COMPARISONS = (("FGE - Ind", "Ind"), ("FGE - SSE", "SSE"), ("FGE - single network", "single"))
+# the differences that matter (the paper's table): FGE against each baseline at the same budget;
+# and SWA, the one network from the same snapshots, against the single network and against FGE
+COMPARISONS = (("FGE - Ind", "FGE", "Ind"), ("FGE - SSE", "FGE", "SSE"), ("FGE - single network", "FGE", "single"),
+               ("SWA - single network", "SWA", "single"), ("SWA - FGE", "SWA", "FGE"))
 Losses = dict[str, np.ndarray]  # statistics.LOSSES -> per-example values on the test set
 
 
@@ -173,17 +178,37 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
             "SSE": _snapshots_within(sse.states, k * epochs * sse_steps),
         }
         for method in METHODS:
+            if method == "SWA":
+                continue
             if counts[method] == 0:
                 raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
             chosen, count = members[method], counts[method]
-            probs = ensemble_probs(chosen.probs[:count])
-            val = {} if chosen.val_probs is None else split_prefixed(
-                classification_metrics(ensemble_probs(chosen.val_probs[:count]), data.y_val), "val")
-            rows.append({"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed,
-                         "members": count, **val, **split_prefixed(classification_metrics(probs, data.y_test))})
-            losses[method, k] = statistics.per_example_losses(probs, data.y_test)
+            val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs[:count])
+            row, losses[method, k] = _row(method, k, seed, count, ensemble_probs(chosen.probs[:count]), val, config, data)
+            rows.append(row)
+        # SWA: one network from the same snapshots as FGE at this budget (cheap: no training)
+        rows.append(_swa_row(fge.paths[:counts["FGE"]], k, seed, config, data, device, losses))
         losses["single", k] = single
     return rows, losses
+
+
+def _row(method: str, k: int, seed: int, members: int, probs: torch.Tensor, val_probs: torch.Tensor | None,
+         config: Config, data: Dataset) -> tuple[dict[str, Any], Losses]:
+    """A metric row of compare.csv and the per-example test losses of `probs`."""
+    val = {} if val_probs is None else split_prefixed(classification_metrics(val_probs, data.y_val), "val")
+    row = {"method": method, "k": k, "budget_epochs": k * config.train.epochs, "seed": seed, "members": members,
+           **val, **split_prefixed(classification_metrics(probs, data.y_test))}
+    return row, statistics.per_example_losses(probs, data.y_test)
+
+
+def _swa_row(snapshots: list[Path], k: int, seed: int, config: Config, data: Dataset, device: torch.device,
+             losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
+    """The SWA network of `snapshots` (members: how many were averaged); its losses go into `losses`."""
+    net, _ = swa_network(snapshots, data, device)
+    val = predict_probs(net, data, "val").double() if len(data.y_val) else None
+    row, losses["SWA", k] = _row("SWA", k, seed, len(snapshots), predict_probs(net, data, "test").double(), val,
+                                 config, data)
+    return row
 
 
 def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict[int, dict[str, float]]]:
@@ -210,9 +235,9 @@ def _differences(losses: list[dict[tuple[str, int], Losses]], budgets: list[int]
     differences, and the interval of the seed-mean difference (test examples resampled once
     for all seeds; see training/core/statistics.py)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, baseline in COMPARISONS:
+    for name, method, baseline in COMPARISONS:
         for k in budgets:
-            fge = [seed_losses["FGE", k] for seed_losses in losses]
+            fge = [seed_losses[method, k] for seed_losses in losses]
             base = [seed_losses[baseline, k] for seed_losses in losses]
             per_seed = [statistics.loss_differences(a, b) for a, b in zip(fge, base, strict=True)]
             stacked = {m: np.stack([a[m] for a in fge]) for m in statistics.LOSSES}
@@ -241,7 +266,8 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         "",
         *provenance.markdown_lines(info),
         "",
-        f"B = {epochs} epochs. Ensemble test metrics, mean ± std over {seeds} seed(s); ensemble size in brackets.",
+        f"B = {epochs} epochs. Ensemble test metrics (SWA: one network), mean ± std over {seeds} seed(s); ensemble "
+        "size (SWA: snapshots averaged) in brackets.",
         "",
         f"| method | metric | {columns} |",
         rule,
@@ -254,14 +280,14 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
             lines.append(f"| {method} | {label} | {values} |")
     lines += [
         "",
-        f"Differences, FGE minus the baseline at the same budget (negative: FGE lower), on the {info['test_size']:,} "
+        f"Differences, the first minus the second at the same budget (negative: the first lower), on the {info['test_size']:,} "
         "test examples: `diff [low, high]` is the seed-mean difference with its 95 % paired bootstrap interval "
         "(the test examples resampled once for all seeds); * marks an interval that excludes 0.",
         "",
         f"| comparison | metric | {columns} |",
         rule,
     ]
-    for name, _ in COMPARISONS:
+    for name, *_ in COMPARISONS:
         for metric in statistics.LOSSES:
             cells = [_cell(differences[name][f"{k}B"]["seed_mean"][metric], metric) for k in budgets]
             lines.append(f"| {name.replace(' - ', ' − ')} | {statistics.LABELS[metric]} | {' | '.join(cells)} |")
@@ -272,7 +298,7 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         "| comparison | metric | budget | mean ± std | " + " | ".join(f"seed {s}" for s in range(seeds)) + " |",
         "|---|---|---|---|" + "---|" * seeds,
     ]
-    for name, _ in COMPARISONS:
+    for name, *_ in COMPARISONS:
         for metric in statistics.LOSSES:
             digits = statistics.DIGITS[metric]
             for k in budgets:
@@ -288,6 +314,7 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         f"(cycle {config.fge.cycle_epochs} epochs, lr1 {config.fge.lr1}, lr2 {config.fge.lr2}).",
         f"- SSE at kB: the first kB epochs of one SSE run from scratch (cycle {config.sse.cycle_epochs} epochs, "
         f"lr {config.sse.lr}).",
+        "- SWA at kB: one network, the average of FGE's snapshots at kB (BN recomputed on the training split).",
         "- single network: the first Ind network alone (1B), the one FGE starts from.",
     ]
     return "\n".join(lines) + "\n"

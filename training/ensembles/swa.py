@@ -1,0 +1,116 @@
+"""`modeconn swa`: Stochastic Weight Averaging (Izmailov et al. 2018) of checkpoints already made.
+
+SWA is the one-network version of FGE: the average of the weights the FGE (or SSE) walk
+visited, with ensemble-like accuracy at the cost of one network. Here it averages the
+snapshots of a finished run (a run folder stands for its snapshots, else its final.pt) or
+any checkpoints of one architecture and one data set, and saves the result as an ordinary
+checkpoint (kind "swa", its members listed), which every command that takes a network reads.
+
+The parameters are averaged with `torch.optim.swa_utils.AveragedModel` (arithmetic mean:
+each update moves the average by (w − avg) / (n + 1)); its default `use_buffers=False` leaves
+the buffers alone, which is right, since BatchNorm statistics are not weights. They are
+recomputed afterwards with the project's `recompute_bn` (training/core/bn.py), NOT with
+`torch.optim.swa_utils.update_bn`, because torch's (read in its source, torch 2.x):
+- sets `momentum=None`, a cumulative average in which every BATCH counts the same
+  (`num_batches_tracked` counts batches), so a smaller last batch is over-weighted; ours sets
+  momentum b / (seen + b) per batch, an average in which every INPUT counts the same, equal to
+  one pass over the whole training set in batches of any size;
+- passes whatever the loader yields, augmentation included when the loader augments; ours
+  passes the training split without augmentation, deterministically, in a fixed order;
+- runs the forward passes on the global RNG (dropout draws change what runs next); ours forks it;
+- has no notion of ranks; ours all-reduces the size-weighted sums under torchrun, giving one
+  process's result.
+Both reset the statistics first and restore the model's mode and momenta afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from serving.errors import ModeconnError
+from training.core import progress
+from training.core.bn import has_batchnorm, recompute_bn
+from training.core.checkpoint import model_checkpoint, save_checkpoint
+from training.core.data import Dataset
+from training.core.loop import resolve_device
+from training.core.networks import held_out_metrics, load_data, load_network
+from training.core.runs import check_replaceable_checkpoint
+from training.ensembles.evaluate import expand_members
+
+
+class SWAError(ModeconnError):
+    """Checkpoints that cannot be averaged into one network."""
+
+
+def _check_same(state: dict[str, Any], path: Path, first: dict[str, Any], first_path: Path) -> None:
+    if state["architecture"] != first["architecture"]:
+        raise SWAError(f"cannot average checkpoints of different architectures: {path} is "
+                       f"{state['architecture']}, {first_path} is {first['architecture']}")
+    for key in ("name", "num_classes"):
+        if state["dataset"].get(key) != first["dataset"].get(key):
+            raise SWAError(f"cannot average checkpoints of different data sets: {path} has dataset {key} "
+                           f"{state['dataset'].get(key)!r}, {first_path} has {first['dataset'].get(key)!r}")
+
+
+@torch.no_grad()
+def average_weights(paths: list[Path], device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The arithmetic mean of the checkpoints' parameters (AveragedModel), as a plain network
+    whose BN statistics are still the first checkpoint's; and the first checkpoint's fields."""
+    if not paths:
+        raise SWAError("no checkpoints to average")
+    averaged: AveragedModel | None = None
+    first: dict[str, Any] = {}
+    for path in paths:
+        model, state = load_network(path, device)
+        if averaged is None:
+            averaged, first = AveragedModel(model), state
+        else:
+            _check_same(state, path, first, paths[0])
+        averaged.update_parameters(model)
+    assert averaged is not None
+    net = averaged.module  # a deep copy of the first network, its parameters now the average
+    fields = {k: v for k, v in first.items() if k in ("architecture", "dataset")}
+    return net.eval(), fields
+
+
+def swa_network(paths: list[Path], data: Dataset, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The averaged network with its BN statistics recomputed on `data`'s training split (eval mode)."""
+    net, fields = average_weights(paths, device)
+    if has_batchnorm(net):
+        recompute_bn(net, data)
+    return net.eval(), fields
+
+
+def run_swa(sources: list[Path], out: Path, device: str = "auto") -> dict[str, Any]:
+    """Average `sources` (checkpoints, or run folders standing for their snapshots), recompute BN,
+    save the network to `out` (kind "swa"); returns its path, members and metrics."""
+    started = time.perf_counter()
+    check_replaceable_checkpoint(out, "swa")  # never over a run's own files or a user's
+    try:
+        members = expand_members(sources)
+    except ModeconnError as err:
+        raise SWAError(str(err)) from err
+    dev = resolve_device(device)
+    net, fields = average_weights(members, dev)
+    data = load_data(fields["dataset"], dev)
+    recomputed = has_batchnorm(net)
+    if recomputed:
+        recompute_bn(net, data)
+    net.eval()
+    metrics = held_out_metrics(net, data)
+    swa = {"members": [str(p) for p in members], "count": len(members), "bn_recomputed": recomputed,
+           "averaging": "torch.optim.swa_utils.AveragedModel (arithmetic mean of the parameters)"}
+    save_checkpoint(out, model_checkpoint(net, fields["architecture"], fields["dataset"], kind="swa", swa=swa,
+                                          metrics=metrics))
+    seconds = time.perf_counter() - started
+    val = f"val error {metrics['val_error']:.2f} %, " if "val_error" in metrics else ""
+    progress.log(f"swa: average of {len(members)} checkpoint(s): {val}test error {metrics['test_error']:.2f} %, "
+                 f"NLL {metrics['test_nll']:.4f} ({seconds:.1f}s) -> {out}")
+    return {"checkpoint": str(out), "members": swa["members"], "bn_recomputed": recomputed, "metrics": metrics,
+            "seconds": seconds}
