@@ -11,6 +11,10 @@ from training.core import distributed
 from training.core.data import Dataset, eval_batches
 
 
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 @torch.no_grad()
 def update_bn(batches: Iterable[torch.Tensor], model: nn.Module) -> None:
     """Reset every BN layer's running statistics and recompute them in one pass over

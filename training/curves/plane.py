@@ -26,7 +26,6 @@ the official plane.npz.
 from __future__ import annotations
 
 import copy
-import csv
 import io
 import math
 import time
@@ -48,7 +47,9 @@ from training.core.data import Dataset
 from training.core.loop import resolve_device
 from training.core.metrics import error_percent, nll
 from training.core.networks import load_data, load_network, predict_probs
+from training.core.reports import csv_text, png_bytes, pyplot
 from training.core.runs import check_report_folder
+from training.core.sources import check_same_network
 from training.curves.fit import curve_file, load_curve
 from training.curves.model import CurveModel, flatten_parameters, network_at
 
@@ -161,13 +162,7 @@ def points_source(paths: list[Path], device: torch.device) -> PlaneSource:
     if len(paths) != 3:
         raise PlaneError(f"--points takes three checkpoints, got {len(paths)}")
     nets, states = zip(*(load_network(p, device) for p in paths), strict=True)
-    for path, state in zip(paths[1:], states[1:], strict=True):
-        if state["architecture"] != states[0]["architecture"]:
-            raise PlaneError(f"--points of different architectures: {path} is {state['architecture']}, "
-                             f"{paths[0]} is {states[0]['architecture']}")
-        if state["dataset"].get("name") != states[0]["dataset"].get("name"):
-            raise PlaneError(f"--points of different data sets: {path} has {state['dataset'].get('name')!r}, "
-                             f"{paths[0]} has {states[0]['dataset'].get('name')!r}")
+    check_same_network(list(zip(paths, states, strict=True)), PlaneError)
     names = [n for n, _ in nets[0].named_parameters()]
     flats = [flatten_parameters(dict(net.named_parameters()), names) for net in nets]
     # the train loss adds the L2 term of the first network's training run, when it is known
@@ -328,22 +323,16 @@ def _npz(xs: np.ndarray, ys: np.ndarray, coords: np.ndarray, index: np.ndarray, 
 
 
 def _csv(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["i", "j", "x", "y", *grids])
-    for i, x in enumerate(xs):
-        for j, y in enumerate(ys):
-            writer.writerow([i, j, repr(float(x)), repr(float(y)), *(repr(float(grid[i, j])) for grid in grids.values())])
-    return buf.getvalue()
+    return csv_text(["i", "j", "x", "y", *grids], (
+        [i, j, repr(float(x)), repr(float(y)), *(repr(float(grid[i, j])) for grid in grids.values())]
+        for i, x in enumerate(xs) for j, y in enumerate(ys)))
 
 
 def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: np.ndarray, source: PlaneSource,
           curve_xy: np.ndarray | None) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import BoundaryNorm
+
+    plt = pyplot()
 
     X, Y = np.meshgrid(xs, ys, indexing="ij")
     # true geometry (equal axes), the panels stacked: the plane is usually much wider than high
@@ -373,7 +362,4 @@ def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: 
         ax.legend(loc="upper left", bbox_to_anchor=(1.18, 1.0), fontsize=8, facecolor="0.55", framealpha=1)
     fig.suptitle(f"plane through {source.description}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

@@ -41,21 +41,12 @@ from training.core.data import Dataset
 from training.core.loop import resolve_device
 from training.core.networks import held_out_metrics, load_data, load_network
 from training.core.runs import check_replaceable_checkpoint
+from training.core.sources import check_same_network
 from training.ensembles.evaluate import expand_members
 
 
 class SWAError(ModeconnError):
     """Checkpoints that cannot be averaged into one network."""
-
-
-def _check_same(state: dict[str, Any], path: Path, first: dict[str, Any], first_path: Path) -> None:
-    if state["architecture"] != first["architecture"]:
-        raise SWAError(f"cannot average checkpoints of different architectures: {path} is "
-                       f"{state['architecture']}, {first_path} is {first['architecture']}")
-    for key in ("name", "num_classes"):
-        if state["dataset"].get(key) != first["dataset"].get(key):
-            raise SWAError(f"cannot average checkpoints of different data sets: {path} has dataset {key} "
-                           f"{state['dataset'].get(key)!r}, {first_path} has {first['dataset'].get(key)!r}")
 
 
 @torch.no_grad()
@@ -71,7 +62,7 @@ def average_weights(paths: list[Path], device: torch.device | str = "cpu") -> tu
         if averaged is None:
             averaged, first = AveragedModel(model), state
         else:
-            _check_same(state, path, first, paths[0])
+            check_same_network([(paths[0], first), (path, state)], SWAError)
         averaged.update_parameters(model)
     assert averaged is not None
     net = averaged.module  # a deep copy of the first network, its parameters now the average
