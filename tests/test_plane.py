@@ -137,7 +137,7 @@ def test_plane_errors(dataset: dict, tmp_path: Path, capsys: pytest.CaptureFixtu
         (["--points", *files, "--grid", "2"], "--grid must be at least 3"),
         (["--points", *files, "--margin", "-1"], "--margin must be"),
         ([str(two)], "2 bends"),
-        (["--points", *files[:2], str(wide)], "different architectures"),
+        (["--points", *files[:2], str(wide)], "mixed architectures"),
         (["--points", *files], "--points needs --out"),
         ([str(two), "--points", *files], "not both"),
         ([], "either a curve run or --points"),

@@ -119,11 +119,11 @@ def test_swa_cli_checkpoints_and_errors(snapshot_run: Path, dataset: dict, tmp_p
     wide = _member(tmp_path / "wide.pt", 7, dataset, {"name": "cnn1d", "kwargs": {"width": 8}})
     assert main(["swa", str(first), str(wide), "--out", str(tmp_path / "bad.pt"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "different architectures" in err and str(wide) in err
+    assert "mixed architectures" in err and str(wide) in err
     assert not (tmp_path / "bad.pt").exists()
     other = _member(tmp_path / "other.pt", 8, {**dataset, "name": "cifar10"})
     assert main(["swa", str(first), str(other), "--out", str(tmp_path / "bad.pt"), "--device", "cpu"]) == 2
-    assert "different data sets" in capsys.readouterr().err
+    assert "mixed data sets" in capsys.readouterr().err
     # never over a file that is not an earlier SWA checkpoint
     assert main(["swa", str(first), "--out", str(second), "--device", "cpu"]) == 2
     assert "not an earlier swa" in capsys.readouterr().err
