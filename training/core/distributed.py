@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.core import step
 from training.core.config import ConfigError
 
 
@@ -164,7 +165,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 # ---------------------------------------------------------------- models
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module that DDP wraps (or the module itself)."""
+    """The module that the step's wrappers (compile, autocast: training/core/step.py) and DDP
+    wrap, or the module itself."""
+    model = step.unwrap(model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
