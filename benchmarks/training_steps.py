@@ -179,7 +179,7 @@ def option_step(arch: str, kwargs: dict, batches: list[tuple[torch.Tensor, torch
     return step
 
 
-def section_options(run: dict, quick: bool) -> None:
+def section_options(run: dict, quick: bool, compile_too: bool = True) -> None:
     from training.core.data import normalize, train_batches
     from training.core.networks import load_data
 
@@ -206,6 +206,8 @@ def section_options(run: dict, quick: bool) -> None:
         for name, t in times.items():
             rows.append([label, name, t.value * 1e3, common.spread(t), base / t.value, t.quiet_count, ""])
         out[label] = {name: t.as_dict() for name, t in times.items()}
+        if not compile_too:
+            continue
         compile_row = measure_compile(arch, kwargs, batches, 2 if quick else 6)
         rows.append([label, "fp32 torch.compile", compile_row.get("step_ms", float("nan")), "",
                      base * 1e3 / compile_row["step_ms"] if "step_ms" in compile_row else float("nan"), "",
@@ -322,12 +324,13 @@ def section_epochs(run: dict, work: Path, quick: bool) -> None:
 def main() -> None:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--options-only", action="store_true", help="only section 4 (precision, channels_last, compile)")
+    parser.add_argument("--no-compile", action="store_true", help="section 4 without torch.compile (minutes of compiling)")
     args = parser.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     if args.options_only:
         run = common.start_run("training_step_options")
         run["quick"], run["command"], run["torch_threads"] = args.quick, common.command_line(), torch.get_num_threads()
-        section_options(run, args.quick)
+        section_options(run, args.quick, compile_too=not args.no_compile)
         common.write_results(run, out_dir=args.out)
         return
     run = common.start_run("training_steps")
@@ -337,7 +340,7 @@ def main() -> None:
     try:
         section_steps(run, args.quick)
         section_epochs(run, work, args.quick)
-        section_options(run, args.quick)
+        section_options(run, args.quick, compile_too=not args.no_compile)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     common.write_results(run, summary=summary(run), out_dir=args.out)
