@@ -325,8 +325,10 @@ def main() -> None:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--options-only", action="store_true", help="only section 4 (precision, channels_last, compile)")
     parser.add_argument("--no-compile", action="store_true", help="section 4 without torch.compile (minutes of compiling)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: every core; 1 is steadier on a loaded machine)")
     args = parser.parse_args()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
     if args.options_only:
         run = common.start_run("training_step_options")
         run["quick"], run["command"], run["torch_threads"] = args.quick, common.command_line(), torch.get_num_threads()
