@@ -71,6 +71,20 @@ def test_autocast_step_runs_the_forward_in_bf16_and_returns_fp32(demo_data: Data
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+def test_a_curve_under_bf16_keeps_its_weights_and_l2_term_in_fp32() -> None:
+    from training.curves.model import CurveModel
+
+    torch.manual_seed(0)
+    ends = [build_model("cnn1d", num_classes=10, width=8).state_dict() for _ in range(2)]
+    curve = CurveModel(build_model("cnn1d", num_classes=10, width=8), ends[0], ends[1], "bezier", 3).train()
+    x, t = torch.randn(16, 40), torch.tensor(0.3)
+    logits = AutocastStep(curve, torch.bfloat16, channels_last=False)(x, t)
+    low_l2 = curve.last_l2
+    reference = curve(x, t)
+    assert low_l2.dtype == torch.float32 and torch.equal(low_l2, curve.last_l2)  # w(t) computed in fp32
+    assert logits.dtype == torch.float32 and 0 < float((logits - reference).abs().max()) < 0.05
+
+
 def test_defaults_leave_the_step_model_untouched() -> None:
     model = torch.nn.Linear(3, 2)
     assert step_model(model, StepSettings(), torch.device("cpu"), "t") is model
