@@ -245,14 +245,17 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(runs: dict[str
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of torchrun's worker process with RANK `rank` among `parent`'s descendants."""
-    for environ in Path("/proc").glob("[0-9]*/environ"):
+    """The pid of the worker process with RANK `rank` that torchrun (`parent`) started."""
+    for proc in Path("/proc").glob("[0-9]*"):
         try:
-            env = dict(e.split("=", 1) for e in environ.read_bytes().decode(errors="replace").split("\0") if "=" in e)
-            pid = int(environ.parent.name)
-            if env.get("RANK") == str(rank) and env.get("TORCHELASTIC_RUN_ID") and os.getpgid(pid) == parent:
-                return pid
-        except (OSError, ValueError):
+            status = (proc / "status").read_text()
+            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            if ppid != parent:
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in env:
+                return int(proc.name)
+        except (OSError, ValueError, StopIteration):
             continue
     return None
 
