@@ -179,7 +179,7 @@ def option_step(arch: str, kwargs: dict, batches: list[tuple[torch.Tensor, torch
     return step
 
 
-def section_options(run: dict, quick: bool, compile_too: bool = True) -> None:
+def section_options(run: dict, quick: bool, compile_too: bool = True, compile_only: bool = False) -> None:
     from training.core.data import normalize, train_batches
     from training.core.networks import load_data
 
@@ -198,6 +198,13 @@ def section_options(run: dict, quick: bool, compile_too: bool = True) -> None:
     ]
     rows, out = [], {}
     for label, arch, kwargs, batches, variants in workloads:
+        if compile_only:
+            compile_row = measure_compile(arch, kwargs, batches, 2 if quick else 6)
+            rows.append([label, "fp32 torch.compile", compile_row.get("step_ms", float("nan")), "",
+                         compile_row["eager_ms"] / compile_row["step_ms"] if "step_ms" in compile_row else float("nan"),
+                         "", compile_row["note"]])
+            out[label] = {"compile": compile_row}
+            continue
         steps = {name: option_step(arch, kwargs, batches, opts) for name, opts in variants.items()}
         slow = arch != "cnn1d"
         rounds = (2 if slow else 4) if quick else (8 if slow else 20)
@@ -210,8 +217,8 @@ def section_options(run: dict, quick: bool, compile_too: bool = True) -> None:
             continue
         compile_row = measure_compile(arch, kwargs, batches, 2 if quick else 6)
         rows.append([label, "fp32 torch.compile", compile_row.get("step_ms", float("nan")), "",
-                     base * 1e3 / compile_row["step_ms"] if "step_ms" in compile_row else float("nan"), "",
-                     compile_row["note"]])
+                     compile_row["eager_ms"] / compile_row["step_ms"] if "step_ms" in compile_row else float("nan"),
+                     "", compile_row["note"]])
         out[label]["compile"] = compile_row
     common.add_section(
         run, "Item 14.6: step options on this CPU (plain step, batch 128; training/core/step.py)",
@@ -224,6 +231,8 @@ def section_options(run: dict, quick: bool, compile_too: bool = True) -> None:
 
 
 def measure_compile(arch: str, kwargs: dict, batches: list, rounds: int) -> dict[str, Any]:
+    """Seconds of compiling (the first three compiled steps), then the compiled step against the
+    eager fp32 step, round-robin."""
     from training.core.config import ConfigError
 
     started = time.perf_counter()
@@ -234,14 +243,12 @@ def measure_compile(arch: str, kwargs: dict, batches: list, rounds: int) -> dict
     except ConfigError as err:
         return {"note": f"compile unavailable: {err}"}
     first = time.perf_counter() - started
-    seconds = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - t0)
-    ms = common.median(seconds) * 1e3
-    return {"step_ms": ms, "compile_s": first, "samples_s": seconds,
-            "note": f"compile + first 3 steps {first:.1f} s; median of {rounds} steps after"}
+    times = common.interleaved({"eager": option_step(arch, kwargs, batches, {}), "compiled": step}, rounds,
+                               min_sample_s=0.0, warmup=1, quiet_wait_s=5.0)
+    ms, eager_ms = times["compiled"].value * 1e3, times["eager"].value * 1e3
+    return {"step_ms": ms, "eager_ms": eager_ms, "compile_s": first,
+            "samples": {name: t.as_dict() for name, t in times.items()},
+            "note": f"compile + first 3 steps {first:.1f} s; round-robin with eager fp32 ({eager_ms:.0f} ms here)"}
 
 
 # ---------------------------------------------------------------- 2. and 3. epochs and eval-curve
@@ -325,14 +332,15 @@ def main() -> None:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--options-only", action="store_true", help="only section 4 (precision, channels_last, compile)")
     parser.add_argument("--no-compile", action="store_true", help="section 4 without torch.compile (minutes of compiling)")
+    parser.add_argument("--compile-only", action="store_true", help="section 4: only torch.compile against eager fp32")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: every core; 1 is steadier on a loaded machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    if args.options_only:
-        run = common.start_run("training_step_options")
+    if args.options_only or args.compile_only:
+        run = common.start_run("training_step_compile" if args.compile_only else "training_step_options")
         run["quick"], run["command"], run["torch_threads"] = args.quick, common.command_line(), torch.get_num_threads()
-        section_options(run, args.quick, compile_too=not args.no_compile)
+        section_options(run, args.quick, compile_too=not args.no_compile, compile_only=args.compile_only)
         common.write_results(run, out_dir=args.out)
         return
     run = common.start_run("training_steps")
