@@ -111,7 +111,7 @@ class DistributedSettings(_Strict):
 
 class StepSettings(_Strict):
     """How every stage's training step runs (train, curve, FGE, SSE); fp32 and off by default
-    (measured on this project's CPUs: benchmarks/results/training_steps-*.md)."""
+    (why: README, Faster steps; benchmarks/results/training_step_options-2026-12-02.md)."""
 
     # autocast for the forward pass; the loss, BN re-estimation and evaluation stay fp32;
     # fp16 adds a GradScaler. CPU: bf16 (and fp16 where the installed torch autocasts it)
