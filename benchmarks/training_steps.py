@@ -10,8 +10,12 @@
 3. `modeconn eval-curve`: seconds per evaluated point (each point: BN recomputation, train
    and test predictions; the curve and the straight line both count), with one point's
    parts timed separately.
+4. The step options (issue 14, item 6; training/core/step.py as `fit` runs them): fp32 vs bf16
+   vs fp16 autocast, channels_last and torch.compile, plain step, on this CPU; the default is
+   chosen from these numbers. `--options-only` runs this section alone (results file
+   training_step_options-DATE).
 
-Usage: python benchmarks/training_steps.py [--quick]
+Usage: python benchmarks/training_steps.py [--quick] [--options-only]
 """
 
 from __future__ import annotations
@@ -145,6 +149,108 @@ def profile_step(step: Any, steps: int) -> list[dict[str, Any]]:
             for e in rows]
 
 
+# ---------------------------------------------------------------- 4. step options
+def option_step(arch: str, kwargs: dict, batches: list[tuple[torch.Tensor, torch.Tensor]], options: dict[str, Any],
+                ) -> Any:
+    """One plain step as `fit` runs it with `step` settings `options` (autocast wrapper, fp32
+    loss, GradScaler, channels_last, compile)."""
+    from training.core.config import StepSettings
+    from training.core.step import grad_scaler, prepare_model, step_model
+
+    settings = StepSettings(**options)
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=10, **kwargs).train()
+    prepare_model(model, settings, batches[0][0].dim())
+    cpu = torch.device("cpu")
+    run = step_model(model, settings, cpu, arch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    scaler = grad_scaler(settings, cpu)
+    it = [0]
+
+    def step() -> None:
+        x, y = batches[it[0] % len(batches)]
+        it[0] += 1
+        loss = F.cross_entropy(run(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def section_options(run: dict, quick: bool, compile_too: bool = True, compile_only: bool = False) -> None:
+    from training.core.data import normalize, train_batches
+    from training.core.networks import load_data
+
+    data = load_data({"name": "mnist1d"}, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    mnist = [(x, y) for x, y in train_batches(data, 128, gen)][:20]
+    cifar = [(normalize(torch.rand(128, 3, 32, 32, generator=gen), [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]),
+              torch.randint(0, 10, (128,), generator=gen)) for _ in range(4)]
+    depth = 8 if quick else 20
+    workloads = [
+        ("demo cnn1d, MNIST-1D", "cnn1d", {}, mnist,
+         {"fp32": {}, "bf16": {"precision": "bf16"}, "fp16 + GradScaler": {"precision": "fp16"}}),
+        (f"PreResNet-{depth}, CIFAR-shaped (random)", "preresnet", {"depth": depth}, cifar,
+         {"fp32": {}, "bf16": {"precision": "bf16"}, "fp32 channels_last": {"channels_last": True},
+          "bf16 channels_last": {"precision": "bf16", "channels_last": True}}),
+    ]
+    rows, out = [], {}
+    for label, arch, kwargs, batches, variants in workloads:
+        if compile_only:
+            compile_row = measure_compile(arch, kwargs, batches, 2 if quick else 6)
+            rows.append([label, "fp32 torch.compile", compile_row.get("step_ms", float("nan")), "",
+                         compile_row["eager_ms"] / compile_row["step_ms"] if "step_ms" in compile_row else float("nan"),
+                         "", compile_row["note"]])
+            out[label] = {"compile": compile_row}
+            continue
+        steps = {name: option_step(arch, kwargs, batches, opts) for name, opts in variants.items()}
+        slow = arch != "cnn1d"
+        rounds = (2 if slow else 4) if quick else (8 if slow else 20)
+        times = common.interleaved(steps, rounds, min_sample_s=0.0, warmup=2, quiet_wait_s=5.0)
+        base = times["fp32"].value
+        for name, t in times.items():
+            rows.append([label, name, t.value * 1e3, common.spread(t), base / t.value, t.quiet_count, ""])
+        out[label] = {name: t.as_dict() for name, t in times.items()}
+        if not compile_too:
+            continue
+        compile_row = measure_compile(arch, kwargs, batches, 2 if quick else 6)
+        rows.append([label, "fp32 torch.compile", compile_row.get("step_ms", float("nan")), "",
+                     compile_row["eager_ms"] / compile_row["step_ms"] if "step_ms" in compile_row else float("nan"),
+                     "", compile_row["note"]])
+        out[label]["compile"] = compile_row
+    common.add_section(
+        run, "Item 14.6: step options on this CPU (plain step, batch 128; training/core/step.py)",
+        ["workload", "step", "ms", "spread", "speed-up vs fp32", "quiet", "notes"], rows,
+        notes=("Each variant is the step `fit` runs with those `step` settings: autocast forward, fp32 loss, "
+               "GradScaler (fp16), channels_last model and inputs, torch.compile (inductor) of the model. "
+               "Variants alternate round-robin; median of the samples. Compile time: the first three "
+               "steps' seconds, which include compilation."),
+        data=out)
+
+
+def measure_compile(arch: str, kwargs: dict, batches: list, rounds: int) -> dict[str, Any]:
+    """Seconds of compiling (the first three compiled steps), then the compiled step against the
+    eager fp32 step, round-robin."""
+    from training.core.config import ConfigError
+
+    started = time.perf_counter()
+    try:
+        step = option_step(arch, kwargs, batches, {"compile": True})
+        for _ in range(3):
+            step()
+    except ConfigError as err:
+        return {"note": f"compile unavailable: {err}"}
+    first = time.perf_counter() - started
+    times = common.interleaved({"eager": option_step(arch, kwargs, batches, {}), "compiled": step}, rounds,
+                               min_sample_s=0.0, warmup=1, quiet_wait_s=5.0)
+    ms, eager_ms = times["compiled"].value * 1e3, times["eager"].value * 1e3
+    return {"step_ms": ms, "eager_ms": eager_ms, "compile_s": first,
+            "samples": {name: t.as_dict() for name, t in times.items()},
+            "note": f"compile + first 3 steps {first:.1f} s; round-robin with eager fp32 ({eager_ms:.0f} ms here)"}
+
+
 # ---------------------------------------------------------------- 2. and 3. epochs and eval-curve
 def epoch_rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -224,8 +330,19 @@ def section_epochs(run: dict, work: Path, quick: bool) -> None:
 
 def main() -> None:
     parser = common.arguments(__doc__.splitlines()[0])
+    parser.add_argument("--options-only", action="store_true", help="only section 4 (precision, channels_last, compile)")
+    parser.add_argument("--no-compile", action="store_true", help="section 4 without torch.compile (minutes of compiling)")
+    parser.add_argument("--compile-only", action="store_true", help="section 4: only torch.compile against eager fp32")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: every core; 1 is steadier on a loaded machine)")
     args = parser.parse_args()
-    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    if args.options_only or args.compile_only:
+        run = common.start_run("training_step_compile" if args.compile_only else "training_step_options")
+        run["quick"], run["command"], run["torch_threads"] = args.quick, common.command_line(), torch.get_num_threads()
+        section_options(run, args.quick, compile_too=not args.no_compile, compile_only=args.compile_only)
+        common.write_results(run, out_dir=args.out)
+        return
     run = common.start_run("training_steps")
     run["quick"], run["command"] = args.quick, common.command_line()
     run["torch_threads"] = torch.get_num_threads()
@@ -233,6 +350,7 @@ def main() -> None:
     try:
         section_steps(run, args.quick)
         section_epochs(run, work, args.quick)
+        section_options(run, args.quick, compile_too=not args.no_compile)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     common.write_results(run, summary=summary(run), out_dir=args.out)

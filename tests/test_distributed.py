@@ -244,6 +244,58 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(runs: dict[str
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker process with RANK `rank` that torchrun (`parent`) started."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            status = (proc / "status").read_text()
+            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+            if ppid != parent:
+                continue
+            env = (proc / "environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in env:
+                return int(proc.name)
+        except (OSError, ValueError, StopIteration):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_one_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(runs: dict[str, Any], tmp_path: Path) -> None:
+    """Rank 1 alone SIGKILLed after the first checkpoint of a run started with torchrun's
+    --max-restarts=1 and --resume: torchrun stops rank 0, starts both again, they resume from the
+    checkpoint and end with the uninterrupted 2-rank run's weights, bit for bit."""
+    out = tmp_path / "restarted"
+    args = ["train", "--config", str(REPO / "configs" / "mnist1d_standard.yaml"), "--device", "cpu",
+            "--set", "data.val_size=0", "--set", "model.kwargs={width: 8, batchnorm: false}",
+            "--set", "train.epochs=2", "--set", f"train.lr={NO_BN['train.lr']}", "--set", "train.save_every=1",
+            "--out", str(out), "--resume", "--json"]
+    cli = [*TORCHRUN, "--max-restarts=1", "--no-python", str(Path(sys.executable).with_name("modeconn"))]
+    job = subprocess.Popen([*cli, *args], cwd=REPO, env=ENV, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = out / "checkpoints" / "epoch-0001.pt"
+    deadline = time.monotonic() + 300
+    killed = None
+    try:
+        while killed is None and job.poll() is None and time.monotonic() < deadline:
+            if first.exists():
+                killed = _rank_pid(job.pid, 1)
+                if killed is not None:
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.02)
+        stdout, stderr = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert killed is not None, "rank 1 was not found after the first checkpoint"
+    assert job.returncode == 0, stderr[-3000:]
+    assert "resumed from" in stderr  # the restarted ranks continued from the checkpoint
+    assert json.loads(stdout.strip().splitlines()[-1])["checkpoint"] == str(out / "final.pt")
+    reference = _weights(runs["two"] / "train-nobn" / "final.pt")
+    restarted = _weights(out / "final.pt")
+    assert all(torch.equal(reference[k], restarted[k]) for k in reference)
+
+
 def test_commands_that_run_as_one_process_refuse_torchrun(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

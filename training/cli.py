@@ -33,10 +33,29 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.lr=0.05")
     parser.add_argument("--json", action="store_true", help="print one JSON object (paths, metrics) as the last line")
     parser.set_defaults(default_out=default_out)
+    _step_options(parser)
+
+
+def _step_options(parser: argparse.ArgumentParser) -> None:
+    """The training step's options (config `step` section, `tensorboard`), for every training stage."""
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help="overrides step.precision: autocast of the forward pass (loss, BN re-estimation and "
+                             "evaluation stay fp32; fp16 adds a GradScaler); default fp32")
+    parser.add_argument("--channels-last", action="store_true", default=None,
+                        help="step.channels_last: NHWC memory layout for image models (4-D inputs)")
+    parser.add_argument("--compile", action="store_true", default=None, help="step.compile: torch.compile the step")
+    parser.add_argument("--tensorboard", action="store_true", default=None,
+                        help="also log each epoch's metrics as TensorBoard events in RUN/tensorboard")
+
+
+def _step_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"step.precision": args.precision, "step.channels_last": args.channels_last,
+            "step.compile": args.compile, "tensorboard": args.tensorboard}
 
 
 def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
-    merged = {"seed": args.seed, "device": args.device, **(overrides or {}), **parse_set_overrides(args.set)}
+    merged = {"seed": args.seed, "device": args.device, **_step_overrides(args), **(overrides or {}),
+              **parse_set_overrides(args.set)}
     return load_config(args.config, merged)
 
 
@@ -309,13 +328,15 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="2: train the two networks side by side")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    _step_options(p)
     p.set_defaults(handler=_pipeline)
 
 
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from training.pipeline import run_pipeline
 
-    config = load_config(args.config, {"seed": args.seed, "device": args.device, **parse_set_overrides(args.set)})
+    config = load_config(args.config, {"seed": args.seed, "device": args.device, **_step_overrides(args),
+                                       **parse_set_overrides(args.set)})
     return run_pipeline(config, args.runs or Path("runs") / config.name, force=args.force, out=args.out,
                         jobs=_jobs(args))
 

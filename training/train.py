@@ -45,6 +45,8 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
         save_every=settings.save_every,
         save_epochs=[fge_start_epoch(config)],
         sync_batchnorm=config.distributed.sync_batchnorm,
+        step=config.step,
+        tensorboard=config.tensorboard,
         evaluate=lambda: epoch_metrics(model, data),
     )
     rows = fit(plan, run_dir=run_dir, model=model, optimizer=optimizer, data=data, checkpoint_fields=fields,

@@ -109,6 +109,17 @@ class DistributedSettings(_Strict):
     sync_batchnorm: bool = False  # BN over the global batch in training (default: each rank's own)
 
 
+class StepSettings(_Strict):
+    """How every stage's training step runs (train, curve, FGE, SSE); fp32 and off by default
+    (why: README, Faster steps; benchmarks/results/training_step_options-2026-12-02.md)."""
+
+    # autocast for the forward pass; the loss, BN re-estimation and evaluation stay fp32;
+    # fp16 adds a GradScaler. CPU: bf16 (and fp16 where the installed torch autocasts it)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # NHWC memory layout for image models (4-D inputs only)
+    compile: bool = False  # torch.compile the step's model (needs a C++ compiler for inductor)
+
+
 class Config(_Strict):
     name: str = "demo"
     seed: int = 0
@@ -122,6 +133,9 @@ class Config(_Strict):
     export: ExportSettings = Field(default_factory=ExportSettings)
     compare: CompareSettings = Field(default_factory=CompareSettings)
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
+    step: StepSettings = Field(default_factory=StepSettings)
+    # per-epoch metrics of every stage also as TensorBoard events in RUN/tensorboard (rank 0)
+    tensorboard: bool = False
 
 
 def _describe(err: ValidationError, source: str) -> str:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from training.core import step
 from training.core.config import ConfigError
 
 
@@ -84,8 +85,19 @@ def setup(device: torch.device, backend: str = "auto") -> torch.device:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not active():
-        dist.init_process_group(backend=backend)
+        _init_process_group(backend)
     return device
+
+
+def _init_process_group(backend: str) -> None:
+    """init_process_group on torchrun's store, under a key prefix of this restart: after torchrun
+    restarts the job (--max-restarts, a rank was lost), the store still holds the previous
+    attempt's gloo addresses under the same keys, and a restarted rank would connect to the dead
+    process's port (seen with torch 2.13: 'Gloo connectFullMesh failed ... Connection refused')."""
+    store, rank_, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"modeconn/attempt-{attempt}", store),
+                            rank=rank_, world_size=world)
 
 
 def shutdown() -> None:
@@ -164,7 +176,9 @@ def all_gather_objects(obj: Any) -> list[Any]:
 
 # ---------------------------------------------------------------- models
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module that DDP wraps (or the module itself)."""
+    """The module that the step's wrappers (compile, autocast: training/core/step.py) and DDP
+    wrap, or the module itself."""
+    model = step.unwrap(model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

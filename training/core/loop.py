@@ -8,6 +8,10 @@ continues a killed run and ends with the same weights as an uninterrupted one.
 Under torchrun (training/core/distributed.py) the same loop runs on every rank: `batch_size` is
 the global batch, each rank takes its part of it, DDP averages the gradients, iterations
 count global steps; rank 0 writes the files, and a checkpoint holds every rank's RNG states.
+
+The step's precision, memory layout and compilation (`plan.step`, the config's `step` section)
+are set up in training/core/step.py; a checkpoint records them (and fp16's GradScaler state).
+`plan.tensorboard` also logs each epoch's row as TensorBoard scalars (training/core/monitor.py).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.core import distributed, progress
+from training.core import distributed, monitor, progress, step
 from training.core.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from training.core.config import ConfigError
+from training.core.config import ConfigError, StepSettings
 from training.core.data import Dataset, iterations_per_epoch, train_batches
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -97,6 +101,7 @@ class FitPlan:
     `shared_generators`: generators seeded alike on every rank that the caller draws from
     (the curve's t), saved and restored with the checkpoints. `evaluate` runs on rank 0 only.
     `sync_batchnorm` and `batch_setting` (the setting named in errors): see distributed.py.
+    `step`: precision, channels_last, compile (step.py); `tensorboard`: also log rows there.
     """
 
     epochs: int
@@ -114,6 +119,8 @@ class FitPlan:
     evaluate: Callable[[], dict[str, float]] | None = None
     after_step: Callable[[int, int], None] | None = None
     shared_generators: dict[str, torch.Generator] = field(default_factory=dict)
+    step: StepSettings = field(default_factory=StepSettings)
+    tensorboard: bool = False
 
 
 def fit(
@@ -137,10 +144,17 @@ def fit(
     metrics_path = run_dir / "metrics.jsonl"
     rows: list[dict[str, Any]] = []
     start_epoch, iteration = 0, 0
+    device = next(model.parameters()).device
+    scaler = step.grad_scaler(plan.step, device)
     if resume and (last := latest_checkpoint(run_dir)) is not None:
-        state = load_checkpoint(last, map_location=next(model.parameters()).device)
+        state = load_checkpoint(last, map_location=device)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
+        if state.get("step", StepSettings().model_dump()) != plan.step.model_dump():
+            progress.log(f"[yellow]{description}: the checkpoint was trained with step settings {state.get('step')}, "
+                         f"this run uses {plan.step.model_dump()}[/yellow]")
         _restore_rng(state, generators, description)
         start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
         if metrics_path.exists():
@@ -151,70 +165,78 @@ def fit(
         progress.log(f"[dim]{description}: nothing to resume in {run_dir}, starting fresh[/dim]")
     steps_per_epoch = iterations_per_epoch(data, batch_size)
     save_at = set(plan.save_epochs) | {epochs}
-    step_model = distributed.wrap_for_training(model, plan.sync_batchnorm)
+    step.prepare_model(model, plan.step, data.x_train.dim())
+    step_model = step.step_model(distributed.wrap_for_training(model, plan.sync_batchnorm), plan.step, device,
+                                 description)
     rows_total = len(data.y_train)
-
-    for epoch in range(start_epoch, epochs):
-        started = time.perf_counter()
-        step_model.train()
-        loss_sum = torch.zeros((), device=data.x_train.device)
-        correct = torch.zeros((), device=data.x_train.device)
-        seen = 0
-        with progress.task(f"{description} epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
-            for step, (x, y) in enumerate(train_batches(data, batch_size, generator, augment=plan.augment, shard=shard)):
-                if max_iterations is not None and iteration >= max_iterations:
-                    break  # depends on the iteration count only, so a resume replays it exactly
-                iteration += 1
-                lr = learning_rate(epoch, iteration)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss, logits = loss_fn(step_model, x, y)
-                weight = distributed.loss_weight(len(y), min(batch_size, rows_total - step * batch_size))
-                optimizer.zero_grad(set_to_none=True)
-                (loss if weight == 1 else loss * weight).backward()
-                optimizer.step()
-                # accumulate on the device: no host sync per step
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
-                seen += len(y)
-                if after_step is not None:
-                    after_step(iteration, epoch)
-                advance()
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
-                                                         loss_sum.new_tensor(seen, dtype=torch.float64)]))
-        row: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "iteration": iteration,
-            "lr": lr,
-            "train_loss": float(totals[0] / totals[2]),
-            "train_acc": float(totals[1] / totals[2]) * 100.0,
-        }
-        if plan.evaluate is not None and distributed.is_main():
-            row.update(plan.evaluate())
-        row["seconds"] = time.perf_counter() - started
-        rows.append(row)
-        _log_epoch(description, row)
-        saving = (epoch + 1) % plan.save_every == 0 or (epoch + 1) in save_at
-        rng_ranks = distributed.all_gather_objects(_rng_state(generators)) if saving else []
-        if not distributed.is_main():
-            continue
-        # metrics first: a kill between the two writes then leaves an extra row (dropped on
-        # resume), never a checkpoint whose epoch has no row
-        _append_metrics(metrics_path, rows)
-        if saving:
-            save_checkpoint(
-                checkpoint_path(run_dir, epoch + 1),
-                {
-                    **checkpoint_fields,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "epoch": epoch + 1,
-                    "iteration": iteration,
-                    "rng": rng_ranks[0],
-                    **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
-                    "metrics": row,
-                },
-            )
+    with monitor.epoch_logger(run_dir, plan.tensorboard, start_epoch) as log_row:
+        for epoch in range(start_epoch, epochs):
+            started = time.perf_counter()
+            step_model.train()
+            loss_sum = torch.zeros((), device=data.x_train.device)
+            correct = torch.zeros((), device=data.x_train.device)
+            seen = 0
+            with progress.task(f"{description} epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
+                batches = train_batches(data, batch_size, generator, augment=plan.augment, shard=shard)
+                for batch_index, (x, y) in enumerate(batches):
+                    if max_iterations is not None and iteration >= max_iterations:
+                        break  # depends on the iteration count only, so a resume replays it exactly
+                    iteration += 1
+                    lr = learning_rate(epoch, iteration)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr
+                    loss, logits = loss_fn(step_model, x, y)
+                    weight = distributed.loss_weight(len(y), min(batch_size, rows_total - batch_index * batch_size))
+                    optimizer.zero_grad(set_to_none=True)
+                    # the scaler passes everything through unless step.precision is fp16
+                    scaler.scale(loss if weight == 1 else loss * weight).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    # accumulate on the device: no host sync per step
+                    loss_sum += loss.detach() * len(y)
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    seen += len(y)
+                    if after_step is not None:
+                        after_step(iteration, epoch)
+                    advance()
+            totals = distributed.all_reduce_sum(torch.stack([loss_sum.double(), correct.double(),
+                                                             loss_sum.new_tensor(seen, dtype=torch.float64)]))
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "iteration": iteration,
+                "lr": lr,
+                "train_loss": float(totals[0] / totals[2]),
+                "train_acc": float(totals[1] / totals[2]) * 100.0,
+            }
+            if plan.evaluate is not None and distributed.is_main():
+                row.update(plan.evaluate())
+            row["seconds"] = time.perf_counter() - started
+            rows.append(row)
+            _log_epoch(description, row)
+            saving = (epoch + 1) % plan.save_every == 0 or (epoch + 1) in save_at
+            rng_ranks = distributed.all_gather_objects(_rng_state(generators)) if saving else []
+            if not distributed.is_main():
+                continue
+            # metrics first: a kill between the two writes then leaves an extra row (dropped on
+            # resume), never a checkpoint whose epoch has no row
+            _append_metrics(metrics_path, rows)
+            log_row(row)
+            if saving:
+                save_checkpoint(
+                    checkpoint_path(run_dir, epoch + 1),
+                    {
+                        **checkpoint_fields,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "epoch": epoch + 1,
+                        "iteration": iteration,
+                        "rng": rng_ranks[0],
+                        **({"rng_ranks": rng_ranks} if len(rng_ranks) > 1 else {}),
+                        "metrics": row,
+                        "step": plan.step.model_dump(),
+                        **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
+                    },
+                )
     return rows
 
 

@@ -51,6 +51,7 @@ RUN_LAYOUT: Layout = {
     r"(fge|sse|curve)\.(json|csv|png)": None, r"plane\.(json|csv|npz|png)": None, r"ensemble\.(json|csv)": None,
     r"checkpoints": {r"epoch-\d+\.pt": None},
     r"snapshots": {r"snapshot-\d+\.pt": None},
+    r"tensorboard": {r"events\.out\.tfevents\..+": None},  # tensorboard: true (training/core/monitor.py)
 }
 LAYOUTS: dict[str, Layout] = {
     "run": RUN_LAYOUT,

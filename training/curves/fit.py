@@ -85,6 +85,8 @@ def fit_curve(
         batch_setting="curve.batch_size",
         save_every=settings.save_every,
         sync_batchnorm=config.distributed.sync_batchnorm,
+        step=config.step,
+        tensorboard=config.tensorboard,
         loss_fn=loss_fn,
         shared_generators={"curve_t": t_generator},
     )

@@ -117,8 +117,11 @@ class CurveModel(nn.Module):
             if not self.training:
                 raise ValueError("CurveModel needs t in eval mode")
             t = torch.rand((), device=x.device)
-        flat = self.flat_weights(t)
-        self.last_l2 = (flat * flat).sum()
+        # w(t) and its L2 term stay fp32 under mixed precision (step.precision): autocast would
+        # round the weight combination (a matmul) and BN's affine parameters to bf16/fp16
+        with torch.autocast(x.device.type, enabled=False):
+            flat = self.flat_weights(t)
+            self.last_l2 = (flat * flat).sum()
         return functional_call(self.base, self.unflatten(flat), (x,))
 
     def settings(self) -> dict:

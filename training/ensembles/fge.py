@@ -136,6 +136,8 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         bn_update=settings.bn_update,
         start=start_info,
         sync_batchnorm=config.distributed.sync_batchnorm,
+        step=config.step,
+        tensorboard=config.tensorboard,
     )
     result = run_snapshots(plan, run_dir, model=model, optimizer=optimizer, data=data, fields=fields, resume=resume)
     return {**result, "start_source": begin.source, "momentum": begin.momentum}

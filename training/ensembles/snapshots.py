@@ -10,7 +10,7 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from training.core.checkpoint import (
     read_finished,
     save_checkpoint,
 )
+from training.core.config import StepSettings
 from training.core.data import Dataset, iterations_per_epoch
 from training.core.loop import FitPlan, fit
 from training.core.networks import epoch_metrics, held_out_metrics
@@ -113,6 +114,8 @@ class SnapshotPlan:
     bn_update: bool = True
     start: dict[str, Any] | None = None
     sync_batchnorm: bool = False
+    step: StepSettings = field(default_factory=StepSettings)
+    tensorboard: bool = False
 
 
 def run_snapshots(
@@ -175,6 +178,8 @@ def run_snapshots(
         batch_setting=f"{method}.batch_size",
         save_every=plan.save_every,
         sync_batchnorm=plan.sync_batchnorm,
+        step=plan.step,
+        tensorboard=plan.tensorboard,
         evaluate=end_of_epoch,
         after_step=after_step,
     )

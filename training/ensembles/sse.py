@@ -51,5 +51,7 @@ def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = F
         save_every=config.train.save_every,
         settings={**settings.model_dump(), "cycle_iterations": cycle},
         sync_batchnorm=config.distributed.sync_batchnorm,
+        step=config.step,
+        tensorboard=config.tensorboard,
     )
     return run_snapshots(plan, run_dir, model=model, optimizer=optimizer, data=data, fields=fields, resume=resume)
