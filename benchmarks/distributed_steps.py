@@ -1,7 +1,7 @@
 """Training throughput over 1 and 2 processes (issue 14): images/s of the real loop.
 
 For each world size W (torchrun --nproc_per_node=W, gloo on CPUs; one thread per process),
-`training.loop.fit` trains on synthetic CIFAR-shaped tensors (crop/flip augmentation on,
+`training.core.loop.fit` trains on synthetic CIFAR-shaped tensors (crop/flip augmentation on,
 global batch 128) and the second epoch's seconds give images/s:
 - plain: a network (`modeconn train`),
 - curve: a Bezier curve with 3 bends around it (`modeconn curve`: CurveModel, its L2 term, one t
@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from training import distributed
-from training.bn import recompute_bn
-from training.curves import CurveModel
-from training.data import Dataset
-from training.loop import fit
-from training.schedules import fge_learning_rate
+from training.core import distributed
+from training.core.bn import recompute_bn
+from training.core.data import Dataset
+from training.core.loop import FitPlan, fit
+from training.core.schedules import fge_learning_rate
+from training.curves.model import CurveModel
 
 BATCH = 128
 
@@ -67,9 +67,9 @@ def epoch_seconds(kind: str, depth: int, data: Dataset, run_dir: Path) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.0 if kind == "curve" else 3e-4)
     lr = (lambda e, i: fge_learning_rate(i, 2 * steps, 0.05, 0.01)) if kind == "fge" else (lambda e, i: 0.05)
-    rows = fit(run_dir=run_dir, model=model, optimizer=optimizer, data=data, epochs=2, batch_size=BATCH,
-               learning_rate=lr, seed=1, checkpoint_fields={}, save_every=100, after_step=after_step,
-               description=f"{kind} preresnet{depth}", **({"loss_fn": loss_fn} if loss_fn else {}))
+    plan = FitPlan(epochs=2, batch_size=BATCH, learning_rate=lr, seed=1, description=f"{kind} preresnet{depth}",
+                   save_every=100, after_step=after_step, **({"loss_fn": loss_fn} if loss_fn else {}))
+    rows = fit(plan, run_dir=run_dir, model=model, optimizer=optimizer, data=data, checkpoint_fields={})
     return rows[-1]["seconds"]
 
 
@@ -107,7 +107,7 @@ def main() -> None:
              measured[2][kind]["images_per_s"] / measured[1][kind]["images_per_s"]] for kind in ("plain", "curve", "fge")]
     common.add_section(run, "PreResNet-20, CIFAR-shaped (synthetic), global batch 128, CPU, 1 thread per process",
                        ["step", "images/s, 1 process", "images/s, 2 processes (gloo)", "speed-up"], rows,
-                       notes=(f"{measured[1]['rows']} images per epoch; the second of two epochs of training.loop.fit. "
+                       notes=(f"{measured[1]['rows']} images per epoch; the second of two epochs of training.core.loop.fit. "
                               "With 2 processes on a 2-core machine each process gets one core."),
                        data=measured)
     common.write_results(run)

@@ -52,7 +52,7 @@ from ensemble_designs import PlainInTurnEnsembleGraph, StackedEnsembleGraph
 from torch import nn
 
 from models import build_model
-from training.curves import CurveModel
+from training.curves.model import CurveModel
 from training.export import CurveGraph, EnsembleGraph, MemberGraph, Normalize, _export_onnx
 
 QUIET_NOTE = ("Each number is the median over the timing samples taken while other processes used < "
@@ -172,7 +172,7 @@ def has_conv1d(net: nn.Module) -> bool:
 def artifact_workload(spec: str | None, work: Path) -> Workload:
     """The demo artifact: a folder or BentoML tag, else a small real one built like the tests'."""
     from serving.artifact import load_artifact
-    from training.networks import load_network
+    from training.core.networks import load_network
 
     notes = []
     if spec is None:

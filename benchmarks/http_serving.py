@@ -46,9 +46,9 @@ def random_artifact(out: Path, members: int = 3) -> Path:
     """A demo-shaped artifact (cnn1d, MNIST-1D) from untrained members: seconds, for --quick."""
     import torch
 
-    from training.checkpoint import model_checkpoint, save_checkpoint
+    from training.core.checkpoint import model_checkpoint, save_checkpoint
+    from training.core.networks import build_network, load_data
     from training.export import export_artifact
-    from training.networks import build_network, load_data
 
     data = load_data({"name": "mnist1d"}, "cpu")
     arch = {"name": "cnn1d", "kwargs": {}}

@@ -75,7 +75,7 @@ class Reference:
 
         manifest = json.loads((artifact / "manifest.json").read_text())
         if manifest["dataset"].get("name") == "mnist1d":
-            from training.networks import load_data  # the variant the manifest records
+            from training.core.networks import load_data  # the variant the manifest records
 
             x_test = load_data(manifest["dataset"], "cpu").x_test.numpy().astype(np.float32)
             self.x = x_test[:POOL_ROWS]

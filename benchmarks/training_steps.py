@@ -1,7 +1,7 @@
 """Training cost, side by side (issue 8, item 4).
 
 1. One SGD step (forward, loss, backward, optimizer step, batch 128) of a curve (Bezier,
-   3 bends, training/curves.py CurveModel with its L2 term, as `modeconn curve` trains it)
+   3 bends, training/curves/model.py CurveModel with its L2 term, as `modeconn curve` trains it)
    against a plain network (as `modeconn train` trains it): the demo's cnn1d on MNIST-1D
    batches, and PreResNet-20 on random CIFAR-shaped batches. Steps are timed round-robin;
    a torch.profiler table says where the curve step's extra time goes.
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model
-from training.config import load_config
-from training.curves import CurveModel
+from training.core.config import load_config
+from training.curves.model import CurveModel
 
 CONFIG = common.ROOT / "configs" / "mnist1d.yaml"
 
@@ -93,8 +93,8 @@ def curve_step_parts(curve: CurveModel, x: torch.Tensor, rounds: int) -> dict[st
 
 
 def section_steps(run: dict, quick: bool) -> None:
-    from training.data import normalize, train_batches
-    from training.networks import load_data
+    from training.core.data import normalize, train_batches
+    from training.core.networks import load_data
 
     data = load_data({"name": "mnist1d"}, "cpu")
     gen = torch.Generator().manual_seed(0)
@@ -151,12 +151,12 @@ def epoch_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def section_epochs(run: dict, work: Path, quick: bool) -> None:
-    from training.bn import recompute_bn
-    from training.curve_train import fit_curve, load_curve
-    from training.curves import network_at
-    from training.eval_curve import evaluate_curve
-    from training.fge import run_fge
-    from training.networks import load_data, predict_probs
+    from training.core.bn import recompute_bn
+    from training.core.networks import load_data, predict_probs
+    from training.curves.evaluate import evaluate_curve
+    from training.curves.fit import fit_curve, load_curve
+    from training.curves.model import network_at
+    from training.ensembles.fge import run_fge
 
     epochs = 2 if quick else 4
     overrides = {"device": "cpu", "train.epochs": epochs, "train.save_every": 1, "fge.epochs": epochs,

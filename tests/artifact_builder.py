@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from training.config import load_config
-from training.curve_train import fit_curve
-from training.eval_curve import save_curve_point
+from training.core.config import load_config
+from training.curves.evaluate import save_curve_point
+from training.curves.fit import fit_curve
 from training.export import export_artifact
 from training.train import train_network
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from training.config import Config, load_config
+from training.core.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "mnist1d.yaml"
@@ -33,7 +33,7 @@ def demo_config() -> Config:
 @pytest.fixture(scope="session")
 def demo_data(demo_config: Config):  # noqa: ANN201
     """The demo's data set (the MNIST-1D variant configs/mnist1d.yaml generates), on the CPU."""
-    from training.networks import dataset_spec, load_data
+    from training.core.networks import dataset_spec, load_data
 
     return load_data(dataset_spec(demo_config), "cpu")
 
@@ -61,8 +61,8 @@ def demo_curve(
 ) -> dict[str, Any]:
     """A Bezier curve (the demo config's curve section) between the trained pair, evaluated
     at 61 points: {"fit": fit_curve's result, "eval": evaluate_curve's result}."""
-    from training.curve_train import fit_curve
-    from training.eval_curve import evaluate_curve
+    from training.curves.evaluate import evaluate_curve
+    from training.curves.fit import fit_curve
 
     config = load_config(DEMO_CONFIG, {"device": "cpu"})
     run_dir = tmp_path_factory.mktemp("curve") / "bezier"

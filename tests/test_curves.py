@@ -21,10 +21,14 @@ from torch import nn
 import models
 from models import build_model
 from training import cli
-from training.bn import recompute_bn, update_bn
-from training.curves import CurveModel, bezier_coefficients, network_at, polychain_coefficients
-from training.networks import held_out_metrics as network_test_metrics
-from training.networks import load_network
+from training.core.bn import recompute_bn, update_bn
+from training.core.networks import load_network
+from training.curves.model import (
+    CurveModel,
+    bezier_coefficients,
+    network_at,
+    polychain_coefficients,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("modeconn")
@@ -205,7 +209,7 @@ def test_free_start_flag_frees_the_start_point(monkeypatch: pytest.MonkeyPatch, 
         seen["config"] = config
         return {}
 
-    monkeypatch.setattr("training.curve_train.fit_curve", fake_fit_curve)
+    monkeypatch.setattr("training.curves.fit.fit_curve", fake_fit_curve)
     assert cli.main(["curve", "--start", "a.pt", "--end", "b.pt", "--free-start", "--out", str(tmp_path)]) == 0
     settings = seen["config"].curve
     assert settings.fix_start is False and settings.fix_end is True
@@ -395,12 +399,15 @@ def test_curve_point_is_an_ordinary_checkpoint(demo_curve: dict[str, Any], tmp_p
     printed = json.loads(proc.stdout.strip().splitlines()[-1])
     model, state = load_network(out)
     assert state["kind"] == "curve-point" and state["curve_point"]["t"] == 0.5
-    recomputed = network_test_metrics(model, mnist1d)["test_error"]
+    with torch.no_grad():  # by hand: one forward over the normalised test set
+        logits = model((mnist1d.x_test - mnist1d.mean[0]) / mnist1d.std[0])
+    recomputed = float((logits.argmax(1) != mnist1d.y_test).double().mean()) * 100
     rows = json.loads(Path(demo_curve["eval"]["json"]).read_text())["curve"]
     at_half = next(r for r in rows if r["t"] == 0.5)
     print(f"\ncurve-point t=0.5: test error {recomputed:.2f} % (eval-curve: {at_half['test_error']:.2f} %)")
-    assert recomputed == pytest.approx(at_half["test_error"], abs=1e-9)
-    assert printed["metrics"]["test_error"] == pytest.approx(recomputed, abs=1e-9)
+    # one row of 12,000 may flip between batched and whole-set evaluation
+    assert recomputed == pytest.approx(at_half["test_error"], abs=1 / len(mnist1d.y_test) * 100 + 1e-9)
+    assert printed["metrics"]["test_error"] == at_half["test_error"]
 
     bad = modeconn("curve-point", run, "--t", "1.5", "--out", tmp_path / "q.pt", "--device", "cpu")
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
@@ -413,8 +420,8 @@ def test_eval_curve_interval_of_max_minus_worse_endpoint(demo_curve: dict[str, A
     """Recomputed from curve-point checkpoints at the worst t and the worse endpoint."""
     import numpy as np
 
-    from training.eval_curve import save_curve_point
-    from training.networks import predict_probs
+    from training.core.networks import predict_probs
+    from training.curves.evaluate import save_curve_point
 
     ev = demo_curve["eval"]
     report = json.loads(Path(ev["json"]).read_text())

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from serving.artifact import ArtifactError, load_artifact
-from training.bn import recompute_bn
-from training.checkpoint import load_checkpoint
-from training.config import load_config
-from training.curve_train import fit_curve, load_curve
-from training.curves import network_at
+from training.core.bn import recompute_bn
+from training.core.checkpoint import load_checkpoint
+from training.core.config import load_config
+from training.core.networks import load_data, load_network
+from training.curves.fit import fit_curve, load_curve
+from training.curves.model import network_at
 from training.export import ExportError, export_artifact
-from training.networks import load_data, load_network
 from training.train import train_network
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,17 +23,17 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
 from training.cli import main
-from training.config import load_config
-from training.fge import fge_start
-from training.metrics import classification_metrics
-from training.networks import build_network, load_data, load_network, predict_probs
-from training.networks import (
+from training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from training.core.config import load_config
+from training.core.metrics import classification_metrics
+from training.core.networks import build_network, load_data, load_network, predict_probs
+from training.core.networks import (
     held_out_metrics as network_metrics,  # not test_*: pytest would collect it
 )
-from training.schedules import cosine_restart_learning_rate, fge_collects, fge_learning_rate
-from training.sse import run_sse
+from training.core.schedules import cosine_restart_learning_rate, fge_collects, fge_learning_rate
+from training.ensembles.fge import fge_start
+from training.ensembles.sse import run_sse
 from training.train import train_network
 
 STEPS = 29  # the demo's MNIST-1D variant: 3600 training signals (400 more held out for validation), batch 128
@@ -440,7 +440,7 @@ def test_ensemble_eval_errors_clearly(train_run: Path, tmp_path: Path, capsys: p
     assert main(["ensemble-eval", str(final), str(tmp_path / "other.pt"), "--device", "cpu"]) == 2
     assert "mixed data sets" in capsys.readouterr().err
     assert main(["ensemble-eval", str(tmp_path), "--device", "cpu"]) == 2
-    assert "without snapshots" in capsys.readouterr().err
+    assert "neither snapshots/snapshot-*.pt nor final.pt" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- compare

@@ -23,13 +23,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.config import ConfigError, load_config
-from training.data import DataError, build_dataset, random_crop_flip
-from training.metrics import classification_metrics, error_percent, expected_calibration_error, nll
-from training.networks import held_out_metrics as network_test_metrics
-from training.networks import load_network
-from training.schedules import paper_learning_rate
+from training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.core.config import ConfigError, load_config
+from training.core.data import DataError, build_dataset, random_crop_flip
+from training.core.metrics import (
+    classification_metrics,
+    error_percent,
+    expected_calibration_error,
+    nll,
+)
+from training.core.networks import load_network
+from training.core.schedules import paper_learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d.yaml"
@@ -116,7 +120,7 @@ def test_mnist1d_generation_parameters_are_recorded_and_rebuild_the_data(tmp_pat
     from mnist1d.data import get_dataset_args, make_dataset
     from mnist1d.utils import ObjectView
 
-    from training.networks import load_data
+    from training.core.networks import load_data
 
     overrides = {"num_samples": 1500, "train_split": 0.4, "corr_noise_scale": 0.3}
     data = build_dataset("mnist1d", root=tmp_path, val_size=100, generation=overrides)
@@ -148,8 +152,7 @@ def test_demo_training_errs_by_several_percent_on_the_hard_variant(trained_pair:
         model, state = load_network(result["checkpoint"])
         assert not model.training
         assert state["metrics"]["test_error"] == recorded
-        assert network_test_metrics(model, data)["test_error"] == pytest.approx(recorded, abs=1e-9)
-        # the same number by hand: one forward over the normalised test set
+        # the recorded number by hand: one forward over the normalised test set
         with torch.no_grad():
             logits = model((data.x_test - data.mean[0]) / data.std[0])
         by_hand = float((logits.argmax(1) != data.y_test).double().mean()) * 100

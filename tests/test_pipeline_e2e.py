@@ -15,8 +15,8 @@ import pytest
 from serving.artifact import load_artifact
 from tests.test_service import _base_env, _start, _stop, _wait_ready
 from training import readme_results
-from training.config import load_config
-from training.networks import dataset_spec, load_data
+from training.core.config import load_config
+from training.core.networks import dataset_spec, load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's stages at a fraction of its budget. FGE's lr1 0.4 was chosen for a network trained

@@ -21,10 +21,9 @@ import pytest
 
 from serving.artifact import load_artifact
 from serving.errors import ModeconnError
-from training.checkpoint import load_checkpoint
-from training.config import load_config
-from training.export import ExportError, export_artifact
-from training.runs import (
+from training.core.checkpoint import load_checkpoint
+from training.core.config import load_config
+from training.core.runs import (
     MARKER,
     RunDirError,
     artifact_target_problem,
@@ -32,6 +31,7 @@ from training.runs import (
     folder_kind,
     write_marker,
 )
+from training.export import ExportError, export_artifact
 from training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,9 +121,9 @@ def test_train_force_deletes_its_own_files_and_keeps_a_foreign_one(tiny_run: Pat
 @pytest.mark.parametrize("command", ["curve", "fge", "sse"])
 def test_curve_fge_sse_force_keep_a_foreign_file(command: str, tiny_run: Path, tmp_path: Path) -> None:
     """--force over a marked run folder (here: a train run) clears the tool's files, keeps thesis.tex."""
-    from training.curve_train import fit_curve
-    from training.fge import run_fge
-    from training.sse import run_sse
+    from training.curves.fit import fit_curve
+    from training.ensembles.fge import run_fge
+    from training.ensembles.sse import run_sse
 
     run_dir = copy_run(tiny_run, tmp_path / command)
     (run_dir / "thesis.tex").write_bytes(THESIS)
@@ -348,7 +348,7 @@ def test_export_replaces_only_an_artifact_with_nothing_else_inside(tiny_run: Pat
 
 
 def test_curve_point_out_never_replaces_a_run_file_or_a_users_file(tmp_path: Path, tiny_run: Path) -> None:
-    from training.eval_curve import save_curve_point
+    from training.curves.evaluate import save_curve_point
 
     run_dir = copy_run(tiny_run, tmp_path / "run")
     (run_dir / "thesis.tex").write_bytes(THESIS)
@@ -369,7 +369,7 @@ def test_reports_never_overwrite_a_users_file(tiny_run: Path, tmp_path: Path) ->
     assert_refused(modeconn("eval-curve", tiny_run, "--out", mine, "--device", "cpu"), mine, "curve.png")
     assert_refused(modeconn("ensemble-eval", tiny_run, "--out", mine, "--device", "cpu"), mine, "ensemble.json")
     assert snapshot(mine) == before
-    from training.ensemble import evaluate_checkpoints
+    from training.ensembles.evaluate import evaluate_checkpoints
 
     fresh = tmp_path / "reports"
     first = evaluate_checkpoints([tiny_run], device="cpu", out_dir=fresh)

@@ -1,4 +1,4 @@
-"""training/statistics.py and the Brier score against independent computations (no training, fast).
+"""training/core/statistics.py and the Brier score against independent computations (no training, fast).
 
 The reference bootstrap here is a plain-Python loop: resample r draws its n indices with
 `rng.integers(0, n, size=n)` from numpy.random.default_rng(seed) (the stream the module
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import statistics as st
-from training.metrics import brier_score, classification_metrics
+from training.core import statistics as st
+from training.core.metrics import brier_score, classification_metrics
 
 
 def percentile_by_hand(values: list[float], q: float) -> float:

@@ -2,7 +2,7 @@
 `--config`, `--out`, `--seed`, `--device`, `--resume`, `--force`, `--set`, `--json`.
 
 `train`, `curve`, `fge` and `sse` also run under `torchrun --nproc_per_node=N` (one
-optimisation over N processes, training/distributed.py); the other commands run as one process.
+optimisation over N processes, training/core/distributed.py); the other commands run as one process.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from serving.errors import ModeconnError
-from training import distributed
-from training.config import Config, ConfigError, load_config, parse_set_overrides
+from training.core import distributed
+from training.core.config import Config, ConfigError, load_config, parse_set_overrides
 
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
@@ -77,7 +77,7 @@ def _add_curve(sub: argparse._SubParsersAction) -> None:
 
 
 def _curve(args: argparse.Namespace) -> dict[str, Any]:
-    from training.curve_train import fit_curve
+    from training.curves.fit import fit_curve
 
     config = config_from_args(args, {
         "curve.curve": args.curve, "curve.num_bends": args.num_bends, "curve.epochs": args.epochs,
@@ -98,7 +98,7 @@ def _add_eval_curve(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval_curve(args: argparse.Namespace) -> dict[str, Any]:
-    from training.eval_curve import evaluate_curve
+    from training.curves.evaluate import evaluate_curve
 
     if args.points < 2:
         raise ConfigError(f"--points must be at least 2, got {args.points}")
@@ -116,7 +116,7 @@ def _add_curve_point(sub: argparse._SubParsersAction) -> None:
 
 
 def _curve_point(args: argparse.Namespace) -> dict[str, Any]:
-    from training.eval_curve import save_curve_point
+    from training.curves.evaluate import save_curve_point
 
     return save_curve_point(args.run, args.t, args.out, device=args.device)
 
@@ -169,7 +169,7 @@ def _add_fge(sub: argparse._SubParsersAction) -> None:
 
 
 def _fge(args: argparse.Namespace) -> dict[str, Any]:
-    from training.fge import run_fge
+    from training.ensembles.fge import run_fge
 
     config = config_from_args(args, {
         "fge.cycle_epochs": args.cycle, "fge.lr1": args.lr1, "fge.lr2": args.lr2, "fge.epochs": args.epochs,
@@ -188,7 +188,7 @@ def _add_sse(sub: argparse._SubParsersAction) -> None:
 
 
 def _sse(args: argparse.Namespace) -> dict[str, Any]:
-    from training.sse import run_sse
+    from training.ensembles.sse import run_sse
 
     config = config_from_args(args, {"sse.cycle_epochs": args.cycle, "sse.lr": args.lr, "sse.epochs": args.epochs})
     return run_sse(config, run_dir_from_args(args, config), resume=args.resume, force=args.force)
@@ -209,7 +209,7 @@ def _add_ensemble_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _ensemble_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from training.ensemble import evaluate_checkpoints
+    from training.ensembles.evaluate import evaluate_checkpoints
 
     return evaluate_checkpoints(args.checkpoints, device=args.device, out_dir=args.out)
 
@@ -231,7 +231,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from training.compare import compare_budgets
+    from training.ensembles.compare import compare_budgets
 
     config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
     return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args))

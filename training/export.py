@@ -29,15 +29,16 @@ from torch.func import functional_call
 
 from serving.artifact import MANIFEST_NAME, file_record, load_artifact
 from serving.errors import ModeconnError
-from training import progress
-from training.bn import recompute_bn
-from training.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-from training.curve_train import load_curve
-from training.curves import COEFFICIENTS, CurveModel, network_at
-from training.data import Dataset, normalization_tensors
-from training.metrics import classification_metrics
-from training.networks import load_data, load_network, predict_probs
-from training.runs import artifact_target_problem, write_marker
+from training.core import progress
+from training.core.bn import recompute_bn
+from training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from training.core.data import Dataset, normalization_tensors
+from training.core.metrics import classification_metrics
+from training.core.networks import load_data, load_network, predict_probs
+from training.core.runs import artifact_target_problem, write_marker
+from training.core.sources import check_same_network, run_members
+from training.curves.fit import load_curve
+from training.curves.model import COEFFICIENTS, CurveModel, even_ts, network_at
 
 OPSET = 18
 DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
@@ -159,11 +160,6 @@ class CurveGraph(nn.Module):
         return torch.softmax(functional_call(self.base, {**weights, **stats}, (self.normalize(x),)), dim=1)
 
 
-def grid_ts(grid_points: int) -> list[float]:
-    """The exact grid i / (n - 1) (float32 linspace gives 0.49999997 for 0.5)."""
-    return [i / (grid_points - 1) for i in range(grid_points)]
-
-
 @torch.no_grad()
 def bn_statistics_grid(
     curve: CurveModel, data: Dataset, grid_points: int, x_check: torch.Tensor, normalize: Normalize
@@ -174,7 +170,7 @@ def bn_statistics_grid(
     rows: dict[str, list[torch.Tensor]] = {}
     exact = []
     with progress.task("BN statistics along the curve", grid_points) as advance:
-        for t in grid_ts(grid_points):
+        for t in even_ts(grid_points):
             net = recompute_bn(network_at(curve, t), data).eval()
             for name, buf in net.named_buffers():
                 if name.endswith(("running_mean", "running_var")):
@@ -199,15 +195,11 @@ def collect_sources(paths: list[Path]) -> Sources:
         path = Path(path)
         if not path.exists():
             raise ExportError(f"{path} does not exist")
-        if path.is_dir():
-            snapshots = sorted((path / "snapshots").glob("snapshot-*.pt"))
-            final = path / "final.pt"
-            if snapshots:
-                found.members.extend(snapshots)
-                continue
-            if not final.is_file():
-                raise ExportError(f"{path} is not a finished run: it has neither snapshots/ nor final.pt")
-            path = final
+        files = run_members(path, ExportError)
+        if files[0].name.startswith("snapshot-"):
+            found.members.extend(files)
+            continue
+        path = files[0]
         kind = load_checkpoint(path).get("kind")
         if kind == "curve":
             if found.curve is not None:
@@ -281,14 +273,12 @@ def export_artifact(
     device = torch.device("cpu")  # export traces on the CPU; parity is checked against CPU onnxruntime
     nets, states = zip(*(load_network(p, device) for p in sources.members), strict=True)
     first = states[0]
-    for path, state in zip(sources.members, states, strict=True):
-        if state["architecture"] != first["architecture"] or state["dataset"]["name"] != first["dataset"]["name"]:
-            raise ExportError(f"{path}: architecture/data {state['architecture']} differ from {sources.members[0]}'s")
+    named = list(zip(sources.members, states, strict=True))
     curve = curve_state = None
     if sources.curve is not None:
         curve, curve_state = load_curve(sources.curve, device)
-        if curve_state["architecture"] != first["architecture"]:
-            raise ExportError(f"the curve's architecture {curve_state['architecture']} differs from the members'")
+        named.append((sources.curve, curve_state))
+    check_same_network(named, ExportError)
     data = load_data(first["dataset"], device)
     info = first["dataset"]
     normalize = Normalize(info["mean"], info["std"], 1 + len(data.input_shape))
@@ -389,7 +379,7 @@ def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> dict[
     _export_onnx(graph, (x_check[:2], t0), work / "curve.onnx", ["x", "t"], ["probabilities"])
     session = _ort_session(work / "curve.onnx")
     worst = 0.0
-    for t, expected in zip(grid_ts(grid_points), exact, strict=True):  # every grid t: the exact network there
+    for t, expected in zip(even_ts(grid_points), exact, strict=True):  # every grid t: the exact network there
         got = session.run(None, {"x": x_check.numpy(), "t": np.array([t], dtype=np.float32)})[0]
         worst = max(worst, _check_parity(f"curve.onnx at t={t:g}", got, expected, job.atol))
     parity["curve.onnx"] = worst
@@ -447,7 +437,7 @@ def _check_target(dst: Path, sources: list[Path]) -> None:
 
 def _replace_folder(src: Path, dst: Path, sources: list[Path]) -> None:
     """Move the finished artifact into place; an existing folder is replaced only when it is
-    empty or an earlier artifact holding nothing else (training/runs.py), and only after the
+    empty or an earlier artifact holding nothing else (training/core/runs.py), and only after the
     new one is complete, so a crash leaves either the old or the new artifact."""
     _check_target(dst, sources)
     dst.parent.mkdir(parents=True, exist_ok=True)

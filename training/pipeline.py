@@ -11,24 +11,24 @@ checkpoint; `--force` starts over.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
-from training import progress, provenance, statistics
-from training.checkpoint import atomic_write_json, atomic_write_text
-from training.config import Config
-from training.curve_train import fit_curve
-from training.distributed import Job, run_jobs
-from training.ensemble import ensemble_probs, expand_members, predict_members
-from training.eval_curve import evaluate_curve
+from training.core import progress, provenance, statistics
+from training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
+from training.core.config import Config
+from training.core.distributed import Job, run_jobs
+from training.core.loop import checkpoint_path, resolve_device
+from training.core.runs import claim_folder
+from training.curves.evaluate import evaluate_curve
+from training.curves.fit import fit_curve
+from training.ensembles.evaluate import ensemble_probs, expand_members, predict_members
+from training.ensembles.fge import run_fge
+from training.ensembles.snapshots import finished_snapshot_run
 from training.export import export_artifact
-from training.fge import finished_snapshot_run, run_fge
-from training.loop import checkpoint_path, resolve_device
-from training.runs import claim_folder
 from training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
 
@@ -47,11 +47,8 @@ def _finished_curve(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _finished_eval(run_dir: Path) -> dict[str, Any] | None:
-    try:
-        report = json.loads((run_dir / "curve.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if "differences" not in report:  # written before eval-curve had intervals: evaluate again
+    report = read_finished(run_dir / "curve.json")
+    if report is None or "differences" not in report:  # written before eval-curve had intervals: evaluate again
         return None
     paths = {k: str(run_dir / f"curve.{k}") for k in ("json", "csv", "png")}
     return {**paths, **report["headline"], "summary": report["summary"], "differences": report["differences"],
@@ -68,11 +65,8 @@ def _fingerprint(paths: list[Path]) -> str:
 
 
 def _finished_export(record: Path, fingerprint: str, out: Path | None) -> dict[str, Any] | None:
-    try:
-        done = json.loads(record.read_text())
-    except (OSError, ValueError):
-        return None
-    if done.get("fingerprint") != fingerprint:
+    done = read_finished(record)
+    if done is None or done.get("fingerprint") != fingerprint:
         return None
     if out is not None:
         return done if (out / "manifest.json").is_file() else None
@@ -90,7 +84,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
     under `config.export.name`, or to the folder `out`. `jobs` 2 trains the two networks
-    side by side (training/distributed.py `run_jobs`)."""
+    side by side (training/core/distributed.py `run_jobs`)."""
     started = time.perf_counter()
     claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)

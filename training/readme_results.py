@@ -7,7 +7,7 @@ Each file replaces what lies between its pair of marker comments in the README,
 `<!-- results:demo -->` ... `<!-- /results:demo -->` (the pipeline's summary.md) and
 `<!-- results:compare -->` ... `<!-- /results:compare -->` (compare's compare.md); the rest
 of the README is left byte for byte. Both files state their machine, date, test-set size
-and intervals (training/provenance.py), so the copy carries them. A section whose file is
+and intervals (training/core/provenance.py), so the copy carries them. A section whose file is
 not given is left as it is; a missing file or marker is an error naming it.
 """
 
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from serving.errors import ModeconnError
-from training.checkpoint import atomic_write_text
+from training.core.checkpoint import atomic_write_text
 
 SECTIONS = ("demo", "compare")
 DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md")}

@@ -6,11 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training import distributed, progress
-from training.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
-from training.config import Config
-from training.loop import fit
-from training.networks import (
+from training.core import distributed, progress
+from training.core.checkpoint import model_checkpoint, read_finished, save_checkpoint
+from training.core.config import Config
+from training.core.loop import FitPlan, fit
+from training.core.networks import (
     dataset_spec,
     epoch_metrics,
     fresh_network,
@@ -18,8 +18,8 @@ from training.networks import (
     load_data,
     stage_device,
 )
-from training.runs import prepare_run_dir
-from training.schedules import paper_learning_rate
+from training.core.runs import prepare_run_dir
+from training.core.schedules import paper_learning_rate
 
 
 def fge_start_epoch(config: Config) -> int:
@@ -36,23 +36,19 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
     data = load_data(dataset_spec(config), device)
     settings = config.train
     model, optimizer, fields = fresh_network(config, data, device, settings, "train")
-    rows = fit(
-        run_dir=run_dir,
-        model=model,
-        optimizer=optimizer,
-        data=data,
+    plan = FitPlan(
         epochs=settings.epochs,
         batch_size=settings.batch_size,
         learning_rate=lambda epoch, _: paper_learning_rate(settings.lr, epoch, settings.epochs),
         seed=config.seed + 1,
-        checkpoint_fields=fields,
+        description=f"train {config.name}",
         save_every=settings.save_every,
         save_epochs=[fge_start_epoch(config)],
-        evaluate=lambda: epoch_metrics(model, data),
-        resume=resume,
-        description=f"train {config.name}",
         sync_batchnorm=config.distributed.sync_batchnorm,
+        evaluate=lambda: epoch_metrics(model, data),
     )
+    rows = fit(plan, run_dir=run_dir, model=model, optimizer=optimizer, data=data, checkpoint_fields=fields,
+               resume=resume)
     if not distributed.is_main():
         return {"run_dir": str(run_dir), "rank": distributed.rank()}
     metrics = {**rows[-1], **held_out_metrics(model, data)}
@@ -70,8 +66,6 @@ def train_or_reuse(config: Config, run_dir: Path) -> dict[str, Any]:
 def finished_result(run_dir: Path) -> dict[str, Any] | None:
     """The result of a run that already finished, when its final checkpoint is valid."""
     path = run_dir / "final.pt"
-    try:
-        state = load_checkpoint(path)
-    except ValueError:
+    if (state := read_finished(path)) is None:
         return None
     return {"run_dir": str(run_dir), "checkpoint": str(path), "metrics": state.get("metrics", {}), "skipped": True}

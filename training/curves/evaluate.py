@@ -4,7 +4,7 @@ For each of `points` evenly spaced t: BN statistics recomputed, then train loss/
 test NLL/error/ECE/Brier and the segment length ‖w(t_i) − w(t_{i−1})‖; the same for the line;
 the ensemble of the two endpoints, and of w0 with φ(t) for each t.
 
-Statistics: for the curve and for the line, the paired bootstrap interval (training/statistics.py)
+Statistics: for the curve and for the line, the paired bootstrap interval (training/core/statistics.py)
 over the test examples of (error at the t of the largest test error) − (error of the worse
 endpoint). That t is picked on the same test set, so the difference leans high; it measures
 how much worse the path's worst point is than its ends, not a held-out estimate.
@@ -12,8 +12,6 @@ how much worse the path's worst point is than its ends, not a held-out estimate.
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -21,17 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import progress, statistics
-from training.bn import recompute_bn
-from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from training.config import ConfigError
-from training.curve_train import curve_file, load_curve
-from training.curves import CurveModel, network_at
-from training.data import Dataset
-from training.loop import resolve_device
-from training.metrics import classification_metrics
-from training.networks import load_data, predict_probs
-from training.runs import check_report_folder
+from training.core import progress, statistics
+from training.core.bn import recompute_bn
+from training.core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from training.core.config import ConfigError
+from training.core.data import Dataset
+from training.core.loop import resolve_device
+from training.core.metrics import classification_metrics
+from training.core.networks import load_data, predict_probs
+from training.core.reports import csv_text, png_bytes, pyplot
+from training.core.runs import check_report_folder
+from training.curves.fit import curve_file, load_curve
+from training.curves.model import CurveModel, even_ts, network_at
 
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
 VAL_METRICS = ("val_nll", "val_error")
@@ -107,7 +106,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     data = load_data(state["dataset"], dev)
     wd = float(state["curve"].get("weight_decay", 0.0))
     line = straight_line(curve)
-    ts = [i / (points - 1) for i in range(points)]  # exact grid (float32 linspace gives 0.49999997)
+    ts = even_ts(points)
     results: dict[str, list] = {"curve": [], "line": []}
     probs_curve: list[torch.Tensor] = []
     errors: dict[str, list[np.ndarray]] = {"curve": [], "line": []}
@@ -167,20 +166,12 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
 def _csv(results: dict[str, list]) -> str:
     keys = [*METRICS, *(k for k in VAL_METRICS if k in results["curve"][0]), "test_ece", "test_brier", "segment_length"]
     header = ["t", *[f"curve_{k}" for k in keys], *[f"line_{k}" for k in keys], "ensemble_test_error", "ensemble_test_nll"]
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(header)
-    for c, line in zip(results["curve"], results["line"], strict=True):
-        writer.writerow([c["t"], *[c[k] for k in keys], *[line[k] for k in keys], c["ensemble_test_error"], c["ensemble_test_nll"]])
-    return buf.getvalue()
+    return csv_text(header, ([c["t"], *[c[k] for k in keys], *[line[k] for k in keys], c["ensemble_test_error"],
+                              c["ensemble_test_nll"]] for c, line in zip(results["curve"], results["line"], strict=True)))
 
 
 def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: str) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ts = [r["t"] for r in results["curve"]]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key, title in ((axes[0], "test_error", "test error (%)"), (axes[1], "train_loss", "train loss")):
@@ -194,17 +185,14 @@ def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: 
     axes[2].set(xlabel="t", title="ensemble test error (%)")
     axes[2].legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> dict[str, Any]:
     """φ(t) with BN recomputed, saved as an ordinary checkpoint of the base architecture."""
-    from training.checkpoint import model_checkpoint, save_checkpoint
-    from training.networks import held_out_metrics
-    from training.runs import check_replaceable_checkpoint
+    from training.core.checkpoint import model_checkpoint, save_checkpoint
+    from training.core.networks import held_out_metrics
+    from training.core.runs import check_replaceable_checkpoint
 
     if not 0.0 <= t <= 1.0:
         raise ConfigError(f"--t must lie in [0, 1], got {t}")

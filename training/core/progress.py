@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from training import distributed
+from training.core import distributed
 
 console = Console(stderr=True, highlight=False)
 _display: Progress | None = None

@@ -26,7 +26,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
 
     Under torchrun only rank 0 writes; a write from another rank is a bug, refused loudly.
     """
-    from training.distributed import rank
+    from training.core.distributed import rank
 
     if rank() != 0:
         raise RuntimeError(f"rank {rank()} tried to write {path}: only rank 0 writes files")
@@ -120,3 +120,17 @@ def model_checkpoint(model: torch.nn.Module, architecture: dict, dataset: dict, 
         "dataset": dataset,
         **extra,
     }
+
+
+def read_finished(path: str | Path) -> dict[str, Any] | None:
+    """The one "stage finished" convention: a stage writes its final file last and atomically
+    (a checkpoint `.pt` or a JSON report), so it has finished exactly when that file loads;
+    its contents then, else None (missing, unreadable or not a modeconn file: run it again)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            contents = json.loads(path.read_text())
+            return contents if isinstance(contents, dict) else None
+        return load_checkpoint(path)
+    except (OSError, ValueError):  # CheckpointError is a ValueError
+        return None

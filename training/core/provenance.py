@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from training import statistics
+from training.core import statistics
 
 
 def cpu_model() -> str:

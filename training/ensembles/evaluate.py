@@ -7,8 +7,6 @@ final.pt, FGE/SSE snapshots, curve points), as long as all share architecture an
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +15,15 @@ from typing import Any
 import torch
 
 from serving.errors import ModeconnError
-from training import progress, statistics
-from training.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from training.data import Dataset
-from training.loop import resolve_device
-from training.metrics import classification_metrics, disagreement
-from training.networks import load_data, load_network, predict_probs
-from training.runs import check_report_folder
+from training.core import progress, statistics
+from training.core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
+from training.core.data import Dataset
+from training.core.loop import resolve_device
+from training.core.metrics import classification_metrics, disagreement
+from training.core.networks import load_data, load_network, predict_probs
+from training.core.reports import csv_text, png_bytes, pyplot
+from training.core.runs import check_report_folder
+from training.core.sources import check_same_network, run_members
 
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 
@@ -44,36 +44,10 @@ class Members:
 
 def expand_members(paths: list[Path]) -> list[Path]:
     """Checkpoint files as given; a run directory stands for its snapshots (FGE/SSE) or its final.pt."""
-    out: list[Path] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            snapshots = sorted((path / "snapshots").glob("snapshot-*.pt"))
-            if snapshots:
-                out.extend(snapshots)
-            elif (path / "final.pt").is_file():
-                out.append(path / "final.pt")
-            else:
-                raise EnsembleError(f"{path} is a directory without snapshots/snapshot-*.pt or final.pt")
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise EnsembleError(f"checkpoint {path} does not exist")
+    out = [member for path in paths for member in run_members(path, EnsembleError)]
     if not out:
         raise EnsembleError("no checkpoints given")
     return out
-
-
-def _check_same_network(state: dict[str, Any], path: Path, first: dict[str, Any], first_path: Path) -> None:
-    if state["architecture"] != first["architecture"]:
-        raise EnsembleError(
-            f"mixed architectures: {path} is {state['architecture']}, {first_path} is {first['architecture']}"
-        )
-    for key in ("name", "num_classes"):
-        if state["dataset"].get(key) != first["dataset"].get(key):
-            raise EnsembleError(
-                f"mixed data sets: {path} has dataset {key} {state['dataset'].get(key)!r}, "
-                f"{first_path} has {first['dataset'].get(key)!r}"
-            )
 
 
 @torch.no_grad()
@@ -90,7 +64,7 @@ def predict_members(
     for path in paths:
         model, state = load_network(path, device)
         if states:
-            _check_same_network(state, path, states[0], paths[0])
+            check_same_network([(paths[0], states[0]), (path, state)], EnsembleError)
         if data is None:
             data = load_data(state["dataset"], device)
         probs.append(predict_probs(model, data, "test"))
@@ -186,7 +160,7 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         out_dir = Path(out_dir)
         result["json"], result["csv"] = str(out_dir / "ensemble.json"), str(out_dir / "ensemble.csv")
         atomic_write_json(out_dir / "ensemble.json", result)
-        atomic_write_text(out_dir / "ensemble.csv", _table_csv(
+        atomic_write_text(out_dir / "ensemble.csv", csv_text(
             ["checkpoint", "kind", "test_error", "test_nll", "test_ece", "test_brier"],
             [*rows, {"checkpoint": "ensemble", "kind": f"{len(files)} members", **ensemble}],
         ))
@@ -200,14 +174,6 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         intervals = {k: statistics.Interval(**cell[k]) for k in statistics.LOSSES}
         progress.log(f"  {name} (95 % interval): {statistics.differences_text(intervals)}")
     return result
-
-
-def _table_csv(header: list[str], rows: list[dict[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- the FGE / SSE report
@@ -248,7 +214,7 @@ def snapshot_report(
 
     Each snapshot is evaluated twice: as saved (BN recomputed, unless the run kept the
     running averages) and with the running averages of the training model at collection
-    time, which the snapshot keeps beside (see fge.save_snapshot). `start_weights` is the
+    time, which the snapshot keeps beside (see snapshots.save_snapshot). `start_weights` is the
     network the run started from (FGE: its --from network; SSE: the initialisation), for the
     distances in weight space.
     """
@@ -301,7 +267,7 @@ def snapshot_report(
         "members": rows,
     }
     header = [k for k in rows[0] if k != "checkpoint"]
-    atomic_write_text(paths["csv"], _table_csv(header, rows))
+    atomic_write_text(paths["csv"], csv_text(header, rows))
     atomic_write_bytes(paths["png"], _plot(method, rows, lr_rows, start))
     atomic_write_json(paths["json"], report)  # last: its presence marks a finished run
     start_text = f"start {start['test_error']:.2f} % / NLL {start['test_nll']:.4f} -> " if start else ""
@@ -314,11 +280,9 @@ def snapshot_report(
 
 
 def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], start: dict[str, Any] | None) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     name = method.upper()
     k = [r["members"] for r in rows]
@@ -349,7 +313,4 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
     axes[3].legend()
     fig.suptitle(f"{name}: members and ensemble")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)

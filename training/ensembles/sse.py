@@ -3,7 +3,7 @@
 From a freshly initialised network (seeded like `train`), SGD with the cosine LR restarted
 every `sse.cycle_epochs` epochs; a snapshot (BN recomputed) at the end of every cycle, where
 the LR is smallest. Snapshots only from cycles that end inside the `sse.epochs` budget.
-Shares the driver, snapshot format and report with FGE (training/fge.py).
+Shares the driver, snapshot format and report with FGE (training/ensembles/snapshots.py).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.config import Config, ConfigError, SSESettings
-from training.data import iterations_per_epoch
-from training.fge import run_snapshots
-from training.networks import dataset_spec, fresh_network, load_data, stage_device
-from training.runs import prepare_run_dir
-from training.schedules import cosine_restart_learning_rate
+from training.core.config import Config, ConfigError, SSESettings
+from training.core.data import iterations_per_epoch
+from training.core.networks import dataset_spec, fresh_network, load_data, stage_device
+from training.core.runs import prepare_run_dir
+from training.core.schedules import cosine_restart_learning_rate
+from training.ensembles.snapshots import SnapshotPlan, run_snapshots
 
 
 def sse_budget(settings: SSESettings, steps_per_epoch: int) -> tuple[int, int]:
@@ -40,22 +40,16 @@ def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = F
     cycle, budget = sse_budget(settings, steps_per_epoch)
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
     model, optimizer, fields = fresh_network(config, data, device, settings, "sse")
-    return run_snapshots(
-        "sse",
-        run_dir,
-        model=model,
-        optimizer=optimizer,
-        data=data,
-        batch_size=settings.batch_size,
+    plan = SnapshotPlan(
+        method="sse",
         budget=budget,
+        batch_size=settings.batch_size,
         learning_rate=lambda i: cosine_restart_learning_rate(i, cycle, settings.lr),
         collect_index=lambda i: i // cycle if i % cycle == 0 else None,
         cycle_end=lambda i: i,
-        fields=fields,
         seed=config.seed + 1,  # the data order of a train run with the same seed
         save_every=config.train.save_every,
-        bn_update=True,
-        resume=resume,
         settings={**settings.model_dump(), "cycle_iterations": cycle},
         sync_batchnorm=config.distributed.sync_batchnorm,
     )
+    return run_snapshots(plan, run_dir, model=model, optimizer=optimizer, data=data, fields=fields, resume=resume)

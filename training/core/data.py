@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from serving.errors import ModeconnError
-from training.checkpoint import atomic_write_bytes
-from training.distributed import shard_bounds
+from training.core.checkpoint import atomic_write_bytes
+from training.core.distributed import shard_bounds
 
 
 class DataError(ModeconnError):
@@ -339,7 +339,7 @@ def train_batches(
     """One shuffled epoch of normalised training batches (the last partial batch kept).
 
     `shard=(rank, world)`: this rank's contiguous part of every global batch of `batch_size`
-    (training/distributed.py `shard_bounds`: as even as possible). Every rank draws the same
+    (training/core/distributed.py `shard_bounds`: as even as possible). Every rank draws the same
     permutation and augmentation (for the whole global batch) from the same seeded generator,
     so the ranks together see exactly the batches of one process.
     """

@@ -35,6 +35,11 @@ def polychain_coefficients(t: torch.Tensor, num_bends: int) -> torch.Tensor:
 COEFFICIENTS = {"bezier": bezier_coefficients, "polychain": polychain_coefficients}
 
 
+def even_ts(points: int) -> list[float]:
+    """The exact grid i / (n - 1) in float64 (a float32 linspace gives 0.49999997 for 0.5)."""
+    return [i / (points - 1) for i in range(points)]
+
+
 def flatten_parameters(state: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([state[n].detach().reshape(-1).float() for n in names])
 

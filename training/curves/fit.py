@@ -17,14 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training import distributed, progress
-from training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.config import Config
-from training.curves import CurveModel
-from training.loop import fit
-from training.networks import build_network, load_data, stage_device
-from training.runs import prepare_run_dir
-from training.schedules import paper_learning_rate
+from training.core import distributed, progress
+from training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from training.core.config import Config
+from training.core.loop import FitPlan, fit
+from training.core.networks import build_network, load_data, stage_device
+from training.core.runs import prepare_run_dir
+from training.core.schedules import paper_learning_rate
+from training.core.sources import check_same_network
+from training.curves.model import CurveModel
 
 
 def _endpoint(path: Path) -> dict[str, Any]:
@@ -42,10 +43,7 @@ def fit_curve(
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     started = time.perf_counter()
     w0, w1 = _endpoint(start), _endpoint(end)
-    if w0["architecture"] != w1["architecture"]:
-        raise CheckpointError(f"endpoints differ in architecture: {w0['architecture']} vs {w1['architecture']}")
-    if w0["dataset"]["name"] != w1["dataset"]["name"]:
-        raise CheckpointError(f"endpoints were trained on different data: {w0['dataset']['name']} vs {w1['dataset']['name']}")
+    check_same_network([(start, w0), (end, w1)], CheckpointError)
     data = load_data(w0["dataset"], device)
     settings = config.curve
     torch.manual_seed(config.seed)
@@ -78,24 +76,20 @@ def fit_curve(
                   "start": str(start), "end": str(end), "weight_decay": settings.weight_decay},
         "config": config.model_dump(),
     }
-    rows = fit(
-        run_dir=run_dir,
-        model=curve,
-        optimizer=optimizer,
-        data=data,
+    plan = FitPlan(
         epochs=settings.epochs,
         batch_size=settings.batch_size,
         learning_rate=lambda epoch, _: paper_learning_rate(settings.lr, epoch, settings.epochs),
         seed=config.seed + 1,
-        checkpoint_fields=fields,
-        loss_fn=loss_fn,
-        save_every=settings.save_every,
-        resume=resume,
         description=f"curve {settings.curve}",
-        shared_generators={"curve_t": t_generator},
-        sync_batchnorm=config.distributed.sync_batchnorm,
         batch_setting="curve.batch_size",
+        save_every=settings.save_every,
+        sync_batchnorm=config.distributed.sync_batchnorm,
+        loss_fn=loss_fn,
+        shared_generators={"curve_t": t_generator},
     )
+    rows = fit(plan, run_dir=run_dir, model=curve, optimizer=optimizer, data=data, checkpoint_fields=fields,
+               resume=resume)
     if not distributed.is_main():
         return {"run_dir": str(run_dir), "rank": distributed.rank()}
     save_checkpoint(final_path, {**fields, "model": curve.state_dict(), "metrics": rows[-1]})

@@ -5,7 +5,7 @@ A checkpoint is written atomically every `save_every` epochs, at the epochs in
 (epoch, iteration), the RNG states and the resolved config, so `resume=True`
 continues a killed run and ends with the same weights as an uninterrupted one.
 
-Under torchrun (training/distributed.py) the same loop runs on every rank: `batch_size` is
+Under torchrun (training/core/distributed.py) the same loop runs on every rank: `batch_size` is
 the global batch, each rank takes its part of it, DDP averages the gradients, iterations
 count global steps; rank 0 writes the files, and a checkpoint holds every rank's RNG states.
 """
@@ -16,6 +16,7 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import distributed, progress
-from training.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from training.config import ConfigError
-from training.data import Dataset, iterations_per_epoch, train_batches
+from training.core import distributed, progress
+from training.core.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from training.core.config import ConfigError
+from training.core.data import Dataset, iterations_per_epoch, train_batches
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt$")
@@ -85,43 +86,53 @@ def _append_metrics(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+@dataclass
+class FitPlan:
+    """What one `fit` does: its length, schedule, data order, what it saves and its hooks.
+
+    `learning_rate(epoch, iteration)` (epoch from 0, iteration from 1) sets the LR of every
+    step; `after_step(iteration, epoch)` runs after each step on every rank (FGE collects
+    snapshots there). `max_iterations` ends the last epoch early, for budgets given in
+    fractional epochs (then `epochs = ceil(max_iterations / iterations per epoch)`).
+    `shared_generators`: generators seeded alike on every rank that the caller draws from
+    (the curve's t), saved and restored with the checkpoints. `evaluate` runs on rank 0 only.
+    `sync_batchnorm` and `batch_setting` (the setting named in errors): see distributed.py.
+    """
+
+    epochs: int
+    batch_size: int
+    learning_rate: Callable[[int, int], float]
+    seed: int
+    description: str = "train"
+    batch_setting: str = "train.batch_size"
+    max_iterations: int | None = None
+    save_every: int = 1
+    save_epochs: Iterable[int] = ()
+    augment: bool = True
+    sync_batchnorm: bool = False
+    loss_fn: LossFn = cross_entropy_loss
+    evaluate: Callable[[], dict[str, float]] | None = None
+    after_step: Callable[[int, int], None] | None = None
+    shared_generators: dict[str, torch.Generator] = field(default_factory=dict)
+
+
 def fit(
+    plan: FitPlan,
     *,
     run_dir: Path,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: Dataset,
-    epochs: int,
-    batch_size: int,
-    learning_rate: Callable[[int, int], float],
-    seed: int,
     checkpoint_fields: dict[str, Any],
-    loss_fn: LossFn = cross_entropy_loss,
-    save_every: int = 1,
-    save_epochs: Iterable[int] = (),
-    evaluate: Callable[[], dict[str, float]] | None = None,
-    after_step: Callable[[int, int], None] | None = None,
     resume: bool = False,
-    description: str = "train",
-    augment: bool = True,
-    max_iterations: int | None = None,
-    shared_generators: dict[str, torch.Generator] | None = None,
-    sync_batchnorm: bool = False,
-    batch_setting: str = "train.batch_size",
 ) -> list[dict[str, Any]]:
-    """Run `epochs` epochs of SGD; returns the per-epoch metric rows.
-
-    `learning_rate(epoch, iteration)` (epoch from 0, iteration from 1) sets the LR of every
-    step; `after_step(iteration, epoch)` runs after each step on every rank (FGE collects
-    snapshots there). `max_iterations` ends the last epoch early, for budgets given in
-    fractional epochs (the caller passes `epochs = ceil(max_iterations / iterations per epoch)`).
-    `shared_generators`: generators seeded alike on every rank that the caller draws from
-    (the curve's t), saved and restored with the checkpoints. `evaluate` runs on rank 0 only.
-    `sync_batchnorm` and `batch_setting` (the setting named in errors): see distributed.py.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    generators = {"data": generator, **(shared_generators or {})}
-    distributed.check_batch_size(batch_size, len(data.y_train), batch_setting)
+    """Run `plan.epochs` epochs of SGD (resuming from the run's last checkpoint if asked);
+    returns the per-epoch metric rows."""
+    epochs, batch_size, learning_rate, description = plan.epochs, plan.batch_size, plan.learning_rate, plan.description
+    max_iterations, loss_fn, after_step = plan.max_iterations, plan.loss_fn, plan.after_step
+    generator = torch.Generator().manual_seed(plan.seed)
+    generators = {"data": generator, **plan.shared_generators}
+    distributed.check_batch_size(batch_size, len(data.y_train), plan.batch_setting)
     shard = (distributed.rank(), distributed.world_size())
     metrics_path = run_dir / "metrics.jsonl"
     rows: list[dict[str, Any]] = []
@@ -139,8 +150,8 @@ def fit(
     elif resume:
         progress.log(f"[dim]{description}: nothing to resume in {run_dir}, starting fresh[/dim]")
     steps_per_epoch = iterations_per_epoch(data, batch_size)
-    save_at = set(save_epochs) | {epochs}
-    step_model = distributed.wrap_for_training(model, sync_batchnorm)
+    save_at = set(plan.save_epochs) | {epochs}
+    step_model = distributed.wrap_for_training(model, plan.sync_batchnorm)
     rows_total = len(data.y_train)
 
     for epoch in range(start_epoch, epochs):
@@ -150,7 +161,7 @@ def fit(
         correct = torch.zeros((), device=data.x_train.device)
         seen = 0
         with progress.task(f"{description} epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
-            for step, (x, y) in enumerate(train_batches(data, batch_size, generator, augment=augment, shard=shard)):
+            for step, (x, y) in enumerate(train_batches(data, batch_size, generator, augment=plan.augment, shard=shard)):
                 if max_iterations is not None and iteration >= max_iterations:
                     break  # depends on the iteration count only, so a resume replays it exactly
                 iteration += 1
@@ -178,12 +189,12 @@ def fit(
             "train_loss": float(totals[0] / totals[2]),
             "train_acc": float(totals[1] / totals[2]) * 100.0,
         }
-        if evaluate is not None and distributed.is_main():
-            row.update(evaluate())
+        if plan.evaluate is not None and distributed.is_main():
+            row.update(plan.evaluate())
         row["seconds"] = time.perf_counter() - started
         rows.append(row)
         _log_epoch(description, row)
-        saving = (epoch + 1) % save_every == 0 or (epoch + 1) in save_at
+        saving = (epoch + 1) % plan.save_every == 0 or (epoch + 1) in save_at
         rng_ranks = distributed.all_gather_objects(_rng_state(generators)) if saving else []
         if not distributed.is_main():
             continue

@@ -8,7 +8,7 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
 - SSE at kB: one SSE run of KB epochs; its snapshots whose cycle ends inside the first kB epochs.
 So a seed trains K + (K - 0.8) + K budgets (8.2 B for K = 3).
 
-Statistics (training/statistics.py): every metric as mean ± std over seeds, and paired bootstrap
+Statistics (training/core/statistics.py): every metric as mean ± std over seeds, and paired bootstrap
 95 % intervals over the test examples of FGE − Ind, FGE − SSE and FGE − single network (the
 first Ind network) at each budget, per seed and for the seed mean. Written to compare.md
 (with machine, date and test-set size), compare.csv (per-seed metrics), compare_differences.csv
@@ -22,8 +22,6 @@ made with other settings (its config.yaml) is refused, naming the folder to dele
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from pathlib import Path
 from typing import Any
@@ -32,24 +30,26 @@ import numpy as np
 import torch
 import yaml
 
-from training import progress, provenance, statistics
-from training.checkpoint import atomic_write_json, atomic_write_text
-from training.config import Config, ConfigError
-from training.data import Dataset, iterations_per_epoch
-from training.distributed import Job, run_jobs
-from training.ensemble import (
+from training.core import progress, provenance, statistics
+from training.core.checkpoint import atomic_write_json, atomic_write_text
+from training.core.config import Config, ConfigError
+from training.core.data import Dataset, iterations_per_epoch
+from training.core.distributed import Job, run_jobs
+from training.core.loop import checkpoint_path, resolve_device
+from training.core.metrics import classification_metrics
+from training.core.networks import dataset_spec, load_data
+from training.core.reports import csv_text
+from training.core.runs import RunDirError, claim_folder
+from training.core.schedules import even_cycle_iterations
+from training.ensembles.evaluate import (
     ensemble_probs,
     expand_members,
     predict_members,
     split_prefixed,
 )
-from training.fge import finished_snapshot_run, run_fge
-from training.loop import checkpoint_path, resolve_device
-from training.metrics import classification_metrics
-from training.networks import dataset_spec, load_data
-from training.runs import RunDirError, claim_folder
-from training.schedules import even_cycle_iterations
-from training.sse import run_sse
+from training.ensembles.fge import run_fge
+from training.ensembles.snapshots import finished_snapshot_run
+from training.ensembles.sse import run_sse
 from training.train import fge_start_epoch, train_or_reuse
 
 METHODS = ("Ind", "SSE", "FGE")
@@ -208,7 +208,7 @@ def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict
 def _differences(losses: list[dict[tuple[str, int], Losses]], budgets: list[int]) -> dict[str, dict[str, Any]]:
     """For each comparison and budget: every seed's interval, mean ± std of the per-seed
     differences, and the interval of the seed-mean difference (test examples resampled once
-    for all seeds; see training/statistics.py)."""
+    for all seeds; see training/core/statistics.py)."""
     out: dict[str, dict[str, Any]] = {}
     for name, baseline in COMPARISONS:
         for k in budgets:
@@ -296,29 +296,24 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
 def _csv(rows: list[dict[str, Any]]) -> str:
     header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
               "test_error", "test_nll", "test_ece", "test_brier"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buf.getvalue()
+    return csv_text(header, rows)
 
 
 def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
     """One row per comparison, budget, metric and seed ("mean" for the seed-mean difference)."""
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["comparison", "budget", "metric", "seed", "diff", "low", "high", "resamples", "bootstrap_seed"])
-    for name, cells in differences.items():
-        for budget, cell in cells.items():
-            for metric in statistics.LOSSES:
-                for seed, d in [*enumerate(cell["per_seed"]), ("mean", cell["seed_mean"])]:
-                    i = d[metric]
-                    writer.writerow([name, budget, metric, seed, i["mean"], i["low"], i["high"], i["resamples"], i["seed"]])
-    return buf.getvalue()
+    header = ["comparison", "budget", "metric", "seed", "diff", "low", "high", "resamples", "bootstrap_seed"]
+    return csv_text(header, (
+        [name, budget, metric, seed, d[metric]["mean"], d[metric]["low"], d[metric]["high"], d[metric]["resamples"],
+         d[metric]["seed"]]
+        for name, cells in differences.items()
+        for budget, cell in cells.items()
+        for metric in statistics.LOSSES
+        for seed, d in [*enumerate(cell["per_seed"]), ("mean", cell["seed_mean"])]
+    ))
 
 
 def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1) -> dict[str, Any]:
-    """Train (or reuse) every sub-run, `jobs_at_once` side by side (training/distributed.py
+    """Train (or reuse) every sub-run, `jobs_at_once` side by side (training/core/distributed.py
     `run_jobs`; the same results as one after the other), then write compare.md and
     compare.csv into `run_dir`."""
     started = time.perf_counter()

@@ -7,12 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from training import distributed
-from training.data import Dataset, eval_batches
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+from training.core import distributed
+from training.core.data import Dataset, eval_batches
 
 
 @torch.no_grad()

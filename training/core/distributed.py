@@ -7,7 +7,7 @@ of an epoch splits unevenly. Outside torchrun every helper is the one-process id
 the stages call them without branches.
 
 gloo on CPUs, NCCL on CUDA (one GPU per rank, chosen by LOCAL_RANK). Rank 0 alone writes
-files (training/checkpoint.py refuses a write from any other rank).
+files (training/core/checkpoint.py refuses a write from any other rank).
 
 `run_jobs` is the other way past one process: independent runs (compare's sub-runs, the
 pipeline's two networks) side by side in worker processes.
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.config import ConfigError
+from training.core.config import ConfigError
 
 
 def launched() -> bool:
@@ -174,7 +174,7 @@ def wrap_for_training(model: nn.Module, sync_batchnorm: bool = False) -> nn.Modu
     No buffer sync in the forward: DDP would otherwise copy rank 0's buffers into every rank before
     each forward (for a curve that includes its fixed control points, every step); each rank
     keeps its own BN running averages instead, rank 0's are the ones saved, and every place
-    that needs exact statistics recomputes them (`training.bn.recompute_bn`).
+    that needs exact statistics recomputes them (`training.core.bn.recompute_bn`).
 
     `sync_batchnorm`: the step runs a twin of `model` whose BatchNorm layers normalise with
     the statistics of the whole global batch; the twin shares every parameter and buffer

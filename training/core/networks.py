@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from models import ModelSpecError, build_model
-from training import distributed
-from training.checkpoint import CheckpointError, load_checkpoint
-from training.config import Config, ConfigError
-from training.data import Dataset, build_dataset, eval_batches
-from training.loop import resolve_device
-from training.metrics import classification_metrics
+from training.core import distributed
+from training.core.checkpoint import CheckpointError, load_checkpoint
+from training.core.config import Config, ConfigError
+from training.core.data import Dataset, build_dataset, eval_batches
+from training.core.loop import resolve_device
+from training.core.metrics import classification_metrics
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

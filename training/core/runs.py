@@ -24,14 +24,14 @@ import yaml
 from rich.markup import escape
 
 from serving.errors import ModeconnError
-from training import distributed, progress
-from training.checkpoint import (
+from training.core import distributed, progress
+from training.core.checkpoint import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
 )
-from training.config import Config
+from training.core.config import Config
 
 MARKER = ".modeconn.json"
 _MARKER_FORMAT = "modeconn-folder"

@@ -1,0 +1,1 @@
+"""Curves between two networks: the curve model, its fitting and its evaluation."""

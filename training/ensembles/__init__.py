@@ -1,0 +1,1 @@
+"""Ensembles: FGE and SSE (one snapshot driver), ensemble evaluation, the budget comparison."""

@@ -1,0 +1,141 @@
+"""`modeconn fge`: Fast Geometric Ensembling (Garipov et al. 2018) from a trained network.
+
+FGE continues SGD from an epoch checkpoint (weights and optimizer state, momentum buffers
+included: the paper's setting), or from any network checkpoint or bare state_dict with
+fresh momentum (see fge_start), with the triangular cyclical LR of docs/design.md, and collects the weights in the
+middle of every cycle (where lr = lr2) as an ordinary network checkpoint
+`run_dir/snapshots/snapshot-NNN.pt`, BN statistics recomputed on a copy. The weights it
+starts from are kept as `run_dir/start.pt` (for the report's distances in weight space).
+
+Budget: round(fge.epochs x iterations per epoch) iterations; a snapshot is collected only in a
+cycle that ends inside the budget, so the number of snapshots = budget // cycle.
+
+The driver, snapshot format and report are shared with SSE (training/ensembles/snapshots.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.core import distributed, progress
+from training.core.checkpoint import CheckpointError, load_checkpoint_or_weights
+from training.core.config import Config, ConfigError, FGESettings
+from training.core.data import iterations_per_epoch
+from training.core.networks import (
+    config_specs,
+    dataset_spec,
+    held_out_metrics,
+    load_data,
+    network_from_state,
+    stage_device,
+)
+from training.core.runs import prepare_run_dir
+from training.core.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
+from training.ensembles.snapshots import SnapshotPlan, run_snapshots
+
+MOMENTUM_KEPT, MOMENTUM_FRESH = "from checkpoint", "fresh"
+
+
+@dataclass
+class FGEStart:
+    model: nn.Module
+    optimizer: torch.optim.SGD
+    state: dict[str, Any]  # the start's fields (architecture, dataset, epoch, ...), weights included
+    source: str  # "epoch checkpoint", "checkpoint without optimizer state" or "weights file"
+    momentum: str  # MOMENTUM_KEPT or MOMENTUM_FRESH
+
+
+def fge_start(path: Path, config: Config, device: torch.device) -> FGEStart:
+    """The network and SGD optimizer FGE starts from.
+
+    An epoch checkpoint brings its momentum buffers (the paper's setting). A checkpoint
+    without optimizer state (final.pt, a snapshot, a curve point) or a bare state_dict of the
+    config's model (architecture and data from the config's model/data sections) starts
+    with fresh momentum (zero buffers, as at any SGD start).
+    """
+    path, settings = Path(path), config.fge
+    contents, is_checkpoint = load_checkpoint_or_weights(path, map_location=device)
+    if is_checkpoint:
+        state = contents
+        if state.get("kind") == "curve":
+            raise CheckpointError(f"{path} is a curve run; FGE starts from a network (pick a point with curve-point)")
+        source = "epoch checkpoint" if "optimizer" in state else "checkpoint without optimizer state"
+    else:
+        architecture, dataset = config_specs(config, load_data(dataset_spec(config), device))
+        state = {"architecture": architecture, "dataset": dataset, "model": contents}
+        source = "weights file"
+    model = network_from_state(state, path, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr1, momentum=settings.momentum,
+                                weight_decay=settings.weight_decay)
+    if "optimizer" not in state:
+        return FGEStart(model, optimizer, state, source, MOMENTUM_FRESH)
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as err:
+        raise CheckpointError(f"{path}: its optimizer state does not fit an SGD over the network ({err})") from err
+    # load_state_dict also brings back the train run's hyperparameters; FGE's settings apply
+    for group in optimizer.param_groups:
+        group.update(momentum=settings.momentum, weight_decay=settings.weight_decay)
+    return FGEStart(model, optimizer, state, source, MOMENTUM_KEPT)
+
+
+def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
+    """(cycle, budget) in iterations; an error when not even one cycle fits."""
+    cycle = even_cycle_iterations(settings.cycle_epochs, steps_per_epoch)
+    budget = round(settings.epochs * steps_per_epoch)
+    if budget < cycle:
+        raise ConfigError(
+            f"fge.epochs ({settings.epochs}) is shorter than one cycle (fge.cycle_epochs {settings.cycle_epochs} "
+            f"= {cycle} iterations): no snapshot would be collected"
+        )
+    return cycle, budget
+
+
+def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """FGE from `start` (see fge_start); returns output paths and start/ensemble metrics."""
+    settings = config.fge
+    device = stage_device(config)
+    torch.manual_seed(config.seed)  # dropout draws do not depend on what ran before in this process
+    begin = fge_start(start, config, device)
+    model, optimizer, state = begin.model, begin.optimizer, begin.state
+    data = load_data(state["dataset"], device)
+    steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
+    cycle, budget = fge_budget(settings, steps_per_epoch)
+    if budget % cycle:
+        progress.log(f"[yellow]fge: the budget ({budget} iterations) is not a whole number of cycles ({cycle}); "
+                     f"the last {budget % cycle} iterations add no snapshot[/yellow]")
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "fge.json")
+    note = "momentum buffers kept" if begin.momentum == MOMENTUM_KEPT else "no optimizer state: fresh momentum"
+    progress.log(f"fge: starting from {start} ({begin.source}; {note})")
+    start_info = {"checkpoint": str(start), "epoch": state.get("epoch"), "source": begin.source,
+                  "momentum": begin.momentum, **(held_out_metrics(model, data) if distributed.is_main() else {})}
+    fields = {
+        "kind": "fge",
+        "architecture": state["architecture"],
+        "dataset": state["dataset"],
+        "config": config.model_dump(),
+        "source": str(start),
+    }
+    plan = SnapshotPlan(
+        method="fge",
+        budget=budget,
+        batch_size=settings.batch_size,
+        learning_rate=lambda i: fge_learning_rate(i, cycle, settings.lr1, settings.lr2),
+        # whole cycles only: the cycle of the collection at i ends at i + c/2
+        collect_index=lambda i: i // cycle + 1 if fge_collects(i, cycle) and i + cycle // 2 <= budget else None,
+        cycle_end=lambda i: i + cycle // 2,
+        seed=config.seed + 2,  # a data order of its own (train uses seed + 1)
+        save_every=config.train.save_every,
+        settings={**settings.model_dump(), "cycle_iterations": cycle, "start_source": begin.source,
+                  "momentum_start": begin.momentum},
+        bn_update=settings.bn_update,
+        start=start_info,
+        sync_batchnorm=config.distributed.sync_batchnorm,
+    )
+    result = run_snapshots(plan, run_dir, model=model, optimizer=optimizer, data=data, fields=fields, resume=resume)
+    return {**result, "start_source": begin.source, "momentum": begin.momentum}

@@ -1,0 +1,206 @@
+"""The snapshot driver FGE and SSE share: the one loop `fit` with the method's LR, the
+snapshot writer (BN recomputed on a copy), the per-iteration LR log `lr.csv` (iteration, lr,
+epoch counted from 1) and the report METHOD.json/.csv/.png (training/ensembles/evaluate.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from training.core import distributed, progress
+from training.core.bn import recompute_bn
+from training.core.checkpoint import (
+    atomic_write_text,
+    model_checkpoint,
+    read_finished,
+    save_checkpoint,
+)
+from training.core.data import Dataset, iterations_per_epoch
+from training.core.loop import FitPlan, fit
+from training.core.networks import epoch_metrics, held_out_metrics
+from training.core.reports import csv_text
+from training.ensembles.evaluate import snapshot_report
+
+# iteration (from 1) -> the snapshot number collected there, or None
+CollectIndex = Callable[[int], int | None]
+
+
+def snapshot_path(run_dir: Path, index: int) -> Path:
+    return run_dir / "snapshots" / f"snapshot-{index:03d}.pt"
+
+
+def bn_running_averages(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The BN buffers (running mean/var, batch count) by state_dict key: what recompute_bn replaces."""
+    return {
+        f"{name}.{buffer_name}" if name else buffer_name: buffer.detach().cpu().clone()
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        for buffer_name, buffer in module.named_buffers(recurse=False)
+    }
+
+
+def save_snapshot(
+    path: Path, model: nn.Module, data: Dataset, fields: dict[str, Any], info: dict[str, Any], bn_update: bool
+) -> dict[str, float]:
+    """Save the live weights as an ordinary checkpoint; returns its test metrics.
+
+    BN statistics are recomputed on a deep copy so the training model (and its running
+    averages, which the next steps keep updating) is untouched. The running averages are
+    kept beside the recomputed ones (`bn_running_averages`, a few KB) so the report can
+    measure what the recomputation changes from the files alone, also after a resume.
+    Under torchrun every rank calls this (the recomputation is shared); rank 0 evaluates
+    and writes, the others return {}.
+    """
+    net = copy.deepcopy(model)
+    running = bn_running_averages(net)
+    recomputed = bn_update and bool(running)
+    if recomputed:
+        recompute_bn(net, data)
+    if not distributed.is_main():
+        return {}
+    net.eval()
+    metrics = held_out_metrics(net, data)
+    extra = {k: v for k, v in fields.items() if k not in ("architecture", "dataset")}
+    extra.update(kind=f"{fields['kind']}-snapshot", metrics=metrics, snapshot=info, bn_recomputed=recomputed)
+    if recomputed:
+        extra["bn_running_averages"] = running
+    save_checkpoint(path, model_checkpoint(net, fields["architecture"], fields["dataset"], **extra))
+    return metrics
+
+
+def read_lr_log(path: Path) -> dict[int, tuple[float, int]]:
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        return {int(r["iteration"]): (float(r["lr"]), int(r["epoch"])) for r in csv.DictReader(f)}
+
+
+def write_lr_log(path: Path, rows: dict[int, tuple[float, int]]) -> None:
+    atomic_write_text(path, csv_text(["iteration", "lr", "epoch"],
+                                     ([i, repr(lr), epoch] for i, (lr, epoch) in sorted(rows.items()))))
+
+
+def collection_points(budget: int, collect_index: CollectIndex) -> list[tuple[int, int]]:
+    """(iteration, snapshot number) of every collection inside the budget."""
+    return [(i, k) for i in range(1, budget + 1) if (k := collect_index(i)) is not None]
+
+
+@dataclass
+class SnapshotPlan:
+    """What an FGE or SSE run does: `budget` iterations with `learning_rate(i)` (i = this run's
+    iteration from 1), a snapshot wherever `collect_index(i)` names one; `settings` and `start`
+    go into the report."""
+
+    method: str
+    budget: int
+    batch_size: int
+    learning_rate: Callable[[int], float]
+    collect_index: CollectIndex
+    cycle_end: Callable[[int], int]
+    seed: int
+    save_every: int
+    settings: dict[str, Any]
+    bn_update: bool = True
+    start: dict[str, Any] | None = None
+    sync_batchnorm: bool = False
+
+
+def run_snapshots(
+    plan: SnapshotPlan,
+    run_dir: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    fields: dict[str, Any],
+    resume: bool,
+) -> dict[str, Any]:
+    """Train the plan's budget, save its snapshots, then write the report."""
+    method, budget, learning_rate, collect_index = plan.method, plan.budget, plan.learning_rate, plan.collect_index
+    started = time.perf_counter()
+    steps_per_epoch = iterations_per_epoch(data, plan.batch_size)
+    lr_path = run_dir / "lr.csv"
+    # Buffered in memory (no file I/O in the hot loop) and written at each epoch end, before
+    # fit's checkpoint; a resume drops the rows after the point it restarts from.
+    lr_rows = read_lr_log(lr_path) if resume else {}
+    first_call = True
+    # the weights the run starts from, for the report's distances (the model is still at its
+    # start here: fit loads a resumed run's state later, so a resume writes the same file)
+    start_weights = run_dir / "start.pt"
+    if distributed.is_main() and not start_weights.is_file():
+        save_checkpoint(start_weights, model_checkpoint(model, fields["architecture"], fields["dataset"],
+                                                        kind=f"{method}-start", source=fields.get("source")))
+
+    def lr_at(epoch: int, iteration: int) -> float:
+        nonlocal first_call
+        if first_call:
+            for stale in [i for i in lr_rows if i >= iteration]:
+                del lr_rows[stale]
+            first_call = False
+        lr = learning_rate(iteration)
+        lr_rows[iteration] = (lr, epoch + 1)
+        return lr
+
+    def after_step(iteration: int, epoch: int) -> None:
+        index = collect_index(iteration)
+        if index is None:
+            return
+        info = {"method": method, "index": index, "iteration": iteration, "cycle_end": plan.cycle_end(iteration),
+                "epoch": iteration / steps_per_epoch, "lr": learning_rate(iteration)}
+        metrics = save_snapshot(snapshot_path(run_dir, index), model, data, fields, info, plan.bn_update)
+        if metrics:
+            progress.log(f"{method} snapshot {index} at iteration {iteration}: test error {metrics['test_error']:.2f} %")
+
+    def end_of_epoch() -> dict[str, float]:
+        write_lr_log(lr_path, lr_rows)
+        return epoch_metrics(model, data)
+
+    fit_plan = FitPlan(
+        epochs=math.ceil(budget / steps_per_epoch),
+        max_iterations=budget,
+        batch_size=plan.batch_size,
+        learning_rate=lr_at,
+        seed=plan.seed,
+        description=method,
+        batch_setting=f"{method}.batch_size",
+        save_every=plan.save_every,
+        sync_batchnorm=plan.sync_batchnorm,
+        evaluate=end_of_epoch,
+        after_step=after_step,
+    )
+    fit(fit_plan, run_dir=run_dir, model=model, optimizer=optimizer, data=data, checkpoint_fields=fields,
+        resume=resume)
+    if not distributed.is_main():
+        return {"run_dir": str(run_dir), "rank": distributed.rank()}
+    write_lr_log(lr_path, lr_rows)
+    points = collection_points(budget, collect_index)
+    result = snapshot_report(
+        method,
+        run_dir,
+        [snapshot_path(run_dir, k) for _, k in points],
+        data,
+        lr_rows={i: lr for i, (lr, _) in lr_rows.items()},
+        start=plan.start,
+        settings={**plan.settings, "budget_iterations": budget, "iterations_per_epoch": steps_per_epoch},
+        start_weights=start_weights,
+    )
+    result["seconds"] = time.perf_counter() - started
+    return result
+
+
+def finished_snapshot_run(run_dir: Path, method: str) -> dict[str, Any] | None:
+    """The report of an FGE/SSE run that already finished (its METHOD.json is written last)."""
+    report = read_finished(run_dir / f"{method}.json")
+    if report is None or not all(Path(m["checkpoint"]).is_file() for m in report.get("members", [])):
+        return None
+    return {**report["summary"], "skipped": True}
