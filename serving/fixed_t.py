@@ -6,8 +6,8 @@ so onnxruntime cannot prepack its convolutions (NCHWc layout) or fold BN into th
 CPU kernels). `CurveSplit` cuts the graph once, at load, in two:
 
 - the t-part: every node that does not depend on `x` (coefficients, w(t) = c(t) @ points,
-  the reshapes and splits, the BN hat weights times the grid); a small session that maps t
-  to the tensors the x-part reads ("boundary" tensors), run once per new t;
+  the reshapes and splits, the BN hat weights times the grid, any constants); a small
+  session that maps t to the tensors the x-part reads ("boundary" tensors), run once per t;
 - the x-part: the rest, with each 1D Conv rewritten as Unsqueeze -> 2D Conv -> Squeeze, and
   the boundary tensors as initializers. Built as a session per t: onnxruntime then folds
   and prepacks the constant weights like a member graph's.
@@ -48,13 +48,11 @@ class CurveSplit:
         graph = model.graph
         self._opset, self._ir = list(model.opset_import), model.ir_version
         x_dependent = _downstream(graph, "x")
-        t_dependent = _downstream(graph, "t")
         x_nodes = [n for n in graph.node if any(o in x_dependent for o in n.output)]
         t_nodes = [n for n in graph.node if not any(o in x_dependent for o in n.output)]
-        # tensors computed from t (not from x) that the x-part reads
-        self.boundary = sorted(
-            {i for n in x_nodes for i in n.input if i in t_dependent and i not in x_dependent}
-        )
+        # what the t-part computes (from t, or constants) and the x-part reads
+        computed = {o for n in t_nodes for o in n.output}
+        self.boundary = sorted({i for n in x_nodes for i in n.input if i in computed})
         self._inits = {i.name: i for i in graph.initializer}
         self._x_input = [i for i in graph.input if i.name == "x"]
         self._t_input = [i for i in graph.input if i.name == "t"]
@@ -63,7 +61,9 @@ class CurveSplit:
         self._t_nodes = t_nodes
         axis = numpy_helper.from_array(np.array([2], dtype=np.int64), _AXIS2)
         self._x_inits = [self._inits[k] for k in _inputs_of(self._x_nodes) if k in self._inits]
-        self._x_inits = [i for i in self._x_inits if i.name not in self.boundary] + [axis]
+        self._x_inits = [i for i in self._x_inits if i.name not in self.boundary]
+        if _AXIS2 in _inputs_of(self._x_nodes):  # only where a 1D conv was rewritten
+            self._x_inits.append(axis)
         t_graph = helper.make_graph(
             t_nodes,
             "curve_t_part",

@@ -84,8 +84,11 @@ class EnsembleGraph(nn.Module):
     cores at batch 64 and 1024 and faster at batch 1, but ran at 0.17x the member loop on
     an H100 at batch 1024 (cuDNN's grouped convolutions) and was bimodal at batch 1 on
     CIFAR shapes; members in turn run the same kernels as the member graphs on any
-    provider. The gain over K member sessions is one call and one thread pool instead of K
-    (benchmarks/results/ensemble_inference-*).
+    provider. Measured fairly (every session's thread spinning off, or each way in its own
+    process) it is about as fast as the loop over K member sessions at batch 64 and 1024
+    (benchmarks/results/curve_inference-*); the 2x once reported came from the member
+    sessions' spinning thread pools slowing each other. What it gives is one call, one
+    thread pool and every member's probabilities from one graph.
     """
 
     def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
