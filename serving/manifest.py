@@ -308,7 +308,7 @@ def _table(name: str, schema: dict[str, Any]) -> list[str]:
     lines += ["| field | type | required | notes |", "|---|---|---|---|"]
     required = set(schema.get("required", []))
     for field, spec in schema.get("properties", {}).items():
-        notes = " ".join(filter(None, [_bounds(spec), spec.get("description", "")])).replace("|", "\\|")
+        notes = "; ".join(filter(None, [_bounds(spec), spec.get("description", "")])).replace("|", "\\|")
         lines.append(f"| `{field}` | {_type_text(spec)} | {'yes' if field in required else 'no'} | {notes} |")
     return [*lines, ""]
 

@@ -38,6 +38,11 @@ from serving.schemas import (
 
 OPENAPI_VERSION = "3.1.0"  # JSON Schema 2020-12: pydantic's schemas (null in anyOf) fit as they are
 _REF = "#/components/schemas/{model}"
+_CALIBRATED = {
+    "type": "boolean",
+    "default": True,
+    "description": "temperature-scaled probabilities (GET /info lists the temperatures); false: raw",
+}
 
 
 def openapi_document(
@@ -59,7 +64,7 @@ def openapi_document(
     components["PredictRequest"] = {
         "title": "PredictRequest",
         "type": "object",
-        "properties": {"inputs": inputs_schema(shape, max_rows)},
+        "properties": {"inputs": inputs_schema(shape, max_rows), "calibrated": _CALIBRATED},
         "required": ["inputs"],
         "additionalProperties": False,
     }
@@ -68,6 +73,7 @@ def openapi_document(
         "type": "object",
         "properties": {
             "inputs": inputs_schema(shape, max_rows),
+            "calibrated": _CALIBRATED,
             "t": {**_unit(), "description": "one point on the curve"},
             "ts": {
                 **_unit_array(max_ts),

@@ -51,6 +51,10 @@ class PredictRequest(_Request):
         max_length=MAX_REQUEST_ROWS,
         description="N rows, each of the model's input shape (see GET /info), raw values",
     )
+    calibrated: bool = Field(
+        default=True,
+        description="temperature-scaled probabilities (the manifest's temperatures; GET /info); false: raw",
+    )
 
 
 class CurvePredictRequest(PredictRequest):
@@ -83,7 +87,9 @@ class CurvePredictRequest(PredictRequest):
 
 
 class PredictResponse(BaseModel):
-    probabilities: list[list[float]] = Field(description="N x C, mean softmax")
+    probabilities: list[list[float]] = Field(
+        description="N x C, mean softmax, temperature-scaled unless the request says calibrated: false"
+    )
     predictions: list[int] = Field(description="argmax class index per row")
     labels: list[str] = Field(description="class name of each prediction")
     entropy: list[float] = Field(description="predictive entropy of the mean distribution, nats")
@@ -135,6 +141,9 @@ class InfoResponse(BaseModel):
     batching: dict[str, Any]
     limits: dict[str, Any]
     ready: bool
+    calibration: dict[str, Any] | None = Field(
+        default=None, description="temperatures, NLL before/after on validation, calibrated test metrics"
+    )
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

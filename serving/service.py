@@ -3,6 +3,8 @@
 Endpoints
   POST /predict        {"inputs": N x input_shape}            -> ensemble.onnx
   POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> curve.onnx at phi(t) / mean over ts
+  Both return temperature-scaled probabilities (the manifest's temperatures, serving/calibration.py)
+  when the artifact has them, raw ones with "calibrated": false or for a format-1 artifact.
   GET|POST /info       model card + execution provider + batching settings
   GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
@@ -64,6 +66,7 @@ from starlette.routing import Route
 
 from serving.artifact import Artifact, ArtifactError, load_artifact
 from serving.batching import BatchSettings, MicroBatcher, Overloaded
+from serving.calibration import calibration_card, curve_temperature, scale
 from serving.env import env_flag, env_int
 from serving.middleware import OpenAPIMiddleware, RequestGuardMiddleware
 from serving.openapi import openapi_document
@@ -223,7 +226,7 @@ class ModeConnService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
-    async def predict(self, inputs: list[Any]) -> Response:
+    async def predict(self, inputs: list[Any], calibrated: bool = True) -> Response:
         """Mean softmax of the ensemble members, with entropy and member agreement."""
         if (refusal := self._refuse_early()) is not None:
             return refusal
@@ -237,13 +240,19 @@ class ModeConnService:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         if (refusal := _non_finite(mean)) is not None:
             return refusal
+        if calibrated and (temperature := self.artifact.spec.ensemble_temperature) is not None:
+            mean = scale(mean, temperature)  # the argmax, so predictions and agreement, is unchanged
         return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names)))
 
     @bentoml.api(
         route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
     )
     async def predict_curve(
-        self, inputs: list[Any], t: float | None = None, ts: list[float] | None = None
+        self,
+        inputs: list[Any],
+        t: float | None = None,
+        ts: list[float] | None = None,
+        calibrated: bool = True,
     ) -> Response:
         """Softmax of the curve model at phi(t), or the mean softmax over several t."""
         if (refusal := self._refuse_early()) is not None:
@@ -260,6 +269,10 @@ class ModeConnService:
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
+        if calibrated and (temperatures := self.artifact.spec.curve_temperatures) is not None:
+            stacked = np.stack(  # each t at its own T(t), then the mean over the ts
+                [scale(p, curve_temperature(temperatures, tv)) for p, tv in zip(stacked, t_values, strict=True)]
+            )
         mean = stacked[0] if len(t_values) == 1 else stacked.mean(axis=0, dtype=np.float64)
         if (refusal := _non_finite(mean)) is not None:
             return refusal
@@ -332,6 +345,7 @@ class ModeConnService:
                 "max_body_bytes": MAX_BODY_BYTES,
             },
             ready=self._ready.is_set(),
+            calibration=calibration_card(self.artifact.spec),
         )
 
 

@@ -198,9 +198,21 @@ def plain_server(servers: tuple[Server, Server]) -> Server:
 # -- offline reference ------------------------------------------------------------------------
 
 
+def _temperature_scaled(p: np.ndarray, temperature: float) -> np.ndarray:
+    """p^(1/T), renormalised: softmax(log p / T) computed another way."""
+    powered = p.astype(np.float64) ** (1.0 / temperature)
+    return powered / powered.sum(axis=-1, keepdims=True)
+
+
 class Offline:
+    """What the server should answer, from onnxruntime run here and the manifest's temperatures
+    (the served probabilities are temperature-scaled unless a request says calibrated: false)."""
+
     def __init__(self, root: Path) -> None:
         self.artifact = load_artifact(root)
+        manifest = json.loads((root / "manifest.json").read_text())
+        self.temperature = manifest["ensemble"]["calibration"]["temperature"]
+        self.curve_temperatures = manifest["curve"]["calibration"]["temperatures"]
         opts = ["CPUExecutionProvider"]
         self.ensemble = ort.InferenceSession(str(self.artifact.ensemble_file), providers=opts)
         self.curve = ort.InferenceSession(str(self.artifact.curve_file), providers=opts)
@@ -208,12 +220,20 @@ class Offline:
             ort.InferenceSession(str(f), providers=opts) for f in self.artifact.member_files
         ]
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, x: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
         mean, members = self.ensemble.run(None, {"x": x})
-        return mean, members
+        return (_temperature_scaled(mean, self.temperature) if calibrated else mean), members
 
-    def at(self, t: float, x: np.ndarray) -> np.ndarray:
-        return self.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
+    def at(self, t: float, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        probs = self.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
+        return _temperature_scaled(probs, self.curve_temperature(t)) if calibrated else probs
+
+    def curve_temperature(self, t: float) -> float:
+        """T(t): linear between the grid points i / (n - 1), written out here independently."""
+        temps = self.curve_temperatures
+        position = t * (len(temps) - 1)
+        low = min(int(position), len(temps) - 2)
+        return temps[low] + (position - low) * (temps[low + 1] - temps[low])
 
 
 @pytest.fixture(scope="module")
@@ -326,7 +346,7 @@ def test_test_artifact_curve_ends_at_its_members(offline: Offline) -> None:
     x = _inputs(9, seed=2)
     for t, rel in ENDPOINT_MEMBERS.items():
         member = ort.InferenceSession(str(offline.artifact.root / rel))
-        np.testing.assert_allclose(offline.at(t, x), member.run(None, {"x": x})[0], atol=ATOL)
+        np.testing.assert_allclose(offline.at(t, x, calibrated=False), member.run(None, {"x": x})[0], atol=ATOL)
 
 
 def test_predict_curve_ts_is_mean_of_points(server: Server, offline: Offline) -> None:
@@ -337,6 +357,42 @@ def test_predict_curve_ts_is_mean_of_points(server: Server, offline: Offline) ->
     per_t = np.stack([offline.at(t, x) for t in ts])
     _check_fields(r.json(), per_t.mean(axis=0), per_t)
     assert r.json()["ts"] == ts
+
+
+def test_served_calibrated_probabilities_equal_offline(server: Server, offline: Offline) -> None:
+    """The manifest's temperatures applied by the server equal training's calibration of the
+    same graphs' outputs (≤ 1e-6); "calibrated": false answers the graphs' raw output."""
+    import torch
+
+    from training.ensembles.calibration import calibrate, interpolated_temperature
+
+    def offline_calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
+        return calibrate(torch.from_numpy(raw), temperature).numpy()
+
+    x = _inputs(16, seed=5)
+    raw_mean, members = offline.predict(x, calibrated=False)
+    assert offline.temperature != pytest.approx(1.0, abs=1e-3)  # else this test shows nothing
+    body = server.post("/predict", {"inputs": x.tolist()}).json()
+    want = offline_calibrated(raw_mean, offline.temperature)
+    np.testing.assert_allclose(body["probabilities"], want, atol=1e-6, rtol=0)
+    assert body["predictions"] == raw_mean.argmax(axis=1).tolist()
+    raw = server.post("/predict", {"inputs": x.tolist(), "calibrated": False}).json()
+    np.testing.assert_allclose(raw["probabilities"], raw_mean, atol=1e-6, rtol=0)
+
+    temps = offline.curve_temperatures
+    for ts in ([0.3], [0.0, 0.55, 1.0]):
+        per_t = [offline_calibrated(offline.at(t, x, calibrated=False), interpolated_temperature(temps, t)) for t in ts]
+        body = server.post("/predict_curve", {"inputs": x.tolist(), "ts": ts}).json()
+        np.testing.assert_allclose(body["probabilities"], np.mean(per_t, axis=0), atol=1e-6, rtol=0)
+    raw_curve = server.post("/predict_curve", {"inputs": x.tolist(), "t": 0.3, "calibrated": False}).json()
+    np.testing.assert_allclose(raw_curve["probabilities"], offline.at(0.3, x, calibrated=False), atol=1e-6, rtol=0)
+
+    card = requests.get(server.url + "/info", timeout=10).json()["calibration"]
+    assert card["applied_by_default"] is True
+    assert card["ensemble"]["temperature"] == offline.temperature
+    assert card["ensemble"]["calibrated_val_nll"] <= card["ensemble"]["val_nll"]
+    assert set(card["ensemble"]["calibrated_metrics"]) == {"error", "nll", "ece", "brier"}
+    assert card["curve"]["temperatures"] == temps and len(card["members"]) == 3
 
 
 def _concurrent_batch1(server: Server, offline: Offline, n: int = 64) -> None:
@@ -569,7 +625,7 @@ def test_load_artifact_refuses_a_missing_file(artifact_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m.update(format_version=2), "format_version"),
+        (lambda m: m.update(format_version=99), "format_version is 99"),
         (lambda m: m["dataset"].update(num_classes=9), "class_names"),
         (lambda m: m["ensemble"].update(num_members=4), "num_members"),
         (lambda m: m.pop("curve"), "curve"),

@@ -73,6 +73,15 @@ def calibration_report(val_probs: torch.Tensor, y_val: torch.Tensor, test_probs:
     }
 
 
+def calibrated_columns(report: dict[str, Any] | None) -> dict[str, float]:
+    """A report as table columns: temperature and the calibrated test NLL, ECE and Brier (the
+    error does not change: scaling keeps every argmax). Empty without a report."""
+    if report is None:
+        return {}
+    cal = report["calibrated_metrics"]
+    return {"temperature": report["temperature"], **{f"calibrated_test_{k}": cal[k] for k in ("nll", "ece", "brier")}}
+
+
 def grid_temperatures(val_probs: list[torch.Tensor], y_val: torch.Tensor) -> dict[str, Any]:
     """T(t) at each grid point of a curve (the manifest's `CurveCalibration` fields)."""
     temperatures, raw, calibrated = [], [], []

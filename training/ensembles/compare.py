@@ -42,6 +42,7 @@ from training.core.metrics import classification_metrics
 from training.core.networks import dataset_spec, load_data
 from training.core.runs import RunDirError, claim_folder
 from training.core.schedules import even_cycle_iterations
+from training.ensembles.calibration import calibrated_columns, calibration_report
 from training.ensembles.evaluate import (
     ensemble_probs,
     expand_members,
@@ -178,10 +179,14 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
                 raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
             chosen, count = members[method], counts[method]
             probs = ensemble_probs(chosen.probs[:count])
-            val = {} if chosen.val_probs is None else split_prefixed(
-                classification_metrics(ensemble_probs(chosen.val_probs[:count]), data.y_val), "val")
-            rows.append({"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed,
-                         "members": count, **val, **split_prefixed(classification_metrics(probs, data.y_test))})
+            val, calibrated = {}, {}
+            if chosen.val_probs is not None:
+                val_probs = ensemble_probs(chosen.val_probs[:count])
+                val = split_prefixed(classification_metrics(val_probs, data.y_val), "val")
+                # Ashukha et al. 2020: compare ensembles at their best temperature (fitted on validation)
+                calibrated = calibrated_columns(calibration_report(val_probs, data.y_val, probs, data.y_test))
+            rows.append({"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed, "members": count,
+                         **val, **split_prefixed(classification_metrics(probs, data.y_test)), **calibrated})
             losses[method, k] = statistics.per_example_losses(probs, data.y_test)
         losses["single", k] = single
     return rows, losses
@@ -196,7 +201,7 @@ def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict
             entry: dict[str, float] = {}
             metrics = [("test", m) for m in ("error", "nll", "ece", "brier")]
             if "val_nll" in cell[0]:
-                metrics += [("val", "error"), ("val", "nll")]
+                metrics += [("val", "error"), ("val", "nll"), ("calibrated_test", "nll")]
             for split, metric in metrics:
                 spread = statistics.mean_std([r[f"{split}_{metric}"] for r in cell])
                 entry[f"{split}_{metric}_mean"], entry[f"{split}_{metric}_std"] = spread["mean"], spread["std"]
@@ -249,9 +254,13 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
     ]
     for method in METHODS:
         cells = [table[method][k] for k in budgets]
-        for metric, label, digits in (("error", "error %", 2), ("nll", "NLL", 4), ("brier", "Brier", 4), ("ece", "ECE", 4)):
-            values = " | ".join(f"{c[f'test_{metric}_mean']:.{digits}f} ± {c[f'test_{metric}_std']:.{digits}f}"
-                                + (f" [{c['members']:g}]" if metric == "error" else "") for c in cells)
+        rows = [("test_error", "error %", 2), ("test_nll", "NLL", 4), ("calibrated_test_nll", "calibrated NLL", 4),
+                ("test_brier", "Brier", 4), ("test_ece", "ECE", 4)]
+        for key, label, digits in rows:
+            if f"{key}_mean" not in cells[0]:
+                continue  # no validation split: nothing to fit a temperature on
+            values = " | ".join(f"{c[f'{key}_mean']:.{digits}f} ± {c[f'{key}_std']:.{digits}f}"
+                                + (f" [{c['members']:g}]" if key == "test_error" else "") for c in cells)
             lines.append(f"| {method} | {label} | {values} |")
     lines += [
         "",
@@ -296,7 +305,8 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
-              "test_error", "test_nll", "test_ece", "test_brier"]
+              "test_error", "test_nll", "test_ece", "test_brier", "temperature", "calibrated_test_nll",
+              "calibrated_test_ece", "calibrated_test_brier"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore")
     writer.writeheader()
