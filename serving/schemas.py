@@ -53,6 +53,7 @@ class PredictRequest(_Request):
     )
     calibrated: bool = Field(
         default=True,
+        strict=True,  # the document says boolean: 0, 1 or "true" are refused, not coerced
         description="temperature-scaled probabilities (the manifest's temperatures; GET /info); false: raw",
     )
 
