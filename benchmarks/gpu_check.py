@@ -134,7 +134,7 @@ def _load(url: str, xs: np.ndarray, expected: np.ndarray, clients: int, per_clie
         session, errors, worst = requests.Session(), 0, 0.0
         for r in range(per_client):
             i = (c * per_client + r) % len(xs)
-            resp = session.post(f"{url}/predict", json={"inputs": xs[i:i + 1].tolist()}, timeout=60)
+            resp = session.post(f"{url}/predict", json={"inputs": xs[i:i + 1].tolist(), "calibrated": False}, timeout=60)
             if resp.status_code != 200:
                 errors += 1
                 continue
@@ -168,9 +168,10 @@ def http(env: dict[str, str], artifact_dir: Path, work: Path, quick: bool) -> di
     try:
         info = requests.get(f"{url}/info", timeout=10).json()
         out["info_providers"] = info["execution_providers"]
-        body = requests.post(f"{url}/predict", json={"inputs": xs[:64].tolist()}, timeout=30).json()
+        body = requests.post(f"{url}/predict", json={"inputs": xs[:64].tolist(), "calibrated": False}, timeout=30).json()
         out["predict_max_abs_diff"] = float(np.abs(np.asarray(body["probabilities"]) - expected[:64]).max())
-        body = requests.post(f"{url}/predict_curve", json={"inputs": xs[:64].tolist(), "t": 0.3}, timeout=30).json()
+        body = requests.post(f"{url}/predict_curve", json={"inputs": xs[:64].tolist(), "t": 0.3, "calibrated": False},
+                             timeout=30).json()
         want = curve_cpu.run(None, {"x": xs[:64], "t": np.array([0.3], np.float32)})[0]
         out["predict_curve_max_abs_diff"] = float(np.abs(np.asarray(body["probabilities"]) - want).max())
         bad = requests.post(f"{url}/predict", json={"inputs": [[1.0] * 39]}, timeout=10)

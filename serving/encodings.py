@@ -153,9 +153,10 @@ def _pixels(image: object, channels: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def curve_points(query: str) -> list[float]:
-    """`t=0.3` or `ts=0.2,0.5,0.8` from a query string: exactly one of them, each in [0, 1]."""
-    params = _query(query, {"t", "ts"})
+def curve_query(query: str) -> tuple[list[float], bool]:
+    """`t=0.3` or `ts=0.2,0.5,0.8` from a query string (exactly one of them, each in [0, 1]),
+    and `calibrated=true|false` (default true)."""
+    params = _query(query, {"t", "ts", "calibrated"})
     if ("t" in params) == ("ts" in params):
         raise InputError("give exactly one of the query parameters t=0.3 or ts=0.2,0.5,0.8")
     name = "t" if "t" in params else "ts"
@@ -172,12 +173,19 @@ def curve_points(query: str) -> list[float]:
         if not 0.0 <= value <= 1.0:  # also False for NaN
             raise InputError(f"{where} = {text!r} is not in [0, 1]")
         values.append(value)
-    return values
+    return values, _calibrated(params)
 
 
-def no_query(query: str) -> None:
-    """/predict takes no query parameters: refuse them rather than ignore them."""
-    _query(query, set())
+def predict_query(query: str) -> bool:
+    """/predict takes only `calibrated=true|false` in the query: refuse the rest rather than ignore it."""
+    return _calibrated(_query(query, {"calibrated"}))
+
+
+def _calibrated(params: dict[str, str]) -> bool:
+    text = params.get("calibrated", "true")
+    if text not in ("true", "false"):
+        raise InputError(f"calibrated = {text!r}: use true or false")
+    return text == "true"
 
 
 def _query(query: str, allowed: set[str]) -> dict[str, str]:

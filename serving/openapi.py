@@ -43,6 +43,11 @@ from serving.schemas import (
 
 OPENAPI_VERSION = "3.1.0"  # JSON Schema 2020-12: pydantic's schemas (null in anyOf) fit as they are
 _REF = "#/components/schemas/{model}"
+_CALIBRATED = {
+    "type": "boolean",
+    "default": True,
+    "description": "temperature-scaled probabilities (GET /info lists the temperatures); false: raw",
+}
 
 
 def openapi_document(
@@ -64,7 +69,7 @@ def openapi_document(
     components["PredictRequest"] = {
         "title": "PredictRequest",
         "type": "object",
-        "properties": {"inputs": inputs_schema(shape, max_rows)},
+        "properties": {"inputs": inputs_schema(shape, max_rows), "calibrated": _CALIBRATED},
         "required": ["inputs"],
         "additionalProperties": False,
     }
@@ -73,6 +78,7 @@ def openapi_document(
         "type": "object",
         "properties": {
             "inputs": inputs_schema(shape, max_rows),
+            "calibrated": _CALIBRATED,
             "t": {**_unit(), "description": "one point on the curve"},
             "ts": {
                 **_unit_array(max_ts),
@@ -102,6 +108,7 @@ def openapi_document(
                 answer="PredictResponse",
                 errors=post_errors,
                 binary=binary,
+                binary_note=" With a binary body, `?calibrated=false` asks for raw probabilities.",
             )
         },
         "/predict_curve": {
@@ -115,7 +122,7 @@ def openapi_document(
                 binary=binary,
                 binary_note=" With a binary body, give `t` or `ts` in the query string: "
                 "`?t=0.3` or `?ts=0.2,0.5,0.8` (exactly one; values in [0, 1], at most "
-                f"{max_ts}).",
+                f"{max_ts}); `&calibrated=false` for raw probabilities.",
             )
         },
         "/info": {

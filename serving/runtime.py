@@ -234,20 +234,27 @@ def entropy(p: np.ndarray) -> np.ndarray:
 
 
 def summarize(
-    mean_probs: np.ndarray, per_model_probs: np.ndarray, class_names: Sequence[str]
+    mean_probs: np.ndarray,
+    per_model_probs: np.ndarray,
+    class_names: Sequence[str],
+    answered: np.ndarray | None = None,
 ) -> dict[str, list[Any]]:
     """Response fields from the averaged distribution [N, C] and the averaged models' [M, N, C].
 
-    Uncertainty per row, decomposed (README, "HTTP API"): total = H(mean p); expected
-    (aleatoric) = mean over models of H(p_m); mutual information (epistemic) = total -
-    expected, which is >= 0 by Jensen's inequality; float32 rounding can make it -1e-8 for
-    models that agree, so it is clipped at 0."""
-    predictions = mean_probs.argmax(axis=1)
+    `answered`: the probabilities returned (temperature-scaled ones), default `mean_probs`;
+    the predictions and `agreement` follow them. The uncertainty describes the models as
+    exported, decomposed (README, "HTTP API"): total = H(mean p); expected (aleatoric) =
+    mean over models of H(p_m); mutual information (epistemic) = total - expected, which is
+    >= 0 by Jensen's inequality; float32 rounding can make it -1e-8 for models that agree,
+    so it is clipped at 0. (A temperature rescales each distribution on its own, which
+    breaks that identity, so the decomposition stays with the raw models.)"""
+    answered = mean_probs if answered is None else answered
+    predictions = answered.argmax(axis=1)
     total = entropy(mean_probs)
     expected = entropy(per_model_probs).mean(axis=0)
     agreement = (per_model_probs.argmax(axis=2) == predictions[None, :]).mean(axis=0)
     return {
-        "probabilities": mean_probs.tolist(),
+        "probabilities": answered.tolist(),
         "predictions": predictions.tolist(),
         "labels": [class_names[i] for i in predictions],
         "entropy": total.tolist(),

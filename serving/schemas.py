@@ -61,6 +61,11 @@ class PredictRequest(_Request):
         description="N rows, each of the model's input shape (see GET /info), raw values",
         json_schema_extra=_BENTOML_CLIENT_TENSOR,
     )
+    calibrated: bool = Field(
+        default=True,
+        strict=True,  # the document says boolean: 0, 1 or "true" are refused, not coerced
+        description="temperature-scaled probabilities (the manifest's temperatures; GET /info); false: raw",
+    )
 
 
 class CurvePredictRequest(PredictRequest):
@@ -93,7 +98,9 @@ class CurvePredictRequest(PredictRequest):
 
 
 class PredictResponse(BaseModel):
-    probabilities: list[list[float]] = Field(description="N x C, mean softmax")
+    probabilities: list[list[float]] = Field(
+        description="N x C, mean softmax, temperature-scaled unless the request says calibrated: false"
+    )
     predictions: list[int] = Field(description="argmax class index per row")
     labels: list[str] = Field(description="class name of each prediction")
     entropy: list[float] = Field(
@@ -153,6 +160,9 @@ class InfoResponse(BaseModel):
     batching: dict[str, Any]
     limits: dict[str, Any]
     ready: bool
+    calibration: dict[str, Any] | None = Field(
+        default=None, description="temperatures, NLL before/after on validation, calibrated test metrics"
+    )
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)

@@ -4,6 +4,9 @@ Endpoints
   POST /predict        {"inputs": N x input_shape}            -> ensemble.onnx
   POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> the curve at phi(t) / mean over ts
                        (a cached fixed-t session, else the general curve graph)
+  Both return temperature-scaled probabilities (the manifest's temperatures, serving/calibration.py)
+  when the artifact has them, raw ones with "calibrated": false (binary bodies: ?calibrated=false)
+  or for a format-1 artifact. The uncertainty fields describe the raw models' mixture.
   GET|POST /info       model card + execution provider + batching settings
   GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
@@ -70,6 +73,7 @@ from starlette.routing import Route
 from serving import encodings
 from serving.artifact import Artifact, ArtifactError, load_artifact
 from serving.batching import MicroBatcher, Overloaded
+from serving.calibration import calibration_card, curve_temperature, scale
 from serving.middleware import BinaryInputs, OpenAPIMiddleware, RequestGuardMiddleware
 from serving.openapi import openapi_document
 from serving.runtime import Runtime, choose_providers, summarize
@@ -217,7 +221,7 @@ class ModeConnService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
-    async def predict(self, inputs: list[Any]) -> Response:
+    async def predict(self, inputs: list[Any], calibrated: bool = True) -> Response:
         """Mean softmax of the ensemble members, with entropy and member agreement."""
         if (refusal := self._refuse_early()) is not None:
             return refusal
@@ -225,13 +229,17 @@ class ModeConnService:
             x = parse_inputs(inputs, self.artifact.input_shape)
         except InputError as exc:
             return _error(400, str(exc))
-        return await self._predict(x)
+        return await self._predict(x, calibrated)
 
     @bentoml.api(
         route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
     )
     async def predict_curve(
-        self, inputs: list[Any], t: float | None = None, ts: list[float] | None = None
+        self,
+        inputs: list[Any],
+        t: float | None = None,
+        ts: list[float] | None = None,
+        calibrated: bool = True,
     ) -> Response:
         """Softmax of the curve model at phi(t), or the mean softmax over several t."""
         if (refusal := self._refuse_early()) is not None:
@@ -242,7 +250,7 @@ class ModeConnService:
             x = parse_inputs(inputs, self.artifact.input_shape)
         except InputError as exc:
             return _error(400, str(exc))
-        return await self._predict_curve(x, [t] if t is not None else list(ts or []))
+        return await self._predict_curve(x, [t] if t is not None else list(ts or []), calibrated)
 
     async def predict_binary(self, path: str, kind: str, body: bytes, query: str) -> Response:
         """/predict or /predict_curve with a binary body (serving/encodings.py)."""
@@ -259,26 +267,29 @@ class ModeConnService:
             )
         try:
             if path == "/predict":
-                encodings.no_query(query)
+                calibrated = encodings.predict_query(query)
             else:
-                t_values = encodings.curve_points(query)
+                t_values, calibrated = encodings.curve_query(query)
             x = encodings.decode(kind, body, shape)
         except InputError as exc:
             return _error(400, str(exc))
         if path == "/predict":
-            return await self._predict(x)
-        return await self._predict_curve(x, t_values)
+            return await self._predict(x, calibrated)
+        return await self._predict_curve(x, t_values, calibrated)
 
-    async def _predict(self, x: np.ndarray) -> Response:
+    async def _predict(self, x: np.ndarray, calibrated: bool) -> Response:
         try:
             mean, members = await self._run("ensemble", None, x)
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         if (refusal := _non_finite(mean)) is not None:
             return refusal
-        return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names)))
+        answered = mean
+        if calibrated and (temperature := self.artifact.spec.ensemble_temperature) is not None:
+            answered = scale(mean, temperature)  # the argmax, so predictions and agreement, is unchanged
+        return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names, answered)))
 
-    async def _predict_curve(self, x: np.ndarray, t_values: list[float]) -> Response:
+    async def _predict_curve(self, x: np.ndarray, t_values: list[float], calibrated: bool) -> Response:
         try:
             per_t = await asyncio.gather(*(self._run("curve", tv, x) for tv in t_values))
         except Overloaded as exc:
@@ -287,7 +298,12 @@ class ModeConnService:
         mean = stacked[0] if len(t_values) == 1 else stacked.mean(axis=0, dtype=np.float64)
         if (refusal := _non_finite(mean)) is not None:
             return refusal
-        fields = summarize(mean, stacked, self.artifact.class_names)
+        answered = mean
+        if calibrated and (temperatures := self.artifact.spec.curve_temperatures) is not None:
+            answered = np.mean(  # each t at its own T(t), then the mean over the ts
+                [scale(p, curve_temperature(temperatures, tv)) for p, tv in zip(stacked, t_values, strict=True)],
+                axis=0, dtype=np.float64)
+        fields = summarize(mean, stacked, self.artifact.class_names, answered)
         return _ok(CurvePredictResponse(**fields, ts=t_values))
 
     @property
@@ -364,6 +380,7 @@ class ModeConnService:
                 + ([encodings.PNG, encodings.JPEG] if self._image_shape else []),
             },
             ready=self._ready.is_set(),
+            calibration=calibration_card(self.artifact.spec),
         )
 
     def _curve_cache_stats(self) -> dict[str, Any] | None:

@@ -455,8 +455,10 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     assert "1B" in header and "2B" in header
     for method in ("Ind", "SSE", "FGE", "SWA"):
         assert any(line.startswith(f"| {method} |") for line in table.splitlines())
+        assert f"| {method} | calibrated NLL |" in table  # at the temperature fitted on validation
     with (tmp_path / "compare.csv").open() as f:
         rows = list(csv.DictReader(f))
+    assert all(float(r["calibrated_test_nll"]) > 0 and float(r["temperature"]) > 0 for r in rows)
     members = {(r["method"], int(r["k"]), int(r["seed"])): int(r["members"]) for r in rows}
     # FGE: 1 + (k-1)*2 FGE epochs (29 iterations each) after epoch 1 of 2, cycle 26 iterations;
     # SSE: 2k cycles of 1 epoch

@@ -66,7 +66,7 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
     server = _start(home, "modeconn-mnist1d", tmp_path / "serve.log")
     try:
         _wait_ready(server)
-        r = server.post("/predict", {"inputs": x.tolist()})
+        r = server.post("/predict", {"inputs": x.tolist(), "calibrated": False})  # raw: the graph's own output
         assert r.status_code == 200, r.text
         body = r.json()
         np.testing.assert_allclose(np.asarray(body["probabilities"]), expected, atol=1e-5, rtol=0)

@@ -207,9 +207,21 @@ def plain_server(servers: tuple[Server, Server]) -> Server:
 # -- offline reference ------------------------------------------------------------------------
 
 
+def _temperature_scaled(p: np.ndarray, temperature: float) -> np.ndarray:
+    """p^(1/T), renormalised: softmax(log p / T) computed another way."""
+    powered = p.astype(np.float64) ** (1.0 / temperature)
+    return powered / powered.sum(axis=-1, keepdims=True)
+
+
 class Offline:
+    """What the server should answer, from onnxruntime run here and the manifest's temperatures
+    (the served probabilities are temperature-scaled unless a request says calibrated: false)."""
+
     def __init__(self, root: Path) -> None:
         self.artifact = load_artifact(root)
+        manifest = json.loads((root / "manifest.json").read_text())
+        self.temperature = manifest["ensemble"]["calibration"]["temperature"]
+        self.curve_temperatures = manifest["curve"]["calibration"]["temperatures"]
         opts = ["CPUExecutionProvider"]
         self.ensemble = ort.InferenceSession(str(self.artifact.ensemble_file), providers=opts)
         self.curve = ort.InferenceSession(str(self.artifact.curve_file), providers=opts)
@@ -217,16 +229,24 @@ class Offline:
             ort.InferenceSession(str(f), providers=opts) for f in self.artifact.member_files
         ]
 
-    def predict(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def predict(self, x: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
         mean, members = self.ensemble.run(None, {"x": x})
-        return mean, members
+        return (_temperature_scaled(mean, self.temperature) if calibrated else mean), members
 
     def members_each(self, x: np.ndarray) -> np.ndarray:
         """[K, N, C] from the member graphs themselves (not the ensemble graph)."""
         return np.stack([m.run(None, {"x": x})[0] for m in self.members])
 
-    def at(self, t: float, x: np.ndarray) -> np.ndarray:
-        return self.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
+    def at(self, t: float, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        probs = self.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
+        return _temperature_scaled(probs, self.curve_temperature(t)) if calibrated else probs
+
+    def curve_temperature(self, t: float) -> float:
+        """T(t): linear between the grid points i / (n - 1), written out here independently."""
+        temps = self.curve_temperatures
+        position = t * (len(temps) - 1)
+        low = min(int(position), len(temps) - 2)
+        return temps[low] + (position - low) * (temps[low + 1] - temps[low])
 
 
 @pytest.fixture(scope="module")
@@ -244,12 +264,15 @@ def _entropy(p: np.ndarray) -> np.ndarray:
     return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=1)
 
 
-def _check_fields(body: dict[str, Any], mean: np.ndarray, per_model: np.ndarray) -> None:
+def _check_fields(body: dict[str, Any], answered: np.ndarray, per_model: np.ndarray) -> None:
+    """`answered`: the probabilities expected back (calibrated unless asked otherwise);
+    `per_model`: the raw models' [M, N, C], which the uncertainty fields describe."""
     probs = np.asarray(body["probabilities"])
-    np.testing.assert_allclose(probs, mean, atol=ATOL, rtol=0)
-    top = mean.argmax(axis=1)
+    np.testing.assert_allclose(probs, answered, atol=ATOL, rtol=0)
+    top = answered.argmax(axis=1)
     assert body["predictions"] == top.tolist()
     assert body["labels"] == [MNIST1D_CLASSES[i] for i in top]
+    mean = per_model.astype(np.float64).mean(axis=0)
     np.testing.assert_allclose(body["entropy"], _entropy(mean), atol=1e-5)
     expected = np.mean([_entropy(p) for p in per_model], axis=0)
     np.testing.assert_allclose(body["expected_entropy"], expected, atol=1e-5)
@@ -344,7 +367,7 @@ def test_uncertainty_decomposes_as_the_member_graphs_say(server: Server, offline
     # over several ts the members are the curve's points; one t has nothing to disagree on
     ts = [0.1, 0.5, 0.9]
     body = server.post("/predict_curve", {"inputs": x.tolist(), "ts": ts}).json()
-    points = np.stack([offline.at(t, x) for t in ts]).astype(np.float64)
+    points = np.stack([offline.at(t, x, calibrated=False) for t in ts]).astype(np.float64)
     expected = np.mean([_entropy(p) for p in points], axis=0)
     np.testing.assert_allclose(body["expected_entropy"], expected, atol=1e-5)
     np.testing.assert_allclose(body["mutual_information"], _entropy(points.mean(axis=0)) - expected, atol=1e-5)
@@ -359,8 +382,7 @@ def test_predict_curve_endpoints_match_offline(server: Server, offline: Offline)
         r = server.post("/predict_curve", {"inputs": x.tolist(), "t": t})
         assert r.status_code == 200, r.text
         body = r.json()
-        expected = offline.at(t, x)
-        _check_fields(body, expected, expected[None])
+        _check_fields(body, offline.at(t, x), offline.at(t, x, calibrated=False)[None])
         assert body["agreement"] == [1.0] * len(x)
         assert body["ts"] == [t]
 
@@ -370,7 +392,7 @@ def test_test_artifact_curve_ends_at_its_members(offline: Offline) -> None:
     x = _inputs(9, seed=2)
     for t, rel in ENDPOINT_MEMBERS.items():
         member = ort.InferenceSession(str(offline.artifact.root / rel))
-        np.testing.assert_allclose(offline.at(t, x), member.run(None, {"x": x})[0], atol=ATOL)
+        np.testing.assert_allclose(offline.at(t, x, calibrated=False), member.run(None, {"x": x})[0], atol=ATOL)
 
 
 def test_predict_curve_ts_is_mean_of_points(server: Server, offline: Offline) -> None:
@@ -379,8 +401,53 @@ def test_predict_curve_ts_is_mean_of_points(server: Server, offline: Offline) ->
     r = server.post("/predict_curve", {"inputs": x.tolist(), "ts": ts})
     assert r.status_code == 200, r.text
     per_t = np.stack([offline.at(t, x) for t in ts])
-    _check_fields(r.json(), per_t.mean(axis=0), per_t)
+    _check_fields(r.json(), per_t.mean(axis=0), np.stack([offline.at(t, x, calibrated=False) for t in ts]))
     assert r.json()["ts"] == ts
+
+
+def test_served_calibrated_probabilities_equal_offline(server: Server, offline: Offline) -> None:
+    """The manifest's temperatures applied by the server equal training's calibration of the
+    same graphs' outputs (≤ 1e-6); "calibrated": false answers the graphs' raw output."""
+    import torch
+
+    from training.ensembles.calibration import calibrate, interpolated_temperature
+
+    def offline_calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
+        return calibrate(torch.from_numpy(raw), temperature).numpy()
+
+    x = _inputs(16, seed=5)
+    raw_mean, members = offline.predict(x, calibrated=False)
+    assert offline.temperature != pytest.approx(1.0, abs=1e-3)  # else this test shows nothing
+    body = server.post("/predict", {"inputs": x.tolist()}).json()
+    want = offline_calibrated(raw_mean, offline.temperature)
+    np.testing.assert_allclose(body["probabilities"], want, atol=1e-6, rtol=0)
+    assert body["predictions"] == raw_mean.argmax(axis=1).tolist()
+    raw = server.post("/predict", {"inputs": x.tolist(), "calibrated": False}).json()
+    np.testing.assert_allclose(raw["probabilities"], raw_mean, atol=1e-6, rtol=0)
+    # the uncertainty fields describe the raw members either way
+    assert raw["entropy"] == pytest.approx(body["entropy"], abs=1e-9)
+    # binary bodies: ?calibrated=false
+    binary = _post_bytes(server, "/predict?calibrated=false", x.tobytes(), RAW).json()
+    np.testing.assert_allclose(binary["probabilities"], raw_mean, atol=1e-6, rtol=0)
+    binary = _post_bytes(server, "/predict_curve?t=0.3&calibrated=true", x.tobytes(), RAW).json()
+    np.testing.assert_allclose(binary["probabilities"], offline.at(0.3, x), atol=1e-6, rtol=0)
+    bad = _post_bytes(server, "/predict?calibrated=maybe", x.tobytes(), RAW)
+    assert bad.status_code == 400 and "calibrated" in bad.json()["error"]
+
+    temps = offline.curve_temperatures
+    for ts in ([0.3], [0.0, 0.55, 1.0]):
+        per_t = [offline_calibrated(offline.at(t, x, calibrated=False), interpolated_temperature(temps, t)) for t in ts]
+        body = server.post("/predict_curve", {"inputs": x.tolist(), "ts": ts}).json()
+        np.testing.assert_allclose(body["probabilities"], np.mean(per_t, axis=0), atol=1e-6, rtol=0)
+    raw_curve = server.post("/predict_curve", {"inputs": x.tolist(), "t": 0.3, "calibrated": False}).json()
+    np.testing.assert_allclose(raw_curve["probabilities"], offline.at(0.3, x, calibrated=False), atol=1e-6, rtol=0)
+
+    card = requests.get(server.url + "/info", timeout=10).json()["calibration"]
+    assert card["applied_by_default"] is True
+    assert card["ensemble"]["temperature"] == offline.temperature
+    assert card["ensemble"]["calibrated_val_nll"] <= card["ensemble"]["val_nll"]
+    assert set(card["ensemble"]["calibrated_metrics"]) == {"error", "nll", "ece", "brier"}
+    assert card["curve"]["temperatures"] == temps and len(card["members"]) == 3
 
 
 def _concurrent_batch1(server: Server, offline: Offline, n: int = 64) -> None:
@@ -730,7 +797,7 @@ def test_load_artifact_refuses_a_missing_file(artifact_copy: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda m: m.update(format_version=2), "format_version"),
+        (lambda m: m.update(format_version=99), "format_version is 99"),
         (lambda m: m["dataset"].update(num_classes=9), "class_names"),
         (lambda m: m["ensemble"].update(num_members=4), "num_members"),
         (lambda m: m.pop("curve"), "curve"),

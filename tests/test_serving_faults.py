@@ -97,8 +97,8 @@ CORRUPTIONS: list[tuple[str, Callable[[Path], None], list[str]]] = [
     # a member graph where the ensemble belongs: ONNX, but without member_probabilities
     ("wrong-graph", lambda f: _replace_file(f, "ensemble.onnx", (f / "members/member-000.onnx").read_bytes()),
      ["ensemble.onnx", "member_probabilities"]),
-    ("format-version", lambda f: _edit_manifest(f, lambda m: m.update(format_version=2)),
-     ["manifest.json", "format_version is 2"]),
+    ("format-version", lambda f: _edit_manifest(f, lambda m: m.update(format_version=99)),
+     ["manifest.json", "format_version is 99"]),
     ("manifest-not-json", lambda f: (f / "manifest.json").write_text('{"format_version": 1,'),
      ["manifest.json", "not valid JSON"]),
 ]  # fmt: skip
@@ -218,7 +218,8 @@ def test_killed_worker_costs_only_its_requests_and_is_replaced(two_workers: Serv
         while not stop.is_set():
             sent = time.monotonic()
             try:
-                r = http.post(server.url + "/predict", json={"inputs": x[i : i + 1].tolist()}, timeout=30)
+                body = {"inputs": x[i : i + 1].tolist(), "calibrated": False}  # raw: the graph's own output
+                r = http.post(server.url + "/predict", json=body, timeout=30)
             except requests.RequestException as exc:
                 outcomes.append((sent, type(exc).__name__))
                 continue

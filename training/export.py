@@ -29,6 +29,22 @@ from torch.func import functional_call
 
 from serving.artifact import MANIFEST_NAME, file_record, load_artifact
 from serving.errors import ModeconnError
+from serving.manifest import (
+    FORMAT_VERSION,
+    Architecture,
+    BnInterpolation,
+    Calibration,
+    Curve,
+    CurveCalibration,
+    DatasetInfo,
+    Ensemble,
+    FileRecord,
+    InputSpec,
+    Manifest,
+    Member,
+    Normalization,
+    Parity,
+)
 from training.core import progress
 from training.core.bn import recompute_bn
 from training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
@@ -39,6 +55,7 @@ from training.core.runs import artifact_target_problem, write_marker
 from training.core.sources import check_same_network, run_members
 from training.curves.fit import load_curve
 from training.curves.model import COEFFICIENTS, CurveModel, even_ts, network_at
+from training.ensembles.calibration import calibration_report, grid_temperatures
 
 OPSET = 18
 DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
@@ -160,15 +177,24 @@ class CurveGraph(nn.Module):
         return torch.softmax(functional_call(self.base, {**weights, **stats}, (self.normalize(x),)), dim=1)
 
 
+@dataclass
+class BnGrid:
+    """What the exporter computes at each grid t of the curve, with BN recomputed exactly there."""
+
+    statistics: dict[str, torch.Tensor]  # per BN buffer, [grid_points, C]
+    exact: torch.Tensor  # probabilities on the parity inputs, [grid_points, N, C]: the gate's reference
+    val_probs: list[torch.Tensor]  # validation probabilities at each t (empty without a validation split)
+
+
 @torch.no_grad()
 def bn_statistics_grid(
     curve: CurveModel, data: Dataset, grid_points: int, x_check: torch.Tensor, normalize: Normalize
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """BN running mean/var recomputed at `grid_points` evenly spaced t, stacked per buffer, and
-    the exactly recomputed network's probabilities on `x_check` at each t ([grid_points, N, C]):
-    what the parity gate holds the curve graph to."""
+) -> BnGrid:
+    """BN running mean/var recomputed at `grid_points` evenly spaced t, stacked per buffer; the
+    exactly recomputed network's probabilities on `x_check` (what the parity gate holds the
+    curve graph to) and on the validation split (what T(t) is fitted on) at each t."""
     rows: dict[str, list[torch.Tensor]] = {}
-    exact = []
+    exact, val = [], []
     with progress.task("BN statistics along the curve", grid_points) as advance:
         for t in even_ts(grid_points):
             net = recompute_bn(network_at(curve, t), data).eval()
@@ -176,8 +202,10 @@ def bn_statistics_grid(
                 if name.endswith(("running_mean", "running_var")):
                     rows.setdefault(name, []).append(buf.clone())
             exact.append(torch.softmax(net(normalize(x_check)), dim=1))
+            if len(data.y_val):
+                val.append(predict_probs(net, data, "val"))
             advance()
-    return {name: torch.stack(values) for name, values in rows.items()}, torch.stack(exact)
+    return BnGrid({name: torch.stack(values) for name, values in rows.items()}, torch.stack(exact), val)
 
 
 # ---------------------------------------------------------------- sources
@@ -288,7 +316,7 @@ def export_artifact(
     try:
         job = ExportJob(name, sources, list(nets), list(states), curve, curve_state, data, normalize, x_check,
                         grid_points, atol, max_interpolation_pp)
-        manifest = _build(work, job)
+        manifest = _build(work, job).model_dump(mode="json")
         atomic_write_json(work / MANIFEST_NAME, manifest)
         load_artifact(work)  # the serving loader must accept exactly what we wrote
         if out is not None:
@@ -308,12 +336,20 @@ def export_artifact(
     return {**where, "seconds": seconds, "manifest": manifest}
 
 
-def _build(work: Path, job: ExportJob) -> dict[str, Any]:
+def _calibration(val_probs: torch.Tensor | None, test_probs: torch.Tensor, data: Dataset) -> Calibration | None:
+    """T fitted on the validation split (None without one: such an artifact serves raw probabilities)."""
+    if val_probs is None:
+        return None
+    return Calibration(**calibration_report(val_probs, data.y_val, test_probs, data.y_test))
+
+
+def _build(work: Path, job: ExportJob) -> Manifest:
     nets, states, data, normalize, x_check, atol = job.nets, job.states, job.data, job.normalize, job.x_check, job.atol
+    has_val = len(data.y_val) > 0
     parity: dict[str, float] = {}
     files: list[str] = []
-    members_meta = []
-    member_probs = []
+    members: list[Member] = []
+    member_probs, member_val_probs = [], []
     with progress.task("export members", len(nets)) as advance:
         for i, (net, state, path) in enumerate(zip(nets, states, job.sources.members, strict=True)):
             graph = MemberGraph(net, normalize).eval()
@@ -322,15 +358,18 @@ def _build(work: Path, job: ExportJob) -> dict[str, Any]:
             with torch.no_grad():  # the original network, not the rewritten export module
                 expected = torch.softmax(net(normalize(x_check)), dim=1)
                 probs = predict_probs(net, data, "test")
+                val_probs = predict_probs(net, data, "val") if has_val else None
             parity[rel] = _check_parity(rel, _ort_session(work / rel).run(None, {"x": x_check.numpy()})[0], expected, atol)
             member_probs.append(probs)
-            members_meta.append({"file": rel, "source": str(path), "kind": state.get("kind"),
-                                 "metrics": classification_metrics(probs, data.y_test)})
+            member_val_probs.append(val_probs)
+            members.append(Member(file=rel, source=str(path), kind=state.get("kind"),
+                                  metrics=classification_metrics(probs, data.y_test),
+                                  calibration=_calibration(val_probs, probs, data)))
             files.append(rel)
             advance()
 
-    ensemble = EnsembleGraph(list(nets), normalize).eval()
-    _export_onnx(ensemble, (x_check[:2],), work / "ensemble.onnx", ["x"], ["probabilities", "member_probabilities"])
+    ensemble_graph = EnsembleGraph(list(nets), normalize).eval()
+    _export_onnx(ensemble_graph, (x_check[:2],), work / "ensemble.onnx", ["x"], ["probabilities", "member_probabilities"])
     with torch.no_grad():  # the mean of the original networks' softmax outputs
         members_expected = torch.stack([torch.softmax(net(normalize(x_check)), dim=1) for net in nets])
         mean_expected = members_expected.mean(dim=0)
@@ -339,42 +378,46 @@ def _build(work: Path, job: ExportJob) -> dict[str, Any]:
                                   _check_parity("ensemble.onnx (members)", got_members, members_expected, atol))
     files.append("ensemble.onnx")
     ensemble_probs = torch.stack(member_probs).mean(dim=0)
+    ensemble_val = torch.stack(member_val_probs).mean(dim=0) if has_val else None
     first = states[0]
     kinds = sorted({str(s.get("kind")) for s in states})
-    ensemble_meta = {"file": "ensemble.onnx", "num_members": len(nets), "kind": "+".join(kinds),
-                     "settings": first.get("fge") or first.get("config", {}).get("fge", {}),
-                     "metrics": classification_metrics(ensemble_probs, data.y_test)}
+    ensemble = Ensemble(file="ensemble.onnx", num_members=len(nets), kind="+".join(kinds),
+                        settings=first.get("fge") or first.get("config", {}).get("fge", {}),
+                        metrics=classification_metrics(ensemble_probs, data.y_test),
+                        calibration=_calibration(ensemble_val, ensemble_probs, data))
 
-    curve_meta = None
+    curve = None
     if job.curve is not None:
-        curve_meta = _export_curve(work, job, parity)
+        curve = _export_curve(work, job, parity)
         files.append("curve.onnx")
 
     info = first["dataset"]
-    return {
-        "format_version": 1,
-        "name": job.name,
-        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "architecture": first["architecture"],
+    described = data.describe()
+    return Manifest(
+        format_version=FORMAT_VERSION,
+        name=job.name,
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        versions=_versions(),
+        architecture=Architecture(**first["architecture"]),
         # sizes, split seed and (MNIST-1D) generation parameters: enough to make the same data again
-        "dataset": {"name": info["name"], "num_classes": data.num_classes, "class_names": data.class_names,
-                    **{k: v for k, v in data.describe().items() if k in DATA_PROVENANCE}},
-        "input": {"shape": list(data.input_shape), "dtype": "float32", "range": list(data.value_range),
-                  "normalization": {"mean": info["mean"], "std": info["std"]}},
-        "files": {rel: file_record(work / rel) for rel in files},
-        "members": members_meta,
-        "ensemble": ensemble_meta,
-        "curve": curve_meta,
-        "parity": {"atol": atol, "samples": len(x_check), "max_abs_diff": parity},
-    }
+        dataset=DatasetInfo(name=info["name"], num_classes=data.num_classes, class_names=list(data.class_names),
+                            **{k: v for k, v in described.items() if k in DATA_PROVENANCE}),
+        input=InputSpec(shape=list(data.input_shape), dtype="float32", range=[float(v) for v in data.value_range],
+                        normalization=Normalization(mean=list(info["mean"]), std=list(info["std"]))),
+        files={rel: FileRecord(**file_record(work / rel)) for rel in files},
+        members=members,
+        ensemble=ensemble,
+        curve=curve,
+        parity=Parity(atol=atol, samples=len(x_check), max_abs_diff=parity),
+    )
 
 
-def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> dict[str, Any]:
+def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> Curve:
     curve, data, normalize, x_check, grid_points = job.curve, job.data, job.normalize, job.x_check, job.grid_points
     assert curve is not None and job.curve_state is not None
-    grid, exact = bn_statistics_grid(curve, data, grid_points, x_check, normalize)
-    graph = CurveGraph(curve, grid, grid_points, normalize).eval()
+    bn_grid = bn_statistics_grid(curve, data, grid_points, x_check, normalize)
+    exact = bn_grid.exact
+    graph = CurveGraph(curve, bn_grid.statistics, grid_points, normalize).eval()
     t0 = torch.tensor([0.5])
     _export_onnx(graph, (x_check[:2], t0), work / "curve.onnx", ["x", "t"], ["probabilities"])
     session = _ort_session(work / "curve.onnx")
@@ -392,10 +435,10 @@ def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> dict[
     metrics = {}
     if job.sources.curve_report is not None:
         metrics = json.loads(job.sources.curve_report.read_text()).get("headline", {})
-    return {"file": "curve.onnx", "source": str(job.sources.curve), "type": curve.curve, "num_bends": curve.num_bends,
-            "bn_grid_points": grid_points,
-            "settings": job.curve_state["curve"], "metrics": metrics,
-            "bn_interpolation": interpolation}
+    calibration = CurveCalibration(**grid_temperatures(bn_grid.val_probs, data.y_val)) if bn_grid.val_probs else None
+    return Curve(file="curve.onnx", source=str(job.sources.curve), type=curve.curve, num_bends=curve.num_bends,
+                 bn_grid_points=grid_points, settings=job.curve_state["curve"], metrics=metrics,
+                 bn_interpolation=BnInterpolation(**interpolation), calibration=calibration)
 
 
 @torch.no_grad()

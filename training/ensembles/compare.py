@@ -43,6 +43,7 @@ from training.core.networks import dataset_spec, load_data, predict_probs
 from training.core.reports import csv_text
 from training.core.runs import RunDirError, claim_folder
 from training.core.schedules import even_cycle_iterations
+from training.ensembles.calibration import calibrated_columns, calibration_report
 from training.ensembles.evaluate import (
     ensemble_probs,
     expand_members,
@@ -195,9 +196,13 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
 def _row(method: str, k: int, seed: int, members: int, probs: torch.Tensor, val_probs: torch.Tensor | None,
          config: Config, data: Dataset) -> tuple[dict[str, Any], Losses]:
     """A metric row of compare.csv and the per-example test losses of `probs`."""
-    val = {} if val_probs is None else split_prefixed(classification_metrics(val_probs, data.y_val), "val")
+    val, calibrated = {}, {}
+    if val_probs is not None:
+        val = split_prefixed(classification_metrics(val_probs, data.y_val), "val")
+        # Ashukha et al. 2020: compare ensembles at their best temperature (fitted on validation)
+        calibrated = calibrated_columns(calibration_report(val_probs, data.y_val, probs, data.y_test))
     row = {"method": method, "k": k, "budget_epochs": k * config.train.epochs, "seed": seed, "members": members,
-           **val, **split_prefixed(classification_metrics(probs, data.y_test))}
+           **val, **split_prefixed(classification_metrics(probs, data.y_test)), **calibrated}
     return row, statistics.per_example_losses(probs, data.y_test)
 
 
@@ -220,7 +225,7 @@ def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict
             entry: dict[str, float] = {}
             metrics = [("test", m) for m in ("error", "nll", "ece", "brier")]
             if "val_nll" in cell[0]:
-                metrics += [("val", "error"), ("val", "nll")]
+                metrics += [("val", "error"), ("val", "nll"), ("calibrated_test", "nll")]
             for split, metric in metrics:
                 spread = statistics.mean_std([r[f"{split}_{metric}"] for r in cell])
                 entry[f"{split}_{metric}_mean"], entry[f"{split}_{metric}_std"] = spread["mean"], spread["std"]
@@ -274,9 +279,13 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
     ]
     for method in METHODS:
         cells = [table[method][k] for k in budgets]
-        for metric, label, digits in (("error", "error %", 2), ("nll", "NLL", 4), ("brier", "Brier", 4), ("ece", "ECE", 4)):
-            values = " | ".join(f"{c[f'test_{metric}_mean']:.{digits}f} ± {c[f'test_{metric}_std']:.{digits}f}"
-                                + (f" [{c['members']:g}]" if metric == "error" else "") for c in cells)
+        rows = [("test_error", "error %", 2), ("test_nll", "NLL", 4), ("calibrated_test_nll", "calibrated NLL", 4),
+                ("test_brier", "Brier", 4), ("test_ece", "ECE", 4)]
+        for key, label, digits in rows:
+            if f"{key}_mean" not in cells[0]:
+                continue  # no validation split: nothing to fit a temperature on
+            values = " | ".join(f"{c[f'{key}_mean']:.{digits}f} ± {c[f'{key}_std']:.{digits}f}"
+                                + (f" [{c['members']:g}]" if key == "test_error" else "") for c in cells)
             lines.append(f"| {method} | {label} | {values} |")
     lines += [
         "",
@@ -322,7 +331,8 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
 
 def _csv(rows: list[dict[str, Any]]) -> str:
     header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
-              "test_error", "test_nll", "test_ece", "test_brier"]
+              "test_error", "test_nll", "test_ece", "test_brier", "temperature", "calibrated_test_nll",
+              "calibrated_test_ece", "calibrated_test_brier"]
     return csv_text(header, rows)
 
 

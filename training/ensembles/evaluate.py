@@ -24,6 +24,7 @@ from training.core.networks import load_data, load_network, predict_probs
 from training.core.reports import csv_text, png_bytes, pyplot
 from training.core.runs import check_report_folder
 from training.core.sources import check_same_network, run_members
+from training.ensembles.calibration import calibrated_columns, calibration_report
 
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 
@@ -139,6 +140,16 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         {"checkpoint": str(path), "kind": state.get("kind", "train"), **metrics}
         for path, state, metrics in zip(files, members.states, own, strict=True)
     ]
+    calibration = None
+    if members.val_probs is not None:  # temperatures fitted on validation, applied to test
+        calibration = {
+            "split": "val", "val_examples": len(y_val),
+            "ensemble": calibration_report(ensemble_probs(members.val_probs), y_val, combined, labels),
+            "members": [calibration_report(v, y_val, p, labels)
+                        for v, p in zip(members.val_probs, members.probs, strict=True)],
+        }
+        for row, report in zip(rows, calibration["members"], strict=True):
+            row.update(calibrated_columns(report))
     best, chosen_on = _best_member(rows)
     differences = {
         name: {"member": str(files[i]), **statistics.intervals_json(statistics.compare_probs(combined, members.probs[i], labels))}
@@ -148,6 +159,7 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
     result: dict[str, Any] = {
         "members": len(files),
         "ensemble": ensemble,
+        "calibration": calibration,
         "disagreement": disagreement(members.probs),
         "member_metrics": rows,
         "growing": growing,
@@ -161,8 +173,10 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         result["json"], result["csv"] = str(out_dir / "ensemble.json"), str(out_dir / "ensemble.csv")
         atomic_write_json(out_dir / "ensemble.json", result)
         atomic_write_text(out_dir / "ensemble.csv", csv_text(
-            ["checkpoint", "kind", "test_error", "test_nll", "test_ece", "test_brier"],
-            [*rows, {"checkpoint": "ensemble", "kind": f"{len(files)} members", **ensemble}],
+            ["checkpoint", "kind", "test_error", "test_nll", "test_ece", "test_brier", "temperature",
+             "calibrated_test_nll", "calibrated_test_ece", "calibrated_test_brier"],
+            [*rows, {"checkpoint": "ensemble", "kind": f"{len(files)} members", **ensemble,
+                     **calibrated_columns(calibration and calibration["ensemble"])}],
         ))
     progress.log(
         f"ensemble-eval: {len(files)} members, {len(labels)} test examples, ensemble test error "
@@ -170,6 +184,14 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         f"NLL {ensemble['test_nll']:.4f}, ECE {ensemble['test_ece']:.4f}, Brier {ensemble['test_brier']:.4f}, "
         f"disagreement {result['disagreement']:.3f}  ({time.perf_counter() - started:.1f}s)"
     )
+    if calibration is not None:
+        cal = calibration["ensemble"]
+        progress.log(
+            f"  calibrated ensemble (T = {cal['temperature']:.3f}, fitted on {len(y_val)} validation examples): "
+            f"validation NLL {cal['val_nll']:.4f} -> {cal['calibrated_val_nll']:.4f}; test NLL "
+            f"{cal['calibrated_metrics']['nll']:.4f}, ECE {cal['calibrated_metrics']['ece']:.4f}, "
+            f"Brier {cal['calibrated_metrics']['brier']:.4f}"
+        )
     for name, cell in differences.items():
         intervals = {k: statistics.Interval(**cell[k]) for k in statistics.LOSSES}
         progress.log(f"  {name} (95 % interval): {statistics.differences_text(intervals)}")
