@@ -34,8 +34,24 @@ def _endpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def _aligned_end(w0: dict[str, Any], w1: dict[str, Any], start: Path, end: Path, run_dir: Path) -> dict[str, Any]:
+    """`curve --align`: w1 permuted to match w0, saved as RUN/aligned-end.pt. Every rank computes it
+    (deterministic, seconds), so none waits on a file; rank 0 writes it."""
+    from training.curves.align import TRAINING_STATE, align_states
+
+    aligned, record = align_states(w0, w1, start, end)
+    state = {**{k: v for k, v in w1.items() if k not in TRAINING_STATE}, "kind": "aligned", "model": aligned,
+             "alignment": {**record, "end_kind": w1.get("kind")}}
+    if distributed.is_main():
+        save_checkpoint(run_dir / "aligned-end.pt", state)
+        progress.log(f"curve --align: {len(record['groups'])} groups, objective {record['objective_before']:.4g} -> "
+                     f"{record['objective_after']:.4g} ({record['seconds']:.1f}s) -> {run_dir / 'aligned-end.pt'}")
+    return state
+
+
 def fit_curve(
-    config: Config, start: Path, end: Path, run_dir: Path, resume: bool = False, force: bool = False
+    config: Config, start: Path, end: Path, run_dir: Path, resume: bool = False, force: bool = False,
+    align: bool = False,
 ) -> dict[str, Any]:
     final_path = run_dir / "final.pt"
     device = stage_device(config)
@@ -46,6 +62,11 @@ def fit_curve(
         raise CheckpointError(f"endpoints differ in architecture: {w0['architecture']} vs {w1['architecture']}")
     if w0["dataset"]["name"] != w1["dataset"]["name"]:
         raise CheckpointError(f"endpoints were trained on different data: {w0['dataset']['name']} vs {w1['dataset']['name']}")
+    alignment = None
+    if align:
+        w1 = _aligned_end(w0, w1, start, end, run_dir)
+        alignment = w1["alignment"]
+        end = run_dir / "aligned-end.pt"
     data = load_data(w0["dataset"], device)
     settings = config.curve
     torch.manual_seed(config.seed)
@@ -75,7 +96,8 @@ def fit_curve(
         "architecture": w0["architecture"],
         "dataset": w0["dataset"],
         "curve": {**curve.settings(), "fix_start": settings.fix_start, "fix_end": settings.fix_end,
-                  "start": str(start), "end": str(end), "weight_decay": settings.weight_decay},
+                  "start": str(start), "end": str(end), "weight_decay": settings.weight_decay,
+                  **({"alignment": alignment} if alignment is not None else {})},
         "config": config.model_dump(),
     }
     plan = FitPlan(
