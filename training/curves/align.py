@@ -111,7 +111,10 @@ def _weight_matching(
     perms: Permutation = {g: torch.arange(n) for g, n in spec.sizes.items()}
     groups = list(spec.sizes)
     generator = torch.Generator().manual_seed(seed)
-    before = objective(a64, b64, list(matched))
+    # reported over every learnable weight (those no group touches add the same constant to both)
+    fixed = [k for k in learnable if k not in matched and k in a and a[k].is_floating_point()]
+    constant = objective(a, b, fixed)
+    before = constant + objective(a64, b64, list(matched))
     iterations = 0
     for iterations in range(1, max_iterations + 1):  # noqa: B007 (reported after the loop)
         improved = False
@@ -134,7 +137,7 @@ def _weight_matching(
         if not improved:
             break
     aligned = {k: permute_tensor(matched[k], b64[k], perms) for k in matched}
-    after = objective(a64, aligned, list(matched))
+    after = constant + objective(a64, aligned, list(matched))
     return Matching(perms, iterations, before, after, time.perf_counter() - started)
 
 
