@@ -12,9 +12,13 @@ import torch
 from torch import nn
 
 from models import build_model
-from training.core.checkpoint import CheckpointError, load_checkpoint, model_checkpoint, save_checkpoint
+from training.core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    model_checkpoint,
+)
 from training.curves.align import align_states, apply_permutation, inverse, weight_matching
-from training.curves.permutations import Axis, PermutationSpec, PermutationSpecError, derive_spec
+from training.curves.permutations import PermutationSpec, PermutationSpecError, derive_spec
 
 CIFAR = (3, 32, 32)
 # Small members of every registry family (vgg16/vgg16bn have no size knob: full size).
