@@ -233,3 +233,23 @@ def test_curve_align_ends_at_the_aligned_network(trained_pair, demo_config, tmp_
     assert torch.equal(unaligned.control_points()[-1], torch.cat([b[n].reshape(-1).float() for n in names]))
     assert torch.equal(aligned_line.control_points()[-1], ends[-1])
     assert record["objective_after"] >= record["objective_before"] and "permutations" not in record
+
+
+def test_eval_curve_reports_the_line_after_alignment(demo_curve) -> None:  # noqa: ANN001
+    import json
+
+    ev = demo_curve["eval"]
+    report = json.loads(Path(ev["json"]).read_text())
+    line, aligned = report["line"], report["aligned_line"]
+    assert len(aligned) == len(line) == report["points"]
+    # both lines start at w0 and end at functions equal up to rounding (B and B permuted), BN recomputed
+    assert aligned[0]["test_error"] == line[0]["test_error"]
+    assert aligned[-1]["test_error"] == pytest.approx(line[-1]["test_error"], abs=0.02)
+    assert ev["aligned_line_max_test_error"] == max(r["test_error"] for r in aligned)
+    assert ev["aligned_line_max_test_error"] < ev["line_max_test_error"]  # the barrier shrinks
+    assert "aligned line max - worse endpoint" in ev["differences"]
+    alignment = report["settings"]["alignment"]
+    assert alignment["objective_after"] >= alignment["objective_before"] and "permutations" not in alignment
+    with open(ev["csv"]) as f:
+        header = f.readline().strip().split(",")
+    assert "aligned_line_test_error" in header and "line_test_error" in header
