@@ -17,6 +17,7 @@ from training.core.checkpoint import (
     load_checkpoint,
     model_checkpoint,
 )
+from training.core.config import ConfigError
 from training.curves.align import align_states, apply_permutation, inverse, weight_matching
 from training.curves.permutations import PermutationSpec, PermutationSpecError, derive_spec
 
@@ -233,6 +234,8 @@ def test_curve_align_ends_at_the_aligned_network(trained_pair, demo_config, tmp_
     assert torch.equal(unaligned.control_points()[-1], torch.cat([b[n].reshape(-1).float() for n in names]))
     assert torch.equal(aligned_line.control_points()[-1], ends[-1])
     assert record["objective_after"] >= record["objective_before"] and "permutations" not in record
+    with pytest.raises(ConfigError, match="fitted with --align"):  # resuming must keep the same end
+        fit_curve(config, start, end, run, resume=True, align=False)
 
 
 def test_eval_curve_reports_the_line_after_alignment(demo_curve) -> None:  # noqa: ANN001

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from training.core import distributed, progress
 from training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.core.config import Config
+from training.core.config import Config, ConfigError
 from training.core.loop import FitPlan, fit
 from training.core.networks import build_network, load_data, stage_device
 from training.core.runs import prepare_run_dir
@@ -62,6 +62,10 @@ def fit_curve(
         raise CheckpointError(f"endpoints differ in architecture: {w0['architecture']} vs {w1['architecture']}")
     if w0["dataset"]["name"] != w1["dataset"]["name"]:
         raise CheckpointError(f"endpoints were trained on different data: {w0['dataset']['name']} vs {w1['dataset']['name']}")
+    started_before = final_path.exists() or any((run_dir / "checkpoints").glob("epoch-*.pt"))
+    if resume and started_before and (run_dir / "aligned-end.pt").exists() != align:
+        raise ConfigError(f"{run_dir} holds a curve fitted {'without' if align else 'with'} --align; "
+                          f"resume it {'without' if align else 'with'} --align, or start over with --force")
     alignment = None
     if align:
         w1 = _aligned_end(w0, w1, start, end, run_dir)
