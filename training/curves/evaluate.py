@@ -2,7 +2,10 @@
 
 For each of `points` evenly spaced t: BN statistics recomputed, then train loss/NLL/error,
 test NLL/error/ECE/Brier and the segment length ‖w(t_i) − w(t_{i−1})‖; the same for the line;
-the ensemble of the two endpoints, and of w0 with φ(t) for each t.
+the ensemble of the two endpoints, and of w0 with φ(t) for each t. The line is evaluated twice:
+to the end as it is, and to the end with its hidden units permuted to match the start (weight
+matching, training/curves/align.py; a curve fitted with `--align` already ends there, and its
+unaligned line undoes the recorded permutations).
 
 Statistics: for the curve and for the line, the paired bootstrap interval (training/core/statistics.py)
 over the test examples of (error at the t of the largest test error) − (error of the worse
@@ -36,13 +39,6 @@ from training.curves.model import CurveModel, network_at
 PATHS = ("curve", "line", "aligned_line")  # the line to the end permuted to match the start (training/curves/align.py)
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
 VAL_METRICS = ("val_nll", "val_error")
-
-
-def straight_line(curve: CurveModel) -> CurveModel:
-    """The segment between the curve's endpoints, as a two-bend curve."""
-    points = curve.control_points()
-    ends = [curve.unflatten(points[0]), curve.unflatten(points[-1])]
-    return CurveModel(network_at(curve, 0.0), ends[0], ends[1], curve="polychain", num_bends=2).eval()
 
 
 def lines(curve: CurveModel, state: dict[str, Any]) -> tuple[CurveModel, CurveModel, dict[str, Any]]:
