@@ -430,7 +430,8 @@ def test_served_calibrated_probabilities_equal_offline(server: Server, offline: 
     binary = _post_bytes(server, "/predict?calibrated=false", x.tobytes(), RAW).json()
     np.testing.assert_allclose(binary["probabilities"], raw_mean, atol=1e-6, rtol=0)
     binary = _post_bytes(server, "/predict_curve?t=0.3&calibrated=true", x.tobytes(), RAW).json()
-    np.testing.assert_allclose(binary["probabilities"], offline.at(0.3, x), atol=1e-6, rtol=0)
+    # ATOL: t = 0.3 may be served by a fixed-t session, within 1e-5 of curve.onnx (serving/fixed_t.py)
+    np.testing.assert_allclose(binary["probabilities"], offline.at(0.3, x), atol=ATOL, rtol=0)
     bad = _post_bytes(server, "/predict?calibrated=maybe", x.tobytes(), RAW)
     assert bad.status_code == 400 and "calibrated" in bad.json()["error"]
 

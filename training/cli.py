@@ -92,6 +92,9 @@ def _add_curve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init", choices=["linear", "random"], help="interior bends: on the line (default) or random")
     p.add_argument("--free-start", action="store_true", help="train the start point too")
     p.add_argument("--free-end", action="store_true", help="train the end point too")
+    p.add_argument("--align", action="store_true",
+                   help="permute --end's hidden units to match --start first (weight matching, as `modeconn align`); "
+                        "the aligned end is saved in the run folder as aligned-end.pt and the curve ends there")
     p.set_defaults(handler=_curve)
 
 
@@ -103,7 +106,29 @@ def _curve(args: argparse.Namespace) -> dict[str, Any]:
         "curve.lr": args.lr, "curve.init": args.init,
         "curve.fix_start": False if args.free_start else None, "curve.fix_end": False if args.free_end else None,
     })
-    return fit_curve(config, args.start, args.end, run_dir_from_args(args, config), resume=args.resume, force=args.force)
+    return fit_curve(config, args.start, args.end, run_dir_from_args(args, config), resume=args.resume, force=args.force,
+                     align=args.align)
+
+
+def _add_align(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "align", help="permute a network's hidden units to match another's (weight matching)",
+        description="Git Re-Basin weight matching: the permutation groups are derived from the network's graph "
+                    "(torch.fx); --end's units are permuted to match --start's and saved as an ordinary checkpoint "
+                    "computing the same function as --end, with an `alignment` record.",
+    )
+    p.add_argument("--start", type=Path, required=True, help="checkpoint of the network to match (A)")
+    p.add_argument("--end", type=Path, required=True, help="checkpoint of the network to permute (B)")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (B aligned to A)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the order the groups are visited in")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(handler=_align)
+
+
+def _align(args: argparse.Namespace) -> dict[str, Any]:
+    from training.curves.align import align_checkpoints
+
+    return align_checkpoints(args.start, args.end, args.out, seed=args.seed)
 
 
 def _add_eval_curve(sub: argparse._SubParsersAction) -> None:
@@ -341,9 +366,10 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
                         jobs=_jobs(args))
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_train, _add_curve, _add_eval_curve, _add_curve_point, _add_export,
-                                                                 _add_fge, _add_sse, _add_ensemble_eval, _add_swa, _add_compare, _add_pipeline,
-                                                                 _add_plane]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_train, _add_align, _add_curve, _add_eval_curve, _add_curve_point, _add_plane, _add_export, _add_fge, _add_sse,
+    _add_ensemble_eval, _add_swa, _add_compare, _add_pipeline,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,7 +3,8 @@
 Two independent networks -> a Bezier curve between them, evaluated at 61 points -> FGE from
 the first run's 80 % checkpoint -> export to the BentoML store -> a summary table, written
 as summary.json and summary.md (machine, date, test-set size, and the paired bootstrap
-intervals of FGE − single network and curve/line max − worse endpoint). Every stage resumes
+intervals of FGE − single network and curve/line max − worse endpoint; the line is evaluated both
+to the second network and to it permuted to match the first, training/curves/align.py). Every stage resumes
 what it finds: a finished stage is skipped, an interrupted one continues from its last
 checkpoint; `--force` starts over.
 """
@@ -51,8 +52,8 @@ def _finished_curve(run_dir: Path) -> dict[str, Any] | None:
 
 def _finished_eval(run_dir: Path) -> dict[str, Any] | None:
     report = read_finished(run_dir / "curve.json")
-    if report is None or "differences" not in report:  # written before eval-curve had intervals: evaluate again
-        return None
+    if report is None or "differences" not in report or "aligned_line_max_test_error" not in report.get("headline", {}):
+        return None  # written before eval-curve had intervals or the aligned line: evaluate again
     paths = {k: str(run_dir / f"curve.{k}") for k in ("json", "csv", "png")}
     return {**paths, **report["headline"], "summary": report["summary"], "differences": report["differences"],
             "test_size": report["test_size"], "skipped": True}
@@ -187,7 +188,8 @@ def _summary(trained, curve_eval, fge, exported, curve_dir, fge_dir, seconds) ->
         "fge_ensemble": {**_row(fge["ensemble"]), "members": fge["snapshots"]},
         "endpoint_ensemble": _row(ends, prefix=""),
         "curve": {"max_test_error": curve_eval["curve_max_test_error"],
-                  "line_max_test_error": curve_eval["line_max_test_error"]},
+                  "line_max_test_error": curve_eval["line_max_test_error"],
+                  "aligned_line_max_test_error": curve_eval["aligned_line_max_test_error"]},
         "plots": {"curve": str(curve_dir / "curve.png"), "fge": str(fge_dir / "fge.png")},
         "artifact": {k: v for k, v in exported.items() if k in ("tag", "folder")},
         "seconds": seconds,
@@ -206,6 +208,7 @@ def _model_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, float | No
         ("ensemble of the two endpoints", summary["endpoint_ensemble"], None),
         ("max error along the Bezier curve", None, curve["max_test_error"]),
         ("max error along the straight line", None, curve["line_max_test_error"]),
+        ("max error along the line after alignment", None, curve["aligned_line_max_test_error"]),
     ]
 
 
@@ -219,7 +222,8 @@ def _difference_rows(summary: dict[str, Any]) -> list[tuple[str, list[str]]]:
         rows.append(("SWA − single network", [statistics.Interval(**d["swa - single network"][k]).text(statistics.DIGITS[k])
                                              for k in statistics.LOSSES]))
     for name, label in (("curve max - worse endpoint", "curve max − worse endpoint"),
-                        ("line max - worse endpoint", "line max − worse endpoint")):
+                        ("line max - worse endpoint", "line max − worse endpoint"),
+                        ("aligned line max - worse endpoint", "line after alignment max − worse endpoint")):
         cell = d[name]
         rows.append((f"{label} (t = {cell['t']:.3f} vs t = {cell['worse_endpoint_t']:g})",
                      [statistics.Interval(**cell["error"]).text(), "", ""]))

@@ -47,7 +47,7 @@ class RunDirError(ModeconnError):
 # --force keeps it (in a marked folder) or refuses (in an unmarked one).
 Layout = dict[str, Any]
 RUN_LAYOUT: Layout = {
-    r"config\.yaml": None, r"metrics\.jsonl": None, r"(final|start)\.pt": None, r"lr\.csv": None,
+    r"config\.yaml": None, r"metrics\.jsonl": None, r"(final|start|aligned-end)\.pt": None, r"lr\.csv": None,
     r"(fge|sse|curve)\.(json|csv|png)": None, r"plane\.(json|csv|npz|png)": None, r"ensemble\.(json|csv)": None,
     r"checkpoints": {r"epoch-\d+\.pt": None},
     r"snapshots": {r"snapshot-\d+\.pt": None},

@@ -2,7 +2,10 @@
 
 For each of `points` evenly spaced t: BN statistics recomputed, then train loss/NLL/error,
 test NLL/error/ECE/Brier and the segment length ‖w(t_i) − w(t_{i−1})‖; the same for the line;
-the ensemble of the two endpoints, and of w0 with φ(t) for each t.
+the ensemble of the two endpoints, and of w0 with φ(t) for each t. The line is evaluated twice:
+to the end as it is, and to the end with its hidden units permuted to match the start (weight
+matching, training/curves/align.py; a curve fitted with `--align` already ends there, and its
+unaligned line undoes the recorded permutations).
 
 Statistics: for the curve and for the line, the paired bootstrap interval (training/core/statistics.py)
 over the test examples of (error at the t of the largest test error) − (error of the worse
@@ -32,15 +35,35 @@ from training.core.runs import check_report_folder
 from training.curves.fit import curve_file, load_curve
 from training.curves.model import CurveModel, even_ts, network_at
 
+PATHS = ("curve", "line", "aligned_line")  # the line to the end permuted to match the start (training/curves/align.py)
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
 VAL_METRICS = ("val_nll", "val_error")
 
 
-def straight_line(curve: CurveModel) -> CurveModel:
-    """The segment between the curve's endpoints, as a two-bend curve."""
-    points = curve.control_points()
-    ends = [curve.unflatten(points[0]), curve.unflatten(points[-1])]
-    return CurveModel(network_at(curve, 0.0), ends[0], ends[1], curve="polychain", num_bends=2).eval()
+def lines(curve: CurveModel, state: dict[str, Any]) -> tuple[CurveModel, CurveModel, dict[str, Any]]:
+    """(the line from the start to the unaligned end, the line to the end aligned to the start,
+    the alignment record). A curve fitted with --align ends at the aligned end: its unaligned end
+    is that end with the recorded permutations undone; otherwise the end is aligned here."""
+    from training.curves.align import apply_permutation, inverse, weight_matching
+    from training.curves.permutations import derive_spec, example_input
+
+    points = curve.control_points().cpu()
+    start, end = curve.unflatten(points[0]), curve.unflatten(points[-1])
+    spec = derive_spec(network_at(curve, 0.0).cpu(), example_input(state["dataset"]["input_shape"]))
+    record = state["curve"].get("alignment")
+    if record is not None:
+        undo = inverse({g: torch.tensor(p) for g, p in record["permutations"].items()})
+        unaligned, aligned = apply_permutation(spec, end, undo), end
+    else:
+        matching = weight_matching(spec, start, end, set(start))
+        unaligned, aligned = end, apply_permutation(spec, end, matching.perms)
+        record = {"method": "weight matching", "seed": 0, **matching.record(spec)}
+    device = curve.free_points.device
+
+    def line(to: dict[str, torch.Tensor]) -> CurveModel:
+        return CurveModel(network_at(curve, 0.0), start, to, curve="polychain", num_bends=2).to(device).eval()
+
+    return line(unaligned), line(aligned), {k: v for k, v in record.items() if k != "permutations"}
 
 
 @torch.no_grad()
@@ -105,13 +128,13 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     curve, state = load_curve(path, dev)
     data = load_data(state["dataset"], dev)
     wd = float(state["curve"].get("weight_decay", 0.0))
-    line = straight_line(curve)
+    line, aligned_line, alignment = lines(curve, state)
     ts = even_ts(points)
-    results: dict[str, list] = {"curve": [], "line": []}
+    results: dict[str, list] = {name: [] for name in PATHS}
     probs_curve: list[torch.Tensor] = []
-    errors: dict[str, list[np.ndarray]] = {"curve": [], "line": []}
-    with progress.task("eval-curve", 2 * points) as advance:
-        for name, model in (("curve", curve), ("line", line)):
+    errors: dict[str, list[np.ndarray]] = {name: [] for name in PATHS}
+    with progress.task("eval-curve", len(PATHS) * points) as advance:
+        for name, model in (("curve", curve), ("line", line), ("aligned_line", aligned_line)):
             previous = None
             for t in ts:
                 row, test_probs = evaluate_point(model, t, data, wd)
@@ -131,6 +154,7 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     summary = {
         "curve": summarize(results["curve"], [r["segment_length"] for r in results["curve"]]),
         "line": summarize(results["line"], [r["segment_length"] for r in results["line"]]),
+        "aligned_line": summarize(results["aligned_line"], [r["segment_length"] for r in results["aligned_line"]]),
         "endpoint_ensemble": endpoints,
     }
     headline = {
@@ -138,14 +162,16 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
         "end_test_error": results["curve"][-1]["test_error"],
         "curve_max_test_error": summary["curve"]["test_error"]["max"],
         "line_max_test_error": summary["line"]["test_error"]["max"],
+        "aligned_line_max_test_error": summary["aligned_line"]["test_error"]["max"],
         "endpoint_ensemble_test_error": endpoints["error"],
         "best_ensemble_along_curve_test_error": min(r["ensemble_test_error"] for r in results["curve"]),
     }
-    differences = {f"{name} max - worse endpoint": max_minus_worse_endpoint(results[name], errors[name])
-                   for name in ("curve", "line")}
-    report = {"checkpoint": str(path), "points": points, "settings": state["curve"], "summary": summary,
+    differences = {f"{name.replace('_', ' ')} max - worse endpoint": max_minus_worse_endpoint(results[name], errors[name])
+                   for name in PATHS}
+    settings = {**state["curve"], "alignment": alignment}  # the permutations themselves stay in the checkpoint
+    report = {"checkpoint": str(path), "points": points, "settings": settings, "summary": summary,
               "headline": headline, "differences": differences, "test_size": len(y),
-              "curve": results["curve"], "line": results["line"]}
+              **{name: results[name] for name in PATHS}}
     json_path, csv_path, png_path = out_dir / "curve.json", out_dir / "curve.csv", out_dir / "curve.png"
     atomic_write_json(json_path, report)
     atomic_write_text(csv_path, _csv(results))
@@ -153,8 +179,8 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     seconds = time.perf_counter() - started
     progress.log(
         f"eval-curve: ends {headline['start_test_error']:.2f} / {headline['end_test_error']:.2f} %, "
-        f"max along curve {headline['curve_max_test_error']:.2f} %, along line {headline['line_max_test_error']:.2f} % "
-        f"({seconds:.1f}s)"
+        f"max along curve {headline['curve_max_test_error']:.2f} %, along line {headline['line_max_test_error']:.2f} %, "
+        f"along the line after alignment {headline['aligned_line_max_test_error']:.2f} % ({seconds:.1f}s)"
     )
     for name, cell in differences.items():
         progress.log(f"  {name} (t = {cell['t']:.3f} vs {cell['worse_endpoint_t']:g}, {len(y)} test examples): "
@@ -165,9 +191,9 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
 
 def _csv(results: dict[str, list]) -> str:
     keys = [*METRICS, *(k for k in VAL_METRICS if k in results["curve"][0]), "test_ece", "test_brier", "segment_length"]
-    header = ["t", *[f"curve_{k}" for k in keys], *[f"line_{k}" for k in keys], "ensemble_test_error", "ensemble_test_nll"]
-    return csv_text(header, ([c["t"], *[c[k] for k in keys], *[line[k] for k in keys], c["ensemble_test_error"],
-                              c["ensemble_test_nll"]] for c, line in zip(results["curve"], results["line"], strict=True)))
+    header = ["t", *[f"{name}_{k}" for name in PATHS for k in keys], "ensemble_test_error", "ensemble_test_nll"]
+    return csv_text(header, ([c["t"], *[results[name][i][k] for name in PATHS for k in keys], c["ensemble_test_error"],
+                              c["ensemble_test_nll"]] for i, c in enumerate(results["curve"])))
 
 
 def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: str) -> bytes:
@@ -177,6 +203,7 @@ def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: 
     for ax, key, title in ((axes[0], "test_error", "test error (%)"), (axes[1], "train_loss", "train loss")):
         ax.plot(ts, [r[key] for r in results["curve"]], label=f"{curve_type} curve", lw=2)
         ax.plot(ts, [r[key] for r in results["line"]], label="straight line", lw=2, ls="--")
+        ax.plot(ts, [r[key] for r in results["aligned_line"]], label="straight line after alignment", lw=2, ls="-.")
         ax.set(xlabel="t", title=title)
         ax.legend()
     axes[1].set_yscale("log")

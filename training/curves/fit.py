@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from training.core import distributed, progress
 from training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.core.config import Config
+from training.core.config import Config, ConfigError
 from training.core.loop import FitPlan, fit
 from training.core.networks import build_network, load_data, stage_device
 from training.core.runs import prepare_run_dir
@@ -35,8 +35,24 @@ def _endpoint(path: Path) -> dict[str, Any]:
     return state
 
 
+def _aligned_end(w0: dict[str, Any], w1: dict[str, Any], start: Path, end: Path, run_dir: Path) -> dict[str, Any]:
+    """`curve --align`: w1 permuted to match w0, saved as RUN/aligned-end.pt. Every rank computes it
+    (deterministic, seconds), so none waits on a file; rank 0 writes it."""
+    from training.curves.align import TRAINING_STATE, align_states
+
+    aligned, record = align_states(w0, w1, start, end)
+    state = {**{k: v for k, v in w1.items() if k not in TRAINING_STATE}, "kind": "aligned", "model": aligned,
+             "alignment": {**record, "end_kind": w1.get("kind")}}
+    if distributed.is_main():
+        save_checkpoint(run_dir / "aligned-end.pt", state)
+        progress.log(f"curve --align: {len(record['groups'])} groups, objective {record['objective_before']:.4g} -> "
+                     f"{record['objective_after']:.4g} ({record['seconds']:.1f}s) -> {run_dir / 'aligned-end.pt'}")
+    return state
+
+
 def fit_curve(
-    config: Config, start: Path, end: Path, run_dir: Path, resume: bool = False, force: bool = False
+    config: Config, start: Path, end: Path, run_dir: Path, resume: bool = False, force: bool = False,
+    align: bool = False,
 ) -> dict[str, Any]:
     final_path = run_dir / "final.pt"
     device = stage_device(config)
@@ -44,6 +60,15 @@ def fit_curve(
     started = time.perf_counter()
     w0, w1 = _endpoint(start), _endpoint(end)
     check_same_network([(start, w0), (end, w1)], CheckpointError)
+    started_before = final_path.exists() or any((run_dir / "checkpoints").glob("epoch-*.pt"))
+    if resume and started_before and (run_dir / "aligned-end.pt").exists() != align:
+        raise ConfigError(f"{run_dir} holds a curve fitted {'without' if align else 'with'} --align; "
+                          f"resume it {'without' if align else 'with'} --align, or start over with --force")
+    alignment = None
+    if align:
+        w1 = _aligned_end(w0, w1, start, end, run_dir)
+        alignment = w1["alignment"]
+        end = run_dir / "aligned-end.pt"
     data = load_data(w0["dataset"], device)
     settings = config.curve
     torch.manual_seed(config.seed)
@@ -73,7 +98,8 @@ def fit_curve(
         "architecture": w0["architecture"],
         "dataset": w0["dataset"],
         "curve": {**curve.settings(), "fix_start": settings.fix_start, "fix_end": settings.fix_end,
-                  "start": str(start), "end": str(end), "weight_decay": settings.weight_decay},
+                  "start": str(start), "end": str(end), "weight_decay": settings.weight_decay,
+                  **({"alignment": alignment} if alignment is not None else {})},
         "config": config.model_dump(),
     }
     plan = FitPlan(
