@@ -5,6 +5,8 @@ stopped by this script and measured one after the other, in rounds whose order r
   modeconn          `bentoml serve serving.service:ModeConnService` (its own batcher)
   bentoml-batching  a minimal BentoML service with BentoML's adaptive batching
                     (`@bentoml.api(batchable=True)`, benchmarks/peers/bentoml_batching.py)
+  bentoml-microbatcher  the same minimal service with modeconn's batcher (serving/batching.py)
+                    instead of BentoML's: the two batchers with everything else equal
   litserve          LitServe with its batching (benchmarks/peers/litserve_peer.py)
   floor             Starlette + uvicorn + onnxruntime, the session run inline, no batching
                     (benchmarks/peers/floor.py)
@@ -72,6 +74,7 @@ class Peer:
 PEERS = {
     "modeconn": Peer("modeconn", "/readyz", "/predict", "/predict"),
     "bentoml-batching": Peer("bentoml-batching", "/readyz", "/predict", "/predict_raw"),
+    "bentoml-microbatcher": Peer("bentoml-microbatcher", "/readyz", "/predict", "/predict_raw"),
     "litserve": Peer("litserve", "/health", "/predict", "/predict"),
     "floor": Peer("floor", "/readyz", "/predict", "/predict"),
 }
@@ -107,6 +110,9 @@ def command(peer: str, port: int, workers: int) -> list[str]:
     if peer == "bentoml-batching":
         return [py, "-m", "bentoml", "serve", "benchmarks.peers.bentoml_batching:Peer", "--port", str(port),
                 "--host", "127.0.0.1"]
+    if peer == "bentoml-microbatcher":
+        return [py, "-m", "bentoml", "serve", "benchmarks.peers.bentoml_batching:PeerMicroBatcher", "--port",
+                str(port), "--host", "127.0.0.1"]
     if peer == "litserve":
         return [py, "-m", "benchmarks.peers.litserve_peer", str(port)]
     if peer == "floor":
@@ -360,7 +366,7 @@ def main() -> None:
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--encodings", default="json,binary")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--per-client", type=int, default=0, help="requests per client (default 20, cifar 5, quick 3)")
+    parser.add_argument("--per-client", type=int, default=0, help="requests per client (default 40, cifar 8, quick 3)")
     parser.add_argument("--latency-requests", type=int, default=0, help="one-client requests (default 500, quick 100)")
     parser.add_argument("--rounds", type=int, default=0, help="server starts per peer, order rotated (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="server processes per peer (modeconn's default: 2)")
@@ -368,7 +374,7 @@ def main() -> None:
     parser.add_argument("--no-spinning", action="store_true", help="onnxruntime spinning off for every session")
     args = parser.parse_args()
     cifar = args.artifact == "cifar"
-    args.per_client = args.per_client or (3 if args.quick else 5 if cifar else 20)
+    args.per_client = args.per_client or (3 if args.quick else 8 if cifar else 40)
     args.latency_requests = args.latency_requests or (100 if args.quick else 200 if cifar else 500)
     args.rounds = args.rounds or (1 if args.quick else 3)
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
