@@ -147,6 +147,30 @@ class PeerServer:
     def log_tail(self, n: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-n:]
 
+    def pids(self) -> list[int]:
+        """Every process of the server's group (workers, LitServe's inference processes)."""
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == self.proc.pid:
+                    found.append(int(stat.parent.name))
+        return found
+
+    def cpu_seconds(self, pids: list[int]) -> float:
+        total = 0
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def idle_cores(self, seconds: float = 2.0) -> float:
+        """Cores the server uses with no request in flight (a polling loop shows here)."""
+        pids = self.pids()
+        before = self.cpu_seconds(pids)
+        time.sleep(seconds)
+        return (self.cpu_seconds(pids) - before) / seconds
+
     def stop(self) -> None:
         """SIGTERM to the whole group (LitServe and uvicorn --workers start children), then SIGKILL."""
         if self.proc.poll() is None:
@@ -341,6 +365,9 @@ def measure(peer: str, settings: Settings, encs: dict[str, Encoded], expected: n
     out: dict[str, Any] = {}
     try:
         out["ready_s"] = server.wait_ready()
+        monitor = common.CpuMonitor(server.pids())
+        out["others_cores_before"] = common.wait_for_quiet(monitor, args.quiet_wait)
+        out["idle_cores"] = server.idle_cores()
         for name, enc in encs.items():
             path = enc.path(server.peer)
             problem = asyncio.run(check_answer(server.port, path, enc, expected))
@@ -349,11 +376,14 @@ def measure(peer: str, settings: Settings, encs: dict[str, Encoded], expected: n
                 print(f"  {peer} {name}: not measured: {problem[:160]}", flush=True)
                 continue
             lat, statuses = asyncio.run(sequential(server.port, path, enc, args.latency_requests, warmup=30))
+            before = monitor.snapshot()
             load = asyncio.run(concurrent(server.port, server.peer.ready, path, enc, args.clients, args.per_client))
+            load["others_cores"] = monitor.others(before, monitor.snapshot())  # other jobs on the machine
             out[name] = {"latency_s": lat, "latency_statuses": sorted(set(statuses)), "load": load,
                          "mean_rows_per_batch": modeconn_batches(server.port) if peer == "modeconn" else None}
             print(f"  {peer} {name}: p50 {common.percentile(lat, 50) * 1e3:.2f} ms, "
-                  f"{load['rows_per_s']:.0f} rows/s at {args.clients} clients {load['statuses']}", flush=True)
+                  f"{load['rows_per_s']:.0f} rows/s at {args.clients} clients {load['statuses']} "
+                  f"(other work: {load['others_cores']:.2f} cores)", flush=True)
     finally:
         server.stop()
     return out
@@ -371,6 +401,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="server starts per peer, order rotated (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="server processes per peer (modeconn's default: 2)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per session")
+    parser.add_argument("--label", default="", help="added to the results file name (serving_peers-LABEL-date)")
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="seconds to wait, per server start, for other work to use < 0.25 cores")
     parser.add_argument("--no-spinning", action="store_true", help="onnxruntime spinning off for every session")
     args = parser.parse_args()
     cifar = args.artifact == "cifar"
@@ -380,7 +413,7 @@ def main() -> None:
     peers = [p.strip() for p in args.peers.split(",") if p.strip()]
     for p in peers:
         command(p, 0, 1)  # an unknown name fails here, before minutes of set-up
-    run = common.start_run("serving_peers" + ("-cifar" if cifar else ""))
+    run = common.start_run("serving_peers" + ("-cifar" if cifar else "") + (f"-{args.label}" if args.label else ""))
     run["quick"], run["command"] = args.quick, common.command_line()
     work = Path(tempfile.mkdtemp(prefix="bench-peers-"))
     try:
@@ -433,8 +466,10 @@ def aggregate(starts: list[dict[str, Any]], enc: str) -> dict[str, Any] | None:
             "load_p99_ms": common.percentile([v for s in ok for v in s["load"]["latencies_s"]], 99) * 1e3,
             "statuses": _sum_statuses([s["load"]["statuses"] for s in ok]),
             "client_cpu_s": _median([s["load"]["client_cpu_s"] for s in ok]),
+            "others_cores": [round(s["load"].get("others_cores", float("nan")), 2) for s in ok],
             "mean_rows_per_batch": _median([s["mean_rows_per_batch"] for s in ok if s.get("mean_rows_per_batch")]),
-            "ready_s": _median([s["ready_s"] for s in starts])}
+            "ready_s": _median([s["ready_s"] for s in starts]),
+            "idle_cores": _median([s["idle_cores"] for s in starts if "idle_cores" in s])}
 
 
 def _sum_statuses(many: list[dict[int, int]]) -> str:
@@ -455,13 +490,14 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
             table[(peer, enc)] = agg
             if agg is None:
                 why = next((s[enc]["unsupported"] for s in starts if enc in s and "unsupported" in s[enc]), "")
-                rows.append([peer, enc, 0, "unsupported", "", "", "", "", "", "", why[:100], ""])
+                rows.append([peer, enc, 0, "unsupported", "", "", "", "", "", "", why[:100], "", "", "", ""])
                 continue
             floor = (table.get(("floor", enc)) or {}).get("p50_ms")
             rows.append([peer, enc, agg["starts"], agg["p50_ms"], ", ".join(f"{v:.2f}" for v in agg["p50_per_start"]),
                          agg["p99_ms"], agg["p50_ms"] - floor if floor is not None and peer != "floor" else "",
                          agg["rows_per_s"], ", ".join(f"{v:.0f}" for v in agg["rows_per_s_per_start"]),
-                         agg["load_p99_ms"], agg["statuses"], agg["client_cpu_s"]])
+                         agg["load_p99_ms"], agg["statuses"], agg["client_cpu_s"],
+                         ", ".join(f"{v:.2f}" for v in agg["others_cores"]), agg["idle_cores"], agg["ready_s"]])
     # the floor is measured last in the table but its p50 is needed above: fill the column now
     for row in rows:
         floor = (table.get(("floor", row[1])) or {}).get("p50_ms")
@@ -472,14 +508,18 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
         run, f"Peers, {arch['name']} ({len(manifest['members'])} members), batch-1 requests",
         ["server", "encoding", "starts", "p50 ms, 1 client (median of starts)", "p50 per start", "p99 ms (all)",
          "p50 - floor's, ms", f"rows/s, {args.clients} clients (median)", "rows/s per start",
-         f"p99 ms at {args.clients} clients", "statuses", "client CPU s"], rows,
+         f"p99 ms at {args.clients} clients", "statuses", "client CPU s",
+         "other work, cores (per start)", "idle server, cores", "ready s"], rows,
         notes=(f"Same ensemble.onnx in every server: {args.workers} processes each, onnxruntime "
                f"{args.ort_threads} intra-op thread(s) per session, spinning {'off' if args.no_spinning else 'on'}; "
                f"batches of at most {1024} rows (LitServe: requests), no waiting for company except LitServe's "
                f"{1e3 * 0.001:.0f} ms window (0 makes its worker loop poll without sleeping). One client: "
                f"{args.latency_requests} requests after 30 warm-up; {args.clients} clients x {args.per_client} requests "
                "each, released together. The client is one asyncio process on the same 2 cores (client CPU s: its "
-               f"share). In-process session call at batch 1: p50 {ref_p50:.3f} ms."),
+               "share). Other work: cores that processes outside this run used during each throughput measurement "
+               "(/proc/stat; each server start first waits up to --quiet-wait s for < 0.25). Idle server: CPU its "
+               "processes used over 2 s with no request, after loading. "
+               f"In-process session call at batch 1: p50 {ref_p50:.3f} ms."),
         data={"table": {f"{p}/{e}": v for (p, e), v in table.items()}, "starts": results})
     rows = [[f"batch {n}", v, v / rps[1]] for n, v in rps.items()]
     common.add_section(run, "In-process session (this process, onnxruntime's default pool: one thread per core)",
@@ -504,9 +544,27 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
         data={"in_process_rows_per_s": rps})
 
 
+def compact_table(run: dict) -> str:
+    """The README's peer table: p50 at one client and rows/s at many, per encoding."""
+    section = run["sections"][0]["data"]["table"]
+    peers = list(dict.fromkeys(k.split("/")[0] for k in section))
+    encs = list(dict.fromkeys(k.split("/")[1] for k in section))
+    headers, rows = ["server"], []
+    for enc in encs:
+        headers += [f"{enc}: p50 ms, 1 client", f"{enc}: rows/s, many clients"]
+    for peer in peers:
+        row: list[Any] = [peer]
+        for enc in encs:
+            agg = section.get(f"{peer}/{enc}")
+            row += ["n/a", "n/a"] if agg is None else [round(agg["p50_ms"], 2), round(agg["rows_per_s"])]
+        rows.append(row)
+    return common.table(headers, rows)
+
+
 def summary(run: dict) -> str:
     section = run["sections"][0]["data"]["table"]
-    lines = ["## Targets (issue 15)", ""]
+    lines = ["## Side by side (medians over server starts; details below)", "", compact_table(run), "",
+             "## Targets (issue 15)", ""]
     for enc in ("json", "binary"):
         ours, floor = section.get(f"modeconn/{enc}"), section.get(f"floor/{enc}")
         if ours is None:
