@@ -521,6 +521,7 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
                "processes used over 2 s with no request, after loading. "
                f"In-process session call at batch 1: p50 {ref_p50:.3f} ms."),
         data={"table": {f"{p}/{e}": v for (p, e), v in table.items()}, "starts": results})
+    paired_section(run, results, args)
     rows = [[f"batch {n}", v, v / rps[1]] for n, v in rps.items()]
     common.add_section(run, "In-process session (this process, onnxruntime's default pool: one thread per core)",
                        ["batch", "rows/s", "x batch 1"], rows,
@@ -542,6 +543,40 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
         notes=("modeconn's mean rows per call is the count of the worker that answered /info, warm-up included; "
                "'that batch size' is the measured in-process batch size nearest to it."),
         data={"in_process_rows_per_s": rps})
+
+
+def _measured(start: dict[str, Any], enc: str) -> dict[str, Any] | None:
+    m = start.get(enc)
+    return None if m is None or "unsupported" in m else m
+
+
+def paired_section(run: dict, results: dict, args: Any) -> None:
+    """modeconn against each peer within each round (measured minutes apart, under the same
+    background load), then the median over rounds: steadier than comparing medians when
+    other jobs come and go on the machine."""
+    if "modeconn" not in results:
+        return
+    rows = []
+    for enc in args.encodings.split(","):
+        for peer, starts in results.items():
+            if peer == "modeconn":
+                continue
+            ratios, gaps = [], []
+            for ours, theirs in zip(results["modeconn"], starts, strict=True):
+                a, b = _measured(ours, enc), _measured(theirs, enc)
+                if a is None or b is None:
+                    continue
+                ratios.append(a["load"]["rows_per_s"] / b["load"]["rows_per_s"])
+                gaps.append((common.percentile(a["latency_s"], 50) - common.percentile(b["latency_s"], 50)) * 1e3)
+            if ratios:
+                rows.append([peer, enc, len(ratios), _median(ratios), ", ".join(f"{r:.2f}" for r in ratios),
+                             _median(gaps), ", ".join(f"{g:+.2f}" for g in gaps)])
+    common.add_section(
+        run, "modeconn against each peer, round by round",
+        ["peer", "encoding", "rounds", "modeconn rows/s / peer's (median)", "per round",
+         "modeconn p50 - peer's, ms (median)", "per round"], rows,
+        notes="Each round starts every server once, one after the other (order rotated per round).",
+        data=rows)
 
 
 def compact_table(run: dict) -> str:
