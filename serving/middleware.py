@@ -14,6 +14,11 @@ it to the app. A body over the limit is drained (up to `drain_factor` times the 
 the 413 is sent: a client still uploading when the server answers and closes often sees a
 connection reset instead of the status code.
 
+BinaryInputs takes POST /predict and /predict_curve with a binary media type
+(serving/encodings.py: raw float32, .npy, PNG/JPEG) away from BentoML, whose request parsing
+reads every body as JSON, and hands the whole body to the service's handler; every other
+request goes on to BentoML as before.
+
 OpenAPIMiddleware answers GET /docs.json with the document serving/openapi.py builds from
 the served artifact (BentoML registers its own, less true, /docs.json route before any
 mounted app, so only a middleware can take its place); until the service instance exists
@@ -23,8 +28,10 @@ the request falls through to BentoML's.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+from serving.encodings import BINARY_TYPES, media_type
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -47,7 +54,8 @@ class RequestGuardMiddleware:
         if media_type.startswith(_REFUSED_MEDIA_PREFIXES):
             await self._drain(receive, already=0)
             shown = media_type.decode(errors="replace")
-            await _send_json(send, 415, f"content type {shown!r} is not accepted; send JSON")
+            accepted = ", ".join(("application/json", *BINARY_TYPES))
+            await _send_json(send, 415, f"content type {shown!r} is not accepted; send {accepted}")
             return
         try:
             declared: int | None = int(_header(scope, b"content-length") or b"-1")
@@ -94,6 +102,41 @@ class RequestGuardMiddleware:
             "(split the batch into smaller requests)"
         )
         await _send_json(send, 413, message)
+
+
+BinaryHandler = Callable[[str, str, bytes, str], Awaitable[Any]]
+BINARY_ROUTES = ("/predict", "/predict_curve")
+
+
+class BinaryInputs:
+    def __init__(self, app: Any, handler: BinaryHandler) -> None:
+        self.app = app
+        self.handler = handler
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in BINARY_ROUTES:
+            kind = media_type(_header(scope, b"content-type").decode("latin-1"))
+            if kind in BINARY_TYPES:
+                body = await _read_body(receive)
+                if body is None:  # the client went away
+                    return
+                query = scope.get("query_string", b"").decode("latin-1")
+                response = await self.handler(scope["path"], kind, body, query)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+async def _read_body(receive: Any) -> bytes | None:
+    """The whole body (RequestGuardMiddleware, outside, has bounded it already)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 class OpenAPIMiddleware:

@@ -11,7 +11,10 @@ GET /info are missing. This document states what the service really accepts and 
 - `t` in [0, 1], or `ts`: 1..max_ts values in [0, 1]; exactly one of them (oneOf);
 - answers: probabilities with one entry per class, predictions and labels from the
   manifest's classes; every error (400/404/413/415/500/503) with the one `ErrorResponse`;
-- GET and POST /info with the model card, and BentoML's health and metrics routes.
+- GET and POST /info with the model card, and BentoML's health and metrics routes;
+- the binary request bodies (serving/encodings.py) as further media types of the two
+  prediction routes, with `t`/`ts` in the query string described in words: a `parameters`
+  entry would claim them for JSON bodies too, which ignore the query string.
 
 serving/middleware.py serves it at GET /docs.json (BentoML's route for the same path is
 registered before any mounted app could shadow it). The validation it describes is
@@ -21,10 +24,12 @@ serving/schemas.py's; tests/test_contract.py fuzzes the live server against it.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 from pydantic import BaseModel
 
+from serving import encodings
 from serving.artifact import Artifact
 from serving.schemas import (
     MAX_ABS_INPUT,
@@ -87,6 +92,7 @@ def openapi_document(
     )
     errors = _error_responses(max_body_bytes)
     post_errors = {k: errors[k] for k in ("400", "413", "415", "500", "503")}
+    binary = binary_bodies(shape, artifact.input_range, max_rows)
     paths = {
         "/predict": {
             "post": _operation(
@@ -95,6 +101,7 @@ def openapi_document(
                 request="PredictRequest",
                 answer="PredictResponse",
                 errors=post_errors,
+                binary=binary,
             )
         },
         "/predict_curve": {
@@ -105,6 +112,10 @@ def openapi_document(
                 request="CurvePredictRequest",
                 answer="CurvePredictResponse",
                 errors={**post_errors, "404": errors["404"]},
+                binary=binary,
+                binary_note=" With a binary body, give `t` or `ts` in the query string: "
+                "`?t=0.3` or `?ts=0.2,0.5,0.8` (exactly one; values in [0, 1], at most "
+                f"{max_ts}).",
             )
         },
         "/info": {
@@ -155,6 +166,29 @@ def inputs_schema(shape: tuple[int, ...], max_rows: int) -> dict[str, Any]:
     }
 
 
+def binary_bodies(
+    shape: tuple[int, ...], value_range: tuple[float, float], max_rows: int
+) -> dict[str, Any]:
+    """The non-JSON request bodies this artifact takes, as OpenAPI media types."""
+    dims = " x ".join(map(str, shape))
+    bodies = {
+        encodings.RAW: f"little-endian float32 in C order, N x {dims} values "
+        f"(N = bytes / {4 * math.prod(shape)}, 1..{max_rows})",
+        encodings.NPY: f"one .npy array (numpy.save) of shape [N, {', '.join(map(str, shape))}] "
+        f"or [{', '.join(map(str, shape))}], float32 (float64/float16 cast; no integers, no pickles)",
+    }
+    if encodings.image_shape(shape, value_range) is not None:
+        for kind in encodings.IMAGE_TYPES:
+            bodies[kind] = (
+                f"one image of {shape[2]}x{shape[1]} pixels, "
+                f"{'RGB' if shape[0] == 3 else 'grayscale'}; scaled to [0, 1], not resized"
+            )
+    return {
+        kind: {"schema": {"type": "string", "format": "binary", "description": text}}
+        for kind, text in bodies.items()
+    }
+
+
 def _unit() -> dict[str, Any]:
     return {"type": "number", "minimum": 0.0, "maximum": 1.0}
 
@@ -184,7 +218,8 @@ def _tighten_answer(schema: dict[str, Any], classes: list[str], max_rows: int) -
     last = len(classes) - 1
     props["predictions"].update(rows, items={"type": "integer", "minimum": 0, "maximum": last})
     props["labels"].update(rows, items={"type": "string", "enum": sorted(set(classes))})
-    props["entropy"].update(rows, items={"type": "number", "minimum": 0.0})
+    for name in ("entropy", "expected_entropy", "mutual_information"):
+        props[name].update(rows, items={"type": "number", "minimum": 0.0})
     props["agreement"].update(rows, items=_unit())
     schema["additionalProperties"] = False
     return schema
@@ -205,7 +240,7 @@ def _error_responses(max_body_bytes: int) -> dict[str, dict[str, Any]]:
         "400": "the request is not valid for this model; `error` names the field or element",
         "404": "this artifact has no curve",
         "413": f"the body is larger than {max_body_bytes} bytes",
-        "415": "multipart or pickle content type; send JSON",
+        "415": "multipart or pickle content type, or an image for a model that takes no images",
         "500": "a bug; the server log has the traceback",
         "503": "still loading, failed to load, or the batching queue is full",
     }
@@ -225,6 +260,8 @@ def _operation(
     errors: dict[str, Any],
     request: str | None = None,
     body: dict[str, Any] | None = None,
+    binary: dict[str, Any] | None = None,
+    binary_note: str = "",
 ) -> dict[str, Any]:
     op: dict[str, Any] = {
         "operationId": operation_id,
@@ -233,7 +270,11 @@ def _operation(
         "responses": {"200": {"description": "success", "content": _json(answer)}, **errors},
     }
     if request is not None:
-        op["requestBody"] = {"required": True, "content": _json(request)}
+        op["requestBody"] = {"required": True, "content": {**_json(request), **(binary or {})}}
+        if binary:
+            op["description"] += (
+                " Bodies: JSON, or " + ", ".join(binary) + " (README, HTTP API)." + binary_note
+            )
     elif body is not None:
         op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}
     return op

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from serving.artifact import Artifact, ArtifactError
 from serving.env import env_flag
+from serving.fixed_t import CurveSplit, FixedTCache, t_key
 
 # Under "bentoml." so the handlers BentoML configures for its workers print it.
 logger = logging.getLogger(f"bentoml.serve.{__name__}")
@@ -114,35 +115,73 @@ def check_graphs(artifact: Artifact) -> None:
 
 
 class Runtime:
-    """The ensemble session and, when the artifact has one, the curve session."""
+    """The ensemble session and, when the artifact has one, the curve: its general session
+    (any t) and a bounded cache of fixed-t sessions (serving/fixed_t.py)."""
 
     def __init__(
         self,
         artifact: Artifact,
         providers: Sequence[Any],
         settings: SessionSettings = SessionSettings(),
+        curve_cache: int = 0,
     ) -> None:
         self.artifact = artifact
+        self._providers, self._settings = list(providers), settings
         self.ensemble = _open(artifact.ensemble_file, providers, settings, *ENSEMBLE_IO)
-        self.curve = (
-            None
-            if artifact.curve_file is None
-            else _open(artifact.curve_file, providers, settings, *CURVE_IO)
-        )
+        self.curve: ort.InferenceSession | None = None
+        self.curve_cache: FixedTCache | None = None
+        if artifact.curve_file is not None:
+            self.curve = _open(artifact.curve_file, providers, settings, *CURVE_IO)
+            self._split_curve(artifact.curve_file, curve_cache)
         self.providers = {"ensemble": self.ensemble.get_providers()[0]}
         if self.curve is not None:
             self.providers["curve"] = self.curve.get_providers()[0]
         for graph, provider in self.providers.items():
             logger.info("%s session runs on %s", graph, provider)
 
+    def _split_curve(self, path: Path, capacity: int) -> None:
+        """The general session from the split graph (1D convs as 2D) and the fixed-t cache.
+        A graph the split cannot handle keeps curve.onnx as it is, without a cache."""
+        try:
+            self._split = CurveSplit(path)
+            general = _open(self._split.general, self._providers, self._settings, *CURVE_IO)
+            self._t_part = _open(
+                self._split.t_part, ["CPUExecutionProvider"], SessionSettings(1, False), {"t"}, set()
+            )
+        except Exception as exc:  # the plain graph still answers every t correctly
+            logger.warning("curve graph kept as exported (no fixed-t sessions): %s", exc)
+            return
+        self.curve = general
+        self.curve_cache = FixedTCache(self._fixed_session, capacity)
+
+    def fixed_graph(self, t: float) -> bytes:
+        """The curve's x-part with w(t) and the BN statistics at t as constants (ONNX bytes)."""
+        values = self._t_part.run(self._split.boundary, {"t": np.array([t_key(t)], dtype=np.float32)})
+        return self._split.fixed(values)
+
+    def _fixed_session(self, t: float) -> ort.InferenceSession:
+        return _open(self.fixed_graph(t), self._providers, self._settings, {"x"}, {"probabilities"})
+
     def run_ensemble(self, _key: Any, x: np.ndarray) -> list[np.ndarray]:
         """[mean probabilities [N, C], member probabilities [K, N, C]]."""
         return self.ensemble.run(["probabilities", "member_probabilities"], {"x": x})
 
     def run_curve(self, t: float, x: np.ndarray) -> list[np.ndarray]:
-        """[probabilities [N, C] of the model at phi(t)]."""
+        """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or the
+        general graph (which starts building one for next time)."""
         assert self.curve is not None
-        return self.curve.run(["probabilities"], {"x": x, "t": np.array([t], dtype=np.float32)})
+        if self.curve_cache is not None and (fixed := self.curve_cache.get(t)) is not None:
+            return fixed.run(["probabilities"], {"x": x})
+        return self.curve.run(["probabilities"], {"x": x, "t": np.array([t_key(t)], dtype=np.float32)})
+
+    def preload_curve(self, ts: Sequence[float], batch_sizes: Sequence[int] = (1,)) -> None:
+        """Build (and warm up) the fixed-t sessions of `ts` now, e.g. before readiness."""
+        if self.curve_cache is None:
+            return
+        for t in ts:
+            session = self.curve_cache.build_now(t)
+            for n in batch_sizes:
+                session.run(None, {"x": np.zeros((n, *self.artifact.input_shape), np.float32)})
 
     def warmup(self, batch_sizes: Sequence[int]) -> None:
         """Run every graph once per batch size, so first requests don't pay for allocation."""
@@ -150,24 +189,31 @@ class Runtime:
             x = np.zeros((n, *self.artifact.input_shape), dtype=np.float32)
             self.run_ensemble(None, x)
             if self.curve is not None:
-                self.run_curve(0.5, x)
+                self.curve.run(["probabilities"], {"x": x, "t": np.array([0.5], np.float32)})
+
+    def close(self) -> None:
+        if self.curve_cache is not None:
+            self.curve_cache.close()
 
 
 def _open(
-    path: Path,
+    source: Path | bytes,
     providers: Sequence[Any],
     settings: SessionSettings,
     inputs: set[str],
     outputs: set[str],
 ) -> ort.InferenceSession:
+    """A session of the graph at `source` (a file, or a serialized graph serving/fixed_t.py made)."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = settings.threads
     options.add_session_config_entry(
         "session.intra_op.allow_spinning", "1" if settings.spinning else "0"
     )
+    path = source if isinstance(source, Path) else Path("<curve graph built at load>")
+    model = str(source) if isinstance(source, Path) else source
     try:
-        session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        session = ort.InferenceSession(model, sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime's load errors share no base class below Exception
         raise ArtifactError(f"{path}: onnxruntime cannot load this graph: {exc}") from exc
     # The graph names are the contract (docs/manifest.md): refuse a graph that breaks it
@@ -182,19 +228,31 @@ def _open(
     return session
 
 
+def entropy(p: np.ndarray) -> np.ndarray:
+    """Entropy in nats along the last axis, in float64 (0 log 0 = 0)."""
+    p = p.astype(np.float64)
+    return -(p * np.log(np.where(p > 0, p, 1.0))).sum(axis=-1)
+
+
 def summarize(
     mean_probs: np.ndarray, per_model_probs: np.ndarray, class_names: Sequence[str]
 ) -> dict[str, list[Any]]:
-    """Response fields from the averaged distribution [N, C] and the averaged models' [M, N, C]."""
+    """Response fields from the averaged distribution [N, C] and the averaged models' [M, N, C].
+
+    Uncertainty per row, decomposed (README, "HTTP API"): total = H(mean p); expected
+    (aleatoric) = mean over models of H(p_m); mutual information (epistemic) = total -
+    expected, which is >= 0 by Jensen's inequality; float32 rounding can make it -1e-8 for
+    models that agree, so it is clipped at 0."""
     predictions = mean_probs.argmax(axis=1)
-    p = mean_probs.astype(np.float64)
-    safe = np.where(p > 0, p, 1.0)  # 0 * log 0 = 0
-    entropy = -(p * np.log(safe)).sum(axis=1)
+    total = entropy(mean_probs)
+    expected = entropy(per_model_probs).mean(axis=0)
     agreement = (per_model_probs.argmax(axis=2) == predictions[None, :]).mean(axis=0)
     return {
         "probabilities": mean_probs.tolist(),
         "predictions": predictions.tolist(),
         "labels": [class_names[i] for i in predictions],
-        "entropy": entropy.tolist(),
+        "entropy": total.tolist(),
+        "expected_entropy": expected.tolist(),
+        "mutual_information": np.maximum(total - expected, 0.0).tolist(),
         "agreement": agreement.tolist(),
     }

@@ -41,6 +41,15 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
+# How BentoML's /schema.json describes `inputs` to its own clients: as a numpy tensor, so
+# `bentoml.SyncHTTPClient(url).predict(inputs=array)` sends `array.tolist()` (BentoML's
+# TensorSchema.encode) instead of failing with "Object of type ndarray is not JSON
+# serializable"; lists are sent as they are. Only the schema says "tensor": the server
+# still validates `inputs` as nested lists (parse_inputs), so JSON strings or booleans are
+# refused rather than cast by numpy.
+_BENTOML_CLIENT_TENSOR = {"type": "tensor", "format": "numpy-array"}
+
+
 class PredictRequest(_Request):
     # BentoML wraps request models in a "<Name>IODescriptor" subclass; a title keeps that
     # internal name out of the 400 message ("1 validation error for PredictRequest").
@@ -50,6 +59,7 @@ class PredictRequest(_Request):
         min_length=1,
         max_length=MAX_REQUEST_ROWS,
         description="N rows, each of the model's input shape (see GET /info), raw values",
+        json_schema_extra=_BENTOML_CLIENT_TENSOR,
     )
 
 
@@ -86,7 +96,15 @@ class PredictResponse(BaseModel):
     probabilities: list[list[float]] = Field(description="N x C, mean softmax")
     predictions: list[int] = Field(description="argmax class index per row")
     labels: list[str] = Field(description="class name of each prediction")
-    entropy: list[float] = Field(description="predictive entropy of the mean distribution, nats")
+    entropy: list[float] = Field(
+        description="total uncertainty: entropy of the mean distribution H(mean p), nats"
+    )
+    expected_entropy: list[float] = Field(
+        description="aleatoric part: mean of the averaged models' entropies, mean H(p_m), nats"
+    )
+    mutual_information: list[float] = Field(
+        description="epistemic part: entropy - expected_entropy (>= 0; 0 for a single model), nats"
+    )
     agreement: list[float] = Field(
         description="fraction of the averaged models whose top class equals the prediction"
     )
@@ -181,6 +199,24 @@ def parse_inputs(
             reason = f"is beyond the accepted magnitude ({MAX_ABS_INPUT:g})"
         raise InputError(f"{where} = {value!r} {reason}")
     return values.astype(np.float32)
+
+
+def check_values(values: np.ndarray) -> np.ndarray:
+    """`values` (any float dtype, already of the right shape) as float32, refusing NaN,
+    infinities and magnitudes beyond MAX_ABS_INPUT with the index of the first one. One
+    vectorised pass; the binary encodings (serving/encodings.py) use it."""
+    bounded = np.abs(values) <= MAX_ABS_INPUT  # False for NaN and infinities too
+    if not bounded.all():
+        index = tuple(int(k) for k in np.argwhere(~bounded)[0])
+        value = float(values[index])
+        where = "inputs" + "".join(f"[{k}]" for k in index)
+        reason = (
+            "is not finite; values must be finite numbers"
+            if not math.isfinite(value)
+            else f"is beyond the accepted magnitude ({MAX_ABS_INPUT:g})"
+        )
+        raise InputError(f"{where} = {value!r} {reason}")
+    return np.ascontiguousarray(values, dtype=np.float32)
 
 
 def _may_hold_booleans(values: np.ndarray, inputs: list[Any]) -> bool:

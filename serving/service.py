@@ -2,14 +2,15 @@
 
 Endpoints
   POST /predict        {"inputs": N x input_shape}            -> ensemble.onnx
-  POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> curve.onnx at phi(t) / mean over ts
+  POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> the curve at phi(t) / mean over ts
+                       (a cached fixed-t session, else the general curve graph)
   GET|POST /info       model card + execution provider + batching settings
   GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
   Every error answer is {"error": "...", "detail"?: [...]} (schemas.ErrorResponse).
 
 Process model and batching (the numbers the benchmark compares):
-  workers: MODECONN_WORKERS (default DEFAULT_WORKERS; benchmarks/results/worker_kill-*).
+  workers: MODECONN_WORKERS (default settings.DEFAULT_WORKERS; benchmarks/results/worker_kill-*).
     Each worker holds a copy of every graph (and a GPU context) and its own batcher; they
     share one listening socket. With two or more, a worker killed with SIGKILL loses only
     the requests it had in flight while the others keep answering, and the arbiter starts
@@ -33,15 +34,19 @@ artifact (sha256 of every file, the manifest, ONNX graphs with no data outside t
 the graphs open with their contract) and stops with one line naming the model and the file
 if anything is wrong (serving/startup.py says why it exits rather than staying up). Each
 worker verifies again in __init__, then a background thread opens the sessions and warms up
-batch sizes WARMUP_BATCH_SIZES; `__is_ready__` (so /readyz) turns 200 only after that.
+batch sizes WARMUP_BATCH_SIZES (and builds the MODECONN_CURVE_PRELOAD fixed-t sessions);
+`__is_ready__` (so /readyz) turns 200 only after that.
 Requests that arrive earlier get 503. A worker whose own load fails stays up rather than
 crash-looping: /livez and /readyz answer 503 with the reason in JSON, predictions 503.
 
-Environment: MODECONN_MODEL (model name or tag in the BentoML store, default
-"modeconn-mnist1d"), MODECONN_PROVIDER (auto|cuda|cpu), the batching variables above,
-MODECONN_ORT_THREADS / MODECONN_ORT_SPINNING (serving/runtime.py), MODECONN_METRICS /
-MODECONN_ACCESS_LOG / MODECONN_TRACE_PREDICTIONS (per-request observability, below), and
-MODECONN_WARMUP_DELAY_S (tests only: lengthens loading so /readyz can be seen non-200).
+Request bodies: JSON ({"inputs": ...}), or raw float32, .npy, PNG/JPEG with `t`/`ts` in the
+query string (serving/encodings.py). Binary bodies are decoded by BinaryInputs, a middleware
+in front of BentoML's JSON parsing, and then go the same way as JSON ones (_predict,
+_predict_curve); BentoML's metrics, timeout and access log sit outside it and see them too.
+
+Settings: one ServiceSettings (serving/settings.py), read from MODECONN_* variables once at
+import. MODECONN_CURVE_CACHE bounds the fixed-t curve sessions (serving/fixed_t.py);
+MODECONN_CURVE_PRELOAD builds some of them before the worker says it is ready.
 """
 
 from __future__ import annotations
@@ -62,12 +67,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from serving import encodings
 from serving.artifact import Artifact, ArtifactError, load_artifact
-from serving.batching import BatchSettings, MicroBatcher, Overloaded
-from serving.env import env_flag, env_int
-from serving.middleware import OpenAPIMiddleware, RequestGuardMiddleware
+from serving.batching import MicroBatcher, Overloaded
+from serving.middleware import BinaryInputs, OpenAPIMiddleware, RequestGuardMiddleware
 from serving.openapi import openapi_document
-from serving.runtime import Runtime, SessionSettings, choose_providers, summarize
+from serving.runtime import Runtime, choose_providers, summarize
 from serving.schemas import (
     MAX_REQUEST_ROWS,
     MAX_TS,
@@ -80,36 +85,22 @@ from serving.schemas import (
     PredictResponse,
     parse_inputs,
 )
+from serving.settings import ServiceSettings
 from serving.startup import mark_served, siblings_have_served, verify_before_workers
 
 logger = logging.getLogger("bentoml.serve.modeconn")
 
-MODEL_NAME = os.environ.get("MODECONN_MODEL", "modeconn-mnist1d")
-MAX_BODY_BYTES = int(os.environ.get("MODECONN_MAX_BODY_BYTES", str(8 << 20)))
+SETTINGS = ServiceSettings.from_env()
+MODEL_NAME = SETTINGS.model
 WARMUP_BATCH_SIZES = (1, 8, 32, 64)
-# Two (benchmarks/results/worker_kill-*, README "Start-up and faults"): a SIGKILLed worker
-# is then not an outage, and on 2 cores two workers with one onnxruntime thread each
-# answered more requests than one worker, for a second copy of the graphs in memory.
-DEFAULT_WORKERS = 2
-WORKERS = env_int("MODECONN_WORKERS", DEFAULT_WORKERS, minimum=1)
 TRAFFIC_TIMEOUT_S = 60
-
 
 # Per-request observability, each a layer every request and response passes through
 # (benchmarks/results/http_serving-*: together about a third of the server's time per
 # request at batch 1). Prometheus /metrics stays on; the access log (one INFO line per
 # request) and OpenTelemetry spans for the prediction routes are opt-in. BentoML's
 # tracing samples nothing unless configured, so by default those spans were never kept.
-ACCESS_LOG = env_flag("MODECONN_ACCESS_LOG", False)
-METRICS = env_flag("MODECONN_METRICS", True)
-TRACE_PREDICTIONS = env_flag("MODECONN_TRACE_PREDICTIONS", False)
-_UNTRACED = [] if TRACE_PREDICTIONS else ["/predict", "/predict_curve", "/info"]
-
-
-def _threads_per_worker() -> int:
-    """onnxruntime's default (0: one thread per core) for one worker; with several, their
-    share of the cores, since each worker's pool would otherwise claim all of them."""
-    return 0 if WORKERS == 1 else max(1, len(os.sched_getaffinity(0)) // WORKERS)
+_UNTRACED = [] if SETTINGS.trace_predictions else ["/predict", "/predict_curve", "/info"]
 
 
 def _ok(body: BaseModel) -> Response:
@@ -135,10 +126,10 @@ def _non_finite(probabilities: np.ndarray) -> JSONResponse | None:
 
 @bentoml.service(
     name="modeconn",
-    workers=WORKERS,
+    workers=SETTINGS.workers,
     traffic={"timeout": TRAFFIC_TIMEOUT_S},
-    logging={"access": {"enabled": ACCESS_LOG}},
-    metrics={"enabled": METRICS},
+    logging={"access": {"enabled": SETTINGS.access_log}},
+    metrics={"enabled": SETTINGS.metrics},
     tracing={"excluded_urls": ["/readyz", "/livez", "/healthz", "/metrics", *_UNTRACED]},
 )
 class ModeConnService:
@@ -150,8 +141,8 @@ class ModeConnService:
         verify_before_workers(MODEL_NAME)
 
     def __init__(self) -> None:
-        self.batching = BatchSettings.from_env()
-        self.session_settings = SessionSettings.from_env(default_threads=_threads_per_worker())
+        self.settings = SETTINGS
+        self.batching = SETTINGS.batching
         self.runtime: Runtime | None = None
         self._batchers: dict[str, MicroBatcher] = {}
         self._load_error: str | None = None
@@ -182,12 +173,12 @@ class ModeConnService:
             started = time.perf_counter()
             runtime = Runtime(
                 self.artifact,
-                choose_providers(os.environ.get("MODECONN_PROVIDER", "auto")),
-                self.session_settings,
+                choose_providers(self.settings.provider),
+                self.settings.onnxruntime,
+                curve_cache=self.settings.curve_cache,
             )
             runtime.warmup(WARMUP_BATCH_SIZES)
-            if delay := float(os.environ.get("MODECONN_WARMUP_DELAY_S", "0")):
-                time.sleep(delay)
+            runtime.preload_curve(self.settings.curve_preload_ts, WARMUP_BATCH_SIZES)
             if self.batching.enabled:
                 self._batchers["ensemble"] = MicroBatcher(
                     runtime.run_ensemble, split_axes=(0, 1), settings=self.batching, name="ensemble"
@@ -219,6 +210,8 @@ class ModeConnService:
     def _close(self) -> None:
         for batcher in self._batchers.values():
             batcher.close()
+        if self.runtime is not None:
+            self.runtime.close()
 
     # -- endpoints -------------------------------------------------------------------------
 
@@ -231,13 +224,7 @@ class ModeConnService:
             x = parse_inputs(inputs, self.artifact.input_shape)
         except InputError as exc:
             return _error(400, str(exc))
-        try:
-            mean, members = await self._run("ensemble", None, x)
-        except Overloaded as exc:
-            return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
-        if (refusal := _non_finite(mean)) is not None:
-            return refusal
-        return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names)))
+        return await self._predict(x)
 
     @bentoml.api(
         route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
@@ -254,7 +241,43 @@ class ModeConnService:
             x = parse_inputs(inputs, self.artifact.input_shape)
         except InputError as exc:
             return _error(400, str(exc))
-        t_values = [t] if t is not None else list(ts or [])
+        return await self._predict_curve(x, [t] if t is not None else list(ts or []))
+
+    async def predict_binary(self, path: str, kind: str, body: bytes, query: str) -> Response:
+        """/predict or /predict_curve with a binary body (serving/encodings.py)."""
+        if (refusal := self._refuse_early()) is not None:
+            return refusal
+        if path == "/predict_curve" and not self.artifact.has_curve:
+            return _error(404, "this artifact has no curve (manifest 'curve' is null)")
+        shape = self.artifact.input_shape
+        if kind in encodings.IMAGE_TYPES and self._image_shape is None:
+            return _error(
+                415,
+                f"this model's input shape {list(shape)} with range {list(self.artifact.input_range)} "
+                f"is not an image; send JSON, {encodings.RAW} or {encodings.NPY}",
+            )
+        try:
+            if path == "/predict":
+                encodings.no_query(query)
+            else:
+                t_values = encodings.curve_points(query)
+            x = encodings.decode(kind, body, shape)
+        except InputError as exc:
+            return _error(400, str(exc))
+        if path == "/predict":
+            return await self._predict(x)
+        return await self._predict_curve(x, t_values)
+
+    async def _predict(self, x: np.ndarray) -> Response:
+        try:
+            mean, members = await self._run("ensemble", None, x)
+        except Overloaded as exc:
+            return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
+        if (refusal := _non_finite(mean)) is not None:
+            return refusal
+        return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names)))
+
+    async def _predict_curve(self, x: np.ndarray, t_values: list[float]) -> Response:
         try:
             per_t = await asyncio.gather(*(self._run("curve", tv, x) for tv in t_values))
         except Overloaded as exc:
@@ -265,6 +288,11 @@ class ModeConnService:
             return refusal
         fields = summarize(mean, stacked, self.artifact.class_names)
         return _ok(CurvePredictResponse(**fields, ts=t_values))
+
+    @property
+    def _image_shape(self) -> tuple[int, int, int] | None:
+        assert self.artifact is not None
+        return encodings.image_shape(self.artifact.input_shape, self.artifact.input_range)
 
     @bentoml.api(route="/info", output_spec=InfoResponse)
     async def info(self) -> InfoResponse | JSONResponse:
@@ -320,19 +348,28 @@ class ModeConnService:
             execution_providers={} if self.runtime is None else self.runtime.providers,
             batching={
                 **dataclasses.asdict(self.batching),
-                "workers": WORKERS,
+                "workers": self.settings.workers,
                 "worker_pid": os.getpid(),
                 "session_threads_per_graph": 1,
-                "onnxruntime": dataclasses.asdict(self.session_settings),
+                "onnxruntime": dataclasses.asdict(self.settings.onnxruntime),
                 "stats": {name: b.stats.as_dict() for name, b in self._batchers.items()},
+                "curve_cache": self._curve_cache_stats(),
             },
             limits={
                 "max_rows_per_request": MAX_REQUEST_ROWS,
                 "max_ts_per_request": MAX_TS,
-                "max_body_bytes": MAX_BODY_BYTES,
+                "max_body_bytes": self.settings.max_body_bytes,
+                "content_types": ["application/json", encodings.RAW, encodings.NPY]
+                + ([encodings.PNG, encodings.JPEG] if self._image_shape else []),
             },
             ready=self._ready.is_set(),
         )
+
+    def _curve_cache_stats(self) -> dict[str, Any] | None:
+        cache = None if self.runtime is None else self.runtime.curve_cache
+        if cache is None:
+            return None
+        return {**cache.stats.as_dict(), "ts": cache.keys()}
 
 
 async def _get_info(_: Request) -> JSONResponse:
@@ -367,12 +404,22 @@ def _openapi() -> dict[str, Any] | None:
     if artifact is None:  # a worker whose artifact failed to load: every route answers 503
         return None
     version = f"{artifact.name} {artifact.manifest['created_at']}"
-    return openapi_document(artifact, max_body_bytes=MAX_BODY_BYTES, version=version)
+    return openapi_document(artifact, max_body_bytes=SETTINGS.max_body_bytes, version=version)
+
+
+async def _predict_binary(path: str, kind: str, body: bytes, query: str) -> Response:
+    service = bentoml.get_current_service()
+    if getattr(service, "artifact", None) is None:  # the manifest itself was refused
+        return _error(503, f"model failed to load: {getattr(service, '_load_error', None)}")
+    return await service.predict_binary(path, kind, body, query)
+
 
 
 # BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
 # (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
 ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, methods=["GET"])]))
-ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=MAX_BODY_BYTES)
+# Outermost first: the size limit applies to binary bodies too.
+ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes)
 ModeConnService.add_asgi_middleware(_ProbeReasons)
 ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)
+ModeConnService.add_asgi_middleware(BinaryInputs, handler=_predict_binary)

@@ -2,16 +2,19 @@
 
 One artifact is built (tests/artifact_builder.py), stored twice in a temporary BentoML store
 (as is, and as a copy without a curve), and served by two servers started side by side:
-batching on (the default) with a lengthened warm-up so /readyz can be seen non-200, and
-batching off (MODECONN_BATCHING=0) on the curve-less copy. Expected numbers come from
-onnxruntime run offline on the same graphs.
+batching on (the default) with PRELOAD fixed-t curve sessions built before readiness (which
+makes loading long enough for /readyz to be seen non-200), and batching off
+(MODECONN_BATCHING=0) on the curve-less copy. Expected numbers come from onnxruntime run
+offline on the same graphs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,15 +36,18 @@ import yaml
 
 from serving.artifact import ArtifactError, file_record, load_artifact
 from serving.batching import BatchSettings, MicroBatcher
+from serving.schemas import InputError
 from tests.artifact_builder import ENDPOINT_MEMBERS
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "modeconn-test"
 MNIST1D_CLASSES = [str(i) for i in range(10)]  # the class names the exporter records
 MODEL_NO_CURVE = "modeconn-test-nocurve"
-WARMUP_DELAY_S = 1.5
+PRELOAD = 48  # fixed-t sessions built at start: t = i / 47
+CURVE_CACHE = 64
 START_TIMEOUT_S = 90
 ATOL = 1e-5
+CURVE = "/predict_curve"
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -175,7 +181,10 @@ def servers(
     _store(artifact_dir, MODEL, home)
     _store(_without_curve(artifact_dir, tmp / "no-curve"), MODEL_NO_CURVE, home)
     # one worker each: the tests read per-worker state (/info's batching statistics)
-    main = _start(home, MODEL, tmp / "main.log", MODECONN_WARMUP_DELAY_S=str(WARMUP_DELAY_S), MODECONN_WORKERS="1")
+    main = _start(
+        home, MODEL, tmp / "main.log", MODECONN_WORKERS="1",
+        MODECONN_CURVE_PRELOAD=str(PRELOAD), MODECONN_CURVE_CACHE=str(CURVE_CACHE),
+    )  # fmt: skip
     plain = _start(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0", MODECONN_WORKERS="1")
     try:
         _wait_all_ready(main, plain)
@@ -212,6 +221,10 @@ class Offline:
         mean, members = self.ensemble.run(None, {"x": x})
         return mean, members
 
+    def members_each(self, x: np.ndarray) -> np.ndarray:
+        """[K, N, C] from the member graphs themselves (not the ensemble graph)."""
+        return np.stack([m.run(None, {"x": x})[0] for m in self.members])
+
     def at(self, t: float, x: np.ndarray) -> np.ndarray:
         return self.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
 
@@ -238,6 +251,9 @@ def _check_fields(body: dict[str, Any], mean: np.ndarray, per_model: np.ndarray)
     assert body["predictions"] == top.tolist()
     assert body["labels"] == [MNIST1D_CLASSES[i] for i in top]
     np.testing.assert_allclose(body["entropy"], _entropy(mean), atol=1e-5)
+    expected = np.mean([_entropy(p) for p in per_model], axis=0)
+    np.testing.assert_allclose(body["expected_entropy"], expected, atol=1e-5)
+    np.testing.assert_allclose(body["mutual_information"], _entropy(mean) - expected, atol=1e-5)
     agreement = (per_model.argmax(axis=2) == top[None]).mean(axis=0)
     np.testing.assert_allclose(body["agreement"], agreement, atol=1e-12)
 
@@ -290,6 +306,10 @@ def test_info_get_and_post(server: Server, artifact_dir: Path) -> None:
     assert card["batching"]["workers"] == 1
     assert card["batching"]["max_wait_ms"] == 0.0  # a lone request runs at once
     assert card["batching"]["onnxruntime"] == {"threads": 0, "spinning": True}
+    cache = card["batching"]["curve_cache"]
+    assert cache["capacity"] == CURVE_CACHE and PRELOAD <= cache["size"] <= CURVE_CACHE
+    # keys are float32 values of t, the t the graphs compute with
+    assert {float(np.float32(i / (PRELOAD - 1))) for i in range(PRELOAD)} <= set(cache["ts"])
     assert card["limits"]["max_rows_per_request"] == 1024
     assert card["ready"] is True
 
@@ -307,6 +327,30 @@ def test_predict_matches_offline_ensemble(server: Server, offline: Offline) -> N
     assert r.headers["content-type"] == "application/json"
     assert int(r.headers["content-length"]) == len(r.content)
     assert "chunked" not in r.headers.get("transfer-encoding", "")
+
+
+def test_uncertainty_decomposes_as_the_member_graphs_say(server: Server, offline: Offline) -> None:
+    """total = H(mean p), expected = mean_m H(p_m), MI = total - expected, computed here in
+    numpy from the member graphs run one by one (not from ensemble.onnx)."""
+    x = _inputs(16, seed=8)
+    body = server.post("/predict", {"inputs": x.tolist()}).json()
+    members = offline.members_each(x).astype(np.float64)  # [K, N, C]
+    total = _entropy(members.mean(axis=0))
+    expected = np.mean([_entropy(p) for p in members], axis=0)
+    np.testing.assert_allclose(body["entropy"], total, atol=1e-5)
+    np.testing.assert_allclose(body["expected_entropy"], expected, atol=1e-5)
+    np.testing.assert_allclose(body["mutual_information"], total - expected, atol=1e-5)
+    assert min(body["mutual_information"]) >= 0 and max(body["mutual_information"]) > 1e-3
+    # over several ts the members are the curve's points; one t has nothing to disagree on
+    ts = [0.1, 0.5, 0.9]
+    body = server.post("/predict_curve", {"inputs": x.tolist(), "ts": ts}).json()
+    points = np.stack([offline.at(t, x) for t in ts]).astype(np.float64)
+    expected = np.mean([_entropy(p) for p in points], axis=0)
+    np.testing.assert_allclose(body["expected_entropy"], expected, atol=1e-5)
+    np.testing.assert_allclose(body["mutual_information"], _entropy(points.mean(axis=0)) - expected, atol=1e-5)
+    body = server.post("/predict_curve", {"inputs": x.tolist(), "t": 0.5}).json()
+    assert body["mutual_information"] == [0.0] * len(x)
+    assert body["expected_entropy"] == body["entropy"]
 
 
 def test_predict_curve_endpoints_match_offline(server: Server, offline: Offline) -> None:
@@ -386,10 +430,123 @@ def test_mixed_t_requests_share_batches_correctly(server: Server, offline: Offli
         np.testing.assert_allclose(body["probabilities"], expected, atol=ATOL)
 
 
+# -- binary bodies -----------------------------------------------------------------------------
+
+RAW, NPY = "application/octet-stream", "application/x-npy"
+
+
+def _npy(array: np.ndarray, **kw: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, **kw)
+    return buffer.getvalue()
+
+
+def _post_bytes(server: Server, path: str, body: bytes, content_type: str) -> requests.Response:
+    return requests.post(server.url + path, data=body, headers={"Content-Type": content_type}, timeout=60)
+
+
+def _same_answer(got: dict[str, Any], want: dict[str, Any]) -> None:
+    assert set(got) == set(want)
+    for name in ("probabilities", "entropy", "expected_entropy", "mutual_information", "agreement"):
+        np.testing.assert_allclose(got[name], want[name], atol=1e-6, rtol=0, err_msg=name)
+    assert got["predictions"] == want["predictions"] and got.get("ts") == want.get("ts")
+
+
+def test_binary_encodings_answer_as_json_does(server: Server) -> None:
+    x = _inputs(6, seed=9)
+    bodies = {
+        "raw float32": (x.tobytes(), RAW),
+        "npy float32": (_npy(x), NPY),
+        "npy float64": (_npy(x.astype(np.float64)), NPY),
+        "npy big-endian": (_npy(x.astype(">f4")), NPY),
+        "npy Fortran order": (_npy(np.asfortranarray(x)), NPY),
+    }
+    # t on the preloaded grid: both requests are answered by the same fixed-t session (a t
+    # not cached is answered by the general graph and then by its fixed-t session: ~1e-6 apart)
+    t1, t2, t3 = (k / (PRELOAD - 1) for k in (10, 5, 30))
+    for path, query, fields in (
+        ("/predict", "", {}),
+        (CURVE, f"?t={t1!r}", {"t": t1}),
+        (CURVE, f"?ts={t2!r},{t3!r}", {"ts": [t2, t3]}),
+    ):
+        want = server.post(path, {"inputs": x.tolist(), **fields}).json()
+        for name, (body, content_type) in bodies.items():
+            r = _post_bytes(server, path + query, body, content_type)
+            assert r.status_code == 200, (name, path, r.text)
+            _same_answer(r.json(), want)
+    # one sample of the input shape is a batch of one
+    r = _post_bytes(server, "/predict", _npy(x[0]), NPY)
+    _same_answer(r.json(), server.post("/predict", {"inputs": x[:1].tolist()}).json())
+
+
+def test_numpy_arrays_straight_from_the_bentoml_client(server: Server) -> None:
+    import bentoml
+
+    x = _inputs(5, seed=10)
+    with bentoml.SyncHTTPClient(server.url) as client:
+        got = client.predict(inputs=x)
+        _same_answer(got, server.post("/predict", {"inputs": x.tolist()}).json())
+        ts = [0.0, 1.0]  # preloaded, as above
+        got = client.predict_curve(inputs=x, ts=ts)
+        _same_answer(got, server.post(CURVE, {"inputs": x.tolist(), "ts": ts}).json())
+        got = client.predict(inputs=x.tolist())  # lists still work
+        _same_answer(got, server.post("/predict", {"inputs": x.tolist()}).json())
+
+
+_X2 = _inputs(2, seed=13)
+_NAN = _X2.copy()
+_NAN[1, 3] = np.nan
+BAD_BINARY = [
+    # (id, path + query, body, content type, status, words the message must hold)
+    ("raw-partial-row", "/predict", _X2.tobytes()[:-3], RAW, 400, ["317 bytes", "not a multiple", "160 bytes"]),
+    ("raw-empty", "/predict", b"", RAW, 400, ["empty"]),
+    ("raw-too-many-rows", "/predict", np.zeros((1025, 40), np.float32).tobytes(), RAW, 400,
+     ["1025 rows", "maximum per request is 1024"]),
+    ("raw-nan", "/predict", _NAN.tobytes(), RAW, 400, ["inputs[1][3] = nan", "not finite"]),
+    ("raw-huge", "/predict", np.full((1, 40), 3e38, np.float32).tobytes(), RAW, 400,
+     ["inputs[0][0]", "accepted magnitude"]),
+    ("raw-over-body-limit", "/predict", b"\0" * (9 << 20), RAW, 413, ["limit"]),
+    ("predict-query", "/predict?t=0.5", _X2.tobytes(), RAW, 400, ["unknown query parameter 't'"]),
+    ("curve-no-t", CURVE, _X2.tobytes(), RAW, 400, ["exactly one of the query parameters"]),
+    ("curve-t-and-ts", CURVE + "?t=0.1&ts=0.2", _X2.tobytes(), RAW, 400, ["exactly one"]),
+    ("curve-t-text", CURVE + "?t=abc", _X2.tobytes(), RAW, 400, ["t = 'abc' is not a number"]),
+    ("curve-t-nan", CURVE + "?t=nan", _X2.tobytes(), RAW, 400, ["not in [0, 1]"]),
+    ("curve-ts-range", CURVE + "?ts=0.5,1.5", _X2.tobytes(), RAW, 400, ["ts[1] = '1.5' is not in [0, 1]"]),
+    ("curve-ts-too-many", CURVE + "?ts=" + ",".join(["0.5"] * 17), _X2.tobytes(), RAW, 400, ["17 values", "at most 16"]),
+    ("curve-t-twice", CURVE + "?t=0.1&t=0.2", _X2.tobytes(), RAW, 400, ["given 2 times"]),
+    ("npy-pickle", "/predict", _npy(np.array([object()] * 40, dtype=object), allow_pickle=True), NPY, 400,
+     ["pickle"]),
+    ("npy-int", "/predict", _npy(np.zeros((2, 40), np.int64)), NPY, 400, ["dtype int64", "float32"]),
+    ("npy-uint8", "/predict", _npy(np.zeros((2, 40), np.uint8)), NPY, 400, ["dtype uint8"]),
+    ("npy-shape", "/predict", _npy(np.zeros((3, 39), np.float32)), NPY, 400, ["shape [3, 39]", "[N, 40]"]),
+    ("npy-rank", "/predict", _npy(np.zeros((2, 1, 40), np.float32)), NPY, 400, ["shape [2, 1, 40]"]),
+    ("npy-no-rows", "/predict", _npy(np.zeros((0, 40), np.float32)), NPY, 400, ["no rows"]),
+    ("npy-corrupt", "/predict", b"\x93NUMPY garbage", NPY, 400, ["not a readable .npy"]),
+    ("npy-truncated", "/predict", _npy(_X2)[:-7], NPY, 400, [".npy"]),
+    ("npy-nan", "/predict", _npy(_NAN), NPY, 400, ["inputs[1][3] = nan"]),
+    ("png-to-1d-model", "/predict", b"\x89PNG\r\n\x1a\n", "image/png", 415, ["not an image", "application/x-npy"]),
+    ("jpeg-to-1d-model", CURVE + "?t=0.5", b"\xff\xd8\xff", "image/jpeg", 415, ["not an image"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "content_type", "status", "words"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_BINARY],
+)
+def test_bad_binary_body_is_a_4xx_naming_the_problem(
+    server: Server, offline: Offline, path: str, body: bytes, content_type: str, status: int, words: list[str]
+) -> None:
+    r = _post_bytes(server, path, body, content_type)
+    assert r.status_code == status, r.text[:500]
+    assert set(r.json()) == {"error"}
+    for word in words:
+        assert word in r.json()["error"], r.text
+    _still_serves(server, offline)
+
+
 # -- bad input -------------------------------------------------------------------------------
 
 ROW = [0.5] * 40
-CURVE = "/predict_curve"
 
 
 def _raw(text: str) -> bytes:
@@ -527,6 +684,10 @@ def test_unbatched_server_without_curve(plain_server: Server, offline: Offline) 
     r = plain_server.post("/predict_curve", {"inputs": x.tolist(), "t": 0.5})
     assert r.status_code == 404
     assert "no curve" in r.json()["error"]
+    r = _post_bytes(plain_server, "/predict_curve?t=0.5", x.tobytes(), RAW)
+    assert r.status_code == 404 and "no curve" in r.json()["error"]
+    r = _post_bytes(plain_server, "/predict", x.tobytes(), RAW)  # binary without batching
+    _check_fields(r.json(), *offline.predict(x))
     _concurrent_batch1(plain_server, offline)
 
 
@@ -610,6 +771,116 @@ def test_bentoml_build_lists_the_model(artifact_dir: Path, tmp_path: Path) -> No
     assert "serving/service.py" in sources and not any(s.startswith("tests") for s in sources)
     requirements = (bento_dir / "env/python/requirements.txt").read_text()
     assert "onnxruntime-gpu==" in requirements and "torch" not in requirements
+
+
+# -- fixed-t curve sessions (no server) ---------------------------------------------------------
+
+
+def test_fixed_t_sessions_equal_the_curve_graph_and_the_cache_is_bounded(
+    artifact_dir: Path, offline: Offline
+) -> None:
+    from serving.runtime import Runtime, SessionSettings
+
+    runtime = Runtime(
+        load_artifact(artifact_dir), ["CPUExecutionProvider"], SessionSettings(1, False), curve_cache=3
+    )
+    cache = runtime.curve_cache
+    assert cache is not None
+    x = _inputs(64, seed=12)
+    try:
+        ts = [0.0, 0.123, 0.5, 0.77, 1.0]
+        for t in ts:
+            reference = offline.at(t, x)  # curve.onnx as exported
+            # The general graph (1D convs as 2D) answers a t not cached, and a fixed-t session
+            # one that is. Both differ from curve.onnx only by the order in which other
+            # kernels sum (2D and NCHWc convolutions, BN folded into them): <= ATOL, the
+            # parity gate's tolerance for every exported graph (about 2e-6 measured here).
+            general = runtime.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
+            np.testing.assert_allclose(general, reference, atol=ATOL, rtol=0)
+            cached = cache.build_now(t).run(None, {"x": x})[0]
+            np.testing.assert_allclose(cached, reference, atol=ATOL, rtol=0)
+            # With NCHWc and BN folding off, a fixed-t session computes what curve.onnx
+            # computes: w(t) as constants and the 2D rewrite change nothing else.
+            plain = ort.InferenceSession(
+                runtime.fixed_graph(t), providers=["CPUExecutionProvider"],
+                disabled_optimizers=["NchwcTransformer", "ConvBNFusion"],
+            )  # fmt: skip
+            np.testing.assert_allclose(plain.run(None, {"x": x})[0], reference, atol=1e-6, rtol=0)
+            np.testing.assert_allclose(runtime.run_curve(t, x)[0], cached, atol=0, rtol=0)  # a hit
+            assert len(cache.keys()) <= 3
+        key = [float(np.float32(t)) for t in ts]
+        assert cache.keys() == key[2:]  # the three most recently used
+        assert cache.get(0.5) is not None  # used again: now the most recent
+        cache.build_now(0.9)
+        assert cache.keys() == [key[4], key[2], float(np.float32(0.9))]  # 0.77 was least recent
+        stats = cache.stats.as_dict()
+        assert stats["size"] == 3 and stats["capacity"] == 3 and stats["evictions"] == 3
+        # a miss builds in the background; the bound still holds once it lands
+        assert cache.get(0.31) is None
+        deadline = time.monotonic() + 30
+        while float(np.float32(0.31)) not in cache.keys() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cache.keys()[-1] == float(np.float32(0.31)) and len(cache.keys()) == 3
+    finally:
+        runtime.close()
+
+
+# -- image decoding (no server: the test artifact takes 1D signals) ------------------------------
+
+
+def _image_bytes(pixels: np.ndarray, fmt: str, **kw: Any) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt, **kw)
+    return buffer.getvalue()
+
+
+def test_png_and_jpeg_decode_to_what_training_feeds() -> None:
+    """Training feeds uint8 / 255 (training/data.py); the graphs normalise themselves."""
+    from serving import encodings
+
+    rng = np.random.default_rng(14)
+    rgb = rng.integers(0, 256, size=(8, 6, 3), dtype=np.uint8)  # H = 8, W = 6
+    want = rgb.transpose(2, 0, 1).astype(np.float32) / 255
+    got = encodings.decode(encodings.PNG, _image_bytes(rgb, "PNG"), (3, 8, 6))
+    assert got.dtype == np.float32 and got.shape == (1, 3, 8, 6)
+    np.testing.assert_array_equal(got[0], want)
+    gray = rgb[..., 0]
+    got = encodings.decode(encodings.PNG, _image_bytes(gray, "PNG"), (1, 8, 6))
+    np.testing.assert_array_equal(got[0, 0], gray.astype(np.float32) / 255)
+    smooth = np.repeat(np.linspace(0, 255, 6, dtype=np.uint8)[None, :, None], 8, axis=0).repeat(3, axis=2)
+    got = encodings.decode(encodings.JPEG, _image_bytes(smooth, "JPEG", quality=100), (3, 8, 6))
+    assert np.abs(got[0] - smooth.transpose(2, 0, 1) / 255).max() <= 3 / 255  # lossy, barely
+    assert encodings.image_shape((3, 32, 32), (0.0, 1.0)) == (3, 32, 32)
+    assert encodings.image_shape((40,), (0.0, 1.0)) is None
+    assert encodings.image_shape((3, 32, 32), (-1.0, 1.0)) is None  # not pixels in [0, 1]
+    assert encodings.image_shape((4, 32, 32), (0.0, 1.0)) is None
+
+
+def test_bad_images_are_refused_naming_the_problem() -> None:
+    from serving import encodings
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    png = _image_bytes(rgb, "PNG")
+    cases = {
+        "size": (encodings.PNG, png, (3, 8, 6), "8x8 (width x height); this model takes 6x8"),
+        "corrupt": (encodings.PNG, png[:40], (3, 8, 8), "not a readable PNG image"),
+        "not-an-image": (encodings.JPEG, b"hello", (3, 8, 8), "not a readable JPEG image"),
+        "mislabelled": (encodings.JPEG, png, (3, 8, 8), "a PNG image, but the content type says image/jpeg"),
+        "gray-for-rgb": (encodings.PNG, _image_bytes(rgb[..., 0], "PNG"), (3, 8, 8), "mode 'L'"),
+        "rgb-for-gray": (encodings.PNG, png, (1, 8, 8), "mode 'RGB'; this model takes 1-channel"),
+        "transparent": (encodings.PNG, _image_bytes(rgba, "PNG"), (3, 8, 8), "transparent pixels"),
+        "16-bit": (encodings.PNG, _image_bytes(np.zeros((8, 8), np.uint16), "PNG"), (1, 8, 8), "mode 'I;16'"),
+    }
+    for name, (kind, body, shape, words) in cases.items():
+        with pytest.raises(InputError) as caught:
+            encodings.decode(kind, body, shape)
+        assert words in str(caught.value), (name, str(caught.value))
+    opaque = rgba.copy()
+    opaque[..., 3] = 255  # RGBA with every pixel opaque is an RGB image
+    np.testing.assert_array_equal(encodings.decode(encodings.PNG, _image_bytes(opaque, "PNG"), (3, 8, 8)), 0)
 
 
 # -- micro-batcher (no server) ---------------------------------------------------------------
@@ -726,3 +997,32 @@ def test_env_flags_are_read_one_way_and_refuse_unknown_values(monkeypatch: pytes
     with pytest.raises(ValueError, match="MODECONN_BATCHING='maybe'"):
         BatchSettings.from_env()
 
+
+
+def test_service_settings_are_one_object_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving.settings import ServiceSettings, SettingsError
+
+    for name in list(os.environ):
+        if name.startswith("MODECONN_"):
+            monkeypatch.delenv(name)
+    defaults = ServiceSettings.from_env()
+    assert (defaults.model, defaults.workers, defaults.curve_cache, defaults.curve_preload) == (
+        "modeconn-mnist1d", 2, 16, 0
+    )
+    assert defaults.batching == BatchSettings() and defaults.max_body_bytes == 8 << 20
+    monkeypatch.setenv("MODECONN_CURVE_CACHE", "4")
+    monkeypatch.setenv("MODECONN_CURVE_PRELOAD", "3")
+    monkeypatch.setenv("MODECONN_WORKERS", "1")
+    settings = ServiceSettings.from_env()
+    assert settings.curve_preload_ts == [0.0, 0.5, 1.0] and settings.onnxruntime.threads == 0
+    for name, value, words in (
+        ("MODECONN_CURVE_PRELOAD", "5", "more than the cache keeps (MODECONN_CURVE_CACHE=4)"),
+        ("MODECONN_CURVE_PRELOAD", "1", "at least 2 points"),
+        ("MODECONN_CURVE_CACHE", "-1", "MODECONN_CURVE_CACHE='-1': must be at least 0"),
+        ("MODECONN_PROVIDER", "tpu", "MODECONN_PROVIDER='tpu'"),
+        ("MODECONN_MAX_BODY_BYTES", "lots", "MODECONN_MAX_BODY_BYTES='lots': not an integer"),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises((SettingsError, ValueError), match=re.escape(words)):
+                ServiceSettings.from_env()

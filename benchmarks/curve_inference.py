@@ -1,0 +1,188 @@
+"""The curve at any t, and the ensemble graph measured fairly (issue 15, items 3 and 4).
+
+Item 3, per workload and batch size, seconds per call of
+  (m) member graph           members/member-000.onnx
+  (c) curve.onnx, new t      the exported graph, a new t on every call
+  (g) general graph, new t   serving's curve session (curve.onnx with 1D convs as 2D)
+  (f) fixed-t, repeated t    a cached fixed-t session (serving/fixed_t.py): w(t) constants
+  (s) service path, new t    Runtime.run_curve at a new t each call: the general graph, while
+                             the cache builds that t's session in a background thread
+and the time to build one fixed-t session. Targets at batch 64: (f) <= 1.2x (m), new t <= 2x.
+Every session here runs with onnxruntime's spinning OFF (idle pool threads do not busy-wait),
+all in this process, sampled round-robin after waiting for a quiet machine
+(common.interleaved): the same settings for every way.
+
+Item 4, ensemble.onnx against the loop over the K member sessions (mean in numpy), batch 1,
+64 and 1024: in this process with spinning off for every session, and each in its own
+process (benchmarks/ensemble_inference.py's workers) with spinning off and on.
+Usage: python benchmarks/curve_inference.py [--quick] [--artifact DIR|TAG] [--members 8]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import common
+import numpy as np
+import onnxruntime as ort
+from ensemble_inference import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    Worker,
+    Workload,
+    artifact_workload,
+    measure,
+    started,
+)
+from ensemble_inference import synthetic_workload as synthetic
+
+from serving.artifact import Artifact, load_artifact
+from serving.runtime import Runtime, SessionSettings
+
+OFF = SessionSettings(threads=0, spinning=False)
+NOTE = ("Median seconds per call over the samples taken while other processes used < "
+        f"{common.QUIET_CORES} cores ('quiet' counts them); spread = fastest/slowest vs the median.")
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def stand_in_artifact(w: Workload) -> Artifact:
+    """serving's Runtime wants an Artifact; the synthetic workload has the graphs, not a manifest."""
+    return Artifact(root=w.fused.parent, manifest={}, name=w.name, class_names=tuple(map(str, range(10))),
+                    input_shape=w.input_shape, input_dtype="float32", input_range=(0.0, 1.0),
+                    member_files=tuple(w.members), ensemble_file=w.fused, curve_file=w.curve)
+
+
+def item3(run: dict, w: Workload, artifact: Artifact, batches: list[int], quick: bool) -> None:
+    runtime = Runtime(artifact, ["CPUExecutionProvider"], OFF, curve_cache=4)
+    cache = runtime.curve_cache
+    assert cache is not None and runtime.curve is not None
+    member, exported = session(w.members[0]), session(w.curve)
+    fixed = cache.build_now(0.37)
+    rng = np.random.default_rng(0)
+    rows, data = [], {}
+    for batch in batches:
+        x = rng.random((batch, *w.input_shape), dtype=np.float32)
+
+        def new_t() -> np.ndarray:
+            return np.array([rng.uniform(0.01, 0.99)], dtype=np.float32)
+
+        ways = {
+            "(m) member graph": lambda x=x: member.run(None, {"x": x}),
+            "(c) curve.onnx, new t": lambda x=x: exported.run(None, {"x": x, "t": new_t()}),
+            "(g) general graph, new t": lambda x=x: runtime.curve.run(None, {"x": x, "t": new_t()}),
+            "(f) fixed-t, repeated t": lambda x=x: fixed.run(None, {"x": x}),
+            "(s) service path, new t": lambda x=x: runtime.run_curve(float(new_t()[0]), x),
+        }
+        min_s = 0.05 if quick else (0.3 if batch < 1024 else 0.0)
+        times = common.interleaved(ways, rounds=2 if quick else 5, min_sample_s=min_s, quiet_wait_s=30)
+        base = times["(m) member graph"].value
+        for name, t in times.items():
+            rows.append([w.name, batch, name, t.value * 1e3, t.value / base, common.spread(t), t.quiet_count])
+        data[batch] = {name: t.as_dict() for name, t in times.items()}
+    builds = []
+    for t in np.linspace(0.05, 0.95, 3 if quick else 10):
+        began = time.perf_counter()
+        cache.build_now(float(t))
+        builds.append(time.perf_counter() - began)
+    diff = float(np.abs(fixed.run(None, {"x": x})[0]
+                        - exported.run(None, {"x": x, "t": np.array([0.37], np.float32)})[0]).max())
+    runtime.close()
+    common.add_section(
+        run, f"Item 3: curve at any t, {w.name}",
+        ["workload", "batch", "way", "ms/call", "x member", "spread", "quiet"], rows,
+        notes=(f"{NOTE} Building one fixed-t session: median {np.median(builds) * 1e3:.1f} ms "
+               f"({len(builds)} builds). Max |fixed-t - curve.onnx| at t = 0.37: {diff:.1e}."),
+        data={"times_s": data, "build_s": builds, "max_abs_diff": diff})
+
+
+def item4(run: dict, w: Workload, batches: list[int], quick: bool) -> None:
+    members = [session(p) for p in w.members]
+    fused = session(w.fused)
+    rng = np.random.default_rng(1)
+    rows, data = [], {}
+    with started({
+        "loop, own process, spinning off": Worker("loop", w.members, w.input_shape, spinning=False),
+        "loop, own process, spinning on": Worker("loop", w.members, w.input_shape),
+        "ensemble.onnx, own process, spinning off": Worker("session", [w.fused], w.input_shape, spinning=False),
+        "ensemble.onnx, own process, spinning on": Worker("session", [w.fused], w.input_shape),
+    }) as workers:
+        for batch in batches:
+            x = rng.random((batch, *w.input_shape), dtype=np.float32)
+            min_s = 0.05 if quick else (0.3 if batch < 1024 else 0.0)
+            rounds = 2 if quick else (5 if batch < 1024 else 3)
+            here = common.interleaved({
+                "loop, this process, spinning off":
+                    lambda x=x: np.mean([s.run(None, {"x": x})[0] for s in members], axis=0),
+                "ensemble.onnx, this process, spinning off": lambda x=x: fused.run(None, {"x": x}),
+            }, rounds=rounds, min_sample_s=min_s, quiet_wait_s=30)
+            own = measure(workers, batch, rounds, min_s)
+            times = {**here, **own}
+            for loop_name, fused_name in (("loop, this process, spinning off", "ensemble.onnx, this process, spinning off"),
+                                          ("loop, own process, spinning off", "ensemble.onnx, own process, spinning off"),
+                                          ("loop, own process, spinning on", "ensemble.onnx, own process, spinning on")):
+                lo, fu = times[loop_name], times[fused_name]
+                rows.append([w.name, w.k, batch, fused_name.split(", ", 1)[1], lo.value * 1e3, fu.value * 1e3,
+                             lo.value / fu.value, f"{lo.quiet_count} / {fu.quiet_count}"])
+            data[batch] = {name: t.as_dict() for name, t in times.items()}
+    common.add_section(
+        run, f"Item 4: ensemble.onnx vs the member loop, fairly, {w.name}",
+        ["workload", "K", "batch", "how", "loop ms", "ensemble.onnx ms", "loop / ensemble", "quiet"], rows,
+        notes=NOTE + " 'own process': each way in a process of its own, measured round-robin.",
+        data={"times_s": data})
+
+
+def main() -> None:
+    parser = common.arguments(__doc__.splitlines()[0])
+    parser.add_argument("--artifact", help="demo artifact folder or BentoML tag (default: build a small one)")
+    parser.add_argument("--members", type=int, default=8, help="K of the CIFAR-shaped ensemble")
+    parser.add_argument("--skip-cifar", action="store_true", help="only the demo artifact")
+    args = parser.parse_args()
+    run = common.start_run("curve_inference")
+    run["quick"], run["command"] = args.quick, common.command_line()
+    work = Path(tempfile.mkdtemp(prefix="bench-curve-"))
+    try:
+        demo = artifact_workload(args.artifact, work)
+        item3(run, demo, load_artifact(demo.fused.parent), [1, 64] if args.quick else [1, 64, 1024], args.quick)
+        item4(run, demo, [1, 64] if args.quick else [1, 64, 1024], args.quick)
+        if not args.skip_cifar:
+            with contextlib.redirect_stdout(sys.stderr):
+                cifar = synthetic(f"CIFAR-shaped PreResNet-20 (random), K = {args.members}", "preresnet",
+                                  {"depth": 20}, args.members, (3, 32, 32), CIFAR_MEAN, CIFAR_STD, work)
+            item3(run, cifar, stand_in_artifact(cifar), [1, 64], args.quick)
+            item4(run, cifar, [1, 64] if args.quick else [1, 64, 1024], args.quick)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    common.write_results(run, summary=summary(run), out_dir=args.out)
+
+
+def summary(run: dict) -> str:
+    lines = ["## Targets (batch 64)", ""]
+    for s in run["sections"]:
+        if s["title"].startswith("Item 3"):
+            at64 = {r[2]: r[4] for r in s["rows"] if r[1] == 64}
+            fixed, new = at64["(f) fixed-t, repeated t"], at64["(s) service path, new t"]
+            lines.append(f"- {s['title'][len('Item 3: curve at any t, '):]}: repeated t {fixed:.2f}x a member "
+                         f"(target <= 1.2x: {'met' if fixed <= 1.2 else 'MISSED'}); new t {new:.2f}x "
+                         f"(target <= 2x: {'met' if new <= 2 else 'MISSED'}); curve.onnx as exported "
+                         f"{at64['(c) curve.onnx, new t']:.2f}x")
+        if s["title"].startswith("Item 4"):
+            for r in s["rows"]:
+                lines.append(f"- {r[0]}, batch {r[2]}, {r[3]}: the loop takes {r[6]:.2f}x ensemble.onnx's time")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torch (exports) must not spin beside the sessions
+    main()

@@ -1,0 +1,195 @@
+"""Request bodies besides JSON: raw float32, .npy, and PNG/JPEG images; and `t`/`ts` from the
+query string (binary bodies have no JSON fields to hold them).
+
+| Content-Type               | body                                                             |
+|----------------------------|------------------------------------------------------------------|
+| application/octet-stream   | little-endian float32, C order; N = bytes / (4 x prod(shape))    |
+| application/x-npy          | one .npy array (np.save), float32/float64/float16, shape          |
+|                            | (N, *shape) or one sample of `shape`; no pickles                 |
+| image/png, image/jpeg      | one image of the manifest's input shape (C, H, W), C = 1 or 3,   |
+|                            | for models trained on images scaled to [0, 1] (input.range)      |
+
+Decisions (README "HTTP API"):
+- .npy: floating dtypes only. float64 and float16 are cast to float32 (as JSON numbers are);
+  integer arrays are refused, since uint8 pixels sent as they are would be 255x off the
+  [0, 1] values the model was trained on. Any byte order; Fortran order is made C order.
+- Images: one per request (a batch of images is one .npy); the size must equal the
+  manifest's H x W (no silent resize); 8-bit grayscale for C = 1, RGB (or a palette image,
+  or RGBA with every pixel opaque) for C = 3. Pixels are scaled to [0, 1] as the training
+  data were (training/data.py: uint8 / 255); the graphs normalise with input.normalization
+  themselves (docs/manifest.md), so decoding does not.
+Every problem is an InputError naming it (HTTP 400); the service answers 415 for a media
+type the artifact cannot take (an image for a non-image model).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from urllib.parse import parse_qs
+
+import numpy as np
+
+from serving.schemas import MAX_REQUEST_ROWS, MAX_TS, InputError, check_values
+
+RAW = "application/octet-stream"
+NPY = "application/x-npy"
+PNG = "image/png"
+JPEG = "image/jpeg"
+IMAGE_TYPES = {PNG: "PNG", JPEG: "JPEG"}  # media type -> Pillow's format name
+BINARY_TYPES = (RAW, NPY, PNG, JPEG)
+_FLOAT_KINDS = ("f2", "f4", "f8")
+
+
+def media_type(content_type: str) -> str:
+    """"Image/PNG; charset=x" -> "image/png"."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def image_shape(shape: tuple[int, ...], value_range: tuple[float, float]) -> tuple[int, int, int] | None:
+    """(C, H, W) when the artifact takes images: a 3-d input of 1 or 3 channels whose
+    training data were in [0, 1]; else None."""
+    if len(shape) == 3 and shape[0] in (1, 3) and tuple(value_range) == (0.0, 1.0):
+        return shape  # type: ignore[return-value]
+    return None
+
+
+def decode(kind: str, body: bytes, shape: tuple[int, ...], max_rows: int = MAX_REQUEST_ROWS) -> np.ndarray:
+    """The body of media type `kind` (one of BINARY_TYPES) as checked float32 [N, *shape]."""
+    if kind == RAW:
+        values = decode_raw(body, shape)
+    elif kind == NPY:
+        values = decode_npy(body, shape)
+    else:
+        values = decode_image(body, kind, shape)[None]
+    if len(values) > max_rows:
+        raise InputError(f"the body holds {len(values)} rows; the maximum per request is {max_rows}")
+    return check_values(values)
+
+
+def decode_raw(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    row_bytes = 4 * math.prod(shape)
+    if not body:
+        raise InputError("the body is empty; send at least one row of float32 values")
+    if len(body) % row_bytes:
+        raise InputError(
+            f"the body has {len(body)} bytes, not a multiple of one row: "
+            f"{row_bytes} bytes = 4 x {' x '.join(map(str, shape))} float32 values"
+        )
+    return np.frombuffer(body, dtype="<f4").reshape(-1, *shape)
+
+
+def decode_npy(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):  # an object array: numpy would need pickle
+            raise InputError(f"the .npy array holds Python objects (pickles are refused): {exc}") from None
+        raise InputError(f"the body is not a readable .npy file: {exc}") from None
+    except Exception as exc:  # truncated or not .npy at all: numpy raises several types
+        raise InputError(f"the body is not a readable .npy file ({type(exc).__name__}: {exc})") from None
+    if not isinstance(array, np.ndarray):  # np.load also reads .npz archives
+        raise InputError("the body is an .npz archive; send one .npy array")
+    if array.dtype.kind != "f" or f"f{array.dtype.itemsize}" not in _FLOAT_KINDS:
+        raise InputError(
+            f"the .npy array has dtype {array.dtype}; send float32 (float64 and float16 are "
+            "cast; integers are refused: scale pixels to the model's input range first)"
+        )
+    if array.shape == tuple(shape):
+        array = array[None]  # one sample
+    if array.shape[1:] != tuple(shape) or array.ndim != len(shape) + 1:
+        raise InputError(
+            f"the .npy array has shape {list(array.shape)}; expected [N, {', '.join(map(str, shape))}]"
+            f" or one sample of shape {list(shape)}"
+        )
+    if not len(array):
+        raise InputError("the .npy array has no rows; send at least one")
+    return array
+
+
+def decode_image(body: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """One PNG/JPEG image as float32 [C, H, W] in [0, 1]; the caller checked the model takes images."""
+    from PIL import Image, UnidentifiedImageError  # deferred: only image artifacts need Pillow
+
+    channels, height, width = shape
+    expected = IMAGE_TYPES[kind]
+    try:
+        image = Image.open(io.BytesIO(body))
+        image.load()  # decode now: a corrupt file fails here, not later
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"the body is not a readable {expected} image ({exc})") from None
+    if image.format != expected:
+        raise InputError(f"the body is a {image.format} image, but the content type says {kind}")
+    if image.size != (width, height):
+        raise InputError(
+            f"the image is {image.size[0]}x{image.size[1]} (width x height); this model takes "
+            f"{width}x{height} (it is not resized)"
+        )
+    return _pixels(image, channels)
+
+
+def _pixels(image: object, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    assert isinstance(image, Image.Image)
+    mode = image.mode
+    if mode == "P":  # palette: its colours are what the picture shows
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode == "RGBA":
+        if np.asarray(image.getchannel("A")).min() < 255:
+            raise InputError("the image has transparent pixels; send an opaque image")
+        image, mode = image.convert("RGB"), "RGB"
+    if mode == "1":
+        image, mode = image.convert("L"), "L"
+    wanted = {1: "L", 3: "RGB"}[channels]
+    if mode != wanted:
+        names = {"L": "8-bit grayscale", "RGB": "8-bit RGB"}
+        raise InputError(
+            f"the image has mode {mode!r}; this model takes {channels}-channel "
+            f"{names[wanted]} images ({wanted})"
+        )
+    pixels = np.asarray(image, dtype=np.float32) / 255.0  # [H, W] or [H, W, 3]
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def curve_points(query: str) -> list[float]:
+    """`t=0.3` or `ts=0.2,0.5,0.8` from a query string: exactly one of them, each in [0, 1]."""
+    params = _query(query, {"t", "ts"})
+    if ("t" in params) == ("ts" in params):
+        raise InputError("give exactly one of the query parameters t=0.3 or ts=0.2,0.5,0.8")
+    name = "t" if "t" in params else "ts"
+    texts = [params[name]] if name == "t" else params[name].split(",")
+    if len(texts) > MAX_TS:
+        raise InputError(f"ts has {len(texts)} values; at most {MAX_TS}")
+    values = []
+    for i, text in enumerate(texts):
+        where = name if name == "t" else f"ts[{i}]"
+        try:
+            value = float(text)
+        except ValueError:
+            raise InputError(f"{where} = {text!r} is not a number") from None
+        if not 0.0 <= value <= 1.0:  # also False for NaN
+            raise InputError(f"{where} = {text!r} is not in [0, 1]")
+        values.append(value)
+    return values
+
+
+def no_query(query: str) -> None:
+    """/predict takes no query parameters: refuse them rather than ignore them."""
+    _query(query, set())
+
+
+def _query(query: str, allowed: set[str]) -> dict[str, str]:
+    try:
+        params = parse_qs(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError:
+        raise InputError(f"the query string {query!r} is malformed") from None
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        allowed_text = ", ".join(sorted(allowed)) or "none"
+        raise InputError(f"unknown query parameter {unknown[0]!r} (allowed: {allowed_text})")
+    for name, values in params.items():
+        if len(values) > 1:
+            raise InputError(f"query parameter {name!r} is given {len(values)} times")
+    return {name: values[0] for name, values in params.items()}

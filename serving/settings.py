@@ -1,0 +1,96 @@
+"""The service's settings: one object, read from MODECONN_* environment variables once, when
+serving/service.py is imported (BentoML's decorator needs some of them at that moment).
+
+| variable | field | default |
+|---|---|---|
+| MODECONN_MODEL | model | modeconn-mnist1d (name or tag in the BentoML store) |
+| MODECONN_PROVIDER | provider | auto (auto, cuda or cpu) |
+| MODECONN_WORKERS | workers | 2 |
+| MODECONN_MAX_BODY_BYTES | max_body_bytes | 8 MiB |
+| MODECONN_ACCESS_LOG / _METRICS / _TRACE_PREDICTIONS | access_log / metrics / trace_predictions | off / on / off |
+| MODECONN_BATCHING, _MAX_BATCH_ROWS, _MAX_WAIT_MS, _MAX_QUEUE_ROWS | batching (serving/batching.py) | on, 1024, 0, 16384 |
+| MODECONN_ORT_THREADS / _ORT_SPINNING | onnxruntime (serving/runtime.py) | cores // workers (0 with one worker) / on |
+| MODECONN_CURVE_CACHE | curve_cache: fixed-t curve sessions kept (serving/fixed_t.py); 0: none | 16 |
+| MODECONN_CURVE_PRELOAD | curve_preload: fixed-t sessions built before readiness, at t = i/(n-1) | 0 |
+
+A value that cannot be read stops the service with an error naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from serving.batching import BatchSettings
+from serving.env import env_flag, env_int
+from serving.errors import ModeconnError
+from serving.runtime import SessionSettings
+
+# Two (benchmarks/results/worker_kill-*, README "Start-up and faults"): a SIGKILLed worker
+# is then not an outage, and on 2 cores two workers with one onnxruntime thread each
+# answered more requests than one worker, for a second copy of the graphs in memory.
+DEFAULT_WORKERS = 2
+DEFAULT_CURVE_CACHE = 16
+
+
+class SettingsError(ModeconnError):
+    """A MODECONN_* variable that does not make sense with the others."""
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    model: str = "modeconn-mnist1d"
+    provider: str = "auto"
+    workers: int = DEFAULT_WORKERS
+    max_body_bytes: int = 8 << 20
+    access_log: bool = False
+    metrics: bool = True
+    trace_predictions: bool = False
+    batching: BatchSettings = BatchSettings()
+    onnxruntime: SessionSettings = SessionSettings()
+    curve_cache: int = DEFAULT_CURVE_CACHE
+    curve_preload: int = 0
+
+    def __post_init__(self) -> None:
+        if self.provider not in ("auto", "cuda", "cpu"):
+            raise SettingsError(f"MODECONN_PROVIDER={self.provider!r}: use auto, cuda or cpu")
+        if self.curve_preload > self.curve_cache:
+            raise SettingsError(
+                f"MODECONN_CURVE_PRELOAD={self.curve_preload} is more than the cache keeps "
+                f"(MODECONN_CURVE_CACHE={self.curve_cache})"
+            )
+        if self.curve_preload == 1:
+            raise SettingsError("MODECONN_CURVE_PRELOAD=1: give 0, or at least 2 points (t = 0 and 1)")
+
+    @property
+    def curve_preload_ts(self) -> list[float]:
+        n = self.curve_preload
+        return [i / (n - 1) for i in range(n)] if n > 1 else []
+
+    @classmethod
+    def from_env(cls) -> ServiceSettings:
+        env = os.environ
+        workers = env_int("MODECONN_WORKERS", DEFAULT_WORKERS, minimum=1)
+        return cls(
+            model=env.get("MODECONN_MODEL", cls.model),
+            provider=env.get("MODECONN_PROVIDER", cls.provider),
+            workers=workers,
+            max_body_bytes=env_int("MODECONN_MAX_BODY_BYTES", cls.max_body_bytes, minimum=1),
+            access_log=env_flag("MODECONN_ACCESS_LOG", cls.access_log),
+            metrics=env_flag("MODECONN_METRICS", cls.metrics),
+            trace_predictions=env_flag("MODECONN_TRACE_PREDICTIONS", cls.trace_predictions),
+            batching=BatchSettings.from_env(),
+            onnxruntime=SessionSettings.from_env(default_threads=_threads_per_worker(workers)),
+            curve_cache=env_int("MODECONN_CURVE_CACHE", DEFAULT_CURVE_CACHE, minimum=0),
+            curve_preload=env_int("MODECONN_CURVE_PRELOAD", 0, minimum=0),
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _threads_per_worker(workers: int) -> int:
+    """onnxruntime's default (0: one thread per core) for one worker; with several, their
+    share of the cores, since each worker's pool would otherwise claim all of them."""
+    return 0 if workers == 1 else max(1, len(os.sched_getaffinity(0)) // workers)
