@@ -148,12 +148,18 @@ class PeerServer:
         return self.log.read_text(errors="replace")[-n:]
 
     def pids(self) -> list[int]:
-        """Every process of the server's group (workers, LitServe's inference processes)."""
-        found = []
+        """The server's process and all its descendants (BentoML's workers start their own
+        sessions, so the process group alone misses them)."""
+        children: dict[int, list[int]] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             with contextlib.suppress(OSError, IndexError, ValueError):
-                if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == self.proc.pid:
-                    found.append(int(stat.parent.name))
+                ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(stat.parent.name))
+        found, todo = [], [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            todo.extend(children.get(pid, []))
         return found
 
     def cpu_seconds(self, pids: list[int]) -> float:
@@ -375,15 +381,22 @@ def measure(peer: str, settings: Settings, encs: dict[str, Encoded], expected: n
                 out[name] = {"unsupported": problem}
                 print(f"  {peer} {name}: not measured: {problem[:160]}", flush=True)
                 continue
+            pids = server.pids()
+            cpu0 = server.cpu_seconds(pids)
             lat, statuses = asyncio.run(sequential(server.port, path, enc, args.latency_requests, warmup=30))
+            cpu1 = server.cpu_seconds(pids)
             before = monitor.snapshot()
             load = asyncio.run(concurrent(server.port, server.peer.ready, path, enc, args.clients, args.per_client))
             load["others_cores"] = monitor.others(before, monitor.snapshot())  # other jobs on the machine
+            # the servers' own CPU per request: far steadier than wall time when other jobs load the cores
+            load["server_cpu_ms"] = (server.cpu_seconds(pids) - cpu1) / load["requests"] * 1e3
+            load["server_cpu_ms_1_client"] = (cpu1 - cpu0) / (args.latency_requests + 30) * 1e3
             out[name] = {"latency_s": lat, "latency_statuses": sorted(set(statuses)), "load": load,
                          "mean_rows_per_batch": modeconn_batches(server.port) if peer == "modeconn" else None}
             print(f"  {peer} {name}: p50 {common.percentile(lat, 50) * 1e3:.2f} ms, "
                   f"{load['rows_per_s']:.0f} rows/s at {args.clients} clients {load['statuses']} "
-                  f"(other work: {load['others_cores']:.2f} cores)", flush=True)
+                  f"(other work: {load['others_cores']:.2f} cores; server CPU {load['server_cpu_ms_1_client']:.2f} / "
+                  f"{load['server_cpu_ms']:.2f} ms per request at 1 / {args.clients} clients)", flush=True)
     finally:
         server.stop()
     return out
@@ -467,6 +480,8 @@ def aggregate(starts: list[dict[str, Any]], enc: str) -> dict[str, Any] | None:
             "statuses": _sum_statuses([s["load"]["statuses"] for s in ok]),
             "client_cpu_s": _median([s["load"]["client_cpu_s"] for s in ok]),
             "others_cores": [round(s["load"].get("others_cores", float("nan")), 2) for s in ok],
+            "server_cpu_ms_1_client": _median([s["load"]["server_cpu_ms_1_client"] for s in ok]),
+            "server_cpu_ms": _median([s["load"]["server_cpu_ms"] for s in ok]),
             "mean_rows_per_batch": _median([s["mean_rows_per_batch"] for s in ok if s.get("mean_rows_per_batch")]),
             "ready_s": _median([s["ready_s"] for s in starts]),
             "idle_cores": _median([s["idle_cores"] for s in starts if "idle_cores" in s])}
@@ -490,14 +505,15 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
             table[(peer, enc)] = agg
             if agg is None:
                 why = next((s[enc]["unsupported"] for s in starts if enc in s and "unsupported" in s[enc]), "")
-                rows.append([peer, enc, 0, "unsupported", "", "", "", "", "", "", why[:100], "", "", "", ""])
+                rows.append([peer, enc, 0, "unsupported", "", "", "", "", "", "", why[:100], "", "", "", "", "", ""])
                 continue
             floor = (table.get(("floor", enc)) or {}).get("p50_ms")
             rows.append([peer, enc, agg["starts"], agg["p50_ms"], ", ".join(f"{v:.2f}" for v in agg["p50_per_start"]),
                          agg["p99_ms"], agg["p50_ms"] - floor if floor is not None and peer != "floor" else "",
                          agg["rows_per_s"], ", ".join(f"{v:.0f}" for v in agg["rows_per_s_per_start"]),
                          agg["load_p99_ms"], agg["statuses"], agg["client_cpu_s"],
-                         ", ".join(f"{v:.2f}" for v in agg["others_cores"]), agg["idle_cores"], agg["ready_s"]])
+                         ", ".join(f"{v:.2f}" for v in agg["others_cores"]), agg["idle_cores"], agg["ready_s"],
+                         agg["server_cpu_ms_1_client"], agg["server_cpu_ms"]])
     # the floor is measured last in the table but its p50 is needed above: fill the column now
     for row in rows:
         floor = (table.get(("floor", row[1])) or {}).get("p50_ms")
@@ -509,7 +525,8 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
         ["server", "encoding", "starts", "p50 ms, 1 client (median of starts)", "p50 per start", "p99 ms (all)",
          "p50 - floor's, ms", f"rows/s, {args.clients} clients (median)", "rows/s per start",
          f"p99 ms at {args.clients} clients", "statuses", "client CPU s",
-         "other work, cores (per start)", "idle server, cores", "ready s"], rows,
+         "other work, cores (per start)", "idle server, cores", "ready s",
+         "server CPU ms/request, 1 client", f"server CPU ms/request, {args.clients} clients"], rows,
         notes=(f"Same ensemble.onnx in every server: {args.workers} processes each, onnxruntime "
                f"{args.ort_threads} intra-op thread(s) per session, spinning {'off' if args.no_spinning else 'on'}; "
                f"batches of at most {1024} rows (LitServe: requests), no waiting for company except LitServe's "
@@ -518,7 +535,9 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
                "each, released together. The client is one asyncio process on the same 2 cores (client CPU s: its "
                "share). Other work: cores that processes outside this run used during each throughput measurement "
                "(/proc/stat; each server start first waits up to --quiet-wait s for < 0.25). Idle server: CPU its "
-               "processes used over 2 s with no request, after loading. "
+               "processes used over 2 s with no request, after loading. Server CPU ms/request: CPU time of all the "
+               "server's processes (utime + stime) over the measurement / requests: what each request costs the "
+               "server, steadier than wall time when other jobs share the cores. "
                f"In-process session call at batch 1: p50 {ref_p50:.3f} ms."),
         data={"table": {f"{p}/{e}": v for (p, e), v in table.items()}, "starts": results})
     paired_section(run, results, args)
@@ -586,12 +605,13 @@ def compact_table(run: dict) -> str:
     encs = list(dict.fromkeys(k.split("/")[1] for k in section))
     headers, rows = ["server"], []
     for enc in encs:
-        headers += [f"{enc}: p50 ms, 1 client", f"{enc}: rows/s, many clients"]
+        headers += [f"{enc}: p50 ms, 1 client", f"{enc}: rows/s, many clients", f"{enc}: server CPU ms/request"]
     for peer in peers:
         row: list[Any] = [peer]
         for enc in encs:
             agg = section.get(f"{peer}/{enc}")
-            row += ["n/a", "n/a"] if agg is None else [round(agg["p50_ms"], 2), round(agg["rows_per_s"])]
+            row += ["n/a"] * 3 if agg is None else [round(agg["p50_ms"], 2), round(agg["rows_per_s"]),
+                                                     round(agg.get("server_cpu_ms", float("nan")), 2)]
         rows.append(row)
     return common.table(headers, rows)
 
