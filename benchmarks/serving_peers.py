@@ -60,6 +60,7 @@ import numpy as np
 ROOT = common.ROOT
 BINARY = "application/octet-stream"
 JSON = "application/json"
+SOURCE_NOTE = "SOURCE.txt"  # beside an artifact built with --build-only: how it was made
 
 
 # ---------------------------------------------------------------- servers
@@ -406,6 +407,8 @@ def main() -> None:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--artifact", choices=("demo", "cifar"), default="demo")
     parser.add_argument("--artifact-dir", type=Path, help="an exported artifact folder instead of building one")
+    parser.add_argument("--build-only", type=Path, metavar="DIR",
+                        help="build the artifact into DIR and stop (outside a timing lock), for --artifact-dir")
     parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
     parser.add_argument("--encodings", default="json,binary")
     parser.add_argument("--clients", type=int, default=64)
@@ -432,9 +435,15 @@ def main() -> None:
     try:
         started = time.perf_counter()
         if args.artifact_dir:
-            artifact, source = args.artifact_dir, str(args.artifact_dir)
+            note = args.artifact_dir / SOURCE_NOTE  # written by --build-only
+            artifact, source = args.artifact_dir, note.read_text() if note.is_file() else str(args.artifact_dir)
         else:
             artifact, source = build_artifact(args.artifact, work, args.quick)
+        if args.build_only:
+            shutil.copytree(artifact, args.build_only)
+            (args.build_only / SOURCE_NOTE).write_text(source)
+            print(f"artifact ({source}) in {args.build_only}")
+            return
         run["artifact"] = {"kind": args.artifact, "source": source, "build_seconds": time.perf_counter() - started}
         manifest = json.loads((artifact / "manifest.json").read_text())
         low, high = manifest["input"]["range"]
