@@ -346,14 +346,16 @@ def build_artifact(kind: str, work: Path, quick: bool) -> tuple[Path, str]:
 
 # ---------------------------------------------------------------- in-process reference
 def in_process(artifact: Path, rows: list[np.ndarray], settings: Settings, batch_sizes: list[int],
-               quick: bool) -> dict[str, Any]:
-    """The ensemble session in this process, with onnxruntime's default pool (one thread per
-    core) and the servers' spinning: p50 of one call at batch 1, and rows/s per batch size."""
+               quick: bool, threads: int = 0) -> dict[str, Any]:
+    """The ensemble session in this process, with `threads` intra-op threads (0: onnxruntime's
+    default pool, one thread per core) and the servers' spinning: p50 of one call at batch 1,
+    and rows/s per batch size. A spinning pool slows far more than the load suggests when
+    other jobs hold the cores; --reference-threads 1 avoids the pool (no spinning threads)."""
     from serving.artifact import load_artifact
     from serving.runtime import Runtime, SessionSettings
 
     art = load_artifact(artifact)
-    runtime = Runtime(art, ["CPUExecutionProvider"], SessionSettings(threads=0, spinning=settings.spinning))
+    runtime = Runtime(art, ["CPUExecutionProvider"], SessionSettings(threads=threads, spinning=settings.spinning))
     x_all = np.concatenate(rows)
     cases = {n: (lambda n=n: runtime.run_ensemble(None, np.ascontiguousarray(np.resize(x_all, (n, *art.input_shape)))))
              for n in batch_sizes}
@@ -417,6 +419,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="server starts per peer, order rotated (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="server processes per peer (modeconn's default: 2)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per session")
+    parser.add_argument("--reference-threads", type=int, default=0,
+                        help="intra-op threads of the in-process reference session (0: one per core)")
     parser.add_argument("--label", default="", help="added to the results file name (serving_peers-LABEL-date)")
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="seconds to wait, per server start, for other work to use < 0.25 cores")
@@ -454,7 +458,8 @@ def main() -> None:
         settings = Settings(artifact, home, hs.store(artifact, home), args.workers, args.ort_threads,
                             not args.no_spinning)
         run["settings"] = {k: str(v) for k, v in settings.__dict__.items() if k not in ("home", "artifact")}
-        reference = in_process(artifact, rows, settings, [1, 2, 4, 8, 16, 32, 64], args.quick)
+        reference = in_process(artifact, rows, settings, [1, 2, 4, 8, 16, 32, 64], args.quick,
+                               args.reference_threads)
         expected = reference.pop("expected")[0]
         results: dict[str, list[dict[str, Any]]] = {p: [] for p in peers}
         for r in range(args.rounds):
@@ -551,7 +556,9 @@ def report(run: dict, reference: dict, results: dict, args: Any, manifest: dict)
         data={"table": {f"{p}/{e}": v for (p, e), v in table.items()}, "starts": results})
     paired_section(run, results, args)
     rows = [[f"batch {n}", v, v / rps[1]] for n, v in rps.items()]
-    common.add_section(run, "In-process session (this process, onnxruntime's default pool: one thread per core)",
+    pool = "onnxruntime's default pool: one thread per core" if not args.reference_threads \
+        else f"{args.reference_threads} intra-op thread(s)"
+    common.add_section(run, f"In-process session (this process, {pool})",
                        ["batch", "rows/s", "x batch 1"], rows,
                        notes="Timed round-robin (benchmarks/common.py interleaved), median of quiet samples.",
                        data={"samples": reference["samples"], "batch1_latency_s": reference["batch1_latency_s"]})
