@@ -245,7 +245,7 @@ async def sequential(port: int, path: str, enc: Encoded, count: int, warmup: int
             started = time.perf_counter()
             status, _ = await conn.request("POST", path, enc.bodies[i % len(enc.bodies)], enc.content_type)
             if i >= warmup:
-                seconds.append(time.perf_counter() - started)
+                seconds.append(round(time.perf_counter() - started, 6))  # microseconds: enough, and a smaller file
                 statuses.append(status)
     finally:
         await conn.close()
@@ -268,7 +268,7 @@ async def concurrent(port: int, ready: str, path: str, enc: Encoded, clients: in
             body = enc.bodies[(i * per_client + j) % len(enc.bodies)]
             started = time.perf_counter()
             status, _ = await conns[i].request("POST", path, body, enc.content_type)
-            seconds.append(time.perf_counter() - started)
+            seconds.append(round(time.perf_counter() - started, 6))
             statuses[status] = statuses.get(status, 0) + 1
 
     tasks = [asyncio.create_task(client(i)) for i in range(clients)]
