@@ -53,10 +53,12 @@ def random_artifact(out: Path, members: int = 3) -> Path:
     data = load_data({"name": "mnist1d"}, "cpu")
     arch = {"name": "cnn1d", "kwargs": {}}
     paths = []
+    folder = out.parent / "random-members"  # not out's parent: export refuses an --out inside a run folder
+    folder.mkdir(parents=True, exist_ok=True)
     for i in range(members):
         torch.manual_seed(i)
         net = build_network(arch, data.num_classes)
-        paths.append(out.parent / f"random-member-{i}.pt")
+        paths.append(folder / f"random-member-{i}.pt")
         save_checkpoint(paths[-1], model_checkpoint(net, arch, {"name": "mnist1d", **data.describe()}, kind="train"))
     export_artifact(paths, "modeconn-bench", out=out)
     return out
@@ -138,10 +140,11 @@ class Connection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def request(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
+    async def request(self, method: str, path: str, body: bytes,
+                      content_type: str = "application/json") -> tuple[int, bytes]:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: application/json\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode()
         self.writer.write(head + body)
         await self.writer.drain()

@@ -1,5 +1,24 @@
 """Adaptive micro-batching in front of one onnxruntime session.
 
+Why this batcher and not BentoML's own (`@bentoml.api(batchable=True)`; issue 15, item 5).
+Measured in benchmarks/serving_peers.py (results/serving_peers-2026-12-02.md): one minimal
+BentoML service over the same ensemble.onnx, once with BentoML's batching and once with this
+batcher, all else equal (peers bentoml-batching / bentoml-microbatcher: 2 workers, 1
+onnxruntime thread each, batch-1 requests, 3 server starts each, the 2-core machine with other
+jobs using 1.1-1.5 of its cores meanwhile, so read pairs within a round, not absolute values):
+- one client, p50: this batcher lower in every round, JSON 10.4 / 6.7 / 4.7 ms against
+  12.0 / 12.5 / 8.1; raw float32 7.2 / 8.1 / 6.5 against 10.5 / 13.9 / 9.3;
+- 64 clients, rows/s: this batcher 1.28x / 1.12x / 0.97x BentoML's (JSON), 1.48x / 1.18x /
+  1.31x (raw), for the same server CPU per request (1.5-1.9 against 1.4-1.7 ms JSON,
+  2.0-2.2 against 2.1-2.5 ms raw): the difference is waiting, not work.
+The reason is in BentoML 1.4's CorkDispatcher: while a batch runs it polls for the next one in
+1 ms ticks (asyncio.sleep(0.001)) instead of being woken, and it holds requests for company
+whenever its fitted latency model says the latency budget allows; this batcher starts the
+next batch the moment the session is free and never waits (max_wait_ms 0). Nor does it fit the
+service's other needs: a batchable API batches one argument along one axis (the curve graph's
+t is one scalar per call, grouped by key here), and its max_latency_ms answers 503 ("shedding")
+by a latency estimate rather than bounding the queue by rows. So this batcher stays.
+
 Requests arrive here already validated (one bad request can never fail a batch). Each is
 queued with a key (graph input other than `x`: None for the ensemble, t for the curve).
 One asyncio task per batcher:
