@@ -439,9 +439,11 @@ def test_served_calibrated_probabilities_equal_offline(server: Server, offline: 
     for ts in ([0.3], [0.0, 0.55, 1.0]):
         per_t = [offline_calibrated(offline.at(t, x, calibrated=False), interpolated_temperature(temps, t)) for t in ts]
         body = server.post("/predict_curve", {"inputs": x.tolist(), "ts": ts}).json()
-        np.testing.assert_allclose(body["probabilities"], np.mean(per_t, axis=0), atol=1e-6, rtol=0)
+        # ATOL: a t asked for before may be served by a fixed-t session, within 1e-5 of
+        # curve.onnx (serving/fixed_t.py); the temperatures themselves are applied exactly
+        np.testing.assert_allclose(body["probabilities"], np.mean(per_t, axis=0), atol=ATOL, rtol=0)
     raw_curve = server.post("/predict_curve", {"inputs": x.tolist(), "t": 0.3, "calibrated": False}).json()
-    np.testing.assert_allclose(raw_curve["probabilities"], offline.at(0.3, x, calibrated=False), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(raw_curve["probabilities"], offline.at(0.3, x, calibrated=False), atol=ATOL, rtol=0)
 
     card = requests.get(server.url + "/info", timeout=10).json()["calibration"]
     assert card["applied_by_default"] is True

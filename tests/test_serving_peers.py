@@ -14,7 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import serving_peers as sp  # noqa: E402
-
 from training.data import build_dataset  # noqa: E402
 
 
