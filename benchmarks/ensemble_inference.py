@@ -176,12 +176,12 @@ def artifact_workload(spec: str | None, work: Path) -> Workload:
 
     notes = []
     if spec is None:
-        from tests.artifact_builder import build_test_artifact
+        from tests.support import build_test_artifact
 
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):
             folder = build_test_artifact(work / "demo-artifact")
-        notes.append(f"artifact built by tests/artifact_builder.py (3 members: points of a short MNIST-1D curve) "
+        notes.append(f"artifact built by tests/support.py (3 members: points of a short MNIST-1D curve) "
                      f"in {time.perf_counter() - started:.0f} s")
     elif Path(spec).is_dir():
         folder = Path(spec)

@@ -68,9 +68,9 @@ def build_artifact(work: Path, quick: bool) -> tuple[Path, str]:
     with contextlib.redirect_stderr(io.StringIO()):
         if quick:
             return random_artifact(work / "artifact"), "3 untrained cnn1d members (--quick)"
-        from tests.artifact_builder import build_test_artifact
+        from tests.support import build_test_artifact
 
-        return build_test_artifact(work / "artifact"), "tests/artifact_builder.py: 3 cnn1d members + curve (MNIST-1D)"
+        return build_test_artifact(work / "artifact"), "tests/support.py: 3 cnn1d members + curve (MNIST-1D)"
 
 
 def server_env(home: Path, **extra: str) -> dict[str, str]:

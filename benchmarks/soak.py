@@ -1,7 +1,7 @@
 """Soak (issue 13, item 5): many keep-alive clients for a minute against a real server, every
 answer checked against the offline ensemble graph.
 
-The script builds the demo-shaped artifact (tests/artifact_builder.py: cnn1d members and a
+The script builds the demo-shaped artifact (tests/support.py: cnn1d members and a
 curve on MNIST-1D; or takes --artifact DIR), stores it in a temporary BENTOML_HOME, starts
 `bentoml serve serving.service:ModeConnService` on a free loopback port with the service's
 defaults, warms it up under full load, then runs --clients keep-alive connections (one

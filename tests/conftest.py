@@ -78,8 +78,8 @@ def demo_curve(
 
 @pytest.fixture(scope="session")
 def built_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The serving tests' artifact (tests/artifact_builder.py: about 40 s), built once per
+    """The serving tests' artifact (tests/support.py: about 40 s), built once per
     session for every service test and never modified: tests that change files change a copy."""
-    from tests.artifact_builder import build_test_artifact
+    from tests.support import build_test_artifact
 
     return build_test_artifact(tmp_path_factory.mktemp("artifact") / "modeconn-test")

@@ -47,16 +47,16 @@ from schemathesis.specs.openapi.checks import (
 from serving.artifact import load_artifact
 from serving.openapi import inputs_schema, openapi_document
 from serving.schemas import MAX_ABS_INPUT, InputError, parse_inputs
-from tests.test_service import (
+from tests.support import (
     ATOL,
     MODEL,
     Offline,
     Server,
-    _inputs,
-    _start,
-    _stop,
-    _store,
-    _wait_all_ready,
+    demo_inputs,
+    start_server,
+    stop_server,
+    store_artifact,
+    wait_all_ready,
 )
 
 CHECKS = [
@@ -78,11 +78,11 @@ def servers(
 ) -> Iterator[tuple[Server, Server]]:
     tmp = tmp_path_factory.mktemp("contract")
     home = tmp / "bentoml"
-    _store(built_artifact, MODEL, home)
-    main = _start(home, MODEL, tmp / "main.log")
+    store_artifact(built_artifact, MODEL, home)
+    main = start_server(home, MODEL, tmp / "main.log")
     # One row may wait while one batch runs; everything beyond that is refused. One
     # onnxruntime thread makes each batch take long enough for requests to pile up.
-    tiny = _start(
+    tiny = start_server(
         home,
         MODEL,
         tmp / "tiny.log",
@@ -91,11 +91,11 @@ def servers(
         MODECONN_ORT_THREADS="1",
     )
     try:
-        _wait_all_ready(main, tiny)
+        wait_all_ready(main, tiny)
         yield main, tiny
     finally:
-        _stop(main)
-        _stop(tiny)
+        stop_server(main)
+        stop_server(tiny)
 
 
 @pytest.fixture(scope="module")
@@ -250,7 +250,7 @@ def test_full_queue_answers_503_with_retry_after_and_the_rest_correctly(
     servers: tuple[Server, Server], offline: Offline
 ) -> None:
     tiny = servers[1]
-    x = _inputs(OVERLOAD_CLIENTS, seed=21)
+    x = demo_inputs(OVERLOAD_CLIENTS, seed=21)
     mean, _ = offline.predict(x)
     barrier = threading.Barrier(OVERLOAD_CLIENTS)
 

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from serving.artifact import load_artifact
-from tests.test_service import _base_env, _start, _stop, _wait_ready
+from tests.support import base_env, start_server, stop_server, wait_ready
 from training import readme_results
 from training.core.config import load_config
 from training.core.networks import dataset_spec, load_data
@@ -32,7 +32,7 @@ def _pipeline(runs: Path, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "training.cli", "pipeline", "--config", "configs/mnist1d.yaml", "--device", "cpu",
          "--runs", str(runs), "--json", *REDUCED],
-        cwd=ROOT, env=_base_env(home), capture_output=True, text=True, timeout=1200)
+        cwd=ROOT, env=base_env(home), capture_output=True, text=True, timeout=1200)
 
 
 def test_pipeline_then_served_model(tmp_path: Path) -> None:
@@ -63,9 +63,9 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
     x = data.x_test[:200].numpy()
     offline = ort.InferenceSession(str(artifact.ensemble_file), providers=["CPUExecutionProvider"])
     expected = offline.run(None, {"x": x})[0]
-    server = _start(home, "modeconn-mnist1d", tmp_path / "serve.log")
+    server = start_server(home, "modeconn-mnist1d", tmp_path / "serve.log")
     try:
-        _wait_ready(server)
+        wait_ready(server)
         r = server.post("/predict", {"inputs": x.tolist(), "calibrated": False})  # raw: the graph's own output
         assert r.status_code == 200, r.text
         body = r.json()
@@ -79,7 +79,7 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
         info = server.post("/info", {}).json()
         assert info["num_members"] == 2 and info["curve"]["type"] == "bezier"
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 def _check_summary_markdown(runs: Path, summary: dict, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The serving stage against a real `bentoml serve` subprocess.
 
-One artifact is built (tests/artifact_builder.py), stored twice in a temporary BentoML store
+One artifact is built (tests/support.py), stored twice in a temporary BentoML store
 (as is, and as a copy without a curve), and served by two servers started side by side:
 batching on (the default) with PRELOAD fixed-t curve sessions built before readiness (which
 makes loading long enough for /readyz to be seen non-200), and batching off
@@ -16,15 +16,12 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,46 +34,29 @@ import yaml
 from serving.artifact import ArtifactError, file_record, load_artifact
 from serving.batching import BatchSettings, MicroBatcher
 from serving.schemas import InputError
-from tests.artifact_builder import ENDPOINT_MEMBERS
+from tests.support import (
+    ATOL,
+    ENDPOINT_MEMBERS,
+    MODEL,
+    REPO,
+    Offline,
+    Server,
+    base_env,
+    demo_inputs,
+    start_server,
+    stop_server,
+    store_artifact,
+    wait_all_ready,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-MODEL = "modeconn-test"
 MNIST1D_CLASSES = [str(i) for i in range(10)]  # the class names the exporter records
 MODEL_NO_CURVE = "modeconn-test-nocurve"
 PRELOAD = 48  # fixed-t sessions built at start: t = i / 47
 CURVE_CACHE = 64
-START_TIMEOUT_S = 90
-ATOL = 1e-5
 CURVE = "/predict_curve"
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-def _base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODECONN_", "BENTOML_"))}
-    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(REPO))
-    return env
-
-
-def _store(artifact_dir: Path, name: str, home: Path) -> str:
-    """Store via serving.store in a subprocess: BentoML fixes its home at first use, so an
-    in-process store would follow whichever test touched BentoML first."""
-    code = (
-        "import sys; from pathlib import Path; from serving.store import save_to_bentoml_store;"
-        "print(save_to_bentoml_store(Path(sys.argv[1]), sys.argv[2], "
-        "labels={'stage': 'test'}, metadata={'source': 'tests'}))"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, str(artifact_dir), name],
-        cwd=REPO,
-        env=_base_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout.strip().splitlines()[-1]
 
 
 def _without_curve(src: Path, dst: Path) -> Path:
@@ -87,84 +67,6 @@ def _without_curve(src: Path, dst: Path) -> Path:
     (dst / "curve.onnx").unlink()
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dst
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    url: str
-    proc: subprocess.Popen[bytes]
-    log: Path
-    # /readyz statuses seen from process start until the first 200 (None = no connection)
-    readyz_history: list[int | None] = field(default_factory=list)
-    # /predict statuses seen while /readyz said 503
-    predict_while_loading: list[int] = field(default_factory=list)
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
-
-    def post(self, path: str, payload: Any, **kw: Any) -> requests.Response:
-        return requests.post(self.url + path, json=payload, timeout=60, **kw)
-
-
-def _start(home: Path, model: str, log: Path, **env: str) -> Server:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService"]
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port), "--host", "127.0.0.1"],
-        cwd=REPO,
-        env={**_base_env(home), "MODECONN_MODEL": model, **env},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # its own process group, so teardown reaches the workers
-    )
-    return Server(f"http://127.0.0.1:{port}", proc, log)
-
-
-def _wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"server exited with {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            status: int | None = requests.get(server.url + "/readyz", timeout=2).status_code
-        except requests.RequestException:
-            status = None
-        server.readyz_history.append(status)
-        if status == 200:
-            return
-        if status == 503 and len(server.predict_while_loading) < 3:
-            r = requests.post(server.url + "/predict", json={"inputs": [[0.0] * 40]}, timeout=10)
-            server.predict_while_loading.append(r.status_code)
-        time.sleep(0.05)
-    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{server.log_tail()}")
-
-
-def _wait_all_ready(*servers: Server) -> None:
-    """Poll every server at once (so each history starts at its process start) until all are ready."""
-    waiters = [threading.Thread(target=_wait_ready, args=(s,)) for s in servers]
-    for w in waiters:
-        w.start()
-    for w in waiters:
-        w.join()
-    for s in servers:
-        if not s.readyz_history or s.readyz_history[-1] != 200:
-            pytest.fail(f"server did not become ready:\n{s.log_tail()}")
-
-
-def _stop(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.proc.pid, signal.SIGKILL)
-            server.proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -178,20 +80,20 @@ def servers(
 ) -> Iterator[tuple[Server, Server]]:
     tmp = tmp_path_factory.mktemp("serving")
     home = tmp / "bentoml"
-    _store(artifact_dir, MODEL, home)
-    _store(_without_curve(artifact_dir, tmp / "no-curve"), MODEL_NO_CURVE, home)
+    store_artifact(artifact_dir, MODEL, home)
+    store_artifact(_without_curve(artifact_dir, tmp / "no-curve"), MODEL_NO_CURVE, home)
     # one worker each: the tests read per-worker state (/info's batching statistics)
-    main = _start(
+    main = start_server(
         home, MODEL, tmp / "main.log", MODECONN_WORKERS="1",
         MODECONN_CURVE_PRELOAD=str(PRELOAD), MODECONN_CURVE_CACHE=str(CURVE_CACHE),
     )  # fmt: skip
-    plain = _start(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0", MODECONN_WORKERS="1")
+    plain = start_server(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0", MODECONN_WORKERS="1")
     try:
-        _wait_all_ready(main, plain)
+        wait_all_ready(main, plain)
         yield main, plain
     finally:
-        _stop(main)
-        _stop(plain)
+        stop_server(main)
+        stop_server(plain)
 
 
 @pytest.fixture(scope="module")
@@ -204,59 +106,9 @@ def plain_server(servers: tuple[Server, Server]) -> Server:
     return servers[1]
 
 
-# -- offline reference ------------------------------------------------------------------------
-
-
-def _temperature_scaled(p: np.ndarray, temperature: float) -> np.ndarray:
-    """p^(1/T), renormalised: softmax(log p / T) computed another way."""
-    powered = p.astype(np.float64) ** (1.0 / temperature)
-    return powered / powered.sum(axis=-1, keepdims=True)
-
-
-class Offline:
-    """What the server should answer, from onnxruntime run here and the manifest's temperatures
-    (the served probabilities are temperature-scaled unless a request says calibrated: false)."""
-
-    def __init__(self, root: Path) -> None:
-        self.artifact = load_artifact(root)
-        manifest = json.loads((root / "manifest.json").read_text())
-        self.temperature = manifest["ensemble"]["calibration"]["temperature"]
-        self.curve_temperatures = manifest["curve"]["calibration"]["temperatures"]
-        opts = ["CPUExecutionProvider"]
-        self.ensemble = ort.InferenceSession(str(self.artifact.ensemble_file), providers=opts)
-        self.curve = ort.InferenceSession(str(self.artifact.curve_file), providers=opts)
-        self.members = [
-            ort.InferenceSession(str(f), providers=opts) for f in self.artifact.member_files
-        ]
-
-    def predict(self, x: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        mean, members = self.ensemble.run(None, {"x": x})
-        return (_temperature_scaled(mean, self.temperature) if calibrated else mean), members
-
-    def members_each(self, x: np.ndarray) -> np.ndarray:
-        """[K, N, C] from the member graphs themselves (not the ensemble graph)."""
-        return np.stack([m.run(None, {"x": x})[0] for m in self.members])
-
-    def at(self, t: float, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
-        probs = self.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
-        return _temperature_scaled(probs, self.curve_temperature(t)) if calibrated else probs
-
-    def curve_temperature(self, t: float) -> float:
-        """T(t): linear between the grid points i / (n - 1), written out here independently."""
-        temps = self.curve_temperatures
-        position = t * (len(temps) - 1)
-        low = min(int(position), len(temps) - 2)
-        return temps[low] + (position - low) * (temps[low + 1] - temps[low])
-
-
 @pytest.fixture(scope="module")
 def offline(artifact_dir: Path) -> Offline:
     return Offline(artifact_dir)
-
-
-def _inputs(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.uniform(-4.1, 4.3, size=(n, 40)).astype(np.float32)
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
@@ -341,7 +193,7 @@ def test_info_get_and_post(server: Server, artifact_dir: Path) -> None:
 
 
 def test_predict_matches_offline_ensemble(server: Server, offline: Offline) -> None:
-    x = _inputs(7)
+    x = demo_inputs(7)
     r = server.post("/predict", {"inputs": x.tolist()})
     assert r.status_code == 200, r.text
     mean, members = offline.predict(x)
@@ -355,7 +207,7 @@ def test_predict_matches_offline_ensemble(server: Server, offline: Offline) -> N
 def test_uncertainty_decomposes_as_the_member_graphs_say(server: Server, offline: Offline) -> None:
     """total = H(mean p), expected = mean_m H(p_m), MI = total - expected, computed here in
     numpy from the member graphs run one by one (not from ensemble.onnx)."""
-    x = _inputs(16, seed=8)
+    x = demo_inputs(16, seed=8)
     body = server.post("/predict", {"inputs": x.tolist()}).json()
     members = offline.members_each(x).astype(np.float64)  # [K, N, C]
     total = _entropy(members.mean(axis=0))
@@ -377,7 +229,7 @@ def test_uncertainty_decomposes_as_the_member_graphs_say(server: Server, offline
 
 
 def test_predict_curve_endpoints_match_offline(server: Server, offline: Offline) -> None:
-    x = _inputs(5, seed=1)
+    x = demo_inputs(5, seed=1)
     for t in (0.0, 1.0, 0.3):
         r = server.post("/predict_curve", {"inputs": x.tolist(), "t": t})
         assert r.status_code == 200, r.text
@@ -389,14 +241,14 @@ def test_predict_curve_endpoints_match_offline(server: Server, offline: Offline)
 
 def test_test_artifact_curve_ends_at_its_members(offline: Offline) -> None:
     # Exporter honesty (not a server property): phi(0), phi(1) are the endpoint members.
-    x = _inputs(9, seed=2)
+    x = demo_inputs(9, seed=2)
     for t, rel in ENDPOINT_MEMBERS.items():
         member = ort.InferenceSession(str(offline.artifact.root / rel))
         np.testing.assert_allclose(offline.at(t, x, calibrated=False), member.run(None, {"x": x})[0], atol=ATOL)
 
 
 def test_predict_curve_ts_is_mean_of_points(server: Server, offline: Offline) -> None:
-    x = _inputs(6, seed=3)
+    x = demo_inputs(6, seed=3)
     ts = [0.2, 0.5, 0.8]
     r = server.post("/predict_curve", {"inputs": x.tolist(), "ts": ts})
     assert r.status_code == 200, r.text
@@ -415,7 +267,7 @@ def test_served_calibrated_probabilities_equal_offline(server: Server, offline: 
     def offline_calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
         return calibrate(torch.from_numpy(raw), temperature).numpy()
 
-    x = _inputs(16, seed=5)
+    x = demo_inputs(16, seed=5)
     raw_mean, members = offline.predict(x, calibrated=False)
     assert offline.temperature != pytest.approx(1.0, abs=1e-3)  # else this test shows nothing
     body = server.post("/predict", {"inputs": x.tolist()}).json()
@@ -454,7 +306,7 @@ def test_served_calibrated_probabilities_equal_offline(server: Server, offline: 
 
 
 def _concurrent_batch1(server: Server, offline: Offline, n: int = 64) -> None:
-    x = _inputs(n, seed=4)
+    x = demo_inputs(n, seed=4)
     mean, members = offline.predict(x)
 
     start = threading.Barrier(n)  # all requests leave together, not as the pool's threads start
@@ -485,7 +337,7 @@ def test_64_concurrent_clients_batched(server: Server, offline: Offline) -> None
 
 
 def test_mixed_t_requests_share_batches_correctly(server: Server, offline: Offline) -> None:
-    x = _inputs(24, seed=5)
+    x = demo_inputs(24, seed=5)
     ts = [0.0, 0.25, 0.5, 1.0] * 6
 
     def one(i: int) -> dict[str, Any]:
@@ -523,7 +375,7 @@ def _same_answer(got: dict[str, Any], want: dict[str, Any]) -> None:
 
 
 def test_binary_encodings_answer_as_json_does(server: Server) -> None:
-    x = _inputs(6, seed=9)
+    x = demo_inputs(6, seed=9)
     bodies = {
         "raw float32": (x.tobytes(), RAW),
         "npy float32": (_npy(x), NPY),
@@ -552,7 +404,7 @@ def test_binary_encodings_answer_as_json_does(server: Server) -> None:
 def test_numpy_arrays_straight_from_the_bentoml_client(server: Server) -> None:
     import bentoml
 
-    x = _inputs(5, seed=10)
+    x = demo_inputs(5, seed=10)
     with bentoml.SyncHTTPClient(server.url) as client:
         got = client.predict(inputs=x)
         _same_answer(got, server.post("/predict", {"inputs": x.tolist()}).json())
@@ -563,7 +415,7 @@ def test_numpy_arrays_straight_from_the_bentoml_client(server: Server) -> None:
         _same_answer(got, server.post("/predict", {"inputs": x.tolist()}).json())
 
 
-_X2 = _inputs(2, seed=13)
+_X2 = demo_inputs(2, seed=13)
 _NAN = _X2.copy()
 _NAN[1, 3] = np.nan
 BAD_BINARY = [
@@ -695,7 +547,7 @@ def test_bad_input_is_a_4xx_naming_the_problem(
 
 
 def _still_serves(server: Server, offline: Offline) -> None:
-    x = _inputs(2, seed=11)
+    x = demo_inputs(2, seed=11)
     r = server.post("/predict", {"inputs": x.tolist()})
     assert r.status_code == 200, r.text
     np.testing.assert_allclose(r.json()["probabilities"], offline.predict(x)[0], atol=ATOL)
@@ -719,7 +571,7 @@ def test_body_above_limit_is_413(server: Server, offline: Offline) -> None:
 
 
 def test_bad_requests_do_not_poison_concurrent_good_ones(server: Server, offline: Offline) -> None:
-    x = _inputs(32, seed=6)
+    x = demo_inputs(32, seed=6)
     mean, _ = offline.predict(x)
 
     def one(i: int) -> tuple[int, Any]:
@@ -747,7 +599,7 @@ def test_unbatched_server_without_curve(plain_server: Server, offline: Offline) 
     assert card["curve"] is None
     assert card["batching"]["enabled"] is False
     assert set(card["execution_providers"]) == {"ensemble"}
-    x = _inputs(4, seed=7)
+    x = demo_inputs(4, seed=7)
     r = plain_server.post("/predict", {"inputs": x.tolist()})
     assert r.status_code == 200, r.text
     _check_fields(r.json(), *offline.predict(x))
@@ -823,11 +675,11 @@ def test_load_artifact_refuses_a_bad_manifest(artifact_copy: Path, edit: Any, me
 
 def test_bentoml_build_lists_the_model(artifact_dir: Path, tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
-    tag = _store(artifact_dir, "modeconn-mnist1d", home)  # the name bentofile.yaml names
+    tag = store_artifact(artifact_dir, "modeconn-mnist1d", home)  # the name bentofile.yaml names
     out = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--output", "tag", str(REPO)],
         cwd=REPO,
-        env=_base_env(home),
+        env=base_env(home),
         capture_output=True,
         text=True,
         timeout=120,
@@ -856,7 +708,7 @@ def test_fixed_t_sessions_equal_the_curve_graph_and_the_cache_is_bounded(
     )
     cache = runtime.curve_cache
     assert cache is not None
-    x = _inputs(64, seed=12)
+    x = demo_inputs(64, seed=12)
     try:
         ts = [0.0, 0.123, 0.5, 0.77, 1.0]
         for t in ts:

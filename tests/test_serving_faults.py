@@ -5,7 +5,7 @@ load fails stays up answering 503 with the reason instead of crash-looping; an a
 points out of its folder (entries, symbolic links, ONNX external data) is refused at load.
 
 Everything runs against real `bentoml serve` subprocesses (tests/test_service.py's helpers)
-or the real loader, on the artifact of tests/artifact_builder.py; every wait is bounded.
+or the real loader, on the artifact of tests/support.py; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -32,16 +32,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from serving.artifact import ArtifactError, file_record, load_artifact
 from serving.env import env_int
-from tests.test_service import (
+from tests.support import (
     ATOL,
     REPO,
     Server,
-    _base_env,
-    _free_port,
-    _start,
-    _stop,
-    _store,
-    _wait_ready,
+    base_env,
+    free_port,
+    start_server,
+    stop_server,
+    store_artifact,
+    wait_ready,
 )
 
 MODEL = "modeconn-test"
@@ -53,7 +53,7 @@ MAX_LOG_LINES = 40
 def home(built_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A BentoML store holding the test artifact; tests that break it break a copy."""
     home = tmp_path_factory.mktemp("faults") / "bentoml"
-    _store(built_artifact, MODEL, home)
+    store_artifact(built_artifact, MODEL, home)
     return home
 
 
@@ -105,13 +105,13 @@ CORRUPTIONS: list[tuple[str, Callable[[Path], None], list[str]]] = [
 
 
 def _serve_until_exit(home: Path, model: str, log: Path) -> tuple[int, str]:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*cmd, "--port", str(port), "--host", "127.0.0.1"],
             cwd=REPO,
-            env={**_base_env(home), "MODECONN_MODEL": model, "MODECONN_WORKERS": "2"},
+            env={**base_env(home), "MODECONN_MODEL": model, "MODECONN_WORKERS": "2"},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -188,16 +188,16 @@ def _until(what: str, deadline_s: float, check: Callable[[], Any], server: Serve
 
 @pytest.fixture
 def two_workers(home: Path, tmp_path: Path) -> Iterator[Server]:
-    server = _start(home, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="2")
+    server = start_server(home, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="2")
     try:
-        _wait_ready(server)
+        wait_ready(server)
         workers = _until("two worker processes", 60, lambda: len(_workers(server)) == 2 and _workers(server), server)
         # both answer: fresh connections land on either (the kernel hands them to whichever accepts)
         seen: set[int] = set()
         _until("both workers answering", 60, lambda: seen.add(_worker_pid_answering(server) or 0) or seen >= workers, server)
         yield server
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 def test_killed_worker_costs_only_its_requests_and_is_replaced(two_workers: Server, home: Path) -> None:
@@ -259,9 +259,9 @@ def test_worker_that_cannot_load_answers_503_with_the_reason(home: Path, tmp_pat
     replacement refuses the artifact and stays up; every endpoint answers at once."""
     own = tmp_path / "bentoml"
     shutil.copytree(home, own)
-    server = _start(own, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="1")
+    server = start_server(own, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="1")
     try:
-        _wait_ready(server)
+        wait_ready(server)
         (first,) = _until("one worker", 60, lambda: _workers(server), server)
         _flip_byte(_stored(own))
         os.kill(first, signal.SIGKILL)
@@ -281,7 +281,7 @@ def test_worker_that_cannot_load_answers_503_with_the_reason(home: Path, tmp_pat
         assert _workers(server) == {second}
         assert server.log_tail(10**6).count("cannot serve model") == 1
     finally:
-        _stop(server)
+        stop_server(server)
 
 
 def _get(server: Server, path: str) -> requests.Response | None:

@@ -1,0 +1,214 @@
+"""What the tests share: the serving tests' artifact (made by the real exporter from short
+MNIST-1D runs), the real `bentoml serve` processes they start, and the offline reference
+answers (onnxruntime run here on the same graphs).
+
+The artifact's members are points of its curve at t = 0, 0.5 and 1 (BN recomputed, as the
+curve graph does), so the served curve at t = 0 and t = 1 must equal members 0 and 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+
+from serving.artifact import load_artifact
+from training.core.config import load_config
+from training.curves.evaluate import save_curve_point
+from training.curves.fit import fit_curve
+from training.export import export_artifact
+from training.train import train_network
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "modeconn-test"  # the test artifact's name in a test BentoML store
+START_TIMEOUT_S = 90
+ATOL = 1e-5
+
+
+# -- the artifact -------------------------------------------------------------------------------
+ENDPOINT_MEMBERS = {0.0: "members/member-000.onnx", 1.0: "members/member-002.onnx"}
+
+
+def build_test_artifact(out_dir: Path) -> Path:
+    work = out_dir.parent / f"{out_dir.name}-runs"
+    overrides = {"device": "cpu", "train.epochs": 3, "curve.epochs": 2}
+    nets = []
+    for seed in (0, 1):
+        config = load_config(REPO / "configs/mnist1d.yaml", {**overrides, "seed": seed})
+        nets.append(Path(train_network(config, work / f"net{seed}")["checkpoint"]))
+    config = load_config(REPO / "configs/mnist1d.yaml", overrides)
+    curve = Path(fit_curve(config, nets[0], nets[1], work / "curve")["run_dir"])
+    points = [save_curve_point(curve, t, work / f"point-{t}.pt", device="cpu")["checkpoint"] for t in (0.0, 0.5, 1.0)]
+    # a 2-epoch curve on an 11-point grid: BN interpolation is bounded in tests/test_export.py on the demo curve
+    export_artifact([*map(Path, points), curve], MODEL, out=out_dir, grid_points=11, max_interpolation_pp=100)
+    return out_dir
+
+
+# -- servers -----------------------------------------------------------------------------------
+
+
+def base_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODECONN_", "BENTOML_"))}
+    env.update(BENTOML_HOME=str(home), BENTOML_DO_NOT_TRACK="True", PYTHONPATH=str(REPO))
+    return env
+
+
+def store_artifact(artifact_dir: Path, name: str, home: Path) -> str:
+    """Store via serving.store in a subprocess: BentoML fixes its home at first use, so an
+    in-process store would follow whichever test touched BentoML first."""
+    code = (
+        "import sys; from pathlib import Path; from serving.store import save_to_bentoml_store;"
+        "print(save_to_bentoml_store(Path(sys.argv[1]), sys.argv[2], "
+        "labels={'stage': 'test'}, metadata={'source': 'tests'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(artifact_dir), name],
+        cwd=REPO,
+        env=base_env(home),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    # /readyz statuses seen from process start until the first 200 (None = no connection)
+    readyz_history: list[int | None] = field(default_factory=list)
+    # /predict statuses seen while /readyz said 503
+    predict_while_loading: list[int] = field(default_factory=list)
+
+    def log_tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:]
+
+    def post(self, path: str, payload: Any, **kw: Any) -> requests.Response:
+        return requests.post(self.url + path, json=payload, timeout=60, **kw)
+
+
+def start_server(home: Path, model: str, log: Path, **env: str) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService"]
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port), "--host", "127.0.0.1"],
+        cwd=REPO,
+        env={**base_env(home), "MODECONN_MODEL": model, **env},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so teardown reaches the workers
+    )
+    return Server(f"http://127.0.0.1:{port}", proc, log)
+
+
+def wait_ready(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            pytest.fail(f"server exited with {server.proc.returncode}:\n{server.log_tail()}")
+        try:
+            status: int | None = requests.get(server.url + "/readyz", timeout=2).status_code
+        except requests.RequestException:
+            status = None
+        server.readyz_history.append(status)
+        if status == 200:
+            return
+        if status == 503 and len(server.predict_while_loading) < 3:
+            r = requests.post(server.url + "/predict", json={"inputs": [[0.0] * 40]}, timeout=10)
+            server.predict_while_loading.append(r.status_code)
+        time.sleep(0.05)
+    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{server.log_tail()}")
+
+
+def wait_all_ready(*servers: Server) -> None:
+    """Poll every server at once (so each history starts at its process start) until all are ready."""
+    waiters = [threading.Thread(target=wait_ready, args=(s,)) for s in servers]
+    for w in waiters:
+        w.start()
+    for w in waiters:
+        w.join()
+    for s in servers:
+        if not s.readyz_history or s.readyz_history[-1] != 200:
+            pytest.fail(f"server did not become ready:\n{s.log_tail()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.proc.pid, signal.SIGKILL)
+            server.proc.wait(timeout=5)
+
+
+# -- offline reference -------------------------------------------------------------------------
+
+
+def temperature_scaled(p: np.ndarray, temperature: float) -> np.ndarray:
+    """p^(1/T), renormalised: softmax(log p / T) computed another way."""
+    powered = p.astype(np.float64) ** (1.0 / temperature)
+    return powered / powered.sum(axis=-1, keepdims=True)
+
+
+class Offline:
+    """What the server should answer, from onnxruntime run here and the manifest's temperatures
+    (the served probabilities are temperature-scaled unless a request says calibrated: false)."""
+
+    def __init__(self, root: Path) -> None:
+        self.artifact = load_artifact(root)
+        manifest = json.loads((root / "manifest.json").read_text())
+        self.temperature = manifest["ensemble"]["calibration"]["temperature"]
+        self.curve_temperatures = manifest["curve"]["calibration"]["temperatures"]
+        opts = ["CPUExecutionProvider"]
+        self.ensemble = ort.InferenceSession(str(self.artifact.ensemble_file), providers=opts)
+        self.curve = ort.InferenceSession(str(self.artifact.curve_file), providers=opts)
+        self.members = [
+            ort.InferenceSession(str(f), providers=opts) for f in self.artifact.member_files
+        ]
+
+    def predict(self, x: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        mean, members = self.ensemble.run(None, {"x": x})
+        return (temperature_scaled(mean, self.temperature) if calibrated else mean), members
+
+    def members_each(self, x: np.ndarray) -> np.ndarray:
+        """[K, N, C] from the member graphs themselves (not the ensemble graph)."""
+        return np.stack([m.run(None, {"x": x})[0] for m in self.members])
+
+    def at(self, t: float, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        probs = self.curve.run(None, {"x": x, "t": np.array([t], np.float32)})[0]
+        return temperature_scaled(probs, self.curve_temperature(t)) if calibrated else probs
+
+    def curve_temperature(self, t: float) -> float:
+        """T(t): linear between the grid points i / (n - 1), written out here independently."""
+        temps = self.curve_temperatures
+        position = t * (len(temps) - 1)
+        low = min(int(position), len(temps) - 2)
+        return temps[low] + (position - low) * (temps[low + 1] - temps[low])
+
+
+def demo_inputs(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.uniform(-4.1, 4.3, size=(n, 40)).astype(np.float32)
