@@ -317,9 +317,9 @@ def fake_cifar10(root: Path, train: int = 64, test: int = 256, seed: int = 0) ->
 
 def cifar_artifact(work: Path, members: int = 8, depth: int = 20) -> tuple[Path, str]:
     import torch
-    from training.checkpoint import model_checkpoint, save_checkpoint
-    from training.networks import build_network, load_data
 
+    from training.core.checkpoint import model_checkpoint, save_checkpoint
+    from training.core.networks import build_network, load_data
     from training.export import export_artifact
 
     spec = {"name": "cifar10", "root": str(fake_cifar10(work / "cifar")), "val_size": 0}

@@ -77,9 +77,19 @@ def demo_curve(
 
 
 @pytest.fixture(scope="session")
-def built_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The serving tests' artifact (tests/support.py: about 40 s), built once per
-    session for every service test and never modified: tests that change files change a copy."""
+def small_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two short MNIST-1D networks and a Bezier and a PolyChain curve between them
+    (tests/support.py train_small_runs), trained once per session; tests only read them."""
+    from tests.support import train_small_runs
+
+    return train_small_runs(tmp_path_factory.mktemp("small-runs"))
+
+
+@pytest.fixture(scope="session")
+def built_artifact(small_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The serving tests' artifact (tests/support.py), made from the small runs' Bezier curve,
+    built once per session for every service test and never modified: tests that change
+    files change a copy."""
     from tests.support import build_test_artifact
 
-    return build_test_artifact(tmp_path_factory.mktemp("artifact") / "modeconn-test")
+    return build_test_artifact(tmp_path_factory.mktemp("artifact") / "modeconn-test", small_runs)

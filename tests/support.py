@@ -42,15 +42,26 @@ ATOL = 1e-5
 ENDPOINT_MEMBERS = {0.0: "members/member-000.onnx", 1.0: "members/member-002.onnx"}
 
 
-def build_test_artifact(out_dir: Path) -> Path:
-    work = out_dir.parent / f"{out_dir.name}-runs"
-    overrides = {"device": "cpu", "train.epochs": 3, "curve.epochs": 2}
-    nets = []
+SMALL_RUNS = {"device": "cpu", "train.epochs": 3, "curve.epochs": 2}
+
+
+def train_small_runs(base: Path, curves: tuple[str, ...] = ("bezier", "polychain")) -> dict[str, Path]:
+    """Two short MNIST-1D networks (3 epochs, seeds 0 and 1: "net0", "net1", their final.pt)
+    and a 2-epoch curve of each type between them (the run folders)."""
+    runs = {}
     for seed in (0, 1):
-        config = load_config(REPO / "configs/mnist1d.yaml", {**overrides, "seed": seed})
-        nets.append(Path(train_network(config, work / f"net{seed}")["checkpoint"]))
-    config = load_config(REPO / "configs/mnist1d.yaml", overrides)
-    curve = Path(fit_curve(config, nets[0], nets[1], work / "curve")["run_dir"])
+        config = load_config(REPO / "configs/mnist1d.yaml", {**SMALL_RUNS, "seed": seed})
+        runs[f"net{seed}"] = Path(train_network(config, base / f"net{seed}")["checkpoint"])
+    for curve in curves:
+        config = load_config(REPO / "configs/mnist1d.yaml", {**SMALL_RUNS, "curve.curve": curve})
+        runs[curve] = Path(fit_curve(config, runs["net0"], runs["net1"], base / curve)["run_dir"])
+    return runs
+
+
+def build_test_artifact(out_dir: Path, runs: dict[str, Path] | None = None) -> Path:
+    """The artifact of the small runs' Bezier curve (trained here unless given) and three of its points."""
+    work = out_dir.parent / f"{out_dir.name}-work"
+    curve = (runs or train_small_runs(work, curves=("bezier",)))["bezier"]
     points = [save_curve_point(curve, t, work / f"point-{t}.pt", device="cpu")["checkpoint"] for t in (0.0, 0.5, 1.0)]
     # a 2-epoch curve on an 11-point grid: BN interpolation is bounded in tests/test_export.py on the demo curve
     export_artifact([*map(Path, points), curve], MODEL, out=out_dir, grid_points=11, max_interpolation_pp=100)

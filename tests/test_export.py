@@ -17,30 +17,12 @@ import torch
 from serving.artifact import ArtifactError, load_artifact
 from training.core.bn import recompute_bn
 from training.core.checkpoint import load_checkpoint
-from training.core.config import load_config
 from training.core.networks import load_data, load_network
-from training.curves.fit import fit_curve, load_curve
+from training.curves.fit import load_curve
 from training.curves.model import network_at
 from training.export import ExportError, export_artifact
-from training.train import train_network
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def small_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two short MNIST-1D runs and a Bezier and a PolyChain curve between them."""
-    base = tmp_path_factory.mktemp("export-runs")
-    overrides = {"device": "cpu", "train.epochs": 3, "curve.epochs": 2}
-    runs = {}
-    for seed in (0, 1):
-        config = load_config(ROOT / "configs/mnist1d.yaml", {**overrides, "seed": seed})
-        runs[f"net{seed}"] = Path(train_network(config, base / f"net{seed}")["checkpoint"])
-    for curve in ("bezier", "polychain"):
-        config = load_config(ROOT / "configs/mnist1d.yaml", {**overrides, "curve.curve": curve})
-        fit_curve(config, runs["net0"], runs["net1"], base / curve)
-        runs[curve] = base / curve
-    return runs
 
 
 def _session(path: Path) -> ort.InferenceSession:

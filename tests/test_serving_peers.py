@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import serving_peers as sp  # noqa: E402
-from training.data import build_dataset  # noqa: E402
+
+from training.core.data import build_dataset  # noqa: E402
 
 
 def test_fake_cifar10_loads_with_the_real_loader(tmp_path: Path) -> None:
