@@ -98,25 +98,30 @@ def free_port() -> int:
 class Server:
     """`bentoml serve` in its own process group on a free loopback port."""
 
+    name, ready_path = "server", "/readyz"
+
     def __init__(self, home: Path, tag: str, log: Path, **env: str) -> None:
         self.port = free_port()
         self.log = log
         cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService",
                "--port", str(self.port), "--host", "127.0.0.1"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=server_env(home, MODECONN_MODEL=tag, **env),
-                                     stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = self.launch(cmd, server_env(home, MODECONN_MODEL=tag, **env))
+
+    def launch(self, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log.open("wb"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
 
     def wait_ready(self) -> float:
         started = time.monotonic()
         while time.monotonic() - started < START_TIMEOUT_S:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(OSError):
-                status, _ = asyncio.run(one_request(self.port, "GET", "/readyz", b""))
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.log_tail()}")
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                status, _ = asyncio.run(one_request(self.port, "GET", self.ready_path, b""))
                 if status == 200:
                     return time.monotonic() - started
             time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
+        raise RuntimeError(f"{self.name} not ready after {START_TIMEOUT_S} s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log.read_text(errors="replace")[-n:]

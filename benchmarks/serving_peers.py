@@ -122,31 +122,17 @@ def command(peer: str, port: int, workers: int) -> list[str]:
     raise ValueError(f"unknown peer {peer!r}; choose from {', '.join(PEERS)}")
 
 
-class PeerServer:
-    """One peer in its own process group on a free loopback port."""
+class PeerServer(hs.Server):
+    """One peer in its own process group on a free loopback port (readiness, logs and stop as
+    http_serving's Server)."""
 
     def __init__(self, peer: str, settings: Settings, log: Path) -> None:
         self.peer = PEERS[peer]
+        self.name, self.ready_path = self.peer.name, self.peer.ready
         self.port = hs.free_port()
         self.log = log
-        env = hs.server_env(settings.home, **settings.env())
-        self.proc = subprocess.Popen(command(peer, self.port, settings.workers), cwd=ROOT, env=env,
-                                     stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self) -> float:
-        started = time.monotonic()
-        while time.monotonic() - started < hs.START_TIMEOUT_S:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.peer.name} exited ({self.proc.returncode}):\n{self.log_tail()}")
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                status, _ = asyncio.run(hs.one_request(self.port, "GET", self.peer.ready, b""))
-                if status == 200:
-                    return time.monotonic() - started
-            time.sleep(0.2)
-        raise RuntimeError(f"{self.peer.name} not ready after {hs.START_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:]
+        self.proc = self.launch(command(peer, self.port, settings.workers),
+                                hs.server_env(settings.home, **settings.env()))
 
     def pids(self) -> list[int]:
         """The server's process and all its descendants (BentoML's workers start their own
