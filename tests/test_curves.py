@@ -205,7 +205,7 @@ def test_gradients_reach_only_the_free_points() -> None:
 def test_free_start_flag_frees_the_start_point(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     seen: dict[str, Any] = {}
 
-    def fake_fit_curve(config, start, end, run_dir, resume=False, force=False):  # noqa: ANN001, ANN202
+    def fake_fit_curve(config, start, end, run_dir, resume=False, force=False, align=False):  # noqa: ANN001, ANN202
         seen["config"] = config
         return {}
 
