@@ -94,8 +94,12 @@ def _init_process_group(backend: str) -> None:
     restarts the job (--max-restarts, a rank was lost), the store still holds the previous
     attempt's gloo addresses under the same keys, and a restarted rank would connect to the dead
     process's port (seen with torch 2.13: 'Gloo connectFullMesh failed ... Connection refused')."""
-    store, rank_, world = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt == "0":  # a first attempt: torch's own path (with the store taken here, a rank
+        # aborted at exit in one full test run of 2026-12-02: "terminate called without an active exception")
+        dist.init_process_group(backend=backend)
+        return
+    store, rank_, world = next(dist.rendezvous("env://"))
     dist.init_process_group(backend=backend, store=dist.PrefixStore(f"modeconn/attempt-{attempt}", store),
                             rank=rank_, world_size=world)
 
