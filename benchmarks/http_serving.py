@@ -206,11 +206,14 @@ async def sequential_client(port: int, body: bytes, count: int, warmup: int, met
     return seconds, statuses
 
 
-async def concurrent_clients(port: int, bodies: list[bytes], clients: int, per_client: int) -> dict[str, Any]:
-    """`clients` connections, each sending `per_client` requests back to back; all start together."""
+async def concurrent_clients(port: int, bodies: list[bytes], clients: int, per_client: int, *,
+                             path: str = "/predict", ready: str = "/readyz",
+                             content_type: str = "application/json") -> dict[str, Any]:
+    """`clients` connections, each sending `per_client` requests back to back; all start together.
+    "rps" counts every answer, "rows_per_s" the 200s (batch-1 requests: one row each)."""
     conns = [Connection(port) for _ in range(clients)]
     for c in conns:  # connect first, so the timed part is requests only
-        await c.request("GET", "/readyz", b"")
+        await c.request("GET", ready, b"")
     seconds: list[float] = []
     statuses: dict[int, int] = {}
     gate = asyncio.Event()
@@ -219,8 +222,8 @@ async def concurrent_clients(port: int, bodies: list[bytes], clients: int, per_c
         await gate.wait()
         for j in range(per_client):
             started = time.perf_counter()
-            status, _ = await conns[i].request("POST", "/predict", bodies[(i * per_client + j) % len(bodies)])
-            seconds.append(time.perf_counter() - started)
+            status, _ = await conns[i].request("POST", path, bodies[(i * per_client + j) % len(bodies)], content_type)
+            seconds.append(round(time.perf_counter() - started, 6))
             statuses[status] = statuses.get(status, 0) + 1
 
     cpu0 = time.process_time()
@@ -232,8 +235,9 @@ async def concurrent_clients(port: int, bodies: list[bytes], clients: int, per_c
     cpu = time.process_time() - cpu0
     for c in conns:
         await c.close()
-    return {"seconds": wall, "requests": len(seconds), "rps": len(seconds) / wall, "latencies_s": seconds,
-            "statuses": statuses, "client_cpu_s": cpu}
+    return {"seconds": wall, "requests": len(seconds), "rps": len(seconds) / wall,
+            "rows_per_s": statuses.get(200, 0) / wall, "latencies_s": seconds, "statuses": statuses,
+            "client_cpu_s": cpu}
 
 
 def info(port: int) -> dict[str, Any]:

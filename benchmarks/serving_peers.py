@@ -238,39 +238,6 @@ async def sequential(port: int, path: str, enc: Encoded, count: int, warmup: int
     return seconds, statuses
 
 
-async def concurrent(port: int, ready: str, path: str, enc: Encoded, clients: int, per_client: int) -> dict[str, Any]:
-    """`clients` keep-alive connections, each sending `per_client` batch-1 requests back to back,
-    released together after every connection is open."""
-    conns = [hs.Connection(port) for _ in range(clients)]
-    for c in conns:
-        await c.request("GET", ready, b"")
-    seconds: list[float] = []
-    statuses: dict[int, int] = {}
-    gate = asyncio.Event()
-
-    async def client(i: int) -> None:
-        await gate.wait()
-        for j in range(per_client):
-            body = enc.bodies[(i * per_client + j) % len(enc.bodies)]
-            started = time.perf_counter()
-            status, _ = await conns[i].request("POST", path, body, enc.content_type)
-            seconds.append(round(time.perf_counter() - started, 6))
-            statuses[status] = statuses.get(status, 0) + 1
-
-    tasks = [asyncio.create_task(client(i)) for i in range(clients)]
-    cpu0 = time.process_time()
-    started = time.perf_counter()
-    gate.set()
-    await asyncio.gather(*tasks)
-    wall = time.perf_counter() - started
-    cpu = time.process_time() - cpu0
-    for c in conns:
-        await c.close()
-    ok = statuses.get(200, 0)
-    return {"seconds": wall, "requests": len(seconds), "rows_per_s": ok / wall, "latencies_s": seconds,
-            "statuses": statuses, "client_cpu_s": cpu}
-
-
 def modeconn_batches(port: int) -> float | None:
     """Mean rows per session call of the worker that answers /info (modeconn only)."""
     card = hs.info(port)
@@ -375,7 +342,8 @@ def measure(peer: str, settings: Settings, encs: dict[str, Encoded], expected: n
             lat, statuses = asyncio.run(sequential(server.port, path, enc, args.latency_requests, warmup=30))
             cpu1 = server.cpu_seconds(pids)
             before = monitor.snapshot()
-            load = asyncio.run(concurrent(server.port, server.peer.ready, path, enc, args.clients, args.per_client))
+            load = asyncio.run(hs.concurrent_clients(server.port, enc.bodies, args.clients, args.per_client, path=path,
+                                                     ready=server.peer.ready, content_type=enc.content_type))
             load["others_cores"] = monitor.others(before, monitor.snapshot())  # other jobs on the machine
             # the servers' own CPU per request: far steadier than wall time when other jobs load the cores
             load["server_cpu_ms"] = (server.cpu_seconds(pids) - cpu1) / load["requests"] * 1e3
