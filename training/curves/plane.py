@@ -61,7 +61,10 @@ SPLITS = ("test", "val")  # where the error is measured; val: the official plane
 def metric_names(split: str = "test") -> tuple[str, ...]:
     return (*METRICS[:3], f"{split}_nll", f"{split}_error")
 CURVE_POINTS = 61
-EVAL_BATCH = 4096
+# rows per forward. On the CPU, 512: the activations of a batch stay in the core's cache (demo
+# network, 1 thread, Intel Xeon, 12,000 test signals: 0.24 s at 512 against 0.44 s at 4096 and
+# 0.25 s at 1024; benchmarks/results/swa_plane-*.md); on a GPU larger batches fill the device.
+EVAL_BATCH = {"cpu": 512, "cuda": 4096}
 
 
 class PlaneError(ModeconnError):
@@ -178,10 +181,9 @@ def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float, split: 
     if has_batchnorm(net):
         recompute_bn(net, data)
     net.eval()
-    # large batches: on 2 CPU cores 4096 rows per forward took 0.46 s for the demo's 12,000 test
-    # signals against 0.66 s at predict_probs' default 1024 (the per-point cost is what G² multiplies)
-    train = predict_probs(net, data, "train", batch_size=EVAL_BATCH).double()
-    held_out = predict_probs(net, data, split, batch_size=EVAL_BATCH).double()
+    batch = EVAL_BATCH.get(data.x_train.device.type, 4096)  # the per-point cost is what G² multiplies
+    train = predict_probs(net, data, "train", batch_size=batch).double()
+    held_out = predict_probs(net, data, split, batch_size=batch).double()
     labels = data.split(split)[1]
     l2 = float(sum((p.double() ** 2).sum() for p in net.parameters()))
     train_nll = nll(train, data.y_train)
