@@ -30,6 +30,7 @@ from training.core.data import Dataset
 from training.core.loop import resolve_device
 from training.core.metrics import classification_metrics
 from training.core.networks import load_data, predict_probs
+from training.core.parallel import map_side_by_side, workers_for
 from training.core.reports import csv_text, png_bytes, pyplot
 from training.core.runs import check_report_folder
 from training.curves.fit import curve_file, load_curve
@@ -133,19 +134,27 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     results: dict[str, list] = {name: [] for name in PATHS}
     probs_curve: list[torch.Tensor] = []
     errors: dict[str, list[np.ndarray]] = {name: [] for name in PATHS}
-    with progress.task("eval-curve", len(PATHS) * points) as advance:
-        for name, model in (("curve", curve), ("line", line), ("aligned_line", aligned_line)):
-            previous = None
-            for t in ts:
-                row, test_probs = evaluate_point(model, t, data, wd)
-                flat = model.flat_weights(t).detach()
-                row["segment_length"] = 0.0 if previous is None else float((flat - previous).norm())
-                previous = flat
-                results[name].append({"t": t, **row})
-                errors[name].append(statistics.per_example_losses(test_probs, data.y_test)["error"])
-                if name == "curve":
-                    probs_curve.append(test_probs)
-                advance(status=f"{name} t={t:.3f} test err {row['test_error']:.2f}")
+    paths = {"curve": curve, "line": line, "aligned_line": aligned_line}
+    jobs = [(name, t) for name in PATHS for t in ts]
+    with progress.task("eval-curve", len(jobs)) as advance:
+        def work(job: tuple[str, float]) -> tuple[dict[str, float], torch.Tensor]:
+            name, t = job
+            row, test_probs = evaluate_point(paths[name], t, data, wd)
+            advance(status=f"{name} t={t:.3f} test err {row['test_error']:.2f}")
+            return row, test_probs
+
+        done = iter(map_side_by_side(work, jobs, workers_for(curve.base, dev)))
+    for name in PATHS:
+        previous = None
+        for t in ts:
+            row, test_probs = next(done)
+            flat = paths[name].flat_weights(t).detach()
+            row["segment_length"] = 0.0 if previous is None else float((flat - previous).norm())
+            previous = flat
+            results[name].append({"t": t, **row})
+            errors[name].append(statistics.per_example_losses(test_probs, data.y_test)["error"])
+            if name == "curve":
+                probs_curve.append(test_probs)
     y = data.y_test
     endpoints = classification_metrics((probs_curve[0] + probs_curve[-1]) / 2, y)
     for row, probs in zip(results["curve"], probs_curve, strict=True):

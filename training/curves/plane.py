@@ -28,8 +28,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from training.core.data import Dataset
 from training.core.loop import resolve_device
 from training.core.metrics import error_percent, nll
 from training.core.networks import load_data, load_network, predict_probs
+from training.core.parallel import map_side_by_side, workers_for
 from training.core.reports import csv_text, png_bytes, pyplot
 from training.core.runs import check_report_folder
 from training.core.sources import check_same_network
@@ -61,10 +62,6 @@ SPLITS = ("test", "val")  # where the error is measured; val: the official plane
 def metric_names(split: str = "test") -> tuple[str, ...]:
     return (*METRICS[:3], f"{split}_nll", f"{split}_error")
 CURVE_POINTS = 61
-# rows per forward. On the CPU, 512: the activations of a batch stay in the core's cache (demo
-# network, 1 thread, Intel Xeon, 12,000 test signals: 0.24 s at 512 against 0.44 s at 4096 and
-# 0.25 s at 1024; benchmarks/results/swa_plane-*.md); on a GPU larger batches fill the device.
-EVAL_BATCH = {"cpu": 512, "cuda": 4096}
 
 
 class PlaneError(ModeconnError):
@@ -181,9 +178,8 @@ def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float, split: 
     if has_batchnorm(net):
         recompute_bn(net, data)
     net.eval()
-    batch = EVAL_BATCH.get(data.x_train.device.type, 4096)  # the per-point cost is what G² multiplies
-    train = predict_probs(net, data, "train", batch_size=batch).double()
-    held_out = predict_probs(net, data, split, batch_size=batch).double()
+    train = predict_probs(net, data, "train").double()
+    held_out = predict_probs(net, data, split).double()
     labels = data.split(split)[1]
     l2 = float(sum((p.double() ** 2).sum() for p in net.parameters()))
     train_nll = nll(train, data.y_train)
@@ -192,47 +188,26 @@ def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float, split: 
             f"{split}_nll": nll(held_out, labels), f"{split}_error": error_percent(held_out, labels)}
 
 
-def plane_workers(net: nn.Module, data: Dataset) -> int:
-    """How many grid points are evaluated side by side: on the CPU, one per thread torch may use
-    (each point's passes then run on one thread: on 2 cores two points at once beat one point on
-    two threads, whose small kernels wait on each other); on a GPU one. A network with dropout gets
-    one, since concurrent BN passes would draw its masks from the shared global RNG in no fixed order."""
-    if data.x_train.device.type != "cpu" or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules()):
-        return 1
-    return max(1, torch.get_num_threads())
-
-
 def evaluate_plane(source: PlaneSource, basis: PlaneBasis, xs: np.ndarray, ys: np.ndarray,
                    data: Dataset, workers: int | None = None, split: str = "test") -> dict[str, np.ndarray]:
     """Every metric at every grid point, [len(xs), len(ys)] arrays, with a progress bar; `workers`
-    points at a time (default `plane_workers`), each on its own copy of the network."""
-    workers = workers or plane_workers(source.template, data)
-    names = metric_names(split)
-    grids = {m: np.zeros((len(xs), len(ys))) for m in names}
+    points side by side (default: core/parallel.workers_for), each thread on its own copy of the network."""
+    workers = workers or workers_for(source.template, data.x_train.device)
     cells = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
-
-    def work(part: list[tuple[int, int]], advance: Any) -> None:
-        net = copy.deepcopy(source.template)
-        for i, j in part:
-            vector_to_parameters(basis.point(float(xs[i]), float(ys[j])).to(torch.float32), net.parameters())
-            row = evaluate_network(net, data, source.weight_decay, split)
-            for m in names:
-                grids[m][i, j] = row[m]
-            advance(status=f"({i}, {j}) train loss {row['train_loss']:.3f} {split} err {row[f'{split}_error']:.2f}")
+    local = threading.local()
 
     with progress.task("plane", len(cells)) as advance:
-        if workers == 1:
-            work(cells, advance)
-            return grids
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # torch's kernels release the GIL: the threads run side by side
-        try:
-            with ThreadPoolExecutor(workers) as pool:
-                for done in [pool.submit(work, cells[k::workers], advance) for k in range(workers)]:
-                    done.result()
-        finally:
-            torch.set_num_threads(threads)
-    return grids
+        def work(cell: tuple[int, int]) -> dict[str, float]:
+            if not hasattr(local, "net"):
+                local.net = copy.deepcopy(source.template)
+            i, j = cell
+            vector_to_parameters(basis.point(float(xs[i]), float(ys[j])).to(torch.float32), local.net.parameters())
+            row = evaluate_network(local.net, data, source.weight_decay, split)
+            advance(status=f"({i}, {j}) train loss {row['train_loss']:.3f} {split} err {row[f'{split}_error']:.2f}")
+            return row
+
+        rows = map_side_by_side(work, cells, workers)
+    return {m: np.array([row[m] for row in rows]).reshape(len(xs), len(ys)) for m in metric_names(split)}
 
 
 def _check_settings(grid: int, margin: float, split: str) -> None:
