@@ -26,7 +26,7 @@ server's answer to one row is checked against the in-process session before it i
 
 --artifact cifar: an artifact of 8 PreResNet-20 members with random (untrained, seeded)
 weights on CIFAR-shaped inputs, exported by training/export.py (its parity gate on a small
-synthetic CIFAR-10 folder made here), and rows/s served at --clients clients as a share of
+synthetic CIFAR-10 folder; tests/support.py build_image_artifact), and rows/s served at --clients clients as a share of
 the in-process session's rows/s at the batch sizes the server ran (issue 15, item 6).
 
 The client is one asyncio process of raw HTTP/1.1 keep-alive connections (http_serving.py's)
@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import json
 import os
-import pickle
 import shutil
 import signal
 import subprocess
@@ -245,50 +243,12 @@ def modeconn_batches(port: int) -> float | None:
 
 
 # ---------------------------------------------------------------- artifacts
-def fake_cifar10(root: Path, train: int = 64, test: int = 256, seed: int = 0) -> Path:
-    """A CIFAR-10 folder in the original pickle format with random images: the data the
-    exporter's parity gate runs on (random weights do not need real images)."""
-    rng = np.random.default_rng(seed)
-    base = root / "cifar-10-batches-py"
-    base.mkdir(parents=True)
-
-    def dump(name: str, n: int) -> None:
-        batch = {b"labels": rng.integers(0, 10, n).tolist(),
-                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 b"filenames": [f"{name}-{i}.png".encode() for i in range(n)], b"batch_label": name.encode()}
-        with open(base / name, "wb") as f:
-            pickle.dump(batch, f, protocol=2)
-
-    for i in range(1, 6):
-        dump(f"data_batch_{i}", train // 5)
-    dump("test_batch", test)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(base / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in names], b"num_vis": 3072}, f, protocol=2)
-    return root
-
-
 def cifar_artifact(work: Path, members: int = 8, depth: int = 20) -> tuple[Path, str]:
-    import torch
+    from tests.support import ImageArtifact, build_image_artifact
 
-    from training.core.checkpoint import model_checkpoint, save_checkpoint
-    from training.core.networks import build_network, load_data
-    from training.export import export_artifact
-
-    spec = {"name": "cifar10", "root": str(fake_cifar10(work / "cifar")), "val_size": 0}
-    data = load_data(spec, "cpu")
-    arch = {"name": "preresnet", "kwargs": {"depth": depth}}
-    paths = []
-    (work / "members").mkdir()  # beside the export's --out, not its parent (export refuses that)
-    for i in range(members):
-        torch.manual_seed(i)
-        net = build_network(arch, data.num_classes)
-        paths.append(work / "members" / f"preresnet-{i}.pt")
-        save_checkpoint(paths[-1], model_checkpoint(net, arch, {**spec, **data.describe()}, kind="train"))
-    out = work / "artifact"
-    with contextlib.redirect_stderr(io.StringIO()):
-        export_artifact(paths, "modeconn-bench-cifar", out=out)
-    return out, f"{members} PreResNet-{depth} members, random (untrained, seeded 0..{members - 1}) weights, CIFAR-shaped"
+    out = build_image_artifact(work, "modeconn-bench-cifar", ImageArtifact(members=members, depth=depth))
+    return out, (f"{members} PreResNet-{depth} members, random (untrained, seeded 0..{members - 1}) weights, "
+                 "BN statistics recomputed on the synthetic images, CIFAR-shaped")
 
 
 def build_artifact(kind: str, work: Path, quick: bool) -> tuple[Path, str]:

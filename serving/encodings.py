@@ -14,8 +14,9 @@ Decisions (README "HTTP API"):
   integer arrays are refused, since uint8 pixels sent as they are would be 255x off the
   [0, 1] values the model was trained on. Any byte order; Fortran order is made C order.
 - Images: one per request (a batch of images is one .npy); the size must equal the
-  manifest's H x W (no silent resize); 8-bit grayscale for C = 1, RGB (or a palette image,
-  or RGBA with every pixel opaque) for C = 3. Pixels are scaled to [0, 1] as the training
+  manifest's H x W (no silent resize), checked from the header before any pixel is decoded;
+  8-bit grayscale for C = 1, RGB (or a palette image, or RGBA with every pixel opaque) for
+  C = 3; a multi-picture JPEG (MPO) is its first picture. Pixels are scaled to [0, 1] as the training
   data were (training/data.py: uint8 / 255); the graphs normalise with input.normalization
   themselves (docs/manifest.md), so decoding does not.
 Every problem is an InputError naming it (HTTP 400); the service answers 415 for a media
@@ -26,6 +27,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 import numpy as np
@@ -37,6 +40,9 @@ NPY = "application/x-npy"
 PNG = "image/png"
 JPEG = "image/jpeg"
 IMAGE_TYPES = {PNG: "PNG", JPEG: "JPEG"}  # media type -> Pillow's format name
+# Pillow opens a JPEG holding several pictures (Multi-Picture Format: cameras' previews, stereo
+# pairs) as "MPO"; its first frame, the one decoded, is the primary picture, a plain JPEG
+_FORMAT_ALIASES = {"MPO": "JPEG"}
 BINARY_TYPES = (RAW, NPY, PNG, JPEG)
 _FLOAT_KINDS = ("f2", "f4", "f8")
 
@@ -109,23 +115,32 @@ def decode_npy(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
 
 def decode_image(body: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     """One PNG/JPEG image as float32 [C, H, W] in [0, 1]; the caller checked the model takes images."""
-    from PIL import Image, UnidentifiedImageError  # deferred: only image artifacts need Pillow
+    from PIL import Image  # deferred: only image artifacts need Pillow
 
     channels, height, width = shape
     expected = IMAGE_TYPES[kind]
-    try:
-        image = Image.open(io.BytesIO(body))
-        image.load()  # decode now: a corrupt file fails here, not later
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"the body is not a readable {expected} image ({exc})") from None
-    if image.format != expected:
+    # open reads the header only; the pixels are decoded once format and size are right, since
+    # a body of a few hundred KB can declare a 9000x9000 picture (about 240 MB decoded)
+    image = _readable(lambda: Image.open(io.BytesIO(body)), expected)
+    if _FORMAT_ALIASES.get(image.format, image.format) != expected:
         raise InputError(f"the body is a {image.format} image, but the content type says {kind}")
     if image.size != (width, height):
         raise InputError(
             f"the image is {image.size[0]}x{image.size[1]} (width x height); this model takes "
             f"{width}x{height} (it is not resized)"
         )
+    _readable(image.load, expected)  # a corrupt file fails here, not later
     return _pixels(image, channels)
+
+
+def _readable(step: Callable[[], Any], expected: str) -> Any:
+    """`step()`, Pillow's many ways of failing on a bad file turned into one InputError."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        return step()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"the body is not a readable {expected} image ({exc})") from None
 
 
 def _pixels(image: object, channels: int) -> np.ndarray:

@@ -8,8 +8,11 @@ curve graph does), so the served curve at t = 0 and t = 1 must equal members 0 a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -24,9 +27,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
+import torch
 
 from serving.artifact import load_artifact
+from training.core.bn import recompute_bn
+from training.core.checkpoint import model_checkpoint, save_checkpoint
 from training.core.config import load_config
+from training.core.networks import build_network, load_data
 from training.curves.evaluate import save_curve_point
 from training.curves.fit import fit_curve
 from training.export import export_artifact
@@ -66,6 +73,67 @@ def build_test_artifact(out_dir: Path, runs: dict[str, Path] | None = None) -> P
     # a 2-epoch curve on an 11-point grid: BN interpolation is bounded in tests/test_export.py on the demo curve
     export_artifact([*map(Path, points), curve], MODEL, out=out_dir, grid_points=11, max_interpolation_pp=100)
     return out_dir
+
+
+# -- an image-shaped artifact --------------------------------------------------------------------
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar10(root: Path, train: int = 64, test: int = 256, seed: int = 0) -> Path:
+    """A CIFAR-10 folder of random uint8 images and labels in the original format (protocol-2
+    pickles in root/cifar-10-batches-py/, what training/core/data.py reads): `train` images over
+    the five training batches (train // 5 each), `test` in the test batch. Returns `root`."""
+    rng = np.random.default_rng(seed)
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+
+    def dump(name: str, n: int) -> None:
+        batch = {b"labels": rng.integers(0, 10, n).tolist(),
+                 b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"filenames": [f"{name}-{i}.png".encode() for i in range(n)], b"batch_label": name.encode()}
+        with open(base / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+
+    for i in range(1, 6):
+        dump(f"data_batch_{i}", train // 5)
+    dump("test_batch", test)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in CIFAR10_CLASSES], b"num_vis": 3072}, f, protocol=2)
+    return root
+
+
+@dataclass(frozen=True)
+class ImageArtifact:
+    """What build_image_artifact makes: sizes of the synthetic CIFAR-10 and of the networks."""
+
+    members: int = 2
+    depth: int = 8  # PreResNet-8: the smallest registered image network
+    train: int = 64
+    test: int = 256
+    val_size: int = 0  # > 0: a validation split, so the exporter fits temperatures
+
+
+def build_image_artifact(work: Path, name: str, spec: ImageArtifact = ImageArtifact()) -> Path:
+    """work/artifact: `spec.members` PreResNet networks with seeded random weights (seeds 0, 1,
+    ...) on a synthetic CIFAR-10 folder (write_cifar10, in work/cifar), their BN statistics
+    recomputed on its training images (what SWA and curve points do; the initial ones, mean 0
+    and variance 1, would leave untrained activations unnormalised), exported by the real
+    exporter with its parity gate."""
+    data_spec = {"name": "cifar10", "root": str(write_cifar10(work / "cifar", spec.train, spec.test)),
+                 "val_size": spec.val_size}
+    data = load_data(data_spec, "cpu")
+    arch = {"name": "preresnet", "kwargs": {"depth": spec.depth}}
+    paths = []
+    (work / "members").mkdir()  # beside the export's out folder, not its parent (export refuses that)
+    for i in range(spec.members):
+        torch.manual_seed(i)
+        net = recompute_bn(build_network(arch, data.num_classes), data)
+        paths.append(work / "members" / f"preresnet-{i}.pt")
+        save_checkpoint(paths[-1], model_checkpoint(net, arch, {**data_spec, **data.describe()}, kind="train"))
+    out = work / "artifact"
+    with contextlib.redirect_stderr(io.StringIO()):  # the exporter's progress lines
+        export_artifact(paths, name, out=out)
+    return out
 
 
 # -- servers -----------------------------------------------------------------------------------
@@ -186,16 +254,19 @@ def temperature_scaled(p: np.ndarray, temperature: float) -> np.ndarray:
 
 class Offline:
     """What the server should answer, from onnxruntime run here and the manifest's temperatures
-    (the served probabilities are temperature-scaled unless a request says calibrated: false)."""
+    (the served probabilities are temperature-scaled unless a request says calibrated: false).
+    The artifact needs an ensemble temperature; a curve is optional (`curve` None without)."""
 
     def __init__(self, root: Path) -> None:
         self.artifact = load_artifact(root)
         manifest = json.loads((root / "manifest.json").read_text())
         self.temperature = manifest["ensemble"]["calibration"]["temperature"]
-        self.curve_temperatures = manifest["curve"]["calibration"]["temperatures"]
         opts = ["CPUExecutionProvider"]
         self.ensemble = ort.InferenceSession(str(self.artifact.ensemble_file), providers=opts)
-        self.curve = ort.InferenceSession(str(self.artifact.curve_file), providers=opts)
+        self.curve = self.curve_temperatures = None
+        if self.artifact.has_curve:
+            self.curve_temperatures = manifest["curve"]["calibration"]["temperatures"]
+            self.curve = ort.InferenceSession(str(self.artifact.curve_file), providers=opts)
         self.members = [
             ort.InferenceSession(str(f), providers=opts) for f in self.artifact.member_files
         ]

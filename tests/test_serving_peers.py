@@ -1,5 +1,6 @@
-"""benchmarks/serving_peers.py without servers: its synthetic CIFAR-10 folder loads as the real
-loader reads it, and its tables are the medians and ratios of what was measured."""
+"""benchmarks/serving_peers.py without servers: the synthetic CIFAR-10 folder of its CIFAR-shaped
+artifact (tests/support.py) loads as the real loader reads it, and its tables are the medians and
+ratios of what was measured."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import serving_peers as sp  # noqa: E402
 
+from tests.support import write_cifar10  # noqa: E402
 from training.core.data import build_dataset  # noqa: E402
 
 
-def test_fake_cifar10_loads_with_the_real_loader(tmp_path: Path) -> None:
-    sp.fake_cifar10(tmp_path, train=10, test=7)
+def test_synthetic_cifar10_loads_with_the_real_loader(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, train=10, test=7)
     data = build_dataset("cifar10", root=tmp_path, val_size=0)
     assert data.input_shape == (3, 32, 32)
     assert (len(data.y_train), len(data.y_test), data.num_classes) == (10, 7, 10)
