@@ -51,6 +51,7 @@ class Artifact:
     member_files: tuple[Path, ...]
     ensemble_file: Path
     curve_file: Path | None
+    swa_file: Path | None = None  # the averaged network's graph (manifest `swa`), when exported
 
     @property
     def num_classes(self) -> int:
@@ -63,6 +64,15 @@ class Artifact:
     @property
     def has_curve(self) -> bool:
         return self.curve_file is not None
+
+    @property
+    def has_swa(self) -> bool:
+        return self.swa_file is not None
+
+    @property
+    def models(self) -> list[str]:
+        """What /predict's `model` may name for this artifact."""
+        return ["ensemble", "swa"] if self.has_swa else ["ensemble"]
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
@@ -102,6 +112,7 @@ def load_artifact(path: str | Path) -> Artifact:
     for rel, record in spec.files.items():
         _verify_file(root, real_root, rel, record)
     graphs = [m.file for m in spec.members] + [spec.ensemble.file] + ([spec.curve.file] if spec.curve else [])
+    graphs += [spec.swa.file] if spec.swa else []
     for rel in graphs:
         _check_graph(root, rel, spec.files)
 
@@ -117,6 +128,7 @@ def load_artifact(path: str | Path) -> Artifact:
         member_files=tuple(root / m.file for m in spec.members),
         ensemble_file=root / spec.ensemble.file,
         curve_file=None if spec.curve is None else root / spec.curve.file,
+        swa_file=None if spec.swa is None else root / spec.swa.file,
     )
 
 

@@ -1,11 +1,12 @@
 """The manifest's temperatures applied to the graphs' probabilities (numpy; no torch).
 
 calibrated = softmax(log p / T) in float64, the formula training/ensembles/calibration.py
-fits and reports with: for one network p = softmax(z) and this is softmax(z / T) exactly;
-for the ensemble, T scales the log of the averaged member probabilities. The curve's T(t)
-is interpolated linearly between its BN grid points (t = i / (n - 1)), like the curve
-graph's BN statistics. Why the service and not the graphs: the graphs stay the same
-(format-1 artifacts keep working), and raw probabilities cost nothing extra on request.
+fits and reports with: for one network (a member, the SWA network) p = softmax(z) and this
+is softmax(z / T) exactly; for the ensemble, T scales the log of the averaged member
+probabilities. The curve's T(t) is interpolated linearly between its BN grid points
+(t = i / (n - 1)), like the curve graph's BN statistics. Why the service and not the
+graphs: the graphs stay the same (format-1 artifacts keep working), and raw probabilities
+cost nothing extra on request.
 """
 
 from __future__ import annotations
@@ -45,4 +46,6 @@ def calibration_card(spec: Manifest) -> dict[str, Any]:
         "members": [None if m.calibration is None else {**m.calibration.model_dump(mode="json"), "metrics": m.metrics}
                     for m in spec.members],
         "curve": None if curve is None else curve.model_dump(mode="json"),
+        "swa": None if spec.swa is None or spec.swa.calibration is None else {
+            **spec.swa.calibration.model_dump(mode="json"), "metrics": spec.swa.metrics},
     }

@@ -1,5 +1,6 @@
 """Request bodies besides JSON: raw float32, .npy, and PNG/JPEG images; and `t`/`ts` from the
-query string (binary bodies have no JSON fields to hold them).
+query string, and /predict's `model` and either route's `calibrated` (binary bodies have no
+JSON fields to hold them).
 
 | Content-Type               | body                                                             |
 |----------------------------|------------------------------------------------------------------|
@@ -33,7 +34,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from serving.schemas import MAX_REQUEST_ROWS, MAX_TS, InputError, check_values
+from serving.schemas import MAX_REQUEST_ROWS, MAX_TS, MODELS, InputError, check_values
 
 RAW = "application/octet-stream"
 NPY = "application/x-npy"
@@ -191,9 +192,14 @@ def curve_query(query: str) -> tuple[list[float], bool]:
     return values, _calibrated(params)
 
 
-def predict_query(query: str) -> bool:
-    """/predict takes only `calibrated=true|false` in the query: refuse the rest rather than ignore it."""
-    return _calibrated(_query(query, {"calibrated"}))
+def predict_query(query: str) -> tuple[bool, str]:
+    """/predict takes only `calibrated=true|false` and `model=ensemble|swa` (default ensemble) in
+    the query: refuse the rest rather than ignore it."""
+    params = _query(query, {"calibrated", "model"})
+    model = params.get("model", "ensemble")
+    if model not in MODELS:
+        raise InputError(f"model = {model!r}: use {' or '.join(MODELS)}")
+    return _calibrated(params), model
 
 
 def _calibrated(params: dict[str, str]) -> bool:

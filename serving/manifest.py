@@ -10,7 +10,10 @@ without torch, and training imports it the way it imports serving.errors.
 
 Versions: format 2 added the temperatures (`calibration` of members, ensemble and curve).
 A format-1 manifest is still read, with every `calibration` null: such an artifact serves raw
-probabilities. Anything else is refused naming the version.
+probabilities. Anything else is refused naming the version. The optional `swa` section (one
+averaged network) came later within format 2: a manifest without the key reads as `swa` null,
+and the exporter leaves the key out when there is no SWA network, so such artifacts stay
+readable by loaders that predate it.
 """
 
 from __future__ import annotations
@@ -156,6 +159,20 @@ class Ensemble(_Section):
         default=None, description="one T for the ensemble, on the log of the averaged probabilities")
 
 
+class Swa(_Section):
+    """One network whose weights are the average of several (Stochastic Weight Averaging,
+    `modeconn swa`), served by `/predict` with `"model": "swa"`."""
+
+    file: str = Field(description="its graph (the same contract as a member's), listed under `files`")
+    source: str | None = Field(default=None, description="the checkpoint it was exported from")
+    kind: str | None = Field(default=None, description="checkpoint kind: swa (`modeconn swa`), or another network's")
+    averaged: list[str] = Field(default_factory=list, description="the checkpoints whose weights were averaged "
+                                "(empty when the checkpoint does not record them)")
+    bn_recomputed: bool | None = Field(default=None, description="BN statistics recomputed after averaging")
+    metrics: Metrics = Field(description="test split: error (%), nll (nats), ece (fraction, 15 bins), brier")
+    calibration: Calibration | None = Field(default=None, description="its own T, fitted on the validation split")
+
+
 class InterpolationPoint(_Section):
     t: float
     interpolated_error: float = Field(description="test error (%) with interpolated BN statistics")
@@ -206,6 +223,7 @@ class Manifest(_Section):
     members: list[Member] = Field(min_length=1)
     ensemble: Ensemble
     curve: Curve | None = Field(description="null when no curve was exported (the key is required)")
+    swa: Swa | None = Field(default=None, description="the SWA network; absent or null when none was exported")
     parity: Parity | None = Field(default=None, description="the parity gate's settings and measured differences")
 
     @field_validator("files")
@@ -223,6 +241,8 @@ class Manifest(_Section):
         graphs.append(("ensemble", self.ensemble.file))
         if self.curve is not None:
             graphs.append(("curve", self.curve.file))
+        if self.swa is not None:
+            graphs.append(("swa", self.swa.file))
         for where, rel in graphs:
             if rel not in self.files:
                 raise ValueError(f"{where}: file {rel!r} is not listed under 'files' (so not verified)")
@@ -234,6 +254,10 @@ class Manifest(_Section):
     @property
     def ensemble_temperature(self) -> float | None:
         return None if self.ensemble.calibration is None else self.ensemble.calibration.temperature
+
+    @property
+    def swa_temperature(self) -> float | None:
+        return None if self.swa is None or self.swa.calibration is None else self.swa.calibration.temperature
 
     @property
     def curve_temperatures(self) -> list[float] | None:

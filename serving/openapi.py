@@ -9,6 +9,7 @@ GET /info are missing. This document states what the service really accepts and 
 - `inputs`: 1..max_rows rows, each nested arrays of exactly the manifest's input shape
   (minItems = maxItems per dimension) of numbers of magnitude <= MAX_ABS_INPUT;
 - `t` in [0, 1], or `ts`: 1..max_ts values in [0, 1]; exactly one of them (oneOf);
+- `model` on /predict: only the models this artifact has (ensemble, and swa when exported);
 - answers: probabilities with one entry per class, predictions and labels from the
   manifest's classes; every error (400/404/413/415/500/503) with the one `ErrorResponse`;
 - GET and POST /info with the model card, and BentoML's health and metrics routes;
@@ -66,10 +67,22 @@ def openapi_document(
     for name in ("PredictResponse", "CurvePredictResponse"):
         components[name] = _tighten_answer(components[name], classes, max_rows)
     components["CurvePredictResponse"]["properties"]["ts"].update(_unit_array(max_ts))
+    models = artifact.models
+    components["PredictResponse"]["properties"]["model"] = {"type": "string", "enum": models}
     components["PredictRequest"] = {
         "title": "PredictRequest",
         "type": "object",
-        "properties": {"inputs": inputs_schema(shape, max_rows), "calibrated": _CALIBRATED},
+        "properties": {
+            "inputs": inputs_schema(shape, max_rows),
+            "calibrated": _CALIBRATED,
+            "model": {
+                "type": "string",
+                "enum": models,
+                "default": "ensemble",
+                "description": "ensemble: the members' mean softmax; swa: the one averaged network "
+                "(its own temperature; mutual_information 0, agreement 1)",
+            },
+        },
         "required": ["inputs"],
         "additionalProperties": False,
     }
@@ -103,12 +116,14 @@ def openapi_document(
         "/predict": {
             "post": _operation(
                 "predict",
-                "Mean softmax of the ensemble members, with entropy and member agreement.",
+                "Mean softmax of the ensemble members, with entropy and member agreement"
+                + ("; or the SWA network's softmax (`model`: swa)." if artifact.has_swa else "."),
                 request="PredictRequest",
                 answer="PredictResponse",
-                errors=post_errors,
+                errors={**post_errors, "404": errors["404"]},
                 binary=binary,
-                binary_note=" With a binary body, `?calibrated=false` asks for raw probabilities.",
+                binary_note=" With a binary body, `?calibrated=false` asks for raw probabilities"
+                + (" and `?model=swa` for the SWA network." if artifact.has_swa else "."),
             )
         },
         "/predict_curve": {
@@ -148,7 +163,8 @@ def openapi_document(
                 f"Serves artifact `{artifact.name}`: inputs of shape [N, "
                 f"{', '.join(map(str, shape))}] (float32; the training data's range is "
                 f"{list(artifact.input_range)}), {len(classes)} classes, "
-                f"{artifact.num_members} members, curve: {'yes' if artifact.has_curve else 'no'}. "
+                f"{artifact.num_members} members, curve: {'yes' if artifact.has_curve else 'no'}, "
+                f"SWA network: {'yes' if artifact.has_swa else 'no'}. "
                 f"Limits: {limits}."
             ),
         },
@@ -245,7 +261,7 @@ def _error_responses(max_body_bytes: int) -> dict[str, dict[str, Any]]:
     }
     described = {
         "400": "the request is not valid for this model; `error` names the field or element",
-        "404": "this artifact has no curve",
+        "404": "this artifact has no curve (/predict_curve), or no SWA network (/predict with model swa)",
         "413": f"the body is larger than {max_body_bytes} bytes",
         "415": "multipart or pickle content type, or an image for a model that takes no images",
         "500": "a bug; the server log has the traceback",

@@ -103,6 +103,7 @@ class SessionSettings:
 # The graph contract (docs/manifest.md): input names, and outputs the service reads.
 ENSEMBLE_IO = ({"x"}, {"probabilities", "member_probabilities"})
 CURVE_IO = ({"x", "t"}, {"probabilities"})
+SWA_IO = ({"x"}, {"probabilities"})  # a member's contract
 
 
 def check_graphs(artifact: Artifact) -> None:
@@ -112,11 +113,13 @@ def check_graphs(artifact: Artifact) -> None:
     _open(artifact.ensemble_file, ["CPUExecutionProvider"], settings, *ENSEMBLE_IO)
     if artifact.curve_file is not None:
         _open(artifact.curve_file, ["CPUExecutionProvider"], settings, *CURVE_IO)
+    if artifact.swa_file is not None:
+        _open(artifact.swa_file, ["CPUExecutionProvider"], settings, *SWA_IO)
 
 
 class Runtime:
-    """The ensemble session and, when the artifact has one, the curve: its general session
-    (any t) and a bounded cache of fixed-t sessions (serving/fixed_t.py)."""
+    """The ensemble session; when the artifact has them, the SWA network's session and the
+    curve: its general session (any t) and a bounded cache of fixed-t sessions (serving/fixed_t.py)."""
 
     def __init__(
         self,
@@ -134,9 +137,12 @@ class Runtime:
         if artifact.curve_file is not None:
             self.curve = _open(artifact.curve_file, providers, settings, *CURVE_IO)
             self._split_curve(artifact.curve_file, curve_cache, curve_build_after)
+        self.swa = None if artifact.swa_file is None else _open(artifact.swa_file, providers, settings, *SWA_IO)
         self.providers = {"ensemble": self.ensemble.get_providers()[0]}
         if self.curve is not None:
             self.providers["curve"] = self.curve.get_providers()[0]
+        if self.swa is not None:
+            self.providers["swa"] = self.swa.get_providers()[0]
         for graph, provider in self.providers.items():
             logger.info("%s session runs on %s", graph, provider)
 
@@ -165,6 +171,11 @@ class Runtime:
         """[mean probabilities [N, C], member probabilities [K, N, C]]."""
         return self.ensemble.run(["probabilities", "member_probabilities"], {"x": x})
 
+    def run_swa(self, _key: Any, x: np.ndarray) -> list[np.ndarray]:
+        """[probabilities [N, C] of the SWA network]."""
+        assert self.swa is not None
+        return self.swa.run(["probabilities"], {"x": x})
+
     def run_curve(self, t: float, x: np.ndarray) -> list[np.ndarray]:
         """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or
         curve.onnx (a t asked for again starts a build for next time)."""
@@ -187,6 +198,8 @@ class Runtime:
         for n in batch_sizes:
             x = np.zeros((n, *self.artifact.input_shape), dtype=np.float32)
             self.run_ensemble(None, x)
+            if self.swa is not None:
+                self.run_swa(None, x)
             if self.curve is not None:
                 self.curve.run(["probabilities"], {"x": x, "t": np.array([0.5], np.float32)})
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,6 +30,9 @@ MAX_TS = 16  # t values per /predict_curve request (each costs one pass over the
 MAX_ABS_INPUT = 1e15
 
 UnitFloat = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
+# What /predict can answer with: the ensemble graph (the default) or the SWA network (manifest `swa`).
+MODELS = ("ensemble", "swa")
+ModelName = Literal["ensemble", "swa"]
 
 
 class InputError(ModeconnError):
@@ -50,10 +53,8 @@ class _Request(BaseModel):
 _BENTOML_CLIENT_TENSOR = {"type": "tensor", "format": "numpy-array"}
 
 
-class PredictRequest(_Request):
-    # BentoML wraps request models in a "<Name>IODescriptor" subclass; a title keeps that
-    # internal name out of the 400 message ("1 validation error for PredictRequest").
-    model_config = ConfigDict(title="PredictRequest")
+class _PredictionRequest(_Request):
+    """The fields both prediction routes take."""
 
     inputs: list[Any] = Field(
         min_length=1,
@@ -68,7 +69,19 @@ class PredictRequest(_Request):
     )
 
 
-class CurvePredictRequest(PredictRequest):
+class PredictRequest(_PredictionRequest):
+    # BentoML wraps request models in a "<Name>IODescriptor" subclass; a title keeps that
+    # internal name out of the 400 message ("1 validation error for PredictRequest").
+    model_config = ConfigDict(title="PredictRequest")
+
+    model: ModelName = Field(
+        default="ensemble",
+        description="ensemble: the members' mean softmax; swa: the one averaged network, when the "
+        "artifact has it (GET /info `models`)",
+    )
+
+
+class CurvePredictRequest(_PredictionRequest):
     model_config = ConfigDict(title="CurvePredictRequest")
 
     t: UnitFloat | None = Field(default=None, description="one point on the curve, in [0, 1]")
@@ -97,9 +110,10 @@ class CurvePredictRequest(PredictRequest):
         return self
 
 
-class PredictResponse(BaseModel):
+class _Answer(BaseModel):
     probabilities: list[list[float]] = Field(
-        description="N x C, mean softmax, temperature-scaled unless the request says calibrated: false"
+        description="N x C, mean softmax (one network's softmax for model swa), temperature-scaled "
+        "unless the request says calibrated: false"
     )
     predictions: list[int] = Field(description="argmax class index per row")
     labels: list[str] = Field(description="class name of each prediction")
@@ -117,7 +131,12 @@ class PredictResponse(BaseModel):
     )
 
 
-class CurvePredictResponse(PredictResponse):
+class PredictResponse(_Answer):
+    model: ModelName = Field(description="what answered: the ensemble, or the SWA network (one model: "
+                             "mutual_information 0, agreement 1)")
+
+
+class CurvePredictResponse(_Answer):
     ts: list[float] = Field(description="the t values used")
 
 
@@ -156,6 +175,9 @@ class InfoResponse(BaseModel):
     member_metrics: list[dict[str, Any]]
     ensemble: dict[str, Any]
     curve: dict[str, Any] | None
+    swa: dict[str, Any] | None = Field(
+        default=None, description="the SWA network (/predict with model swa): its kind, averaged checkpoints, metrics")
+    models: list[str] = Field(default_factory=lambda: ["ensemble"], description="the `model` values /predict takes")
     execution_providers: dict[str, str]
     batching: dict[str, Any]
     limits: dict[str, Any]

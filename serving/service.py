@@ -2,11 +2,14 @@
 
 Endpoints
   POST /predict        {"inputs": N x input_shape}            -> ensemble.onnx
+                       {..., "model": "swa"} (binary: ?model=swa) -> swa.onnx, the one averaged
+                       network, when the manifest has `swa` (else 404)
   POST /predict_curve  {"inputs": ..., "t": 0.3} | {"ts": [..]} -> the curve at phi(t) / mean over ts
                        (a cached fixed-t session, else the general curve graph)
-  Both return temperature-scaled probabilities (the manifest's temperatures, serving/calibration.py)
-  when the artifact has them, raw ones with "calibrated": false (binary bodies: ?calibrated=false)
-  or for a format-1 artifact. The uncertainty fields describe the raw models' mixture.
+  Both return temperature-scaled probabilities (the manifest's temperatures, serving/calibration.py;
+  SWA at its own T) when the artifact has them, raw ones with "calibrated": false (binary bodies:
+  ?calibrated=false) or for a format-1 artifact. The uncertainty fields describe the raw models'
+  mixture; for one network (SWA, one t) that is its entropy, with mutual_information 0.
   GET|POST /info       model card + execution provider + batching settings
   GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
@@ -160,10 +163,11 @@ class ModeConnService:
             return
         replacement = siblings_have_served()
         logger.info(
-            "artifact %s verified (%d members, curve: %s); loading sessions%s",
+            "artifact %s verified (%d members, curve: %s, swa: %s); loading sessions%s",
             self.artifact.name,
             self.artifact.num_members,
             self.artifact.has_curve,
+            self.artifact.has_swa,
             " before accepting connections (a sibling already serves)" if replacement else "",
         )
         if replacement:  # siblings take every connection until __init__ returns
@@ -191,6 +195,10 @@ class ModeConnService:
                 if runtime.curve is not None:
                     self._batchers["curve"] = MicroBatcher(
                         runtime.run_curve, split_axes=(0,), settings=self.batching, name="curve"
+                    )
+                if runtime.swa is not None:
+                    self._batchers["swa"] = MicroBatcher(
+                        runtime.run_swa, split_axes=(0,), settings=self.batching, name="swa"
                     )
             self.runtime = runtime
             self._ready.set()
@@ -221,15 +229,16 @@ class ModeConnService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
-    async def predict(self, inputs: list[Any], calibrated: bool = True) -> Response:
-        """Mean softmax of the ensemble members, with entropy and member agreement."""
-        if (refusal := self._refuse_early()) is not None:
+    async def predict(self, inputs: list[Any], calibrated: bool = True, model: str = "ensemble") -> Response:
+        """Mean softmax of the ensemble members, with entropy and member agreement; or,
+        with "model": "swa", the softmax of the one averaged network."""
+        if (refusal := self._refuse_early() or self._refuse_model(model)) is not None:
             return refusal
         try:
             x = parse_inputs(inputs, self.artifact.input_shape)
         except InputError as exc:
             return _error(400, str(exc))
-        return await self._predict(x, calibrated)
+        return await self._predict(x, calibrated, model)
 
     @bentoml.api(
         route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
@@ -265,19 +274,27 @@ class ModeConnService:
                 f"this model's input shape {list(shape)} with range {list(self.artifact.input_range)} "
                 f"is not an image; send JSON, {encodings.RAW} or {encodings.NPY}",
             )
+        model = "ensemble"
         try:
             if path == "/predict":
-                calibrated = encodings.predict_query(query)
+                calibrated, model = encodings.predict_query(query)
             else:
                 t_values, calibrated = encodings.curve_query(query)
+        except InputError as exc:
+            return _error(400, str(exc))
+        if (refusal := self._refuse_model(model)) is not None:
+            return refusal
+        try:
             x = encodings.decode(kind, body, shape)
         except InputError as exc:
             return _error(400, str(exc))
         if path == "/predict":
-            return await self._predict(x, calibrated)
+            return await self._predict(x, calibrated, model)
         return await self._predict_curve(x, t_values, calibrated)
 
-    async def _predict(self, x: np.ndarray, calibrated: bool) -> Response:
+    async def _predict(self, x: np.ndarray, calibrated: bool, model: str = "ensemble") -> Response:
+        if model == "swa":
+            return await self._predict_swa(x, calibrated)
         try:
             mean, members = await self._run("ensemble", None, x)
         except Overloaded as exc:
@@ -287,7 +304,22 @@ class ModeConnService:
         answered = mean
         if calibrated and (temperature := self.artifact.spec.ensemble_temperature) is not None:
             answered = scale(mean, temperature)  # the argmax, so predictions and agreement, is unchanged
-        return _ok(PredictResponse(**summarize(mean, members, self.artifact.class_names, answered)))
+        fields = summarize(mean, members, self.artifact.class_names, answered)
+        return _ok(PredictResponse(**fields, model="ensemble"))
+
+    async def _predict_swa(self, x: np.ndarray, calibrated: bool) -> Response:
+        try:
+            (probs,) = await self._run("swa", None, x)
+        except Overloaded as exc:
+            return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
+        if (refusal := _non_finite(probs)) is not None:
+            return refusal
+        answered = probs
+        if calibrated and (temperature := self.artifact.spec.swa_temperature) is not None:
+            answered = scale(probs, temperature)
+        # one network: its own entropy, nothing to disagree with (mutual information 0, agreement 1)
+        fields = summarize(probs, probs[None], self.artifact.class_names, answered)
+        return _ok(PredictResponse(**fields, model="swa"))
 
     async def _predict_curve(self, x: np.ndarray, t_values: list[float], calibrated: bool) -> Response:
         try:
@@ -323,6 +355,14 @@ class ModeConnService:
             return _error(503, f"model failed to load: {self._load_error}")
         return None
 
+    def _refuse_model(self, model: str) -> JSONResponse | None:
+        """404 for a model this artifact lacks (BentoML's request model already refused other names)."""
+        assert self.artifact is not None
+        if model == "swa" and not self.artifact.has_swa:
+            return _error(404, "this artifact has no SWA network (manifest 'swa' is absent); "
+                          f"/predict models here: {', '.join(self.artifact.models)}")
+        return None
+
     def _refuse_early(self) -> JSONResponse | None:
         if self._load_error is not None:
             return _error(503, f"model failed to load: {self._load_error}")
@@ -334,7 +374,7 @@ class ModeConnService:
         if self.batching.enabled:
             return await self._batchers[graph].submit(key, x)
         assert self.runtime is not None
-        run = self.runtime.run_ensemble if graph == "ensemble" else self.runtime.run_curve
+        run = {"ensemble": self.runtime.run_ensemble, "curve": self.runtime.run_curve, "swa": self.runtime.run_swa}[graph]
         return await asyncio.get_running_loop().run_in_executor(None, run, key, x)
 
     def model_card(self) -> InfoResponse:
@@ -342,6 +382,7 @@ class ModeConnService:
         m = self.artifact.manifest
         ensemble = m["ensemble"]
         curve = m["curve"]
+        swa = m.get("swa")  # absent in artifacts exported without it
         return InfoResponse(
             name=m["name"],
             created_at=m["created_at"],
@@ -362,6 +403,10 @@ class ModeConnService:
                 k: curve.get(k)
                 for k in ("type", "num_bends", "bn_grid_points", "settings", "metrics")
             },
+            swa=None
+            if swa is None
+            else {k: swa.get(k) for k in ("kind", "averaged", "bn_recomputed", "metrics")},
+            models=self.artifact.models,
             execution_providers={} if self.runtime is None else self.runtime.providers,
             batching={
                 **dataclasses.asdict(self.batching),

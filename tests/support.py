@@ -3,7 +3,8 @@ MNIST-1D runs), the real `bentoml serve` processes they start, and the offline r
 answers (onnxruntime run here on the same graphs).
 
 The artifact's members are points of its curve at t = 0, 0.5 and 1 (BN recomputed, as the
-curve graph does), so the served curve at t = 0 and t = 1 must equal members 0 and 2.
+curve graph does), so the served curve at t = 0 and t = 1 must equal members 0 and 2. Its
+SWA network (`swa.onnx`) is the average of those three members (`modeconn swa`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from training.core.config import load_config
 from training.core.networks import build_network, load_data
 from training.curves.evaluate import save_curve_point
 from training.curves.fit import fit_curve
+from training.ensembles.swa import run_swa
 from training.export import export_artifact
 from training.train import train_network
 
@@ -66,12 +68,14 @@ def train_small_runs(base: Path, curves: tuple[str, ...] = ("bezier", "polychain
 
 
 def build_test_artifact(out_dir: Path, runs: dict[str, Path] | None = None) -> Path:
-    """The artifact of the small runs' Bezier curve (trained here unless given) and three of its points."""
+    """The artifact of the small runs' Bezier curve (trained here unless given), three of its
+    points, and their SWA network."""
     work = out_dir.parent / f"{out_dir.name}-work"
     curve = (runs or train_small_runs(work, curves=("bezier",)))["bezier"]
-    points = [save_curve_point(curve, t, work / f"point-{t}.pt", device="cpu")["checkpoint"] for t in (0.0, 0.5, 1.0)]
+    points = [Path(save_curve_point(curve, t, work / f"point-{t}.pt", device="cpu")["checkpoint"]) for t in (0.0, 0.5, 1.0)]
+    swa = Path(run_swa(points, work / "swa.pt", device="cpu")["checkpoint"])
     # a 2-epoch curve on an 11-point grid: BN interpolation is bounded in tests/test_export.py on the demo curve
-    export_artifact([*map(Path, points), curve], MODEL, out=out_dir, grid_points=11, max_interpolation_pp=100)
+    export_artifact([*points, curve], MODEL, out=out_dir, grid_points=11, max_interpolation_pp=100, swa=swa)
     return out_dir
 
 
@@ -270,10 +274,19 @@ class Offline:
         self.members = [
             ort.InferenceSession(str(f), providers=opts) for f in self.artifact.member_files
         ]
+        swa = manifest.get("swa")
+        self.swa = None if swa is None else ort.InferenceSession(str(root / swa["file"]), providers=opts)
+        self.swa_temperature = None if swa is None else swa["calibration"]["temperature"]
 
     def predict(self, x: np.ndarray, calibrated: bool = True) -> tuple[np.ndarray, np.ndarray]:
         mean, members = self.ensemble.run(None, {"x": x})
         return (temperature_scaled(mean, self.temperature) if calibrated else mean), members
+
+    def predict_swa(self, x: np.ndarray, calibrated: bool = True) -> np.ndarray:
+        """swa.onnx's probabilities, at the SWA network's own temperature unless raw."""
+        assert self.swa is not None and self.swa_temperature is not None
+        probs = self.swa.run(None, {"x": x})[0]
+        return temperature_scaled(probs, self.swa_temperature) if calibrated else probs
 
     def members_each(self, x: np.ndarray) -> np.ndarray:
         """[K, N, C] from the member graphs themselves (not the ensemble graph)."""

@@ -124,11 +124,16 @@ def test_docs_json_states_the_artifacts_contract(servers: tuple[Server, Server],
     assert (rows["minItems"], rows["maxItems"]) == (1, 1024)
     assert (rows["items"]["minItems"], rows["items"]["maxItems"]) == (40, 40)  # manifest shape
     assert rows["items"]["items"] == {"type": "number", "minimum": -MAX_ABS_INPUT, "maximum": MAX_ABS_INPUT}
+    model = schemas["PredictRequest"]["properties"]["model"]
+    assert (model["enum"], model["default"]) == (["ensemble", "swa"], "ensemble")  # the artifact has swa.onnx
+    assert schemas["PredictResponse"]["properties"]["model"]["enum"] == ["ensemble", "swa"]
+    assert "model" not in schemas["CurvePredictRequest"]["properties"]
     curve = schemas["CurvePredictRequest"]
     assert curve["oneOf"] == [{"title": "one t", "required": ["t"]}, {"title": "several ts", "required": ["ts"]}]
     assert curve["properties"]["ts"]["maxItems"] == 16
     assert set(doc["paths"]["/info"]) == {"get", "post"}
-    for path, code in (("/predict", "413"), ("/predict", "415"), ("/predict_curve", "404"), ("/predict", "503")):
+    for path, code in (("/predict", "413"), ("/predict", "415"), ("/predict_curve", "404"), ("/predict", "404"),
+                       ("/predict", "503")):
         ref = doc["paths"][path]["post"]["responses"][code]["content"]["application/json"]["schema"]
         assert ref == {"$ref": "#/components/schemas/ErrorResponse"}
     probabilities = schemas["PredictResponse"]["properties"]["probabilities"]["items"]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from serving.artifact import ArtifactError, load_artifact
+from serving.errors import ModeconnError
 from training.core.bn import recompute_bn
 from training.core.checkpoint import load_checkpoint
 from training.core.networks import load_data, load_network
@@ -152,10 +153,14 @@ def test_store_export_and_bad_runs_leave_store_unchanged(small_runs: dict[str, P
         assert res.returncode == 2, res.stderr
         assert message in res.stderr and "Traceback" not in res.stderr
         assert _store_listing(home) == before
+    res = _cli(["export", str(small_runs["net0"]), "--swa", str(tmp_path / "swa.pt"), "--name", "export-test"], home)
+    assert res.returncode == 2 and f"--swa {tmp_path / 'swa.pt'} does not exist" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and _store_listing(home) == before
 
 
 def test_refuses_members_of_different_architectures(small_runs: dict[str, Path], tmp_path: Path) -> None:
-    other = tmp_path / "other.pt"
+    (tmp_path / "in").mkdir()
+    other = tmp_path / "in" / "other.pt"
     state = torch.load(small_runs["net0"], weights_only=True)
     net = copy.deepcopy(state)
     net["architecture"] = {"name": "cnn1d", "kwargs": {"width": 8}}
@@ -193,3 +198,51 @@ def test_curve_graph_with_too_coarse_a_bn_grid_is_refused(small_runs: dict[str, 
         export_artifact([small_runs["net0"], small_runs["bezier"]], "t", out=tmp_path / "a", grid_points=2,
                         max_interpolation_pp=0.0)
     assert not (tmp_path / "a").exists()
+
+
+def test_swa_graph_matches_its_checkpoint_with_its_own_temperature(built_artifact: Path) -> None:
+    """The test artifact's swa.onnx (the average of its three members, `modeconn swa`) against
+    the checkpoint's network in PyTorch; its metrics and T computed here from that network."""
+    from training.core.metrics import classification_metrics
+    from training.core.networks import predict_probs
+    from training.ensembles.calibration import fit_temperature
+
+    manifest = json.loads((built_artifact / "manifest.json").read_text())
+    swa = manifest["swa"]
+    assert swa["kind"] == "swa" and swa["bn_recomputed"] is True
+    assert swa["averaged"] == [m["source"] for m in manifest["members"]]
+    assert 0 <= manifest["parity"]["max_abs_diff"]["swa.onnx"] <= 1e-5
+    net, state = load_network(swa["source"])
+    data = load_data(state["dataset"], "cpu")
+    mean, std = manifest["input"]["normalization"]["mean"][0], manifest["input"]["normalization"]["std"][0]
+    x = data.x_test[:300]
+    with torch.no_grad():
+        want = torch.softmax(net((x - mean) / std), dim=1).numpy()
+        test = predict_probs(net, data, "test")
+    session = _session(built_artifact / "swa.onnx")
+    np.testing.assert_allclose(session.run(None, {"x": x.numpy()})[0], want, atol=1e-5, rtol=0)
+    assert swa["metrics"] == pytest.approx(classification_metrics(test, data.y_test), abs=1e-9)
+    val = torch.from_numpy(session.run(None, {"x": data.x_val.numpy()})[0])
+    temperature = swa["calibration"]["temperature"]
+    assert temperature == pytest.approx(fit_temperature(val, data.y_val), rel=1e-3)  # its own, on validation
+    assert temperature != pytest.approx(manifest["ensemble"]["calibration"]["temperature"], rel=1e-3)
+
+
+def test_swa_that_is_not_one_checkpoint_of_the_members_network_is_refused(
+    small_runs: dict[str, Path], tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    other = tmp_path / "in" / "other.pt"
+    state = torch.load(small_runs["net0"], weights_only=True)
+    from models import build_model
+
+    state.update(architecture={"name": "cnn1d", "kwargs": {"width": 8}},
+                 model=build_model("cnn1d", num_classes=10, width=8).state_dict())
+    torch.save(state, other)
+    out = tmp_path / "out" / "a"
+    for swa, message in ((other, f"{other} is .*differ"), (tmp_path / "in", "is a folder"),
+                         (tmp_path / "in" / "missing.pt", "does not exist"),
+                         (small_runs["bezier"] / "final.pt", "is a curve")):
+        with pytest.raises(ModeconnError, match=message):  # ExportError, or CheckpointError for the curve
+            export_artifact([small_runs["net0"]], "t", out=out, swa=swa)
+        assert not out.exists()

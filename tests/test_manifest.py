@@ -1,6 +1,6 @@
 """The one manifest model (serving/manifest.py): what the exporter writes is exactly the model,
-the loader refuses bad fields naming them, format 1 still loads, and docs/manifest.md's tables
-are the model's JSON schema."""
+the loader refuses bad fields naming them, format 1 and format 2 without `swa` still load, and
+docs/manifest.md's tables are the model's JSON schema."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def test_docs_tables_are_the_schema() -> None:
     doc = (ROOT / "docs/manifest.md").read_text(encoding="utf-8")
     assert with_generated_tables(doc) == doc, "run `python -m serving.manifest --write docs/manifest.md`"
     tables = schema_markdown()
-    for field in ("`parity`", "`normalization`", "`bn_interpolation`", "`kind`", "`calibration`", "`temperatures`"):
+    for field in ("`parity`", "`normalization`", "`bn_interpolation`", "`kind`", "`calibration`", "`temperatures`",
+                  "`swa`", "`averaged`"):
         assert field in tables  # the fields the hand-written doc had lost
 
 
@@ -55,11 +56,32 @@ def test_exported_manifest_is_the_model(exported: dict[str, Any], built_artifact
     assert all(m.kind == "curve-point" and m.calibration is not None for m in spec.members)
     assert spec.curve is not None and spec.curve.calibration is not None
     assert len(spec.curve_temperatures or []) == spec.curve.bn_grid_points == 11
+    assert spec.swa is not None and spec.swa.file == "swa.onnx" and spec.swa.file in spec.files
+    assert spec.swa.kind == "swa" and spec.swa.calibration is not None
+    assert spec.swa_temperature == spec.swa.calibration.temperature != spec.ensemble_temperature
+
+
+def test_format_2_without_swa_still_loads(exported: dict[str, Any], built_artifact: Path, tmp_path: Path) -> None:
+    """An artifact exported before the `swa` section (or without --swa): no key, no swa.onnx."""
+    old = copy.deepcopy(exported)
+    del old["swa"], old["files"]["swa.onnx"]
+    assert parse_manifest(old).swa is None and parse_manifest(old).swa_temperature is None
+    assert parse_manifest({**old, "swa": None}).swa is None
+    copy_dir = Path(shutil.copytree(built_artifact, tmp_path / "no-swa"))
+    (copy_dir / "swa.onnx").unlink()
+    (copy_dir / "manifest.json").write_text(json.dumps(old))
+    artifact = load_artifact(copy_dir)
+    assert not artifact.has_swa and artifact.swa_file is None and artifact.num_members == 3
+    from serving.openapi import openapi_document  # its document offers /predict's ensemble only
+
+    schemas = openapi_document(artifact, max_body_bytes=1 << 20)["components"]["schemas"]
+    assert schemas["PredictRequest"]["properties"]["model"]["enum"] == ["ensemble"]
 
 
 def _without_calibration(manifest: dict[str, Any]) -> dict[str, Any]:
     old = copy.deepcopy(manifest)
     old["format_version"] = 1
+    del old["swa"]  # came after format 1
     for section in (*old["members"], old["ensemble"], old["curve"]):
         del section["calibration"]
     return old
@@ -88,6 +110,9 @@ def test_format_1_is_read_without_temperatures(exported: dict[str, Any], built_a
         (lambda m: m["files"]["ensemble.onnx"].update(bytes=True), r"files\['ensemble\.onnx'\]\.bytes"),
         (lambda m: m["dataset"].update(class_names=["a"]), "class_names has 1 entries; num_classes is 10"),
         (lambda m: m.update(curve={**m["curve"], "file": "elsewhere.onnx"}), "curve: file 'elsewhere.onnx' is not listed"),
+        (lambda m: m["swa"].update(file="elsewhere.onnx"), "swa: file 'elsewhere.onnx' is not listed"),
+        (lambda m: m["swa"].update(colour="red"), r"swa\.colour: Extra inputs"),
+        (lambda m: m["swa"]["calibration"].update(temperature=-1.0), r"swa\.calibration\.temperature"),
     ],
 )  # fmt: skip
 def test_bad_fields_are_refused_by_name(exported: dict[str, Any], edit: Any, message: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 from serving.artifact import load_artifact
 from tests.support import base_env, start_server, stop_server, wait_ready
 from training import readme_results
+from training.core.checkpoint import load_checkpoint
 from training.core.config import load_config
 from training.core.networks import dataset_spec, load_data
 
@@ -52,12 +53,18 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
 
     again = _pipeline(runs, home)  # every stage is done: all skipped, nothing re-exported
     assert again.returncode == 0, again.stderr[-4000:]
-    assert again.stderr.count("already done, skipped") == 6
+    assert again.stderr.count("already done, skipped") == 7
     assert json.loads(again.stdout.strip().splitlines()[-1])["artifact"] == summary["artifact"]
     stored = list((home / "models" / "modeconn-mnist1d").glob("*/manifest.json"))
     assert len(stored) == 1
     artifact = load_artifact(stored[0].parent)
-    assert artifact.num_members == 2 and artifact.has_curve
+    assert artifact.num_members == 2 and artifact.has_curve and artifact.has_swa
+    # the SWA of the FGE snapshots is a checkpoint of the run, exported with the artifact
+    swa_checkpoint = load_checkpoint(runs / "swa" / "swa.pt")
+    assert swa_checkpoint["kind"] == "swa" and swa_checkpoint["swa"]["count"] == summary["swa"]["members"] == 2
+    assert artifact.spec.swa is not None and artifact.spec.swa.source == str(runs / "swa" / "swa.pt")
+    for key in ("error", "nll", "ece", "brier"):  # the summary's SWA row is the exported network's
+        assert artifact.spec.swa.metrics[key] == pytest.approx(summary["swa"][key], abs=1e-5), key
 
     data = load_data(dataset_spec(load_config(ROOT / "configs" / "mnist1d.yaml")), "cpu")
     x = data.x_test[:200].numpy()
@@ -78,6 +85,11 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
         assert r.status_code == 200 and r.json()["ts"] == [0.0, 0.5, 1.0], r.text
         info = server.post("/info", {}).json()
         assert info["num_members"] == 2 and info["curve"]["type"] == "bezier"
+        assert info["models"] == ["ensemble", "swa"] and info["swa"]["metrics"] == artifact.spec.swa.metrics
+        r = server.post("/predict", {"inputs": x.tolist(), "model": "swa", "calibrated": False})
+        assert r.status_code == 200, r.text
+        swa = ort.InferenceSession(str(artifact.swa_file), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(r.json()["probabilities"], swa.run(None, {"x": x})[0], atol=1e-5, rtol=0)
     finally:
         stop_server(server)
 

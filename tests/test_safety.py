@@ -256,6 +256,8 @@ def test_pipeline_force_deletes_only_the_pipelines_files(tiny_run: Path, tmp_pat
     write_marker(root, "pipeline")
     for name in ("train-seed0", "train-seed1", "fge", "curve", "train"):
         copy_run(tiny_run, root / name)
+    (root / "swa").mkdir()
+    (root / "swa" / "swa.pt").write_bytes((tiny_run / "final.pt").read_bytes())
     (root / "export.json").write_text("{}\n")
     (root / "summary.json").write_text("{}\n")
     (root / "thesis.tex").write_bytes(THESIS)

@@ -1,10 +1,10 @@
 """The serving stage against a real `bentoml serve` subprocess.
 
 One artifact is built (tests/support.py), stored twice in a temporary BentoML store
-(as is, and as a copy without a curve), and served by two servers started side by side:
-batching on (the default) with PRELOAD fixed-t curve sessions built before readiness (which
-makes loading long enough for /readyz to be seen non-200), and batching off
-(MODECONN_BATCHING=0) on the curve-less copy. Expected numbers come from onnxruntime run
+(as is, and as a copy without a curve and without an SWA network), and served by two servers
+started side by side: batching on (the default) with PRELOAD fixed-t curve sessions built
+before readiness (which makes loading long enough for /readyz to be seen non-200), and
+batching off (MODECONN_BATCHING=0) on the reduced copy. Expected numbers come from onnxruntime run
 offline on the same graphs.
 """
 
@@ -60,11 +60,13 @@ CURVE = "/predict_curve"
 
 
 def _without_curve(src: Path, dst: Path) -> Path:
+    """A copy without curve.onnx and swa.onnx (an artifact exported without them)."""
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest["curve"] = None
-    del manifest["files"]["curve.onnx"]
+    del manifest["files"]["curve.onnx"], manifest["swa"], manifest["files"]["swa.onnx"]
     (dst / "curve.onnx").unlink()
+    (dst / "swa.onnx").unlink()
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return dst
 
@@ -172,7 +174,10 @@ def test_info_get_and_post(server: Server, artifact_dir: Path) -> None:
     assert card["ensemble"]["metrics"] == manifest["ensemble"]["metrics"]
     assert card["curve"]["type"] == "bezier" and card["curve"]["num_bends"] == 3
     assert card["curve"]["metrics"] == manifest["curve"]["metrics"]
-    assert set(card["execution_providers"]) == {"ensemble", "curve"}
+    assert set(card["execution_providers"]) == {"ensemble", "curve", "swa"}
+    assert card["models"] == ["ensemble", "swa"]
+    assert card["swa"] == {k: manifest["swa"][k] for k in ("kind", "averaged", "bn_recomputed", "metrics")}
+    assert card["calibration"]["swa"] == {**manifest["swa"]["calibration"], "metrics": manifest["swa"]["metrics"]}
     assert set(card["execution_providers"].values()) <= {
         "CPUExecutionProvider",
         "CUDAExecutionProvider",
@@ -198,6 +203,7 @@ def test_predict_matches_offline_ensemble(server: Server, offline: Offline) -> N
     assert r.status_code == 200, r.text
     mean, members = offline.predict(x)
     _check_fields(r.json(), mean, members)
+    assert r.json()["model"] == "ensemble"  # the default
     # one whole body with its length, not BentoML's chunked stream of a returned model
     assert r.headers["content-type"] == "application/json"
     assert int(r.headers["content-length"]) == len(r.content)
@@ -303,6 +309,61 @@ def test_served_calibrated_probabilities_equal_offline(server: Server, offline: 
     assert card["ensemble"]["calibrated_val_nll"] <= card["ensemble"]["val_nll"]
     assert set(card["ensemble"]["calibrated_metrics"]) == {"error", "nll", "ece", "brier"}
     assert card["curve"]["temperatures"] == temps and len(card["members"]) == 3
+
+
+def test_predict_swa_equals_offline_at_its_own_temperature(server: Server, offline: Offline) -> None:
+    """"model": "swa" (JSON) and ?model=swa (raw float32) answer swa.onnx run here with the SWA
+    network's own T applied (<= 1e-6), raw with calibrated false; one network's uncertainty is
+    its entropy (mutual_information 0, agreement 1)."""
+    x = demo_inputs(16, seed=11)
+    raw = offline.predict_swa(x, calibrated=False)
+    calibrated = offline.predict_swa(x)
+    assert offline.swa_temperature != pytest.approx(1.0, abs=1e-3)  # else calibrated = raw shows nothing
+    r = server.post("/predict", {"inputs": x.tolist(), "model": "swa"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "swa"
+    np.testing.assert_allclose(body["probabilities"], calibrated, atol=1e-6, rtol=0)
+    _check_fields(body, calibrated, raw[None])
+    assert body["mutual_information"] == [0.0] * len(x) and body["agreement"] == [1.0] * len(x)
+    assert body["expected_entropy"] == body["entropy"]
+    np.testing.assert_allclose(body["entropy"], _entropy(raw), atol=1e-5)  # of the raw network
+    # not the ensemble's answer (the test artifact's SWA is a much worse network)
+    assert np.abs(np.asarray(body["probabilities"]) - offline.predict(x)[0]).max() > 1e-2
+    unscaled = server.post("/predict", {"inputs": x.tolist(), "model": "swa", "calibrated": False}).json()
+    np.testing.assert_allclose(unscaled["probabilities"], raw, atol=1e-6, rtol=0)
+    assert unscaled["entropy"] == pytest.approx(body["entropy"], abs=1e-9)
+    binary = _post_bytes(server, "/predict?model=swa", x.tobytes(), RAW)
+    assert binary.status_code == 200, binary.text
+    _same_answer(binary.json(), body)
+    assert binary.json()["model"] == "swa"
+    binary = _post_bytes(server, "/predict?calibrated=false&model=swa", x.tobytes(), RAW).json()
+    np.testing.assert_allclose(binary["probabilities"], raw, atol=1e-6, rtol=0)
+    batched = requests.get(server.url + "/info", timeout=10).json()["batching"]["stats"]["swa"]
+    assert batched["requests"] >= 4  # through the SWA graph's own batcher
+
+
+def test_unknown_or_absent_model_is_a_4xx_naming_it(server: Server, plain_server: Server) -> None:
+    x = demo_inputs(2, seed=12)
+    for bad in ("SWA", "member-0", 1, None):
+        r = server.post("/predict", {"inputs": x.tolist(), "model": bad})
+        assert r.status_code == 400, (bad, r.text)
+        (issue,) = r.json()["detail"]  # BentoML's 400 for a body that fails the request model
+        assert issue["loc"] == ["model"] and issue["msg"] == "Input should be 'ensemble' or 'swa'", r.text
+    r = _post_bytes(server, "/predict?model=swa2", x.tobytes(), RAW)
+    assert r.status_code == 400 and r.json()["error"] == "model = 'swa2': use ensemble or swa", r.text
+    r = server.post(CURVE, {"inputs": x.tolist(), "t": 0.5, "model": "swa"})  # the curve has no models
+    assert r.status_code == 400 and "model" in r.text
+    r = _post_bytes(server, CURVE + "?t=0.5&model=swa", x.tobytes(), RAW)
+    assert r.status_code == 400 and "unknown query parameter 'model'" in r.json()["error"]
+    # an artifact exported without --swa
+    for r in (plain_server.post("/predict", {"inputs": x.tolist(), "model": "swa"}),
+              _post_bytes(plain_server, "/predict?model=swa", x.tobytes(), RAW)):
+        assert r.status_code == 404, r.text
+        assert r.json()["error"] == ("this artifact has no SWA network (manifest 'swa' is absent); "
+                                     "/predict models here: ensemble")
+    card = requests.get(plain_server.url + "/info", timeout=10).json()
+    assert card["swa"] is None and card["models"] == ["ensemble"] and card["calibration"]["swa"] is None
 
 
 def _concurrent_batch1(server: Server, offline: Offline, n: int = 64) -> None:
@@ -411,6 +472,8 @@ def test_numpy_arrays_straight_from_the_bentoml_client(server: Server) -> None:
         ts = [0.0, 1.0]  # preloaded, as above
         got = client.predict_curve(inputs=x, ts=ts)
         _same_answer(got, server.post(CURVE, {"inputs": x.tolist(), "ts": ts}).json())
+        got = client.predict(inputs=x, model="swa")
+        _same_answer(got, server.post("/predict", {"inputs": x.tolist(), "model": "swa"}).json())
         got = client.predict(inputs=x.tolist())  # lists still work
         _same_answer(got, server.post("/predict", {"inputs": x.tolist()}).json())
 

@@ -204,6 +204,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "or an earlier artifact with nothing else in it, which is replaced)")
     p.add_argument("--config", type=Path, help="YAML config whose export section is used")
     p.add_argument("--bn-grid-points", type=int, help="t grid for the curve's BN statistics (default 61)")
+    p.add_argument("--swa", type=Path, metavar="CHECKPOINT",
+                   help="also export this network (e.g. `modeconn swa`'s swa.pt; the members' architecture and data "
+                        "set) as swa.onnx, served by /predict with \"model\": \"swa\"")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(handler=_export)
@@ -215,7 +218,8 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     merged = {"export.name": args.name, "export.bn_grid_points": args.bn_grid_points, **parse_set_overrides(args.set)}
     settings = load_config(args.config, merged).export
     return export_artifact(args.runs, settings.name, out=args.out, grid_points=settings.bn_grid_points,
-                           atol=settings.parity_atol, max_interpolation_pp=settings.max_bn_interpolation_pp)
+                           atol=settings.parity_atol, max_interpolation_pp=settings.max_bn_interpolation_pp,
+                           swa=args.swa)
 
 
 # ---------------------------------------------------------------- FGE, SSE, ensembles
@@ -340,7 +344,7 @@ def _jobs(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- pipeline
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pipeline", help="the whole demo: two networks, a curve, FGE, export to the store")
+    p = sub.add_parser("pipeline", help="the whole demo: two networks, a curve, FGE, SWA, export to the store")
     p.add_argument("--config", type=Path, help="YAML config (default: built-in demo settings)")
     p.add_argument("--runs", type=Path, default=None, help="where the stages' runs go (default runs/NAME)")
     p.add_argument("--out", type=Path, default=None, help="write the artifact to this folder instead of the BentoML store "

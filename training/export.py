@@ -1,5 +1,6 @@
 """`modeconn export`: member graphs, one fused ensemble graph, one curve graph with t as
-an input, and `manifest.json` (docs/manifest.md), into the BentoML model store or a folder.
+an input, optionally the SWA network's graph (`--swa`), and `manifest.json`
+(docs/manifest.md), into the BentoML model store or a folder.
 
 Every graph is checked against PyTorch on real test inputs (onnxruntime, CPU provider)
 before anything is stored; an artifact that fails the parity gate is never stored.
@@ -44,6 +45,7 @@ from serving.manifest import (
     Member,
     Normalization,
     Parity,
+    Swa,
 )
 from training.core import progress
 from training.core.bn import recompute_bn
@@ -214,6 +216,19 @@ class Sources:
     members: list[Path] = field(default_factory=list)
     curve: Path | None = None
     curve_report: Path | None = None
+    swa: Path | None = None
+
+
+def swa_source(path: Path | None) -> Path | None:
+    """`--swa`: one network checkpoint file (made by `modeconn swa`), not a run folder."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"--swa {path} is a folder; give the SWA checkpoint file (`modeconn swa ... --out swa.pt`)")
+    if not path.is_file():
+        raise ExportError(f"--swa {path} does not exist")
+    return path
 
 
 def collect_sources(paths: list[Path]) -> Sources:
@@ -258,6 +273,8 @@ class ExportJob:
     grid_points: int
     atol: float
     max_interpolation_pp: float
+    swa_net: nn.Module | None = None
+    swa_state: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------- ONNX and parity
@@ -291,13 +308,17 @@ def _check_parity(name: str, got: np.ndarray, expected: torch.Tensor, atol: floa
 # ---------------------------------------------------------------- export
 def export_artifact(
     paths: list[Path], name: str, out: Path | None = None, grid_points: int = 61, atol: float = 1e-5,
-    parity_samples: int = 256, max_interpolation_pp: float = 0.2,
+    parity_samples: int = 256, max_interpolation_pp: float = 0.2, swa: Path | None = None,
 ) -> dict[str, Any]:
-    """Build, check and store the artifact; returns the tag or folder and the manifest."""
+    """Build, check and store the artifact; returns the tag or folder and the manifest.
+    `swa`: a network checkpoint (of the members' architecture and data set) exported as `swa.onnx`."""
     started = time.perf_counter()
+    swa = swa_source(swa)
+    paths = list(paths)
     if out is not None:  # before minutes of work: the same check runs again just before the replace
-        _check_target(Path(out), paths)
+        _check_target(Path(out), [*paths, *([swa] if swa else [])])
     sources = collect_sources(paths)
+    sources.swa = swa
     device = torch.device("cpu")  # export traces on the CPU; parity is checked against CPU onnxruntime
     nets, states = zip(*(load_network(p, device) for p in sources.members), strict=True)
     first = states[0]
@@ -306,6 +327,10 @@ def export_artifact(
     if sources.curve is not None:
         curve, curve_state = load_curve(sources.curve, device)
         named.append((sources.curve, curve_state))
+    swa_net = swa_state = None
+    if swa is not None:
+        swa_net, swa_state = load_network(swa, device)
+        named.append((swa, swa_state))
     check_same_network(named, ExportError)
     data = load_data(first["dataset"], device)
     info = first["dataset"]
@@ -315,24 +340,28 @@ def export_artifact(
     work = Path(tempfile.mkdtemp(prefix="modeconn-export-"))
     try:
         job = ExportJob(name, sources, list(nets), list(states), curve, curve_state, data, normalize, x_check,
-                        grid_points, atol, max_interpolation_pp)
+                        grid_points, atol, max_interpolation_pp, swa_net, swa_state)
         manifest = _build(work, job).model_dump(mode="json")
+        if manifest["swa"] is None:  # absent means none: loaders that predate the section read it
+            del manifest["swa"]
         atomic_write_json(work / MANIFEST_NAME, manifest)
         load_artifact(work)  # the serving loader must accept exactly what we wrote
         if out is not None:
-            _replace_folder(work, Path(out), paths)
+            _replace_folder(work, Path(out), [*paths, *([swa] if swa else [])])
             where = {"folder": str(out)}
         else:
             from serving.store import save_to_bentoml_store
 
             labels = {"architecture": first["architecture"]["name"], "dataset": info["name"],
-                      "members": str(len(nets)), "curve": curve.curve if curve is not None else "none"}
+                      "members": str(len(nets)), "curve": curve.curve if curve is not None else "none",
+                      "swa": "yes" if swa is not None else "no"}
             tag = save_to_bentoml_store(work, name, labels=labels, metadata=_store_metadata(manifest))
             where = {"tag": tag}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - started
-    progress.log(f"export: {len(nets)} members{' + curve' if curve is not None else ''} -> {where} ({seconds:.1f}s)")
+    extras = (" + curve" if curve is not None else "") + (" + swa" if swa is not None else "")
+    progress.log(f"export: {len(nets)} members{extras} -> {where} ({seconds:.1f}s)")
     return {**where, "seconds": seconds, "manifest": manifest}
 
 
@@ -341,6 +370,31 @@ def _calibration(val_probs: torch.Tensor | None, test_probs: torch.Tensor, data:
     if val_probs is None:
         return None
     return Calibration(**calibration_report(val_probs, data.y_val, test_probs, data.y_test))
+
+
+def _export_network(work: Path, rel: str, net: nn.Module, job: ExportJob,
+                    parity: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One network as a MemberGraph at `rel`, held to the network by the parity gate; its
+    test and validation probabilities (None without a validation split)."""
+    data, normalize, x_check = job.data, job.normalize, job.x_check
+    _export_onnx(MemberGraph(net, normalize).eval(), (x_check[:2],), work / rel, ["x"], ["probabilities"])
+    with torch.no_grad():  # the original network, not the rewritten export module
+        expected = torch.softmax(net(normalize(x_check)), dim=1)
+        probs = predict_probs(net, data, "test")
+        val_probs = predict_probs(net, data, "val") if len(data.y_val) else None
+    parity[rel] = _check_parity(rel, _ort_session(work / rel).run(None, {"x": x_check.numpy()})[0], expected, job.atol)
+    return probs, val_probs
+
+
+def _export_swa(work: Path, job: ExportJob, parity: dict[str, float]) -> Swa:
+    """swa.onnx: the averaged network, exported and checked as a member is, with its own T."""
+    assert job.swa_net is not None and job.swa_state is not None
+    probs, val_probs = _export_network(work, "swa.onnx", job.swa_net, job, parity)
+    record = job.swa_state.get("swa") or {}
+    return Swa(file="swa.onnx", source=str(job.sources.swa), kind=job.swa_state.get("kind"),
+               averaged=[str(p) for p in record.get("members", [])], bn_recomputed=record.get("bn_recomputed"),
+               metrics=classification_metrics(probs, job.data.y_test),
+               calibration=_calibration(val_probs, probs, job.data))
 
 
 def _build(work: Path, job: ExportJob) -> Manifest:
@@ -352,14 +406,8 @@ def _build(work: Path, job: ExportJob) -> Manifest:
     member_probs, member_val_probs = [], []
     with progress.task("export members", len(nets)) as advance:
         for i, (net, state, path) in enumerate(zip(nets, states, job.sources.members, strict=True)):
-            graph = MemberGraph(net, normalize).eval()
             rel = f"members/member-{i:03d}.onnx"
-            _export_onnx(graph, (x_check[:2],), work / rel, ["x"], ["probabilities"])
-            with torch.no_grad():  # the original network, not the rewritten export module
-                expected = torch.softmax(net(normalize(x_check)), dim=1)
-                probs = predict_probs(net, data, "test")
-                val_probs = predict_probs(net, data, "val") if has_val else None
-            parity[rel] = _check_parity(rel, _ort_session(work / rel).run(None, {"x": x_check.numpy()})[0], expected, atol)
+            probs, val_probs = _export_network(work, rel, net, job, parity)
             member_probs.append(probs)
             member_val_probs.append(val_probs)
             members.append(Member(file=rel, source=str(path), kind=state.get("kind"),
@@ -390,6 +438,10 @@ def _build(work: Path, job: ExportJob) -> Manifest:
     if job.curve is not None:
         curve = _export_curve(work, job, parity)
         files.append("curve.onnx")
+    swa = None
+    if job.swa_net is not None:
+        swa = _export_swa(work, job, parity)
+        files.append("swa.onnx")
 
     info = first["dataset"]
     described = data.describe()
@@ -408,6 +460,7 @@ def _build(work: Path, job: ExportJob) -> Manifest:
         members=members,
         ensemble=ensemble,
         curve=curve,
+        swa=swa,
         parity=Parity(atol=atol, samples=len(x_check), max_abs_diff=parity),
     )
 
@@ -467,10 +520,12 @@ def _versions() -> dict[str, str]:
 
 
 def _store_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {"format_version": manifest["format_version"], "architecture": manifest["architecture"]["name"],
+    meta = {"format_version": manifest["format_version"], "architecture": manifest["architecture"]["name"],
             "dataset": manifest["dataset"]["name"], "members": len(manifest["members"]),
             "ensemble_test_error": manifest["ensemble"]["metrics"]["error"],
-            "curve": manifest["curve"]["type"] if manifest["curve"] else None}
+            "curve": manifest["curve"]["type"] if manifest["curve"] else None,
+            "swa_test_error": manifest["swa"]["metrics"]["error"] if manifest.get("swa") else None}
+    return {k: v for k, v in meta.items() if v is not None}  # BentoML's metadata refuses None
 
 
 def _check_target(dst: Path, sources: list[Path]) -> None:

@@ -1,9 +1,10 @@
 """`modeconn pipeline`: the whole demo in one run.
 
 Two independent networks -> a Bezier curve between them, evaluated at 61 points -> FGE from
-the first run's 80 % checkpoint -> export to the BentoML store -> a summary table, written
-as summary.json and summary.md (machine, date, test-set size, and the paired bootstrap
-intervals of FGE − single network and curve/line max − worse endpoint; the line is evaluated both
+the first run's 80 % checkpoint -> SWA of the FGE snapshots (one network, `swa/swa.pt`) ->
+export of all of them to the BentoML store -> a summary table, written as summary.json and
+summary.md (machine, date, test-set size, and the paired bootstrap intervals of FGE − single
+network, SWA − single network and curve/line max − worse endpoint; the line is evaluated both
 to the second network and to it permuted to match the first, training/curves/align.py). Every stage resumes
 what it finds: a finished stage is skipped, an interrupted one continues from its last
 checkpoint; `--force` starts over.
@@ -24,14 +25,13 @@ from training.core.config import Config
 from training.core.distributed import Job, run_jobs
 from training.core.loop import checkpoint_path, resolve_device
 from training.core.metrics import classification_metrics
-from training.core.networks import predict_probs
 from training.core.runs import claim_folder
 from training.curves.evaluate import evaluate_curve
 from training.curves.fit import fit_curve
 from training.ensembles.evaluate import ensemble_probs, expand_members, predict_members
 from training.ensembles.fge import run_fge
 from training.ensembles.snapshots import finished_snapshot_run
-from training.ensembles.swa import swa_network
+from training.ensembles.swa import run_swa
 from training.export import export_artifact
 from training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
@@ -59,8 +59,17 @@ def _finished_eval(run_dir: Path) -> dict[str, Any] | None:
             "test_size": report["test_size"], "skipped": True}
 
 
+def _finished_swa(path: Path, snapshots: list[Path]) -> dict[str, Any] | None:
+    """swa.pt when it is finished and averages exactly the FGE run's current snapshots."""
+    done = read_finished(path)
+    averaged = ((done or {}).get("swa") or {}).get("members")
+    if averaged is None or [Path(p).resolve() for p in averaged] != [p.resolve() for p in snapshots]:
+        return None
+    return {"checkpoint": str(path), "members": averaged, "skipped": True}
+
+
 def _fingerprint(paths: list[Path]) -> str:
-    """What the export was made from: the member and curve files' contents."""
+    """What the export was made from: the member, curve and SWA files' contents."""
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
@@ -97,7 +106,7 @@ def run_pipeline(
         run_jobs([Job(train_or_reuse, (config.model_copy(update={"seed": s}), d)) for s, d in zip(seeds, runs, strict=True)],
                  min(jobs, 2), resolve_device(config.device))
     skipped: list[str] = []
-    with progress.display(), progress.task("pipeline", 6, transient=False) as advance:
+    with progress.display(), progress.task("pipeline", 7, transient=False) as advance:
         trained = []
         for seed, run_dir in zip(seeds, runs, strict=True):
             seeded = config.model_copy(update={"seed": seed})
@@ -118,14 +127,19 @@ def run_pipeline(
         fge = _stage("fge", finished_snapshot_run(fge_dir, "fge"),
                      lambda: run_fge(config, fge_from, fge_dir, resume=True), skipped)
         advance()
-        sources = [*sorted((fge_dir / "snapshots").glob("snapshot-*.pt")), curve_dir / "final.pt"]
+        snapshots = sorted((fge_dir / "snapshots").glob("snapshot-*.pt"))
+        swa_path = root / "swa" / "swa.pt"  # a folder of its own: export --out may sit beside it in root
+        _stage("swa", _finished_swa(swa_path, snapshots),
+               lambda: run_swa([fge_dir], swa_path, device=config.device), skipped)
+        advance()
+        sources = [*snapshots, curve_dir / "final.pt", swa_path]
         record = root / "export.json"
         fingerprint = _fingerprint(sources)
 
         def export() -> dict[str, Any]:
             result = export_artifact([fge_dir, curve_dir], config.export.name, out=out,
                                      grid_points=config.export.bn_grid_points, atol=config.export.parity_atol,
-                                     max_interpolation_pp=config.export.max_bn_interpolation_pp)
+                                     max_interpolation_pp=config.export.max_bn_interpolation_pp, swa=swa_path)
             done = {k: v for k, v in result.items() if k != "manifest"}
             done["fingerprint"] = fingerprint
             done["bn_interpolation"] = result["manifest"]["curve"]["bn_interpolation"]
@@ -135,7 +149,7 @@ def run_pipeline(
         exported = _stage("export", _finished_export(record, fingerprint, out), export, skipped)
         advance()
     fge_vs_single = _fge_vs_single(Path(trained[0]["checkpoint"]), fge_dir, config.device)
-    swa, swa_vs_single = _swa_vs_single(Path(trained[0]["checkpoint"]), fge_dir, config.device)
+    swa, swa_vs_single = _swa_vs_single(Path(trained[0]["checkpoint"]), swa_path, config.device)
     summary = _summary(trained, curve_eval, fge, exported, curve_dir, fge_dir, time.perf_counter() - started)
     summary["swa"] = swa
     summary.update(differences={"fge - single network": fge_vs_single, "swa - single network": swa_vs_single,
@@ -157,14 +171,14 @@ def _fge_vs_single(single: Path, fge_dir: Path, device: str) -> dict[str, Any]:
     return statistics.intervals_json(statistics.compare_probs(ensemble_probs(snapshots.probs), network.probs[0], labels))
 
 
-def _swa_vs_single(single: Path, fge_dir: Path, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """SWA from the FGE snapshots (one network, BN recomputed): its test metrics, and the paired
-    bootstrap intervals of SWA minus the network FGE started from."""
+def _swa_vs_single(single: Path, swa_path: Path, device: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """SWA of the FGE snapshots (swa.pt: one network, BN recomputed): its test metrics, and the
+    paired bootstrap intervals of SWA minus the network FGE started from."""
     network = predict_members([single], resolve_device(device))
-    snapshots = expand_members([fge_dir])
-    net, _ = swa_network(snapshots, network.data, resolve_device(device))
-    probs, labels = predict_probs(net, network.data, "test").double(), network.data.y_test
-    row = {**{k: float(v) for k, v in classification_metrics(probs, labels).items()}, "members": len(snapshots)}
+    swa = predict_members([swa_path], resolve_device(device), network.data)
+    probs, labels = swa.probs[0].double(), network.data.y_test
+    row = {**{k: float(v) for k, v in classification_metrics(probs, labels).items()},
+           "members": swa.states[0]["swa"]["count"]}
     return row, statistics.intervals_json(statistics.compare_probs(probs, network.probs[0], labels))
 
 

@@ -57,7 +57,7 @@ LAYOUTS: dict[str, Layout] = {
     "run": RUN_LAYOUT,
     "compare": {r"compare(_differences)?\.(md|csv|json)": None, r"seed-\d+": {r"ind-\d+": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"sse": RUN_LAYOUT}},
     "pipeline": {r"export\.json": None, r"summary\.(json|md)": None, r"train-seed-?\d+": RUN_LAYOUT,
-                 r"curve": RUN_LAYOUT, r"fge": RUN_LAYOUT},
+                 r"curve": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"swa": {r"swa\.pt": None}},
 }
 # atomic_write_bytes' temporary file beside NAME (tempfile.mkstemp: 8 random characters)
 _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
