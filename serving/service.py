@@ -46,9 +46,11 @@ Requests that arrive earlier get 503. A worker whose own load fails stays up rat
 crash-looping: /livez and /readyz answer 503 with the reason in JSON, predictions 503.
 
 Request bodies: JSON ({"inputs": ...}), or raw float32, .npy, PNG/JPEG with `t`/`ts` in the
-query string (serving/encodings.py). Binary bodies are decoded by BinaryInputs, a middleware
-in front of BentoML's JSON parsing, and then go the same way as JSON ones (_predict,
-_predict_curve); BentoML's metrics, timeout and access log sit outside it and see them too.
+query string (serving/encodings.py). PredictionBodies, a middleware in front of BentoML's
+request parsing, decodes binary bodies and answers JSON ones that their request model accepts
+(predict_json); a JSON body the model refuses goes on to BentoML, whose 400 names the field.
+Every way ends in the same handlers (_answer_predict, _answer_curve); BentoML's metrics,
+timeout and access log sit outside the middleware and see every request.
 
 Settings: one ServiceSettings (serving/settings.py), read from MODECONN_* variables once at
 import. MODECONN_CURVE_CACHE bounds the fixed-t curve sessions (serving/fixed_t.py);
@@ -67,7 +69,7 @@ from typing import Any
 
 import bentoml
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -77,7 +79,7 @@ from serving import encodings
 from serving.artifact import Artifact, ArtifactError, load_artifact
 from serving.batching import MicroBatcher, Overloaded
 from serving.calibration import calibration_card, curve_temperature, scale
-from serving.middleware import BinaryInputs, OpenAPIMiddleware, RequestGuardMiddleware
+from serving.middleware import OpenAPIMiddleware, PredictionBodies, RequestGuardMiddleware
 from serving.openapi import openapi_document
 from serving.runtime import Runtime, choose_providers, summarize
 from serving.schemas import (
@@ -232,6 +234,9 @@ class ModeConnService:
     async def predict(self, inputs: list[Any], calibrated: bool = True, model: str = "ensemble") -> Response:
         """Mean softmax of the ensemble members, with entropy and member agreement; or,
         with "model": "swa", the softmax of the one averaged network."""
+        return await self._answer_predict(inputs, calibrated, model)
+
+    async def _answer_predict(self, inputs: list[Any], calibrated: bool, model: str) -> Response:
         if (refusal := self._refuse_early() or self._refuse_model(model)) is not None:
             return refusal
         try:
@@ -251,6 +256,10 @@ class ModeConnService:
         calibrated: bool = True,
     ) -> Response:
         """Softmax of the curve model at phi(t), or the mean softmax over several t."""
+        return await self._answer_curve(inputs, t, ts, calibrated)
+
+    async def _answer_curve(self, inputs: list[Any], t: float | None, ts: list[float] | None,
+                            calibrated: bool) -> Response:
         if (refusal := self._refuse_early()) is not None:
             return refusal
         if not self.artifact.has_curve:
@@ -260,6 +269,21 @@ class ModeConnService:
         except InputError as exc:
             return _error(400, str(exc))
         return await self._predict_curve(x, [t] if t is not None else list(ts or []), calibrated)
+
+    async def predict_json(self, path: str, body: bytes) -> Response | None:
+        """/predict or /predict_curve with a JSON body its request model accepts, answered as the
+        API would; None for any other body, which BentoML then answers (one error format)."""
+        if path == "/predict":
+            try:
+                request = PredictRequest.model_validate_json(body)
+            except ValidationError:
+                return None
+            return await self._answer_predict(request.inputs, request.calibrated, request.model)
+        try:
+            curve = CurvePredictRequest.model_validate_json(body)
+        except ValidationError:
+            return None
+        return await self._answer_curve(curve.inputs, curve.t, curve.ts, curve.calibrated)
 
     async def predict_binary(self, path: str, kind: str, body: bytes, query: str) -> Response:
         """/predict or /predict_curve with a binary body (serving/encodings.py)."""
@@ -477,6 +501,13 @@ async def _predict_binary(path: str, kind: str, body: bytes, query: str) -> Resp
     return await service.predict_binary(path, kind, body, query)
 
 
+async def _predict_json(path: str, body: bytes) -> Response | None:
+    service = bentoml.get_current_service()
+    if getattr(service, "artifact", None) is None:  # BentoML's own path answers as before
+        return None
+    return await service.predict_json(path, body)
+
+
 
 # BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
 # (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
@@ -485,4 +516,4 @@ ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, metho
 ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes)
 ModeConnService.add_asgi_middleware(_ProbeReasons)
 ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)
-ModeConnService.add_asgi_middleware(BinaryInputs, handler=_predict_binary)
+ModeConnService.add_asgi_middleware(PredictionBodies, binary=_predict_binary, json=_predict_json)

@@ -462,6 +462,29 @@ def test_binary_encodings_answer_as_json_does(server: Server) -> None:
     _same_answer(r.json(), server.post("/predict", {"inputs": x[:1].tolist()}).json())
 
 
+def test_json_fast_path_answers_as_bentoml_does(server: Server) -> None:
+    """application/json is answered by the middleware (serving/middleware.py PredictionBodies);
+    any other media type BentoML parses as JSON itself: both ways give the same answer, and a
+    body the request model refuses gets BentoML's 400 either way."""
+    x = demo_inputs(5, seed=11)
+    t, t2 = 12 / (PRELOAD - 1), 30 / (PRELOAD - 1)  # on the preloaded grid: one fixed-t session answers both
+    for path, body in (("/predict", {"inputs": x.tolist()}),
+                       ("/predict", {"inputs": x.tolist(), "model": "swa", "calibrated": False}),
+                       (CURVE, {"inputs": x.tolist(), "t": t}),
+                       (CURVE, {"inputs": x.tolist(), "ts": [t, t2], "calibrated": False})):
+        data = json.dumps(body).encode()
+        fast = _post_bytes(server, path, data, "application/json")
+        bentoml_way = _post_bytes(server, path, data, "text/plain")
+        assert fast.status_code == bentoml_way.status_code == 200, (path, fast.text, bentoml_way.text)
+        assert fast.json() == bentoml_way.json(), (path, body.keys())
+    for bad in ({"inputs": x.tolist(), "t": 0.5}, {"inputs": x.tolist(), "calibrated": "no"}, {"input": []}):
+        fast = _post_bytes(server, "/predict", json.dumps(bad).encode(), "application/json")
+        bentoml_way = _post_bytes(server, "/predict", json.dumps(bad).encode(), "text/plain")
+        assert fast.status_code == bentoml_way.status_code == 400, (bad, fast.text)
+        assert fast.json() == bentoml_way.json()
+        assert fast.json()["detail"], fast.text  # BentoML's field-by-field report
+
+
 def test_numpy_arrays_straight_from_the_bentoml_client(server: Server) -> None:
     import bentoml
 
