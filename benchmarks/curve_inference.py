@@ -99,7 +99,8 @@ def interleaved(cases: dict[str, Any], rounds: int, min_s: float) -> dict[str, d
 
 def stand_in_artifact(w: Workload) -> Artifact:
     """serving's Runtime wants an Artifact; the synthetic workload has the graphs, not a manifest."""
-    return Artifact(root=w.fused.parent, manifest={}, name=w.name, class_names=tuple(map(str, range(10))),
+    return Artifact(root=w.fused.parent, manifest={}, spec=None, name=w.name,  # type: ignore[arg-type]
+                    class_names=tuple(map(str, range(10))),
                     input_shape=w.input_shape, input_dtype="float32", input_range=(0.0, 1.0),
                     member_files=tuple(w.members), ensemble_file=w.fused, curve_file=w.curve)
 

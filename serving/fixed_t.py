@@ -16,7 +16,7 @@ Both parts are the exported graph's own nodes, so w(t) and the BN interpolation 
 computed exactly as curve.onnx computes them (docs/manifest.md), with no second copy of
 the formulas. A t not cached runs on the general session: on the CPU, curve.onnx with its
 convolutions rewritten for the blocked kernels and BN folded in, w(t) still computed per
-call (serving/nchwc.py; about as fast as a member graph at batch 64). `FixedTCache` keeps
+call (serving/nchwc.py; 1.2x a member graph at batch 64 on the demo). `FixedTCache` keeps
 the most recently used fixed-t sessions, bounded.
 """
 
