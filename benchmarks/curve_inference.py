@@ -3,14 +3,17 @@
 Item 3, per workload and batch size, seconds per call of
   (m) member graph           members/member-000.onnx
   (c) curve.onnx, new t      the exported graph, a new t on every call
-  (g) whole graph 2D, new t  curve.onnx with every 1D conv as 2D (weights still computed per
-                             call): tried as the general graph, not kept (more CPU than (c))
+  (n) NCHWc rewrite, new t   curve.onnx rewritten for onnxruntime's blocked convolutions, BN
+                             folded into them (serving/nchwc.py): the service's general graph on CPU
+  (n0) ..., BN not folded    the same rewrite with the BatchNormalization nodes left as they are
   (f) fixed-t, repeated t    a cached fixed-t session (serving/fixed_t.py): w(t) constants
   (s) service path, new t    Runtime.run_curve at a new t each call: the general graph (a t
                              is built only once it was asked for twice: MODECONN_CURVE_BUILD_AFTER)
   (s1) ..., building at once the same with a build started at every first miss (BUILD_AFTER=1):
                              the background builds compete with the requests
 and the time to build one fixed-t session. Targets at batch 64: (f) <= 1.2x (m), new t <= 2x.
+(curve.onnx with its 1D convs as 2D, weights still per call, took more CPU than (c):
+benchmarks/results/curve_inference-2026-12-02.md, way (g); it is no longer measured.)
 Every session here runs with onnxruntime's spinning OFF (idle pool threads do not busy-wait),
 all in this process, sampled round-robin after waiting (at most 30 s) for a quiet machine:
 the same settings for every way. Besides wall time, each sample records this process's CPU
@@ -50,6 +53,7 @@ from ensemble_inference import (
 )
 from ensemble_inference import synthetic_workload as synthetic
 
+from serving import nchwc
 from serving.artifact import Artifact, load_artifact
 from serving.runtime import Runtime, SessionSettings
 
@@ -65,23 +69,9 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
-
-
-def whole_graph_2d(path: Path) -> bytes:
-    """curve.onnx with its 1D convolutions as 2D ones, the t-part kept (weights per call)."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from serving.fixed_t import _AXIS2, _convs_as_2d
-
-    model = onnx.load(str(path))
-    g = model.graph
-    axis = numpy_helper.from_array(np.array([2], dtype=np.int64), _AXIS2)
-    graph = helper.make_graph(_convs_as_2d(list(g.node)), "curve_2d", list(g.input), list(g.output),
-                              [*g.initializer, axis])
-    return helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version).SerializeToString()
+def session(source: Path | bytes) -> ort.InferenceSession:
+    model = str(source) if isinstance(source, Path) else source
+    return ort.InferenceSession(model, sess_options=session_options(), providers=["CPUExecutionProvider"])
 
 
 def interleaved(cases: dict[str, Any], rounds: int, min_s: float) -> dict[str, dict[str, Any]]:
@@ -109,7 +99,8 @@ def interleaved(cases: dict[str, Any], rounds: int, min_s: float) -> dict[str, d
 
 def stand_in_artifact(w: Workload) -> Artifact:
     """serving's Runtime wants an Artifact; the synthetic workload has the graphs, not a manifest."""
-    return Artifact(root=w.fused.parent, manifest={}, name=w.name, class_names=tuple(map(str, range(10))),
+    return Artifact(root=w.fused.parent, manifest={}, spec=None, name=w.name,  # type: ignore[arg-type]
+                    class_names=tuple(map(str, range(10))),
                     input_shape=w.input_shape, input_dtype="float32", input_range=(0.0, 1.0),
                     member_files=tuple(w.members), ensemble_file=w.fused, curve_file=w.curve)
 
@@ -121,8 +112,10 @@ def item3(run: dict, w: Workload, artifact: Artifact, batches: list[int], quick:
     assert cache is not None and runtime.curve is not None
     member, exported = session(w.members[0]), session(w.curve)
     fixed = cache.build_now(0.37)
-    whole_2d = ort.InferenceSession(whole_graph_2d(w.curve), providers=["CPUExecutionProvider"],
-                                    sess_options=session_options())
+    block = nchwc.block_size()
+    assert block is not None and runtime.curve_blocked, "no NCHWc kernels on this CPU: nothing to compare"
+    blocked = session(nchwc.nchwc_graph(w.curve, block))
+    unfolded = session(nchwc.nchwc_graph(w.curve, block, fold_bn=False))
     rng = np.random.default_rng(0)
     rows, data = [], {}
     for batch in batches:
@@ -134,7 +127,8 @@ def item3(run: dict, w: Workload, artifact: Artifact, batches: list[int], quick:
         ways = {
             "(m) member graph": lambda x=x: member.run(None, {"x": x}),
             "(c) curve.onnx, new t": lambda x=x: exported.run(None, {"x": x, "t": new_t()}),
-            "(g) whole graph 2D, new t": lambda x=x: whole_2d.run(None, {"x": x, "t": new_t()}),
+            "(n) NCHWc rewrite, new t": lambda x=x: blocked.run(None, {"x": x, "t": new_t()}),
+            "(n0) NCHWc rewrite, BN not folded, new t": lambda x=x: unfolded.run(None, {"x": x, "t": new_t()}),
             "(f) fixed-t, repeated t": lambda x=x: fixed.run(None, {"x": x}),
             "(s) service path, new t": lambda x=x: runtime.run_curve(float(new_t()[0]), x),
             "(s1) service path, new t, building at once": lambda x=x: eager.run_curve(float(new_t()[0]), x),
@@ -152,17 +146,21 @@ def item3(run: dict, w: Workload, artifact: Artifact, batches: list[int], quick:
         began = time.perf_counter()
         cache.build_now(float(t))
         builds.append(time.perf_counter() - began)
-    diff = float(np.abs(fixed.run(None, {"x": x})[0]
-                        - exported.run(None, {"x": x, "t": np.array([0.37], np.float32)})[0]).max())
+    at = {"x": x, "t": np.array([0.37], np.float32)}
+    diff = float(np.abs(fixed.run(None, {"x": x})[0] - exported.run(None, at)[0]).max())
+    diff_n = float(np.abs(blocked.run(None, at)[0] - exported.run(None, at)[0]).max())
     runtime.close()
     eager.close()
     common.add_section(
         run, f"Item 3: curve at any t, {w.name}",
         ["workload", "batch", "way", "ms/call", "x member", "CPU ms/call", "CPU x member", "spread", "quiet"],
         rows,
-        notes=(f"{NOTE} Building one fixed-t session: median {np.median(builds) * 1e3:.1f} ms "
-               f"({len(builds)} builds). Max |fixed-t - curve.onnx| at t = 0.37: {diff:.1e}."),
-        data={"times_s": data, "build_s": builds, "max_abs_diff": diff})
+        notes=(f"{NOTE} Every session: intra-op threads onnxruntime's default (one per core, "
+               f"{os.cpu_count()}), spinning off. Building one fixed-t session: median {np.median(builds) * 1e3:.1f} ms "
+               f"({len(builds)} builds). Max |fixed-t - curve.onnx| at t = 0.37: {diff:.1e}; "
+               f"max |NCHWc rewrite - curve.onnx|: {diff_n:.1e} (NCHWc block {block})."),
+        data={"times_s": data, "build_s": builds, "max_abs_diff": diff, "max_abs_diff_nchwc": diff_n,
+              "nchwc_block": block})
 
 
 def item4(run: dict, w: Workload, batches: list[int], quick: bool) -> None:
@@ -249,6 +247,8 @@ def summary(run: dict) -> str:
                          f"(CPU {cpu64['(f) fixed-t, repeated t']:.2f}x; target <= 1.2x: "
                          f"{'met' if fixed <= 1.2 else 'MISSED'}); new t {new:.2f}x (CPU "
                          f"{cpu64['(s) service path, new t']:.2f}x; target <= 2x: {'met' if new <= 2 else 'MISSED'}); "
+                         f"its graph, the NCHWc rewrite, {at64['(n) NCHWc rewrite, new t']:.2f}x (CPU "
+                         f"{cpu64['(n) NCHWc rewrite, new t']:.2f}x); "
                          f"curve.onnx as exported {at64['(c) curve.onnx, new t']:.2f}x (CPU "
                          f"{cpu64['(c) curve.onnx, new t']:.2f}x)")
         if s["title"].startswith("Item 4"):

@@ -14,10 +14,10 @@ CPU kernels). `CurveSplit` cuts the graph once, at load, in two:
 
 Both parts are the exported graph's own nodes, so w(t) and the BN interpolation are
 computed exactly as curve.onnx computes them (docs/manifest.md), with no second copy of
-the formulas. A t not cached runs on curve.onnx as exported: the same 1D->2D rewrite of
-the whole graph (weights still computed per call) took more CPU per call than the graph
-as it is (benchmarks/results/curve_inference-*). `FixedTCache` keeps the most recently
-used fixed-t sessions, bounded.
+the formulas. A t not cached runs on the general session: on the CPU, curve.onnx with its
+convolutions rewritten for the blocked kernels and BN folded in, w(t) still computed per
+call (serving/nchwc.py; 1.2x a member graph at batch 64 on the demo). `FixedTCache` keeps
+the most recently used fixed-t sessions, bounded.
 """
 
 from __future__ import annotations

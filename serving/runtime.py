@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from serving import nchwc
 from serving.artifact import Artifact, ArtifactError
 from serving.env import env_flag
 from serving.fixed_t import CurveSplit, FixedTCache, t_key
@@ -119,7 +120,9 @@ def check_graphs(artifact: Artifact) -> None:
 
 class Runtime:
     """The ensemble session; when the artifact has them, the SWA network's session and the
-    curve: its general session (any t) and a bounded cache of fixed-t sessions (serving/fixed_t.py)."""
+    curve: its general session (any t) and a bounded cache of fixed-t sessions (serving/fixed_t.py).
+    On the CPU the general session runs curve.onnx rewritten for onnxruntime's blocked
+    convolutions (serving/nchwc.py) once it answers as curve.onnx does; `curve_blocked` says whether."""
 
     def __init__(
         self,
@@ -134,9 +137,12 @@ class Runtime:
         self.ensemble = _open(artifact.ensemble_file, providers, settings, *ENSEMBLE_IO)
         self.curve: ort.InferenceSession | None = None
         self.curve_cache: FixedTCache | None = None
+        self.curve_blocked = False
         if artifact.curve_file is not None:
             self.curve = _open(artifact.curve_file, providers, settings, *CURVE_IO)
             self._split_curve(artifact.curve_file, curve_cache, curve_build_after)
+            if _provider_name(self._providers[0]) == "CPUExecutionProvider":
+                self._block_curve(artifact.curve_file)
         self.swa = None if artifact.swa_file is None else _open(artifact.swa_file, providers, settings, *SWA_IO)
         self.providers = {"ensemble": self.ensemble.get_providers()[0]}
         if self.curve is not None:
@@ -159,6 +165,30 @@ class Runtime:
             return
         self.curve_cache = FixedTCache(self._fixed_session, capacity, build_after)
 
+    def _block_curve(self, path: Path) -> None:
+        """The general curve session on the blocked CPU kernels (serving/nchwc.py), when this
+        CPU has them and the rewritten graph answers within nchwc.CHECK_ATOL of curve.onnx."""
+        assert self.curve is not None
+        try:
+            block = nchwc.block_size()
+            graph = None if block is None else nchwc.nchwc_graph(path, block)
+            if graph is None:
+                return
+            session = _open(graph, self._providers, self._settings, *CURVE_IO)
+            worst = nchwc.largest_difference(
+                session, self.curve, self.artifact.input_shape, self.artifact.input_range
+            )
+        except Exception as exc:  # curve.onnx as exported answers every t correctly
+            logger.warning("curve.onnx served as exported: its NCHWc rewrite failed: %s", exc)
+            return
+        if not worst <= nchwc.CHECK_ATOL:  # also NaN
+            logger.warning(
+                "curve.onnx served as exported: its NCHWc rewrite differs by %.3g (> %g)", worst, nchwc.CHECK_ATOL
+            )
+            return
+        logger.info("curve: new t on onnxruntime's NCHWc convolutions (block %d, max diff %.2g)", block, worst)
+        self.curve, self.curve_blocked = session, True
+
     def fixed_graph(self, t: float) -> bytes:
         """The curve's x-part with w(t) and the BN statistics at t as constants (ONNX bytes)."""
         values = self._t_part.run(self._split.boundary, {"t": np.array([t_key(t)], dtype=np.float32)})
@@ -177,8 +207,8 @@ class Runtime:
         return self.swa.run(["probabilities"], {"x": x})
 
     def run_curve(self, t: float, x: np.ndarray) -> list[np.ndarray]:
-        """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or
-        curve.onnx (a t asked for again starts a build for next time)."""
+        """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or the
+        general one (a t asked for again starts a build for next time)."""
         assert self.curve is not None
         if self.curve_cache is not None and (fixed := self.curve_cache.get(t)) is not None:
             return fixed.run(["probabilities"], {"x": x})
@@ -206,6 +236,10 @@ class Runtime:
     def close(self) -> None:
         if self.curve_cache is not None:
             self.curve_cache.close()
+
+
+def _provider_name(provider: Any) -> str:
+    return provider[0] if isinstance(provider, tuple) else str(provider)
 
 
 def _open(
