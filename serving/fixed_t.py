@@ -16,8 +16,10 @@ Both parts are the exported graph's own nodes, so w(t) and the BN interpolation 
 computed exactly as curve.onnx computes them (docs/manifest.md), with no second copy of
 the formulas. A t not cached runs on the general session: on the CPU, curve.onnx with its
 convolutions rewritten for the blocked kernels and BN folded in, w(t) still computed per
-call (serving/nchwc.py; 1.2x a member graph at batch 64 on the demo). `FixedTCache` keeps
-the most recently used fixed-t sessions, bounded.
+call (serving/nchwc.py; 1.2x a member graph at batch 64 on the demo). Where that rewrite
+folds every BN, the split is made of the rewritten graph instead (serving/runtime.py), so a
+cached t answers bit for bit what the general session does. `FixedTCache` keeps the most
+recently used fixed-t sessions, bounded.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ _AXIS2 = "modeconn_fixed_t_axis2"  # the int64 [2] initializer the rewritten con
 class CurveSplit:
     """curve.onnx cut into its t-part and x-part (module docstring)."""
 
-    def __init__(self, path: Path) -> None:
-        model = onnx.load(str(path))
+    def __init__(self, source: Path | bytes) -> None:
+        model = onnx.load(str(source)) if isinstance(source, Path) else onnx.load_from_string(source)
         graph = model.graph
         self._opset, self._ir = list(model.opset_import), model.ir_version
         x_dependent = _downstream(graph, "x")

@@ -167,6 +167,12 @@ def nchwc_graph(path: Path, block: int, fold_bn: bool = True) -> bytes | None:
     return helper.make_model(new, opset_imports=opsets, ir_version=model.ir_version).SerializeToString()
 
 
+def every_bn_folded(graph: bytes) -> bool:
+    """Whether `nchwc_graph` folded every BatchNormalization into a convolution (post-activation
+    networks; a pre-activation BN, before its conv, stays)."""
+    return all(n.op_type != "BatchNormalization" for n in onnx.load_from_string(graph).graph.node)
+
+
 def _attrs(node: onnx.NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 

@@ -456,7 +456,10 @@ class ModeConnService:
         cache = None if self.runtime is None else self.runtime.curve_cache
         if cache is None:
             return None
-        return {**cache.stats.as_dict(), "ts": cache.keys()}
+        # new_t_blocked: a t not cached runs on the blocked kernels (serving/nchwc.py); exact: a
+        # cached t answers bit for bit what the same t not cached does (serving/runtime.py)
+        return {**cache.stats.as_dict(), "ts": cache.keys(), "new_t_blocked": self.runtime.curve_blocked,
+                "exact": self.runtime.curve_exact}
 
 
 async def _get_info(_: Request) -> JSONResponse:

@@ -31,6 +31,7 @@ import pytest
 import requests
 import yaml
 
+from serving import nchwc
 from serving.artifact import ArtifactError, file_record, load_artifact
 from serving.batching import BatchSettings, MicroBatcher
 from serving.schemas import InputError
@@ -190,6 +191,8 @@ def test_info_get_and_post(server: Server, artifact_dir: Path) -> None:
     assert cache["capacity"] == CURVE_CACHE and PRELOAD <= cache["size"] <= CURVE_CACHE
     # keys are float32 values of t, the t the graphs compute with
     assert {float(np.float32(i / (PRELOAD - 1))) for i in range(PRELOAD)} <= set(cache["ts"])
+    blocked = nchwc.block_size() is not None  # the test artifact's cnn1d: every BN folds
+    assert cache["new_t_blocked"] is blocked and cache["exact"] is blocked
     assert card["limits"]["max_rows_per_request"] == 1024
     assert card["ready"] is True
 
@@ -787,13 +790,16 @@ def test_bentoml_build_lists_the_model(artifact_dir: Path, tmp_path: Path) -> No
 def test_fixed_t_sessions_equal_the_curve_graph_and_the_cache_is_bounded(
     artifact_dir: Path, offline: Offline
 ) -> None:
+    from serving.fixed_t import CurveSplit
     from serving.runtime import Runtime, SessionSettings
 
-    runtime = Runtime(
-        load_artifact(artifact_dir), ["CPUExecutionProvider"], SessionSettings(0, False), curve_cache=3
-    )
+    artifact = load_artifact(artifact_dir)
+    runtime = Runtime(artifact, ["CPUExecutionProvider"], SessionSettings(0, False), curve_cache=3)
     cache = runtime.curve_cache
     assert cache is not None
+    assert runtime.curve_exact is (nchwc.block_size() is not None)  # cnn1d: every BN folds
+    split = CurveSplit(artifact.curve_file)  # curve.onnx as exported, cut in two
+    t_part = ort.InferenceSession(split.t_part, providers=["CPUExecutionProvider"])
     x = demo_inputs(64, seed=12)
     try:
         ts = [0.0, 0.123, 0.5, 0.77, 1.0]
@@ -801,17 +807,19 @@ def test_fixed_t_sessions_equal_the_curve_graph_and_the_cache_is_bounded(
             reference = offline.at(t, x, calibrated=False)  # curve.onnx as exported
             # the general graph answers a t not cached (a miss): on this CPU curve.onnx on
             # NCHWc kernels (serving/nchwc.py, held to a float64 evaluation in the test below)
-            np.testing.assert_allclose(runtime.run_curve(t, x)[0], reference, atol=ATOL, rtol=0)
+            miss = runtime.run_curve(t, x)[0]
+            np.testing.assert_allclose(miss, reference, atol=ATOL, rtol=0)
             cached = cache.build_now(t).run(None, {"x": x})[0]
-            # onnxruntime's NCHWc kernels for the constant weights, and BN folded into the
-            # convolutions, sum in another order: <= ATOL, the parity gate's tolerance for
-            # every exported graph (about 2e-6 measured here)
+            if runtime.curve_exact:  # cut from the same blocked graph, prepacking off: bit for bit
+                np.testing.assert_array_equal(cached, miss)
+            # else onnxruntime's NCHWc kernels for the constant weights, and BN folded into the
+            # convolutions, sum in another order: <= ATOL, the parity gate's tolerance
             np.testing.assert_allclose(cached, reference, atol=ATOL, rtol=0)
-            # With NCHWc and BN folding off, a fixed-t session computes what curve.onnx
-            # computes: w(t) as constants and the 2D rewrite change nothing else.
+            # With NCHWc and BN folding off, a fixed-t session of curve.onnx as exported computes
+            # what curve.onnx computes: w(t) as constants and the 2D rewrite change nothing else.
             plain = ort.InferenceSession(
-                runtime.fixed_graph(t), providers=["CPUExecutionProvider"],
-                disabled_optimizers=["NchwcTransformer", "ConvBNFusion"],
+                split.fixed(t_part.run(split.boundary, {"t": np.array([t], np.float32)})),
+                providers=["CPUExecutionProvider"], disabled_optimizers=["NchwcTransformer", "ConvBNFusion"],
             )  # fmt: skip
             np.testing.assert_allclose(plain.run(None, {"x": x})[0], reference, atol=1e-6, rtol=0)
             np.testing.assert_allclose(runtime.run_curve(t, x)[0], cached, atol=0, rtol=0)  # a hit
@@ -860,7 +868,6 @@ def test_new_t_runs_on_nchwc_convolutions_as_accurately_as_curve_onnx(
     evaluation of curve.onnx: no further from it than curve.onnx itself, + 1e-6."""
     import onnx
 
-    from serving import nchwc
     from serving.runtime import Runtime, SessionSettings
 
     block = nchwc.block_size()
@@ -876,6 +883,9 @@ def test_new_t_runs_on_nchwc_convolutions_as_accurately_as_curve_onnx(
         exported = [n.op_type for n in onnx.load(str(artifact.curve_file)).graph.node]
         assert ops.count((nchwc.NCHWC, "Conv")) == exported.count("Conv") == 4
         assert ("", "Conv") not in ops and ("", "BatchNormalization") not in ops
+        assert nchwc.every_bn_folded(graph)  # so its fixed-t sessions are cut from it (exact)
+        unfolded = nchwc.nchwc_graph(artifact.curve_file, block, fold_bn=False)
+        assert unfolded is not None and not nchwc.every_bn_folded(unfolded)
         truth = _float64_curve(artifact.curve_file)
         x = demo_inputs(64, seed=13)
         for t in (0.0, 0.123, 0.5, 0.77, 1.0):
