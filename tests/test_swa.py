@@ -131,3 +131,21 @@ def test_swa_cli_checkpoints_and_errors(snapshot_run: Path, dataset: dict, tmp_p
     assert "does not exist" in capsys.readouterr().err
     with pytest.raises(SWAError):
         run_swa([], tmp_path / "none.pt", device="cpu")
+
+
+def test_pipeline_reuses_swa_only_for_the_same_snapshot_contents(dataset: dict, tmp_path: Path) -> None:
+    """The pipeline's SWA stage (training/pipeline.py) keeps RUNS/swa/swa.pt on a rerun only while
+    the FGE snapshots are the files it averaged, with the same bytes: `modeconn fge --force`
+    rewrites them under the same names."""
+    from serving.artifact import file_sha256
+    from training.pipeline import _finished_swa
+
+    members = [_member(tmp_path / "fge" / "snapshots" / f"snapshot-{k + 1:03d}.pt", k, dataset) for k in range(2)]
+    out = tmp_path / "swa" / "swa.pt"
+    run_swa([tmp_path / "fge"], out, device="cpu")
+    assert load_checkpoint(out)["swa"]["sha256"] == [file_sha256(p) for p in members]
+    assert _finished_swa(out, members) == {"checkpoint": str(out), "members": [str(p) for p in members],
+                                           "skipped": True}
+    assert _finished_swa(out, members[:1]) is None  # another set of snapshots
+    _member(members[1], 7, dataset)  # the same name, other weights
+    assert _finished_swa(out, members) is None

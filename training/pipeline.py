@@ -19,6 +19,7 @@ from typing import Any
 
 from rich.table import Table
 
+from serving.artifact import file_sha256
 from training.core import progress, provenance, statistics
 from training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
 from training.core.config import Config
@@ -60,10 +61,13 @@ def _finished_eval(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _finished_swa(path: Path, snapshots: list[Path]) -> dict[str, Any] | None:
-    """swa.pt when it is finished and averages exactly the FGE run's current snapshots."""
-    done = read_finished(path)
-    averaged = ((done or {}).get("swa") or {}).get("members")
+    """swa.pt when it is finished and averages exactly the FGE run's current snapshots: the same
+    files with the same contents (an FGE rerun, `modeconn fge --force`, rewrites them in place)."""
+    record = ((read_finished(path) or {}).get("swa") or {})
+    averaged = record.get("members")
     if averaged is None or [Path(p).resolve() for p in averaged] != [p.resolve() for p in snapshots]:
+        return None
+    if record.get("sha256") != [file_sha256(p) for p in snapshots]:
         return None
     return {"checkpoint": str(path), "members": averaged, "skipped": True}
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
+from serving.artifact import file_sha256
 from serving.errors import ModeconnError
 from training.core import progress
 from training.core.bn import has_batchnorm, recompute_bn
@@ -95,7 +96,9 @@ def run_swa(sources: list[Path], out: Path, device: str = "auto") -> dict[str, A
         recompute_bn(net, data)
     net.eval()
     metrics = held_out_metrics(net, data)
-    swa = {"members": [str(p) for p in members], "count": len(members), "bn_recomputed": recomputed,
+    # the members' contents: a rerun that reuses this file can tell whether its snapshots changed
+    swa = {"members": [str(p) for p in members], "sha256": [file_sha256(Path(p)) for p in members],
+           "count": len(members), "bn_recomputed": recomputed,
            "averaging": "torch.optim.swa_utils.AveragedModel (arithmetic mean of the parameters)"}
     save_checkpoint(out, model_checkpoint(net, fields["architecture"], fields["dataset"], kind="swa", swa=swa,
                                           metrics=metrics))
