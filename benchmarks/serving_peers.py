@@ -281,15 +281,16 @@ def in_process(artifact: Path, rows: list[np.ndarray], settings: Settings, batch
 
 
 # ---------------------------------------------------------------- the run
-def answer_of(peer: str, raw: np.ndarray, artifact: Path) -> np.ndarray:
-    """What `peer` must answer: the graph's probabilities; modeconn's are temperature-scaled by
+def answers_of(peers: list[str], raw: np.ndarray, artifact: Path) -> dict[str, np.ndarray]:
+    """What each peer must answer: the graph's probabilities; modeconn's are temperature-scaled by
     default when the artifact has a temperature (the peers have no such step; its cost, one
     log/exp over 10 numbers, is part of what modeconn's row measures)."""
     from serving.artifact import load_artifact
     from serving.calibration import scale
 
     temperature = load_artifact(artifact).spec.ensemble_temperature
-    return scale(raw, temperature) if peer == "modeconn" and temperature is not None else raw
+    return {peer: scale(raw, temperature) if peer == "modeconn" and temperature is not None else raw
+            for peer in peers}
 
 
 def measure(peer: str, settings: Settings, encs: dict[str, Encoded], expected: np.ndarray, args: Any,
@@ -386,13 +387,13 @@ def main() -> None:
         reference = in_process(artifact, rows, settings, [1, 2, 4, 8, 16, 32, 64], args.quick,
                                args.reference_threads)
         expected = reference.pop("expected")[0]
+        answers = answers_of(peers, expected, artifact)
         results: dict[str, list[dict[str, Any]]] = {p: [] for p in peers}
         for r in range(args.rounds):
             order = peers[r % len(peers):] + peers[:r % len(peers)]  # no peer always first
             print(f"round {r + 1}/{args.rounds}: {', '.join(order)} (load {common.load_average()})", flush=True)
             for peer in order:
-                results[peer].append(measure(peer, settings, encs, answer_of(peer, expected, artifact), args,
-                                             work / f"{peer}-{r}.log"))
+                results[peer].append(measure(peer, settings, encs, answers[peer], args, work / f"{peer}-{r}.log"))
         report(run, reference, results, args, manifest)
     finally:
         shutil.rmtree(work, ignore_errors=True)

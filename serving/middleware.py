@@ -114,10 +114,10 @@ JSON = "application/json"
 
 
 class PredictionBodies:
-    def __init__(self, app: Any, binary: BinaryHandler, json: JsonHandler) -> None:
+    def __init__(self, app: Any, binary: BinaryHandler, json_body: JsonHandler) -> None:
         self.app = app
         self.binary = binary
-        self.json = json
+        self.json_body = json_body
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PREDICTION_ROUTES:
@@ -127,7 +127,7 @@ class PredictionBodies:
                 if body is None:  # the client went away
                     return
                 if kind == JSON:
-                    response = await self.json(scope["path"], body)
+                    response = await self.json_body(scope["path"], body)
                 else:
                     query = scope.get("query_string", b"").decode("latin-1")
                     response = await self.binary(scope["path"], kind, body, query)

@@ -317,33 +317,23 @@ class ModeConnService:
         return await self._predict_curve(x, t_values, calibrated)
 
     async def _predict(self, x: np.ndarray, calibrated: bool, model: str = "ensemble") -> Response:
-        if model == "swa":
-            return await self._predict_swa(x, calibrated)
+        spec = self.artifact.spec
         try:
-            mean, members = await self._run("ensemble", None, x)
+            if model == "swa":  # one network: its own entropy, mutual information 0, agreement 1
+                (mean,) = await self._run("swa", None, x)
+                members, temperature = mean[None], spec.swa_temperature
+            else:
+                mean, members = await self._run("ensemble", None, x)
+                temperature = spec.ensemble_temperature
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         if (refusal := _non_finite(mean)) is not None:
             return refusal
         answered = mean
-        if calibrated and (temperature := self.artifact.spec.ensemble_temperature) is not None:
+        if calibrated and temperature is not None:
             answered = scale(mean, temperature)  # the argmax, so predictions and agreement, is unchanged
         fields = summarize(mean, members, self.artifact.class_names, answered)
-        return _ok(PredictResponse(**fields, model="ensemble"))
-
-    async def _predict_swa(self, x: np.ndarray, calibrated: bool) -> Response:
-        try:
-            (probs,) = await self._run("swa", None, x)
-        except Overloaded as exc:
-            return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
-        if (refusal := _non_finite(probs)) is not None:
-            return refusal
-        answered = probs
-        if calibrated and (temperature := self.artifact.spec.swa_temperature) is not None:
-            answered = scale(probs, temperature)
-        # one network: its own entropy, nothing to disagree with (mutual information 0, agreement 1)
-        fields = summarize(probs, probs[None], self.artifact.class_names, answered)
-        return _ok(PredictResponse(**fields, model="swa"))
+        return _ok(PredictResponse(**fields, model=model))
 
     async def _predict_curve(self, x: np.ndarray, t_values: list[float], calibrated: bool) -> Response:
         try:
@@ -519,4 +509,4 @@ ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, metho
 ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes)
 ModeConnService.add_asgi_middleware(_ProbeReasons)
 ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)
-ModeConnService.add_asgi_middleware(PredictionBodies, binary=_predict_binary, json=_predict_json)
+ModeConnService.add_asgi_middleware(PredictionBodies, binary=_predict_binary, json_body=_predict_json)

@@ -77,7 +77,7 @@ def _fingerprint(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         digest.update(path.name.encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        digest.update(bytes.fromhex(file_sha256(path)))  # read in chunks
     return digest.hexdigest()
 
 
