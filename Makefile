@@ -27,14 +27,14 @@ pipeline: install
 	$(BIN)/modeconn pipeline --config $(CONFIG)
 
 serve: install
-	$(BIN)/python -m bentoml serve serving.service:ModeConnService --port $(PORT)
+	$(BIN)/python -m bentoml serve modeconn.serving.service:ModeConnService --port $(PORT)
 
 ## the whole test suite (lint first: it takes a second)
 test: install lint
 	$(BIN)/python -m pytest -q -rA -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check models training serving tests benchmarks
+	$(BIN)/ruff check modeconn models training serving tests benchmarks
 
 bench: install
 	$(BIN)/python benchmarks/ensemble_inference.py

@@ -19,10 +19,10 @@ from pathlib import Path
 import common
 import torch
 
-from models import build_model
-from training.core import statistics
-from training.curves.align import align_checkpoints, weight_matching
-from training.curves.permutations import derive_spec
+from modeconn.models import build_model
+from modeconn.training.core import statistics
+from modeconn.training.curves.align import align_checkpoints, weight_matching
+from modeconn.training.curves.permutations import derive_spec
 
 
 def _demo_align(runs: Path, widths: list[int], repeats: int) -> list[list]:

@@ -53,9 +53,9 @@ from ensemble_inference import (
 )
 from ensemble_inference import synthetic_workload as synthetic
 
-from serving import nchwc
-from serving.artifact import Artifact, load_artifact
-from serving.runtime import Runtime, SessionSettings
+from modeconn.contract.artifact import Artifact, load_artifact
+from modeconn.serving import nchwc
+from modeconn.serving.runtime import Runtime, SessionSettings
 
 OFF = SessionSettings(threads=0, spinning=False)
 NOTE = ("Median seconds per call over the samples taken while other processes used < "

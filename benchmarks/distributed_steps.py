@@ -32,13 +32,13 @@ import common
 import torch
 import torch.nn.functional as F
 
-from models import build_model
-from training.core import distributed
-from training.core.bn import recompute_bn
-from training.core.data import Dataset
-from training.core.loop import FitPlan, fit
-from training.core.schedules import fge_learning_rate
-from training.curves.model import CurveModel
+from modeconn.models import build_model
+from modeconn.training.core import distributed
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.loop import FitPlan, fit
+from modeconn.training.core.schedules import fge_learning_rate
+from modeconn.training.curves.model import CurveModel
 
 BATCH = 128
 

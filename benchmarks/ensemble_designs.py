@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from training.export import Normalize
+from modeconn.training.export import Normalize
 
 
 class PlainInTurnEnsembleGraph(nn.Module):

@@ -51,9 +51,9 @@ import torch
 from ensemble_designs import PlainInTurnEnsembleGraph, StackedEnsembleGraph
 from torch import nn
 
-from models import build_model
-from training.curves.model import CurveModel
-from training.export import CurveGraph, EnsembleGraph, MemberGraph, Normalize, _export_onnx
+from modeconn.models import build_model
+from modeconn.training.curves.model import CurveModel
+from modeconn.training.export import CurveGraph, EnsembleGraph, MemberGraph, Normalize, _export_onnx
 
 QUIET_NOTE = ("Each number is the median over the timing samples taken while other processes used < "
               f"{common.QUIET_CORES} cores ('quiet' counts them; all samples if fewer than 2 were quiet); "
@@ -171,8 +171,8 @@ def has_conv1d(net: nn.Module) -> bool:
 
 def artifact_workload(spec: str | None, work: Path) -> Workload:
     """The demo artifact: a folder or BentoML tag, else a small real one built like the tests'."""
-    from serving.artifact import load_artifact
-    from training.core.networks import load_network
+    from modeconn.contract.artifact import load_artifact
+    from modeconn.training.core.networks import load_network
 
     notes = []
     if spec is None:
@@ -186,7 +186,7 @@ def artifact_workload(spec: str | None, work: Path) -> Workload:
     elif Path(spec).is_dir():
         folder = Path(spec)
     else:
-        from serving.store import artifact_path_in_store
+        from modeconn.contract.store import artifact_path_in_store
 
         folder = artifact_path_in_store(spec)
     artifact = load_artifact(folder)

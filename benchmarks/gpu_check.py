@@ -42,7 +42,7 @@ def _timed(fn, repeats: int) -> float:  # noqa: ANN001
 
 
 def run_pipeline(runs: Path, env: dict[str, str], quick: bool, device: str) -> dict[str, Any]:
-    args = [sys.executable, "-m", "training.cli", "pipeline", "--config", "configs/mnist1d.yaml",
+    args = [sys.executable, "-m", "modeconn", "pipeline", "--config", "configs/mnist1d.yaml",
             "--device", device, "--runs", str(runs), "--json"]
     if quick:
         args += ["--set", "train.epochs=4", "--set", "curve.epochs=2", "--set", "fge.epochs=2"]
@@ -58,8 +58,8 @@ def run_pipeline(runs: Path, env: dict[str, str], quick: bool, device: str) -> d
 def in_process(artifact_dir: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
-    from serving.artifact import load_artifact
-    from serving.runtime import CUDA_PROVIDER_OPTIONS
+    from modeconn.contract.artifact import load_artifact
+    from modeconn.serving.runtime import CUDA_PROVIDER_OPTIONS
 
     artifact = load_artifact(artifact_dir)
     cuda = [("CUDAExecutionProvider", CUDA_PROVIDER_OPTIONS), "CPUExecutionProvider"]
@@ -101,7 +101,7 @@ def _serve(env: dict[str, str], log: Path, **extra: str) -> tuple[subprocess.Pop
 
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService", "--port", str(port),
+        [sys.executable, "-m", "bentoml", "serve", "modeconn.serving.service:ModeConnService", "--port", str(port),
          "--host", "127.0.0.1"],
         cwd=ROOT, env={**env, **extra}, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -154,7 +154,7 @@ def http(env: dict[str, str], artifact_dir: Path, work: Path, quick: bool) -> di
     import onnxruntime as ort
     import requests
 
-    from serving.artifact import load_artifact
+    from modeconn.contract.artifact import load_artifact
 
     artifact = load_artifact(artifact_dir)
     cpu = ort.InferenceSession(str(artifact.ensemble_file), providers=["CPUExecutionProvider"])

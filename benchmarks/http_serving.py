@@ -6,7 +6,7 @@
 2. Throughput with 64 concurrent clients sending batch-1 requests: batching on vs off.
 
 The script builds an artifact (or takes --artifact DIR), stores it in a temporary
-BENTOML_HOME, starts `python -m bentoml serve serving.service:ModeConnService` on a free
+BENTOML_HOME, starts `python -m bentoml serve modeconn.serving.service:ModeConnService` on a free
 loopback port (batching on; MODECONN_BATCHING=0; and the earlier settings: a 2 ms batching
 window, access log and request tracing on), measures, and stops it; --starts times per mode,
 since one server process's latency differs from the next. Loopback only;
@@ -46,9 +46,9 @@ def random_artifact(out: Path, members: int = 3) -> Path:
     """A demo-shaped artifact (cnn1d, MNIST-1D) from untrained members: seconds, for --quick."""
     import torch
 
-    from training.core.checkpoint import model_checkpoint, save_checkpoint
-    from training.core.networks import build_network, load_data
-    from training.export import export_artifact
+    from modeconn.training.core.checkpoint import model_checkpoint, save_checkpoint
+    from modeconn.training.core.networks import build_network, load_data
+    from modeconn.training.export import export_artifact
 
     data = load_data({"name": "mnist1d"}, "cpu")
     arch = {"name": "cnn1d", "kwargs": {}}
@@ -81,7 +81,7 @@ def server_env(home: Path, **extra: str) -> dict[str, str]:
 
 def store(artifact: Path, home: Path) -> str:
     """Into the BentoML store at `home`, in a subprocess (BentoML fixes its home at first use)."""
-    code = ("import sys; from pathlib import Path; from serving.store import save_to_bentoml_store;"
+    code = ("import sys; from pathlib import Path; from modeconn.contract.store import save_to_bentoml_store;"
             "print(save_to_bentoml_store(Path(sys.argv[1]), 'modeconn-bench', labels={'stage': 'benchmark'}, "
             "metadata={'source': 'benchmarks/http_serving.py'}))")
     out = subprocess.run([sys.executable, "-c", code, str(artifact)], cwd=ROOT, env=server_env(home),
@@ -103,7 +103,7 @@ class Server:
     def __init__(self, home: Path, tag: str, log: Path, **env: str) -> None:
         self.port = free_port()
         self.log = log
-        cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService",
+        cmd = [sys.executable, "-m", "bentoml", "serve", "modeconn.serving.service:ModeConnService",
                "--port", str(self.port), "--host", "127.0.0.1"]
         self.proc = self.launch(cmd, server_env(home, MODECONN_MODEL=tag, **env))
 
@@ -248,8 +248,8 @@ def info(port: int) -> dict[str, Any]:
 # ---------------------------------------------------------------- the benchmark
 def in_process(artifact: Path, rows: list[np.ndarray], calls: int) -> dict[str, list[float]]:
     """The session call the service makes for one batch-1 request, without HTTP."""
-    from serving.artifact import load_artifact
-    from serving.runtime import Runtime, choose_providers, summarize
+    from modeconn.contract.artifact import load_artifact
+    from modeconn.serving.runtime import Runtime, choose_providers, summarize
 
     art = load_artifact(artifact)
     runtime = Runtime(art, choose_providers(os.environ.get("MODECONN_PROVIDER", "auto")))

@@ -2,7 +2,7 @@
 
 The same `ensemble.onnx` behind four servers, each in its own process group, started and
 stopped by this script and measured one after the other, in rounds whose order rotates:
-  modeconn          `bentoml serve serving.service:ModeConnService` (its own batcher)
+  modeconn          `bentoml serve modeconn.serving.service:ModeConnService` (its own batcher)
   bentoml-batching  a minimal BentoML service with BentoML's adaptive batching
                     (`@bentoml.api(batchable=True)`, benchmarks/peers/bentoml_batching.py)
   bentoml-microbatcher  the same minimal service with modeconn's batcher (serving/batching.py)
@@ -104,7 +104,7 @@ class Settings:
 def command(peer: str, port: int, workers: int) -> list[str]:
     py = sys.executable
     if peer == "modeconn":
-        return [py, "-m", "bentoml", "serve", "serving.service:ModeConnService", "--port", str(port),
+        return [py, "-m", "bentoml", "serve", "modeconn.serving.service:ModeConnService", "--port", str(port),
                 "--host", "127.0.0.1"]
     if peer == "bentoml-batching":
         return [py, "-m", "bentoml", "serve", "benchmarks.peers.bentoml_batching:Peer", "--port", str(port),
@@ -264,8 +264,8 @@ def in_process(artifact: Path, rows: list[np.ndarray], settings: Settings, batch
     default pool, one thread per core) and the servers' spinning: p50 of one call at batch 1,
     and rows/s per batch size. A spinning pool slows far more than the load suggests when
     other jobs hold the cores; --reference-threads 1 avoids the pool (no spinning threads)."""
-    from serving.artifact import load_artifact
-    from serving.runtime import Runtime, SessionSettings
+    from modeconn.contract.artifact import load_artifact
+    from modeconn.serving.runtime import Runtime, SessionSettings
 
     art = load_artifact(artifact)
     runtime = Runtime(art, ["CPUExecutionProvider"], SessionSettings(threads=threads, spinning=settings.spinning))
@@ -285,8 +285,8 @@ def answers_of(peers: list[str], raw: np.ndarray, artifact: Path) -> dict[str, n
     """What each peer must answer: the graph's probabilities; modeconn's are temperature-scaled by
     default when the artifact has a temperature (the peers have no such step; its cost, one
     log/exp over 10 numbers, is part of what modeconn's row measures)."""
-    from serving.artifact import load_artifact
-    from serving.calibration import scale
+    from modeconn.contract.artifact import load_artifact
+    from modeconn.serving.calibration import scale
 
     temperature = load_artifact(artifact).spec.ensemble_temperature
     return {peer: scale(raw, temperature) if peer == "modeconn" and temperature is not None else raw

@@ -3,7 +3,7 @@ answer checked against the offline ensemble graph.
 
 The script builds the demo-shaped artifact (tests/support.py: cnn1d members and a
 curve on MNIST-1D; or takes --artifact DIR), stores it in a temporary BENTOML_HOME, starts
-`bentoml serve serving.service:ModeConnService` on a free loopback port with the service's
+`bentoml serve modeconn.serving.service:ModeConnService` on a free loopback port with the service's
 defaults, warms it up under full load, then runs --clients keep-alive connections (one
 asyncio HTTP/1.1 client each, benchmarks/http_serving.py's) that send POST /predict back to
 back for --seconds. A request holds 1 row (4 in 5) or 8 rows, drawn from a pool of inputs
@@ -75,7 +75,9 @@ class Reference:
 
         manifest = json.loads((artifact / "manifest.json").read_text())
         if manifest["dataset"].get("name") == "mnist1d":
-            from training.core.networks import load_data  # the variant the manifest records
+            from modeconn.training.core.networks import (
+                load_data,  # the variant the manifest records
+            )
 
             x_test = load_data(manifest["dataset"], "cpu").x_test.numpy().astype(np.float32)
             self.x = x_test[:POOL_ROWS]

@@ -26,12 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.core import provenance, statistics  # noqa: E402
-from training.core.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
-from training.core.metrics import classification_metrics  # noqa: E402
-from training.core.networks import load_network, predict_probs  # noqa: E402
-from training.ensembles.evaluate import ensemble_probs, expand_members, predict_members  # noqa: E402
-from training.ensembles.swa import run_swa  # noqa: E402
+from modeconn.training.core import provenance, statistics  # noqa: E402
+from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text  # noqa: E402
+from modeconn.training.core.metrics import classification_metrics  # noqa: E402
+from modeconn.training.core.networks import load_network, predict_probs  # noqa: E402
+from modeconn.training.ensembles.evaluate import ensemble_probs, expand_members, predict_members  # noqa: E402
+from modeconn.training.ensembles.swa import run_swa  # noqa: E402
 
 
 def swa_rows(runs: Path, work: Path) -> dict:
@@ -59,7 +59,7 @@ def time_plane(runs: Path, grid: int, work: Path, split: str) -> dict:
     load_before = os.getloadavg()
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "training.cli", "plane", str(runs / "curve"), "--grid", str(grid),
+    done = subprocess.run([sys.executable, "-m", "modeconn", "plane", str(runs / "curve"), "--grid", str(grid),
                            "--out", str(work / f"plane-{split}"), "--device", "cpu", "--split", split, "--json"],
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           check=True)

@@ -21,12 +21,12 @@ from typing import Any
 
 from common import RESULTS, add_section, arguments, command_line, start_run, write_results
 
-from training.core.config import Config, load_config
-from training.core.loop import checkpoint_path
-from training.ensembles.fge import run_fge
-from training.ensembles.snapshots import finished_snapshot_run
-from training.ensembles.sse import run_sse
-from training.train import fge_start_epoch, finished_result, train_network
+from modeconn.training.core.config import Config, load_config
+from modeconn.training.core.loop import checkpoint_path
+from modeconn.training.ensembles.fge import run_fge
+from modeconn.training.ensembles.snapshots import finished_snapshot_run
+from modeconn.training.ensembles.sse import run_sse
+from modeconn.training.train import fge_start_epoch, finished_result, train_network
 
 FGE_GRID = {"cycle_epochs": [1.0, 2.0], "lr1": [0.05, 0.1, 0.2, 0.4, 0.8, 1.6], "lr2_fraction": [0.1]}
 SSE_GRID = {"lr": [0.1, 0.2, 0.4, 0.8]}

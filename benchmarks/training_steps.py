@@ -34,9 +34,9 @@ import common
 import torch
 import torch.nn.functional as F
 
-from models import build_model
-from training.core.config import load_config
-from training.curves.model import CurveModel
+from modeconn.models import build_model
+from modeconn.training.core.config import load_config
+from modeconn.training.curves.model import CurveModel
 
 CONFIG = common.ROOT / "configs" / "mnist1d.yaml"
 
@@ -97,8 +97,8 @@ def curve_step_parts(curve: CurveModel, x: torch.Tensor, rounds: int) -> dict[st
 
 
 def section_steps(run: dict, quick: bool) -> None:
-    from training.core.data import normalize, train_batches
-    from training.core.networks import load_data
+    from modeconn.training.core.data import normalize, train_batches
+    from modeconn.training.core.networks import load_data
 
     data = load_data({"name": "mnist1d"}, "cpu")
     gen = torch.Generator().manual_seed(0)
@@ -154,8 +154,8 @@ def option_step(arch: str, kwargs: dict, batches: list[tuple[torch.Tensor, torch
                 ) -> Any:
     """One plain step as `fit` runs it with `step` settings `options` (autocast wrapper, fp32
     loss, GradScaler, channels_last, compile)."""
-    from training.core.config import StepSettings
-    from training.core.step import grad_scaler, prepare_model, step_model
+    from modeconn.training.core.config import StepSettings
+    from modeconn.training.core.step import grad_scaler, prepare_model, step_model
 
     settings = StepSettings(**options)
     torch.manual_seed(0)
@@ -180,8 +180,8 @@ def option_step(arch: str, kwargs: dict, batches: list[tuple[torch.Tensor, torch
 
 
 def section_options(run: dict, quick: bool, compile_too: bool = True, compile_only: bool = False) -> None:
-    from training.core.data import normalize, train_batches
-    from training.core.networks import load_data
+    from modeconn.training.core.data import normalize, train_batches
+    from modeconn.training.core.networks import load_data
 
     data = load_data({"name": "mnist1d"}, "cpu")
     gen = torch.Generator().manual_seed(0)
@@ -233,7 +233,7 @@ def section_options(run: dict, quick: bool, compile_too: bool = True, compile_on
 def measure_compile(arch: str, kwargs: dict, batches: list, rounds: int) -> dict[str, Any]:
     """Seconds of compiling (the first three compiled steps), then the compiled step against the
     eager fp32 step, round-robin."""
-    from training.core.config import ConfigError
+    from modeconn.training.core.config import ConfigError
 
     started = time.perf_counter()
     try:
@@ -257,12 +257,12 @@ def epoch_rows(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def section_epochs(run: dict, work: Path, quick: bool) -> None:
-    from training.core.bn import recompute_bn
-    from training.core.networks import load_data, predict_probs
-    from training.curves.evaluate import evaluate_curve
-    from training.curves.fit import fit_curve, load_curve
-    from training.curves.model import network_at
-    from training.ensembles.fge import run_fge
+    from modeconn.training.core.bn import recompute_bn
+    from modeconn.training.core.networks import load_data, predict_probs
+    from modeconn.training.curves.evaluate import evaluate_curve
+    from modeconn.training.curves.fit import fit_curve, load_curve
+    from modeconn.training.curves.model import network_at
+    from modeconn.training.ensembles.fge import run_fge
 
     epochs = 2 if quick else 4
     overrides = {"device": "cpu", "train.epochs": epochs, "train.save_every": 1, "fge.epochs": epochs,
@@ -272,7 +272,7 @@ def section_epochs(run: dict, work: Path, quick: bool) -> None:
         trained = []
         for seed in (0, 1):
             config = load_config(CONFIG, {**overrides, "seed": seed})
-            from training.train import train_network
+            from modeconn.training.train import train_network
 
             trained.append(train_network(config, work / f"train{seed}"))
         config = load_config(CONFIG, overrides)

@@ -1,6 +1,6 @@
 """Architectures as plain nn.Modules behind one registry."""
 
-from models import cnn1d, preresnet, vgg, wideresnet  # noqa: F401  (registers the architectures)
-from models.registry import ModelSpecError, build_model, list_models, register_model
+from modeconn.models import cnn1d, preresnet, vgg, wideresnet  # noqa: F401  (registers the architectures)
+from modeconn.models.registry import ModelSpecError, build_model, list_models, register_model
 
 __all__ = ["ModelSpecError", "build_model", "list_models", "register_model"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.registry import register_model
+from modeconn.models.registry import register_model
 
 
 def _conv_block(c_in: int, c_out: int, batchnorm: bool = True) -> nn.Sequential:

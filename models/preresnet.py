@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from models.registry import ModelSpecError, register_model
+from modeconn.models.registry import ModelSpecError, register_model
 
 
 def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from models.registry import register_model
+from modeconn.models.registry import register_model
 
 # 'M' is a 2x2 max-pool; integers are 3x3 conv output channels.
 VGG16_CONFIG: list[int | str] = [

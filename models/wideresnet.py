@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.registry import ModelSpecError, register_model
+from modeconn.models.registry import ModelSpecError, register_model
 
 
 class WideBasic(nn.Module):

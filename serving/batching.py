@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.env import env_flag
+from .env import env_flag
 
 # Under "bentoml." so the handlers BentoML configures for its workers print it.
 logger = logging.getLogger(f"bentoml.serve.{__name__}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.manifest import Manifest
+from modeconn.contract.manifest import Manifest
 
 _TINY = 1e-300  # the same clamp as training's calibration: log(0) stays finite
 

@@ -34,7 +34,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from serving.schemas import MAX_REQUEST_ROWS, MAX_TS, MODELS, InputError, check_values
+from .schemas import MAX_REQUEST_ROWS, MAX_TS, MODELS, InputError, check_values
 
 RAW = "application/octet-stream"
 NPY = "application/x-npy"

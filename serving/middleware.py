@@ -34,7 +34,7 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from serving.encodings import BINARY_TYPES, media_type
+from .encodings import BINARY_TYPES, media_type
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from serving.fixed_t import _downstream
+from .fixed_t import _downstream
 
 logger = logging.getLogger(f"bentoml.serve.{__name__}")
 

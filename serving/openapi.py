@@ -30,9 +30,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from serving import encodings
-from serving.artifact import Artifact
-from serving.schemas import (
+from modeconn.contract.artifact import Artifact
+
+from . import encodings
+from .schemas import (
     MAX_ABS_INPUT,
     MAX_REQUEST_ROWS,
     MAX_TS,

@@ -19,10 +19,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from serving import nchwc
-from serving.artifact import Artifact, ArtifactError
-from serving.env import env_flag
-from serving.fixed_t import CurveSplit, FixedTCache, t_key
+from modeconn.contract.artifact import Artifact, ArtifactError
+
+from . import nchwc
+from .env import env_flag
+from .fixed_t import CurveSplit, FixedTCache, t_key
 
 # Under "bentoml." so the handlers BentoML configures for its workers print it.
 logger = logging.getLogger(f"bentoml.serve.{__name__}")

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from serving.errors import ModeconnError
+from modeconn.contract.errors import ModeconnError
 
 MAX_REQUEST_ROWS = 1024  # rows per request; larger jobs should be split by the client
 MAX_TS = 16  # t values per /predict_curve request (each costs one pass over the batch)

@@ -75,14 +75,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from serving import encodings
-from serving.artifact import Artifact, ArtifactError, load_artifact
-from serving.batching import MicroBatcher, Overloaded
-from serving.calibration import calibration_card, curve_temperature, scale
-from serving.middleware import OpenAPIMiddleware, PredictionBodies, RequestGuardMiddleware
-from serving.openapi import openapi_document
-from serving.runtime import Runtime, choose_providers, summarize
-from serving.schemas import (
+from modeconn.contract.artifact import Artifact, ArtifactError, load_artifact
+
+from . import encodings
+from .batching import MicroBatcher, Overloaded
+from .calibration import calibration_card, curve_temperature, scale
+from .middleware import OpenAPIMiddleware, PredictionBodies, RequestGuardMiddleware
+from .openapi import openapi_document
+from .runtime import Runtime, choose_providers, summarize
+from .schemas import (
     MAX_REQUEST_ROWS,
     MAX_TS,
     CurvePredictRequest,
@@ -94,8 +95,8 @@ from serving.schemas import (
     PredictResponse,
     parse_inputs,
 )
-from serving.settings import ServiceSettings
-from serving.startup import mark_served, siblings_have_served, verify_before_workers
+from .settings import ServiceSettings
+from .startup import mark_served, siblings_have_served, verify_before_workers
 
 logger = logging.getLogger("bentoml.serve.modeconn")
 

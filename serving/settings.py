@@ -23,10 +23,11 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from serving.batching import BatchSettings
-from serving.env import env_flag, env_int
-from serving.errors import ModeconnError
-from serving.runtime import SessionSettings
+from modeconn.contract.errors import ModeconnError
+
+from .batching import BatchSettings
+from .env import env_flag, env_int
+from .runtime import SessionSettings
 
 # Two (benchmarks/results/worker_kill-*, README "Start-up and faults"): a SIGKILLed worker
 # is then not an outage, and on 2 cores two workers with one onnxruntime thread each

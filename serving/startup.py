@@ -25,8 +25,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from serving.artifact import ArtifactError, load_artifact
-from serving.runtime import check_graphs
+from modeconn.contract.artifact import ArtifactError, load_artifact
+
+from .runtime import check_graphs
 
 RUN_DIR_ENV = "MODECONN_RUN_DIR"  # set by the deployment hook, inherited by the workers
 _SERVED = "served"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from training.core.config import Config, load_config
+from modeconn.training.core.config import Config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "mnist1d.yaml"
@@ -33,7 +33,7 @@ def demo_config() -> Config:
 @pytest.fixture(scope="session")
 def demo_data(demo_config: Config):  # noqa: ANN201
     """The demo's data set (the MNIST-1D variant configs/mnist1d.yaml generates), on the CPU."""
-    from training.core.networks import dataset_spec, load_data
+    from modeconn.training.core.networks import dataset_spec, load_data
 
     return load_data(dataset_spec(demo_config), "cpu")
 
@@ -41,7 +41,7 @@ def demo_data(demo_config: Config):  # noqa: ANN201
 @pytest.fixture(scope="session")
 def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     """Two demo networks (the full demo config, seeds 0 and 1, on the CPU); their result dicts."""
-    from training.train import train_network
+    from modeconn.training.train import train_network
 
     root = tmp_path_factory.mktemp("pair")
     results = []
@@ -61,8 +61,8 @@ def demo_curve(
 ) -> dict[str, Any]:
     """A Bezier curve (the demo config's curve section) between the trained pair, evaluated
     at 61 points: {"fit": fit_curve's result, "eval": evaluate_curve's result}."""
-    from training.curves.evaluate import evaluate_curve
-    from training.curves.fit import fit_curve
+    from modeconn.training.curves.evaluate import evaluate_curve
+    from modeconn.training.curves.fit import fit_curve
 
     config = load_config(DEMO_CONFIG, {"device": "cpu"})
     run_dir = tmp_path_factory.mktemp("curve") / "bezier"

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import torch
 
-from training.core import distributed
-from training.core.bn import recompute_bn
-from training.core.checkpoint import atomic_write_bytes
-from training.core.config import ConfigError, load_config
-from training.core.networks import load_data, load_network, stage_device
-from training.curves.fit import fit_curve
-from training.curves.model import CurveModel
-from training.ensembles.fge import run_fge
-from training.ensembles.sse import run_sse
-from training.train import train_network
+from modeconn.training.core import distributed
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import atomic_write_bytes
+from modeconn.training.core.config import ConfigError, load_config
+from modeconn.training.core.networks import load_data, load_network, stage_device
+from modeconn.training.curves.fit import fit_curve
+from modeconn.training.curves.model import CurveModel
+from modeconn.training.ensembles.fge import run_fge
+from modeconn.training.ensembles.sse import run_sse
+from modeconn.training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
 # train.lr 0.02: at the config's 0.1 the start of training is chaotic enough that the float32

@@ -30,16 +30,16 @@ import pytest
 import requests
 import torch
 
-from serving.artifact import load_artifact
-from training.core.bn import recompute_bn
-from training.core.checkpoint import model_checkpoint, save_checkpoint
-from training.core.config import load_config
-from training.core.networks import build_network, load_data
-from training.curves.evaluate import save_curve_point
-from training.curves.fit import fit_curve
-from training.ensembles.swa import run_swa
-from training.export import export_artifact
-from training.train import train_network
+from modeconn.contract.artifact import load_artifact
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import model_checkpoint, save_checkpoint
+from modeconn.training.core.config import load_config
+from modeconn.training.core.networks import build_network, load_data
+from modeconn.training.curves.evaluate import save_curve_point
+from modeconn.training.curves.fit import fit_curve
+from modeconn.training.ensembles.swa import run_swa
+from modeconn.training.export import export_artifact
+from modeconn.training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "modeconn-test"  # the test artifact's name in a test BentoML store
@@ -150,10 +150,10 @@ def base_env(home: Path) -> dict[str, str]:
 
 
 def store_artifact(artifact_dir: Path, name: str, home: Path) -> str:
-    """Store via serving.store in a subprocess: BentoML fixes its home at first use, so an
+    """Store via modeconn.contract.store in a subprocess: BentoML fixes its home at first use, so an
     in-process store would follow whichever test touched BentoML first."""
     code = (
-        "import sys; from pathlib import Path; from serving.store import save_to_bentoml_store;"
+        "import sys; from pathlib import Path; from modeconn.contract.store import save_to_bentoml_store;"
         "print(save_to_bentoml_store(Path(sys.argv[1]), sys.argv[2], "
         "labels={'stage': 'test'}, metadata={'source': 'tests'}))"
     )
@@ -194,7 +194,7 @@ class Server:
 
 def start_server(home: Path, model: str, log: Path, **env: str) -> Server:
     port = free_port()
-    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService"]
+    cmd = [sys.executable, "-m", "bentoml", "serve", "modeconn.serving.service:ModeConnService"]
     proc = subprocess.Popen(
         [*cmd, "--port", str(port), "--host", "127.0.0.1"],
         cwd=REPO,

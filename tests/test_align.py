@@ -11,15 +11,15 @@ import pytest
 import torch
 from torch import nn
 
-from models import build_model
-from training.core.checkpoint import (
+from modeconn.models import build_model
+from modeconn.training.core.checkpoint import (
     CheckpointError,
     load_checkpoint,
     model_checkpoint,
 )
-from training.core.config import ConfigError
-from training.curves.align import align_states, apply_permutation, inverse, weight_matching
-from training.curves.permutations import PermutationSpec, PermutationSpecError, derive_spec
+from modeconn.training.core.config import ConfigError
+from modeconn.training.curves.align import align_states, apply_permutation, inverse, weight_matching
+from modeconn.training.curves.permutations import PermutationSpec, PermutationSpecError, derive_spec
 
 CIFAR = (3, 32, 32)
 # Small members of every registry family (vgg16/vgg16bn have no size knob: full size).
@@ -192,8 +192,8 @@ def test_an_op_the_walk_does_not_know_is_refused_by_name() -> None:
 
 
 def test_align_command_on_the_demo_pair(trained_pair, demo_data, tmp_path: Path) -> None:  # noqa: ANN001
-    from training.cli import main
-    from training.core.networks import load_network
+    from modeconn.training.cli import main
+    from modeconn.training.core.networks import load_network
 
     start, end = (Path(r["checkpoint"]) for r in trained_pair)
     out = tmp_path / "aligned.pt"
@@ -216,8 +216,8 @@ def test_align_command_on_the_demo_pair(trained_pair, demo_data, tmp_path: Path)
 
 
 def test_curve_align_ends_at_the_aligned_network(trained_pair, demo_config, tmp_path: Path) -> None:  # noqa: ANN001
-    from training.curves.evaluate import lines
-    from training.curves.fit import fit_curve, load_curve
+    from modeconn.training.curves.evaluate import lines
+    from modeconn.training.curves.fit import fit_curve, load_curve
 
     start, end = (Path(r["checkpoint"]) for r in trained_pair)
     config = demo_config.model_copy(update={"device": "cpu"})

@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.calibration import curve_temperature, scale
-from training.core.metrics import classification_metrics
-from training.core.networks import load_data
-from training.ensembles.calibration import (
+from modeconn.serving.calibration import curve_temperature, scale
+from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.networks import load_data
+from modeconn.training.ensembles.calibration import (
     T_MAX,
     T_MIN,
     calibrate,
@@ -105,7 +105,7 @@ def test_exported_temperatures_are_fitted_on_validation(built_artifact: Path) ->
 def test_ensemble_eval_reports_the_exporters_temperatures(built_artifact: Path, tmp_path: Path) -> None:
     """`ensemble-eval` of the artifact's member checkpoints fits the same ensemble and member
     temperatures on the same validation split as the exporter, and writes them in its CSV."""
-    from training.ensembles.evaluate import evaluate_checkpoints
+    from modeconn.training.ensembles.evaluate import evaluate_checkpoints
 
     manifest = json.loads((built_artifact / "manifest.json").read_text())
     sources = [Path(m["source"]) for m in manifest["members"]]

@@ -44,9 +44,9 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from serving.artifact import load_artifact
-from serving.openapi import inputs_schema, openapi_document
-from serving.schemas import MAX_ABS_INPUT, InputError, parse_inputs
+from modeconn.contract.artifact import load_artifact
+from modeconn.serving.openapi import inputs_schema, openapi_document
+from modeconn.serving.schemas import MAX_ABS_INPUT, InputError, parse_inputs
 from tests.support import (
     ATOL,
     MODEL,

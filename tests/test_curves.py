@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import models
-from models import build_model
-from training import cli
-from training.core.bn import recompute_bn, update_bn
-from training.core.networks import load_network
-from training.curves.model import (
+from modeconn import models
+from modeconn.models import build_model
+from modeconn.training import cli
+from modeconn.training.core.bn import recompute_bn, update_bn
+from modeconn.training.core.networks import load_network
+from modeconn.training.curves.model import (
     CurveModel,
     bezier_coefficients,
     network_at,
@@ -32,7 +32,7 @@ from training.curves.model import (
 
 REPO = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("modeconn")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "training.cli"]
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "modeconn"]
 TS = torch.linspace(0, 1, 201, dtype=torch.float64)
 
 
@@ -209,7 +209,7 @@ def test_free_start_flag_frees_the_start_point(monkeypatch: pytest.MonkeyPatch, 
         seen["config"] = config
         return {}
 
-    monkeypatch.setattr("training.curves.fit.fit_curve", fake_fit_curve)
+    monkeypatch.setattr("modeconn.training.curves.fit.fit_curve", fake_fit_curve)
     assert cli.main(["curve", "--start", "a.pt", "--end", "b.pt", "--free-start", "--out", str(tmp_path)]) == 0
     settings = seen["config"].curve
     assert settings.fix_start is False and settings.fix_end is True
@@ -420,8 +420,8 @@ def test_eval_curve_interval_of_max_minus_worse_endpoint(demo_curve: dict[str, A
     """Recomputed from curve-point checkpoints at the worst t and the worse endpoint."""
     import numpy as np
 
-    from training.core.networks import predict_probs
-    from training.curves.evaluate import save_curve_point
+    from modeconn.training.core.networks import predict_probs
+    from modeconn.training.curves.evaluate import save_curve_point
 
     ev = demo_curve["eval"]
     report = json.loads(Path(ev["json"]).read_text())

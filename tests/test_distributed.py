@@ -23,15 +23,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from training.core import distributed
-from training.core.bn import recompute_bn
-from training.core.checkpoint import load_checkpoint
-from training.core.config import ConfigError, load_config
-from training.core.networks import load_data, load_network
-from training.curves.fit import fit_curve
-from training.ensembles.fge import run_fge
-from training.ensembles.sse import run_sse
-from training.train import train_network
+from modeconn.training.core import distributed
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import load_checkpoint
+from modeconn.training.core.config import ConfigError, load_config
+from modeconn.training.core.networks import load_data, load_network
+from modeconn.training.curves.fit import fit_curve
+from modeconn.training.ensembles.fge import run_fge
+from modeconn.training.ensembles.sse import run_sse
+from modeconn.training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
@@ -299,7 +299,7 @@ def test_one_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(runs: 
 def test_commands_that_run_as_one_process_refuse_torchrun(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from training.cli import main
+    from modeconn.training.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets; the check comes before any group is joined
     assert main(["eval-curve", "nowhere"]) == 2
@@ -317,7 +317,7 @@ def test_distributed_settings_validate() -> None:
 def test_compare_jobs_2_equals_jobs_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Ind and SSE side by side in two worker processes, then FGE after its Ind run: the same
     table and the same snapshots as one after the other (one thread per run in both)."""
-    from training.ensembles.compare import compare_budgets
+    from modeconn.training.ensembles.compare import compare_budgets
 
     settings = load_config(REPO / "configs" / "mnist1d_standard.yaml", {
         "device": "cpu", "data.val_size": 0, "model.kwargs": {"width": 8}, "train.epochs": 2, "fge.start_fraction": 0.5,

@@ -14,14 +14,14 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from serving.artifact import ArtifactError, load_artifact
-from serving.errors import ModeconnError
-from training.core.bn import recompute_bn
-from training.core.checkpoint import load_checkpoint
-from training.core.networks import load_data, load_network
-from training.curves.fit import load_curve
-from training.curves.model import network_at
-from training.export import ExportError, export_artifact
+from modeconn.contract.artifact import ArtifactError, load_artifact
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import load_checkpoint
+from modeconn.training.core.networks import load_data, load_network
+from modeconn.training.curves.fit import load_curve
+from modeconn.training.curves.model import network_at
+from modeconn.training.export import ExportError, export_artifact
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,7 +120,7 @@ def test_parity_gate_refuses_and_leaves_the_folder_unchanged(small_runs: dict[st
 
 def _cli(args: list[str], home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "BENTOML_HOME": str(home)}
-    return subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "modeconn", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
@@ -164,7 +164,7 @@ def test_refuses_members_of_different_architectures(small_runs: dict[str, Path],
     state = torch.load(small_runs["net0"], weights_only=True)
     net = copy.deepcopy(state)
     net["architecture"] = {"name": "cnn1d", "kwargs": {"width": 8}}
-    from models import build_model
+    from modeconn.models import build_model
 
     net["model"] = build_model("cnn1d", num_classes=10, width=8).state_dict()
     torch.save(net, other)
@@ -177,7 +177,7 @@ def test_parity_gate_holds_each_graph_to_the_original_network(
 ) -> None:
     """A wrong export rewrite (here: 1D kernels mirrored when run as 2D; same shapes, other
     numbers) would pass a gate that compares the graph with its own export module."""
-    import training.export as export
+    import modeconn.training.export as export
 
     original = export.Conv2dOfHeight1.__init__
 
@@ -203,9 +203,9 @@ def test_curve_graph_with_too_coarse_a_bn_grid_is_refused(small_runs: dict[str, 
 def test_swa_graph_matches_its_checkpoint_with_its_own_temperature(built_artifact: Path) -> None:
     """The test artifact's swa.onnx (the average of its three members, `modeconn swa`) against
     the checkpoint's network in PyTorch; its metrics and T computed here from that network."""
-    from training.core.metrics import classification_metrics
-    from training.core.networks import predict_probs
-    from training.ensembles.calibration import fit_temperature
+    from modeconn.training.core.metrics import classification_metrics
+    from modeconn.training.core.networks import predict_probs
+    from modeconn.training.ensembles.calibration import fit_temperature
 
     manifest = json.loads((built_artifact / "manifest.json").read_text())
     swa = manifest["swa"]
@@ -234,7 +234,7 @@ def test_swa_that_is_not_one_checkpoint_of_the_members_network_is_refused(
     (tmp_path / "in").mkdir()
     other = tmp_path / "in" / "other.pt"
     state = torch.load(small_runs["net0"], weights_only=True)
-    from models import build_model
+    from modeconn.models import build_model
 
     state.update(architecture={"name": "cnn1d", "kwargs": {"width": 8}},
                  model=build_model("cnn1d", num_classes=10, width=8).state_dict())

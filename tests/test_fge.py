@@ -23,18 +23,22 @@ import numpy as np
 import pytest
 import torch
 
-from training.cli import main
-from training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
-from training.core.config import load_config
-from training.core.metrics import classification_metrics
-from training.core.networks import build_network, load_data, load_network, predict_probs
-from training.core.networks import (
+from modeconn.training.cli import main
+from modeconn.training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from modeconn.training.core.config import load_config
+from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.networks import build_network, load_data, load_network, predict_probs
+from modeconn.training.core.networks import (
     held_out_metrics as network_metrics,  # not test_*: pytest would collect it
 )
-from training.core.schedules import cosine_restart_learning_rate, fge_collects, fge_learning_rate
-from training.ensembles.fge import fge_start
-from training.ensembles.sse import run_sse
-from training.train import train_network
+from modeconn.training.core.schedules import (
+    cosine_restart_learning_rate,
+    fge_collects,
+    fge_learning_rate,
+)
+from modeconn.training.ensembles.fge import fge_start
+from modeconn.training.ensembles.sse import run_sse
+from modeconn.training.train import train_network
 
 STEPS = 29  # the demo's MNIST-1D variant: 3600 training signals (400 more held out for validation), batch 128
 CYCLE = 30  # a cycle of 1 epoch, made even in iterations
@@ -255,7 +259,7 @@ def test_fge_resume_after_sigkill_ends_with_the_same_snapshots(
     run_dir = tmp_path / "fge-killed"
     argv = ["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out", str(run_dir),
             *FGE_ARGS, *SET_ARGS]
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", *argv], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "modeconn", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     first = run_dir / "checkpoints" / "epoch-0001.pt"
     deadline = time.monotonic() + 120
@@ -318,7 +322,7 @@ def test_fge_bad_start_files_are_one_line_errors_naming_the_file(tmp_path: Path)
     torch.save(wide.state_dict(), tmp_path / "wide.pt")  # the config's model is width 8
     cases = ((tmp_path / "wide.pt", "shape mismatch"), (tmp_path / "missing.pt", "does not exist"))
     for path, words in cases:
-        proc = subprocess.run([sys.executable, "-m", "training.cli", "fge", "--from", str(path),
+        proc = subprocess.run([sys.executable, "-m", "modeconn", "fge", "--from", str(path),
                                "--out", str(tmp_path / "run"), *SET_ARGS],
                               capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         lines = proc.stderr.strip().splitlines()
@@ -479,7 +483,7 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
 
 def _check_swa_row(seed_dir: Path, row: dict[str, str]) -> None:
     """The SWA row at 2B: the mean of the first 3 FGE snapshots' weights (by hand), BN recomputed."""
-    from training.core.bn import recompute_bn
+    from modeconn.training.core.bn import recompute_bn
 
     paths = sorted((seed_dir / "fge" / "snapshots").glob("snapshot-*.pt"))[:3]
     states = [load_checkpoint(p)["model"] for p in paths]

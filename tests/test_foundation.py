@@ -23,22 +23,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.core.config import ConfigError, load_config
-from training.core.data import DataError, build_dataset, random_crop_flip
-from training.core.metrics import (
+from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from modeconn.training.core.config import ConfigError, load_config
+from modeconn.training.core.data import DataError, build_dataset, random_crop_flip
+from modeconn.training.core.metrics import (
     classification_metrics,
     error_percent,
     expected_calibration_error,
     nll,
 )
-from training.core.networks import load_network
-from training.core.schedules import paper_learning_rate
+from modeconn.training.core.networks import load_network
+from modeconn.training.core.schedules import paper_learning_rate
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d.yaml"
 _SCRIPT = Path(sys.executable).with_name("modeconn")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "training.cli"]
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "modeconn"]
 
 
 def modeconn(*args: str | Path, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -120,7 +120,7 @@ def test_mnist1d_generation_parameters_are_recorded_and_rebuild_the_data(tmp_pat
     from mnist1d.data import get_dataset_args, make_dataset
     from mnist1d.utils import ObjectView
 
-    from training.core.networks import load_data
+    from modeconn.training.core.networks import load_data
 
     overrides = {"num_samples": 1500, "train_split": 0.4, "corr_noise_scale": 0.3}
     data = build_dataset("mnist1d", root=tmp_path, val_size=100, generation=overrides)
@@ -282,14 +282,13 @@ CIFAR10_FILES = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batch
 def test_cli_prints_user_errors_in_one_line_and_bugs_with_their_traceback(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import training.train
-    from serving.errors import ModeconnError
-    from training import cli
+    from modeconn.contract.errors import ModeconnError
+    from modeconn.training import cli, train
 
     def user_mistake(*_args: Any, **_kw: Any) -> None:
         raise ConfigError("train.lr: must be positive")
 
-    monkeypatch.setattr(training.train, "train_network", user_mistake)
+    monkeypatch.setattr(train, "train_network", user_mistake)
     assert cli.main(["train", "--out", str(tmp_path / "a")]) == 2
     assert capsys.readouterr().err.strip() == "modeconn train: train.lr: must be positive"
     assert issubclass(ConfigError, ModeconnError) and issubclass(DataError, ModeconnError)
@@ -297,7 +296,7 @@ def test_cli_prints_user_errors_in_one_line_and_bugs_with_their_traceback(
     def internal_bug(*_args: Any, **_kw: Any) -> None:
         raise KeyError("num_classes")
 
-    monkeypatch.setattr(training.train, "train_network", internal_bug)
+    monkeypatch.setattr(train, "train_network", internal_bug)
     with pytest.raises(KeyError, match="num_classes"):
         cli.main(["train", "--out", str(tmp_path / "b")])
 

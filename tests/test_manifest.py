@@ -1,4 +1,4 @@
-"""The one manifest model (serving/manifest.py): what the exporter writes is exactly the model,
+"""The one manifest model (modeconn/contract/manifest.py): what the exporter writes is exactly the model,
 the loader refuses bad fields naming them, format 1 and format 2 without `swa` still load, and
 docs/manifest.md's tables are the model's JSON schema."""
 
@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from serving.artifact import load_artifact
-from serving.manifest import (
+from modeconn.contract.artifact import load_artifact
+from modeconn.contract.manifest import (
     FORMAT_VERSION,
     Manifest,
     ManifestError,
@@ -34,7 +34,7 @@ def exported(built_artifact: Path) -> dict[str, Any]:
 
 def test_docs_tables_are_the_schema() -> None:
     doc = (ROOT / "docs/manifest.md").read_text(encoding="utf-8")
-    assert with_generated_tables(doc) == doc, "run `python -m serving.manifest --write docs/manifest.md`"
+    assert with_generated_tables(doc) == doc, "run `python -m modeconn.contract.manifest --write docs/manifest.md`"
     tables = schema_markdown()
     for field in ("`parity`", "`normalization`", "`bn_interpolation`", "`kind`", "`calibration`", "`temperatures`",
                   "`swa`", "`averaged`"):
@@ -42,7 +42,7 @@ def test_docs_tables_are_the_schema() -> None:
 
 
 def test_serving_side_imports_no_torch() -> None:
-    code = "import sys, serving.manifest, serving.artifact, serving.calibration; print('torch' in sys.modules)"
+    code = "import sys, modeconn.contract.manifest, modeconn.contract.artifact, modeconn.serving.calibration; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
@@ -72,7 +72,9 @@ def test_format_2_without_swa_still_loads(exported: dict[str, Any], built_artifa
     (copy_dir / "manifest.json").write_text(json.dumps(old))
     artifact = load_artifact(copy_dir)
     assert not artifact.has_swa and artifact.swa_file is None and artifact.num_members == 3
-    from serving.openapi import openapi_document  # its document offers /predict's ensemble only
+    from modeconn.serving.openapi import (
+        openapi_document,  # its document offers /predict's ensemble only
+    )
 
     schemas = openapi_document(artifact, max_body_bytes=1 << 20)["components"]["schemas"]
     assert schemas["PredictRequest"]["properties"]["model"]["enum"] == ["ensemble"]

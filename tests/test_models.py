@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-import models
-from models import build_model
+from modeconn import models
+from modeconn.models import build_model
 
 
 def n_params(model: nn.Module) -> int:

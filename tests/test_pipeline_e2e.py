@@ -12,12 +12,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from serving.artifact import load_artifact
+from modeconn.contract.artifact import load_artifact
+from modeconn.training import readme_results
+from modeconn.training.core.checkpoint import load_checkpoint
+from modeconn.training.core.config import load_config
+from modeconn.training.core.networks import dataset_spec, load_data
 from tests.support import base_env, start_server, stop_server, wait_ready
-from training import readme_results
-from training.core.checkpoint import load_checkpoint
-from training.core.config import load_config
-from training.core.networks import dataset_spec, load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 # The demo's stages at a fraction of its budget. FGE's lr1 0.4 was chosen for a network trained
@@ -31,7 +31,7 @@ REDUCED = ["--set", "train.epochs=8", "--set", "train.save_every=4", "--set", "c
 
 def _pipeline(runs: Path, home: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "training.cli", "pipeline", "--config", "configs/mnist1d.yaml", "--device", "cpu",
+        [sys.executable, "-m", "modeconn", "pipeline", "--config", "configs/mnist1d.yaml", "--device", "cpu",
          "--runs", str(runs), "--json", *REDUCED],
         cwd=ROOT, env=base_env(home), capture_output=True, text=True, timeout=1200)
 

@@ -15,12 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from training.cli import main
-from training.core.bn import recompute_bn
-from training.core.checkpoint import model_checkpoint, save_checkpoint
-from training.core.networks import build_network, config_specs, load_network, predict_probs
-from training.curves.model import CurveModel
-from training.curves.plane import PlaneError, evaluate_plane, grid_axis, plane_basis, points_source
+from modeconn.training.cli import main
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import model_checkpoint, save_checkpoint
+from modeconn.training.core.networks import build_network, config_specs, load_network, predict_probs
+from modeconn.training.curves.model import CurveModel
+from modeconn.training.curves.plane import (
+    PlaneError,
+    evaluate_plane,
+    grid_axis,
+    plane_basis,
+    points_source,
+)
 
 ARCH = {"name": "cnn1d", "kwargs": {"width": 4}}
 

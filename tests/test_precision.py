@@ -20,13 +20,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models import build_model
-from training.cli import build_parser, config_from_args
-from training.core.checkpoint import load_checkpoint
-from training.core.config import ConfigError, StepSettings, load_config
-from training.core.data import Dataset
-from training.core.loop import FitPlan, checkpoint_path, fit
-from training.core.step import AutocastStep, autocast_dtype, step_model
+from modeconn.models import build_model
+from modeconn.training.cli import build_parser, config_from_args
+from modeconn.training.core.checkpoint import load_checkpoint
+from modeconn.training.core.config import ConfigError, StepSettings, load_config
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.loop import FitPlan, checkpoint_path, fit
+from modeconn.training.core.step import AutocastStep, autocast_dtype, step_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "configs" / "mnist1d.yaml"
@@ -72,7 +72,7 @@ def test_autocast_step_runs_the_forward_in_bf16_and_returns_fp32(demo_data: Data
 
 
 def test_a_curve_under_bf16_keeps_its_weights_and_l2_term_in_fp32() -> None:
-    from training.curves.model import CurveModel
+    from modeconn.training.curves.model import CurveModel
 
     torch.manual_seed(0)
     ends = [build_model("cnn1d", num_classes=10, width=8).state_dict() for _ in range(2)]
@@ -103,7 +103,7 @@ def test_bf16_training_of_the_demo_network_stays_near_fp32(tmp_path: Path) -> No
     full 30 epochs -0.03 pp [-0.45, +0.41], NLL +0.001 [-0.015, +0.015]: within noise. The full
     run is too long for a test; this bound catches a broken bf16 path (an fp16 loss, no fp32
     master weights, a diverging run), not a fraction of a percent."""
-    from training.train import train_network
+    from modeconn.training.train import train_network
 
     results = {}
     for precision in ("fp32", "bf16"):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from training.readme_results import main, replace_section
+from modeconn.training.readme_results import main, replace_section
 
 README = """# project
 

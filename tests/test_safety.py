@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from serving.artifact import load_artifact
-from serving.errors import ModeconnError
-from training.core.checkpoint import load_checkpoint
-from training.core.config import load_config
-from training.core.runs import (
+from modeconn.contract.artifact import load_artifact
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core.checkpoint import load_checkpoint
+from modeconn.training.core.config import load_config
+from modeconn.training.core.runs import (
     MARKER,
     RunDirError,
     artifact_target_problem,
@@ -31,13 +31,13 @@ from training.core.runs import (
     folder_kind,
     write_marker,
 )
-from training.export import ExportError, export_artifact
-from training.train import train_network
+from modeconn.training.export import ExportError, export_artifact
+from modeconn.training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d.yaml"
 _SCRIPT = Path(sys.executable).with_name("modeconn")
-CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "training.cli"]
+CLI = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "modeconn"]
 TINY = {"model.kwargs.width": 8, "train.epochs": 2, "train.save_every": 1, "fge.start_fraction": 0.5,
         "curve.epochs": 1, "curve.save_every": 1, "fge.cycle_epochs": 1, "fge.epochs": 1,
         "sse.cycle_epochs": 1, "sse.epochs": 1}
@@ -121,9 +121,9 @@ def test_train_force_deletes_its_own_files_and_keeps_a_foreign_one(tiny_run: Pat
 @pytest.mark.parametrize("command", ["curve", "fge", "sse"])
 def test_curve_fge_sse_force_keep_a_foreign_file(command: str, tiny_run: Path, tmp_path: Path) -> None:
     """--force over a marked run folder (here: a train run) clears the tool's files, keeps thesis.tex."""
-    from training.curves.fit import fit_curve
-    from training.ensembles.fge import run_fge
-    from training.ensembles.sse import run_sse
+    from modeconn.training.curves.fit import fit_curve
+    from modeconn.training.ensembles.fge import run_fge
+    from modeconn.training.ensembles.sse import run_sse
 
     run_dir = copy_run(tiny_run, tmp_path / command)
     (run_dir / "thesis.tex").write_bytes(THESIS)
@@ -350,7 +350,7 @@ def test_export_replaces_only_an_artifact_with_nothing_else_inside(tiny_run: Pat
 
 
 def test_curve_point_out_never_replaces_a_run_file_or_a_users_file(tmp_path: Path, tiny_run: Path) -> None:
-    from training.curves.evaluate import save_curve_point
+    from modeconn.training.curves.evaluate import save_curve_point
 
     run_dir = copy_run(tiny_run, tmp_path / "run")
     (run_dir / "thesis.tex").write_bytes(THESIS)
@@ -371,7 +371,7 @@ def test_reports_never_overwrite_a_users_file(tiny_run: Path, tmp_path: Path) ->
     assert_refused(modeconn("eval-curve", tiny_run, "--out", mine, "--device", "cpu"), mine, "curve.png")
     assert_refused(modeconn("ensemble-eval", tiny_run, "--out", mine, "--device", "cpu"), mine, "ensemble.json")
     assert snapshot(mine) == before
-    from training.ensembles.evaluate import evaluate_checkpoints
+    from modeconn.training.ensembles.evaluate import evaluate_checkpoints
 
     fresh = tmp_path / "reports"
     first = evaluate_checkpoints([tiny_run], device="cpu", out_dir=fresh)

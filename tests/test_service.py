@@ -31,10 +31,10 @@ import pytest
 import requests
 import yaml
 
-from serving import nchwc
-from serving.artifact import ArtifactError, file_record, load_artifact
-from serving.batching import BatchSettings, MicroBatcher
-from serving.schemas import InputError
+from modeconn.contract.artifact import ArtifactError, file_record, load_artifact
+from modeconn.serving import nchwc
+from modeconn.serving.batching import BatchSettings, MicroBatcher
+from modeconn.serving.schemas import InputError
 from tests.support import (
     ATOL,
     ENDPOINT_MEMBERS,
@@ -271,7 +271,7 @@ def test_served_calibrated_probabilities_equal_offline(server: Server, offline: 
     same graphs' outputs (≤ 1e-6); "calibrated": false answers the graphs' raw output."""
     import torch
 
-    from training.ensembles.calibration import calibrate, interpolated_temperature
+    from modeconn.training.ensembles.calibration import calibrate, interpolated_temperature
 
     def offline_calibrated(raw: np.ndarray, temperature: float) -> np.ndarray:
         return calibrate(torch.from_numpy(raw), temperature).numpy()
@@ -790,8 +790,8 @@ def test_bentoml_build_lists_the_model(artifact_dir: Path, tmp_path: Path) -> No
 def test_fixed_t_sessions_equal_the_curve_graph_and_the_cache_is_bounded(
     artifact_dir: Path, offline: Offline
 ) -> None:
-    from serving.fixed_t import CurveSplit
-    from serving.runtime import Runtime, SessionSettings
+    from modeconn.serving.fixed_t import CurveSplit
+    from modeconn.serving.runtime import Runtime, SessionSettings
 
     artifact = load_artifact(artifact_dir)
     runtime = Runtime(artifact, ["CPUExecutionProvider"], SessionSettings(0, False), curve_cache=3)
@@ -868,7 +868,7 @@ def test_new_t_runs_on_nchwc_convolutions_as_accurately_as_curve_onnx(
     evaluation of curve.onnx: no further from it than curve.onnx itself, + 1e-6."""
     import onnx
 
-    from serving.runtime import Runtime, SessionSettings
+    from modeconn.serving.runtime import Runtime, SessionSettings
 
     block = nchwc.block_size()
     if block is None:
@@ -921,7 +921,7 @@ def _image_bytes(pixels: np.ndarray, fmt: str, **kw: Any) -> bytes:
 
 def test_png_and_jpeg_decode_to_what_training_feeds() -> None:
     """Training feeds uint8 / 255 (training/data.py); the graphs normalise themselves."""
-    from serving import encodings
+    from modeconn.serving import encodings
 
     rng = np.random.default_rng(14)
     rgb = rng.integers(0, 256, size=(8, 6, 3), dtype=np.uint8)  # H = 8, W = 6
@@ -942,7 +942,7 @@ def test_png_and_jpeg_decode_to_what_training_feeds() -> None:
 
 
 def test_bad_images_are_refused_naming_the_problem() -> None:
-    from serving import encodings
+    from modeconn.serving import encodings
 
     rgb = np.zeros((8, 8, 3), np.uint8)
     rgba = np.zeros((8, 8, 4), np.uint8)
@@ -1054,7 +1054,7 @@ def test_batcher_runs_a_lone_request_at_once_and_batches_what_waits_meanwhile() 
 
 
 def test_session_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.runtime import SessionSettings
+    from modeconn.serving.runtime import SessionSettings
 
     monkeypatch.delenv("MODECONN_ORT_THREADS", raising=False)
     monkeypatch.delenv("MODECONN_ORT_SPINNING", raising=False)
@@ -1068,7 +1068,7 @@ def test_session_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_env_flags_are_read_one_way_and_refuse_unknown_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.env import env_flag
+    from modeconn.serving.env import env_flag
 
     monkeypatch.delenv("MODECONN_BATCHING", raising=False)
     assert env_flag("MODECONN_BATCHING", True) is True and env_flag("MODECONN_BATCHING", False) is False
@@ -1083,7 +1083,7 @@ def test_env_flags_are_read_one_way_and_refuse_unknown_values(monkeypatch: pytes
 
 
 def test_service_settings_are_one_object_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from serving.settings import ServiceSettings, SettingsError
+    from modeconn.serving.settings import ServiceSettings, SettingsError
 
     for name in list(os.environ):
         if name.startswith("MODECONN_"):

@@ -30,8 +30,8 @@ import pytest
 import requests
 from onnx import TensorProto, helper, numpy_helper
 
-from serving.artifact import ArtifactError, file_record, load_artifact
-from serving.env import env_int
+from modeconn.contract.artifact import ArtifactError, file_record, load_artifact
+from modeconn.serving.env import env_int
 from tests.support import (
     ATOL,
     REPO,
@@ -106,7 +106,7 @@ CORRUPTIONS: list[tuple[str, Callable[[Path], None], list[str]]] = [
 
 def _serve_until_exit(home: Path, model: str, log: Path) -> tuple[int, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "bentoml", "serve", "serving.service:ModeConnService"]
+    cmd = [sys.executable, "-m", "bentoml", "serve", "modeconn.serving.service:ModeConnService"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [*cmd, "--port", str(port), "--host", "127.0.0.1"],

@@ -32,6 +32,7 @@ import requests
 import torch
 from PIL import Image
 
+from modeconn.training.core.networks import load_network
 from tests.support import (
     CIFAR10_CLASSES,
     ImageArtifact,
@@ -43,7 +44,6 @@ from tests.support import (
     store_artifact,
     wait_all_ready,
 )
-from training.core.networks import load_network
 
 MODEL = "modeconn-test-images"
 SPEC = ImageArtifact(members=2, depth=8, train=200, test=64, val_size=50)

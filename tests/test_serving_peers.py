@@ -16,8 +16,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import serving_peers as sp  # noqa: E402
 
+from modeconn.training.core.data import build_dataset  # noqa: E402
 from tests.support import write_cifar10  # noqa: E402
-from training.core.data import build_dataset  # noqa: E402
 
 
 def test_synthetic_cifar10_loads_with_the_real_loader(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.core import statistics as st
-from training.core.metrics import brier_score, classification_metrics
+from modeconn.training.core import statistics as st
+from modeconn.training.core.metrics import brier_score, classification_metrics
 
 
 def percentile_by_hand(values: list[float], q: float) -> float:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.cli import main
-from training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
-from training.core.networks import build_network, config_specs, load_network
-from training.ensembles.swa import SWAError, run_swa
+from modeconn.training.cli import main
+from modeconn.training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from modeconn.training.core.networks import build_network, config_specs, load_network
+from modeconn.training.ensembles.swa import SWAError, run_swa
 
 ARCH = {"name": "cnn1d", "kwargs": {"width": 4}}
 
@@ -137,8 +137,8 @@ def test_pipeline_reuses_swa_only_for_the_same_snapshot_contents(dataset: dict, 
     """The pipeline's SWA stage (training/pipeline.py) keeps RUNS/swa/swa.pt on a rerun only while
     the FGE snapshots are the files it averaged, with the same bytes: `modeconn fge --force`
     rewrites them under the same names."""
-    from serving.artifact import file_sha256
-    from training.pipeline import _finished_swa
+    from modeconn.contract.artifact import file_sha256
+    from modeconn.training.pipeline import _finished_swa
 
     members = [_member(tmp_path / "fge" / "snapshots" / f"snapshot-{k + 1:03d}.pt", k, dataset) for k in range(2)]
     out = tmp_path / "swa" / "swa.pt"

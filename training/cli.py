@@ -14,9 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.errors import ModeconnError
-from training.core import distributed
-from training.core.config import Config, ConfigError, load_config, parse_set_overrides
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core import distributed
+from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides
 
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
@@ -73,7 +73,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
-    from training.train import train_network
+    from modeconn.training.train import train_network
 
     config = config_from_args(args, {"train.epochs": args.epochs, "train.lr": args.lr})
     return train_network(config, run_dir_from_args(args, config), resume=args.resume, force=args.force)
@@ -99,7 +99,7 @@ def _add_curve(sub: argparse._SubParsersAction) -> None:
 
 
 def _curve(args: argparse.Namespace) -> dict[str, Any]:
-    from training.curves.fit import fit_curve
+    from modeconn.training.curves.fit import fit_curve
 
     config = config_from_args(args, {
         "curve.curve": args.curve, "curve.num_bends": args.num_bends, "curve.epochs": args.epochs,
@@ -126,7 +126,7 @@ def _add_align(sub: argparse._SubParsersAction) -> None:
 
 
 def _align(args: argparse.Namespace) -> dict[str, Any]:
-    from training.curves.align import align_checkpoints
+    from modeconn.training.curves.align import align_checkpoints
 
     return align_checkpoints(args.start, args.end, args.out, seed=args.seed)
 
@@ -142,7 +142,7 @@ def _add_eval_curve(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval_curve(args: argparse.Namespace) -> dict[str, Any]:
-    from training.curves.evaluate import evaluate_curve
+    from modeconn.training.curves.evaluate import evaluate_curve
 
     if args.points < 2:
         raise ConfigError(f"--points must be at least 2, got {args.points}")
@@ -160,7 +160,7 @@ def _add_curve_point(sub: argparse._SubParsersAction) -> None:
 
 
 def _curve_point(args: argparse.Namespace) -> dict[str, Any]:
-    from training.curves.evaluate import save_curve_point
+    from modeconn.training.curves.evaluate import save_curve_point
 
     return save_curve_point(args.run, args.t, args.out, device=args.device)
 
@@ -188,7 +188,7 @@ def _add_plane(sub: argparse._SubParsersAction) -> None:
 
 
 def _plane(args: argparse.Namespace) -> dict[str, Any]:
-    from training.curves.plane import make_plane
+    from modeconn.training.curves.plane import make_plane
 
     return make_plane(args.run, args.points, grid=args.grid, margin=args.margin, out_dir=args.out, device=args.device,
                       split=args.split)
@@ -213,7 +213,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
-    from training.export import export_artifact
+    from modeconn.training.export import export_artifact
 
     merged = {"export.name": args.name, "export.bn_grid_points": args.bn_grid_points, **parse_set_overrides(args.set)}
     settings = load_config(args.config, merged).export
@@ -246,7 +246,7 @@ def _add_fge(sub: argparse._SubParsersAction) -> None:
 
 
 def _fge(args: argparse.Namespace) -> dict[str, Any]:
-    from training.ensembles.fge import run_fge
+    from modeconn.training.ensembles.fge import run_fge
 
     config = config_from_args(args, {
         "fge.cycle_epochs": args.cycle, "fge.lr1": args.lr1, "fge.lr2": args.lr2, "fge.epochs": args.epochs,
@@ -265,7 +265,7 @@ def _add_sse(sub: argparse._SubParsersAction) -> None:
 
 
 def _sse(args: argparse.Namespace) -> dict[str, Any]:
-    from training.ensembles.sse import run_sse
+    from modeconn.training.ensembles.sse import run_sse
 
     config = config_from_args(args, {"sse.cycle_epochs": args.cycle, "sse.lr": args.lr, "sse.epochs": args.epochs})
     return run_sse(config, run_dir_from_args(args, config), resume=args.resume, force=args.force)
@@ -286,7 +286,7 @@ def _add_ensemble_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _ensemble_eval(args: argparse.Namespace) -> dict[str, Any]:
-    from training.ensembles.evaluate import evaluate_checkpoints
+    from modeconn.training.ensembles.evaluate import evaluate_checkpoints
 
     return evaluate_checkpoints(args.checkpoints, device=args.device, out_dir=args.out)
 
@@ -308,7 +308,7 @@ def _add_swa(sub: argparse._SubParsersAction) -> None:
 
 
 def _swa(args: argparse.Namespace) -> dict[str, Any]:
-    from training.ensembles.swa import run_swa
+    from modeconn.training.ensembles.swa import run_swa
 
     return run_swa(args.sources, args.out, device=args.device)
 
@@ -330,7 +330,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
-    from training.ensembles.compare import compare_budgets
+    from modeconn.training.ensembles.compare import compare_budgets
 
     config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
     return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args))
@@ -362,7 +362,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 
 
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
-    from training.pipeline import run_pipeline
+    from modeconn.training.pipeline import run_pipeline
 
     config = load_config(args.config, {"seed": args.seed, "device": args.device, **_step_overrides(args),
                                        **parse_set_overrides(args.set)})

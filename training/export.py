@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from serving.artifact import MANIFEST_NAME, file_record, load_artifact
-from serving.errors import ModeconnError
-from serving.manifest import (
+from modeconn.contract.artifact import MANIFEST_NAME, file_record, load_artifact
+from modeconn.contract.errors import ModeconnError
+from modeconn.contract.manifest import (
     FORMAT_VERSION,
     Architecture,
     BnInterpolation,
@@ -47,17 +47,17 @@ from serving.manifest import (
     Parity,
     Swa,
 )
-from training.core import progress
-from training.core.bn import recompute_bn
-from training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-from training.core.data import Dataset, normalization_tensors
-from training.core.metrics import classification_metrics
-from training.core.networks import load_data, load_network, predict_probs
-from training.core.runs import artifact_target_problem, write_marker
-from training.core.sources import check_same_network, run_members
-from training.curves.fit import load_curve
-from training.curves.model import COEFFICIENTS, CurveModel, even_ts, network_at
-from training.ensembles.calibration import calibration_report, grid_temperatures
+from modeconn.training.core import progress
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from modeconn.training.core.data import Dataset, normalization_tensors
+from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.networks import load_data, load_network, predict_probs
+from modeconn.training.core.runs import artifact_target_problem, write_marker
+from modeconn.training.core.sources import check_same_network, run_members
+from modeconn.training.curves.fit import load_curve
+from modeconn.training.curves.model import COEFFICIENTS, CurveModel, even_ts, network_at
+from modeconn.training.ensembles.calibration import calibration_report, grid_temperatures
 
 OPSET = 18
 DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
@@ -350,7 +350,7 @@ def export_artifact(
             _replace_folder(work, Path(out), [*paths, *([swa] if swa else [])])
             where = {"folder": str(out)}
         else:
-            from serving.store import save_to_bentoml_store
+            from modeconn.contract.store import save_to_bentoml_store
 
             labels = {"architecture": first["architecture"]["name"], "dataset": info["name"],
                       "members": str(len(nets)), "curve": curve.curve if curve is not None else "none",

@@ -19,22 +19,22 @@ from typing import Any
 
 from rich.table import Table
 
-from serving.artifact import file_sha256
-from training.core import progress, provenance, statistics
-from training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
-from training.core.config import Config
-from training.core.distributed import Job, run_jobs
-from training.core.loop import checkpoint_path, resolve_device
-from training.core.metrics import classification_metrics
-from training.core.runs import claim_folder
-from training.curves.evaluate import evaluate_curve
-from training.curves.fit import fit_curve
-from training.ensembles.evaluate import ensemble_probs, expand_members, predict_members
-from training.ensembles.fge import run_fge
-from training.ensembles.snapshots import finished_snapshot_run
-from training.ensembles.swa import run_swa
-from training.export import export_artifact
-from training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
+from modeconn.contract.artifact import file_sha256
+from modeconn.training.core import progress, provenance, statistics
+from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
+from modeconn.training.core.config import Config
+from modeconn.training.core.distributed import Job, run_jobs
+from modeconn.training.core.loop import checkpoint_path, resolve_device
+from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.runs import claim_folder
+from modeconn.training.curves.evaluate import evaluate_curve
+from modeconn.training.curves.fit import fit_curve
+from modeconn.training.ensembles.evaluate import ensemble_probs, expand_members, predict_members
+from modeconn.training.ensembles.fge import run_fge
+from modeconn.training.ensembles.snapshots import finished_snapshot_run
+from modeconn.training.ensembles.swa import run_swa
+from modeconn.training.export import export_artifact
+from modeconn.training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
 
 def _stage(name: str, skip: dict[str, Any] | None, run: Any, skipped: list[str]) -> dict[str, Any]:

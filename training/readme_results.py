@@ -18,8 +18,8 @@ import re
 import sys
 from pathlib import Path
 
-from serving.errors import ModeconnError
-from training.core.checkpoint import atomic_write_text
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core.checkpoint import atomic_write_text
 
 SECTIONS = ("demo", "compare")
 DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md")}

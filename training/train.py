@@ -6,11 +6,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training.core import distributed, progress
-from training.core.checkpoint import model_checkpoint, read_finished, save_checkpoint
-from training.core.config import Config
-from training.core.loop import FitPlan, fit
-from training.core.networks import (
+from modeconn.training.core import distributed, progress
+from modeconn.training.core.checkpoint import model_checkpoint, read_finished, save_checkpoint
+from modeconn.training.core.config import Config
+from modeconn.training.core.loop import FitPlan, fit
+from modeconn.training.core.networks import (
     dataset_spec,
     epoch_metrics,
     fresh_network,
@@ -18,8 +18,8 @@ from training.core.networks import (
     load_data,
     stage_device,
 )
-from training.core.runs import prepare_run_dir
-from training.core.schedules import paper_learning_rate
+from modeconn.training.core.runs import prepare_run_dir
+from modeconn.training.core.schedules import paper_learning_rate
 
 
 def fge_start_epoch(config: Config) -> int:

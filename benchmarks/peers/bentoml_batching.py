@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import AfterValidator
 
 from benchmarks.peers.common import Model, env_int
-from serving.batching import BatchSettings, MicroBatcher
+from modeconn.serving.batching import BatchSettings, MicroBatcher
 
 MAX_ROWS = env_int("PEER_MAX_BATCH_ROWS", 1024)
 MAX_LATENCY_MS = 60_000

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from serving.artifact import load_artifact
-from serving.runtime import summarize
+from modeconn.contract.artifact import load_artifact
+from modeconn.serving.runtime import summarize
 
 BINARY = "application/octet-stream"
 

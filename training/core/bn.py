@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from training.core import distributed
-from training.core.data import Dataset, eval_batches
+from modeconn.training.core import distributed
+from modeconn.training.core.data import Dataset, eval_batches
 
 
 def has_batchnorm(model: nn.Module) -> bool:

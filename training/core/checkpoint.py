@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from serving.errors import ModeconnError
+from modeconn.contract.errors import ModeconnError
 
 FORMAT = "modeconn-checkpoint"
 VERSION = 1
@@ -26,7 +26,7 @@ def atomic_write_bytes(path: str | Path, payload: bytes) -> None:
 
     Under torchrun only rank 0 writes; a write from another rank is a bug, refused loudly.
     """
-    from training.core.distributed import rank
+    from modeconn.training.core.distributed import rank
 
     if rank() != 0:
         raise RuntimeError(f"rank {rank()} tried to write {path}: only rank 0 writes files")

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from serving.errors import ModeconnError
+from modeconn.contract.errors import ModeconnError
 
 
 class ConfigError(ModeconnError):

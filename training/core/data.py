@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serving.errors import ModeconnError
-from training.core.checkpoint import atomic_write_bytes
-from training.core.distributed import shard_bounds
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core.checkpoint import atomic_write_bytes
+from modeconn.training.core.distributed import shard_bounds
 
 
 class DataError(ModeconnError):

@@ -29,34 +29,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.core import step
-from training.core.config import ConfigError
+from modeconn.training.core import step
+from modeconn.training.core.config import ConfigError
 
-
-def launched() -> bool:
-    """True in a process that torchrun started as one of several ranks."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
-def rank_from_env() -> int:
-    """torchrun's RANK (0 outside torchrun), also after the process group is gone."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def active() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def rank() -> int:
-    return dist.get_rank() if active() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if active() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
+# the rank queries live in ranks.py (progress needs them without the rest); re-exported here
+from modeconn.training.core.ranks import (  # noqa: F401
+    active,
+    is_main,
+    launched,
+    rank,
+    rank_from_env,
+    world_size,
+)
 
 
 def setup(device: torch.device, backend: str = "auto") -> torch.device:

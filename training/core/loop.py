@@ -28,10 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.core import distributed, monitor, progress, step
-from training.core.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
-from training.core.config import ConfigError, StepSettings
-from training.core.data import Dataset, iterations_per_epoch, train_batches
+from modeconn.training.core import distributed, monitor, progress, step
+from modeconn.training.core.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from modeconn.training.core.config import ConfigError, StepSettings
+from modeconn.training.core.data import Dataset, iterations_per_epoch, train_batches
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 _EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt$")

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from training.core import distributed
-from training.core.config import ConfigError
+from modeconn.training.core import distributed
+from modeconn.training.core.config import ConfigError
 
 EpochLogger = Callable[[dict[str, Any]], None]
 

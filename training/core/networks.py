@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from models import ModelSpecError, build_model
-from training.core import distributed
-from training.core.checkpoint import CheckpointError, load_checkpoint
-from training.core.config import Config, ConfigError
-from training.core.data import Dataset, build_dataset, eval_batches
-from training.core.loop import resolve_device
-from training.core.metrics import classification_metrics
+from modeconn.models import ModelSpecError, build_model
+from modeconn.training.core import distributed
+from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint
+from modeconn.training.core.config import Config, ConfigError
+from modeconn.training.core.data import Dataset, build_dataset, eval_batches
+from modeconn.training.core.loop import resolve_device
+from modeconn.training.core.metrics import classification_metrics
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from training.core import distributed
+from modeconn.training.core import ranks
 
 console = Console(stderr=True, highlight=False)
 _display: Progress | None = None
@@ -43,7 +43,7 @@ def display() -> Iterator[Progress]:
 @contextlib.contextmanager
 def task(description: str, total: int, transient: bool = True) -> Iterator[Callable[..., None]]:
     """A bar with `total` steps; yields `advance(steps=1, status="")`."""
-    if not console.is_terminal or not distributed.is_main():  # logs and CI: epoch lines only, no redrawn bars
+    if not console.is_terminal or not ranks.is_main():  # logs and CI: epoch lines only, no redrawn bars
         yield lambda steps=1, status="": None
         return
     with display() as progress:
@@ -61,6 +61,6 @@ def task(description: str, total: int, transient: bool = True) -> Iterator[Calla
 
 def log(message: str) -> None:
     """A line above the bars (one per epoch, stage summaries)."""
-    if not distributed.is_main():
+    if not ranks.is_main():
         return
     console.print(message, soft_wrap=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from training.core import statistics
+from modeconn.training.core import statistics
 
 
 def cpu_model() -> str:

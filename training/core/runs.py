@@ -23,15 +23,15 @@ from typing import Any
 import yaml
 from rich.markup import escape
 
-from serving.errors import ModeconnError
-from training.core import distributed, progress
-from training.core.checkpoint import (
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core import distributed, progress
+from modeconn.training.core.checkpoint import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
 )
-from training.core.config import Config
+from modeconn.training.core.config import Config
 
 MARKER = ".modeconn.json"
 _MARKER_FORMAT = "modeconn-folder"

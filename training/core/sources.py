@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from serving.errors import ModeconnError
+from modeconn.contract.errors import ModeconnError
 
 
 def run_members(path: Path, error: type[ModeconnError]) -> list[Path]:

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.core import progress
-from training.core.config import ConfigError, StepSettings
+from modeconn.training.core import progress
+from modeconn.training.core.config import ConfigError, StepSettings
 
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

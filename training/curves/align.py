@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from training.core import progress
-from training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.core.networks import build_network, weights_mismatch
-from training.curves.permutations import PermutationSpec, derive_spec, example_input
+from modeconn.training.core import progress
+from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from modeconn.training.core.networks import build_network, weights_mismatch
+from modeconn.training.curves.permutations import PermutationSpec, derive_spec, example_input
 
 TRAINING_STATE = ("optimizer", "rng", "rng_ranks", "epoch", "iteration")
 Permutation = dict[str, torch.Tensor]  # group -> index tensor: aligned[i] = original[perm[i]]
@@ -178,7 +178,7 @@ def align_states(a: dict[str, Any], b: dict[str, Any], a_path: str | Path = "A",
 def align_checkpoints(start: Path, end: Path, out: Path, seed: int = 0) -> dict[str, Any]:
     """`modeconn align`: write `end` permuted to match `start` as an ordinary checkpoint at `out`
     (B's fields, its weights permuted, plus an `alignment` record)."""
-    from training.core.runs import check_replaceable_checkpoint
+    from modeconn.training.core.runs import check_replaceable_checkpoint
 
     check_replaceable_checkpoint(out, "aligned")  # never over a user's file or a run's own checkpoint
     started = time.perf_counter()

@@ -22,19 +22,23 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.core import progress, statistics
-from training.core.bn import recompute_bn
-from training.core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from training.core.config import ConfigError
-from training.core.data import Dataset
-from training.core.loop import resolve_device
-from training.core.metrics import classification_metrics
-from training.core.networks import load_data, predict_probs
-from training.core.parallel import map_side_by_side, workers_for
-from training.core.reports import csv_text, png_bytes, pyplot
-from training.core.runs import check_report_folder
-from training.curves.fit import curve_file, load_curve
-from training.curves.model import CurveModel, even_ts, network_at
+from modeconn.training.core import progress, statistics
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from modeconn.training.core.config import ConfigError
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.loop import resolve_device
+from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.networks import load_data, predict_probs
+from modeconn.training.core.parallel import map_side_by_side, workers_for
+from modeconn.training.core.reports import csv_text, png_bytes, pyplot
+from modeconn.training.core.runs import check_report_folder
+from modeconn.training.curves.fit import curve_file, load_curve
+from modeconn.training.curves.model import CurveModel, even_ts, network_at
 
 PATHS = ("curve", "line", "aligned_line")  # the line to the end permuted to match the start (training/curves/align.py)
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")
@@ -45,8 +49,8 @@ def lines(curve: CurveModel, state: dict[str, Any]) -> tuple[CurveModel, CurveMo
     """(the line from the start to the unaligned end, the line to the end aligned to the start,
     the alignment record). A curve fitted with --align ends at the aligned end: its unaligned end
     is that end with the recorded permutations undone; otherwise the end is aligned here."""
-    from training.curves.align import apply_permutation, inverse, weight_matching
-    from training.curves.permutations import derive_spec, example_input
+    from modeconn.training.curves.align import apply_permutation, inverse, weight_matching
+    from modeconn.training.curves.permutations import derive_spec, example_input
 
     points = curve.control_points().cpu()
     start, end = curve.unflatten(points[0]), curve.unflatten(points[-1])
@@ -226,9 +230,9 @@ def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: 
 
 def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> dict[str, Any]:
     """φ(t) with BN recomputed, saved as an ordinary checkpoint of the base architecture."""
-    from training.core.checkpoint import model_checkpoint, save_checkpoint
-    from training.core.networks import held_out_metrics
-    from training.core.runs import check_replaceable_checkpoint
+    from modeconn.training.core.checkpoint import model_checkpoint, save_checkpoint
+    from modeconn.training.core.networks import held_out_metrics
+    from modeconn.training.core.runs import check_replaceable_checkpoint
 
     if not 0.0 <= t <= 1.0:
         raise ConfigError(f"--t must lie in [0, 1], got {t}")

@@ -17,15 +17,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.core import distributed, progress
-from training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from training.core.config import Config, ConfigError
-from training.core.loop import FitPlan, fit
-from training.core.networks import build_network, load_data, stage_device
-from training.core.runs import prepare_run_dir
-from training.core.schedules import paper_learning_rate
-from training.core.sources import check_same_network
-from training.curves.model import CurveModel
+from modeconn.training.core import distributed, progress
+from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from modeconn.training.core.config import Config, ConfigError
+from modeconn.training.core.loop import FitPlan, fit
+from modeconn.training.core.networks import build_network, load_data, stage_device
+from modeconn.training.core.runs import prepare_run_dir
+from modeconn.training.core.schedules import paper_learning_rate
+from modeconn.training.core.sources import check_same_network
+from modeconn.training.curves.model import CurveModel
 
 
 def _endpoint(path: Path) -> dict[str, Any]:
@@ -38,7 +38,7 @@ def _endpoint(path: Path) -> dict[str, Any]:
 def _aligned_end(w0: dict[str, Any], w1: dict[str, Any], start: Path, end: Path, run_dir: Path) -> dict[str, Any]:
     """`curve --align`: w1 permuted to match w0, saved as RUN/aligned-end.pt. Every rank computes it
     (deterministic, seconds), so none waits on a file; rank 0 writes it."""
-    from training.curves.align import TRAINING_STATE, align_states
+    from modeconn.training.curves.align import TRAINING_STATE, align_states
 
     aligned, record = align_states(w0, w1, start, end)
     state = {**{k: v for k, v in w1.items() if k not in TRAINING_STATE}, "kind": "aligned", "model": aligned,

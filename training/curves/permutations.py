@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from serving.errors import ModeconnError
+from modeconn.contract.errors import ModeconnError
 
 
 class PermutationSpecError(ModeconnError):

@@ -39,20 +39,24 @@ import torch
 from torch import nn
 from torch.nn.utils import vector_to_parameters
 
-from serving.errors import ModeconnError
-from training.core import progress
-from training.core.bn import has_batchnorm, recompute_bn
-from training.core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from training.core.data import Dataset
-from training.core.loop import resolve_device
-from training.core.metrics import error_percent, nll
-from training.core.networks import load_data, load_network, predict_probs
-from training.core.parallel import map_side_by_side, workers_for
-from training.core.reports import csv_text, png_bytes, pyplot
-from training.core.runs import check_report_folder
-from training.core.sources import check_same_network
-from training.curves.fit import curve_file, load_curve
-from training.curves.model import CurveModel, flatten_parameters, network_at
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core import progress
+from modeconn.training.core.bn import has_batchnorm, recompute_bn
+from modeconn.training.core.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.loop import resolve_device
+from modeconn.training.core.metrics import error_percent, nll
+from modeconn.training.core.networks import load_data, load_network, predict_probs
+from modeconn.training.core.parallel import map_side_by_side, workers_for
+from modeconn.training.core.reports import csv_text, png_bytes, pyplot
+from modeconn.training.core.runs import check_report_folder
+from modeconn.training.core.sources import check_same_network
+from modeconn.training.curves.fit import curve_file, load_curve
+from modeconn.training.curves.model import CurveModel, flatten_parameters, network_at
 
 OUTPUTS = ("plane.json", "plane.csv", "plane.npz", "plane.png")
 METRICS = ("train_loss", "train_nll", "train_error", "test_nll", "test_error")

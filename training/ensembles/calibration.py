@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
 
-from training.core.metrics import classification_metrics
+from modeconn.training.core.metrics import classification_metrics
 
 T_MIN, T_MAX = 0.05, 20.0
 LOG_T_TOLERANCE = 1e-5  # the search's resolution in log T (relative resolution of T)
@@ -61,7 +61,7 @@ def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, bounds: tuple[flo
 def calibration_report(val_probs: torch.Tensor, y_val: torch.Tensor, test_probs: torch.Tensor,
                        y_test: torch.Tensor) -> dict[str, Any]:
     """T fitted on validation; raw and calibrated NLL on validation; calibrated test metrics
-    (the manifest's `Calibration` fields, serving/manifest.py)."""
+    (the manifest's `Calibration` fields, modeconn/contract/manifest.py)."""
     temperature = fit_temperature(val_probs, y_val)
     logp = log_probs(val_probs)
     return {

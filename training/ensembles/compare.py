@@ -32,29 +32,29 @@ import numpy as np
 import torch
 import yaml
 
-from training.core import progress, provenance, statistics
-from training.core.checkpoint import atomic_write_json, atomic_write_text
-from training.core.config import Config, ConfigError
-from training.core.data import Dataset, iterations_per_epoch
-from training.core.distributed import Job, run_jobs
-from training.core.loop import checkpoint_path, resolve_device
-from training.core.metrics import classification_metrics
-from training.core.networks import dataset_spec, load_data, predict_probs
-from training.core.reports import csv_text
-from training.core.runs import RunDirError, claim_folder
-from training.core.schedules import even_cycle_iterations
-from training.ensembles.calibration import calibrated_columns, calibration_report
-from training.ensembles.evaluate import (
+from modeconn.training.core import progress, provenance, statistics
+from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text
+from modeconn.training.core.config import Config, ConfigError
+from modeconn.training.core.data import Dataset, iterations_per_epoch
+from modeconn.training.core.distributed import Job, run_jobs
+from modeconn.training.core.loop import checkpoint_path, resolve_device
+from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.networks import dataset_spec, load_data, predict_probs
+from modeconn.training.core.reports import csv_text
+from modeconn.training.core.runs import RunDirError, claim_folder
+from modeconn.training.core.schedules import even_cycle_iterations
+from modeconn.training.ensembles.calibration import calibrated_columns, calibration_report
+from modeconn.training.ensembles.evaluate import (
     ensemble_probs,
     expand_members,
     predict_members,
     split_prefixed,
 )
-from training.ensembles.fge import run_fge
-from training.ensembles.snapshots import finished_snapshot_run
-from training.ensembles.sse import run_sse
-from training.ensembles.swa import swa_network
-from training.train import fge_start_epoch, train_or_reuse
+from modeconn.training.ensembles.fge import run_fge
+from modeconn.training.ensembles.snapshots import finished_snapshot_run
+from modeconn.training.ensembles.sse import run_sse
+from modeconn.training.ensembles.swa import swa_network
+from modeconn.training.train import fge_start_epoch, train_or_reuse
 
 METHODS = ("Ind", "SSE", "FGE", "SWA")
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50

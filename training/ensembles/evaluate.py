@@ -14,17 +14,21 @@ from typing import Any
 
 import torch
 
-from serving.errors import ModeconnError
-from training.core import progress, statistics
-from training.core.checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
-from training.core.data import Dataset
-from training.core.loop import resolve_device
-from training.core.metrics import classification_metrics, disagreement
-from training.core.networks import load_data, load_network, predict_probs
-from training.core.reports import csv_text, png_bytes, pyplot
-from training.core.runs import check_report_folder
-from training.core.sources import check_same_network, run_members
-from training.ensembles.calibration import calibrated_columns, calibration_report
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core import progress, statistics
+from modeconn.training.core.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.loop import resolve_device
+from modeconn.training.core.metrics import classification_metrics, disagreement
+from modeconn.training.core.networks import load_data, load_network, predict_probs
+from modeconn.training.core.reports import csv_text, png_bytes, pyplot
+from modeconn.training.core.runs import check_report_folder
+from modeconn.training.core.sources import check_same_network, run_members
+from modeconn.training.ensembles.calibration import calibrated_columns, calibration_report
 
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 

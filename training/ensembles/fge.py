@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.core import distributed, progress
-from training.core.checkpoint import CheckpointError, load_checkpoint_or_weights
-from training.core.config import Config, ConfigError, FGESettings
-from training.core.data import iterations_per_epoch
-from training.core.networks import (
+from modeconn.training.core import distributed, progress
+from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint_or_weights
+from modeconn.training.core.config import Config, ConfigError, FGESettings
+from modeconn.training.core.data import iterations_per_epoch
+from modeconn.training.core.networks import (
     config_specs,
     dataset_spec,
     held_out_metrics,
@@ -34,9 +34,9 @@ from training.core.networks import (
     network_from_state,
     stage_device,
 )
-from training.core.runs import prepare_run_dir
-from training.core.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
-from training.ensembles.snapshots import SnapshotPlan, run_snapshots
+from modeconn.training.core.runs import prepare_run_dir
+from modeconn.training.core.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
+from modeconn.training.ensembles.snapshots import SnapshotPlan, run_snapshots
 
 MOMENTUM_KEPT, MOMENTUM_FRESH = "from checkpoint", "fresh"
 

@@ -17,20 +17,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.core import distributed, progress
-from training.core.bn import recompute_bn
-from training.core.checkpoint import (
+from modeconn.training.core import distributed, progress
+from modeconn.training.core.bn import recompute_bn
+from modeconn.training.core.checkpoint import (
     atomic_write_text,
     model_checkpoint,
     read_finished,
     save_checkpoint,
 )
-from training.core.config import StepSettings
-from training.core.data import Dataset, iterations_per_epoch
-from training.core.loop import FitPlan, fit
-from training.core.networks import epoch_metrics, held_out_metrics
-from training.core.reports import csv_text
-from training.ensembles.evaluate import snapshot_report
+from modeconn.training.core.config import StepSettings
+from modeconn.training.core.data import Dataset, iterations_per_epoch
+from modeconn.training.core.loop import FitPlan, fit
+from modeconn.training.core.networks import epoch_metrics, held_out_metrics
+from modeconn.training.core.reports import csv_text
+from modeconn.training.ensembles.evaluate import snapshot_report
 
 # iteration (from 1) -> the snapshot number collected there, or None
 CollectIndex = Callable[[int], int | None]

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from training.core.config import Config, ConfigError, SSESettings
-from training.core.data import iterations_per_epoch
-from training.core.networks import dataset_spec, fresh_network, load_data, stage_device
-from training.core.runs import prepare_run_dir
-from training.core.schedules import cosine_restart_learning_rate
-from training.ensembles.snapshots import SnapshotPlan, run_snapshots
+from modeconn.training.core.config import Config, ConfigError, SSESettings
+from modeconn.training.core.data import iterations_per_epoch
+from modeconn.training.core.networks import dataset_spec, fresh_network, load_data, stage_device
+from modeconn.training.core.runs import prepare_run_dir
+from modeconn.training.core.schedules import cosine_restart_learning_rate
+from modeconn.training.ensembles.snapshots import SnapshotPlan, run_snapshots
 
 
 def sse_budget(settings: SSESettings, steps_per_epoch: int) -> tuple[int, int]:

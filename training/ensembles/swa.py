@@ -33,17 +33,17 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from serving.artifact import file_sha256
-from serving.errors import ModeconnError
-from training.core import progress
-from training.core.bn import has_batchnorm, recompute_bn
-from training.core.checkpoint import model_checkpoint, save_checkpoint
-from training.core.data import Dataset
-from training.core.loop import resolve_device
-from training.core.networks import held_out_metrics, load_data, load_network
-from training.core.runs import check_replaceable_checkpoint
-from training.core.sources import check_same_network
-from training.ensembles.evaluate import expand_members
+from modeconn.contract.artifact import file_sha256
+from modeconn.contract.errors import ModeconnError
+from modeconn.training.core import progress
+from modeconn.training.core.bn import has_batchnorm, recompute_bn
+from modeconn.training.core.checkpoint import model_checkpoint, save_checkpoint
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.loop import resolve_device
+from modeconn.training.core.networks import held_out_metrics, load_data, load_network
+from modeconn.training.core.runs import check_replaceable_checkpoint
+from modeconn.training.core.sources import check_same_network
+from modeconn.training.ensembles.evaluate import expand_members
 
 
 class SWAError(ModeconnError):

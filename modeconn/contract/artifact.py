@@ -1,7 +1,7 @@
 """Load and verify an exported artifact folder (the contract is docs/manifest.md).
 
 `load_artifact(path)` reads `manifest.json`, validates it with the one manifest model
-(serving/manifest.py: fields, types, files inside the folder, graphs listed), and checks that
+(modeconn/contract/manifest.py: fields, types, files inside the folder, graphs listed), and checks that
 every file listed under `files` exists with the recorded byte size and sha256. Anything wrong
 raises `ArtifactError` naming the file or field and what differs. The exporter calls the same
 function to verify what it wrote; this module needs no torch.
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from serving.errors import ModeconnError
-from serving.manifest import (
+from modeconn.contract.errors import ModeconnError
+from modeconn.contract.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
     FileRecord,
@@ -29,7 +29,7 @@ from serving.manifest import (
     ManifestError,
     parse_manifest,
 )
-from serving.onnx_refs import NotOnnx, external_data
+from modeconn.contract.onnx_refs import NotOnnx, external_data
 
 
 class ArtifactError(ModeconnError):
@@ -42,7 +42,7 @@ class Artifact:
 
     root: Path
     manifest: dict[str, Any]  # the raw manifest, for the model card
-    spec: Manifest  # the same, validated (serving/manifest.py)
+    spec: Manifest  # the same, validated (modeconn/contract/manifest.py)
     name: str
     class_names: tuple[str, ...]
     input_shape: tuple[int, ...]
@@ -105,7 +105,7 @@ def load_artifact(path: str | Path) -> Artifact:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{manifest_path}: not valid JSON ({exc})") from exc
     try:
-        spec = parse_manifest(raw)  # every field, type and cross-reference (serving/manifest.py)
+        spec = parse_manifest(raw)  # every field, type and cross-reference (modeconn/contract/manifest.py)
     except ManifestError as exc:
         raise ArtifactError(f"{manifest_path}: {exc}") from None
 

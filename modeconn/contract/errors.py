@@ -2,9 +2,9 @@
 checkpoint, run folder, artifact or request. The CLI prints these as one line; anything
 else is a bug and keeps its traceback.
 
-It lives in serving/ because serving must not import training, while training (and the
-exporter) may import serving; `models/` raises its own ModelSpecError, which the training
-side turns into a ConfigError.
+It lives in the neutral contract package that both training and serving import (serving
+must not import training, and training must not reach into serving); `models/` raises its
+own ModelSpecError, which the training side turns into a ConfigError.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from serving.artifact import load_artifact
+from modeconn.contract.artifact import load_artifact
 
 
 def save_to_bentoml_store(

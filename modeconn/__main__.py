@@ -1,0 +1,5 @@
+"""`python -m modeconn ...` is the `modeconn` command."""
+
+from modeconn.training.cli import main
+
+raise SystemExit(main())
