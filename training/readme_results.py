@@ -1,12 +1,13 @@
-"""Copy the results the commands wrote into README.md, so its numbers are generated, never retyped.
+"""Copy the results the commands wrote into the README and the evidence page, so their
+numbers are generated, never retyped.
 
-    python -m training.readme_results [--readme README.md] [--demo runs/demo/summary.md]
-                                      [--compare runs/demo/compare/compare.md]
+    python -m modeconn.training.readme_results [--readme README.md] [--evidence docs/evidence.md]
+        [--demo runs/demo/summary.md] [--compare runs/demo/compare/compare.md]
 
-Each file replaces what lies between its pair of marker comments in the README,
-`<!-- results:demo -->` ... `<!-- /results:demo -->` (the pipeline's summary.md) and
-`<!-- results:compare -->` ... `<!-- /results:compare -->` (compare's compare.md); the rest
-of the README is left byte for byte. Both files state their machine, date, test-set size
+Each results file replaces what lies between its pair of marker comments in its page:
+`<!-- results:demo -->` ... `<!-- /results:demo -->` in the README (the pipeline's summary.md)
+and `<!-- results:compare -->` ... `<!-- /results:compare -->` in the evidence page (compare's
+compare.md); the rest of each page is left byte for byte. Both files state their machine, date, test-set size
 and intervals (training/core/provenance.py), so the copy carries them. A section whose file is
 not given is left as it is; a missing file or marker is an error naming it.
 """
@@ -23,6 +24,7 @@ from modeconn.training.core.checkpoint import atomic_write_text
 
 SECTIONS = ("demo", "compare")
 DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md")}
+PAGES = {"demo": "readme", "compare": "evidence"}  # which page holds each section's markers
 
 
 class ReadmeError(ModeconnError):
@@ -60,9 +62,10 @@ def update_readme(readme: Path, files: dict[str, Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.readme_results", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m modeconn.training.readme_results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--evidence", type=Path, default=Path("docs/evidence.md"))
     for section in SECTIONS:
         parser.add_argument(f"--{section}", type=Path, help=f"results file (default {DEFAULTS[section]} when it exists)")
     args = parser.parse_args(argv)
@@ -72,12 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not files:
             raise ReadmeError(f"no results files: none of {', '.join(map(str, DEFAULTS.values()))} exists")
-        updated = update_readme(args.readme, files)
+        for section, path in files.items():
+            page = getattr(args, PAGES[section])
+            update_readme(page, {section: path})
+            print(f"{page}: section {section} <- {path}", file=sys.stderr)
     except ModeconnError as err:
         print(f"readme_results: error: {err}", file=sys.stderr)
         return 2
-    for section in updated:
-        print(f"{args.readme}: section {section} <- {files[section]}", file=sys.stderr)
     return 0
 
 
