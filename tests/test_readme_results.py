@@ -79,3 +79,17 @@ def test_the_shipped_pages_hold_their_markers() -> None:
     for section, page in (("demo", root / "README.md"), ("compare", root / "docs" / "evidence.md")):
         text = page.read_text()
         assert text.count(f"<!-- results:{section} -->") == 1 and text.count(f"<!-- /results:{section} -->") == 1
+
+
+def test_images_are_copied_from_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    (docs / "images").mkdir(parents=True)
+    evidence = docs / "evidence.md"
+    assert main(["--evidence", str(evidence), "--images", str(runs)]) == 2
+    assert "curve.png" in capsys.readouterr().err and not any((docs / "images").iterdir())
+    for rel, payload in (("curve/curve.png", b"curve"), ("fge/fge.png", b"fge")):
+        (runs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (runs / rel).write_bytes(payload)
+    assert main(["--evidence", str(evidence), "--images", str(runs)]) == 0
+    assert (docs / "images" / "curve.png").read_bytes() == b"curve"
+    assert (docs / "images" / "fge.png").read_bytes() == b"fge"

@@ -20,11 +20,25 @@ import sys
 from pathlib import Path
 
 from modeconn.contract.errors import ModeconnError
-from modeconn.training.core.checkpoint import atomic_write_text
+from modeconn.training.core.checkpoint import atomic_write_bytes, atomic_write_text
 
 SECTIONS = ("demo", "compare")
 DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md")}
 PAGES = {"demo": "readme", "compare": "evidence"}  # which page holds each section's markers
+# the docs' pictures, regenerated from a demo run folder (`--images runs/demo`)
+IMAGES = {"curve.png": Path("curve/curve.png"), "fge.png": Path("fge/fge.png")}
+
+
+def copy_images(runs: Path, images: Path) -> list[Path]:
+    """The demo's plots into the docs' image folder; a missing plot is an error naming it."""
+    missing = [runs / rel for rel in IMAGES.values() if not (runs / rel).is_file()]
+    if missing:
+        raise ReadmeError(f"plot {missing[0]} does not exist; run `modeconn pipeline` first")
+    written = []
+    for name, rel in IMAGES.items():
+        atomic_write_bytes(images / name, (runs / rel).read_bytes())
+        written.append(images / name)
+    return written
 
 
 class ReadmeError(ModeconnError):
@@ -66,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
     parser.add_argument("--evidence", type=Path, default=Path("docs/evidence.md"))
+    parser.add_argument("--images", type=Path, metavar="RUNS", help="copy the demo run's curve and FGE plots "
+                        "into docs/images (RUNS: the pipeline's run folder, e.g. runs/demo)")
     for section in SECTIONS:
         parser.add_argument(f"--{section}", type=Path, help=f"results file (default {DEFAULTS[section]} when it exists)")
     args = parser.parse_args(argv)
@@ -73,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     # without arguments: every default file that exists (a section not run yet stays as it is)
     files = given or {s: p for s, p in DEFAULTS.items() if p.is_file()}
     try:
+        if args.images is not None:
+            for path in copy_images(args.images, args.evidence.parent / "images"):
+                print(f"{path} <- {args.images}", file=sys.stderr)
+            if not given:
+                return 0
         if not files:
             raise ReadmeError(f"no results files: none of {', '.join(map(str, DEFAULTS.values()))} exists")
         for section, path in files.items():
