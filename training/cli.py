@@ -3,6 +3,8 @@
 
 `train`, `curve`, `fge` and `sse` also run under `torchrun --nproc_per_node=N` (one
 optimisation over N processes, training/core/distributed.py); the other commands run as one process.
+Every command computes with its share of the usable cores (modeconn/contract/threads.py;
+MODECONN_THREADS overrides it), its idle OpenMP threads sleeping rather than spinning.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modeconn.contract.errors import ModeconnError
-from modeconn.training.core import distributed
-from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides
+from modeconn.contract import threads
+
+# before torch is imported: its OpenMP runtime reads the wait policy once, when it loads
+threads.wait_passively()
+
+from modeconn.contract.errors import ModeconnError  # noqa: E402
+from modeconn.training.core import distributed  # noqa: E402
+from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides  # noqa: E402
 
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
@@ -390,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"{args.command} runs as one process; start it without torchrun "
                               f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+        # each of the ranks on this node gets its share of the cores (one process: all of them)
+        distributed.use_threads(distributed.ranks_on_node())
         result = args.handler(args)
+        if distributed.launched():  # torchrun: the --json says how many processes made it
+            result = {**result, "distributed": distributed.layout()}
     except ConfigError as err:
         print(f"modeconn {args.command}: {err}", file=sys.stderr)
         return 2
