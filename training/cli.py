@@ -333,6 +333,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, help="overrides compare.seeds")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N sub-runs side by side, one process each (GPUs in turn); the same results as 1")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run each sub-run as a task on the Ray cluster at ADDRESS (auto: the one this machine "
+                        "belongs to; HOST:PORT); the same results; needs pip install 'modeconn[cluster]'")
     p.set_defaults(handler=_compare)
 
 
@@ -340,7 +343,12 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.ensembles.compare import compare_budgets
 
     config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
-    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args))
+    if args.ray is not None:
+        from modeconn.training.core.cluster import connect
+
+        connect(args.ray)  # before any work: without Ray, or without a cluster, one line and nothing written
+    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args),
+                           ray=args.ray)
 
 
 def _jobs(args: argparse.Namespace) -> int:

@@ -50,7 +50,11 @@ from modeconn.training.core.ranks import (  # noqa: F401
 def use_threads(side_by_side: int = 1) -> int:
     """Set this process's torch intra-op (and inter-op) threads to its share of the usable
     cores among `side_by_side` processes (modeconn/contract/threads.py); returns the count."""
-    count = thread_choice.threads_per_process(side_by_side)
+    return set_threads(thread_choice.threads_per_process(side_by_side))
+
+
+def set_threads(count: int) -> int:
+    """torch's intra-op and inter-op threads of this process: `count` (returned)."""
     torch.set_num_threads(count)
     if torch.get_num_interop_threads() != count:
         with contextlib.suppress(RuntimeError):  # fixed once the inter-op pool has started
@@ -291,14 +295,19 @@ class Job:
     after: tuple[int, ...] = ()
 
 
-def run_jobs(jobs: list[Job], parallel: int, device: torch.device) -> list[Any]:
-    """Every job's result, in order. `parallel` 1: one after the other, in this process (list
-    the jobs in an order that respects `after`). Otherwise up to `parallel` worker processes,
+def run_jobs(jobs: list[Job], parallel: int, device: torch.device, ray: str | None = None) -> list[Any]:
+    """Every job's result, in order. `ray`: each job a task on the Ray cluster at that address
+    (training/core/cluster.py; `parallel` is then Ray's to choose). `parallel` 1: one after the
+    other, in this process (list the jobs in an order that respects `after`). Otherwise up to `parallel` worker processes,
     each job on the next GPU in turn when `device` is CUDA; on CPUs each worker computes with
     its share of the usable cores (MODECONN_THREADS or OMP_NUM_THREADS override it) and its
     idle threads sleep instead of spinning. Every run seeds itself, so the results do not
     depend on which process runs it (to float rounding, exactly when the thread count per
     run is the same)."""
+    if ray is not None:
+        from modeconn.training.core.cluster import run_on_ray
+
+        return run_on_ray(jobs, ray, device)
     if parallel == 1:
         return [job.fn(*job.args) for job in jobs]
     gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
