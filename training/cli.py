@@ -3,6 +3,8 @@
 
 `train`, `curve`, `fge` and `sse` also run under `torchrun --nproc_per_node=N` (one
 optimisation over N processes, training/core/distributed.py); the other commands run as one process.
+Every command computes with its share of the usable cores (modeconn/contract/threads.py;
+MODECONN_THREADS overrides it), its idle OpenMP threads sleeping rather than spinning.
 """
 
 from __future__ import annotations
@@ -14,9 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modeconn.contract.errors import ModeconnError
-from modeconn.training.core import distributed
-from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides
+from modeconn.contract import threads
+
+# before torch is imported: its OpenMP runtime reads the wait policy once, when it loads
+threads.wait_passively()
+
+from modeconn.contract.errors import ModeconnError  # noqa: E402
+from modeconn.training.core import distributed  # noqa: E402
+from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides  # noqa: E402
 
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
@@ -326,6 +333,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, help="overrides compare.seeds")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N sub-runs side by side, one process each (GPUs in turn); the same results as 1")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run each sub-run as a task on the Ray cluster at ADDRESS (auto: the one this machine "
+                        "belongs to; HOST:PORT); the same results; needs pip install 'modeconn[cluster]'")
     p.set_defaults(handler=_compare)
 
 
@@ -333,7 +343,12 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.ensembles.compare import compare_budgets
 
     config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
-    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args))
+    if args.ray is not None:
+        from modeconn.training.core.cluster import connect
+
+        connect(args.ray)  # before any work: without Ray, or without a cluster, one line and nothing written
+    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args),
+                           ray=args.ray)
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -390,7 +405,11 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"{args.command} runs as one process; start it without torchrun "
                               f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+        # each of the ranks on this node gets its share of the cores (one process: all of them)
+        distributed.use_threads(distributed.ranks_on_node())
         result = args.handler(args)
+        if distributed.launched():  # torchrun: the --json says how many processes made it
+            result = {**result, "distributed": distributed.layout()}
     except ConfigError as err:
         print(f"modeconn {args.command}: {err}", file=sys.stderr)
         return 2

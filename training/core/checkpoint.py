@@ -58,9 +58,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Save a dict of tensors and plain values (no custom objects, so it loads safely)."""
+    """Save a dict of tensors and plain values (no custom objects, so it loads safely).
+    `processes` records how many processes made it (world size, nodes, backend)."""
+    from modeconn.training.core.ranks import layout
+
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    torch.save({"format": FORMAT, "version": VERSION, "processes": layout(), **state}, buf)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 

@@ -349,10 +349,11 @@ def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
     ))
 
 
-def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1) -> dict[str, Any]:
-    """Train (or reuse) every sub-run, `jobs_at_once` side by side (training/core/distributed.py
-    `run_jobs`; the same results as one after the other), then write compare.md and
-    compare.csv into `run_dir`."""
+def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1,
+                    ray: str | None = None) -> dict[str, Any]:
+    """Train (or reuse) every sub-run, `jobs_at_once` side by side, or each a task on the Ray
+    cluster at `ray` (training/core/distributed.py `run_jobs`; the same results as one after
+    the other), then write compare.md and compare.csv into `run_dir`."""
     started = time.perf_counter()
     claim_folder(run_dir, "compare", force=force, container=True)  # --force deletes only the comparison's own files
     device = resolve_device(config.device)
@@ -364,8 +365,9 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     jobs: list[Job] = []
     for s, seed_dir in enumerate(seed_dirs):
         jobs += _seed_jobs(config, seed_dir, largest, config.seed + _SEED_STRIDE * s, len(jobs))
-    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {jobs_at_once} at a time[/bold] ({run_dir})")
-    run_jobs(jobs, jobs_at_once, device)
+    where = f"on Ray ({ray})" if ray else f"{jobs_at_once} at a time"
+    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {where}[/bold] ({run_dir})")
+    run_jobs(jobs, jobs_at_once, device, ray=ray)
     rows: list[dict[str, Any]] = []
     losses: list[dict[tuple[str, int], Losses]] = []
     for s, seed_dir in enumerate(seed_dirs):
