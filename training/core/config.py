@@ -9,9 +9,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 from modeconn.contract.errors import ModeconnError
+from modeconn.training.core.model_source import import_path_problem, name_problem
 
 
 class ConfigError(ModeconnError):
@@ -34,8 +43,33 @@ class DataSettings(_Strict):
 
 
 class ModelSettings(_Strict):
+    """The network, one of: `name`, a registered architecture (`cnn1d`, `vgg16`, ...) or
+    `torchvision:NAME` / `timm:NAME` where that package is installed; or `factory`, any callable
+    named by import path ("my_package.nets:build", the current directory importable), given
+    `num_classes` when it takes it and `kwargs` (training/core/model_source.py). Checkpoints
+    record it as their `architecture`, so later commands rebuild the network without a config."""
+
     name: str = "cnn1d"
+    factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        if self.factory is not None and "name" in self.model_fields_set:
+            raise ValueError(f"give model.name or model.factory, not both (name {self.name!r}, "
+                             f"factory {self.factory!r})")
+        field, value = ("factory", self.factory) if self.factory is not None else ("name", self.name)
+        problem = import_path_problem(value) if field == "factory" else name_problem(value)
+        if problem is not None:
+            raise ValueError(f"{field} {problem}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _as_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the architecture record: {name, kwargs} (as before factories existed) or {factory, kwargs}
+        tree = handler(self)
+        tree.pop("name" if self.factory is not None else "factory")
+        return tree
 
 
 class TrainSettings(_Strict):
