@@ -15,6 +15,7 @@ from pydantic import (
     Field,
     SerializerFunctionWrapHandler,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -53,15 +54,25 @@ class ModelSettings(_Strict):
     factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("name")
+    @classmethod
+    def _known_form(cls, name: str) -> str:
+        if (problem := name_problem(name)) is not None:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, factory: str | None) -> str | None:
+        if factory is not None and (problem := import_path_problem(factory)) is not None:
+            raise ValueError(problem)
+        return factory
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelSettings:
         if self.factory is not None and "name" in self.model_fields_set:
             raise ValueError(f"give model.name or model.factory, not both (name {self.name!r}, "
                              f"factory {self.factory!r})")
-        field, value = ("factory", self.factory) if self.factory is not None else ("name", self.name)
-        problem = import_path_problem(value) if field == "factory" else name_problem(value)
-        if problem is not None:
-            raise ValueError(f"{field} {problem}")
         return self
 
     @model_serializer(mode="wrap")
@@ -173,12 +184,15 @@ class Config(_Strict):
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    """One line for one problem (the usual case), else a line per field."""
+    problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {msg}")
+    if len(problems) == 1:
+        return f"invalid config ({source}): {problems[0]}"
+    return "\n".join([f"invalid config ({source}):", *(f"  {p}" for p in problems)])
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
