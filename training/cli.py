@@ -29,7 +29,10 @@ DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config (default: built-in demo settings)")
+    parser.add_argument("--config", type=Path,
+                        help="YAML config (default: built-in demo settings); its model section names the network: "
+                             "name (a registered one, torchvision:NAME, timm:NAME) or factory "
+                             "('package.module:callable', any nn.Module; docs/own-model.md)")
     parser.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/NAME/{default_out})")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
@@ -90,8 +93,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 def _add_curve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("curve", help="fit a Bezier or PolyChain curve between two trained networks")
     _common(p, "curve")
-    p.add_argument("--start", type=Path, required=True, help="checkpoint of the first endpoint w0")
-    p.add_argument("--end", type=Path, required=True, help="checkpoint of the second endpoint w1")
+    p.add_argument("--start", type=Path, required=True,
+                   help="checkpoint of the first endpoint w0, or weights trained elsewhere (a state_dict .pt or a "
+                        ".safetensors file of the config's model, on its data)")
+    p.add_argument("--end", type=Path, required=True, help="checkpoint or weights file of the second endpoint w1")
     p.add_argument("--curve", choices=["bezier", "polychain"], help="overrides curve.curve")
     p.add_argument("--num-bends", type=int, help="overrides curve.num_bends (3 in the paper)")
     p.add_argument("--epochs", type=int, help="overrides curve.epochs")
@@ -235,14 +240,15 @@ def _add_fge(sub: argparse._SubParsersAction) -> None:
         "fge", help="Fast Geometric Ensembling from a trained network",
         description="FGE from an epoch checkpoint of a train run (weights and momentum buffers: the paper's "
                     "setting, the default in pipeline and compare), or from any network checkpoint without "
-                    "optimizer state (final.pt, a snapshot, a curve point) or a bare state_dict saved with "
-                    "torch.save (its architecture and data from the config's model and data sections); "
+                    "optimizer state (final.pt, a snapshot, a curve point) or weights trained elsewhere (a bare "
+                    "state_dict saved with torch.save, or a .safetensors file; its architecture and data from the "
+                    "config's model and data sections); "
                     "those two start with fresh momentum, which the log and --json ('momentum') say.",
     )
     _common(p, "fge")
     p.add_argument("--from", dest="start", type=Path, required=True, metavar="CKPT",
-                   help="e.g. RUN/checkpoints/epoch-0024.pt (momentum kept), RUN/final.pt or a state_dict file "
-                        "(fresh momentum)")
+                   help="e.g. RUN/checkpoints/epoch-0024.pt (momentum kept), RUN/final.pt, a state_dict file or "
+                        "a .safetensors file (fresh momentum)")
     p.add_argument("--cycle", type=float, help="overrides fge.cycle_epochs (cycle length in epochs; made even in iterations)")
     p.add_argument("--lr1", type=float, help="overrides fge.lr1 (the LR at a cycle's start and end)")
     p.add_argument("--lr2", type=float, help="overrides fge.lr2 (the LR at the middle, where snapshots are taken; <= lr1)")
