@@ -254,7 +254,7 @@ def summary_markdown(config: Config, summary: dict[str, Any]) -> str:
     skipped = summary.get("skipped_stages") or []
     timing = f"{summary['seconds']:.0f} s" + (f" (skipped as already done: {', '.join(skipped)})" if skipped else "")
     lines = [
-        f"**modeconn pipeline: {config.model.name} on {config.data.name}** (config `{config.name}`)",
+        f"**modeconn pipeline: {config.model.label} on {config.data.name}** (config `{config.name}`)",
         "",
         *provenance.markdown_lines(info),
         f"- Pipeline time: {timing}.",

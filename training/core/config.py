@@ -75,6 +75,11 @@ class ModelSettings(_Strict):
                              f"factory {self.factory!r})")
         return self
 
+    @property
+    def label(self) -> str:
+        """The short name reports show: the registry/package name or the factory's import path."""
+        return self.factory or self.name
+
     @model_serializer(mode="wrap")
     def _as_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # the architecture record: {name, kwargs} (as before factories existed) or {factory, kwargs}

@@ -267,7 +267,7 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
     columns = " | ".join(f"{k}B ({k * epochs} ep)" for k in budgets)
     rule = "|---|---|" + "---|" * len(budgets)
     lines = [
-        f"**Budget comparison: {config.model.name} on {config.data.name}** (config `{config.name}`)",
+        f"**Budget comparison: {config.model.label} on {config.data.name}** (config `{config.name}`)",
         "",
         *provenance.markdown_lines(info),
         "",
