@@ -45,6 +45,10 @@ class TrainSettings(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+    # networks that differ only by seed (compare's Ind runs, the pipeline's two endpoints) in one
+    # batched pass on one device (training/batched.py); off: one after another. Not a result
+    # setting: a folder trained either way is reused either way
+    batched: bool = True
 
 
 class CurveSettings(_Strict):
