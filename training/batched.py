@@ -186,8 +186,8 @@ def _resume(members: list[_Member], device: torch.device) -> tuple[int, int]:
         m.model.load_state_dict(state["model"])
         saved = state["optimizer"]["state"]
         m.momentum = [saved[i]["momentum_buffer"] for i in range(len(saved))] if saved else None
-        m.generator.set_state(state["rng"]["data"])
-        m.torch_rng = state["rng"]["torch"]
+        m.generator.set_state(state["rng"]["data"].cpu())  # RNG states are CPU byte tensors
+        m.torch_rng = state["rng"]["torch"].cpu()
         epoch = int(state["epoch"])
         positions.add((epoch, int(state["iteration"])))
         path = m.run_dir / "metrics.jsonl"
@@ -199,32 +199,72 @@ def _resume(members: list[_Member], device: torch.device) -> tuple[int, int]:
     return positions.pop()
 
 
-class _Stack:
-    """The members' parameters and buffers stacked on a new leading axis, one SGD over them,
-    and one functional copy of the architecture that vmap calls with each member's slice."""
+class BatchedNetworks:
+    """K networks of one architecture as one: their parameters and buffers stacked on a new
+    leading axis (`stack_module_state`), one SGD over the stack (elementwise: member k's slice
+    gets exactly its own optimizer's update), and a weightless copy of the architecture that
+    vmap calls with each member's slice (`functional_call`). BatchNorm's running statistics
+    are stacked buffers that each member's forward updates in place with its own batch."""
 
-    def __init__(self, members: list[_Member], settings: Any) -> None:
-        self.members = members
-        self.params, self.buffers = stack_module_state([m.model for m in members])
-        self.names = list(self.params)
-        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=settings.lr, momentum=settings.momentum,
-                                         weight_decay=settings.weight_decay)
-        if members[0].momentum is not None:
+    def __init__(self, models: list[nn.Module], lr: float, momentum: float, weight_decay: float,
+                 momentum_buffers: list[list[torch.Tensor]] | None = None) -> None:
+        self.size = len(models)
+        self.params, self.buffers = stack_module_state(models)
+        self.optimizer = torch.optim.SGD(list(self.params.values()), lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay)
+        if momentum_buffers is not None:  # each member's, in its parameters' order
             for i, p in enumerate(self.params.values()):
-                self.optimizer.state[p]["momentum_buffer"] = torch.stack([m.momentum[i] for m in members])
-        self.base = copy.deepcopy(members[0].model).to("meta")  # the architecture; vmap supplies the tensors
-        self.batch_size = settings.batch_size
-        self.forward = vmap(self._call, in_dims=(0, 0, 0))
-        self.forward_shared = vmap(self._call, in_dims=(0, 0, None))  # every member on the same inputs
+                self.optimizer.state[p]["momentum_buffer"] = torch.stack([m[i] for m in momentum_buffers])
+        self.base = copy.deepcopy(models[0]).to("meta")  # the architecture; vmap supplies the tensors
+        self._forward = vmap(self._call, in_dims=(0, 0, 0))
+        self._forward_shared = vmap(self._call, in_dims=(0, 0, None))  # every member on the same inputs
 
     def _call(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.base, (params, buffers), (x,))
 
-    def epoch(self, data: Dataset, lr: float, iteration: int, advance: Any) -> tuple[list[dict[str, float]], int]:
-        """One epoch of every member on its own batches; their train loss and accuracy."""
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One SGD step of member k on (x[k], y[k]) for every k; (losses [K], logits [K, B, classes])."""
         self.base.train()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        logits = self._forward(self.params, self.buffers, x)
+        losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(self.size, -1).mean(1)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()  # member k's parameters get exactly d(loss_k)
+        self.optimizer.step()
+        return losses.detach(), logits.detach()
+
+    @torch.no_grad()
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's softmax outputs on the same inputs, eval mode: [K, N, classes]."""
+        self.base.eval()
+        return torch.softmax(self._forward_shared(self.params, self.buffers, x), dim=2)
+
+    @torch.no_grad()
+    def copy_into(self, k: int, model: nn.Module, optimizer: torch.optim.SGD) -> None:
+        """Member k's weights, buffers, momentum and LR into its own module and optimizer."""
+        named = dict(model.named_parameters())
+        for name, stacked in self.params.items():
+            named[name].copy_(stacked[k])
+            if "momentum_buffer" in self.optimizer.state[stacked]:
+                optimizer.state[named[name]] = {"momentum_buffer": self.optimizer.state[stacked]["momentum_buffer"][k].clone()}
+        for name, buffer in model.named_buffers():
+            buffer.copy_(self.buffers[name][k])
+        optimizer.param_groups[0]["lr"] = self.optimizer.param_groups[0]["lr"]
+
+
+class _Stack:
+    """The members of one pass around their BatchedNetworks: epochs, metrics and their files."""
+
+    def __init__(self, members: list[_Member], settings: Any) -> None:
+        self.members = members
+        momentum = [m.momentum for m in members] if members[0].momentum is not None else None
+        self.networks = BatchedNetworks([m.model for m in members], settings.lr, settings.momentum,
+                                        settings.weight_decay, momentum)
+        self.batch_size = settings.batch_size
+
+    def epoch(self, data: Dataset, lr: float, iteration: int, advance: Any) -> tuple[list[dict[str, float]], int]:
+        """One epoch of every member on its own batches (its own generator); their train loss and accuracy."""
         k = len(self.members)
         loss_sum = torch.zeros(k, dtype=torch.float64, device=data.x_train.device)
         correct = torch.zeros(k, dtype=torch.float64, device=data.x_train.device)
@@ -232,51 +272,29 @@ class _Stack:
         streams = [train_batches(data, self.batch_size, m.generator) for m in self.members]
         for batches in zip(*streams, strict=True):
             iteration += 1
-            x = torch.stack([b[0] for b in batches])
             y = torch.stack([b[1] for b in batches])
-            logits = self.forward(self.params, self.buffers, x)  # [K, B, classes]
-            losses = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(k, -1).mean(1)
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()  # member k's parameters get exactly d(loss_k)
-            self.optimizer.step()
-            loss_sum += losses.detach().double() * y.shape[1]
-            correct += (logits.detach().argmax(2) == y).sum(1).double()
+            losses, logits = self.networks.step(torch.stack([b[0] for b in batches]), y, lr)
+            loss_sum += losses.double() * y.shape[1]  # accumulated on the device: no host sync per step
+            correct += (logits.argmax(2) == y).sum(1).double()
             seen += y.shape[1]
             advance()
         return [{"train_loss": float(loss_sum[i] / seen), "train_acc": float(correct[i] / seen) * 100.0}
                 for i in range(k)], iteration
 
-    @torch.no_grad()
-    def probs(self, data: Dataset, split: str) -> torch.Tensor:
-        """Every member's softmax outputs over a split: [K, N, classes] (eval mode)."""
-        self.base.eval()
-        rows = EVAL_BATCH_ROWS.get(data.x_train.device.type, 1024)
-        return torch.cat([torch.softmax(self.forward_shared(self.params, self.buffers, x), dim=2)
-                          for x, _ in eval_batches(data, split, rows)], dim=1)
-
     def metrics(self, data: Dataset, splits: tuple[str, ...]) -> list[dict[str, float]]:
         """As `held_out_metrics` of each member: {split}_{metric} per split."""
         out: list[dict[str, float]] = [{} for _ in self.members]
+        rows = EVAL_BATCH_ROWS.get(data.x_train.device.type, 1024)
         for split in splits:
-            probs, labels = self.probs(data, split), data.split(split)[1]
+            probs = torch.cat([self.networks.probs(x) for x, _ in eval_batches(data, split, rows)], dim=1)
+            labels = data.split(split)[1]
             for k, member_probs in enumerate(probs):
                 out[k].update({f"{split}_{m}": v for m, v in classification_metrics(member_probs, labels).items()})
         return out
 
-    @torch.no_grad()
     def unstack(self) -> None:
-        """Copy every member's slice into its own module and optimizer (what its run would hold)."""
         for k, m in enumerate(self.members):
-            named = dict(m.model.named_parameters())
-            for name in self.names:
-                named[name].copy_(self.params[name][k])
-            for name, buffer in m.model.named_buffers():
-                buffer.copy_(self.buffers[name][k])
-            lr = self.optimizer.param_groups[0]["lr"]
-            m.optimizer.param_groups[0]["lr"] = lr
-            for name, p in zip(self.names, self.params.values(), strict=True):
-                if "momentum_buffer" in self.optimizer.state[p]:
-                    m.optimizer.state[named[name]] = {"momentum_buffer": self.optimizer.state[p]["momentum_buffer"][k].clone()}
+            self.networks.copy_into(k, m.model, m.optimizer)
 
     def save(self, epoch: int, iteration: int) -> None:
         """Each member's epoch checkpoint, as `fit` writes it."""

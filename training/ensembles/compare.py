@@ -385,7 +385,10 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     base_seeds = [config.seed + _SEED_STRIDE * s for s in range(seeds)]
     inds = [run for d, b in zip(seed_dirs, base_seeds, strict=True) for run in _ind_runs(config, d, largest, b)]
     # every seed's Ind networks in one batched pass (training/batched.py), when they can be
-    batched = config.train.batched and batching_blocker([c for c, _ in inds]) is None
+    blocker = batching_blocker([c for c, _ in inds]) if config.train.batched else "train.batched is off"
+    batched = blocker is None
+    if config.train.batched and blocker is not None and len(inds) > 1:
+        progress.log(f"[dim]compare: the Ind networks one after another ({blocker})[/dim]")
     jobs: list[Job] = [Job(train_seeds, ([c for c, _ in inds], [d for _, d in inds]))] if batched else []
     for seed_dir, base_seed in zip(seed_dirs, base_seeds, strict=True):
         jobs += _seed_jobs(config, seed_dir, largest, base_seed, len(jobs), 0 if batched else None)
