@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from modeconn.training.batched import batching_blocker, train_members, train_seeds
+from modeconn.training.batched import batching_blocker, train_members, train_seeds, wants_batching
 from modeconn.training.core.checkpoint import load_checkpoint
-from modeconn.training.core.config import Config, load_config
+from modeconn.training.core.config import Config, ConfigError, load_config
 from modeconn.training.core.data import Dataset
 from modeconn.training.core.loop import FitPlan, fit
 from modeconn.training.core.metrics import classification_metrics
@@ -46,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEEDS = (0, 1, 2)
 EPOCHS = 2
 ITERATIONS = 16  # per epoch: 2000 training signals, batch 128
+BATCHED = {"train.batched": True}  # auto (the default) batches on GPUs only
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -187,7 +188,7 @@ def test_a_separate_run_continues_a_batched_checkpoint_and_the_batched_pass_resu
 def float32_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default path: train_seeds (one batched pass, float32) and a separate train_network run of seed 1."""
     root = tmp_path_factory.mktemp("float32")
-    results = train_seeds([demo(s) for s in SEEDS], [root / f"batched-{s}" for s in SEEDS])
+    results = train_seeds([demo(s, **BATCHED) for s in SEEDS], [root / f"batched-{s}" for s in SEEDS])
     assert all(r["batched"] == 3 for r in results)
     train_network(demo(1), root / "separate-1")
     return root
@@ -228,7 +229,7 @@ def test_members_write_what_a_separate_run_writes(float32_runs: Path) -> None:
 def test_finished_members_are_reused(float32_runs: Path) -> None:
     dirs = [float32_runs / f"batched-{s}" for s in SEEDS]
     stamps = [(d / "final.pt").stat().st_mtime_ns for d in dirs]
-    results = train_seeds([demo(s) for s in SEEDS], dirs)
+    results = train_seeds([demo(s, **BATCHED) for s in SEEDS], dirs)
     assert all(r.get("skipped") for r in results)
     assert [(d / "final.pt").stat().st_mtime_ns for d in dirs] == stamps
 
@@ -242,7 +243,15 @@ def test_batching_blocker_names_what_prevents_one_pass() -> None:
     assert "step settings" in batching_blocker([demo(0, **bf16), demo(1, **bf16)])
     dropout = {"model.name": "wideresnet", "model.kwargs": {"depth": 10, "widen_factor": 1, "dropout": 0.3}}
     assert batching_blocker([demo(0, **dropout), demo(1, **dropout)]) == "the network has dropout"
-    assert load_config(None).train.batched is True
+
+
+def test_train_batched_auto_means_on_a_gpu_only() -> None:
+    assert load_config(None).train.batched == "auto"
+    assert not wants_batching(demo(0)) and wants_batching(demo(0, **BATCHED))
+    assert wants_batching(demo(0, device="cuda")) and not wants_batching(demo(0, device="cuda", **{"train.batched": False}))
+    assert wants_batching(demo(0, device="auto")) == torch.cuda.is_available()
+    with pytest.raises(ConfigError, match="train.batched"):
+        demo(0, **{"train.batched": "sometimes"})
 
 
 def test_batched_steps_equal_separate_steps_for_a_2d_residual_network() -> None:

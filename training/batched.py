@@ -13,7 +13,7 @@ member axis), as in its separate run. Each member's folder gets what a separate 
 config.yaml, metrics.jsonl, epoch checkpoints (model, optimizer, RNG states, position) and
 final.pt, so every later command (and `--resume` of a separate run) treats them as usual.
 
-Batched runs need one process, the default step settings and no dropout (vmap draws its
+`train.batched` chooses (`wants_batching`: auto is on for GPUs only). Batched runs need one process, the default step settings and no dropout (vmap draws its
 randomness differently); `batching_blocker` says why not, and `train_seeds` then trains
 the members one after another.
 """
@@ -93,6 +93,14 @@ def batching_blocker(configs: list[Config]) -> str | None:
     return None
 
 
+def wants_batching(config: Config) -> bool:
+    """`train.batched`: true or false as set; auto: on a GPU (the `device` setting), not on the CPU."""
+    choice = config.train.batched
+    if choice != "auto":
+        return bool(choice)
+    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
 def _has_dropout(config: Config) -> bool:
     """Whether the architecture has active dropout (built without weights, the RNG untouched)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
@@ -107,12 +115,12 @@ def _resume_epoch(run_dir: Path) -> int:
 
 def train_seeds(configs: list[Config], run_dirs: list[Path]) -> list[dict[str, Any]]:
     """`train_or_reuse` of every (config, folder): finished runs are reused; the others are
-    trained in one batched pass when `train.batched` is on and they can be (they continue from
+    trained in one batched pass when `train.batched` asks for it and they can be (they continue from
     their checkpoints when all stopped at the same epoch), else one after another."""
     results: list[dict[str, Any] | None] = [finished_result(d) for d in run_dirs]
     todo = [i for i, r in enumerate(results) if r is None]
     pending = [configs[i] for i in todo]
-    blocker = "train.batched is off" if pending and not pending[0].train.batched else batching_blocker(pending)
+    blocker = "train.batched" if pending and not wants_batching(pending[0]) else batching_blocker(pending)
     if blocker is None and len({_resume_epoch(run_dirs[i]) for i in todo}) > 1:
         blocker = "the runs stopped at different epochs"
     if blocker is None:

@@ -20,7 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from modeconn.contract.artifact import file_sha256
-from modeconn.training.batched import batching_blocker, train_seeds
+from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
 from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
 from modeconn.training.core.config import Config
@@ -102,15 +102,15 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
     under `config.export.name`, or to the folder `out`. The two networks train in one batched
-    pass (`train.batched`, training/batched.py); without it `jobs` 2 trains them side by side
-    (training/core/distributed.py `run_jobs`)."""
+    pass when `train.batched` asks for it (training/batched.py); otherwise `jobs` 2 trains them
+    side by side (training/core/distributed.py `run_jobs`)."""
     started = time.perf_counter()
     claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)
     runs = [root / f"train-seed{s}" for s in seeds]
     seeded = [config.model_copy(update={"seed": s}) for s in seeds]
     # both networks in one batched pass (training/batched.py) when they can be; else --jobs 2 side by side
-    batched = config.train.batched and batching_blocker(seeded) is None
+    batched = wants_batching(config) and batching_blocker(seeded) is None
     if jobs > 1 and not batched:  # the train stages below then find both networks finished
         run_jobs([Job(train_or_reuse, (c, d)) for c, d in zip(seeded, runs, strict=True)],
                  min(jobs, 2), resolve_device(config.device))

@@ -20,7 +20,7 @@ Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is sk
 finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
 made with other settings (its config.yaml) is refused, naming the folder to delete.
 `--jobs N` runs N sub-runs side by side (an FGE run after its Ind run), with the same results.
-With `train.batched` (the default) every seed's Ind networks train in one batched pass
+With `train.batched` (auto: on a GPU) every seed's Ind networks train in one batched pass
 (training/batched.py), the FGE runs after it; each network equals its separate run to float rounding.
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import yaml
 
-from modeconn.training.batched import batching_blocker, train_seeds
+from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
 from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text
 from modeconn.training.core.config import Config, ConfigError
@@ -385,9 +385,9 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     base_seeds = [config.seed + _SEED_STRIDE * s for s in range(seeds)]
     inds = [run for d, b in zip(seed_dirs, base_seeds, strict=True) for run in _ind_runs(config, d, largest, b)]
     # every seed's Ind networks in one batched pass (training/batched.py), when they can be
-    blocker = batching_blocker([c for c, _ in inds]) if config.train.batched else "train.batched is off"
+    blocker = batching_blocker([c for c, _ in inds]) if wants_batching(config) else "train.batched"
     batched = blocker is None
-    if config.train.batched and blocker is not None and len(inds) > 1:
+    if config.train.batched is True and blocker is not None and len(inds) > 1:
         progress.log(f"[dim]compare: the Ind networks one after another ({blocker})[/dim]")
     jobs: list[Job] = [Job(train_seeds, ([c for c, _ in inds], [d for _, d in inds]))] if batched else []
     for seed_dir, base_seed in zip(seed_dirs, base_seeds, strict=True):
