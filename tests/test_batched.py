@@ -190,7 +190,7 @@ def float32_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("float32")
     results = train_seeds([demo(s, **BATCHED) for s in SEEDS], [root / f"batched-{s}" for s in SEEDS])
     assert all(r["batched"] == 3 for r in results)
-    train_network(demo(1), root / "separate-1")
+    train_network(demo(1, **BATCHED), root / "separate-1")  # the same config: train_network ignores the field
     return root
 
 
@@ -221,7 +221,7 @@ def test_members_write_what_a_separate_run_writes(float32_runs: Path) -> None:
     shutil.copytree(batched, copy)
     (copy / "final.pt").unlink()
     (copy / "checkpoints" / f"epoch-{EPOCHS:04d}.pt").unlink()
-    result = train_network(demo(1), copy, resume=True)
+    result = train_network(demo(1, **BATCHED), copy, resume=True)
     assert [json.loads(line)["epoch"] for line in (copy / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     assert result["metrics"]["test_error"] < 85  # trained (chance: 90 %); float32 makes it another network
 
