@@ -95,6 +95,11 @@ class TrainSettings(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+    # networks that differ only by seed (compare's Ind runs, the pipeline's two endpoints) in one
+    # batched pass on one device (training/batched.py); false: one after another; auto: batched
+    # on a GPU only (on the CPU a batched step of the demo network costs more than the separate
+    # steps: docs/batched.md). Not a result setting: a folder trained either way is reused either way
+    batched: Literal["auto"] | bool = "auto"
 
 
 class CurveSettings(_Strict):
