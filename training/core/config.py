@@ -98,7 +98,7 @@ class TrainSettings(_Strict):
     # networks that differ only by seed (compare's Ind runs, the pipeline's two endpoints) in one
     # batched pass on one device (training/batched.py); false: one after another; auto: batched
     # on a GPU only (on the CPU a batched step of the demo network costs more than the separate
-    # steps: docs/batched.md). Not a result setting: a folder trained either way is reused either way
+    # steps: docs/scale.md). Not a result setting: a folder trained either way is reused either way
     batched: Literal["auto"] | bool = "auto"
 
 
