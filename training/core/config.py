@@ -155,6 +155,14 @@ class ExportSettings(_Strict):
 class CompareSettings(_Strict):
     budgets: list[int] = Field(default_factory=lambda: [1, 2, 3])
     seeds: int = Field(3, ge=1)
+    # the equal-budget baseline: at kB also m independent networks of kB/m epochs each
+    equal_budget_members: list[int] = Field(default_factory=lambda: [2, 3])
+
+    @model_validator(mode="after")
+    def _members_at_least_two(self) -> CompareSettings:
+        if any(m < 2 for m in self.equal_budget_members):
+            raise ValueError(f"equal_budget_members must be 2 or more networks each, got {self.equal_budget_members}")
+        return self
 
 
 class DistributedSettings(_Strict):

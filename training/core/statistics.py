@@ -176,13 +176,14 @@ def equal_budget_epochs(budget_epochs: int, members: int) -> list[int]:
 
 
 def loss_differences(
-    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED,
+    keys: Sequence[str] = LOSSES,
 ) -> dict[str, Interval]:
-    """Intervals of A − B for every loss in LOSSES (per-example values [n] or [S, n]), same draws."""
-    d = np.stack([np.asarray(a[k], dtype=np.float64) - np.asarray(b[k], dtype=np.float64) for k in LOSSES])
+    """Intervals of A − B for every loss in `keys` (per-example values [n] or [S, n]), same draws."""
+    d = np.stack([np.asarray(a[k], dtype=np.float64) - np.asarray(b[k], dtype=np.float64) for k in keys])
     if d.ndim == 3:  # [loss, seed, n]: the seed-mean difference
         d = d.mean(axis=1)
-    return dict(zip(LOSSES, bootstrap_means(d, resamples, seed), strict=True))
+    return dict(zip(keys, bootstrap_means(d, resamples, seed), strict=True))
 
 
 def compare_probs(
@@ -203,8 +204,8 @@ def intervals_json(intervals: Mapping[str, Interval]) -> dict[str, dict[str, flo
     return {k: v.as_dict() for k, v in intervals.items()}
 
 
-DIGITS = {"error": 2, "nll": 4, "brier": 4}
-LABELS = {"error": "error (pp)", "nll": "NLL", "brier": "Brier"}
+DIGITS = {"error": 2, "nll": 4, "brier": 4, "cnll": 4}
+LABELS = {"error": "error (pp)", "nll": "NLL", "brier": "Brier", "cnll": "calibrated NLL"}
 
 
 def differences_text(intervals: Mapping[str, Interval]) -> str:
