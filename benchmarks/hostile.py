@@ -357,7 +357,7 @@ def mismatched_manifest(home: Path, work: Path) -> Row:
         lines = [line for line in log.read_text(errors="replace").splitlines() if "Error" in line]
         ok = code not in (0, None) and len(lines) == 1 and rel in lines[0]
         outcomes.append(ok)
-        row.notes += f"{rel}: exit {code}, {lines[0][-160:] if lines else 'no error line'}; "
+        row.notes += f"{rel}: exit {code}, {lines[0][lines[0].find('cannot serve'):][:220] if lines else 'no error line'}; "
     row.answers, row.errors = sum(outcomes), len(outcomes) - sum(outcomes)
     row.held = all(outcomes)
     return row
