@@ -47,6 +47,7 @@ from modeconn.contract.manifest import (
     Parity,
     Swa,
 )
+from modeconn.contract.onnx_refs import CLASS_NAMES_KEY
 from modeconn.training.core import progress
 from modeconn.training.core.bn import recompute_bn
 from modeconn.training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
@@ -293,6 +294,16 @@ def _export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, 
         )
 
 
+def _with_class_names(path: Path, class_names: list[str]) -> Path:
+    """The graph at `path` with the class names in its metadata, for the service's start-up check."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {CLASS_NAMES_KEY: json.dumps(list(class_names))})
+    onnx.save(model, str(path))
+    return path
+
+
 def _ort_session(path: Path):  # noqa: ANN202
     import onnxruntime as ort
 
@@ -457,7 +468,7 @@ def _build(work: Path, job: ExportJob) -> Manifest:
                             **{k: v for k, v in described.items() if k in DATA_PROVENANCE}),
         input=InputSpec(shape=list(data.input_shape), dtype="float32", range=[float(v) for v in data.value_range],
                         normalization=Normalization(mean=list(info["mean"]), std=list(info["std"]))),
-        files={rel: FileRecord(**file_record(work / rel)) for rel in files},
+        files={rel: FileRecord(**file_record(_with_class_names(work / rel, data.class_names))) for rel in files},
         members=members,
         ensemble=ensemble,
         curve=curve,
