@@ -11,8 +11,8 @@ ErrorBoundary is the outermost of the service's middleware: it sees every except
 others and BentoML's routes let through, and every 4xx on its way out (a non-JSON one, such
 as Starlette's plain-text 404/405, is rewritten into the one shape). `guarded` does the same
 for the BentoML API methods, whose exceptions BentoML itself would otherwise answer (with
-a body of its own and no id). `fault` is a hook for tests only: MODECONN_TEST_FAULT names a
-path that raises, so a test can prove that path answers a bug with a 500 at once.
+a body of its own and no id). `fault` is a hook for tests only: MODECONN_TEST_FAULT names
+paths that raise, so a test can prove that path answers a bug with a 500 at once.
 """
 
 from __future__ import annotations
@@ -56,14 +56,14 @@ class InjectedFault(RuntimeError):
     """Raised by `fault` where MODECONN_TEST_FAULT asks for it (tests only)."""
 
 
-def fault(active: str | None, path: str) -> None:
-    if active == path:
+def fault(active: tuple[str, ...], path: str) -> None:
+    if path in active:
         raise InjectedFault(f"injected test fault in the {path} path (MODECONN_TEST_FAULT)")
 
 
-def faulty(active: str | None, path: str, run: Callable[..., T]) -> Callable[..., T]:
+def faulty(active: tuple[str, ...], path: str, run: Callable[..., T]) -> Callable[..., T]:
     """`run`, raising first where MODECONN_TEST_FAULT names `path` (in the batcher's thread)."""
-    if active != path:
+    if path not in active:
         return run
 
     @functools.wraps(run)

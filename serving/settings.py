@@ -18,7 +18,7 @@ serving/service.py is imported (BentoML's decorator needs some of them at that m
 | MODECONN_CURVE_CACHE | curve_cache: fixed-t curve sessions kept (serving/fixed_t.py); 0: none | 16 |
 | MODECONN_CURVE_PRELOAD | curve_preload: fixed-t sessions built before readiness, at t = i/(n-1) | 0 |
 | MODECONN_CURVE_BUILD_AFTER | curve_build_after: a t's session is built once it was asked for this often | 2 |
-| MODECONN_TEST_FAULT | test_fault: for tests only, a path that raises (json, bentoml, binary, curve; serving/errors.py) | unset |
+| MODECONN_TEST_FAULT | test_fault: for tests only, paths that raise (comma-separated: json, bentoml, binary, curve; serving/errors.py) | none |
 
 A value that cannot be read stops the service with an error naming the variable.
 """
@@ -65,7 +65,7 @@ class ServiceSettings:
     curve_cache: int = DEFAULT_CURVE_CACHE
     curve_preload: int = 0
     curve_build_after: int = 2
-    test_fault: str | None = None
+    test_fault: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.body_budget_bytes < self.max_body_bytes:
@@ -73,8 +73,8 @@ class ServiceSettings:
                 f"MODECONN_BODY_BUDGET_BYTES={self.body_budget_bytes} is less than one body may be "
                 f"(MODECONN_MAX_BODY_BYTES={self.max_body_bytes})"
             )
-        if self.test_fault not in (None, *FAULT_PATHS):
-            raise SettingsError(f"MODECONN_TEST_FAULT={self.test_fault!r}: use one of {', '.join(FAULT_PATHS)}")
+        if unknown := set(self.test_fault) - set(FAULT_PATHS):
+            raise SettingsError(f"MODECONN_TEST_FAULT: {sorted(unknown)}; use some of {', '.join(FAULT_PATHS)}")
         if self.provider not in ("auto", "cuda", "cpu"):
             raise SettingsError(f"MODECONN_PROVIDER={self.provider!r}: use auto, cuda or cpu")
         if self.curve_preload > self.curve_cache:
@@ -109,7 +109,7 @@ class ServiceSettings:
             curve_cache=env_int("MODECONN_CURVE_CACHE", DEFAULT_CURVE_CACHE, minimum=0),
             curve_preload=env_int("MODECONN_CURVE_PRELOAD", 0, minimum=0),
             curve_build_after=env_int("MODECONN_CURVE_BUILD_AFTER", 2, minimum=1),
-            test_fault=env.get("MODECONN_TEST_FAULT") or None,
+            test_fault=tuple(p.strip() for p in env.get("MODECONN_TEST_FAULT", "").split(",") if p.strip()),
         )
 
     def as_dict(self) -> dict[str, Any]:
