@@ -102,7 +102,8 @@ def validation_error(exc: ValidationError, fields: list[str]) -> JSONResponse:
     """A request model's refusal as a 400: the first problem as a sentence naming the field,
     every problem in `detail` (type, loc, msg: no inputs echoed, no documentation links)."""
     errors = exc.errors(include_url=False, include_context=True, include_input=True)
-    first = errors[0]
+    # an unknown field is most often a misspelt one: name it before the field then missing
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     field = where(tuple(first["loc"]))
     detail = [{"type": e["type"], "loc": list(e["loc"]), "msg": _plain(e["msg"])} for e in errors]
     return error_response(400, _sentence(first, field, fields), field=field, detail=detail)
@@ -114,6 +115,9 @@ def _plain(msg: str) -> str:
 
 def _sentence(error: dict[str, Any], field: str | None, fields: list[str]) -> str:
     kind, ctx, value = error["type"], error.get("ctx") or {}, error.get("input")
+    if kind == "json_invalid" and not (value.decode("utf-8", "replace") if isinstance(value, bytes)
+                                       else str(value or "")).strip():
+        return "the body is empty; send a JSON object, e.g. {\"inputs\": [[...]]}"
     if kind == "json_invalid":
         return f"the body is not valid JSON ({ctx.get('error', error['msg'])})"
     if kind in ("model_type", "model_attributes_type", "dict_type") and field is None:
