@@ -478,7 +478,7 @@ def test_limit_settings_are_read_from_the_environment(monkeypatch: pytest.Monkey
     with pytest.raises(ValueError, match="MODECONN_HEADER_TIMEOUT_S"):
         ServiceSettings.from_env()
     for name in LIMITED:
-        monkeypatch.delenv(name)
+        monkeypatch.delenv(name, raising=False)
     defaults = ServiceSettings.from_env()
     assert defaults.connections == ConnectionLimits() and defaults.body_budget_bytes == 64 << 20
     assert defaults.batching.max_queue_rows == 2 * 1024 * 16  # two of the largest curve requests
