@@ -80,11 +80,13 @@ class SessionSettings:
     """onnxruntime CPU threading; read from MODECONN_ORT_* environment variables.
 
     threads: intra-op threads per session (0: onnxruntime's default, one per core; the
-    service's default with several workers is cores // workers, so they share the cores).
-    spinning: whether idle intra-op threads busy-wait for the next op (onnxruntime's default,
-    kept: on the 2-core machine it answered batch-1 requests about 0.5 ms sooner, with the
-    same 64-client throughput). Turn it off where other processes need the cores: spinning
-    threads of K sessions run one after another slowed each other 2x on CIFAR shapes.
+    service's default is each worker's share of the usable cores, modeconn/contract/threads.py,
+    so workers share the cores and a container's CPU quota is respected).
+    spinning: whether idle intra-op threads busy-wait for the next op (onnxruntime's default;
+    the service keeps it only for one worker on a quiet machine: there it answered batch-1
+    requests about 0.5 ms sooner, with the same 64-client throughput). Off where other
+    processes need the cores: spinning threads of K sessions run one after another slowed
+    each other 2x on CIFAR shapes.
     """
 
     threads: int = 0
@@ -95,10 +97,10 @@ class SessionSettings:
             raise ValueError(f"MODECONN_ORT_THREADS must be >= 0, not {self.threads}")
 
     @classmethod
-    def from_env(cls, default_threads: int = 0) -> SessionSettings:
+    def from_env(cls, default_threads: int = 0, default_spinning: bool = True) -> SessionSettings:
         return cls(
             threads=int(os.environ.get("MODECONN_ORT_THREADS", default_threads)),
-            spinning=env_flag("MODECONN_ORT_SPINNING", cls.spinning),
+            spinning=env_flag("MODECONN_ORT_SPINNING", default_spinning),
         )
 
 

@@ -16,12 +16,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from holds import start_held
 
 from modeconn.training.cli import main
 from modeconn.training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
@@ -259,12 +259,10 @@ def test_fge_resume_after_sigkill_ends_with_the_same_snapshots(
     run_dir = tmp_path / "fge-killed"
     argv = ["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out", str(run_dir),
             *FGE_ARGS, *SET_ARGS]
-    proc = subprocess.Popen([sys.executable, "-m", "modeconn", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # stops right after its first epoch checkpoint (an explicit hook, not a race)
+    proc = start_held([sys.executable, "-m", "modeconn", *argv], "fge:epoch-1",
+                      {**os.environ, "OMP_NUM_THREADS": "1"})
     first = run_dir / "checkpoints" / "epoch-0001.pt"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert first.exists(), "the run never wrote its first epoch checkpoint"

@@ -52,6 +52,7 @@ from modeconn.training.core.bn import recompute_bn
 from modeconn.training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
 from modeconn.training.core.data import Dataset, normalization_tensors
 from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.model_source import architecture_label
 from modeconn.training.core.networks import load_data, load_network, predict_probs
 from modeconn.training.core.runs import artifact_target_problem, write_marker
 from modeconn.training.core.sources import check_same_network, run_members
@@ -352,7 +353,7 @@ def export_artifact(
         else:
             from modeconn.contract.store import save_to_bentoml_store
 
-            labels = {"architecture": first["architecture"]["name"], "dataset": info["name"],
+            labels = {"architecture": architecture_label(first["architecture"]), "dataset": info["name"],
                       "members": str(len(nets)), "curve": curve.curve if curve is not None else "none",
                       "swa": "yes" if swa is not None else "no"}
             tag = save_to_bentoml_store(work, name, labels=labels, metadata=_store_metadata(manifest))
@@ -520,7 +521,7 @@ def _versions() -> dict[str, str]:
 
 
 def _store_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
-    meta = {"format_version": manifest["format_version"], "architecture": manifest["architecture"]["name"],
+    meta = {"format_version": manifest["format_version"], "architecture": architecture_label(manifest["architecture"]),
             "dataset": manifest["dataset"]["name"], "members": len(manifest["members"]),
             "ensemble_test_error": manifest["ensemble"]["metrics"]["error"],
             "curve": manifest["curve"]["type"] if manifest["curve"] else None,

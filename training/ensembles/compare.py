@@ -20,6 +20,8 @@ Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is sk
 finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
 made with other settings (its config.yaml) is refused, naming the folder to delete.
 `--jobs N` runs N sub-runs side by side (an FGE run after its Ind run), with the same results.
+With `train.batched` (auto: on a GPU) every seed's Ind networks train in one batched pass
+(training/batched.py), the FGE runs after it; each network equals its separate run to float rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
 from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text
 from modeconn.training.core.config import Config, ConfigError
@@ -62,6 +65,8 @@ _SEED_STRIDE, _SSE_OFFSET = 100, 50
 # the config sections that shape each kind of sub-run (FGE starts from an Ind run: train too)
 _SHAPED_BY = {"ind": ("seed", "data", "model", "train"), "fge": ("seed", "data", "model", "train", "fge"),
               "sse": ("seed", "data", "model", "sse")}
+# fields that change how a sub-run is executed, not its settings: a folder is reused across them
+_HOW_ONLY = {"train": ("batched",)}
 
 
 def _variant(config: Config, seed: int, **sections: dict[str, Any]) -> Config:
@@ -83,12 +88,19 @@ def _check_reusable(run_dir: Path, config: Config, sections: tuple[str, ...]) ->
     if not path.is_file():
         return
     saved, current = yaml.safe_load(path.read_text()) or {}, config.model_dump()
-    changed = [k for k in sections if saved.get(k) != current[k]]
+    changed = [k for k in sections if _shaping(saved.get(k), k) != _shaping(current[k], k)]
     if changed:
         raise RunDirError(
             f"{run_dir} was made with other {', '.join(changed)} settings; delete it to redo it with the "
             "current ones, or pass --force to start the whole comparison over"
         )
+
+
+def _shaping(section: Any, name: str) -> Any:
+    """A config section without the fields that say how a run is executed, not what it computes."""
+    if isinstance(section, dict):
+        return {k: v for k, v in section.items() if k not in _HOW_ONLY.get(name, ())}
+    return section
 
 
 def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
@@ -126,19 +138,28 @@ def _sse_run(config: Config, run_dir: Path) -> None:
         run_sse(config, run_dir, resume=True)
 
 
-def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, first: int) -> list[Job]:
-    """K Ind runs, then one FGE run from the first Ind run's fge_start_epoch checkpoint (long
-    enough for K budgets), then one SSE run; `first` is the index of this seed's first job.
-    Each folder is checked here, before anything runs."""
-    jobs = []
+def _ind_runs(config: Config, seed_dir: Path, largest: int, base_seed: int) -> list[tuple[Config, Path]]:
+    """The seed's K Ind runs (config, folder), each folder checked here, before anything runs."""
+    runs = []
     for j in range(largest):
         run_dir, run_config = seed_dir / f"ind-{j}", _variant(config, base_seed + j)
         _check_reusable(run_dir, run_config, _SHAPED_BY["ind"])
-        jobs.append(Job(train_or_reuse, (run_config, run_dir)))
+        runs.append((run_config, run_dir))
+    return runs
+
+
+def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, first: int,
+               ind_job: int | None = None) -> list[Job]:
+    """K Ind runs, then one FGE run from the first Ind run's fge_start_epoch checkpoint (long
+    enough for K budgets), then one SSE run; `first` is the index of this seed's first job.
+    `ind_job`: the index of the one job that trains every seed's Ind runs in one batched pass
+    (then this seed lists no Ind jobs of its own). Each folder is checked here, before anything runs."""
+    inds = [] if ind_job is not None else _ind_runs(config, seed_dir, largest, base_seed)
+    jobs = [Job(train_or_reuse, run) for run in inds]
     fge_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
     _check_reusable(seed_dir / "fge", fge_config, _SHAPED_BY["fge"])
     start = checkpoint_path(seed_dir / "ind-0", fge_start_epoch(config))
-    jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first,)))
+    jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first if ind_job is None else ind_job,)))
     sse_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
     _check_reusable(seed_dir / "sse", sse_config, _SHAPED_BY["sse"])
     jobs.append(Job(_sse_run, (sse_config, seed_dir / "sse")))
@@ -267,7 +288,7 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
     columns = " | ".join(f"{k}B ({k * epochs} ep)" for k in budgets)
     rule = "|---|---|" + "---|" * len(budgets)
     lines = [
-        f"**Budget comparison: {config.model.name} on {config.data.name}** (config `{config.name}`)",
+        f"**Budget comparison: {config.model.label} on {config.data.name}** (config `{config.name}`)",
         "",
         *provenance.markdown_lines(info),
         "",
@@ -349,10 +370,11 @@ def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
     ))
 
 
-def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1) -> dict[str, Any]:
-    """Train (or reuse) every sub-run, `jobs_at_once` side by side (training/core/distributed.py
-    `run_jobs`; the same results as one after the other), then write compare.md and
-    compare.csv into `run_dir`."""
+def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1,
+                    ray: str | None = None) -> dict[str, Any]:
+    """Train (or reuse) every sub-run, `jobs_at_once` side by side, or each a task on the Ray
+    cluster at `ray` (training/core/distributed.py `run_jobs`; the same results as one after
+    the other), then write compare.md and compare.csv into `run_dir`."""
     started = time.perf_counter()
     claim_folder(run_dir, "compare", force=force, container=True)  # --force deletes only the comparison's own files
     device = resolve_device(config.device)
@@ -361,11 +383,19 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
                              iterations_per_epoch(data, config.sse.batch_size))
     largest, seeds = budgets[-1], config.compare.seeds
     seed_dirs = [run_dir / f"seed-{s}" for s in range(seeds)]
-    jobs: list[Job] = []
-    for s, seed_dir in enumerate(seed_dirs):
-        jobs += _seed_jobs(config, seed_dir, largest, config.seed + _SEED_STRIDE * s, len(jobs))
-    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {jobs_at_once} at a time[/bold] ({run_dir})")
-    run_jobs(jobs, jobs_at_once, device)
+    base_seeds = [config.seed + _SEED_STRIDE * s for s in range(seeds)]
+    inds = [run for d, b in zip(seed_dirs, base_seeds, strict=True) for run in _ind_runs(config, d, largest, b)]
+    # every seed's Ind networks in one batched pass (training/batched.py), when they can be
+    blocker = batching_blocker([c for c, _ in inds]) if wants_batching(config) else "train.batched"
+    batched = blocker is None
+    if config.train.batched is True and blocker is not None and len(inds) > 1:
+        progress.log(f"[dim]compare: the Ind networks one after another ({blocker})[/dim]")
+    jobs: list[Job] = [Job(train_seeds, ([c for c, _ in inds], [d for _, d in inds]))] if batched else []
+    for seed_dir, base_seed in zip(seed_dirs, base_seeds, strict=True):
+        jobs += _seed_jobs(config, seed_dir, largest, base_seed, len(jobs), 0 if batched else None)
+    where = f"on Ray ({ray})" if ray else f"{jobs_at_once} at a time"
+    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {where}[/bold] ({run_dir})")
+    run_jobs(jobs, jobs_at_once, device, ray=ray)
     rows: list[dict[str, Any]] = []
     losses: list[dict[tuple[str, int], Losses]] = []
     for s, seed_dir in enumerate(seed_dirs):
