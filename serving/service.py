@@ -13,7 +13,8 @@ Endpoints
   GET|POST /info       model card + execution provider + batching settings
   GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
-  Every error answer is {"error": "...", "detail"?: [...]} (schemas.ErrorResponse).
+  Every error answer is {"error": "...", "field"?, "detail"?, "id"?} (schemas.ErrorResponse);
+  4xx: one INFO log line; a bug: 500 with an id, the traceback logged with it (serving/errors.py).
 
 Process model and batching (the numbers the benchmark compares):
   workers: MODECONN_WORKERS (default settings.DEFAULT_WORKERS; benchmarks/results/worker_kill-*).
@@ -29,11 +30,13 @@ Process model and batching (the numbers the benchmark compares):
     validated first, then queued per graph; when the session is free, what is queued runs
     as one batch of at most MODECONN_MAX_BATCH_ROWS rows (default 1024), after its oldest
     request has waited MODECONN_MAX_WAIT_MS (default 0: no waiting).
-    Pending rows above MODECONN_MAX_QUEUE_ROWS (default 16384) get 503 + Retry-After instead
-    of queueing without bound; 64 concurrent batch-1 clients queue at most 64 rows.
+    Pending rows above MODECONN_MAX_QUEUE_ROWS (default 32768) get 503 + Retry-After instead
+    of queueing without bound; a curve request's ts are admitted or refused together.
     With MODECONN_BATCHING=0 each request runs its own session call in a thread.
-  Limits per request: 1024 rows, 16 values in `ts`, body MODECONN_MAX_BODY_BYTES (8 MiB).
-  No BentoML max_concurrency (it sheds with 503 "process is overloaded"); traffic timeout 60 s.
+  Limits per request: 1024 rows, 16 values in `ts`, body MODECONN_MAX_BODY_BYTES (8 MiB); per
+  worker: bodies held, connections, head/body/idle deadlines (serving/connections.py,
+  middleware.py; docs/operations.md "Limits and errors"). No BentoML max_concurrency (it
+  sheds with 503 "process is overloaded"); traffic timeout 60 s.
 
 Start-up and readiness: before any worker starts, the `bentoml serve` process copies the
 artifact into a private read-only folder and verifies the copy (sha256 of every file, the
@@ -45,12 +48,11 @@ requests that arrive earlier get 503. A worker whose load fails stays up rather 
 looping: alone, it answers 503 with the reason; a replacement beside serving siblings retries
 inside __init__, taking no connection. Metrics on /metrics: serving/metrics.py.
 
-Request bodies: JSON ({"inputs": ...}), or raw float32, .npy, PNG/JPEG with `t`/`ts` in the
-query string (serving/encodings.py). PredictionBodies, a middleware in front of BentoML's
-request parsing, decodes binary bodies and answers JSON ones that their request model accepts
-(predict_json); a JSON body the model refuses goes on to BentoML, whose 400 names the field.
-Every way ends in the same handlers (_answer_predict, _answer_curve); BentoML's metrics,
-timeout and access log sit outside the middleware and see every request.
+Request bodies: JSON ({"inputs": ...}, as application/json), or raw float32, .npy, PNG/JPEG
+with `t`/`ts` in the query string (serving/encodings.py). PredictionBodies, a middleware in
+front of BentoML's request parsing, decodes binary bodies and answers JSON ones (predict_json,
+a refusal as a 400 naming the field). Every way ends in the same handlers (_answer_predict,
+_answer_curve); BentoML's metrics, timeout and access log sit outside the middleware.
 
 Settings: one ServiceSettings (serving/settings.py), read from MODECONN_* variables once at
 import. MODECONN_CURVE_CACHE bounds the fixed-t curve sessions (serving/fixed_t.py);
@@ -77,10 +79,12 @@ from starlette.routing import Route
 
 from modeconn.contract.artifact import Artifact, ArtifactError, load_artifact
 
-from . import encodings, metrics, startup
+from . import encodings, metrics, middleware, startup
 from .batching import MicroBatcher, Overloaded
 from .calibration import calibration_card, curve_temperature, scale
-from .middleware import OpenAPIMiddleware, PredictionBodies, RequestGuardMiddleware
+from .connections import install as install_connection_limits
+from .errors import ErrorBoundary, fault, faulty, guarded, validation_error
+from .errors import error_response as _error
 from .openapi import openapi_document
 from .runtime import Runtime, choose_providers, summarize
 from .schemas import (
@@ -88,7 +92,6 @@ from .schemas import (
     MAX_TS,
     CurvePredictRequest,
     CurvePredictResponse,
-    ErrorResponse,
     InfoResponse,
     InputError,
     PredictRequest,
@@ -117,11 +120,6 @@ def _ok(body: BaseModel) -> Response:
     """A whole JSON body with its length. Returning the model itself makes BentoML stream
     it in chunks, one more trip through every middleware per response."""
     return Response(body.model_dump_json(), media_type="application/json")
-
-
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    body = ErrorResponse(error=message).model_dump(exclude_none=True)
-    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _non_finite(probabilities: np.ndarray) -> JSONResponse | None:
@@ -198,8 +196,9 @@ class ModeConnService:
                     runtime.run_ensemble, split_axes=(0, 1), settings=self.batching, name="ensemble"
                 )
                 if runtime.curve is not None:
+                    run_curve = faulty(self.settings.test_fault, "curve", runtime.run_curve)
                     self._batchers["curve"] = MicroBatcher(
-                        runtime.run_curve, split_axes=(0,), settings=self.batching, name="curve"
+                        run_curve, split_axes=(0,), settings=self.batching, name="curve"
                     )
                 if runtime.swa is not None:
                     self._batchers["swa"] = MicroBatcher(
@@ -237,6 +236,7 @@ class ModeConnService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
+    @guarded
     async def predict(self, inputs: list[Any], calibrated: bool = True, model: str = "ensemble") -> Response:
         """Mean softmax of the ensemble members, with entropy and member agreement; or,
         with "model": "swa", the softmax of the one averaged network."""
@@ -254,6 +254,7 @@ class ModeConnService:
     @bentoml.api(
         route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
     )
+    @guarded
     async def predict_curve(
         self,
         inputs: list[Any],
@@ -276,23 +277,22 @@ class ModeConnService:
             return _error(400, str(exc))
         return await self._predict_curve(x, [t] if t is not None else list(ts or []), calibrated)
 
-    async def predict_json(self, path: str, body: bytes) -> Response | None:
-        """/predict or /predict_curve with a JSON body its request model accepts, answered as the
-        API would; None for any other body, which BentoML then answers (one error format)."""
-        if path == "/predict":
-            try:
-                request = PredictRequest.model_validate_json(body)
-            except ValidationError:
-                return None
-            return await self._answer_predict(request.inputs, request.calibrated, request.model)
+    async def predict_json(self, path: str, body: bytes) -> Response:
+        """/predict or /predict_curve with a JSON body, answered as the API would; a body its
+        request model refuses gets a 400 naming the field (errors.validation_error)."""
+        fault(self.settings.test_fault, "json")
+        model = PredictRequest if path == "/predict" else CurvePredictRequest
         try:
-            curve = CurvePredictRequest.model_validate_json(body)
-        except ValidationError:
-            return None
-        return await self._answer_curve(curve.inputs, curve.t, curve.ts, curve.calibrated)
+            request = model.model_validate_json(body)
+        except ValidationError as exc:
+            return validation_error(exc, list(model.model_fields))
+        if isinstance(request, PredictRequest):
+            return await self._answer_predict(request.inputs, request.calibrated, request.model)
+        return await self._answer_curve(request.inputs, request.t, request.ts, request.calibrated)
 
     async def predict_binary(self, path: str, kind: str, body: bytes, query: str) -> Response:
         """/predict or /predict_curve with a binary body (serving/encodings.py)."""
+        fault(self.settings.test_fault, "binary")
         if (refusal := self._refuse_early()) is not None:
             return refusal
         if path == "/predict_curve" and not self.artifact.has_curve:
@@ -342,8 +342,9 @@ class ModeConnService:
         return _ok(PredictResponse(**fields, model=model))
 
     async def _predict_curve(self, x: np.ndarray, t_values: list[float], calibrated: bool) -> Response:
-        try:
-            per_t = await asyncio.gather(*(self._run("curve", tv, x) for tv in t_values))
+        try:  # every t queued at once, or none (batching.MicroBatcher.submit_many)
+            per_t = (await self._batchers["curve"].submit_many(t_values, x) if self.batching.enabled
+                     else await asyncio.gather(*(self._run("curve", tv, x) for tv in t_values)))
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
@@ -364,8 +365,10 @@ class ModeConnService:
         return encodings.image_shape(self.artifact.input_shape, self.artifact.input_range)
 
     @bentoml.api(route="/info", output_spec=InfoResponse)
+    @guarded
     async def info(self) -> InfoResponse | JSONResponse:
         """Model card (also served at GET /info)."""
+        fault(self.settings.test_fault, "bentoml")
         return self._refuse_unloaded() or self.model_card()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -458,21 +461,8 @@ async def _get_info(_: Request) -> JSONResponse:
     return service._refuse_unloaded() or JSONResponse(service.model_card().model_dump(mode="json"))
 
 
-class _ProbeReasons:
-    """/livez and /readyz of a worker whose load failed: 503 with the reason as JSON
-    ({"error": ...}) instead of BentoML's plain-text 'returns False'."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] in ("/livez", "/readyz"):
-            service = bentoml.get_current_service()
-            error = getattr(service, "_load_error", None)
-            if error is not None:
-                await _error(503, f"model failed to load: {error}")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _load_error() -> str | None:
+    return getattr(bentoml.get_current_service(), "_load_error", None)
 
 
 def _openapi() -> dict[str, Any] | None:
@@ -495,20 +485,25 @@ async def _predict_binary(path: str, kind: str, body: bytes, query: str) -> Resp
     return await service.predict_binary(path, kind, body, query)
 
 
-async def _predict_json(path: str, body: bytes) -> Response | None:
+async def _predict_json(path: str, body: bytes) -> Response:
     service = bentoml.get_current_service()
-    if getattr(service, "artifact", None) is None:  # BentoML's own path answers as before
-        return None
+    if getattr(service, "artifact", None) is None:  # the manifest itself was refused
+        return _error(503, f"model failed to load: {getattr(service, '_load_error', None)}")
     return await service.predict_json(path, body)
-
 
 
 # BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
 # (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
 ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, methods=["GET"])]))
-# Outermost first: the metrics see every answer, the size limit applies to binary bodies too.
+# Outermost first: the metrics see every answer; bugs anywhere inside answer at once; methods,
+# media types and query parameters are refused before any body is read; the size limits apply
+# to every body.
 ModeConnService.add_asgi_middleware(metrics.MetricsMiddleware, enabled=SETTINGS.metrics)
-ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes)
-ModeConnService.add_asgi_middleware(_ProbeReasons)
-ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)
-ModeConnService.add_asgi_middleware(PredictionBodies, binary=_predict_binary, json_body=_predict_json)
+ModeConnService.add_asgi_middleware(ErrorBoundary)
+ModeConnService.add_asgi_middleware(middleware.RouteRules)
+ModeConnService.add_asgi_middleware(middleware.RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes,
+                                    budget_bytes=SETTINGS.body_budget_bytes)
+ModeConnService.add_asgi_middleware(middleware.ProbeReasons, load_error=_load_error)
+ModeConnService.add_asgi_middleware(middleware.OpenAPIMiddleware, document=_openapi)
+ModeConnService.add_asgi_middleware(middleware.PredictionBodies, binary=_predict_binary, json_body=_predict_json)
+install_connection_limits(SETTINGS.connections)  # this worker's uvicorn (serving/connections.py)

@@ -356,7 +356,7 @@ def test_unknown_or_absent_model_is_a_4xx_naming_it(server: Server, plain_server
     for bad in ("SWA", "member-0", 1, None):
         r = server.post("/predict", {"inputs": x.tolist(), "model": bad})
         assert r.status_code == 400, (bad, r.text)
-        (issue,) = r.json()["detail"]  # BentoML's 400 for a body that fails the request model
+        (issue,) = r.json()["detail"]  # the 400 for a body that fails the request model
         assert issue["loc"] == ["model"] and issue["msg"] == "Input should be 'ensemble' or 'swa'", r.text
     r = _post_bytes(server, "/predict?model=swa2", x.tobytes(), RAW)
     assert r.status_code == 400 and r.json()["error"] == "model = 'swa2': use ensemble or swa", r.text
@@ -470,10 +470,11 @@ def test_binary_encodings_answer_as_json_does(server: Server) -> None:
     _same_answer(r.json(), server.post("/predict", {"inputs": x[:1].tolist()}).json())
 
 
-def test_json_fast_path_answers_as_bentoml_does(server: Server) -> None:
-    """application/json is answered by the middleware (serving/middleware.py PredictionBodies);
-    any other media type BentoML parses as JSON itself: both ways give the same answer, and a
-    body the request model refuses gets BentoML's 400 either way."""
+def test_json_needs_application_json_and_is_refused_in_one_shape(server: Server) -> None:
+    """JSON bodies are answered by the middleware (serving/middleware.py PredictionBodies) with
+    the same answer whatever the media type's parameters; another media type (text/plain,
+    which BentoML would have parsed as JSON) is a 415 naming application/json; a body the
+    request model refuses is a 400 naming the field, with pydantic's report in `detail`."""
     x = demo_inputs(5, seed=11)
     t, t2 = 12 / (PRELOAD - 1), 30 / (PRELOAD - 1)  # on the preloaded grid: one fixed-t session answers both
     for path, body in (("/predict", {"inputs": x.tolist()}),
@@ -481,16 +482,18 @@ def test_json_fast_path_answers_as_bentoml_does(server: Server) -> None:
                        (CURVE, {"inputs": x.tolist(), "t": t}),
                        (CURVE, {"inputs": x.tolist(), "ts": [t, t2], "calibrated": False})):
         data = json.dumps(body).encode()
-        fast = _post_bytes(server, path, data, "application/json")
-        bentoml_way = _post_bytes(server, path, data, "text/plain")
-        assert fast.status_code == bentoml_way.status_code == 200, (path, fast.text, bentoml_way.text)
-        assert fast.json() == bentoml_way.json(), (path, body.keys())
-    for bad in ({"inputs": x.tolist(), "t": 0.5}, {"inputs": x.tolist(), "calibrated": "no"}, {"input": []}):
-        fast = _post_bytes(server, "/predict", json.dumps(bad).encode(), "application/json")
-        bentoml_way = _post_bytes(server, "/predict", json.dumps(bad).encode(), "text/plain")
-        assert fast.status_code == bentoml_way.status_code == 400, (bad, fast.text)
-        assert fast.json() == bentoml_way.json()
-        assert fast.json()["detail"], fast.text  # BentoML's field-by-field report
+        plain = _post_bytes(server, path, data, "application/json")
+        with_charset = _post_bytes(server, path, data, "Application/JSON; charset=utf-8")
+        assert plain.status_code == with_charset.status_code == 200, (path, plain.text, with_charset.text)
+        assert plain.json() == with_charset.json(), (path, body.keys())
+        refused = _post_bytes(server, path, data, "text/plain")
+        assert refused.status_code == 415 and "application/json" in refused.json()["error"], refused.text
+    for bad, field in (({"inputs": x.tolist(), "t": 0.5}, "t"), ({"inputs": x.tolist(), "calibrated": "no"}, "calibrated"),
+                       ({"input": []}, "input")):  # the unknown field is named first, then the missing one
+        r = _post_bytes(server, "/predict", json.dumps(bad).encode(), "application/json")
+        assert r.status_code == 400, (bad, r.text)
+        assert r.json()["field"] == field and field in r.json()["error"], r.text
+        assert r.json()["detail"] and "url" not in r.json()["detail"][0], r.text  # field-by-field, no links
 
 
 def test_numpy_arrays_straight_from_the_bentoml_client(server: Server) -> None:
@@ -594,7 +597,7 @@ BAD_REQUESTS = [
      ["temperature", "Extra inputs are not permitted"]),
     ("malformed-json", "/predict", _raw('{"inputs": [[0.5, 0.5'), None, 400, ["Invalid JSON"]),
     ("not-an-object", "/predict", [ROW], None, 400, ["should be an object"]),
-    ("empty-body", "/predict", b"", None, 400, ["inputs", "Field required"]),
+    ("empty-body", "/predict", b"", None, 400, ["the body is empty", "inputs"]),
     ("multipart", "/predict", b"--x\r\n", "multipart/form-data", 415, ["not accepted"]),
     ("pickle", "/predict", b"\x80\x04", "application/vnd.bentoml+pickle", 415, ["not accepted"]),
     ("t-above-1", CURVE, {"inputs": [ROW], "t": 1.5}, None, 400, ["t", "less than or equal to 1"]),
@@ -659,7 +662,7 @@ def test_body_above_limit_is_413(server: Server, offline: Offline) -> None:
     assert "limit" in r.json()["error"]
     # the same without Content-Length (chunked upload)
     chunks = (big[i : i + (1 << 20)] for i in range(0, len(big), 1 << 20))
-    r = requests.post(server.url + "/predict", data=chunks, timeout=60)
+    r = requests.post(server.url + "/predict", data=chunks, headers={"Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413, r.text[:300]
     _still_serves(server, offline)
 
