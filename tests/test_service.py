@@ -1107,7 +1107,10 @@ def test_service_settings_are_one_object_read_from_the_environment(monkeypatch: 
     monkeypatch.setenv("MODECONN_CURVE_PRELOAD", "3")
     monkeypatch.setenv("MODECONN_WORKERS", "1")
     settings = ServiceSettings.from_env()
-    assert settings.curve_preload_ts == [0.0, 0.5, 1.0] and settings.onnxruntime.threads == 0
+    from modeconn.contract.threads import threads_per_process
+
+    # one worker: the process's share of the usable cores (the same choice as training's)
+    assert settings.curve_preload_ts == [0.0, 0.5, 1.0] and settings.onnxruntime.threads == threads_per_process(1)
     for name, value, words in (
         ("MODECONN_CURVE_PRELOAD", "5", "more than the cache keeps (MODECONN_CURVE_CACHE=4)"),
         ("MODECONN_CURVE_PRELOAD", "1", "at least 2 points"),
