@@ -31,9 +31,9 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
     """Train one network; returns output paths and final test metrics."""
     final_path = run_dir / "final.pt"
     device = stage_device(config)
-    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     started = time.perf_counter()
-    data = load_data(dataset_spec(config), device)
+    data = load_data(dataset_spec(config), device)  # a data set that cannot be read: nothing written
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     settings = config.train
     model, optimizer, fields = fresh_network(config, data, device, settings, "train")
     plan = FitPlan(

@@ -220,13 +220,18 @@ def _array_path(path: str | None, root: str | Path | None, key: str) -> Path:
     return p
 
 
+def _pickled(err: ValueError) -> bool:
+    """numpy's refusal of an object array (loading it would unpickle), plain or memory-mapped."""
+    return "pickle" in str(err) or "Python objects" in str(err)
+
+
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
     if not path.is_file():
         raise DataError(f"{path.parent} has no {path.name}: an arrays folder holds x.npy and y.npy")
     try:
         return np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as err:
-        if "pickle" in str(err):
+        if _pickled(err):
             raise DataError(f"{path} holds Python objects (a pickled array); refused: save numeric arrays") from None
         raise DataError(f"{path}: not a readable .npy file ({err})") from None
     except (OSError, EOFError) as err:
@@ -243,7 +248,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
                 raise DataError(f"{path} has no array {missing[0]!r} (it has {', '.join(f.files) or 'none'})")
             return {k: f[k] for k in ("x", "y", "class_names") if k in f.files}
     except ValueError as err:
-        if "pickle" in str(err):
+        if _pickled(err):
             raise DataError(f"{path} holds Python objects (a pickled array); refused: save numeric arrays") from None
         raise DataError(f"{path}: not a readable .npz file ({err})") from None
     except (OSError, EOFError) as err:
