@@ -47,6 +47,12 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsFolder:
     return write_digits_folder(tmp_path_factory.mktemp("digits"))
 
 
+@pytest.fixture(scope="module")
+def few_digits(tmp_path_factory: pytest.TempPathFactory) -> DigitsFolder:
+    """400 of the digits (300 train, 100 test): every stage reads the folder many times."""
+    return write_digits_folder(tmp_path_factory.mktemp("few-digits"), limit=400)
+
+
 def _folder(root: Path, val_size: int = 0, **options: object):  # noqa: ANN202
     return build_dataset("image_folder", root=root, val_size=val_size, num_workers=WORKERS, **options)
 
@@ -392,3 +398,46 @@ def test_the_cli_prints_one_line_exits_2_and_writes_nothing(
     assert code == 2 and not out.exists()
     err = capsys.readouterr().err.strip()
     assert err == f"modeconn train: error: {tmp_path / 'data' / 'train'} has no class folders: put each class's images in train/<class>/"
+
+
+# -- every stage over a streamed folder ------------------------------------------------------------
+def test_every_stage_runs_over_the_streamed_digits_folder(few_digits: DigitsFolder, tmp_path: Path) -> None:
+    """train, curve, eval-curve, FGE, plane and export on the PNG folder read through loader
+    workers; the artifact records how the images were read. The registered PreResNet takes RGB:
+    the grayscale digits are read as 3 channels (data.channels)."""
+    from modeconn.contract.artifact import load_artifact
+    from modeconn.training.core.checkpoint import load_checkpoint
+    from modeconn.training.curves.evaluate import evaluate_curve
+    from modeconn.training.curves.fit import fit_curve
+    from modeconn.training.curves.plane import make_plane
+    from modeconn.training.ensembles.fge import run_fge
+    from modeconn.training.export import export_artifact
+    from modeconn.training.train import train_network
+
+    settings = {"device": "cpu", "data.name": "image_folder", "data.root": str(few_digits.root), "data.val_size": 60,
+                "data.num_workers": WORKERS, "data.channels": 3, "model.name": "preresnet", "model.kwargs": {"depth": 8},
+                "train.epochs": 2, "train.save_every": 1, "train.batch_size": 64, "curve.epochs": 1,
+                "curve.batch_size": 64, "fge.epochs": 2.0, "fge.cycle_epochs": 1.0, "fge.batch_size": 64}
+    nets = [Path(train_network(load_config(None, {**settings, "seed": s}), tmp_path / f"net{s}")["checkpoint"])
+            for s in (0, 1)]
+    record = load_checkpoint(nets[0])["dataset"]
+    assert (record["channels"], record["resize"], record["root"]) == (3, None, str(few_digits.root.resolve()))
+    assert load_data(record, "cpu").streamed  # later commands rebuild the same, streamed
+    config = load_config(None, settings)
+    curve = Path(fit_curve(config, nets[0], nets[1], tmp_path / "curve")["run_dir"])
+    headline = json.loads(Path(evaluate_curve(curve, points=3, device="cpu")["json"]).read_text())["headline"]
+    assert 0 <= headline["curve_max_test_error"] <= 100
+    fge = run_fge(config, sorted((tmp_path / "net0" / "checkpoints").glob("epoch-*.pt"))[0], tmp_path / "fge")
+    snapshots = sorted((tmp_path / "fge" / "snapshots").glob("snapshot-*.pt"))
+    assert len(snapshots) == 2 and 0 <= fge["ensemble"]["test_error"] <= 100
+    plane = json.loads(Path(make_plane(run=curve, grid=3, device="cpu")["json"]).read_text())
+    assert (plane["grid"], plane["train_size"], plane["test_size"]) == (3, len(few_digits.train_labels) - 60,
+                                                                         len(few_digits.test_labels))
+    assert all(0 <= p["test_error"] <= 100 for p in plane["points"])
+    # one member (each ONNX export takes seconds), the ensemble and the curve
+    export_artifact([snapshots[0], curve], "digits-test", out=tmp_path / "artifact", grid_points=3,
+                    max_interpolation_pp=100)
+    spec = load_artifact(tmp_path / "artifact").spec
+    assert spec.input.shape == [3, 8, 8] and spec.input.image == ImageInput(channels=3, resize=None)
+    assert spec.dataset.source == {"root": str(few_digits.root.resolve()), "channels": 3}
+    assert spec.dataset.test_size == len(few_digits.test_labels) and spec.parity is not None
