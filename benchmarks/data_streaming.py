@@ -121,7 +121,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_digits_folder(Path(tmp) / "digits")
-        spec = {"root": folder.root, "val_size": 180}
+        spec = {"root": folder.root, "val_size": 180, "channels": 3}  # the registered PreResNet takes RGB
         held = build_dataset("image_folder", in_memory=True, **spec)
         streamed = {w: build_dataset("image_folder", num_workers=w, **spec) for w in workers}
         r, d = _measure("digits folder (PNG)", _ways(held, streamed), {"name": "preresnet", "kwargs": {"depth": 8}},
