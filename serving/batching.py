@@ -140,6 +140,11 @@ class MicroBatcher:
         # queue fill up (and batches grow) under load.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows queued and not yet taken into a batch (serving/metrics.py samples it)."""
+        return self._pending_rows
+
     async def submit(self, key: Hashable, x: np.ndarray) -> list[np.ndarray]:
         rows = len(x)
         if self._pending_rows and self._pending_rows + rows > self.max_queue_rows:

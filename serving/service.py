@@ -35,15 +35,15 @@ Process model and batching (the numbers the benchmark compares):
   Limits per request: 1024 rows, 16 values in `ts`, body MODECONN_MAX_BODY_BYTES (8 MiB).
   No BentoML max_concurrency (it sheds with 503 "process is overloaded"); traffic timeout 60 s.
 
-Start-up and readiness: before any worker starts, the `bentoml serve` process verifies the
-artifact (sha256 of every file, the manifest, ONNX graphs with no data outside the folder,
-the graphs open with their contract) and stops with one line naming the model and the file
-if anything is wrong (serving/startup.py says why it exits rather than staying up). Each
-worker verifies again in __init__, then a background thread opens the sessions and warms up
-batch sizes WARMUP_BATCH_SIZES (and builds the MODECONN_CURVE_PRELOAD fixed-t sessions);
-`__is_ready__` (so /readyz) turns 200 only after that.
-Requests that arrive earlier get 503. A worker whose own load fails stays up rather than
-crash-looping: /livez and /readyz answer 503 with the reason in JSON, predictions 503.
+Start-up and readiness: before any worker starts, the `bentoml serve` process copies the
+artifact into a private read-only folder and verifies the copy (sha256 of every file, the
+manifest, no data outside the folder, every graph's names, shapes and classes against the
+manifest: serving/contract_check.py), or stops with one line naming the model and the file;
+workers load only that copy (serving/startup.py). A worker verifies it again in __init__, then
+a background thread opens and warms up the sessions; /readyz turns 200 only after that, and
+requests that arrive earlier get 503. A worker whose load fails stays up rather than crash-
+looping: alone, it answers 503 with the reason; a replacement beside serving siblings retries
+inside __init__, taking no connection. Metrics on /metrics: serving/metrics.py.
 
 Request bodies: JSON ({"inputs": ...}), or raw float32, .npy, PNG/JPEG with `t`/`ts` in the
 query string (serving/encodings.py). PredictionBodies, a middleware in front of BentoML's
@@ -77,7 +77,7 @@ from starlette.routing import Route
 
 from modeconn.contract.artifact import Artifact, ArtifactError, load_artifact
 
-from . import encodings
+from . import encodings, metrics, startup
 from .batching import MicroBatcher, Overloaded
 from .calibration import calibration_card, curve_temperature, scale
 from .middleware import OpenAPIMiddleware, PredictionBodies, RequestGuardMiddleware
@@ -154,31 +154,32 @@ class ModeConnService:
         self.settings = SETTINGS
         self.batching = SETTINGS.batching
         self.runtime: Runtime | None = None
+        self.artifact: Artifact | None = None
         self._batchers: dict[str, MicroBatcher] = {}
         self._load_error: str | None = None
         self._ready = threading.Event()
-        try:
-            self.artifact: Artifact | None = load_artifact(self.model.path)
-        except ArtifactError as exc:  # raising here would make the arbiter respawn us forever
-            self.artifact = None
-            self._load_error = f"ArtifactError: {exc}"
-            logger.error("cannot serve model %s: %s", self.model.tag, exc)
-            return
-        replacement = siblings_have_served()
-        logger.info(
-            "artifact %s verified (%d members, curve: %s, swa: %s); loading sessions%s",
-            self.artifact.name,
-            self.artifact.num_members,
-            self.artifact.has_curve,
-            self.artifact.has_swa,
-            " before accepting connections (a sibling already serves)" if replacement else "",
-        )
-        if replacement:  # siblings take every connection until __init__ returns
-            self._load()
-        else:  # in the background, so /readyz can answer 503 meanwhile
-            threading.Thread(target=self._load, name="modeconn-load", daemon=True).start()
+        if not siblings_have_served():  # load in the background, so /readyz can answer 503 meanwhile
+            if self._verify():
+                threading.Thread(target=self._load, name="modeconn-load", daemon=True).start()
+        elif self.settings.workers > 1:  # siblings take every connection until __init__ returns
+            startup.retry_until(lambda: self._verify() and self._load(), "loading the artifact")
+        else:  # alone: answer 503 with the reason rather than leave connections unanswered
+            self._verify() and self._load()
 
-    def _load(self) -> None:
+    def _verify(self) -> bool:
+        """Read this server's verified copy of the artifact (serving/startup.py)."""
+        self._load_error = None
+        try:
+            self.artifact = load_artifact(startup.served_folder(self.model.path))
+        except ArtifactError as exc:  # raising here would make the arbiter respawn us forever
+            self._load_error = f"ArtifactError: {exc}"
+            logger.error("cannot serve model %s: %s", startup.served_tag(self.model.tag), exc)
+            return False
+        logger.info("artifact %s verified (%d members, curve: %s, swa: %s); loading sessions", self.artifact.name,
+                    self.artifact.num_members, self.artifact.has_curve, self.artifact.has_swa)
+        return True
+
+    def _load(self) -> bool:
         assert self.artifact is not None
         try:
             started = time.perf_counter()
@@ -191,6 +192,7 @@ class ModeConnService:
             )
             runtime.warmup(WARMUP_BATCH_SIZES)
             runtime.preload_curve(self.settings.curve_preload_ts, WARMUP_BATCH_SIZES)
+            runtime.observe = metrics.observe_run  # from here on: warm-up runs are not traffic
             if self.batching.enabled:
                 self._batchers["ensemble"] = MicroBatcher(
                     runtime.run_ensemble, split_axes=(0, 1), settings=self.batching, name="ensemble"
@@ -212,9 +214,12 @@ class ModeConnService:
                 runtime.providers,
                 self.batching,
             )
+            metrics.artifact_loaded(startup.served_tag(self.model.tag))
+            return True
         except Exception as exc:  # a dead loader must not look like a slow one
             self._load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("loading the artifact failed")
+            return False
 
     async def __is_ready__(self) -> bool:
         return self._ready.is_set()
@@ -412,21 +417,16 @@ class ModeConnService:
             num_members=self.artifact.num_members,
             member_metrics=[member.get("metrics", {}) for member in m["members"]],
             ensemble={k: ensemble.get(k) for k in ("kind", "num_members", "settings", "metrics")},
-            curve=None
-            if curve is None
-            else {
-                k: curve.get(k)
-                for k in ("type", "num_bends", "bn_grid_points", "settings", "metrics")
-            },
-            swa=None
-            if swa is None
-            else {k: swa.get(k) for k in ("kind", "averaged", "bn_recomputed", "metrics")},
+            curve=None if curve is None else {
+                k: curve.get(k) for k in ("type", "num_bends", "bn_grid_points", "settings", "metrics")},
+            swa=None if swa is None else {k: swa.get(k) for k in ("kind", "averaged", "bn_recomputed", "metrics")},
             models=self.artifact.models,
             execution_providers={} if self.runtime is None else self.runtime.providers,
             batching={
                 **dataclasses.asdict(self.batching),
                 "workers": self.settings.workers,
                 "worker_pid": os.getpid(),
+                "worker_index": int(metrics.worker()),
                 "session_threads_per_graph": 1,
                 "onnxruntime": dataclasses.asdict(self.settings.onnxruntime),
                 "stats": {name: b.stats.as_dict() for name, b in self._batchers.items()},
@@ -506,7 +506,8 @@ async def _predict_json(path: str, body: bytes) -> Response | None:
 # BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
 # (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
 ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, methods=["GET"])]))
-# Outermost first: the size limit applies to binary bodies too.
+# Outermost first: the metrics see every answer, the size limit applies to binary bodies too.
+ModeConnService.add_asgi_middleware(metrics.MetricsMiddleware, enabled=SETTINGS.metrics)
 ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes)
 ModeConnService.add_asgi_middleware(_ProbeReasons)
 ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)

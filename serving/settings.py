@@ -9,7 +9,7 @@ serving/service.py is imported (BentoML's decorator needs some of them at that m
 | MODECONN_MAX_BODY_BYTES | max_body_bytes | 8 MiB |
 | MODECONN_ACCESS_LOG / _METRICS / _TRACE_PREDICTIONS | access_log / metrics / trace_predictions | off / on / off |
 | MODECONN_BATCHING, _MAX_BATCH_ROWS, _MAX_WAIT_MS, _MAX_QUEUE_ROWS | batching (serving/batching.py) | on, 1024, 0, 16384 |
-| MODECONN_ORT_THREADS / _ORT_SPINNING | onnxruntime (serving/runtime.py) | cores // workers (0 with one worker) / on |
+| MODECONN_ORT_THREADS / _ORT_SPINNING | onnxruntime (serving/runtime.py) | usable cores // workers (MODECONN_THREADS overrides) / on only for one worker on a quiet machine |
 | MODECONN_CURVE_CACHE | curve_cache: fixed-t curve sessions kept (serving/fixed_t.py); 0: none | 16 |
 | MODECONN_CURVE_PRELOAD | curve_preload: fixed-t sessions built before readiness, at t = i/(n-1) | 0 |
 | MODECONN_CURVE_BUILD_AFTER | curve_build_after: a t's session is built once it was asked for this often | 2 |
@@ -23,6 +23,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from modeconn.contract import threads
 from modeconn.contract.errors import ModeconnError
 
 from .batching import BatchSettings
@@ -84,7 +85,8 @@ class ServiceSettings:
             metrics=env_flag("MODECONN_METRICS", cls.metrics),
             trace_predictions=env_flag("MODECONN_TRACE_PREDICTIONS", cls.trace_predictions),
             batching=BatchSettings.from_env(),
-            onnxruntime=SessionSettings.from_env(default_threads=_threads_per_worker(workers)),
+            onnxruntime=SessionSettings.from_env(default_threads=threads.threads_per_process(workers),
+                                                 default_spinning=threads.spinning_allowed(workers)),
             curve_cache=env_int("MODECONN_CURVE_CACHE", DEFAULT_CURVE_CACHE, minimum=0),
             curve_preload=env_int("MODECONN_CURVE_PRELOAD", 0, minimum=0),
             curve_build_after=env_int("MODECONN_CURVE_BUILD_AFTER", 2, minimum=1),
@@ -93,8 +95,3 @@ class ServiceSettings:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-
-def _threads_per_worker(workers: int) -> int:
-    """onnxruntime's default (0: one thread per core) for one worker; with several, their
-    share of the cores, since each worker's pool would otherwise claim all of them."""
-    return 0 if workers == 1 else max(1, len(os.sched_getaffinity(0)) // workers)

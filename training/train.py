@@ -33,9 +33,10 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
     device = stage_device(config)
     started = time.perf_counter()
     data = load_data(dataset_spec(config), device)  # a data set that cannot be read: nothing written
-    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     settings = config.train
     model, optimizer, fields = fresh_network(config, data, device, settings, "train")
+    # after the network is built: a model that cannot be built leaves no run folder
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     plan = FitPlan(
         epochs=settings.epochs,
         batch_size=settings.batch_size,

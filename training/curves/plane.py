@@ -248,13 +248,13 @@ def make_plane(run: Path | None = None, points: list[Path] | None = None, grid: 
     ys = grid_axis(list(coords[:, 1]), margin, grid)
     index = np.array([[int(np.flatnonzero(xs == x)[0]), int(np.flatnonzero(ys == y)[0])] for x, y in coords])
     data = load_data(source.dataset, dev)
-    if not len(data.split(split)[1]):
+    if not data.size(split):
         raise PlaneError(f"--split {split}: the data set {source.dataset.get('name')!r} has no {split} split")
     grids = evaluate_plane(source, basis, xs, ys, data, split=split)
     ts = np.linspace(0.0, 1.0, CURVE_POINTS)
     curve_xy = (np.array([basis.coordinates(source.curve.flat_weights(float(t)).detach()) for t in ts])
                 if source.curve is not None else None)
-    report = _report(source, basis, coords, index, xs, ys, grids, margin, split, len(data.split(split)[1]),
+    report = _report(source, basis, coords, index, xs, ys, grids, margin, split, data.size(split),
                      len(data.y_train))
     paths = {name.split(".")[1]: out_dir / name for name in OUTPUTS}
     atomic_write_bytes(paths["npz"], _npz(xs, ys, coords, index, grids, ts if curve_xy is not None else None, curve_xy))
@@ -342,6 +342,9 @@ def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: 
         ax.set(title=title, xlabel="u (distance in weight space)", ylabel="v (distance in weight space)")
         ax.set_aspect("equal")
         ax.legend(loc="upper left", bbox_to_anchor=(1.18, 1.0), fontsize=8, facecolor="0.55", framealpha=1)
-    fig.suptitle(f"plane through {source.description}", fontsize=9)
+    # names, not machine paths: the figure goes into reports and READMEs
+    through = (f"the {source.curve.curve} curve's w0, θ and w1" if source.curve is not None
+               else ", ".join(f"{Path(p).parent.name}/{Path(p).name}" for p in source.labels))
+    fig.suptitle(f"plane through {through}", fontsize=9)
     fig.tight_layout()
     return png_bytes(fig)

@@ -38,8 +38,9 @@ def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = F
     data = load_data(dataset_spec(config), device)
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
     cycle, budget = sse_budget(settings, steps_per_epoch)
-    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
     model, optimizer, fields = fresh_network(config, data, device, settings, "sse")
+    # after the network is built: a model that cannot be built leaves no run folder
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
     plan = SnapshotPlan(
         method="sse",
         budget=budget,
