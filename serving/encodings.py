@@ -20,6 +20,10 @@ Decisions (README "HTTP API"):
   C = 3; a multi-picture JPEG (MPO) is its first picture. Pixels are scaled to [0, 1] as the training
   data were (training/data.py: uint8 / 255); the graphs normalise with input.normalization
   themselves (docs/manifest.md), so decoding does not.
+- A model trained on an image folder records how its images were read (manifest
+  `input.image`): uploads are then read exactly so (modeconn/contract/images.py, the same code
+  training used): converted to its channels whatever their mode, and resized to its `resize`
+  when it has one (any size up to MAX_UPLOAD_PIXELS is taken).
 Every problem is an InputError naming it (HTTP 400); the service answers 415 for a media
 type the artifact cannot take (an image for a non-image model).
 """
@@ -34,6 +38,9 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
+from modeconn.contract.images import image_array
+from modeconn.contract.manifest import ImageInput
+
 from .schemas import MAX_REQUEST_ROWS, MAX_TS, MODELS, InputError, check_values
 
 RAW = "application/octet-stream"
@@ -46,6 +53,8 @@ IMAGE_TYPES = {PNG: "PNG", JPEG: "JPEG"}  # media type -> Pillow's format name
 _FORMAT_ALIASES = {"MPO": "JPEG"}
 BINARY_TYPES = (RAW, NPY, PNG, JPEG)
 _FLOAT_KINDS = ("f2", "f4", "f8")
+# the largest upload that is resized (about 64 MB decoded as RGBA); checked from the header
+MAX_UPLOAD_PIXELS = 4096 * 4096
 
 
 def media_type(content_type: str) -> str:
@@ -61,14 +70,16 @@ def image_shape(shape: tuple[int, ...], value_range: tuple[float, float]) -> tup
     return None
 
 
-def decode(kind: str, body: bytes, shape: tuple[int, ...], max_rows: int = MAX_REQUEST_ROWS) -> np.ndarray:
-    """The body of media type `kind` (one of BINARY_TYPES) as checked float32 [N, *shape]."""
+def decode(kind: str, body: bytes, shape: tuple[int, ...], max_rows: int = MAX_REQUEST_ROWS,
+           image: ImageInput | None = None) -> np.ndarray:
+    """The body of media type `kind` (one of BINARY_TYPES) as checked float32 [N, *shape];
+    `image`: how training read its image files (manifest input.image), applied to images."""
     if kind == RAW:
         values = decode_raw(body, shape)
     elif kind == NPY:
         values = decode_npy(body, shape)
     else:
-        values = decode_image(body, kind, shape)[None]
+        values = decode_image(body, kind, shape, image)[None]
     if len(values) > max_rows:
         raise InputError(f"the body holds {len(values)} rows; the maximum per request is {max_rows}")
     return check_values(values)
@@ -114,24 +125,31 @@ def decode_npy(body: bytes, shape: tuple[int, ...]) -> np.ndarray:
     return array
 
 
-def decode_image(body: bytes, kind: str, shape: tuple[int, ...]) -> np.ndarray:
-    """One PNG/JPEG image as float32 [C, H, W] in [0, 1]; the caller checked the model takes images."""
+def decode_image(body: bytes, kind: str, shape: tuple[int, ...], image: ImageInput | None = None) -> np.ndarray:
+    """One PNG/JPEG image as float32 [C, H, W] in [0, 1]; the caller checked the model takes
+    images. With `image` (the manifest's input.image) it is read as the training images were."""
     from PIL import Image  # deferred: only image artifacts need Pillow
 
     channels, height, width = shape
     expected = IMAGE_TYPES[kind]
     # open reads the header only; the pixels are decoded once format and size are right, since
     # a body of a few hundred KB can declare a 9000x9000 picture (about 240 MB decoded)
-    image = _readable(lambda: Image.open(io.BytesIO(body)), expected)
-    if _FORMAT_ALIASES.get(image.format, image.format) != expected:
-        raise InputError(f"the body is a {image.format} image, but the content type says {kind}")
-    if image.size != (width, height):
+    picture = _readable(lambda: Image.open(io.BytesIO(body)), expected)
+    if _FORMAT_ALIASES.get(picture.format, picture.format) != expected:
+        raise InputError(f"the body is a {picture.format} image, but the content type says {kind}")
+    resized = image is not None and image.resize is not None
+    if resized and picture.size[0] * picture.size[1] > MAX_UPLOAD_PIXELS:
+        raise InputError(f"the image is {picture.size[0]}x{picture.size[1]} (width x height); at most "
+                         f"{MAX_UPLOAD_PIXELS} pixels are taken (this model resizes to {width}x{height})")
+    if not resized and picture.size != (width, height):
         raise InputError(
-            f"the image is {image.size[0]}x{image.size[1]} (width x height); this model takes "
+            f"the image is {picture.size[0]}x{picture.size[1]} (width x height); this model takes "
             f"{width}x{height} (it is not resized)"
         )
-    _readable(image.load, expected)  # a corrupt file fails here, not later
-    return _pixels(image, channels)
+    _readable(picture.load, expected)  # a corrupt file fails here, not later
+    if image is not None:  # exactly as training read its files
+        return _readable(lambda: image_array(picture, image.channels, image.resize), expected)
+    return _pixels(picture, channels)
 
 
 def _readable(step: Callable[[], Any], expected: str) -> Any:

@@ -117,7 +117,7 @@ def openapi_document(
     )
     errors = _error_responses(max_body_bytes)
     post_errors = {k: errors[k] for k in ("400", "413", "415", "500", "503")}
-    binary = binary_bodies(shape, artifact.input_range, max_rows)
+    binary = binary_bodies(shape, artifact.input_range, max_rows, artifact.spec.input.image)
     paths = {
         "/predict": {
             "post": _operation(
@@ -196,9 +196,10 @@ def inputs_schema(shape: tuple[int, ...], max_rows: int) -> dict[str, Any]:
 
 
 def binary_bodies(
-    shape: tuple[int, ...], value_range: tuple[float, float], max_rows: int
+    shape: tuple[int, ...], value_range: tuple[float, float], max_rows: int, image: Any = None
 ) -> dict[str, Any]:
-    """The non-JSON request bodies this artifact takes, as OpenAPI media types."""
+    """The non-JSON request bodies this artifact takes, as OpenAPI media types; `image`: the
+    manifest's input.image (how training read image files), when it has one."""
     dims = " x ".join(map(str, shape))
     bodies = {
         encodings.RAW: f"little-endian float32 in C order, N x {dims} values "
@@ -207,11 +208,16 @@ def binary_bodies(
         f"or [{', '.join(map(str, shape))}], float32 (float64/float16 cast; no integers, no pickles)",
     }
     if encodings.image_shape(shape, value_range) is not None:
+        colour = "RGB" if shape[0] == 3 else "grayscale"
+        if image is not None and image.resize is not None:
+            text = (f"one image of any size, converted to {colour} and resized to {shape[2]}x{shape[1]} "
+                    "(Pillow bilinear) as the training images were; scaled to [0, 1]")
+        elif image is not None:
+            text = f"one image of {shape[2]}x{shape[1]} pixels, converted to {colour}; scaled to [0, 1], not resized"
+        else:
+            text = f"one image of {shape[2]}x{shape[1]} pixels, {colour}; scaled to [0, 1], not resized"
         for kind in encodings.IMAGE_TYPES:
-            bodies[kind] = (
-                f"one image of {shape[2]}x{shape[1]} pixels, "
-                f"{'RGB' if shape[0] == 3 else 'grayscale'}; scaled to [0, 1], not resized"
-            )
+            bodies[kind] = text
     return {kind: {"description": text} for kind, text in bodies.items()}
 
 

@@ -315,7 +315,7 @@ class ModeConnService:
         if (refusal := self._refuse_model(model)) is not None:
             return refusal
         try:
-            x = encodings.decode(kind, body, shape)
+            x = encodings.decode(kind, body, shape, image=self.artifact.spec.input.image)
         except InputError as exc:
             return _error(400, str(exc))
         if path == "/predict":

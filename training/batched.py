@@ -274,8 +274,8 @@ class _Stack:
     def epoch(self, data: Dataset, lr: float, iteration: int, advance: Any) -> tuple[list[dict[str, float]], int]:
         """One epoch of every member on its own batches (its own generator); their train loss and accuracy."""
         k = len(self.members)
-        loss_sum = torch.zeros(k, dtype=torch.float64, device=data.x_train.device)
-        correct = torch.zeros(k, dtype=torch.float64, device=data.x_train.device)
+        loss_sum = torch.zeros(k, dtype=torch.float64, device=data.device)
+        correct = torch.zeros(k, dtype=torch.float64, device=data.device)
         seen = 0
         streams = [train_batches(data, self.batch_size, m.generator) for m in self.members]
         for batches in zip(*streams, strict=True):
@@ -292,10 +292,10 @@ class _Stack:
     def metrics(self, data: Dataset, splits: tuple[str, ...]) -> list[dict[str, float]]:
         """As `held_out_metrics` of each member: {split}_{metric} per split."""
         out: list[dict[str, float]] = [{} for _ in self.members]
-        rows = EVAL_BATCH_ROWS.get(data.x_train.device.type, 1024)
+        rows = EVAL_BATCH_ROWS.get(data.device.type, 1024)
         for split in splits:
             probs = torch.cat([self.networks.probs(x) for x, _ in eval_batches(data, split, rows)], dim=1)
-            labels = data.split(split)[1]
+            labels = data.labels(split)
             for k, member_probs in enumerate(probs):
                 out[k].update({f"{split}_{m}": v for m, v in classification_metrics(member_probs, labels).items()})
         return out

@@ -40,6 +40,7 @@ from modeconn.contract.manifest import (
     DatasetInfo,
     Ensemble,
     FileRecord,
+    ImageInput,
     InputSpec,
     Manifest,
     Member,
@@ -51,7 +52,7 @@ from modeconn.contract.onnx_refs import CLASS_NAMES_KEY
 from modeconn.training.core import progress
 from modeconn.training.core.bn import recompute_bn
 from modeconn.training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
-from modeconn.training.core.data import Dataset, normalization_tensors
+from modeconn.training.core.data import Dataset, input_batches, normalization_tensors
 from modeconn.training.core.metrics import classification_metrics
 from modeconn.training.core.model_source import architecture_label
 from modeconn.training.core.networks import load_data, load_network, predict_probs
@@ -63,6 +64,24 @@ from modeconn.training.ensembles.calibration import calibration_report, grid_tem
 
 OPSET = 18
 DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
+
+
+# what a files-based data set records about its files and how they were read
+SOURCE_FIELDS = ("root", "train", "test", "resize", "channels")
+
+
+def data_source(described: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's dataset.source: where files-based data came from, None for built-in sets."""
+    fields = {k: described[k] for k in SOURCE_FIELDS if described.get(k) is not None}
+    return fields or None
+
+
+def image_input(described: dict[str, Any]) -> ImageInput | None:
+    """How image-folder data was read from files (the service reads uploads the same way)."""
+    if described.get("channels") is None:
+        return None
+    resize = described.get("resize")
+    return ImageInput(channels=int(described["channels"]), resize=None if resize is None else [int(v) for v in resize])
 
 
 class ExportError(ModeconnError):
@@ -347,15 +366,17 @@ def export_artifact(
     data = load_data(first["dataset"], device)
     info = first["dataset"]
     normalize = Normalize(info["mean"], info["std"], 1 + len(data.input_shape))
-    x_check = data.x_test[:parity_samples].contiguous()
+    x_check = data.first_inputs("test", parity_samples).contiguous()
 
     work = Path(tempfile.mkdtemp(prefix="modeconn-export-"))
     try:
         job = ExportJob(name, sources, list(nets), list(states), curve, curve_state, data, normalize, x_check,
                         grid_points, atol, max_interpolation_pp, swa_net, swa_state)
         manifest = _build(work, job).model_dump(mode="json")
-        if manifest["swa"] is None:  # absent means none: loaders that predate the section read it
-            del manifest["swa"]
+        # absent means none: loaders that predate these fields read the manifest
+        for section, key in ((manifest, "swa"), (manifest["input"], "image"), (manifest["dataset"], "source")):
+            if section[key] is None:
+                del section[key]
         atomic_write_json(work / MANIFEST_NAME, manifest)
         load_artifact(work)  # the serving loader must accept exactly what we wrote
         if out is not None:
@@ -465,9 +486,11 @@ def _build(work: Path, job: ExportJob) -> Manifest:
         architecture=Architecture(**first["architecture"]),
         # sizes, split seed and (MNIST-1D) generation parameters: enough to make the same data again
         dataset=DatasetInfo(name=info["name"], num_classes=data.num_classes, class_names=list(data.class_names),
+                            source=data_source(described),
                             **{k: v for k, v in described.items() if k in DATA_PROVENANCE}),
         input=InputSpec(shape=list(data.input_shape), dtype="float32", range=[float(v) for v in data.value_range],
-                        normalization=Normalization(mean=list(info["mean"]), std=list(info["std"]))),
+                        normalization=Normalization(mean=list(info["mean"]), std=list(info["std"])),
+                        image=image_input(described)),
         files={rel: FileRecord(**file_record(_with_class_names(work / rel, data.class_names))) for rel in files},
         members=members,
         ensemble=ensemble,
@@ -512,7 +535,7 @@ def _interpolation_check(graph: CurveGraph, curve: CurveModel, data: Dataset, gr
     step = 1.0 / (grid_points - 1)
     rows = []
     for t in (0.5 * step, 0.25 + 0.5 * step, 0.5 + 0.5 * step, 0.75 + 0.3 * step):
-        interp = torch.cat([graph(x, torch.tensor([t])) for x in data.x_test.split(1024)])
+        interp = torch.cat([graph(x, torch.tensor([t])) for x, _ in input_batches(data, "test", 1024)])
         exact_net = recompute_bn(network_at(curve, t), data).eval()
         exact = predict_probs(exact_net, data, "test")
         rows.append({"t": t, "interpolated_error": classification_metrics(interp, data.y_test)["error"],

@@ -32,7 +32,7 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
     final_path = run_dir / "final.pt"
     device = stage_device(config)
     started = time.perf_counter()
-    data = load_data(dataset_spec(config), device)
+    data = load_data(dataset_spec(config), device)  # a data set that cannot be read: nothing written
     settings = config.train
     model, optimizer, fields = fresh_network(config, data, device, settings, "train")
     # after the network is built: a model that cannot be built leaves no run folder

@@ -10,7 +10,8 @@ without torch, and training imports it the way it imports modeconn.contract.erro
 
 Versions: format 2 added the temperatures (`calibration` of members, ensemble and curve).
 A format-1 manifest is still read, with every `calibration` null: such an artifact serves raw
-probabilities. Anything else is refused naming the version. The optional `swa` section (one
+probabilities. `input.image` and `dataset.source` (files-based training data) came later within
+format 2; the exporter leaves them out when empty, and a manifest without them reads as null. Anything else is refused naming the version. The optional `swa` section (one
 averaged network) came later within format 2: a manifest without the key reads as `swa` null,
 and the exporter leaves the key out when there is no SWA network, so such artifacts stay
 readable by loaders that predate it.
@@ -101,6 +102,9 @@ class DatasetInfo(_Section):
     split_seed: int | None = Field(default=None, description="seed of the validation hold-out")
     generation: dict[str, Any] | None = Field(
         default=None, description="MNIST-1D: every `get_dataset_args()` field of the `mnist1d` package")
+    source: dict[str, Any] | None = Field(
+        default=None, description="files-based data: where the data came from (image_folder root; arrays "
+        "train and test paths) and how it was read (resize, channels); absent for built-in data sets")
 
     @model_validator(mode="after")
     def _names_match(self) -> DatasetInfo:
@@ -114,11 +118,31 @@ class Normalization(_Section):
     std: list[float] = Field(description="per-channel standard deviation divided by inside every graph")
 
 
+class ImageInput(_Section):
+    """How the training images were read from files (an `image_folder` data set): converted to
+    `channels`, resized to `resize` with Pillow's bilinear filter, scaled to [0, 1]
+    (modeconn/contract/images.py). The service reads PNG/JPEG uploads the same way."""
+
+    channels: Literal[1, 3] = Field(description="1: 8-bit grayscale (Pillow mode L), 3: RGB")
+    resize: list[int] | None = Field(
+        default=None, min_length=2, max_length=2,
+        description="[H, W] every image was resized to; null: not resized (an upload must have the input's size)")
+
+    @field_validator("resize")
+    @classmethod
+    def _positive(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and not all(d > 0 for d in value):
+            raise ValueError("input.image.resize must be [H, W] of positive ints")
+        return value
+
+
 class InputSpec(_Section):
     shape: list[int] = Field(min_length=1, description="one input without the batch axis")
     dtype: Literal["float32"] = Field(description="only float32")
     range: list[float] = Field(min_length=2, max_length=2, description="[low, high] of the raw training inputs")
     normalization: Normalization | None = Field(default=None, description="applied inside the graphs: clients send raw inputs")
+    image: ImageInput | None = Field(
+        default=None, description="image-folder training data: how image files became inputs; absent for other data")
 
     @field_validator("shape")
     @classmethod
@@ -133,6 +157,16 @@ class InputSpec(_Section):
         if not value[0] < value[1]:
             raise ValueError("input.range must be [low, high] with finite low < high")
         return value
+
+    @model_validator(mode="after")
+    def _image_shaped(self) -> InputSpec:
+        if self.image is None:
+            return self
+        if len(self.shape) != 3 or self.shape[0] != self.image.channels:
+            raise ValueError(f"input.image: {self.image.channels}-channel images, but input.shape is {self.shape}")
+        if self.image.resize is not None and self.image.resize != self.shape[1:]:
+            raise ValueError(f"input.image.resize {self.image.resize} differs from input.shape's [H, W] {self.shape[1:]}")
+        return self
 
 
 class Calibration(_Section):

@@ -80,6 +80,5 @@ def recompute_bn(model: nn.Module, data: Dataset, batch_size: int = 512) -> nn.M
     Under torchrun rank r takes the batches r, r + W, r + 2W, ... of the same batch list.
     """
     part, parts = distributed.rank(), distributed.world_size()
-    batches = (x for i, (x, _) in enumerate(eval_batches(data, "train", batch_size)) if i % parts == part)
-    update_bn(batches, model)
+    update_bn((x for x, _ in eval_batches(data, "train", batch_size, shard=(part, parts))), model)
     return model

@@ -41,6 +41,30 @@ class DataSettings(_Strict):
     split_seed: int = 0
     # MNIST-1D only: the mnist1d package's generation parameters (get_dataset_args fields)
     generation: dict[str, Any] = Field(default_factory=dict)
+    # arrays only: the train and test parts, each an .npz (arrays x, y) or a folder with
+    # x.npy and y.npy; a relative path is taken from `root` when it is set
+    train: str | None = None
+    test: str | None = None
+    # image_folder only: every image resized to [H, W] (Pillow bilinear; None: all must have
+    # one size) and read as 1 (grayscale) or 3 (RGB) channels (None: as the first image is)
+    resize: list[int] | None = Field(None, min_length=2, max_length=2)
+    channels: Literal[1, 3] | None = None
+    # normalisation per channel (or one value); None: computed on the training split
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    # True: every split a tensor on the device; False: streamed through a DataLoader;
+    # None: the source's default (image folders and very large .npy files stream, the rest held)
+    in_memory: bool | None = None
+    # DataLoader worker processes of streamed splits; None: half the cores, 1 to 4
+    num_workers: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _mean_with_std(self) -> DataSettings:
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("data.mean and data.std go together: give both or neither")
+        if self.resize is not None and min(self.resize) < 1:
+            raise ValueError(f"resize must be [H, W] of positive ints, got {self.resize}")
+        return self
 
 
 class ModelSettings(_Strict):

@@ -165,7 +165,7 @@ def fit(
         progress.log(f"[dim]{description}: nothing to resume in {run_dir}, starting fresh[/dim]")
     steps_per_epoch = iterations_per_epoch(data, batch_size)
     save_at = set(plan.save_epochs) | {epochs}
-    step.prepare_model(model, plan.step, data.x_train.dim())
+    step.prepare_model(model, plan.step, data.input_dims)
     step_model = step.step_model(distributed.wrap_for_training(model, plan.sync_batchnorm), plan.step, device,
                                  description)
     rows_total = len(data.y_train)
@@ -173,8 +173,8 @@ def fit(
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
             step_model.train()
-            loss_sum = torch.zeros((), device=data.x_train.device)
-            correct = torch.zeros((), device=data.x_train.device)
+            loss_sum = torch.zeros((), device=data.device)
+            correct = torch.zeros((), device=data.device)
             seen = 0
             with progress.task(f"{description} epoch {epoch + 1}/{epochs}", steps_per_epoch) as advance:
                 batches = train_batches(data, batch_size, generator, augment=plan.augment, shard=shard)

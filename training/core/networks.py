@@ -16,12 +16,20 @@ from modeconn.training.core.checkpoint import (
     load_checkpoint_or_weights,
 )
 from modeconn.training.core.config import Config
-from modeconn.training.core.data import Dataset, build_dataset, eval_batches
+from modeconn.training.core.data import (
+    LOADING_OPTIONS,
+    SOURCE_OPTIONS,
+    Dataset,
+    build_dataset,
+    eval_batches,
+)
 from modeconn.training.core.loop import resolve_device
 from modeconn.training.core.metrics import classification_metrics
 from modeconn.training.core.model_source import build_from_record
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+# the data settings a checkpoint records besides name, root, val_size, split_seed and generation
+DATA_OPTIONS = SOURCE_OPTIONS + LOADING_OPTIONS
 
 
 def architecture_spec(config: Config) -> dict[str, Any]:
@@ -32,7 +40,7 @@ def architecture_spec(config: Config) -> dict[str, Any]:
 def dataset_spec(config: Config) -> dict[str, Any]:
     d = config.data
     return {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
-            "generation": dict(d.generation)}
+            "generation": dict(d.generation), **{k: getattr(d, k) for k in DATA_OPTIONS}}
 
 
 def config_specs(config: Config, data: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -65,7 +73,8 @@ def load_data(spec: dict[str, Any], device: torch.device | str) -> Dataset:
     Under torchrun rank 0 builds it first (it may fill the data cache), then the others."""
     with distributed.main_first():
         return build_dataset(spec["name"], root=spec.get("root"), device=device, val_size=spec.get("val_size", 0),
-                             split_seed=spec.get("split_seed", 0), generation=spec.get("generation") or None)
+                             split_seed=spec.get("split_seed", 0), generation=spec.get("generation") or None,
+                             **{k: spec.get(k) for k in DATA_OPTIONS})
 
 
 def stage_device(config: Config) -> torch.device:
@@ -135,7 +144,7 @@ EVAL_BATCH_ROWS = {"cpu": 512}
 @torch.no_grad()
 def predict_probs(forward: Forward, data: Dataset, split: str = "test", batch_size: int | None = None) -> torch.Tensor:
     """Softmax outputs over a whole split, in order (the caller sets eval mode)."""
-    rows = batch_size or EVAL_BATCH_ROWS.get(data.x_train.device.type, 1024)
+    rows = batch_size or EVAL_BATCH_ROWS.get(data.device.type, 1024)
     return torch.cat([torch.softmax(forward(x), dim=1) for x, _ in eval_batches(data, split, rows)])
 
 
@@ -157,7 +166,7 @@ def held_out_metrics(model: nn.Module, data: Dataset, splits: tuple[str, ...] | 
     model.eval()
     out = {}
     for split in splits or held_out_splits(data):
-        metrics = classification_metrics(predict_probs(model, data, split), data.split(split)[1])
+        metrics = classification_metrics(predict_probs(model, data, split), data.labels(split))
         out.update({f"{split}_{k}": v for k, v in metrics.items()})
     model.train(was_training)
     return out

@@ -184,7 +184,7 @@ def evaluate_network(net: nn.Module, data: Dataset, weight_decay: float, split: 
     net.eval()
     train = predict_probs(net, data, "train").double()
     held_out = predict_probs(net, data, split).double()
-    labels = data.split(split)[1]
+    labels = data.labels(split)
     l2 = float(sum((p.double() ** 2).sum() for p in net.parameters()))
     train_nll = nll(train, data.y_train)
     return {"train_loss": train_nll + 0.5 * weight_decay * l2, "train_nll": train_nll,
@@ -196,7 +196,8 @@ def evaluate_plane(source: PlaneSource, basis: PlaneBasis, xs: np.ndarray, ys: n
                    data: Dataset, workers: int | None = None, split: str = "test") -> dict[str, np.ndarray]:
     """Every metric at every grid point, [len(xs), len(ys)] arrays, with a progress bar; `workers`
     points side by side (default: core/parallel.workers_for), each thread on its own copy of the network."""
-    workers = workers or workers_for(source.template, data.x_train.device)
+    # a streamed split's loader workers already take the cores: one grid point at a time
+    workers = workers or (1 if data.streamed else workers_for(source.template, data.device))
     cells = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
     local = threading.local()
 
@@ -247,13 +248,13 @@ def make_plane(run: Path | None = None, points: list[Path] | None = None, grid: 
     ys = grid_axis(list(coords[:, 1]), margin, grid)
     index = np.array([[int(np.flatnonzero(xs == x)[0]), int(np.flatnonzero(ys == y)[0])] for x, y in coords])
     data = load_data(source.dataset, dev)
-    if not len(data.split(split)[1]):
+    if not data.size(split):
         raise PlaneError(f"--split {split}: the data set {source.dataset.get('name')!r} has no {split} split")
     grids = evaluate_plane(source, basis, xs, ys, data, split=split)
     ts = np.linspace(0.0, 1.0, CURVE_POINTS)
     curve_xy = (np.array([basis.coordinates(source.curve.flat_weights(float(t)).detach()) for t in ts])
                 if source.curve is not None else None)
-    report = _report(source, basis, coords, index, xs, ys, grids, margin, split, len(data.split(split)[1]),
+    report = _report(source, basis, coords, index, xs, ys, grids, margin, split, data.size(split),
                      len(data.y_train))
     paths = {name.split(".")[1]: out_dir / name for name in OUTPUTS}
     atomic_write_bytes(paths["npz"], _npz(xs, ys, coords, index, grids, ts if curve_xy is not None else None, curve_xy))

@@ -244,7 +244,7 @@ def snapshot_report(
     network the run started from (FGE: its --from network; SSE: the initialisation), for the
     distances in weight space.
     """
-    members = predict_members(snapshots, data.x_test.device, data, running_bn=True)
+    members = predict_members(snapshots, data.device, data, running_bn=True)
     distances = weight_distances(snapshots, start_weights)
     assert members.running_probs is not None
     labels = data.y_test
