@@ -56,3 +56,28 @@ def build_not_a_module(num_classes: int) -> dict:
 
 
 NOT_CALLABLE = 42
+
+
+class DigitNet(nn.Module):
+    """A small 2-D conv net with BatchNorm for 8x8 grayscale digits: [N, 1, 8, 8] -> classes."""
+
+    def __init__(self, classes: int, width: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
+            nn.AvgPool2d(2),  # 8x8 -> 4x4
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width * 16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def build_digits(num_classes: int, width: int = 8) -> nn.Module:
+    return DigitNet(num_classes, width=width)
