@@ -368,3 +368,55 @@ def eval_batches(
 
 def iterations_per_epoch(data: Dataset, batch_size: int) -> int:
     return -(-len(data.y_train) // batch_size)
+
+
+# ---------------------------------------------------------------- torch datasets and loaders (the Python API)
+def _materialise(source: object, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (x, y) of a map-style torch Dataset or a DataLoader as two tensors, in order."""
+    from torch.utils.data import DataLoader
+
+    loader = source if isinstance(source, DataLoader) else DataLoader(source, batch_size=1024)  # type: ignore[arg-type]
+    xs, ys = [], []
+    for batch in loader:
+        if not isinstance(batch, list | tuple) or len(batch) < 2:
+            raise DataError(f"{split}: each batch must be (inputs, labels), got {type(batch).__name__}")
+        xs.append(torch.as_tensor(batch[0]).float())
+        ys.append(torch.as_tensor(batch[1]).long())
+    if not xs:
+        raise DataError(f"{split}: the data set is empty")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def dataset_from_torch(
+    train: object,
+    test: object | None = None,
+    val: object | None = None,
+    *,
+    class_names: list[str] | None = None,
+    name: str = "custom",
+    in_memory: bool | None = None,
+) -> Dataset:
+    """A `Dataset` from torch data (map-style Datasets or DataLoaders yielding (inputs, labels)).
+
+    Minimal version: every split is read into memory once (the loaders' batching and order are not
+    kept: the stages batch and shuffle themselves); the streamed version replaces it at merge.
+    The inputs are taken as the network receives them (already normalised: mean 0, std 1 here).
+    `test` or `val` None: an empty split.
+    """
+    del in_memory  # everything is held in memory here
+    x, y = _materialise(train, "train")
+    empty = (x.new_zeros((0, *x.shape[1:])), y.new_zeros(0))
+    x_test, y_test = _materialise(test, "test") if test is not None else empty
+    x_val, y_val = _materialise(val, "val") if val is not None else empty
+    for split, xs in (("test", x_test), ("val", x_val)):
+        if len(xs) and xs.shape[1:] != x.shape[1:]:
+            raise DataError(f"{split}: inputs of shape {list(xs.shape[1:])}, train has {list(x.shape[1:])}")
+    num_classes = int(max(int(t.max()) for t in (y, y_test, y_val) if len(t))) + 1
+    names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+    if len(names) < num_classes:
+        raise DataError(f"class_names has {len(names)} entries but the labels go up to {num_classes - 1}")
+    everything = torch.cat([x.flatten(), x_test.flatten(), x_val.flatten()])
+    low, high = float(everything.min()), float(everything.max())
+    return Dataset(name=name, x_train=x, y_train=y, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
+                   mean=[0.0], std=[1.0], class_names=names, value_range=(low, high if high > low else low + 1.0),
+                   info={"source": "torch"})
