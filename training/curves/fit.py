@@ -85,8 +85,10 @@ def train_curve(curve: CurveModel, data: Dataset, settings: CurveSettings, run: 
         shared_generators={"curve_t": t_generator},
         **run.loop_options(),
     )
-    return fit(plan, run_dir=run.run_dir, model=curve, optimizer=optimizer, data=data,
+    rows = fit(plan, run_dir=run.run_dir, model=curve, optimizer=optimizer, data=data,
                checkpoint_fields=checkpoint_fields or {}, resume=run.resume)
+    curve.last_l2 = None  # the last step's term holds its autograd graph (and stops a deepcopy)
+    return rows
 
 
 def fit_curve(
