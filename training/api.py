@@ -154,7 +154,7 @@ def fge(model: nn.Module, train: Data, *, settings: FGESettings | None = None, s
     from modeconn.training.ensembles.fge import fge_networks
 
     settings = _section(FGESettings, settings, overrides)
-    data = dataset_from_torch(train).to(_device(model))
+    data = dataset_from_torch(train, None).to(_device(model))
     torch.manual_seed(seed)  # dropout draws, as `modeconn fge` seeds them
     return fge_networks(copy.deepcopy(model), data, settings, StageRun(seed=seed))
 
@@ -166,7 +166,8 @@ def sse(model: nn.Module, train: Data, *, settings: SSESettings | None = None, s
     from modeconn.training.ensembles.sse import sse_networks
 
     settings = _section(SSESettings, settings, overrides)
-    data = dataset_from_torch(train).to(_device(model))
+    data = dataset_from_torch(train, None).to(_device(model))
+    torch.manual_seed(seed)  # dropout draws, as `modeconn sse` seeds them
     return sse_networks(copy.deepcopy(model), data, settings, StageRun(seed=seed))
 
 
@@ -176,7 +177,7 @@ def swa(snapshots: Sequence[nn.Module], train: Data) -> nn.Module:
     from modeconn.training.ensembles.swa import swa_average
 
     _same_network(list(snapshots), "snapshots")
-    return swa_average(snapshots, dataset_from_torch(train).to(_device(snapshots[0])))
+    return swa_average(snapshots, dataset_from_torch(train, None).to(_device(snapshots[0])))
 
 
 def align(a: nn.Module, b: nn.Module, example_input: torch.Tensor, *, seed: int = 0) -> nn.Module:
@@ -284,8 +285,7 @@ def export(out_dir: str | Path, *, example_input: torch.Tensor, test: Data,
     if curve is not None:
         val = val if val is not None else curve.val
         train = curve.train
-    data = dataset_from_torch(train if train is not None else test, test, val, class_names=class_names,
-                              name=name or "custom")
+    data = dataset_from_torch(train if train is not None else test, test, val, class_names=class_names)
     fields = {"architecture": _architecture(nets[0]), "dataset": data.describe()}
     curve_model = curve_state = None
     if curve is not None:
