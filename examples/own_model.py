@@ -87,7 +87,8 @@ def main() -> None:
                           # the gate on the curve's interpolated BN statistics: one of these 397 test
                           # digits is 0.25 pp, so allow one to change its answer between grid points
                           max_bn_interpolation_pp=0.5)
-    print(f"artifact: {out} (serve it: modeconn serve --artifact {out})")
+    # export(None, ...) puts it into the BentoML model store instead, for `bentoml serve` (README)
+    print(f"artifact: {out}")
 
 
 if __name__ == "__main__":

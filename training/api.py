@@ -263,16 +263,18 @@ def _architecture(net: nn.Module) -> dict[str, Any]:
     return {"name": f"{cls.__module__}:{cls.__qualname__}", "kwargs": {}}
 
 
-def export(out_dir: str | Path, *, example_input: torch.Tensor, test: Data,
+def export(out_dir: str | Path | None, *, example_input: torch.Tensor, test: Data,
            members: Sequence[nn.Module] | None = None, curve: Curve | None = None, swa: nn.Module | None = None,
            val: Data | None = None, train: Data | None = None, class_names: list[str] | None = None,
-           name: str | None = None, settings: ExportSettings | None = None, **overrides: Any) -> Path:
-    """Write the artifact folder the service reads (`modeconn serve`), by the exporter of `modeconn
-    export`: member graphs and the ensemble graph, the curve graph with t as an input, the SWA graph;
-    each checked against PyTorch on `example_input` by onnxruntime. Without `members`, the curve's two
-    ends are the members. Metrics are measured on `test`, temperatures fitted on `val` (or the curve's
-    validation data). `train`: the curve's own when a curve is given, else `test`: the manifest records
-    its input range. Keyword overrides set ExportSettings fields (bn_grid_points=..., parity_atol=...)."""
+           name: str | None = None, settings: ExportSettings | None = None, **overrides: Any) -> Path | str:
+    """Write the artifact the service reads into the folder `out_dir` (returned), or with `out_dir`
+    None into the BentoML model store as `name` (the tag returned, for `bentoml serve`), by the
+    exporter of `modeconn export`: the member graphs and the ensemble graph, the curve graph with t
+    as an input, the SWA graph, each checked against PyTorch on `example_input` by onnxruntime.
+    Without `members`, the curve's two ends are the members. Metrics are measured on `test`,
+    temperatures fitted on `val` (default: the curve's validation data). `train` (default: the
+    curve's, else `test`) gives the input range the manifest records. Keyword overrides set
+    ExportSettings fields (bn_grid_points=..., parity_atol=...)."""
     from modeconn.training.export import ExportJob, Normalize, Sources, write_artifact
 
     settings = _section(ExportSettings, settings, overrides)
@@ -301,5 +303,5 @@ def export(out_dir: str | Path, *, example_input: torch.Tensor, test: Data,
         x_check=example_input.detach().cpu().float().contiguous(), grid_points=settings.bn_grid_points,
         atol=settings.parity_atol, max_interpolation_pp=settings.max_bn_interpolation_pp,
         swa_net=swa_net, swa_state={**fields, "kind": "swa"} if swa_net is not None else None)
-    write_artifact(job, Path(out_dir), [])
-    return Path(out_dir)
+    where, _ = write_artifact(job, None if out_dir is None else Path(out_dir), [])
+    return Path(where["folder"]) if out_dir is not None else where["tag"]
