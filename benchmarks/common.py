@@ -275,6 +275,24 @@ def add_section(run: dict[str, Any], title: str, headers: Sequence[str], rows: S
     print(f"\n## {title}\n\n{table(headers, rows)}\n{notes}\n", flush=True)
 
 
+RAW = Path(__file__).resolve().parent / "raw"
+RAW_LIST = 100  # a list of more numbers than this is a raw sample dump
+
+
+def summarize_samples(obj: Any) -> Any:
+    """`obj` with every long list of numbers replaced by its size and percentiles."""
+    if isinstance(obj, dict):
+        return {k: summarize_samples(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if len(obj) > RAW_LIST and all(isinstance(v, int | float) for v in obj):
+            values = sorted(float(v) for v in obj)
+            return {"samples": len(values), "min": values[0], "p50": percentile(values, 50),
+                    "p90": percentile(values, 90), "p99": percentile(values, 99), "max": values[-1],
+                    "mean": sum(values) / len(values)}
+        return [summarize_samples(v) for v in obj]
+    return obj
+
+
 def write_results(run: dict[str, Any], summary: str = "", out_dir: Path | None = None) -> tuple[Path, Path]:
     """Write `<name>-<YYYY-MM-DD>.md` and `.json` (same day: overwritten) and return their paths."""
     out_dir = Path(out_dir or RESULTS)
@@ -305,7 +323,10 @@ def write_results(run: dict[str, Any], summary: str = "", out_dir: Path | None =
             lines += [section["notes"].strip(), ""]
     md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
     md.write_text("\n".join(lines))
-    js.write_text(json.dumps(run, indent=1, default=str))
+    # the repository keeps the tables and sample summaries; raw samples go to benchmarks/raw/ (ignored)
+    js.write_text(json.dumps(summarize_samples(run), indent=1, default=str))
+    RAW.mkdir(exist_ok=True)
+    (RAW / js.name).write_text(json.dumps(run, default=str))
     print(f"results: {md.relative_to(ROOT) if md.is_relative_to(ROOT) else md}, {js.name}", flush=True)
     return md, js
 

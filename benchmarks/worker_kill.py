@@ -31,8 +31,8 @@ import numpy as np
 import psutil
 from http_serving import Connection, Server, build_artifact, one_request, store
 
-# The service's defaults give each of W workers cores // W onnxruntime threads (one worker:
-# onnxruntime's own default, one per core); the last setting is 2 workers that each claim
+# The service's defaults give each of W workers usable cores // W onnxruntime threads
+# (modeconn/contract/threads.py); the last setting is 2 workers that each claim
 # every core, onnxruntime's default, to show why; "1 worker, 1 ORT thread" separates the
 # gain of the second worker from that of the smaller pool.
 SETTINGS = {

@@ -36,7 +36,10 @@ load a request runs at once. A positive `max_wait_ms` makes a lone request wait 
 for company: measured on the demo it only added latency (benchmarks/results/http_serving-*),
 since one worker's HTTP handling, not the session, is what limits throughput there. Pending rows above
 `max_queue_rows` are refused with `Overloaded` (HTTP 503 + Retry-After) rather than left to
-time out: backpressure instead of an unbounded queue.
+time out: backpressure instead of an unbounded queue. A request under several keys (a curve
+request's ts) is admitted or refused whole (`submit_many`): queueing its keys one by one let
+a later key be refused while the earlier ones ran for nothing and filled the queue, so that
+two clients sending the largest curve requests starved each other.
 """
 
 from __future__ import annotations
@@ -66,7 +69,9 @@ class BatchSettings:
     enabled: bool = True
     max_batch_rows: int = 1024  # rows per session call
     max_wait_ms: float = 0.0  # longest a request waits for company before its batch runs
-    max_queue_rows: int = 16384  # pending rows above this are refused with 503
+    # pending rows above this are refused with 503; room for two of the largest curve requests
+    # (1024 rows x 16 ts), so two heavy clients are both served instead of taking turns by luck
+    max_queue_rows: int = 32768
 
     def __post_init__(self) -> None:
         if self.max_batch_rows < 1 or self.max_wait_ms < 0:
@@ -140,23 +145,41 @@ class MicroBatcher:
         # queue fill up (and batches grow) under load.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ort-{name}")
 
+    @property
+    def pending_rows(self) -> int:
+        """Rows queued and not yet taken into a batch (serving/metrics.py samples it)."""
+        return self._pending_rows
+
     async def submit(self, key: Hashable, x: np.ndarray) -> list[np.ndarray]:
-        rows = len(x)
+        return (await self.submit_many([key], x))[0]
+
+    async def submit_many(self, keys: Sequence[Hashable], x: np.ndarray) -> list[list[np.ndarray]]:
+        """`x` run under each key (a curve request's t values), admitted or refused as one unit:
+        the rows of every key are reserved at once, so a refused request leaves nothing queued,
+        and a request that fails or is abandoned withdraws what of it has not run yet."""
+        rows = len(x) * len(keys)
         if self._pending_rows and self._pending_rows + rows > self.max_queue_rows:
             raise Overloaded(
-                f"{self._pending_rows} rows are already queued for {self.name}; "
-                f"the queue bound is {self.max_queue_rows}"
+                f"{self._pending_rows} rows are already queued for {self.name}; this request needs "
+                f"{rows} more and the queue bound is {self.max_queue_rows}"
             )
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wakeup = asyncio.Event()
             self._task = loop.create_task(self._loop(), name=f"batcher-{self.name}")
-        future: asyncio.Future[list[np.ndarray]] = loop.create_future()
-        self._pending.append(_Pending(key, x, future, loop.time()))
+        futures: list[asyncio.Future[list[np.ndarray]]] = []
+        for key in keys:
+            futures.append(loop.create_future())
+            self._pending.append(_Pending(key, x, futures[-1], loop.time()))
         self._pending_rows += rows
         assert self._wakeup is not None
         self._wakeup.set()
-        return await future
+        try:
+            return list(await asyncio.gather(*futures))
+        except BaseException:
+            for future in futures:  # queued parts of a failed or cancelled request do not run
+                future.cancel()
+            raise
 
     def close(self) -> None:
         if self._task is not None:
@@ -215,8 +238,8 @@ class MicroBatcher:
             x = items[0].x if len(items) == 1 else np.concatenate([it.x for it in items])
             try:
                 outputs = await loop.run_in_executor(self._executor, self._run, key, x)
-            except Exception as exc:
-                logger.exception("batcher %s: session run failed (%d rows)", self.name, len(x))
+            except Exception as exc:  # each request logs it with its traceback and id (errors.py)
+                logger.warning("batcher %s: session run failed (%d rows): %r", self.name, len(x), exc)
                 for it in items:
                     if not it.future.done():
                         it.future.set_exception(exc)

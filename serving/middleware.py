@@ -1,8 +1,21 @@
 """ASGI middleware in front of BentoML: refuse what it would turn into a 500 or read whole,
-and serve the service's own OpenAPI document.
+and serve the service's own OpenAPI document. (errors.ErrorBoundary, outermost, answers bugs.)
+
+RouteRules, before any body is read:
+
+- a method a route does not take -> 405 with `Allow` naming the ones it does (OPTIONS too);
+- a prediction body whose media type is neither application/json nor a binary encoding
+  (text/plain, a form, none at all) -> 415 naming the accepted types; a POST /info body
+  likewise needs application/json;
+- a query parameter a route does not take -> 400: JSON bodies carry every field in the body,
+  so a JSON request takes none; binary bodies' parameters are checked by serving/encodings.py.
 
 RequestGuardMiddleware:
 
+- Bodies held at once by this worker above a budget -> 503 + Retry-After, before the body
+  is read (the declared Content-Length, or one whole body's limit when chunked, is reserved
+  until the answer is sent). Once the last body is released after a burst, glibc is asked
+  to give freed memory back (malloc_trim): its arenas otherwise keep the peak.
 - Body above a byte limit -> 413.
 - multipart/* or BentoML's pickle media type -> 415: the APIs take JSON only, and BentoML
   1.4.40 answers multipart without a boundary with a 500 (it parses any other media type,
@@ -16,11 +29,12 @@ connection reset instead of the status code.
 
 PredictionBodies takes POST /predict and /predict_curve away from BentoML's request parsing:
 a binary media type (serving/encodings.py: raw float32, .npy, PNG/JPEG), which BentoML would
-read as JSON, and application/json, whose handler answers a body its request model accepts
-and hands anything else back (None): the body is then replayed to BentoML, whose answer to a
-malformed request stays the one error format. Why JSON too: BentoML's per-request parsing
-cost about 0.3 ms of server CPU per batch-1 request, a quarter of the throughput at 64
-clients (benchmarks/results/serving_peers-*). Every other request goes on to BentoML.
+read as JSON, and application/json, which the service's own handler validates and answers,
+a refusal included (one error shape, no traceback in the log: BentoML logs one for every
+request its model refuses). Why JSON too: BentoML's per-request parsing also cost about
+0.3 ms of server CPU per batch-1 request, a quarter of the throughput at 64 clients
+(benchmarks/results/serving_peers-*). A POST /info body must be empty or a JSON object before
+it goes on to BentoML. Every other request goes on to BentoML.
 
 OpenAPIMiddleware answers GET /docs.json with the document serving/openapi.py builds from
 the served artifact (BentoML registers its own, less true, /docs.json route before any
@@ -30,9 +44,13 @@ the request falls through to BentoML's.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import parse_qsl
 
 from .encodings import BINARY_TYPES, media_type
 
@@ -43,16 +61,52 @@ Message = dict[str, Any]
 _REFUSED_MEDIA_PREFIXES = (b"multipart/", b"application/vnd.bentoml+pickle")
 
 
+logger = logging.getLogger("bentoml.serve.modeconn")
+TRIM_AFTER_BYTES = 16 << 20  # bodies released since the last trim before the next one is worth it
+
+
 class RequestGuardMiddleware:
-    def __init__(self, app: Any, max_bytes: int, drain_factor: int = 4) -> None:
+    def __init__(self, app: Any, max_bytes: int, budget_bytes: int | None = None,
+                 drain_factor: int = 4) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.budget_bytes = budget_bytes if budget_bytes is not None else 8 * max_bytes
         self.drain_bytes = max_bytes * drain_factor
+        self.in_flight = 0  # body bytes reserved by requests not yet answered (this worker)
+        self._released = 0
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        reserved = self._reservation(scope)
+        if reserved and self.in_flight and self.in_flight + reserved > self.budget_bytes:
+            message = (f"this worker holds {self.in_flight} bytes of request bodies; this one "
+                       f"({reserved} bytes) would exceed its budget of {self.budget_bytes}; retry shortly")
+            await _send_json(send, 503, message, [(b"retry-after", b"1")])
+            return
+        self.in_flight += reserved
+        try:
+            await self._guarded(scope, receive, send)
+        finally:
+            self.in_flight -= reserved
+            self._released += reserved
+            if not self.in_flight and self._released >= TRIM_AFTER_BYTES:
+                self._released = 0
+                _malloc_trim()
+
+    def _reservation(self, scope: Scope) -> int:
+        """What a request's body may hold: its Content-Length (bounded: a larger one is a 413),
+        one whole body when chunked or unreadable, nothing when it has no body."""
+        length = _header(scope, b"content-length")
+        if length:
+            try:
+                return min(int(length), self.max_bytes)
+            except ValueError:
+                return self.max_bytes
+        return self.max_bytes if _header(scope, b"transfer-encoding") else 0
+
+    async def _guarded(self, scope: Scope, receive: Any, send: Any) -> None:
         media_type = _header(scope, b"content-type").strip().lower()
         if media_type.startswith(_REFUSED_MEDIA_PREFIXES):
             await self._drain(receive, already=0)
@@ -111,6 +165,55 @@ BinaryHandler = Callable[[str, str, bytes, str], Awaitable[Any]]
 JsonHandler = Callable[[str, bytes], Awaitable[Any]]
 PREDICTION_ROUTES = ("/predict", "/predict_curve")
 JSON = "application/json"
+# The routes the document declares, with their methods (HEAD goes with GET), and the query
+# parameters each takes (prediction routes with a binary body: serving/encodings.py).
+ROUTES: dict[str, tuple[str, ...]] = {
+    "/predict": ("POST",), "/predict_curve": ("POST",), "/info": ("GET", "POST"),
+    "/docs.json": ("GET",), "/healthz": ("GET",), "/livez": ("GET",), "/readyz": ("GET",),
+    "/metrics": ("GET",),
+}
+QUERY: dict[str, tuple[str, ...]] = {"/metrics": ("name[]",)}  # prometheus_client's filter
+
+
+class RouteRules:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and (methods := ROUTES.get(scope["path"])) is not None:
+            refusal = _refusal(scope, methods)
+            if refusal is not None:
+                status, message, extra = refusal
+                await _send_json(send, status, message, extra)
+                return
+        await self.app(scope, receive, send)
+
+
+def _refusal(scope: Scope, methods: tuple[str, ...]) -> tuple[int, str, list[tuple[bytes, bytes]]] | None:
+    method, path = scope["method"], scope["path"]
+    allowed = (*methods, "HEAD") if "GET" in methods else methods
+    if method not in allowed:
+        allow = ", ".join(methods)
+        return 405, f"{method} is not allowed on {path}; use {allow}", [(b"allow", allow.encode())]
+    kind = media_type(_header(scope, b"content-type").decode("latin-1"))
+    has_body = _header(scope, b"content-length") not in (b"", b"0") or bool(_header(scope, b"transfer-encoding"))
+    if method == "POST" and path in PREDICTION_ROUTES and kind not in (JSON, *BINARY_TYPES):
+        shown = f"content type {kind!r} is" if kind else "a body without a content type is"
+        accepted = ", ".join(BINARY_TYPES)
+        return 415, f"{shown} not accepted on {path}; send JSON as {JSON}, or one of {accepted}", []
+    if method == "POST" and path == "/info" and has_body and kind != JSON:
+        shown = f"content type {kind!r} is" if kind else "a body without a content type is"
+        return 415, f"{shown} not accepted on /info; send no body or a JSON object as {JSON}", []
+    query = scope.get("query_string", b"").decode("latin-1")
+    if not query or (path in PREDICTION_ROUTES and kind in BINARY_TYPES):
+        return None
+    names = [name for name, _ in parse_qsl(query, keep_blank_values=True)] or [query]
+    unknown = [name for name in names if name not in QUERY.get(path, ())]
+    if not unknown:
+        return None
+    takes = ", ".join(QUERY.get(path, ())) or "none"
+    why = "; a JSON body carries every field itself" if path in PREDICTION_ROUTES else ""
+    return 400, f"unknown query parameter {unknown[0]!r} on {method} {path} (it takes {takes}){why}", []
 
 
 class PredictionBodies:
@@ -120,22 +223,38 @@ class PredictionBodies:
         self.json_body = json_body
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PREDICTION_ROUTES:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path in PREDICTION_ROUTES:  # RouteRules let only JSON and binary types through
+            body = await _read_body(receive)
+            if body is None:  # the client went away
+                return
             kind = media_type(_header(scope, b"content-type").decode("latin-1"))
-            if kind in BINARY_TYPES or kind == JSON:
-                body = await _read_body(receive)
-                if body is None:  # the client went away
-                    return
-                if kind == JSON:
-                    response = await self.json_body(scope["path"], body)
-                else:
-                    query = scope.get("query_string", b"").decode("latin-1")
-                    response = await self.binary(scope["path"], kind, body, query)
-                if response is not None:
-                    await response(scope, receive, send)
-                    return
-                receive = _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
+            if kind == JSON:
+                response = await self.json_body(path, body)
+            else:
+                query = scope.get("query_string", b"").decode("latin-1")
+                response = await self.binary(path, kind, body, query)
+            await response(scope, receive, send)
+            return
+        if path == "/info":  # BentoML would log a traceback for a body that is not an object
+            body = await _read_body(receive)
+            if body is None:
+                return
+            if body.strip() and not _json_object(body):
+                await _send_json(send, 400, "the body of POST /info must be empty or a JSON object")
+                return
+            receive = _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
         await self.app(scope, receive, send)
+
+
+def _json_object(body: bytes) -> bool:
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
 
 
 async def _read_body(receive: Any) -> bytes | None:
@@ -148,6 +267,22 @@ async def _read_body(receive: Any) -> bytes | None:
         chunks.append(message.get("body", b""))
         if not message.get("more_body", False):
             return b"".join(chunks)
+
+
+class ProbeReasons:
+    """/livez and /readyz of a worker whose load failed: 503 with the reason as JSON
+    ({"error": ...}) instead of BentoML's plain-text 'returns False'."""
+
+    def __init__(self, app: Any, load_error: Callable[[], str | None]) -> None:
+        self.app = app
+        self.load_error = load_error
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] in ("/livez", "/readyz"):
+            if (error := self.load_error()) is not None:
+                await _send(send, 503, json.dumps({"error": f"model failed to load: {error}"}).encode())
+                return
+        await self.app(scope, receive, send)
 
 
 class OpenAPIMiddleware:
@@ -169,10 +304,29 @@ class OpenAPIMiddleware:
         await self.app(scope, receive, send)
 
 
-async def _send_json(send: Any, status: int, message: str) -> None:
+async def _send_json(send: Any, status: int, message: str,
+                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
     body = json.dumps({"error": message}).encode()
     # connection: close, since the body may not have been read to its end
-    await _send(send, status, body, [(b"connection", b"close")])
+    await _send(send, status, body, [(b"connection", b"close"), *(extra or [])])
+
+
+def _malloc_trim() -> None:
+    """Return freed heap memory to the system (glibc only; elsewhere nothing to do)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc() -> Any:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _libc()
 
 
 async def _send(

@@ -13,9 +13,14 @@ GET /info are missing. This document states what the service really accepts and 
 - answers: probabilities with one entry per class, predictions and labels from the
   manifest's classes; every error (400/404/413/415/500/503) with the one `ErrorResponse`;
 - GET and POST /info with the model card, and BentoML's health and metrics routes;
-- the binary request bodies (serving/encodings.py) as further media types of the two
-  prediction routes, with `t`/`ts` in the query string described in words: a `parameters`
-  entry would claim them for JSON bodies too, which ignore the query string.
+- the binary request bodies (serving/encodings.py) in each prediction operation's
+  `x-binary-bodies` (media type -> what the bytes must be) and its description, not in
+  `requestBody.content`: JSON Schema cannot say which bytes are valid (N rows of finite
+  float32, a .npy header, an image of one size), so a `format: binary` schema there would
+  declare every byte string valid, and a binary curve request needs `t`/`ts` in the query
+  string, which a JSON request must not have (its fields are in the body: a query
+  parameter on it is a 400);
+- 405 with `Allow` for a method a path does not take, 415 for a media type it does not.
 
 serving/middleware.py serves it at GET /docs.json (BentoML's route for the same path is
 registered before any mounted app could shadow it). The validation it describes is
@@ -207,10 +212,7 @@ def binary_bodies(
                 f"one image of {shape[2]}x{shape[1]} pixels, "
                 f"{'RGB' if shape[0] == 3 else 'grayscale'}; scaled to [0, 1], not resized"
             )
-    return {
-        kind: {"schema": {"type": "string", "format": "binary", "description": text}}
-        for kind, text in bodies.items()
-    }
+    return {kind: {"description": text} for kind, text in bodies.items()}
 
 
 def _unit() -> dict[str, Any]:
@@ -264,7 +266,8 @@ def _error_responses(max_body_bytes: int) -> dict[str, dict[str, Any]]:
         "400": "the request is not valid for this model; `error` names the field or element",
         "404": "this artifact has no curve (/predict_curve), or no SWA network (/predict with model swa)",
         "413": f"the body is larger than {max_body_bytes} bytes",
-        "415": "multipart or pickle content type, or an image for a model that takes no images",
+        "415": "a content type this route does not take (JSON needs application/json), or an "
+        "image for a model that takes no images",
         "500": "a bug; the server log has the traceback",
         "503": "still loading, failed to load, or the batching queue is full",
     }
@@ -294,10 +297,12 @@ def _operation(
         "responses": {"200": {"description": "success", "content": _json(answer)}, **errors},
     }
     if request is not None:
-        op["requestBody"] = {"required": True, "content": {**_json(request), **(binary or {})}}
+        op["requestBody"] = {"required": True, "content": _json(request)}
         if binary:
+            op["x-binary-bodies"] = binary
             op["description"] += (
-                " Bodies: JSON, or " + ", ".join(binary) + " (README, HTTP API)." + binary_note
+                " Bodies: JSON (application/json), or " + ", ".join(binary)
+                + " (x-binary-bodies; README, HTTP API)." + binary_note
             )
     elif body is not None:
         op["requestBody"] = {"required": False, "content": {"application/json": {"schema": body}}}

@@ -11,7 +11,8 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,11 +81,13 @@ class SessionSettings:
     """onnxruntime CPU threading; read from MODECONN_ORT_* environment variables.
 
     threads: intra-op threads per session (0: onnxruntime's default, one per core; the
-    service's default with several workers is cores // workers, so they share the cores).
-    spinning: whether idle intra-op threads busy-wait for the next op (onnxruntime's default,
-    kept: on the 2-core machine it answered batch-1 requests about 0.5 ms sooner, with the
-    same 64-client throughput). Turn it off where other processes need the cores: spinning
-    threads of K sessions run one after another slowed each other 2x on CIFAR shapes.
+    service's default is each worker's share of the usable cores, modeconn/contract/threads.py,
+    so workers share the cores and a container's CPU quota is respected).
+    spinning: whether idle intra-op threads busy-wait for the next op (onnxruntime's default;
+    the service keeps it only for one worker on a quiet machine: there it answered batch-1
+    requests about 0.5 ms sooner, with the same 64-client throughput). Off where other
+    processes need the cores: spinning threads of K sessions run one after another slowed
+    each other 2x on CIFAR shapes.
     """
 
     threads: int = 0
@@ -95,10 +98,10 @@ class SessionSettings:
             raise ValueError(f"MODECONN_ORT_THREADS must be >= 0, not {self.threads}")
 
     @classmethod
-    def from_env(cls, default_threads: int = 0) -> SessionSettings:
+    def from_env(cls, default_threads: int = 0, default_spinning: bool = True) -> SessionSettings:
         return cls(
             threads=int(os.environ.get("MODECONN_ORT_THREADS", default_threads)),
-            spinning=env_flag("MODECONN_ORT_SPINNING", cls.spinning),
+            spinning=env_flag("MODECONN_ORT_SPINNING", default_spinning),
         )
 
 
@@ -108,22 +111,14 @@ CURVE_IO = ({"x", "t"}, {"probabilities"})
 SWA_IO = ({"x"}, {"probabilities"})  # a member's contract
 
 
-def check_graphs(artifact: Artifact) -> None:
-    """Open every served graph once on CPU, check its contract, and drop it: what a worker
-    would fail on when loading, found before any worker starts (ArtifactError naming it)."""
-    settings = SessionSettings(threads=1, spinning=False)
-    _open(artifact.ensemble_file, ["CPUExecutionProvider"], settings, *ENSEMBLE_IO)
-    if artifact.curve_file is not None:
-        _open(artifact.curve_file, ["CPUExecutionProvider"], settings, *CURVE_IO)
-    if artifact.swa_file is not None:
-        _open(artifact.swa_file, ["CPUExecutionProvider"], settings, *SWA_IO)
-
-
 class Runtime:
     """The ensemble session; when the artifact has them, the SWA network's session and the
     curve: its general session (any t) and a bounded cache of fixed-t sessions (serving/fixed_t.py).
     On the CPU the general session runs curve.onnx rewritten for onnxruntime's blocked
-    convolutions (serving/nchwc.py) once it answers as curve.onnx does; `curve_blocked` says whether."""
+    convolutions (serving/nchwc.py) once it answers as curve.onnx does; `curve_blocked` says whether.
+    `observe(graph, rows, seconds)`, when set, hears of every session call of run_* (serving/metrics.py)."""
+
+    observe: Callable[[str, int, float], None] | None = None
 
     def __init__(
         self,
@@ -135,12 +130,12 @@ class Runtime:
     ) -> None:
         self.artifact = artifact
         self._providers, self._settings = list(providers), settings
-        self.ensemble = _open(artifact.ensemble_file, providers, settings, *ENSEMBLE_IO)
+        self.ensemble = open_session(artifact.ensemble_file, providers, settings, *ENSEMBLE_IO)
         self.curve: ort.InferenceSession | None = None
         self.curve_cache: FixedTCache | None = None
         self.curve_blocked = self.curve_exact = False
         if artifact.curve_file is not None:
-            self.curve = _open(artifact.curve_file, providers, settings, *CURVE_IO)
+            self.curve = open_session(artifact.curve_file, providers, settings, *CURVE_IO)
             source: Path | bytes = artifact.curve_file
             if _provider_name(self._providers[0]) == "CPUExecutionProvider":
                 blocked = self._block_curve(artifact.curve_file)
@@ -151,7 +146,7 @@ class Runtime:
                 if blocked is not None and nchwc.every_bn_folded(blocked):
                     source, self.curve_exact = blocked, True
             self._split_curve(source, curve_cache, curve_build_after)
-        self.swa = None if artifact.swa_file is None else _open(artifact.swa_file, providers, settings, *SWA_IO)
+        self.swa = None if artifact.swa_file is None else open_session(artifact.swa_file, providers, settings, *SWA_IO)
         self.providers = {"ensemble": self.ensemble.get_providers()[0]}
         if self.curve is not None:
             self.providers["curve"] = self.curve.get_providers()[0]
@@ -165,7 +160,7 @@ class Runtime:
         split cannot handle is served without a cache."""
         try:
             self._split = CurveSplit(source)
-            self._t_part = _open(
+            self._t_part = open_session(
                 self._split.t_part, ["CPUExecutionProvider"], SessionSettings(1, False), {"t"}, set()
             )
         except Exception as exc:  # curve.onnx still answers every t correctly
@@ -183,7 +178,7 @@ class Runtime:
             graph = None if block is None else nchwc.nchwc_graph(path, block)
             if graph is None:
                 return None
-            session = _open(graph, self._providers, self._settings, *CURVE_IO)
+            session = open_session(graph, self._providers, self._settings, *CURVE_IO)
             worst = nchwc.largest_difference(
                 session, self.curve, self.artifact.input_shape, self.artifact.input_range
             )
@@ -206,25 +201,34 @@ class Runtime:
 
     def _fixed_session(self, t: float) -> ort.InferenceSession:
         # prepacked constant weights sum in another order than the general session's run-time ones
-        return _open(self.fixed_graph(t), self._providers, self._settings, {"x"}, {"probabilities"},
+        return open_session(self.fixed_graph(t), self._providers, self._settings, {"x"}, {"probabilities"},
                      prepack=not self.curve_exact)
 
     def run_ensemble(self, _key: Any, x: np.ndarray) -> list[np.ndarray]:
         """[mean probabilities [N, C], member probabilities [K, N, C]]."""
-        return self.ensemble.run(["probabilities", "member_probabilities"], {"x": x})
+        return self._timed("ensemble", self.ensemble, ["probabilities", "member_probabilities"], {"x": x})
 
     def run_swa(self, _key: Any, x: np.ndarray) -> list[np.ndarray]:
         """[probabilities [N, C] of the SWA network]."""
         assert self.swa is not None
-        return self.swa.run(["probabilities"], {"x": x})
+        return self._timed("swa", self.swa, ["probabilities"], {"x": x})
 
     def run_curve(self, t: float, x: np.ndarray) -> list[np.ndarray]:
         """[probabilities [N, C] of the model at phi(t)]: a cached fixed-t session, or the
         general one (a t asked for again starts a build for next time)."""
         assert self.curve is not None
         if self.curve_cache is not None and (fixed := self.curve_cache.get(t)) is not None:
-            return fixed.run(["probabilities"], {"x": x})
-        return self.curve.run(["probabilities"], {"x": x, "t": np.array([t_key(t)], dtype=np.float32)})
+            return self._timed("curve", fixed, ["probabilities"], {"x": x})
+        return self._timed("curve", self.curve, ["probabilities"], {"x": x, "t": np.array([t_key(t)], dtype=np.float32)})
+
+    def _timed(self, graph: str, session: ort.InferenceSession, names: list[str],
+               feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if self.observe is None:
+            return session.run(names, feeds)
+        started = time.perf_counter()
+        outputs = session.run(names, feeds)
+        self.observe(graph, len(feeds["x"]), time.perf_counter() - started)
+        return outputs
 
     def preload_curve(self, ts: Sequence[float], batch_sizes: Sequence[int] = (1,)) -> None:
         """Build (and warm up) the fixed-t sessions of `ts` now, e.g. before readiness."""
@@ -254,7 +258,7 @@ def _provider_name(provider: Any) -> str:
     return provider[0] if isinstance(provider, tuple) else str(provider)
 
 
-def _open(
+def open_session(
     source: Path | bytes,
     providers: Sequence[Any],
     settings: SessionSettings,

@@ -6,9 +6,8 @@ checks it against that shape and names the first offending element, so a bad req
 refused with a precise 400 before it can reach (and poison) a shared batch. The contract
 these checks enforce is declared, with the manifest's shape, by serving/openapi.py.
 
-Every error answer has one body, `ErrorResponse`: BentoML's own 400 for a request that
-fails these models ({"error": "1 validation error for ...", "detail": [...]}) and the
-service's and middleware's ({"error": "..."}).
+Every error answer has one body, `ErrorResponse`: {"error": "<sentence>"}, with "field" and
+"detail" when a body fails these models, "id" for a 500 (serving/errors.py builds them).
 """
 
 from __future__ import annotations
@@ -141,24 +140,27 @@ class CurvePredictResponse(_Answer):
 
 
 class ValidationIssue(BaseModel):
-    """One entry of `detail`: pydantic's error, as BentoML reports it."""
+    """One entry of `detail`: one problem pydantic found in the body."""
 
     model_config = ConfigDict(extra="forbid")
 
     type: str = Field(description="pydantic error type, e.g. missing, extra_forbidden")
     loc: list[str | int] = Field(description="path to the offending field")
     msg: str
-    url: str | None = None
 
 
 class ErrorResponse(BaseModel):
-    """The body of every 4xx/5xx answer."""
+    """The body of every 4xx/5xx answer (serving/errors.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    error: str = Field(description="what is wrong, naming the field, element or limit")
+    error: str = Field(description="what is wrong, as a sentence naming the field, element or limit")
+    field: str | None = Field(default=None, description="the offending field, e.g. ts[2], when one is")
     detail: list[ValidationIssue] | None = Field(
-        default=None, description="present when the body failed the request model (400)"
+        default=None, description="every problem, when the body failed the request model (400)"
+    )
+    id: str | None = Field(
+        default=None, description="500 only: the id the server log holds with the traceback"
     )
 
 

@@ -13,7 +13,8 @@ Endpoints
   GET|POST /info       model card + execution provider + batching settings
   GET /docs.json       the OpenAPI document, built from the artifact (serving/openapi.py)
   BentoML's own /healthz /livez /readyz /metrics stay as they are.
-  Every error answer is {"error": "...", "detail"?: [...]} (schemas.ErrorResponse).
+  Every error answer is {"error": "...", "field"?, "detail"?, "id"?} (schemas.ErrorResponse);
+  4xx: one INFO log line; a bug: 500 with an id, the traceback logged with it (serving/errors.py).
 
 Process model and batching (the numbers the benchmark compares):
   workers: MODECONN_WORKERS (default settings.DEFAULT_WORKERS; benchmarks/results/worker_kill-*).
@@ -29,28 +30,29 @@ Process model and batching (the numbers the benchmark compares):
     validated first, then queued per graph; when the session is free, what is queued runs
     as one batch of at most MODECONN_MAX_BATCH_ROWS rows (default 1024), after its oldest
     request has waited MODECONN_MAX_WAIT_MS (default 0: no waiting).
-    Pending rows above MODECONN_MAX_QUEUE_ROWS (default 16384) get 503 + Retry-After instead
-    of queueing without bound; 64 concurrent batch-1 clients queue at most 64 rows.
+    Pending rows above MODECONN_MAX_QUEUE_ROWS (default 32768) get 503 + Retry-After instead
+    of queueing without bound; a curve request's ts are admitted or refused together.
     With MODECONN_BATCHING=0 each request runs its own session call in a thread.
-  Limits per request: 1024 rows, 16 values in `ts`, body MODECONN_MAX_BODY_BYTES (8 MiB).
-  No BentoML max_concurrency (it sheds with 503 "process is overloaded"); traffic timeout 60 s.
+  Limits per request: 1024 rows, 16 values in `ts`, body MODECONN_MAX_BODY_BYTES (8 MiB); per
+  worker: bodies held, connections, head/body/idle deadlines (serving/connections.py,
+  middleware.py; docs/operations.md "Limits and errors"). No BentoML max_concurrency (it
+  sheds with 503 "process is overloaded"); traffic timeout 60 s.
 
-Start-up and readiness: before any worker starts, the `bentoml serve` process verifies the
-artifact (sha256 of every file, the manifest, ONNX graphs with no data outside the folder,
-the graphs open with their contract) and stops with one line naming the model and the file
-if anything is wrong (serving/startup.py says why it exits rather than staying up). Each
-worker verifies again in __init__, then a background thread opens the sessions and warms up
-batch sizes WARMUP_BATCH_SIZES (and builds the MODECONN_CURVE_PRELOAD fixed-t sessions);
-`__is_ready__` (so /readyz) turns 200 only after that.
-Requests that arrive earlier get 503. A worker whose own load fails stays up rather than
-crash-looping: /livez and /readyz answer 503 with the reason in JSON, predictions 503.
+Start-up and readiness: before any worker starts, the `bentoml serve` process copies the
+artifact into a private read-only folder and verifies the copy (sha256 of every file, the
+manifest, no data outside the folder, every graph's names, shapes and classes against the
+manifest: serving/contract_check.py), or stops with one line naming the model and the file;
+workers load only that copy (serving/startup.py). A worker verifies it again in __init__, then
+a background thread opens and warms up the sessions; /readyz turns 200 only after that, and
+requests that arrive earlier get 503. A worker whose load fails stays up rather than crash-
+looping: alone, it answers 503 with the reason; a replacement beside serving siblings retries
+inside __init__, taking no connection. Metrics on /metrics: serving/metrics.py.
 
-Request bodies: JSON ({"inputs": ...}), or raw float32, .npy, PNG/JPEG with `t`/`ts` in the
-query string (serving/encodings.py). PredictionBodies, a middleware in front of BentoML's
-request parsing, decodes binary bodies and answers JSON ones that their request model accepts
-(predict_json); a JSON body the model refuses goes on to BentoML, whose 400 names the field.
-Every way ends in the same handlers (_answer_predict, _answer_curve); BentoML's metrics,
-timeout and access log sit outside the middleware and see every request.
+Request bodies: JSON ({"inputs": ...}, as application/json), or raw float32, .npy, PNG/JPEG
+with `t`/`ts` in the query string (serving/encodings.py). PredictionBodies, a middleware in
+front of BentoML's request parsing, decodes binary bodies and answers JSON ones (predict_json,
+a refusal as a 400 naming the field). Every way ends in the same handlers (_answer_predict,
+_answer_curve); BentoML's metrics, timeout and access log sit outside the middleware.
 
 Settings: one ServiceSettings (serving/settings.py), read from MODECONN_* variables once at
 import. MODECONN_CURVE_CACHE bounds the fixed-t curve sessions (serving/fixed_t.py);
@@ -77,10 +79,12 @@ from starlette.routing import Route
 
 from modeconn.contract.artifact import Artifact, ArtifactError, load_artifact
 
-from . import encodings
+from . import encodings, metrics, middleware, startup
 from .batching import MicroBatcher, Overloaded
 from .calibration import calibration_card, curve_temperature, scale
-from .middleware import OpenAPIMiddleware, PredictionBodies, RequestGuardMiddleware
+from .connections import install as install_connection_limits
+from .errors import ErrorBoundary, fault, faulty, guarded, validation_error
+from .errors import error_response as _error
 from .openapi import openapi_document
 from .runtime import Runtime, choose_providers, summarize
 from .schemas import (
@@ -88,7 +92,6 @@ from .schemas import (
     MAX_TS,
     CurvePredictRequest,
     CurvePredictResponse,
-    ErrorResponse,
     InfoResponse,
     InputError,
     PredictRequest,
@@ -117,11 +120,6 @@ def _ok(body: BaseModel) -> Response:
     """A whole JSON body with its length. Returning the model itself makes BentoML stream
     it in chunks, one more trip through every middleware per response."""
     return Response(body.model_dump_json(), media_type="application/json")
-
-
-def _error(status: int, message: str, **headers: str) -> JSONResponse:
-    body = ErrorResponse(error=message).model_dump(exclude_none=True)
-    return JSONResponse(body, status_code=status, headers=headers or None)
 
 
 def _non_finite(probabilities: np.ndarray) -> JSONResponse | None:
@@ -154,31 +152,32 @@ class ModeConnService:
         self.settings = SETTINGS
         self.batching = SETTINGS.batching
         self.runtime: Runtime | None = None
+        self.artifact: Artifact | None = None
         self._batchers: dict[str, MicroBatcher] = {}
         self._load_error: str | None = None
         self._ready = threading.Event()
-        try:
-            self.artifact: Artifact | None = load_artifact(self.model.path)
-        except ArtifactError as exc:  # raising here would make the arbiter respawn us forever
-            self.artifact = None
-            self._load_error = f"ArtifactError: {exc}"
-            logger.error("cannot serve model %s: %s", self.model.tag, exc)
-            return
-        replacement = siblings_have_served()
-        logger.info(
-            "artifact %s verified (%d members, curve: %s, swa: %s); loading sessions%s",
-            self.artifact.name,
-            self.artifact.num_members,
-            self.artifact.has_curve,
-            self.artifact.has_swa,
-            " before accepting connections (a sibling already serves)" if replacement else "",
-        )
-        if replacement:  # siblings take every connection until __init__ returns
-            self._load()
-        else:  # in the background, so /readyz can answer 503 meanwhile
-            threading.Thread(target=self._load, name="modeconn-load", daemon=True).start()
+        if not siblings_have_served():  # load in the background, so /readyz can answer 503 meanwhile
+            if self._verify():
+                threading.Thread(target=self._load, name="modeconn-load", daemon=True).start()
+        elif self.settings.workers > 1:  # siblings take every connection until __init__ returns
+            startup.retry_until(lambda: self._verify() and self._load(), "loading the artifact")
+        else:  # alone: answer 503 with the reason rather than leave connections unanswered
+            self._verify() and self._load()
 
-    def _load(self) -> None:
+    def _verify(self) -> bool:
+        """Read this server's verified copy of the artifact (serving/startup.py)."""
+        self._load_error = None
+        try:
+            self.artifact = load_artifact(startup.served_folder(self.model.path))
+        except ArtifactError as exc:  # raising here would make the arbiter respawn us forever
+            self._load_error = f"ArtifactError: {exc}"
+            logger.error("cannot serve model %s: %s", startup.served_tag(self.model.tag), exc)
+            return False
+        logger.info("artifact %s verified (%d members, curve: %s, swa: %s); loading sessions", self.artifact.name,
+                    self.artifact.num_members, self.artifact.has_curve, self.artifact.has_swa)
+        return True
+
+    def _load(self) -> bool:
         assert self.artifact is not None
         try:
             started = time.perf_counter()
@@ -191,13 +190,15 @@ class ModeConnService:
             )
             runtime.warmup(WARMUP_BATCH_SIZES)
             runtime.preload_curve(self.settings.curve_preload_ts, WARMUP_BATCH_SIZES)
+            runtime.observe = metrics.observe_run  # from here on: warm-up runs are not traffic
             if self.batching.enabled:
                 self._batchers["ensemble"] = MicroBatcher(
                     runtime.run_ensemble, split_axes=(0, 1), settings=self.batching, name="ensemble"
                 )
                 if runtime.curve is not None:
+                    run_curve = faulty(self.settings.test_fault, "curve", runtime.run_curve)
                     self._batchers["curve"] = MicroBatcher(
-                        runtime.run_curve, split_axes=(0,), settings=self.batching, name="curve"
+                        run_curve, split_axes=(0,), settings=self.batching, name="curve"
                     )
                 if runtime.swa is not None:
                     self._batchers["swa"] = MicroBatcher(
@@ -212,9 +213,12 @@ class ModeConnService:
                 runtime.providers,
                 self.batching,
             )
+            metrics.artifact_loaded(startup.served_tag(self.model.tag))
+            return True
         except Exception as exc:  # a dead loader must not look like a slow one
             self._load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("loading the artifact failed")
+            return False
 
     async def __is_ready__(self) -> bool:
         return self._ready.is_set()
@@ -232,6 +236,7 @@ class ModeConnService:
     # -- endpoints -------------------------------------------------------------------------
 
     @bentoml.api(route="/predict", input_spec=PredictRequest, output_spec=PredictResponse)
+    @guarded
     async def predict(self, inputs: list[Any], calibrated: bool = True, model: str = "ensemble") -> Response:
         """Mean softmax of the ensemble members, with entropy and member agreement; or,
         with "model": "swa", the softmax of the one averaged network."""
@@ -249,6 +254,7 @@ class ModeConnService:
     @bentoml.api(
         route="/predict_curve", input_spec=CurvePredictRequest, output_spec=CurvePredictResponse
     )
+    @guarded
     async def predict_curve(
         self,
         inputs: list[Any],
@@ -271,23 +277,22 @@ class ModeConnService:
             return _error(400, str(exc))
         return await self._predict_curve(x, [t] if t is not None else list(ts or []), calibrated)
 
-    async def predict_json(self, path: str, body: bytes) -> Response | None:
-        """/predict or /predict_curve with a JSON body its request model accepts, answered as the
-        API would; None for any other body, which BentoML then answers (one error format)."""
-        if path == "/predict":
-            try:
-                request = PredictRequest.model_validate_json(body)
-            except ValidationError:
-                return None
-            return await self._answer_predict(request.inputs, request.calibrated, request.model)
+    async def predict_json(self, path: str, body: bytes) -> Response:
+        """/predict or /predict_curve with a JSON body, answered as the API would; a body its
+        request model refuses gets a 400 naming the field (errors.validation_error)."""
+        fault(self.settings.test_fault, "json")
+        model = PredictRequest if path == "/predict" else CurvePredictRequest
         try:
-            curve = CurvePredictRequest.model_validate_json(body)
-        except ValidationError:
-            return None
-        return await self._answer_curve(curve.inputs, curve.t, curve.ts, curve.calibrated)
+            request = model.model_validate_json(body)
+        except ValidationError as exc:
+            return validation_error(exc, list(model.model_fields))
+        if isinstance(request, PredictRequest):
+            return await self._answer_predict(request.inputs, request.calibrated, request.model)
+        return await self._answer_curve(request.inputs, request.t, request.ts, request.calibrated)
 
     async def predict_binary(self, path: str, kind: str, body: bytes, query: str) -> Response:
         """/predict or /predict_curve with a binary body (serving/encodings.py)."""
+        fault(self.settings.test_fault, "binary")
         if (refusal := self._refuse_early()) is not None:
             return refusal
         if path == "/predict_curve" and not self.artifact.has_curve:
@@ -337,8 +342,9 @@ class ModeConnService:
         return _ok(PredictResponse(**fields, model=model))
 
     async def _predict_curve(self, x: np.ndarray, t_values: list[float], calibrated: bool) -> Response:
-        try:
-            per_t = await asyncio.gather(*(self._run("curve", tv, x) for tv in t_values))
+        try:  # every t queued at once, or none (batching.MicroBatcher.submit_many)
+            per_t = (await self._batchers["curve"].submit_many(t_values, x) if self.batching.enabled
+                     else await asyncio.gather(*(self._run("curve", tv, x) for tv in t_values)))
         except Overloaded as exc:
             return _error(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
@@ -359,8 +365,10 @@ class ModeConnService:
         return encodings.image_shape(self.artifact.input_shape, self.artifact.input_range)
 
     @bentoml.api(route="/info", output_spec=InfoResponse)
+    @guarded
     async def info(self) -> InfoResponse | JSONResponse:
         """Model card (also served at GET /info)."""
+        fault(self.settings.test_fault, "bentoml")
         return self._refuse_unloaded() or self.model_card()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -412,21 +420,16 @@ class ModeConnService:
             num_members=self.artifact.num_members,
             member_metrics=[member.get("metrics", {}) for member in m["members"]],
             ensemble={k: ensemble.get(k) for k in ("kind", "num_members", "settings", "metrics")},
-            curve=None
-            if curve is None
-            else {
-                k: curve.get(k)
-                for k in ("type", "num_bends", "bn_grid_points", "settings", "metrics")
-            },
-            swa=None
-            if swa is None
-            else {k: swa.get(k) for k in ("kind", "averaged", "bn_recomputed", "metrics")},
+            curve=None if curve is None else {
+                k: curve.get(k) for k in ("type", "num_bends", "bn_grid_points", "settings", "metrics")},
+            swa=None if swa is None else {k: swa.get(k) for k in ("kind", "averaged", "bn_recomputed", "metrics")},
             models=self.artifact.models,
             execution_providers={} if self.runtime is None else self.runtime.providers,
             batching={
                 **dataclasses.asdict(self.batching),
                 "workers": self.settings.workers,
                 "worker_pid": os.getpid(),
+                "worker_index": int(metrics.worker()),
                 "session_threads_per_graph": 1,
                 "onnxruntime": dataclasses.asdict(self.settings.onnxruntime),
                 "stats": {name: b.stats.as_dict() for name, b in self._batchers.items()},
@@ -458,21 +461,8 @@ async def _get_info(_: Request) -> JSONResponse:
     return service._refuse_unloaded() or JSONResponse(service.model_card().model_dump(mode="json"))
 
 
-class _ProbeReasons:
-    """/livez and /readyz of a worker whose load failed: 503 with the reason as JSON
-    ({"error": ...}) instead of BentoML's plain-text 'returns False'."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] in ("/livez", "/readyz"):
-            service = bentoml.get_current_service()
-            error = getattr(service, "_load_error", None)
-            if error is not None:
-                await _error(503, f"model failed to load: {error}")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+def _load_error() -> str | None:
+    return getattr(bentoml.get_current_service(), "_load_error", None)
 
 
 def _openapi() -> dict[str, Any] | None:
@@ -495,19 +485,25 @@ async def _predict_binary(path: str, kind: str, body: bytes, query: str) -> Resp
     return await service.predict_binary(path, kind, body, query)
 
 
-async def _predict_json(path: str, body: bytes) -> Response | None:
+async def _predict_json(path: str, body: bytes) -> Response:
     service = bentoml.get_current_service()
-    if getattr(service, "artifact", None) is None:  # BentoML's own path answers as before
-        return None
+    if getattr(service, "artifact", None) is None:  # the manifest itself was refused
+        return _error(503, f"model failed to load: {getattr(service, '_load_error', None)}")
     return await service.predict_json(path, body)
-
 
 
 # BentoML APIs are POST only; GET /info comes from a one-route app mounted beside them
 # (Starlette tries the POST route first, sees a method mismatch, and falls through to it).
 ModeConnService.mount_asgi_app(Starlette(routes=[Route("/info", _get_info, methods=["GET"])]))
-# Outermost first: the size limit applies to binary bodies too.
-ModeConnService.add_asgi_middleware(RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes)
-ModeConnService.add_asgi_middleware(_ProbeReasons)
-ModeConnService.add_asgi_middleware(OpenAPIMiddleware, document=_openapi)
-ModeConnService.add_asgi_middleware(PredictionBodies, binary=_predict_binary, json_body=_predict_json)
+# Outermost first: the metrics see every answer; bugs anywhere inside answer at once; methods,
+# media types and query parameters are refused before any body is read; the size limits apply
+# to every body.
+ModeConnService.add_asgi_middleware(metrics.MetricsMiddleware, enabled=SETTINGS.metrics)
+ModeConnService.add_asgi_middleware(ErrorBoundary)
+ModeConnService.add_asgi_middleware(middleware.RouteRules)
+ModeConnService.add_asgi_middleware(middleware.RequestGuardMiddleware, max_bytes=SETTINGS.max_body_bytes,
+                                    budget_bytes=SETTINGS.body_budget_bytes)
+ModeConnService.add_asgi_middleware(middleware.ProbeReasons, load_error=_load_error)
+ModeConnService.add_asgi_middleware(middleware.OpenAPIMiddleware, document=_openapi)
+ModeConnService.add_asgi_middleware(middleware.PredictionBodies, binary=_predict_binary, json_body=_predict_json)
+install_connection_limits(SETTINGS.connections)  # this worker's uvicorn (serving/connections.py)

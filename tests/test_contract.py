@@ -2,7 +2,8 @@
 server, and the overload path (503 + Retry-After of a full queue) over HTTP.
 
 Two real `bentoml serve` subprocesses on the shared test artifact: one with the defaults
-(schemathesis fuzzes it), one with a one-row batching queue (overload).
+(schemathesis fuzzes it, through its Python API and its command line), one with a one-row
+batching queue (overload).
 
 The schemathesis run, per operation of the document (every one: /predict, /predict_curve,
 GET and POST /info, /healthz, /livez, /readyz, /metrics):
@@ -20,6 +21,9 @@ negative_data_rejection (schema-invalid requests answer 4xx).
 from __future__ import annotations
 
 import collections
+import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +73,7 @@ CHECKS = [
 ]
 FUZZ_EXAMPLES = 150  # x 3 operations with a body x (positive, negative) + the rest > 1000
 MIN_CASES = 1000
+CLI_EXAMPLES = 300  # per operation and phase: about 1,100 cases over the document's 8 operations
 OVERLOAD_CLIENTS = 48
 
 
@@ -186,9 +191,9 @@ def test_schemathesis_finds_the_contract_true(servers: tuple[Server, Server]) ->
 
     def check(case: Any, phase: str) -> None:
         if case.media_type not in (None, "application/json"):
-            # Binary bodies (raw float32, .npy) are declared as opaque strings: random bytes
-            # are rightly refused, which positive_data_acceptance would call a failure.
-            # tests/test_service.py checks every binary encoding and its refusals.
+            # The document declares JSON bodies only (binary ones are under x-binary-bodies:
+            # JSON Schema cannot say which bytes are valid); tests/test_service.py checks every
+            # binary encoding and its refusals. Counted, and asserted to be none, below.
             skipped[case.media_type] += 1
             return
         response = case.call(base_url=server.url, session=session, timeout=60)
@@ -233,9 +238,25 @@ def test_schemathesis_finds_the_contract_true(servers: tuple[Server, Server]) ->
     print(f"\nschemathesis: {total} cases, {len(failures)} failures; {dict(sorted(by_operation.items()))}; "
           f"binary bodies skipped: {dict(skipped)}")
     assert not failures, "\n\n".join(failures[:5])
+    assert not skipped, skipped
     assert total >= MIN_CASES, cases
     for op in ("POST /predict", "POST /predict_curve", "POST /info"):
         assert by_operation[(op, "positive")] >= 50 and by_operation[(op, "negative")] >= 50, by_operation
+
+
+def test_schemathesis_cli_with_every_check_finds_nothing(servers: tuple[Server, Server]) -> None:
+    """`schemathesis run --checks all` as an operator would run it: every phase it runs by
+    default, every check (Allow headers on OPTIONS, unsupported methods, missing headers,
+    response headers... beyond CHECKS above), at least MIN_CASES cases, no failure."""
+    cmd = [sys.executable, "-m", "schemathesis.cli", "run", servers[0].url + "/docs.json", "--checks", "all",
+           "--max-examples", str(CLI_EXAMPLES), "--workers", "2", "--continue-on-failure", "--seed", "1",
+           "--no-color"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    report = out.stdout + out.stderr
+    print(report[-1500:])
+    generated = re.search(r"(\d+) generated", report)
+    assert out.returncode == 0 and "No issues found" in report, report[-6000:]
+    assert generated is not None and int(generated.group(1)) >= MIN_CASES, report[-2000:]
 
 
 def test_the_checks_can_fail(servers: tuple[Server, Server]) -> None:

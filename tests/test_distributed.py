@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,7 +36,10 @@ from modeconn.training.ensembles.sse import run_sse
 from modeconn.training.train import train_network
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
+# torchrun as a module: the same launcher, also where a virtual environment has no torchrun script
+LAUNCHER = [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN = [*LAUNCHER, "--standalone", "--nproc_per_node=2"]
+MODECONN = str(Path(sys.executable).with_name("modeconn"))
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 sys.path.insert(0, str(REPO / "tests"))
 from ddp_worker import BN, NO_BN, config  # noqa: E402 (the worker's settings, shared)
@@ -218,7 +223,7 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(runs: dict[str
             "--set", "model.kwargs={width: 8, batchnorm: false}", "--set", "train.epochs=2",
             "--set", f"train.lr={NO_BN['train.lr']}",
             "--set", "train.save_every=1", "--out", str(out)]
-    cli = [*TORCHRUN, "--no-python", str(Path(sys.executable).with_name("modeconn"))]
+    cli = [*TORCHRUN, "--no-python", MODECONN]
     job = subprocess.Popen([*cli, *args], cwd=REPO, env=ENV, start_new_session=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "checkpoints" / "epoch-0001.pt"
@@ -237,11 +242,62 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(runs: dict[str
     assert "resumed from" in resumed.stderr
     result = json.loads(resumed.stdout.strip().splitlines()[-1])  # rank 0's JSON line only
     assert result["checkpoint"] == str(out / "final.pt")
+    one_node = {"world_size": 2, "nodes": 1, "ranks_per_node": 2, "backend": "gloo"}
+    assert result["distributed"] == one_node
+    assert _first_run_line(resumed.stderr) == "distributed: 2 ranks on 1 node (2 per node), backend gloo, 1 thread(s) per rank"
+    assert load_checkpoint(out / "final.pt")["processes"] == one_node
     assert resumed.stdout.count('"run_dir"') == 1
     reference = _weights(runs["two"] / "train-nobn" / "final.pt")
     resumed_weights = _weights(out / "final.pt")
     assert all(torch.equal(reference[k], resumed_weights[k]) for k in reference)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _first_run_line(stderr: str) -> str:
+    """The first line the modeconn ranks wrote (torchrun's own warnings left out)."""
+    launcher = re.compile(r"[WIE]\d{4} |node_rank |\*{5}|Setting OMP_NUM_THREADS")  # torch's log and notices
+    return next(line for line in stderr.splitlines() if line.strip() and not launcher.match(line))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_train_the_single_node_two_rank_weights(runs: dict[str, Any], tmp_path: Path) -> None:
+    """Two torchrun agents (--nnodes=2, one rank each) meeting at a c10d rendezvous on localhost,
+    as two machines would: the weights of the one-node 2-rank run (the worker's train-nobn, same
+    settings), and the run says it ran on 2 ranks on 2 nodes (first log line, --json, checkpoint)."""
+    out, port = tmp_path / "two-nodes", _free_port()
+    args = ["train", "--config", str(REPO / "configs" / "mnist1d_standard.yaml"), "--device", "cpu",
+            "--set", "data.val_size=0", "--set", "model.kwargs={width: 8, batchnorm: false}",
+            "--set", "train.epochs=2", "--set", f"train.lr={NO_BN['train.lr']}", "--set", "train.save_every=1",
+            "--out", str(out), "--json"]
+    nodes = [subprocess.Popen([*LAUNCHER, "--nnodes=2", "--nproc-per-node=1", f"--node-rank={node}",
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=modeconn-test",
+                               "--no-python", MODECONN, *args],
+                              cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for node in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=600) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
+    # the rendezvous, not --node-rank, decides which agent's process is rank 0: it prints
+    (stdout, stderr), = [o for o in outputs if o[0].strip()]
+    two_nodes = {"world_size": 2, "nodes": 2, "ranks_per_node": 1, "backend": "gloo"}
+    assert json.loads(stdout.strip().splitlines()[-1])["distributed"] == two_nodes
+    assert _first_run_line(stderr) == "distributed: 2 ranks on 2 nodes (1 per node), backend gloo, 1 thread(s) per rank"
+    final = load_checkpoint(out / "final.pt")
+    assert final["processes"] == two_nodes
+    reference = _weights(runs["two"] / "train-nobn" / "final.pt")
+    diff = _max_diff(reference, final["model"])
+    print(f"\n2 nodes x 1 rank against 1 node x 2 ranks: max weight difference {diff:.1e}")
+    assert all(torch.equal(reference[k], final["model"][k]) for k in reference)
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
@@ -270,7 +326,7 @@ def test_one_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(runs: 
             "--set", "data.val_size=0", "--set", "model.kwargs={width: 8, batchnorm: false}",
             "--set", "train.epochs=2", "--set", f"train.lr={NO_BN['train.lr']}", "--set", "train.save_every=1",
             "--out", str(out), "--resume", "--json"]
-    cli = [*TORCHRUN, "--max-restarts=1", "--no-python", str(Path(sys.executable).with_name("modeconn"))]
+    cli = [*TORCHRUN, "--max-restarts=1", "--no-python", MODECONN]
     job = subprocess.Popen([*cli, *args], cwd=REPO, env=ENV, start_new_session=True,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = out / "checkpoints" / "epoch-0001.pt"

@@ -16,12 +16,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from holds import start_held
 
 from modeconn.training.cli import main
 from modeconn.training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
@@ -259,12 +259,10 @@ def test_fge_resume_after_sigkill_ends_with_the_same_snapshots(
     run_dir = tmp_path / "fge-killed"
     argv = ["fge", "--from", str(train_run / "checkpoints" / "epoch-0002.pt"), "--out", str(run_dir),
             *FGE_ARGS, *SET_ARGS]
-    proc = subprocess.Popen([sys.executable, "-m", "modeconn", *argv], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # stops right after its first epoch checkpoint (an explicit hook, not a race)
+    proc = start_held([sys.executable, "-m", "modeconn", *argv], "fge:epoch-1",
+                      {**os.environ, "OMP_NUM_THREADS": "1"})
     first = run_dir / "checkpoints" / "epoch-0001.pt"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert first.exists(), "the run never wrote its first epoch checkpoint"
@@ -463,13 +461,17 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     with (tmp_path / "compare.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert all(float(r["calibrated_test_nll"]) > 0 and float(r["temperature"]) > 0 for r in rows)
-    members = {(r["method"], int(r["k"]), int(r["seed"])): int(r["members"]) for r in rows}
+    members = {(r["method"], int(r["k"]), int(r["seed"])): int(r["members"]) for r in rows
+               if r["method"] not in ("Ind m*", "Ind curve")}
     # FGE: 1 + (k-1)*2 FGE epochs (29 iterations each) after epoch 1 of 2, cycle 26 iterations;
     # SSE: 2k cycles of 1 epoch
     # SWA averages the snapshots FGE ensembles at the same budget
+    # equal budget: m networks of kB/m epochs (3 networks do not fit in 1B = 2 epochs)
     assert members == {(m, k, s): c for s in (0, 1) for (m, k), c in
                        {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4,
-                        ("SWA", 1): 1, ("SWA", 2): 3}.items()}
+                        ("SWA", 1): 1, ("SWA", 2): 3, ("Ind m=2", 1): 2, ("Ind m=2", 2): 2,
+                        ("Ind m=3", 2): 3}.items()}
+    _check_equal_budget(tmp_path, rows, table)
     _check_swa_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("SWA", "2", "0")))
     assert result["table"]["FGE"]["2B"]["members"] == 3
     _check_compare_intervals(tmp_path, result, table)
@@ -479,6 +481,25 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     assert finished.stat().st_mtime_ns == stamp
     assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other SSE settings: refused
     assert f"{tmp_path / 'seed-0' / 'sse'} was made with other sse settings" in capsys.readouterr().err
+
+
+def _check_equal_budget(run_dir: Path, rows: list[dict[str, str]], table: str) -> None:
+    """The equal-budget members' epochs sum to the budget; Ind m* is the validation choice."""
+    for k, m in ((1, 2), (2, 2), (2, 3)):
+        epochs = [load_checkpoint(run_dir / "seed-0" / f"eq-{k}B-m{m}-{j}" / "final.pt")["metrics"]["epoch"]
+                  for j in range(m)]
+        assert sum(epochs) == 2 * k, (k, m, epochs)  # B = 2 epochs
+    for k in (1, 2):
+        candidates = {}
+        for method in ("Ind", "Ind m=2", "Ind m=3"):
+            cell = [float(r["calibrated_val_nll"]) for r in rows if r["method"] == method and int(r["k"]) == k]
+            if cell:
+                candidates[method] = sum(cell) / len(cell)
+        chosen = {r["chosen"] for r in rows if r["method"] == "Ind m*" and int(r["k"]) == k}
+        assert chosen == {min(candidates, key=candidates.__getitem__)}
+    assert "| Ind m* | calibrated NLL |" in table and "| FGE − Ind m* | calibrated NLL |" in table
+    assert "| FGE | DEE |" in table and "What the table shows" in table
+    assert "two-level bootstrap interval over seeds and test examples" in table
 
 
 def _check_swa_row(seed_dir: Path, row: dict[str, str]) -> None:
@@ -535,5 +556,6 @@ def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
     assert f"{mean['mean']:+.2f} [{mean['low']:+.2f}, {mean['high']:+.2f}]" in table
     with (run_dir / "compare_differences.csv").open() as f:
         written = list(csv.DictReader(f))
-    assert len(written) == 5 * 2 * 3 * 3  # comparisons x budgets x metrics x (2 seeds + mean)
+    # comparisons x budgets x metrics (calibrated NLL, error, NLL, Brier) x (2 seeds + mean + two-level)
+    assert len(written) == 6 * 2 * 4 * 4
     assert json.loads((run_dir / "compare.json").read_text())["differences"] == result["differences"]

@@ -14,7 +14,6 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from holds import start_held
 
 from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from modeconn.training.core.config import ConfigError, load_config
@@ -159,16 +159,6 @@ def test_demo_training_errs_by_several_percent_on_the_hard_variant(trained_pair:
         assert by_hand == pytest.approx(recorded, abs=2 / len(data.y_test) * 100 + 1e-9)
 
 
-def _poll(path: Path, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (rc {proc.returncode}) before {path} appeared")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} did not appear within {timeout} s")
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run A killed with SIGKILL after its epoch-2 checkpoint and resumed; run B uninterrupted.
@@ -183,10 +173,9 @@ def resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     b_err = open(root / "b.stderr", "w+")  # noqa: SIM115
     b = subprocess.Popen([*CLI, *map(str, args), "--out", str(b_dir), "--json"], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=b_err, text=True)
-    a = subprocess.Popen([*CLI, *map(str, args), "--out", str(a_dir)], cwd=REPO, env=env,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # A stops right after writing its epoch-2 checkpoint (an explicit hook, not a race)
+    a = start_held([*CLI, *map(str, args), "--out", str(a_dir)], "train:epoch-2", env, cwd=REPO)
     try:
-        _poll(a_dir / "checkpoints" / "epoch-0002.pt", a, timeout=300)
         still_running = a.poll() is None
         a.send_signal(signal.SIGKILL)
         a.wait(timeout=60)

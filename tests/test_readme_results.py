@@ -1,4 +1,4 @@
-"""training/readme_results.py on a temporary README (no training)."""
+"""training/readme_results.py on a temporary README and evidence page (no training)."""
 
 from __future__ import annotations
 
@@ -29,15 +29,16 @@ def test_sections_are_replaced_and_the_rest_is_kept(tmp_path: Path) -> None:
     readme.write_text(README)
     demo.write_text("| model | error |\n|---|---|\n| FGE | 1.00 [-0.50, +0.20] |\n")
     compare.write_text("\n\nbudget table\n")
-    assert main(["--readme", str(readme), "--demo", str(demo), "--compare", str(compare)]) == 0
+    pages = ["--readme", str(readme), "--evidence", str(readme)]  # one file holding both sections
+    assert main([*pages, "--demo", str(demo), "--compare", str(compare)]) == 0
     text = readme.read_text()
     assert text == README.replace("old demo numbers, typed by hand\n", demo.read_text()).replace(
         "<!-- results:compare -->\n", "<!-- results:compare -->\nbudget table\n")
     assert "typed by hand" not in text
-    assert main(["--readme", str(readme), "--demo", str(demo), "--compare", str(compare)]) == 0
+    assert main([*pages, "--demo", str(demo), "--compare", str(compare)]) == 0
     assert readme.read_text() == text  # idempotent
     compare.write_text("new table\n")
-    assert main(["--readme", str(readme), "--compare", str(compare)]) == 0  # only that section changes
+    assert main([*pages, "--compare", str(compare)]) == 0  # only that section changes
     assert readme.read_text() == text.replace("budget table", "new table")
 
 
@@ -59,3 +60,36 @@ def test_missing_markers_and_files_are_errors_naming_them(tmp_path: Path, capsys
     with pytest.raises(Exception, match="comes before"):
         replace_section("<!-- /results:demo -->\n<!-- results:demo -->\n", "demo", "x")
 
+
+
+def test_each_section_goes_to_its_own_page(tmp_path: Path) -> None:
+    readme, evidence = tmp_path / "README.md", tmp_path / "evidence.md"
+    readme.write_text("a\n<!-- results:demo -->\n<!-- /results:demo -->\n")
+    evidence.write_text("b\n<!-- results:compare -->\n<!-- /results:compare -->\n")
+    demo, compare = tmp_path / "summary.md", tmp_path / "compare.md"
+    demo.write_text("demo table\n")
+    compare.write_text("budget table\n")
+    assert main(["--readme", str(readme), "--evidence", str(evidence), "--demo", str(demo), "--compare", str(compare)]) == 0
+    assert readme.read_text() == "a\n<!-- results:demo -->\ndemo table\n<!-- /results:demo -->\n"
+    assert evidence.read_text() == "b\n<!-- results:compare -->\nbudget table\n<!-- /results:compare -->\n"
+
+
+def test_the_shipped_pages_hold_their_markers() -> None:
+    root = Path(__file__).resolve().parents[1]
+    for section, page in (("demo", root / "README.md"), ("compare", root / "docs" / "evidence.md")):
+        text = page.read_text()
+        assert text.count(f"<!-- results:{section} -->") == 1 and text.count(f"<!-- /results:{section} -->") == 1
+
+
+def test_images_are_copied_from_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    (docs / "images").mkdir(parents=True)
+    evidence = docs / "evidence.md"
+    assert main(["--evidence", str(evidence), "--images", str(runs)]) == 2
+    assert "curve.png" in capsys.readouterr().err and not any((docs / "images").iterdir())
+    for rel, payload in (("curve/curve.png", b"curve"), ("fge/fge.png", b"fge")):
+        (runs / rel).parent.mkdir(parents=True, exist_ok=True)
+        (runs / rel).write_bytes(payload)
+    assert main(["--evidence", str(evidence), "--images", str(runs)]) == 0
+    assert (docs / "images" / "curve.png").read_bytes() == b"curve"
+    assert (docs / "images" / "fge.png").read_bytes() == b"fge"

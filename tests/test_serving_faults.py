@@ -255,15 +255,18 @@ def test_killed_worker_costs_only_its_requests_and_is_replaced(two_workers: Serv
 
 
 def test_worker_that_cannot_load_answers_503_with_the_reason(home: Path, tmp_path: Path) -> None:
-    """The start-up check passed, then the stored artifact broke and the worker died: its
-    replacement refuses the artifact and stays up; every endpoint answers at once."""
+    """The start-up check passed, then the server's verified copy of the artifact broke (the
+    store no longer matters: serving/startup.py) and the lone worker died: its replacement
+    refuses the artifact and stays up; every endpoint answers at once."""
     own = tmp_path / "bentoml"
     shutil.copytree(home, own)
     server = start_server(own, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="1")
     try:
         wait_ready(server)
         (first,) = _until("one worker", 60, lambda: _workers(server), server)
-        _flip_byte(_stored(own))
+        private = Path(psutil.Process(first).environ()["MODECONN_ARTIFACT_DIR"])
+        (private / "members/member-001.onnx").chmod(0o644)  # the copy is read-only
+        _flip_byte(private)
         os.kill(first, signal.SIGKILL)
         (second,) = _until("a replacement", 60, lambda: (w := _workers(server)) and first not in w and w, server)
         _until("/livez answering", 60, lambda: _get(server, "/livez") is not None, server)

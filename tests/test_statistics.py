@@ -143,3 +143,55 @@ def test_mean_std_over_seeds_and_the_table_text() -> None:
     assert interval.as_dict() == {"mean": -0.5, "low": -1.25, "high": 0.125, "resamples": 1000, "seed": 0}
     with pytest.raises(ValueError, match="same shape"):
         st.paired_bootstrap(np.zeros(3), np.zeros(4))
+
+
+def test_two_level_bootstrap_equals_a_direct_computation() -> None:
+    from modeconn.training.core.statistics import two_level_bootstrap
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(4, 30)), rng.normal(size=(4, 30)) + 0.1
+    got = two_level_bootstrap(a, b, resamples=200, seed=7)
+    # the same draws, one resample at a time, as the docstring defines them
+    draw = np.random.default_rng(7)
+    seed_idx = draw.integers(0, 4, size=(200, 4))
+    means = []
+    for r in range(200):
+        ex = draw.integers(0, 30, size=30)
+        means.append(np.mean([(a[s] - b[s])[ex].mean() for s in seed_idx[r]]))
+    assert got.mean == pytest.approx((a - b).mean(), abs=1e-12)
+    assert got.low == pytest.approx(np.percentile(means, 2.5), abs=1e-12)
+    assert got.high == pytest.approx(np.percentile(means, 97.5), abs=1e-12)
+
+
+def test_two_level_interval_is_wider_than_test_sampling_alone_when_seeds_disagree() -> None:
+    from modeconn.training.core.statistics import paired_bootstrap, two_level_bootstrap
+
+    rng = np.random.default_rng(0)
+    offsets = np.array([-1.0, 0.0, 1.0, 2.0, -2.0])[:, None]  # training randomness between seeds
+    a = rng.normal(size=(5, 400)) * 0.1 + offsets
+    b = np.zeros_like(a)
+    one = paired_bootstrap(a, b)
+    two = two_level_bootstrap(a, b)
+    assert two.high - two.low > 5 * (one.high - one.low)
+
+
+def test_deep_ensemble_equivalent_interpolates_by_hand() -> None:
+    from modeconn.training.core.statistics import deep_ensemble_equivalent
+
+    curve = [0.30, 0.26, 0.24, 0.23]  # NLL of 1, 2, 3, 4 independent networks
+    assert deep_ensemble_equivalent(0.25, curve) == pytest.approx(2.5)  # halfway from 0.26 to 0.24
+    assert deep_ensemble_equivalent(0.27, curve) == pytest.approx(1.75)  # 0.30 - 0.27 = 3/4 of 0.04
+    assert deep_ensemble_equivalent(0.24, curve) == pytest.approx(3.0)
+    assert deep_ensemble_equivalent(0.31, curve) == 1.0  # worse than one network: DEE's floor
+    assert deep_ensemble_equivalent(0.20, curve) == float("inf")  # beyond the measured ensembles
+
+
+def test_equal_budget_members_sum_to_the_budget() -> None:
+    from modeconn.training.core.statistics import equal_budget_epochs
+
+    for budget in (30, 60, 90, 31):
+        for m in (1, 2, 3, 4):
+            epochs = equal_budget_epochs(budget, m)
+            assert sum(epochs) == budget and len(epochs) == m and max(epochs) - min(epochs) <= 1
+    with pytest.raises(ValueError):
+        equal_budget_epochs(2, 3)

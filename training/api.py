@@ -259,8 +259,9 @@ def fit_temperature(members: nn.Module | Sequence[nn.Module], val: Data) -> floa
 
 # ---------------------------------------------------------------- export
 def _architecture(net: nn.Module) -> dict[str, Any]:
+    """The manifest's record of a user's network: its class's import path (what built it)."""
     cls = type(net)
-    return {"name": f"{cls.__module__}:{cls.__qualname__}", "kwargs": {}}
+    return {"factory": f"{cls.__module__}:{cls.__qualname__}", "kwargs": {}}
 
 
 def export(out_dir: str | Path | None, *, example_input: torch.Tensor, test: Data,

@@ -3,6 +3,8 @@
 
 `train`, `curve`, `fge` and `sse` also run under `torchrun --nproc_per_node=N` (one
 optimisation over N processes, training/core/distributed.py); the other commands run as one process.
+Every command computes with its share of the usable cores (modeconn/contract/threads.py;
+MODECONN_THREADS overrides it), its idle OpenMP threads sleeping rather than spinning.
 """
 
 from __future__ import annotations
@@ -14,15 +16,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from modeconn.contract.errors import ModeconnError
-from modeconn.training.core import distributed
-from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides
+from modeconn.contract import threads
+
+# before torch is imported: its OpenMP runtime reads the wait policy once, when it loads
+threads.wait_passively()
+
+from modeconn.contract.errors import ModeconnError  # noqa: E402
+from modeconn.training.core import distributed  # noqa: E402
+from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides  # noqa: E402
 
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config (default: built-in demo settings)")
+    parser.add_argument("--config", type=Path,
+                        help="YAML config (default: built-in demo settings); its model section names the network: "
+                             "name (a registered one, torchvision:NAME, timm:NAME) or factory "
+                             "('package.module:callable', any nn.Module; docs/own-model.md)")
     parser.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/NAME/{default_out})")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
@@ -83,8 +93,10 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
 def _add_curve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("curve", help="fit a Bezier or PolyChain curve between two trained networks")
     _common(p, "curve")
-    p.add_argument("--start", type=Path, required=True, help="checkpoint of the first endpoint w0")
-    p.add_argument("--end", type=Path, required=True, help="checkpoint of the second endpoint w1")
+    p.add_argument("--start", type=Path, required=True,
+                   help="checkpoint of the first endpoint w0, or weights trained elsewhere (a state_dict .pt or a "
+                        ".safetensors file of the config's model, on its data)")
+    p.add_argument("--end", type=Path, required=True, help="checkpoint or weights file of the second endpoint w1")
     p.add_argument("--curve", choices=["bezier", "polychain"], help="overrides curve.curve")
     p.add_argument("--num-bends", type=int, help="overrides curve.num_bends (3 in the paper)")
     p.add_argument("--epochs", type=int, help="overrides curve.epochs")
@@ -225,14 +237,15 @@ def _add_fge(sub: argparse._SubParsersAction) -> None:
         "fge", help="Fast Geometric Ensembling from a trained network",
         description="FGE from an epoch checkpoint of a train run (weights and momentum buffers: the paper's "
                     "setting, the default in pipeline and compare), or from any network checkpoint without "
-                    "optimizer state (final.pt, a snapshot, a curve point) or a bare state_dict saved with "
-                    "torch.save (its architecture and data from the config's model and data sections); "
+                    "optimizer state (final.pt, a snapshot, a curve point) or weights trained elsewhere (a bare "
+                    "state_dict saved with torch.save, or a .safetensors file; its architecture and data from the "
+                    "config's model and data sections); "
                     "those two start with fresh momentum, which the log and --json ('momentum') say.",
     )
     _common(p, "fge")
     p.add_argument("--from", dest="start", type=Path, required=True, metavar="CKPT",
-                   help="e.g. RUN/checkpoints/epoch-0024.pt (momentum kept), RUN/final.pt or a state_dict file "
-                        "(fresh momentum)")
+                   help="e.g. RUN/checkpoints/epoch-0024.pt (momentum kept), RUN/final.pt, a state_dict file or "
+                        "a .safetensors file (fresh momentum)")
     p.add_argument("--cycle", type=float, help="overrides fge.cycle_epochs (cycle length in epochs; made even in iterations)")
     p.add_argument("--lr1", type=float, help="overrides fge.lr1 (the LR at a cycle's start and end)")
     p.add_argument("--lr2", type=float, help="overrides fge.lr2 (the LR at the middle, where snapshots are taken; <= lr1)")
@@ -323,6 +336,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", type=int, help="overrides compare.seeds")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="run N sub-runs side by side, one process each (GPUs in turn); the same results as 1")
+    p.add_argument("--ray", metavar="ADDRESS",
+                   help="run each sub-run as a task on the Ray cluster at ADDRESS (auto: the one this machine "
+                        "belongs to; HOST:PORT); the same results; needs pip install 'modeconn[cluster]'")
     p.set_defaults(handler=_compare)
 
 
@@ -330,7 +346,12 @@ def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.ensembles.compare import compare_budgets
 
     config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
-    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args))
+    if args.ray is not None:
+        from modeconn.training.core.cluster import connect
+
+        connect(args.ray)  # before any work: without Ray, or without a cluster, one line and nothing written
+    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args),
+                           ray=args.ray)
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -387,7 +408,11 @@ def main(argv: list[str] | None = None) -> int:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"{args.command} runs as one process; start it without torchrun "
                               f"(under torchrun: {', '.join(DISTRIBUTED_COMMANDS)})")
+        # each of the ranks on this node gets its share of the cores (one process: all of them)
+        distributed.use_threads(distributed.ranks_on_node())
         result = args.handler(args)
+        if distributed.launched():  # torchrun: the --json says how many processes made it
+            result = {**result, "distributed": distributed.layout()}
     except ConfigError as err:
         print(f"modeconn {args.command}: {err}", file=sys.stderr)
         return 2

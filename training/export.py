@@ -47,12 +47,14 @@ from modeconn.contract.manifest import (
     Parity,
     Swa,
 )
+from modeconn.contract.onnx_refs import CLASS_NAMES_KEY
 from modeconn.training.core import progress
 from modeconn.training.core.bn import recompute_bn
 from modeconn.training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
 from modeconn.training.core.config import ExportSettings
 from modeconn.training.core.data import Dataset, normalization_tensors
 from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.model_source import architecture_label
 from modeconn.training.core.networks import load_data, load_network, predict_probs
 from modeconn.training.core.runs import artifact_target_problem, write_marker
 from modeconn.training.core.sources import check_same_network, run_members
@@ -293,6 +295,16 @@ def _export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, 
         )
 
 
+def _with_class_names(path: Path, class_names: list[str]) -> Path:
+    """The graph at `path` with the class names in its metadata, for the service's start-up check."""
+    import onnx
+
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {CLASS_NAMES_KEY: json.dumps(list(class_names))})
+    onnx.save(model, str(path))
+    return path
+
+
 def _ort_session(path: Path):  # noqa: ANN202
     import onnxruntime as ort
 
@@ -370,7 +382,7 @@ def write_artifact(job: ExportJob, out: Path | None, sources: list[Path]) -> tup
             return {"folder": str(out)}, manifest
         from modeconn.contract.store import save_to_bentoml_store
 
-        labels = {"architecture": job.states[0]["architecture"]["name"], "dataset": job.states[0]["dataset"]["name"],
+        labels = {"architecture": architecture_label(job.states[0]["architecture"]), "dataset": job.states[0]["dataset"]["name"],
                   "members": str(len(job.nets)), "curve": job.curve.curve if job.curve is not None else "none",
                   "swa": "yes" if job.swa_net is not None else "no"}
         tag = save_to_bentoml_store(work, job.name, labels=labels, metadata=_store_metadata(manifest))
@@ -475,7 +487,7 @@ def _build(work: Path, job: ExportJob) -> Manifest:
                             **{k: v for k, v in described.items() if k in DATA_PROVENANCE}),
         input=InputSpec(shape=list(data.input_shape), dtype="float32", range=[float(v) for v in data.value_range],
                         normalization=Normalization(mean=list(info["mean"]), std=list(info["std"]))),
-        files={rel: FileRecord(**file_record(work / rel)) for rel in files},
+        files={rel: FileRecord(**file_record(_with_class_names(work / rel, data.class_names))) for rel in files},
         members=members,
         ensemble=ensemble,
         curve=curve,
@@ -539,7 +551,7 @@ def _versions() -> dict[str, str]:
 
 
 def _store_metadata(manifest: dict[str, Any]) -> dict[str, Any]:
-    meta = {"format_version": manifest["format_version"], "architecture": manifest["architecture"]["name"],
+    meta = {"format_version": manifest["format_version"], "architecture": architecture_label(manifest["architecture"]),
             "dataset": manifest["dataset"]["name"], "members": len(manifest["members"]),
             "ensemble_test_error": manifest["ensemble"]["metrics"]["error"],
             "curve": manifest["curve"]["type"] if manifest["curve"] else None,

@@ -20,6 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from modeconn.contract.artifact import file_sha256
+from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
 from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
 from modeconn.training.core.config import Config
@@ -100,22 +101,33 @@ def run_pipeline(
     config: Config, root: Path, force: bool = False, out: Path | None = None, jobs: int = 1
 ) -> dict[str, Any]:
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
-    under `config.export.name`, or to the folder `out`. `jobs` 2 trains the two networks
+    under `config.export.name`, or to the folder `out`. The two networks train in one batched
+    pass when `train.batched` asks for it (training/batched.py); otherwise `jobs` 2 trains them
     side by side (training/core/distributed.py `run_jobs`)."""
     started = time.perf_counter()
     claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)
     runs = [root / f"train-seed{s}" for s in seeds]
-    if jobs > 1:  # the train stages below then find both networks finished
-        run_jobs([Job(train_or_reuse, (config.model_copy(update={"seed": s}), d)) for s, d in zip(seeds, runs, strict=True)],
+    seeded = [config.model_copy(update={"seed": s}) for s in seeds]
+    # both networks in one batched pass (training/batched.py) when they can be; else --jobs 2 side by side
+    batched = wants_batching(config) and batching_blocker(seeded) is None
+    if jobs > 1 and not batched:  # the train stages below then find both networks finished
+        run_jobs([Job(train_or_reuse, (c, d)) for c, d in zip(seeded, runs, strict=True)],
                  min(jobs, 2), resolve_device(config.device))
     skipped: list[str] = []
     with progress.display(), progress.task("pipeline", 7, transient=False) as advance:
-        trained = []
-        for seed, run_dir in zip(seeds, runs, strict=True):
-            seeded = config.model_copy(update={"seed": seed})
-            trained.append(_stage(f"train seed {seed}", finished_result(run_dir),
-                                  lambda c=seeded, d=run_dir: train_network(c, d, resume=True), skipped))
+        trained: list[dict[str, Any]] = []
+        together: list[dict[str, Any]] = []  # the batched pass's results, made by the first train stage
+
+        def train(i: int) -> dict[str, Any]:
+            if not batched:
+                return train_network(seeded[i], runs[i], resume=True)
+            together[:] = together or train_seeds(seeded, runs)
+            return together[i]
+
+        for i, (seed, run_dir) in enumerate(zip(seeds, runs, strict=True)):
+            trained.append(_stage(f"train seed {seed}", finished_result(run_dir) if not together else None,
+                                  lambda i=i: train(i), skipped))
             advance()
         curve_dir = root / "curve"
         _stage("curve", _finished_curve(curve_dir),
@@ -252,7 +264,7 @@ def summary_markdown(config: Config, summary: dict[str, Any]) -> str:
     skipped = summary.get("skipped_stages") or []
     timing = f"{summary['seconds']:.0f} s" + (f" (skipped as already done: {', '.join(skipped)})" if skipped else "")
     lines = [
-        f"**modeconn pipeline: {config.model.name} on {config.data.name}** (config `{config.name}`)",
+        f"**modeconn pipeline: {config.model.label} on {config.data.name}** (config `{config.name}`)",
         "",
         *provenance.markdown_lines(info),
         f"- Pipeline time: {timing}.",

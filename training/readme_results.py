@@ -1,12 +1,13 @@
-"""Copy the results the commands wrote into README.md, so its numbers are generated, never retyped.
+"""Copy the results the commands wrote into the README and the evidence page, so their
+numbers are generated, never retyped.
 
-    python -m training.readme_results [--readme README.md] [--demo runs/demo/summary.md]
-                                      [--compare runs/demo/compare/compare.md]
+    python -m modeconn.training.readme_results [--readme README.md] [--evidence docs/evidence.md]
+        [--demo runs/demo/summary.md] [--compare runs/demo/compare/compare.md]
 
-Each file replaces what lies between its pair of marker comments in the README,
-`<!-- results:demo -->` ... `<!-- /results:demo -->` (the pipeline's summary.md) and
-`<!-- results:compare -->` ... `<!-- /results:compare -->` (compare's compare.md); the rest
-of the README is left byte for byte. Both files state their machine, date, test-set size
+Each results file replaces what lies between its pair of marker comments in its page:
+`<!-- results:demo -->` ... `<!-- /results:demo -->` in the README (the pipeline's summary.md)
+and `<!-- results:compare -->` ... `<!-- /results:compare -->` in the evidence page (compare's
+compare.md); the rest of each page is left byte for byte. Both files state their machine, date, test-set size
 and intervals (training/core/provenance.py), so the copy carries them. A section whose file is
 not given is left as it is; a missing file or marker is an error naming it.
 """
@@ -19,10 +20,25 @@ import sys
 from pathlib import Path
 
 from modeconn.contract.errors import ModeconnError
-from modeconn.training.core.checkpoint import atomic_write_text
+from modeconn.training.core.checkpoint import atomic_write_bytes, atomic_write_text
 
 SECTIONS = ("demo", "compare")
 DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md")}
+PAGES = {"demo": "readme", "compare": "evidence"}  # which page holds each section's markers
+# the docs' pictures, regenerated from a demo run folder (`--images runs/demo`)
+IMAGES = {"curve.png": Path("curve/curve.png"), "fge.png": Path("fge/fge.png")}
+
+
+def copy_images(runs: Path, images: Path) -> list[Path]:
+    """The demo's plots into the docs' image folder; a missing plot is an error naming it."""
+    missing = [runs / rel for rel in IMAGES.values() if not (runs / rel).is_file()]
+    if missing:
+        raise ReadmeError(f"plot {missing[0]} does not exist; run `modeconn pipeline` first")
+    written = []
+    for name, rel in IMAGES.items():
+        atomic_write_bytes(images / name, (runs / rel).read_bytes())
+        written.append(images / name)
+    return written
 
 
 class ReadmeError(ModeconnError):
@@ -60,9 +76,12 @@ def update_readme(readme: Path, files: dict[str, Path]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.readme_results", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m modeconn.training.readme_results", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--readme", type=Path, default=Path("README.md"))
+    parser.add_argument("--evidence", type=Path, default=Path("docs/evidence.md"))
+    parser.add_argument("--images", type=Path, metavar="RUNS", help="copy the demo run's curve and FGE plots "
+                        "into docs/images (RUNS: the pipeline's run folder, e.g. runs/demo)")
     for section in SECTIONS:
         parser.add_argument(f"--{section}", type=Path, help=f"results file (default {DEFAULTS[section]} when it exists)")
     args = parser.parse_args(argv)
@@ -70,14 +89,20 @@ def main(argv: list[str] | None = None) -> int:
     # without arguments: every default file that exists (a section not run yet stays as it is)
     files = given or {s: p for s, p in DEFAULTS.items() if p.is_file()}
     try:
+        if args.images is not None:
+            for path in copy_images(args.images, args.evidence.parent / "images"):
+                print(f"{path} <- {args.images}", file=sys.stderr)
+            if not given:
+                return 0
         if not files:
             raise ReadmeError(f"no results files: none of {', '.join(map(str, DEFAULTS.values()))} exists")
-        updated = update_readme(args.readme, files)
+        for section, path in files.items():
+            page = getattr(args, PAGES[section])
+            update_readme(page, {section: path})
+            print(f"{page}: section {section} <- {path}", file=sys.stderr)
     except ModeconnError as err:
         print(f"readme_results: error: {err}", file=sys.stderr)
         return 2
-    for section in updated:
-        print(f"{args.readme}: section {section} <- {files[section]}", file=sys.stderr)
     return 0
 
 

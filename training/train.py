@@ -31,11 +31,12 @@ def train_network(config: Config, run_dir: Path, resume: bool = False, force: bo
     """Train one network; returns output paths and final test metrics."""
     final_path = run_dir / "final.pt"
     device = stage_device(config)
-    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     started = time.perf_counter()
     data = load_data(dataset_spec(config), device)
     settings = config.train
     model, optimizer, fields = fresh_network(config, data, device, settings, "train")
+    # after the network is built: a model that cannot be built leaves no run folder
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     plan = FitPlan(
         epochs=settings.epochs,
         batch_size=settings.batch_size,

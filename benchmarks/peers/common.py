@@ -32,7 +32,7 @@ class Model:
     @classmethod
     def from_env(cls) -> Model:
         art = load_artifact(os.environ["PEER_ARTIFACT"])
-        options = ort.SessionOptions()  # as serving/runtime.py's _open
+        options = ort.SessionOptions()  # as serving/runtime.py's open_session
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = env_int("PEER_ORT_THREADS", 0)
         spinning = os.environ.get("PEER_ORT_SPINNING", "1")

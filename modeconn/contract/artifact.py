@@ -36,6 +36,13 @@ class ArtifactError(ModeconnError):
     """The artifact folder does not match its manifest (or the manifest is malformed)."""
 
 
+# A manifest of a thousand members is a few hundred KB; anything far larger, or nested
+# deeper than the format ever nests (about 6 levels), is malformed or hostile, and is refused
+# before parsing (size) or before validation (depth) rather than ending in a RecursionError.
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_MANIFEST_DEPTH = 32
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A verified artifact: resolved paths plus the manifest fields serving needs."""
@@ -100,10 +107,7 @@ def load_artifact(path: str | Path) -> Artifact:
         raise ArtifactError(f"{root}: no {MANIFEST_NAME} (is this an exported artifact folder?)")
     real_root = root.resolve()
     _check_inside(real_root, root, MANIFEST_NAME)
-    try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{manifest_path}: not valid JSON ({exc})") from exc
+    raw = _read_manifest(manifest_path)
     try:
         spec = parse_manifest(raw)  # every field, type and cross-reference (modeconn/contract/manifest.py)
     except ManifestError as exc:
@@ -130,6 +134,35 @@ def load_artifact(path: str | Path) -> Artifact:
         curve_file=None if spec.curve is None else root / spec.curve.file,
         swa_file=None if spec.swa is None else root / spec.swa.file,
     )
+
+
+def _read_manifest(path: Path) -> Any:
+    size = path.stat().st_size
+    if size > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path}: {size} bytes; a manifest has at most {MAX_MANIFEST_BYTES}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # the C decoder's limit on nesting
+        raise ArtifactError(f"{path}: nested deeper than {MAX_MANIFEST_DEPTH} levels") from None
+    if (depth := _depth(raw, MAX_MANIFEST_DEPTH)) > MAX_MANIFEST_DEPTH:
+        raise ArtifactError(f"{path}: nested {depth}+ levels deep; a manifest has at most {MAX_MANIFEST_DEPTH}")
+    return raw
+
+
+def _depth(value: Any, limit: int) -> int:
+    """Nesting depth of decoded JSON, without recursion, stopping once past `limit`."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _check_inside(real_root: Path, root: Path, rel: str) -> None:

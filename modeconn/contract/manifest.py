@@ -25,7 +25,16 @@ import sys
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
@@ -60,8 +69,24 @@ class FileRecord(_Section):
 
 
 class Architecture(_Section):
-    name: str = Field(min_length=1, description="registered network name (models/registry.py)")
+    """The network the graphs were exported from: a `name` or a `factory`, exactly one (the
+    other key is left out, so manifests of registry networks read as they did before)."""
+
+    name: str | None = Field(default=None, min_length=1,
+                             description="registered network name (models/registry.py), or torchvision:NAME / timm:NAME")
+    factory: str | None = Field(default=None, min_length=1,
+                                description="import path 'package.module:callable' of the function that built it")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="the network's constructor arguments")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Architecture:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("architecture needs exactly one of name and factory")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_absent_source(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if not (k in ("name", "factory") and v is None)}
 
 
 class DatasetInfo(_Section):

@@ -16,6 +16,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+# The graph metadata (ModelProto.metadata_props) key under which the exporter stores the class
+# names as a JSON list; the service's start-up check compares them with the manifest's.
+CLASS_NAMES_KEY = "modeconn.class_names"
+
 # message -> {field number: message kind of that field}; only fields that lead to a tensor.
 _CHILDREN: dict[str, dict[int, str]] = {
     "model": {7: "graph", 20: "training", 25: "function"},

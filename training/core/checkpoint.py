@@ -1,4 +1,5 @@
-"""Checkpoint I/O in one place: atomic writes, safe loads (`weights_only=True`)."""
+"""Checkpoint I/O in one place: atomic writes, safe loads (`weights_only=True`, or
+safetensors for weights trained elsewhere)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from modeconn.contract.errors import ModeconnError
 
 FORMAT = "modeconn-checkpoint"
 VERSION = 1
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 class CheckpointError(ModeconnError):
@@ -58,9 +60,12 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Save a dict of tensors and plain values (no custom objects, so it loads safely)."""
+    """Save a dict of tensors and plain values (no custom objects, so it loads safely).
+    `processes` records how many processes made it (world size, nodes, backend)."""
+    from modeconn.training.core.ranks import layout
+
     buf = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **state}, buf)
+    torch.save({"format": FORMAT, "version": VERSION, "processes": layout(), **state}, buf)
     atomic_write_bytes(path, buf.getvalue())
     return Path(path)
 
@@ -90,9 +95,26 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return _validated(_read(path, map_location), path)
 
 
+def _read_safetensors(path: Path, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        weights = load_file(path, device="cpu")
+    except Exception as err:  # a bad header, a truncated file, ...: all mean "unusable"
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(err).__name__}: {err})") from err
+    if not weights:
+        raise CheckpointError(f"{path} holds no tensors")
+    return {k: v.to(map_location) for k, v in weights.items()}
+
+
 def load_checkpoint_or_weights(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], bool]:
-    """(contents, is_checkpoint): a modeconn checkpoint, or a bare state_dict (read once, safely)."""
+    """(contents, is_checkpoint): a modeconn checkpoint, or weights trained elsewhere: a bare
+    state_dict saved with torch.save, or a `.safetensors` file (each read once, safely)."""
     path = Path(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return _read_safetensors(path, map_location), False
     obj = _read(path, map_location)
     if is_state_dict(obj):
         return obj, False

@@ -9,9 +9,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from modeconn.contract.errors import ModeconnError
+from modeconn.training.core.model_source import import_path_problem, name_problem
 
 
 class ConfigError(ModeconnError):
@@ -34,8 +44,48 @@ class DataSettings(_Strict):
 
 
 class ModelSettings(_Strict):
+    """The network, one of: `name`, a registered architecture (`cnn1d`, `vgg16`, ...) or
+    `torchvision:NAME` / `timm:NAME` where that package is installed; or `factory`, any callable
+    named by import path ("my_package.nets:build", the current directory importable), given
+    `num_classes` when it takes it and `kwargs` (training/core/model_source.py). Checkpoints
+    record it as their `architecture`, so later commands rebuild the network without a config."""
+
     name: str = "cnn1d"
+    factory: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_form(cls, name: str) -> str:
+        if (problem := name_problem(name)) is not None:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("factory")
+    @classmethod
+    def _import_path(cls, factory: str | None) -> str | None:
+        if factory is not None and (problem := import_path_problem(factory)) is not None:
+            raise ValueError(problem)
+        return factory
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSettings:
+        if self.factory is not None and "name" in self.model_fields_set:
+            raise ValueError(f"give model.name or model.factory, not both (name {self.name!r}, "
+                             f"factory {self.factory!r})")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The short name reports show: the registry/package name or the factory's import path."""
+        return self.factory or self.name
+
+    @model_serializer(mode="wrap")
+    def _as_recorded(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # the architecture record: {name, kwargs} (as before factories existed) or {factory, kwargs}
+        tree = handler(self)
+        tree.pop("name" if self.factory is not None else "factory")
+        return tree
 
 
 class TrainSettings(_Strict):
@@ -45,6 +95,11 @@ class TrainSettings(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+    # networks that differ only by seed (compare's Ind runs, the pipeline's two endpoints) in one
+    # batched pass on one device (training/batched.py); false: one after another; auto: batched
+    # on a GPU only (on the CPU a batched step of the demo network costs more than the separate
+    # steps: docs/scale.md). Not a result setting: a folder trained either way is reused either way
+    batched: Literal["auto"] | bool = "auto"
 
 
 class CurveSettings(_Strict):
@@ -100,6 +155,14 @@ class ExportSettings(_Strict):
 class CompareSettings(_Strict):
     budgets: list[int] = Field(default_factory=lambda: [1, 2, 3])
     seeds: int = Field(3, ge=1)
+    # the equal-budget baseline: at kB also m independent networks of kB/m epochs each
+    equal_budget_members: list[int] = Field(default_factory=lambda: [2, 3])
+
+    @model_validator(mode="after")
+    def _members_at_least_two(self) -> CompareSettings:
+        if any(m < 2 for m in self.equal_budget_members):
+            raise ValueError(f"equal_budget_members must be 2 or more networks each, got {self.equal_budget_members}")
+        return self
 
 
 class DistributedSettings(_Strict):
@@ -139,12 +202,15 @@ class Config(_Strict):
 
 
 def _describe(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+    """One line for one problem (the usual case), else a line per field."""
+    problems = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {where}: {msg}")
-    return "\n".join(lines)
+        msg = "unknown field" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {msg}")
+    if len(problems) == 1:
+        return f"invalid config ({source}): {problems[0]}"
+    return "\n".join([f"invalid config ({source}):", *(f"  {p}" for p in problems)])
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from modeconn.training.core import step
+from modeconn.contract import threads as thread_choice
+from modeconn.training.core import progress, step
 from modeconn.training.core.config import ConfigError
 
 # the rank queries live in ranks.py (progress needs them without the rest); re-exported here
@@ -37,10 +38,28 @@ from modeconn.training.core.ranks import (  # noqa: F401
     active,
     is_main,
     launched,
+    layout,
+    layout_line,
     rank,
     rank_from_env,
+    ranks_on_node,
     world_size,
 )
+
+
+def use_threads(side_by_side: int = 1) -> int:
+    """Set this process's torch intra-op (and inter-op) threads to its share of the usable
+    cores among `side_by_side` processes (modeconn/contract/threads.py); returns the count."""
+    return set_threads(thread_choice.threads_per_process(side_by_side))
+
+
+def set_threads(count: int) -> int:
+    """torch's intra-op and inter-op threads of this process: `count` (returned)."""
+    torch.set_num_threads(count)
+    if torch.get_num_interop_threads() != count:
+        with contextlib.suppress(RuntimeError):  # fixed once the inter-op pool has started
+            torch.set_num_interop_threads(count)
+    return count
 
 
 def setup(device: torch.device, backend: str = "auto") -> torch.device:
@@ -70,6 +89,8 @@ def setup(device: torch.device, backend: str = "auto") -> torch.device:
         torch.cuda.set_device(device)
     if not active():
         _init_process_group(backend)
+        # the run's first line says it is one of several processes (and how many, where)
+        progress.log(f"distributed: {layout_line(layout())}, {torch.get_num_threads()} thread(s) per rank")
     return device
 
 
@@ -274,17 +295,25 @@ class Job:
     after: tuple[int, ...] = ()
 
 
-def run_jobs(jobs: list[Job], parallel: int, device: torch.device) -> list[Any]:
-    """Every job's result, in order. `parallel` 1: one after the other, in this process (list
-    the jobs in an order that respects `after`). Otherwise up to `parallel` worker processes,
-    each job on the next GPU in turn when `device` is CUDA; on CPUs each worker gets an equal
-    share of the cores unless OMP_NUM_THREADS says otherwise. Every run seeds itself, so the
-    results do not depend on which process runs it (to float rounding, exactly when the
-    thread count per run is the same)."""
+def run_jobs(jobs: list[Job], parallel: int, device: torch.device, ray: str | None = None) -> list[Any]:
+    """Every job's result, in order. `ray`: each job a task on the Ray cluster at that address
+    (training/core/cluster.py; `parallel` is then Ray's to choose). `parallel` 1: one after the
+    other, in this process (list the jobs in an order that respects `after`). Otherwise up to `parallel` worker processes,
+    each job on the next GPU in turn when `device` is CUDA; on CPUs each worker computes with
+    its share of the usable cores (MODECONN_THREADS or OMP_NUM_THREADS override it) and its
+    idle threads sleep instead of spinning. Every run seeds itself, so the results do not
+    depend on which process runs it (to float rounding, exactly when the thread count per
+    run is the same)."""
+    if ray is not None:
+        from modeconn.training.core.cluster import run_on_ray
+
+        return run_on_ray(jobs, ray, device)
     if parallel == 1:
         return [job.fn(*job.args) for job in jobs]
     gpus = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
-    threads = None if "OMP_NUM_THREADS" in os.environ or gpus else max(1, (os.cpu_count() or 1) // parallel)
+    # spawned workers inherit the environment: set before they load torch's OpenMP runtime
+    thread_choice.wait_passively()
+    side_by_side = 1 if gpus else parallel
     results: dict[int, Any] = {}
     waiting = list(range(len(jobs)))
     started = 0
@@ -296,7 +325,7 @@ def run_jobs(jobs: list[Job], parallel: int, device: torch.device) -> list[Any]:
                     break
                 waiting.remove(i)
                 gpu = gpus[started % len(gpus)] if gpus else None
-                running[pool.submit(_job_entry, jobs[i].fn, jobs[i].args, gpu, threads)] = i
+                running[pool.submit(_job_entry, jobs[i].fn, jobs[i].args, gpu, side_by_side)] = i
                 started += 1
             if not running:
                 raise ValueError(f"jobs {waiting} wait for jobs that never run")
@@ -306,9 +335,8 @@ def run_jobs(jobs: list[Job], parallel: int, device: torch.device) -> list[Any]:
     return [results[i] for i in range(len(jobs))]
 
 
-def _job_entry(fn: Callable[..., Any], args: tuple[Any, ...], gpu: int | None, threads: int | None) -> Any:
+def _job_entry(fn: Callable[..., Any], args: tuple[Any, ...], gpu: int | None, side_by_side: int) -> Any:
     if gpu is not None:
         torch.cuda.set_device(gpu)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    use_threads(side_by_side)
     return fn(*args)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeconn.training.core import distributed, monitor, progress, step
+from modeconn.training.core import distributed, hooks, monitor, progress, step
 from modeconn.training.core.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from modeconn.training.core.config import ConfigError, StepSettings
 from modeconn.training.core.data import Dataset, iterations_per_epoch, train_batches
@@ -259,6 +259,7 @@ def fit(
                         **({"scaler": scaler.state_dict()} if scaler.is_enabled() else {}),
                     },
                 )
+                hooks.hold_point(f"{description.split()[0]}:epoch-{epoch + 1}")  # train:epoch-2, fge:epoch-1
     return rows
 
 

@@ -9,19 +9,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from modeconn.models import ModelSpecError, build_model
 from modeconn.training.core import distributed
-from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint
-from modeconn.training.core.config import Config, ConfigError
+from modeconn.training.core.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_checkpoint_or_weights,
+)
+from modeconn.training.core.config import Config
 from modeconn.training.core.data import Dataset, build_dataset, eval_batches
 from modeconn.training.core.loop import StageRun, resolve_device
 from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.model_source import build_from_record
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
 def architecture_spec(config: Config) -> dict[str, Any]:
-    return {"name": config.model.name, "kwargs": dict(config.model.kwargs)}
+    """The architecture record of the config's model: {name, kwargs} or {factory, kwargs}."""
+    return config.model.model_dump()
 
 
 def dataset_spec(config: Config) -> dict[str, Any]:
@@ -36,11 +41,9 @@ def config_specs(config: Config, data: Dataset) -> tuple[dict[str, Any], dict[st
 
 
 def build_network(architecture: dict[str, Any], num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
-    try:
-        model = build_model(architecture["name"], num_classes=num_classes, **architecture.get("kwargs", {}))
-    except ModelSpecError as err:
-        raise ConfigError(f"model: {err}") from err
-    return model.to(device)
+    """The network an architecture record names (registry, torchvision/timm, or a factory by
+    import path: training/core/model_source.py); every command builds its networks here."""
+    return build_from_record(architecture, num_classes).to(device)
 
 
 def sgd_optimizer(model: nn.Module, settings: Any, lr: float | None = None) -> torch.optim.SGD:
@@ -90,6 +93,23 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     if state.get("kind") == "curve":
         raise CheckpointError(f"{path} is a curve; pick a point with `modeconn curve-point` first")
     return network_from_state(state, path, device).eval(), state
+
+
+def network_state(path: str | Path, config: Config, device: torch.device | str, role: str) -> tuple[dict[str, Any], bool]:
+    """A network to start from (`role`: a curve end, the FGE start) as checkpoint fields, and
+    whether it is a modeconn checkpoint: one as saved, or weights trained elsewhere (a
+    state_dict file read with weights_only=True, or .safetensors) of the config's model on its
+    data, checked to fit that model (else an error naming the file and the first mismatch)."""
+    contents, is_checkpoint = load_checkpoint_or_weights(path, map_location=device)
+    if is_checkpoint:
+        if contents.get("kind") == "curve":
+            raise CheckpointError(f"{path} is a curve, not a network; the {role} must be a network "
+                                  "(pick a point with `modeconn curve-point`)")
+        return contents, True
+    architecture, dataset = config_specs(config, load_data(dataset_spec(config), device))
+    state = {"architecture": architecture, "dataset": dataset, "model": contents}
+    network_from_state(state, path, device)  # the fit check, before any run folder is made
+    return state, False
 
 
 def weights_mismatch(model: nn.Module, weights: dict[str, torch.Tensor]) -> str | None:

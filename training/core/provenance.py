@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from modeconn.training.core import statistics
+from modeconn.training.core import ranks, statistics
 
 
 def cpu_model() -> str:
@@ -46,10 +46,12 @@ def machine() -> dict[str, Any]:
 
 
 def provenance(test_size: int) -> dict[str, Any]:
-    """Machine, date and the statistics' settings, for a result's JSON."""
+    """Machine, date, the processes that computed it (world size, nodes, backend) and the
+    statistics' settings, for a result's JSON."""
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "processes": ranks.layout(),
         "test_size": test_size,
         "bootstrap": {"resamples": statistics.RESAMPLES, "seed": statistics.SEED, "level": statistics.LEVEL},
     }
@@ -59,9 +61,11 @@ def markdown_lines(info: dict[str, Any]) -> list[str]:
     """The provenance as a few markdown bullet lines."""
     m, b = info["machine"], info["bootstrap"]
     load = f", load average {' / '.join(map(str, m['load_average']))}" if m.get("load_average") else ""
+    processes = info.get("processes") or {"world_size": 1}
+    spread = f"; {ranks.layout_line(processes)}" if processes["world_size"] > 1 else ""
     return [
         f"- Machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu'] or 'none'}{load}; "
-        f"torch {m['torch']}, Python {m['python']}.",
+        f"torch {m['torch']}, Python {m['python']}{spread}.",
         f"- Date: {info['date']}.",
         f"- Test set: {info['test_size']:,} examples. Intervals: paired bootstrap over the test examples, "
         f"{b['level'] * 100:g} % percentile interval, {b['resamples']} resamples, seed {b['seed']}; "

@@ -12,6 +12,10 @@ Over seeds (one A and one B per seed, all on the same test set): mean ± std of 
 values, and the interval of the seed-mean difference, which resamples the test examples
 once for all seeds: each resample's statistic is the mean over seeds of the per-example
 differences at the same indices (a test example is one draw; the seeds are not resampled).
+That interval covers test sampling only. `two_level_bootstrap` covers training randomness too:
+each resample draws S seeds with replacement, then n test examples with replacement (the same
+examples for both methods), and averages the per-example differences over both draws
+(docs/evidence.md says which table uses which).
 """
 
 from __future__ import annotations
@@ -115,14 +119,71 @@ def paired_bootstrap(
     return bootstrap_means(d, resamples, seed, level)[0]
 
 
+def two_level_bootstrap(
+    a: np.ndarray, b: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> Interval:
+    """Interval of the seed-mean difference mean(a − b) over per-seed, per-example values
+    [S, n], resampling seeds and test examples. The draws: first all seed indices,
+    `rng.integers(0, S, size=(resamples, S))`, then the example indices of each resample in
+    turn, `rng.integers(0, n, size=n)` (in chunks; the same stream)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"two-level bootstrap needs two [seeds, examples] arrays of one shape, got {a.shape}, {b.shape}")
+    d = a - b
+    seeds, n = d.shape
+    if n == 0 or seeds == 0:
+        raise ValueError("a bootstrap over no seeds or no examples")
+    rng = np.random.default_rng(seed)
+    seed_counts = np.stack([np.bincount(row, minlength=seeds) for row in rng.integers(0, seeds, size=(resamples, seeds))])
+    chunk = max(1, _CHUNK_VALUES // n)
+    means = np.empty(resamples)
+    for start in range(0, resamples, chunk):
+        size = min(chunk, resamples - start)
+        index = rng.integers(0, n, size=(size, n))
+        flat = (index + np.arange(size)[:, None] * n).ravel()
+        counts = np.bincount(flat, minlength=size * n).reshape(size, n).astype(np.float64)
+        per_seed = counts @ d.T / n  # [size, seeds]: each seed's mean over this resample's examples
+        means[start:start + size] = (per_seed * seed_counts[start:start + size]).sum(axis=1) / seeds
+    tail = (1.0 - level) / 2 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail])
+    return Interval(float(d.mean()), float(low), float(high), resamples, seed)
+
+
+def deep_ensemble_equivalent(nll: float, ensemble_nlls: Sequence[float]) -> float:
+    """Deep Ensemble Equivalent (Ashukha et al. 2020): the smallest l ≥ 1 at which an ensemble
+    of l independent full-budget networks reaches `nll`, with `ensemble_nlls[k - 1]` the
+    (calibrated) NLL of k networks and linear interpolation between k and k + 1. 1 when one
+    network already does; inf when even the largest measured ensemble does not."""
+    curve = [float(v) for v in ensemble_nlls]
+    if not curve:
+        raise ValueError("the deep ensemble's NLL curve is empty")
+    if curve[0] <= nll:
+        return 1.0
+    for k in range(1, len(curve)):
+        if curve[k] <= nll:
+            above, below = curve[k - 1], curve[k]
+            return k + (above - nll) / (above - below)
+    return float("inf")
+
+
+def equal_budget_epochs(budget_epochs: int, members: int) -> list[int]:
+    """Epochs of each of `members` independent networks sharing `budget_epochs` in all (as even
+    as whole epochs allow: the first ones take the remainder)."""
+    if members < 1 or budget_epochs < members:
+        raise ValueError(f"{budget_epochs} epochs cannot train {members} networks of at least one epoch")
+    base, extra = divmod(budget_epochs, members)
+    return [base + (1 if k < extra else 0) for k in range(members)]
+
+
 def loss_differences(
-    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], resamples: int = RESAMPLES, seed: int = SEED,
+    keys: Sequence[str] = LOSSES,
 ) -> dict[str, Interval]:
-    """Intervals of A − B for every loss in LOSSES (per-example values [n] or [S, n]), same draws."""
-    d = np.stack([np.asarray(a[k], dtype=np.float64) - np.asarray(b[k], dtype=np.float64) for k in LOSSES])
+    """Intervals of A − B for every loss in `keys` (per-example values [n] or [S, n]), same draws."""
+    d = np.stack([np.asarray(a[k], dtype=np.float64) - np.asarray(b[k], dtype=np.float64) for k in keys])
     if d.ndim == 3:  # [loss, seed, n]: the seed-mean difference
         d = d.mean(axis=1)
-    return dict(zip(LOSSES, bootstrap_means(d, resamples, seed), strict=True))
+    return dict(zip(keys, bootstrap_means(d, resamples, seed), strict=True))
 
 
 def compare_probs(
@@ -143,8 +204,8 @@ def intervals_json(intervals: Mapping[str, Interval]) -> dict[str, dict[str, flo
     return {k: v.as_dict() for k, v in intervals.items()}
 
 
-DIGITS = {"error": 2, "nll": 4, "brier": 4}
-LABELS = {"error": "error (pp)", "nll": "NLL", "brier": "Brier"}
+DIGITS = {"error": 2, "nll": 4, "brier": 4, "cnll": 4}
+LABELS = {"error": "error (pp)", "nll": "NLL", "brier": "Brier", "cnll": "calibrated NLL"}
 
 
 def differences_text(intervals: Mapping[str, Interval]) -> str:

@@ -239,18 +239,18 @@ def _csv(results: dict[str, list]) -> str:
 def _plot(results: dict[str, list], endpoint_ensemble_error: float, curve_type: str) -> bytes:
     plt = pyplot()
     ts = [r["t"] for r in results["curve"]]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     for ax, key, title in ((axes[0], "test_error", "test error (%)"), (axes[1], "train_loss", "train loss")):
         ax.plot(ts, [r[key] for r in results["curve"]], label=f"{curve_type} curve", lw=2)
         ax.plot(ts, [r[key] for r in results["line"]], label="straight line", lw=2, ls="--")
         ax.plot(ts, [r[key] for r in results["aligned_line"]], label="straight line after alignment", lw=2, ls="-.")
         ax.set(xlabel="t", title=title)
-        ax.legend()
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
     axes[1].set_yscale("log")
     axes[2].plot(ts, [r["ensemble_test_error"] for r in results["curve"]], label="ensemble of w0 and φ(t)", lw=2)
     axes[2].axhline(endpoint_ensemble_error, color="k", ls=":", label="ensemble of the two endpoints")
     axes[2].set(xlabel="t", title="ensemble test error (%)")
-    axes[2].legend()
+    axes[2].legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=8, frameon=False)
     fig.tight_layout()
     return png_bytes(fig)
 

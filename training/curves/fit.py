@@ -23,18 +23,22 @@ from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, 
 from modeconn.training.core.config import Config, ConfigError, CurveSettings
 from modeconn.training.core.data import Dataset
 from modeconn.training.core.loop import FitPlan, StageRun, fit
-from modeconn.training.core.networks import build_network, load_data, stage_device, stage_run
+from modeconn.training.core.networks import (
+    build_network,
+    load_data,
+    network_state,
+    stage_device,
+    stage_run,
+)
 from modeconn.training.core.runs import prepare_run_dir
 from modeconn.training.core.schedules import paper_learning_rate
 from modeconn.training.core.sources import check_same_network
 from modeconn.training.curves.model import CurveModel
 
 
-def _endpoint(path: Path) -> dict[str, Any]:
-    state = load_checkpoint(path)
-    if state.get("kind") == "curve":
-        raise CheckpointError(f"{path} is a curve, not a network; endpoints must be networks")
-    return state
+def _endpoint(path: Path, config: Config) -> dict[str, Any]:
+    """A curve end: a network checkpoint, or weights trained elsewhere of the config's model."""
+    return network_state(path, config, "cpu", "curve end")[0]
 
 
 def _aligned_end(w0: dict[str, Any], w1: dict[str, Any], start: Path, end: Path, run_dir: Path) -> dict[str, Any]:
@@ -98,10 +102,10 @@ def fit_curve(
     """`modeconn curve`: the two checkpoints' curve trained by `train_curve`, saved as RUN/final.pt."""
     final_path = run_dir / "final.pt"
     device = stage_device(config)
-    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)
     started = time.perf_counter()
-    w0, w1 = _endpoint(start), _endpoint(end)
+    w0, w1 = _endpoint(start, config), _endpoint(end, config)
     check_same_network([(start, w0), (end, w1)], CheckpointError)
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)  # after the ends load
     started_before = final_path.exists() or any((run_dir / "checkpoints").glob("epoch-*.pt"))
     if resume and started_before and (run_dir / "aligned-end.pt").exists() != align:
         raise ConfigError(f"{run_dir} holds a curve fitted {'without' if align else 'with'} --align; "

@@ -341,6 +341,9 @@ def _plot(xs: np.ndarray, ys: np.ndarray, grids: dict[str, np.ndarray], coords: 
         ax.set(title=title, xlabel="u (distance in weight space)", ylabel="v (distance in weight space)")
         ax.set_aspect("equal")
         ax.legend(loc="upper left", bbox_to_anchor=(1.18, 1.0), fontsize=8, facecolor="0.55", framealpha=1)
-    fig.suptitle(f"plane through {source.description}", fontsize=9)
+    # names, not machine paths: the figure goes into reports and READMEs
+    through = (f"the {source.curve.curve} curve's w0, θ and w1" if source.curve is not None
+               else ", ".join(f"{Path(p).parent.name}/{Path(p).name}" for p in source.labels))
+    fig.suptitle(f"plane through {through}", fontsize=9)
     fig.tight_layout()
     return png_bytes(fig)

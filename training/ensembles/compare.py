@@ -8,11 +8,20 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
 - SSE at kB: one SSE run of KB epochs; its snapshots whose cycle ends inside the first kB epochs.
 - SWA at kB: one network, the average of the same FGE snapshots as FGE at kB, BN recomputed
   (training/ensembles/swa.py; no training: an averaging and one BN pass per budget).
-So a seed trains K + (K - 0.8) + K budgets (8.2 B for K = 3).
+- Ind m=M at kB (compare.equal_budget_members): the equal-budget ensemble, M independent networks
+  of kB/M epochs each on the same schedule shape; Ind m* is the one of {Ind, Ind m=M...} with the
+  lowest calibrated validation NLL at that budget (mean over seeds), chosen on validation only.
+So a seed trains K + (K - 0.8) + K budgets, plus the equal-budget networks.
 
-Statistics (training/core/statistics.py): every metric as mean ± std over seeds, and paired bootstrap
-95 % intervals over the test examples of FGE − Ind, FGE − SSE, FGE − single network (the
-first Ind network), SWA − single network and SWA − FGE at each budget, per seed and for the seed mean. Written to compare.md
+Calibrated NLL (the temperature fitted on validation, Ashukha et al. 2020) is the headline metric;
+the Deep Ensemble Equivalent of each method is the interpolated number of full-budget Ind
+networks whose ensemble reaches its calibrated NLL.
+
+Statistics (training/core/statistics.py): every metric as mean ± std over seeds, and 95 % intervals
+of FGE − Ind, FGE − Ind m*, FGE − SSE, FGE − single network (the first Ind network), SWA − single
+network and SWA − FGE at each budget: per seed and for the seed mean over test examples (paired
+bootstrap: test sampling only), and for the seed mean over seeds and test examples (two-level
+bootstrap: training randomness too). Written to compare.md
 (with machine, date and test-set size), compare.csv (per-seed metrics), compare_differences.csv
 and compare.json.
 
@@ -20,10 +29,13 @@ Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is sk
 finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
 made with other settings (its config.yaml) is refused, naming the folder to delete.
 `--jobs N` runs N sub-runs side by side (an FGE run after its Ind run), with the same results.
+With `train.batched` (auto: on a GPU) every seed's Ind networks train in one batched pass
+(training/batched.py), the FGE runs after it; each network equals its separate run to float rounding.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +44,7 @@ import numpy as np
 import torch
 import yaml
 
+from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
 from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text
 from modeconn.training.core.config import Config, ConfigError
@@ -43,7 +56,11 @@ from modeconn.training.core.networks import dataset_spec, load_data, predict_pro
 from modeconn.training.core.reports import csv_text
 from modeconn.training.core.runs import RunDirError, claim_folder
 from modeconn.training.core.schedules import even_cycle_iterations
-from modeconn.training.ensembles.calibration import calibrated_columns, calibration_report
+from modeconn.training.ensembles.calibration import (
+    calibrate,
+    calibrated_columns,
+    calibration_report,
+)
 from modeconn.training.ensembles.evaluate import (
     ensemble_probs,
     expand_members,
@@ -57,11 +74,15 @@ from modeconn.training.ensembles.swa import swa_network
 from modeconn.training.train import fge_start_epoch, train_or_reuse
 
 METHODS = ("Ind", "SSE", "FGE", "SWA")
-# seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50
-_SEED_STRIDE, _SSE_OFFSET = 100, 50
+CHOSEN = "Ind m*"  # the equal-budget ensemble validation prefers
+# seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50, the equal-budget
+# network j of M: config.seed + 100 s + 60 + 10 (M - 2) + j
+_SEED_STRIDE, _SSE_OFFSET, _EQUAL_OFFSET = 100, 50, 60
 # the config sections that shape each kind of sub-run (FGE starts from an Ind run: train too)
 _SHAPED_BY = {"ind": ("seed", "data", "model", "train"), "fge": ("seed", "data", "model", "train", "fge"),
               "sse": ("seed", "data", "model", "sse")}
+# fields that change how a sub-run is executed, not its settings: a folder is reused across them
+_HOW_ONLY = {"train": ("batched",)}
 
 
 def _variant(config: Config, seed: int, **sections: dict[str, Any]) -> Config:
@@ -83,12 +104,19 @@ def _check_reusable(run_dir: Path, config: Config, sections: tuple[str, ...]) ->
     if not path.is_file():
         return
     saved, current = yaml.safe_load(path.read_text()) or {}, config.model_dump()
-    changed = [k for k in sections if saved.get(k) != current[k]]
+    changed = [k for k in sections if _shaping(saved.get(k), k) != _shaping(current[k], k)]
     if changed:
         raise RunDirError(
             f"{run_dir} was made with other {', '.join(changed)} settings; delete it to redo it with the "
             "current ones, or pass --force to start the whole comparison over"
         )
+
+
+def _shaping(section: Any, name: str) -> Any:
+    """A config section without the fields that say how a run is executed, not what it computes."""
+    if isinstance(section, dict):
+        return {k: v for k, v in section.items() if k not in _HOW_ONLY.get(name, ())}
+    return section
 
 
 def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
@@ -126,19 +154,52 @@ def _sse_run(config: Config, run_dir: Path) -> None:
         run_sse(config, run_dir, resume=True)
 
 
-def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, first: int) -> list[Job]:
-    """K Ind runs, then one FGE run from the first Ind run's fge_start_epoch checkpoint (long
-    enough for K budgets), then one SSE run; `first` is the index of this seed's first job.
-    Each folder is checked here, before anything runs."""
-    jobs = []
+def _ind_runs(config: Config, seed_dir: Path, largest: int, base_seed: int) -> list[tuple[Config, Path]]:
+    """The seed's K Ind runs (config, folder), each folder checked here, before anything runs."""
+    runs = []
     for j in range(largest):
         run_dir, run_config = seed_dir / f"ind-{j}", _variant(config, base_seed + j)
         _check_reusable(run_dir, run_config, _SHAPED_BY["ind"])
-        jobs.append(Job(train_or_reuse, (run_config, run_dir)))
+        runs.append((run_config, run_dir))
+    return runs
+
+
+def equal_method(members: int) -> str:
+    return f"Ind m={members}"
+
+
+def _equal_runs(config: Config, seed_dir: Path, budgets: list[int], base_seed: int
+                ) -> dict[tuple[str, int], list[tuple[Config, Path]]]:
+    """(method, k) -> the M networks of kB/M epochs each (budgets where M networks fit)."""
+    runs: dict[tuple[str, int], list[tuple[Config, Path]]] = {}
+    for members in sorted(set(config.compare.equal_budget_members)):
+        if members > _SEED_STRIDE - _EQUAL_OFFSET - 10 * (members - 2) or members > 9:
+            raise ConfigError(f"compare.equal_budget_members: at most 9 networks, got {members}")
+        for k in budgets:
+            if k * config.train.epochs < members:
+                continue  # fewer epochs than networks: no such ensemble at this budget
+            group = []
+            for j, epochs in enumerate(statistics.equal_budget_epochs(k * config.train.epochs, members)):
+                run_dir = seed_dir / f"eq-{k}B-m{members}-{j}"
+                run_config = _variant(config, base_seed + _EQUAL_OFFSET + 10 * (members - 2) + j, train={"epochs": epochs})
+                _check_reusable(run_dir, run_config, _SHAPED_BY["ind"])
+                group.append((run_config, run_dir))
+            runs[equal_method(members), k] = group
+    return runs
+
+
+def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, first: int,
+               ind_job: int | None = None) -> list[Job]:
+    """K Ind runs, then one FGE run from the first Ind run's fge_start_epoch checkpoint (long
+    enough for K budgets), then one SSE run; `first` is the index of this seed's first job.
+    `ind_job`: the index of the one job that trains every seed's Ind runs in one batched pass
+    (then this seed lists no Ind jobs of its own). Each folder is checked here, before anything runs."""
+    inds = [] if ind_job is not None else _ind_runs(config, seed_dir, largest, base_seed)
+    jobs = [Job(train_or_reuse, run) for run in inds]
     fge_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
     _check_reusable(seed_dir / "fge", fge_config, _SHAPED_BY["fge"])
     start = checkpoint_path(seed_dir / "ind-0", fge_start_epoch(config))
-    jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first,)))
+    jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first if ind_job is None else ind_job,)))
     sse_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
     _check_reusable(seed_dir / "sse", sse_config, _SHAPED_BY["sse"])
     jobs.append(Job(_sse_run, (sse_config, seed_dir / "sse")))
@@ -148,8 +209,11 @@ def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, fir
 # ---------------------------------------------------------------- evaluation
 # the differences that matter (the paper's table): FGE against each baseline at the same budget;
 # and SWA, the one network from the same snapshots, against the single network and against FGE
-COMPARISONS = (("FGE - Ind", "FGE", "Ind"), ("FGE - SSE", "FGE", "SSE"), ("FGE - single network", "FGE", "single"),
-               ("SWA - single network", "SWA", "single"), ("SWA - FGE", "SWA", "FGE"))
+COMPARISONS = (("FGE - Ind", "FGE", "Ind"), ("FGE - Ind m*", "FGE", CHOSEN), ("FGE - SSE", "FGE", "SSE"),
+               ("FGE - single network", "FGE", "single"), ("SWA - single network", "SWA", "single"),
+               ("SWA - FGE", "SWA", "FGE"))
+# calibrated NLL first: the headline metric
+KEYS = ("cnll", *statistics.LOSSES)
 Losses = dict[str, np.ndarray]  # statistics.LOSSES -> per-example values on the test set
 
 
@@ -159,10 +223,12 @@ def _snapshots_within(states: list[dict[str, Any]], iterations: int) -> int:
 
 
 def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse_dir: Path,
-               budgets: list[int], data: Dataset, device: torch.device
+               budgets: list[int], data: Dataset, device: torch.device,
+               equal: dict[tuple[str, int], list[tuple[Config, Path]]] | None = None,
                ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], Losses]]:
     """The seed's metric rows, and the per-example test losses of every (method, k) and of
-    ("single", k): the first Ind network alone (FGE's starting run), the same at every k."""
+    ("single", k): the first Ind network alone (FGE's starting run), the same at every k.
+    Rows of method "Ind curve" hold the ensembles of the first j Ind networks (for the DEE)."""
     epochs, start = config.train.epochs, fge_start_epoch(config)
     fge_steps = iterations_per_epoch(data, config.fge.batch_size)
     sse_steps = iterations_per_epoch(data, config.sse.batch_size)
@@ -170,7 +236,8 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
     fge = predict_members(expand_members([fge_dir]), device, data)
     sse = predict_members(expand_members([sse_dir]), device, data)
     members = {"Ind": ind, "FGE": fge, "SSE": sse}
-    single = statistics.per_example_losses(ind.probs[0], data.y_test)
+    _, single = _row("single", 1, seed, 1, ind.probs[0], None if ind.val_probs is None else ind.val_probs[0],
+                     config, data)
     rows, losses = [], {}
     for k in budgets:
         counts = {
@@ -190,20 +257,35 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
         # SWA: one network from the same snapshots as FGE at this budget (cheap: no training)
         rows.append(_swa_row(fge.paths[:counts["FGE"]], k, seed, config, data, device, losses))
         losses["single", k] = single
+    for (method, k), group in (equal or {}).items():
+        chosen = predict_members([d / "final.pt" for _, d in group], device, data)
+        val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs)
+        row, losses[method, k] = _row(method, k, seed, len(group), ensemble_probs(chosen.probs), val, config, data)
+        rows.append(row)
+    if ind.val_probs is not None:  # the deep ensemble's calibrated NLL curve: 1, 2, ... full-budget networks
+        for j in range(1, len(finals) + 1):
+            row, _ = _row("Ind curve", j, seed, j, ensemble_probs(ind.probs[:j]), ensemble_probs(ind.val_probs[:j]),
+                          config, data)
+            rows.append(row)
     return rows, losses
 
 
 def _row(method: str, k: int, seed: int, members: int, probs: torch.Tensor, val_probs: torch.Tensor | None,
          config: Config, data: Dataset) -> tuple[dict[str, Any], Losses]:
-    """A metric row of compare.csv and the per-example test losses of `probs`."""
-    val, calibrated = {}, {}
+    """A metric row of compare.csv and the per-example test losses of `probs` (with "cnll": the
+    NLL at the temperature fitted on validation; the raw NLL without a validation split)."""
+    val, calibrated, scaled = {}, {}, probs
     if val_probs is not None:
         val = split_prefixed(classification_metrics(val_probs, data.y_val), "val")
         # Ashukha et al. 2020: compare ensembles at their best temperature (fitted on validation)
-        calibrated = calibrated_columns(calibration_report(val_probs, data.y_val, probs, data.y_test))
+        report = calibration_report(val_probs, data.y_val, probs, data.y_test)
+        calibrated = {**calibrated_columns(report), "calibrated_val_nll": report["calibrated_val_nll"]}
+        scaled = calibrate(probs, report["temperature"])
     row = {"method": method, "k": k, "budget_epochs": k * config.train.epochs, "seed": seed, "members": members,
            **val, **split_prefixed(classification_metrics(probs, data.y_test)), **calibrated}
-    return row, statistics.per_example_losses(probs, data.y_test)
+    losses = statistics.per_example_losses(probs, data.y_test)
+    losses["cnll"] = statistics.per_example_losses(scaled, data.y_test)["nll"]
+    return row, losses
 
 
 def _swa_row(snapshots: list[Path], k: int, seed: int, config: Config, data: Dataset, device: torch.device,
@@ -216,109 +298,212 @@ def _swa_row(snapshots: list[Path], k: int, seed: int, config: Config, data: Dat
     return row
 
 
+def _methods(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods of the table in their order: Ind, its equal-budget ensembles, Ind m*, the rest."""
+    present = {r["method"] for r in rows}
+    equal = sorted((m for m in present if m.startswith("Ind m=")), key=lambda m: int(m.split("=")[1]))
+    return [m for m in ("Ind", *equal, CHOSEN, "SSE", "FGE", "SWA") if m in present]
+
+
 def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict[int, dict[str, float]]]:
-    """Per method and budget: mean and std over seeds of each test metric."""
+    """Per method and budget: mean and std over seeds of each test metric (cells a method has)."""
     table: dict[str, dict[int, dict[str, float]]] = {}
-    for method in METHODS:
-        for k in budgets:
+    for method in [*_methods(rows), "Ind curve"]:
+        for k in sorted({r["k"] for r in rows if r["method"] == method}):
             cell = [r for r in rows if r["method"] == method and r["k"] == k]
             entry: dict[str, float] = {}
             metrics = [("test", m) for m in ("error", "nll", "ece", "brier")]
             if "val_nll" in cell[0]:
-                metrics += [("val", "error"), ("val", "nll"), ("calibrated_test", "nll")]
+                metrics += [("val", "error"), ("val", "nll"), ("calibrated_test", "nll"), ("calibrated_val", "nll")]
             for split, metric in metrics:
                 spread = statistics.mean_std([r[f"{split}_{metric}"] for r in cell])
                 entry[f"{split}_{metric}_mean"], entry[f"{split}_{metric}_std"] = spread["mean"], spread["std"]
             entry["members"] = statistics.mean_std([r["members"] for r in cell])["mean"]
             entry["seeds"] = len(cell)
+            if "chosen" in cell[0]:
+                entry["chosen"] = cell[0]["chosen"]
             table.setdefault(method, {})[k] = entry
     return table
 
 
+def _choose_equal_budget(rows: list[dict[str, Any]], losses: list[dict[tuple[str, int], Losses]],
+                         budgets: list[int]) -> list[dict[str, Any]]:
+    """Ind m*: at each budget, of Ind and the equal-budget ensembles, the one with the lowest
+    calibrated validation NLL (mean over seeds); its rows and losses again under CHOSEN."""
+    chosen_rows = []
+    for k in budgets:
+        candidates = {}
+        for method in ("Ind", *(m for m in _methods(rows) if m.startswith("Ind m="))):
+            cell = [r for r in rows if r["method"] == method and r["k"] == k]
+            key = "calibrated_val_nll" if cell and "calibrated_val_nll" in cell[0] else "val_nll"
+            if cell and key in cell[0]:
+                candidates[method] = statistics.mean_std([r[key] for r in cell])["mean"]
+        if not candidates:
+            continue  # no validation split: nothing to choose on
+        best = min(candidates, key=candidates.__getitem__)
+        for r in rows:
+            if r["method"] == best and r["k"] == k:
+                chosen_rows.append({**r, "method": CHOSEN, "chosen": best})
+        for seed_losses in losses:
+            seed_losses[CHOSEN, k] = seed_losses[best, k]
+    return chosen_rows
+
+
 def _differences(losses: list[dict[tuple[str, int], Losses]], budgets: list[int]) -> dict[str, dict[str, Any]]:
     """For each comparison and budget: every seed's interval, mean ± std of the per-seed
-    differences, and the interval of the seed-mean difference (test examples resampled once
-    for all seeds; see training/core/statistics.py)."""
+    differences, the interval of the seed-mean difference over test examples (resampled once for
+    all seeds) and, with two seeds or more, over seeds and test examples (two-level bootstrap)."""
     out: dict[str, dict[str, Any]] = {}
     for name, method, baseline in COMPARISONS:
         for k in budgets:
-            fge = [seed_losses[method, k] for seed_losses in losses]
+            if any((method, k) not in s or (baseline, k) not in s for s in losses):
+                continue
+            first = [seed_losses[method, k] for seed_losses in losses]
             base = [seed_losses[baseline, k] for seed_losses in losses]
-            per_seed = [statistics.loss_differences(a, b) for a, b in zip(fge, base, strict=True)]
-            stacked = {m: np.stack([a[m] for a in fge]) for m in statistics.LOSSES}
-            seed_mean = statistics.loss_differences(stacked, {m: np.stack([b[m] for b in base]) for m in statistics.LOSSES})
+            per_seed = [statistics.loss_differences(a, b, keys=KEYS) for a, b in zip(first, base, strict=True)]
+            stacked_a = {m: np.stack([a[m] for a in first]) for m in KEYS}
+            stacked_b = {m: np.stack([b[m] for b in base]) for m in KEYS}
+            seed_mean = statistics.loss_differences(stacked_a, stacked_b, keys=KEYS)
+            two_level = ({m: statistics.two_level_bootstrap(stacked_a[m], stacked_b[m]) for m in KEYS}
+                         if len(losses) > 1 else None)
             out.setdefault(name, {})[f"{k}B"] = {
                 "seed_mean": statistics.intervals_json(seed_mean),
-                "over_seeds": {m: statistics.mean_std([d[m].mean for d in per_seed]) for m in statistics.LOSSES},
+                "seeds_and_examples": statistics.intervals_json(two_level) if two_level else None,
+                "over_seeds": {m: statistics.mean_std([d[m].mean for d in per_seed]) for m in KEYS},
                 "per_seed": [statistics.intervals_json(d) for d in per_seed],
             }
     return out
 
 
-def _cell(interval: dict[str, Any], metric: str) -> str:
-    """`diff [low, high]`, starred when the interval excludes 0."""
+def _deep_ensemble_equivalents(table: dict[str, dict[int, dict[str, float]]]) -> dict[str, dict[int, float]]:
+    """Per method and budget: the DEE of its mean calibrated test NLL against the Ind curve
+    (ensembles of 1, 2, ... full-budget networks, mean over seeds)."""
+    curve_cells = table.get("Ind curve", {})
+    if not curve_cells or "calibrated_test_nll_mean" not in next(iter(curve_cells.values())):
+        return {}
+    curve = [curve_cells[j]["calibrated_test_nll_mean"] for j in sorted(curve_cells)]
+    return {method: {k: statistics.deep_ensemble_equivalent(cell["calibrated_test_nll_mean"], curve)
+                     for k, cell in cells.items()}
+            for method, cells in table.items() if method != "Ind curve"}
+
+
+def _cell(interval: dict[str, Any], metric: str, two_level: dict[str, Any] | None = None) -> str:
+    """`diff [low, high]` (test sampling), then `⟨low, high⟩` (seeds and test sampling) when given;
+    starred when the widest interval given excludes 0."""
     text = statistics.Interval(**interval).text(statistics.DIGITS[metric])
-    return text + (" *" if interval["low"] > 0 or interval["high"] < 0 else "")
+    widest = interval
+    if two_level is not None:
+        digits = statistics.DIGITS[metric]
+        text += f" ⟨{two_level['low']:+.{digits}f}, {two_level['high']:+.{digits}f}⟩"
+        widest = two_level
+    return text + (" *" if widest["low"] > 0 or widest["high"] < 0 else "")
+
+
+def _verdict(name: str, k: int, metric: str, cell: dict[str, Any]) -> str | None:
+    """One sentence of what a difference shows, from its widest interval; None when it shows nothing."""
+    interval = cell["seeds_and_examples"][metric] if cell["seeds_and_examples"] else cell["seed_mean"][metric]
+    first, second = name.split(" - ")
+    covers = "seeds and test examples" if cell["seeds_and_examples"] else "test examples only"
+    digits = statistics.DIGITS[metric]
+    span = f"{interval['mean']:+.{digits}f} [{interval['low']:+.{digits}f}, {interval['high']:+.{digits}f}]"
+    if interval["high"] < 0:
+        return f"{first} is better than {second} at {k}B in {statistics.LABELS[metric]}: {span} ({covers})."
+    if interval["low"] > 0:
+        return f"**{second} is better than {first}** at {k}B in {statistics.LABELS[metric]}: {span} ({covers})."
+    return None
 
 
 def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], differences: dict[str, dict[str, Any]],
-              budgets: list[int], seeds: int, info: dict[str, Any]) -> str:
+              budgets: list[int], seeds: int, info: dict[str, Any], dee: dict[str, dict[int, float]]) -> str:
     epochs, start = config.train.epochs, fge_start_epoch(config)
     columns = " | ".join(f"{k}B ({k * epochs} ep)" for k in budgets)
     rule = "|---|---|" + "---|" * len(budgets)
     lines = [
-        f"**Budget comparison: {config.model.name} on {config.data.name}** (config `{config.name}`)",
+        f"**Budget comparison: {config.model.label} on {config.data.name}** (config `{config.name}`)",
         "",
         *provenance.markdown_lines(info),
         "",
-        f"B = {epochs} epochs. Ensemble test metrics (SWA: one network), mean ± std over {seeds} seed(s); ensemble "
-        "size (SWA: snapshots averaged) in brackets.",
+        f"B = {epochs} epochs. Ensemble test metrics (SWA: one network), mean ± std over {seeds} seed(s). The headline "
+        "is the calibrated NLL (each ensemble at its temperature fitted on validation); DEE: how many full-budget "
+        "independent networks give the same calibrated NLL (interpolated; ∞: more than the largest Ind ensemble). "
+        "Ensemble size (SWA: snapshots averaged; Ind m*: the ensemble validation chose) in brackets.",
         "",
         f"| method | metric | {columns} |",
         rule,
     ]
-    for method in METHODS:
-        cells = [table[method][k] for k in budgets]
-        rows = [("test_error", "error %", 2), ("test_nll", "NLL", 4), ("calibrated_test_nll", "calibrated NLL", 4),
-                ("test_brier", "Brier", 4), ("test_ece", "ECE", 4)]
+    for method in [m for m in table if m != "Ind curve"]:
+        cells = [table[method].get(k) for k in budgets]
+        rows = [("calibrated_test_nll", "calibrated NLL", 4), ("dee", "DEE", 2), ("test_error", "error %", 2),
+                ("test_nll", "NLL", 4), ("test_brier", "Brier", 4), ("test_ece", "ECE", 4)]
         for key, label, digits in rows:
-            if f"{key}_mean" not in cells[0]:
-                continue  # no validation split: nothing to fit a temperature on
-            values = " | ".join(f"{c[f'{key}_mean']:.{digits}f} ± {c[f'{key}_std']:.{digits}f}"
-                                + (f" [{c['members']:g}]" if key == "test_error" else "") for c in cells)
-            lines.append(f"| {method} | {label} | {values} |")
+            values = []
+            for k, c in zip(budgets, cells, strict=True):
+                if c is None:
+                    values.append("—")
+                elif key == "dee":
+                    value = dee.get(method, {}).get(k)
+                    values.append("—" if value is None else "∞" if math.isinf(value) else f"{value:.{digits}f}")
+                elif f"{key}_mean" not in c:
+                    values.append("—")  # no validation split: nothing to fit a temperature on
+                else:
+                    bracket = f" [{c['chosen']}]" if "chosen" in c else f" [{c['members']:g}]"
+                    values.append(f"{c[f'{key}_mean']:.{digits}f} ± {c[f'{key}_std']:.{digits}f}"
+                                  + (bracket if key == "test_error" else ""))
+            if any(v != "—" for v in values):
+                lines.append(f"| {method} | {label} | {' | '.join(values)} |")
+    two = seeds > 1
     lines += [
         "",
         f"Differences, the first minus the second at the same budget (negative: the first lower), on the {info['test_size']:,} "
-        "test examples: `diff [low, high]` is the seed-mean difference with its 95 % paired bootstrap interval "
-        "(the test examples resampled once for all seeds); * marks an interval that excludes 0.",
+        "test examples: `diff [low, high]` is the seed-mean difference with its 95 % paired bootstrap interval over the "
+        "test examples only (resampled once for all seeds)"
+        + ("; `⟨low, high⟩` is the 95 % two-level bootstrap interval over seeds and test examples, which also covers "
+           "training randomness" if two else "; with one seed no interval covers training randomness")
+        + ". * marks a difference whose widest interval excludes 0.",
         "",
         f"| comparison | metric | {columns} |",
         rule,
     ]
     for name, *_ in COMPARISONS:
-        for metric in statistics.LOSSES:
-            cells = [_cell(differences[name][f"{k}B"]["seed_mean"][metric], metric) for k in budgets]
+        if name not in differences:
+            continue
+        for metric in KEYS:
+            cells = []
+            for k in budgets:
+                cell = differences[name].get(f"{k}B")
+                cells.append("—" if cell is None else _cell(cell["seed_mean"][metric], metric,
+                                                            (cell["seeds_and_examples"] or {}).get(metric)))
             lines.append(f"| {name.replace(' - ', ' − ')} | {statistics.LABELS[metric]} | {' | '.join(cells)} |")
+    verdicts = [v for name in ("FGE - Ind m*", "FGE - Ind", "FGE - SSE", "FGE - single network", "SWA - FGE")
+                if name in differences for k in budgets if f"{k}B" in differences[name]
+                for metric in ("cnll", "error") if (v := _verdict(name, k, metric, differences[name][f"{k}B"]))]
+    lines += ["", "What the table shows (generated from the intervals above; a difference whose interval "
+              "includes 0 is not listed):", ""]
+    lines += [f"- {v}" for v in verdicts] or ["- no difference between the methods is shown at this size."]
     lines += [
         "",
-        "Per seed: mean ± std over seeds of the per-seed differences, then each seed's own interval.",
+        "Per seed: mean ± std over seeds of the per-seed differences, then each seed's own interval (test examples only).",
         "",
         "| comparison | metric | budget | mean ± std | " + " | ".join(f"seed {s}" for s in range(seeds)) + " |",
         "|---|---|---|---|" + "---|" * seeds,
     ]
     for name, *_ in COMPARISONS:
-        for metric in statistics.LOSSES:
+        for metric in KEYS:
             digits = statistics.DIGITS[metric]
             for k in budgets:
-                cell = differences[name][f"{k}B"]
+                cell = differences.get(name, {}).get(f"{k}B")
+                if cell is None:
+                    continue
                 spread = cell["over_seeds"][metric]
                 per_seed = " | ".join(_cell(d[metric], metric) for d in cell["per_seed"])
                 lines.append(f"| {name.replace(' - ', ' − ')} | {statistics.LABELS[metric]} | {k}B | "
                              f"{spread['mean']:+.{digits}f} ± {spread['std']:.{digits}f} | {per_seed} |")
+    members = ", ".join(str(m) for m in sorted(set(config.compare.equal_budget_members)))
     lines += [
         "",
         f"- Ind at kB: k independently trained networks of {epochs} epochs (train.lr {config.train.lr}).",
+        f"- Ind m=M at kB (M = {members}): M independent networks of kB/M epochs each, the same schedule shape "
+        "(the equal-budget ensemble); Ind m*: of Ind and these, the lowest calibrated validation NLL at that budget.",
         f"- FGE at kB: the first Ind network's epoch-{start} checkpoint (momentum kept), then kB − {start} FGE epochs "
         f"(cycle {config.fge.cycle_epochs} epochs, lr1 {config.fge.lr1}, lr2 {config.fge.lr2}).",
         f"- SSE at kB: the first kB epochs of one SSE run from scratch (cycle {config.sse.cycle_epochs} epochs, "
@@ -330,29 +515,32 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
-              "test_error", "test_nll", "test_ece", "test_brier", "temperature", "calibrated_test_nll",
-              "calibrated_test_ece", "calibrated_test_brier"]
+    header = ["method", "chosen", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
+              "calibrated_val_nll", "test_error", "test_nll", "test_ece", "test_brier", "temperature",
+              "calibrated_test_nll", "calibrated_test_ece", "calibrated_test_brier"]
     return csv_text(header, rows)
 
 
 def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
-    """One row per comparison, budget, metric and seed ("mean" for the seed-mean difference)."""
+    """One row per comparison, budget, metric and seed ("mean": the seed-mean difference over test
+    examples; "seeds and examples": its two-level interval)."""
     header = ["comparison", "budget", "metric", "seed", "diff", "low", "high", "resamples", "bootstrap_seed"]
     return csv_text(header, (
         [name, budget, metric, seed, d[metric]["mean"], d[metric]["low"], d[metric]["high"], d[metric]["resamples"],
          d[metric]["seed"]]
         for name, cells in differences.items()
         for budget, cell in cells.items()
-        for metric in statistics.LOSSES
-        for seed, d in [*enumerate(cell["per_seed"]), ("mean", cell["seed_mean"])]
+        for metric in KEYS
+        for seed, d in [*enumerate(cell["per_seed"]), ("mean", cell["seed_mean"]),
+                        *([("seeds and examples", cell["seeds_and_examples"])] if cell["seeds_and_examples"] else [])]
     ))
 
 
-def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1) -> dict[str, Any]:
-    """Train (or reuse) every sub-run, `jobs_at_once` side by side (training/core/distributed.py
-    `run_jobs`; the same results as one after the other), then write compare.md and
-    compare.csv into `run_dir`."""
+def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1,
+                    ray: str | None = None) -> dict[str, Any]:
+    """Train (or reuse) every sub-run, `jobs_at_once` side by side, or each a task on the Ray
+    cluster at `ray` (training/core/distributed.py `run_jobs`; the same results as one after
+    the other), then write compare.md and compare.csv into `run_dir`."""
     started = time.perf_counter()
     claim_folder(run_dir, "compare", force=force, container=True)  # --force deletes only the comparison's own files
     device = resolve_device(config.device)
@@ -361,26 +549,43 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
                              iterations_per_epoch(data, config.sse.batch_size))
     largest, seeds = budgets[-1], config.compare.seeds
     seed_dirs = [run_dir / f"seed-{s}" for s in range(seeds)]
-    jobs: list[Job] = []
-    for s, seed_dir in enumerate(seed_dirs):
-        jobs += _seed_jobs(config, seed_dir, largest, config.seed + _SEED_STRIDE * s, len(jobs))
-    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {jobs_at_once} at a time[/bold] ({run_dir})")
-    run_jobs(jobs, jobs_at_once, device)
+    base_seeds = [config.seed + _SEED_STRIDE * s for s in range(seeds)]
+    inds = [run for d, b in zip(seed_dirs, base_seeds, strict=True) for run in _ind_runs(config, d, largest, b)]
+    # every seed's Ind networks in one batched pass (training/batched.py), when they can be
+    blocker = batching_blocker([c for c, _ in inds]) if wants_batching(config) else "train.batched"
+    batched = blocker is None
+    if config.train.batched is True and blocker is not None and len(inds) > 1:
+        progress.log(f"[dim]compare: the Ind networks one after another ({blocker})[/dim]")
+    jobs: list[Job] = [Job(train_seeds, ([c for c, _ in inds], [d for _, d in inds]))] if batched else []
+    equal = {}
+    for seed_dir, base_seed in zip(seed_dirs, base_seeds, strict=True):
+        jobs += _seed_jobs(config, seed_dir, largest, base_seed, len(jobs), 0 if batched else None)
+        equal[seed_dir] = _equal_runs(config, seed_dir, budgets, base_seed)
+        jobs += [Job(train_or_reuse, run) for group in equal[seed_dir].values() for run in group]
+    where = f"on Ray ({ray})" if ray else f"{jobs_at_once} at a time"
+    progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {where}[/bold] ({run_dir})")
+    run_jobs(jobs, jobs_at_once, device, ray=ray)
     rows: list[dict[str, Any]] = []
     losses: list[dict[tuple[str, int], Losses]] = []
     for s, seed_dir in enumerate(seed_dirs):
         finals = [seed_dir / f"ind-{j}" / "final.pt" for j in range(largest)]
-        seed_rows, seed_losses = _seed_rows(config, s, finals, seed_dir / "fge", seed_dir / "sse", budgets, data, device)
+        seed_rows, seed_losses = _seed_rows(config, s, finals, seed_dir / "fge", seed_dir / "sse", budgets, data, device,
+                                            equal[seed_dir])
         rows += seed_rows
         losses.append(seed_losses)
+    rows += _choose_equal_budget(rows, losses, budgets)
     table = _aggregate(rows, budgets)
+    dee = _deep_ensemble_equivalents(table)
     differences = _differences(losses, budgets)
     info = provenance.provenance(len(data.y_test))
     paths = {name: run_dir / f"compare{suffix}" for name, suffix in
              (("markdown", ".md"), ("csv", ".csv"), ("differences_csv", "_differences.csv"), ("json", ".json"))}
-    markdown = _markdown(config, table, differences, budgets, seeds, info)
+    markdown = _markdown(config, table, differences, budgets, seeds, info, dee)
     result = {"run_dir": str(run_dir), **{k: str(p) for k, p in paths.items()},
               "table": {m: {f"{k}B": cell for k, cell in cells.items()} for m, cells in table.items()},
+              # None: more than the largest Ind ensemble (JSON has no infinity)
+              "deep_ensemble_equivalent": {m: {f"{k}B": v if math.isfinite(v) else None for k, v in cells.items()}
+                                           for m, cells in dee.items()},
               "differences": differences, "provenance": info, "test_size": len(data.y_test), "seeds": seeds}
     atomic_write_text(paths["markdown"], markdown)
     atomic_write_text(paths["csv"], _csv(rows))

@@ -323,12 +323,12 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
 
     name = method.upper()
     k = [r["members"] for r in rows]
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 5))
     iterations = sorted(lr_rows)
     axes[0].plot(iterations, [lr_rows[i] for i in iterations], lw=1.5)
     axes[0].plot([r["iteration"] for r in rows], [r["lr"] for r in rows], "o", color="C3", label="snapshot collected")
     axes[0].set(xlabel=f"{name} iteration", ylabel="learning rate", title="learning rate")
-    axes[0].legend()
+    _legend_below(axes[0])
     for ax, key, title in ((axes[1], "test_error", "test error (%)"), (axes[2], "test_nll", "test NLL")):
         ax.plot(k, [r[f"member_{key}"] for r in rows], "o", color="C0", alpha=0.6, label="each member")
         ax.plot(k, [r[f"ensemble_{key}"] for r in rows], "-", color="C1", lw=2, label="ensemble")
@@ -338,7 +338,7 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
             ax.axhline(start[key], color="k", ls=":", label="starting network")
         ax.set(xlabel="number of members", title=title)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+        _legend_below(ax)
     # the paper's third panel: how far apart the snapshots are in weight space
     for key, label, style in (("distance_from_start", "from the starting weights", "o-"),
                               ("distance_from_previous", "from the previous snapshot", "s--")):
@@ -347,7 +347,12 @@ def _plot(method: str, rows: list[dict[str, Any]], lr_rows: dict[int, float], st
             axes[3].plot(*zip(*points, strict=True), style, label=label)
     axes[3].set(xlabel="snapshot", ylabel="‖Δw‖ (parameters)", title="distance in weight space")
     axes[3].xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[3].legend()
+    _legend_below(axes[3])
     fig.suptitle(f"{name}: members and ensemble")
     fig.tight_layout()
     return png_bytes(fig)
+
+
+def _legend_below(ax: Any) -> None:
+    """The legend under the panel, where it cannot cover the points."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, fontsize=8, frameon=False)

@@ -23,16 +23,15 @@ import torch
 from torch import nn
 
 from modeconn.training.core import distributed, progress
-from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint_or_weights
+from modeconn.training.core.checkpoint import CheckpointError
 from modeconn.training.core.config import Config, ConfigError, FGESettings
 from modeconn.training.core.data import Dataset, iterations_per_epoch
 from modeconn.training.core.loop import StageRun
 from modeconn.training.core.networks import (
-    config_specs,
-    dataset_spec,
     held_out_metrics,
     load_data,
     network_from_state,
+    network_state,
     sgd_optimizer,
     stage_device,
     stage_run,
@@ -57,20 +56,15 @@ def fge_start(path: Path, config: Config, device: torch.device) -> FGEStart:
     """The network and SGD optimizer FGE starts from.
 
     An epoch checkpoint brings its momentum buffers (the paper's setting). A checkpoint
-    without optimizer state (final.pt, a snapshot, a curve point) or a bare state_dict of the
-    config's model (architecture and data from the config's model/data sections) starts
-    with fresh momentum (zero buffers, as at any SGD start).
+    without optimizer state (final.pt, a snapshot, a curve point) or weights trained elsewhere
+    (a state_dict file or .safetensors of the config's model on its data: network_state)
+    starts with fresh momentum (zero buffers, as at any SGD start).
     """
     path, settings = Path(path), config.fge
-    contents, is_checkpoint = load_checkpoint_or_weights(path, map_location=device)
+    state, is_checkpoint = network_state(path, config, device, "FGE start")
     if is_checkpoint:
-        state = contents
-        if state.get("kind") == "curve":
-            raise CheckpointError(f"{path} is a curve run; FGE starts from a network (pick a point with curve-point)")
         source = "epoch checkpoint" if "optimizer" in state else "checkpoint without optimizer state"
     else:
-        architecture, dataset = config_specs(config, load_data(dataset_spec(config), device))
-        state = {"architecture": architecture, "dataset": dataset, "model": contents}
         source = "weights file"
     model = network_from_state(state, path, device)
     optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr1, momentum=settings.momentum,

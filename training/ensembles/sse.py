@@ -69,7 +69,8 @@ def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = F
     device = stage_device(config)
     data = load_data(dataset_spec(config), device)
     plan = sse_plan(settings, iterations_per_epoch(data, settings.batch_size))
-    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
     model, optimizer, fields = fresh_network(config, data, device, settings, "sse")
+    # after the network is built: a model that cannot be built leaves no run folder
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
     run = stage_run(config, run_dir, resume=resume, save_every=config.train.save_every)
     return run_snapshots(plan, run, model=model, optimizer=optimizer, data=data, fields=fields)

@@ -1,0 +1,168 @@
+"""modeconn's own Prometheus metrics, served by BentoML on /metrics beside its generic ones.
+
+BentoML runs prometheus_client in multiprocess mode: every worker writes its values to files
+in PROMETHEUS_MULTIPROC_DIR and whichever worker answers /metrics adds up all of them. Each
+series carries a `worker` label (BentoML's worker index, 1..workers; a replacement takes the
+index of the worker it replaces), so one worker can be told from another and `sum without
+(worker)` gives the server's total. Counters and histograms keep counting across a
+replacement; gauges show the most recent value written for that worker index.
+
+| metric | kind | labels | what |
+|---|---|---|---|
+| modeconn_request_seconds | histogram | endpoint, status | time from request to the end of the response |
+| modeconn_session_seconds | histogram | graph | one onnxruntime call (ensemble, swa, curve): per-model latency |
+| modeconn_session_rows | histogram | graph | rows per onnxruntime call, i.e. the batch size |
+| modeconn_queue_rows | gauge | graph | rows waiting in the batcher, sampled as each request ends |
+| modeconn_refusals_total | counter | endpoint, status, reason | answers with status >= 400, by reason |
+| modeconn_curve_cache_events_total | counter | event | fixed-t sessions: hit, miss, build, eviction |
+| modeconn_curve_cache_sessions | gauge | | fixed-t sessions cached now |
+| modeconn_artifact_info | gauge | tag | 1 for the artifact this worker serves |
+
+prometheus_client is imported on first use, inside the worker: it picks multiprocess mode
+at import from PROMETHEUS_MULTIPROC_DIR, which BentoML sets for its workers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from functools import cache
+from typing import Any
+
+_PROBES = frozenset({"/metrics", "/readyz", "/livez", "/healthz"})
+_ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384)
+_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_CACHE_EVENTS = {"hits": "hit", "misses": "miss", "builds": "build", "evictions": "eviction"}
+_BODY_PEEK = 512  # bytes of an error body kept to tell its reason
+
+_state = {"enabled": True}
+_cache_seen: dict[str, int] = {}
+_cache_lock = threading.Lock()
+
+
+@cache
+def _instruments() -> dict[str, Any]:
+    import prometheus_client as prom  # here: after BentoML set PROMETHEUS_MULTIPROC_DIR
+
+    def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Any:
+        return prom.Histogram(name, doc, [*labels, "worker"], buckets=buckets)
+
+    return {
+        "request": histogram("modeconn_request_seconds", "request latency", ["endpoint", "status"], _SECONDS_BUCKETS),
+        "session": histogram("modeconn_session_seconds", "one onnxruntime call", ["graph"], _SECONDS_BUCKETS),
+        "rows": histogram("modeconn_session_rows", "rows per onnxruntime call (batch size)", ["graph"], _ROWS_BUCKETS),
+        "queue": prom.Gauge("modeconn_queue_rows", "rows waiting in the batcher", ["graph", "worker"],
+                            multiprocess_mode="mostrecent"),
+        "refusals": prom.Counter("modeconn_refusals", "answers with status >= 400",
+                                 ["endpoint", "status", "reason", "worker"]),
+        "cache": prom.Counter("modeconn_curve_cache_events", "fixed-t session cache events", ["event", "worker"]),
+        "cache_size": prom.Gauge("modeconn_curve_cache_sessions", "fixed-t sessions cached", ["worker"],
+                                 multiprocess_mode="mostrecent"),
+        "info": prom.Gauge("modeconn_artifact_info", "the artifact served", ["tag", "worker"],
+                           multiprocess_mode="mostrecent"),
+    }
+
+
+@cache
+def worker() -> str:
+    """This worker's index (1..workers) as BentoML numbers it; "0" outside a BentoML worker."""
+    import bentoml
+
+    return str(bentoml.server_context.worker_index or 0)
+
+
+def observe_run(graph: str, rows: int, seconds: float) -> None:
+    """One session call (serving/runtime.py calls this once per batch)."""
+    if _state["enabled"]:
+        m = _instruments()
+        m["session"].labels(graph, worker()).observe(seconds)
+        m["rows"].labels(graph, worker()).observe(rows)
+
+
+def artifact_loaded(tag: str) -> None:
+    if _state["enabled"]:
+        _instruments()["info"].labels(tag, worker()).set(1)
+
+
+def refusal_reason(status: int, body: bytes) -> str:
+    """A short reason for an error answer, from its status and the start of its message."""
+    text = body[:_BODY_PEEK].decode("utf-8", "replace").lower()
+    if status == 503:
+        for words, reason in (("overloaded", "overloaded"), ("still loading", "loading"),
+                              ("failed to load", "load_failed")):
+            if words in text:
+                return reason
+        return "unavailable"
+    return {400: "bad_request", 404: "not_found", 405: "method", 413: "too_large", 415: "media_type",
+            422: "bad_request", 429: "too_many", 500: "error"}.get(status, f"status_{status}")
+
+
+def sample(service: Any) -> None:
+    """Queue depth of each batcher and the fixed-t cache's counters of `service`, now."""
+    m = _instruments()
+    for graph, batcher in getattr(service, "_batchers", {}).items():
+        m["queue"].labels(graph, worker()).set(batcher.pending_rows)
+    runtime = getattr(service, "runtime", None)
+    cache = None if runtime is None else runtime.curve_cache
+    if cache is None:
+        return
+    stats = cache.stats.as_dict()
+    with _cache_lock:  # counters move by what changed since the last sample
+        for field, event in _CACHE_EVENTS.items():
+            if (delta := stats[field] - _cache_seen.get(field, 0)) > 0:
+                m["cache"].labels(event, worker()).inc(delta)
+            _cache_seen[field] = stats[field]
+    m["cache_size"].labels(worker()).set(stats["size"])
+
+
+class MetricsMiddleware:
+    """Times every request but the probes and /metrics, counts error answers by reason, and
+    samples the queues and the curve cache as each request ends (and before /metrics answers,
+    so a scrape sees this worker's latest values)."""
+
+    def __init__(self, app: Any, enabled: bool = True) -> None:
+        self.app = app
+        _state["enabled"] = enabled
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not _state["enabled"]:
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        if path in _PROBES:
+            self._sample()
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        answer: dict[str, Any] = {"status": 500, "body": b""}
+
+        async def watch(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body" and answer["status"] >= 400:
+                answer["body"] = (answer["body"] + message.get("body", b""))[:_BODY_PEEK]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self._record(path, answer, time.perf_counter() - started)
+
+    def _record(self, path: str, answer: dict[str, Any], seconds: float) -> None:
+        endpoint = path if path in ("/predict", "/predict_curve", "/info", "/docs.json") else "other"
+        status = answer["status"]
+        m = _instruments()
+        m["request"].labels(endpoint, str(status), worker()).observe(seconds)
+        if status >= 400:
+            m["refusals"].labels(endpoint, str(status), refusal_reason(status, answer["body"]), worker()).inc()
+        self._sample()
+
+    @staticmethod
+    def _sample() -> None:
+        import bentoml
+
+        try:
+            service = bentoml.get_current_service()
+        except bentoml.exceptions.BentoMLException:  # before the service instance exists
+            return
+        sample(service)
