@@ -34,7 +34,7 @@ test: install lint
 	$(BIN)/python -m pytest -q -rA -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check modeconn models training serving tests benchmarks
+	$(BIN)/ruff check modeconn models training serving tests benchmarks examples
 
 bench: install
 	$(BIN)/python benchmarks/ensemble_inference.py

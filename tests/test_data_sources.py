@@ -282,16 +282,21 @@ def test_dataset_from_torch_streams_or_holds_the_same_data() -> None:
     x, y = torch.rand(40, 2, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
     xt, yt = torch.rand(12, 2, 5, generator=g), torch.randint(0, 3, (12,), generator=g)
     train, test = TensorDataset(x, y), DataLoader(TensorDataset(xt, yt), batch_size=7, num_workers=WORKERS)
-    held = dataset_from_torch(train, test, class_names=["a", "b", "c"])
+    held = dataset_from_torch(train, test, class_names=["a", "b", "c"], normalize=True)
     assert not held.streamed and torch.equal(held.x_train, x) and torch.equal(held.y_test, yt)
     assert held.size("val") == 0 and held.class_names == ["a", "b", "c"]
     assert held.mean == pytest.approx(x.double().transpose(0, 1).reshape(2, -1).mean(1).tolist(), rel=1e-12)
-    streamed = dataset_from_torch(train, test, val=TensorDataset(xt[:4], yt[:4]), name="mine", in_memory=False)
+    streamed = dataset_from_torch(train, test, val=TensorDataset(xt[:4], yt[:4]), name="mine", in_memory=False,
+                                  normalize=True)
     assert streamed.streamed and streamed.name == "mine" and streamed.x_test.num_workers == WORKERS
     assert torch.equal(streamed.x_val.materialize(), xt[:4]) and streamed.class_names == ["0", "1", "2"]
     a, b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
     assert all(torch.equal(p, q) for (p, _), (q, _) in zip(train_batches(held, 8, a), train_batches(streamed, 8, b),
                                                           strict=True))
+    # by default the inputs are what the network takes: no normalisation, an empty test split allowed
+    plain = dataset_from_torch(train)
+    assert plain.mean == [0.0] and plain.std == [1.0] and plain.size("test") == 0
+    assert all(torch.equal(p, x[i]) for (p, _), i in zip(eval_batches(plain, "train", 40), [slice(0, 40)], strict=True))
 
 
 def test_dataset_from_torch_refuses_what_it_cannot_use() -> None:

@@ -225,13 +225,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> dict[str, Any]:
-    from modeconn.training.export import export_artifact
+    from modeconn.training.export import export_runs
 
     merged = {"export.name": args.name, "export.bn_grid_points": args.bn_grid_points, **parse_set_overrides(args.set)}
-    settings = load_config(args.config, merged).export
-    return export_artifact(args.runs, settings.name, out=args.out, grid_points=settings.bn_grid_points,
-                           atol=settings.parity_atol, max_interpolation_pp=settings.max_bn_interpolation_pp,
-                           swa=args.swa)
+    return export_runs(args.runs, load_config(args.config, merged).export, out=args.out, swa=args.swa)
 
 
 # ---------------------------------------------------------------- FGE, SSE, ensembles

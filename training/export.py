@@ -52,6 +52,7 @@ from modeconn.contract.onnx_refs import CLASS_NAMES_KEY
 from modeconn.training.core import progress
 from modeconn.training.core.bn import recompute_bn
 from modeconn.training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from modeconn.training.core.config import ExportSettings
 from modeconn.training.core.data import Dataset, input_batches, normalization_tensors
 from modeconn.training.core.metrics import classification_metrics
 from modeconn.training.core.model_source import architecture_label
@@ -368,10 +369,28 @@ def export_artifact(
     normalize = Normalize(info["mean"], info["std"], 1 + len(data.input_shape))
     x_check = data.first_inputs("test", parity_samples).contiguous()
 
+    job = ExportJob(name, sources, list(nets), list(states), curve, curve_state, data, normalize, x_check,
+                    grid_points, atol, max_interpolation_pp, swa_net, swa_state)
+    where, manifest = write_artifact(job, None if out is None else Path(out), [*paths, *([swa] if swa else [])])
+    seconds = time.perf_counter() - started
+    extras = (" + curve" if curve is not None else "") + (" + swa" if swa is not None else "")
+    progress.log(f"export: {len(nets)} members{extras} -> {where} ({seconds:.1f}s)")
+    return {**where, "seconds": seconds, "manifest": manifest}
+
+
+def export_runs(paths: list[Path], settings: ExportSettings, out: Path | None = None, name: str | None = None,
+                swa: Path | None = None) -> dict[str, Any]:
+    """`export_artifact` with the config's export section (the CLI's and the pipeline's one call)."""
+    return export_artifact(paths, name or settings.name, out=out, grid_points=settings.bn_grid_points,
+                           atol=settings.parity_atol, max_interpolation_pp=settings.max_bn_interpolation_pp, swa=swa)
+
+
+def write_artifact(job: ExportJob, out: Path | None, sources: list[Path]) -> tuple[dict[str, str], dict[str, Any]]:
+    """Build the graphs and manifest of `job` in a scratch folder, check them (parity, the serving
+    loader), then move them to `out` (never over any of `sources`) or, without `out`, into the
+    BentoML store. Returns where it went and the manifest. The CLI and the Python API export here."""
     work = Path(tempfile.mkdtemp(prefix="modeconn-export-"))
     try:
-        job = ExportJob(name, sources, list(nets), list(states), curve, curve_state, data, normalize, x_check,
-                        grid_points, atol, max_interpolation_pp, swa_net, swa_state)
         manifest = _build(work, job).model_dump(mode="json")
         # absent means none: loaders that predate these fields read the manifest
         for section, key in ((manifest, "swa"), (manifest["input"], "image"), (manifest["dataset"], "source")):
@@ -380,22 +399,21 @@ def export_artifact(
         atomic_write_json(work / MANIFEST_NAME, manifest)
         load_artifact(work)  # the serving loader must accept exactly what we wrote
         if out is not None:
-            _replace_folder(work, Path(out), [*paths, *([swa] if swa else [])])
-            where = {"folder": str(out)}
-        else:
-            from modeconn.contract.store import save_to_bentoml_store
+            _replace_folder(work, out, sources)
+            return {"folder": str(out)}, manifest
+        from modeconn.contract.store import save_to_bentoml_store
 
-            labels = {"architecture": architecture_label(first["architecture"]), "dataset": info["name"],
-                      "members": str(len(nets)), "curve": curve.curve if curve is not None else "none",
-                      "swa": "yes" if swa is not None else "no"}
-            tag = save_to_bentoml_store(work, name, labels=labels, metadata=_store_metadata(manifest))
-            where = {"tag": tag}
+        labels = {"architecture": architecture_label(job.states[0]["architecture"]), "dataset": job.states[0]["dataset"]["name"],
+                  "members": str(len(job.nets)), "curve": job.curve.curve if job.curve is not None else "none",
+                  "swa": "yes" if job.swa_net is not None else "no"}
+        tag = save_to_bentoml_store(work, job.name, labels=labels, metadata=_store_metadata(manifest))
+        return {"tag": tag}, manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    extras = (" + curve" if curve is not None else "") + (" + swa" if swa is not None else "")
-    progress.log(f"export: {len(nets)} members{extras} -> {where} ({seconds:.1f}s)")
-    return {**where, "seconds": seconds, "manifest": manifest}
+
+
+def _source(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _calibration(val_probs: torch.Tensor | None, test_probs: torch.Tensor, data: Dataset) -> Calibration | None:
@@ -424,7 +442,7 @@ def _export_swa(work: Path, job: ExportJob, parity: dict[str, float]) -> Swa:
     assert job.swa_net is not None and job.swa_state is not None
     probs, val_probs = _export_network(work, "swa.onnx", job.swa_net, job, parity)
     record = job.swa_state.get("swa") or {}
-    return Swa(file="swa.onnx", source=str(job.sources.swa), kind=job.swa_state.get("kind"),
+    return Swa(file="swa.onnx", source=_source(job.sources.swa), kind=job.swa_state.get("kind"),
                averaged=[str(p) for p in record.get("members", [])], bn_recomputed=record.get("bn_recomputed"),
                metrics=classification_metrics(probs, job.data.y_test),
                calibration=_calibration(val_probs, probs, job.data))
@@ -438,12 +456,13 @@ def _build(work: Path, job: ExportJob) -> Manifest:
     members: list[Member] = []
     member_probs, member_val_probs = [], []
     with progress.task("export members", len(nets)) as advance:
-        for i, (net, state, path) in enumerate(zip(nets, states, job.sources.members, strict=True)):
+        paths = job.sources.members or [None] * len(nets)  # the Python API's members have no files
+        for i, (net, state, path) in enumerate(zip(nets, states, paths, strict=True)):
             rel = f"members/member-{i:03d}.onnx"
             probs, val_probs = _export_network(work, rel, net, job, parity)
             member_probs.append(probs)
             member_val_probs.append(val_probs)
-            members.append(Member(file=rel, source=str(path), kind=state.get("kind"),
+            members.append(Member(file=rel, source=_source(path), kind=state.get("kind"),
                                   metrics=classification_metrics(probs, data.y_test),
                                   calibration=_calibration(val_probs, probs, data)))
             files.append(rel)
@@ -524,7 +543,7 @@ def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> Curve
     if job.sources.curve_report is not None:
         metrics = json.loads(job.sources.curve_report.read_text()).get("headline", {})
     calibration = CurveCalibration(**grid_temperatures(bn_grid.val_probs, data.y_val)) if bn_grid.val_probs else None
-    return Curve(file="curve.onnx", source=str(job.sources.curve), type=curve.curve, num_bends=curve.num_bends,
+    return Curve(file="curve.onnx", source=_source(job.sources.curve), type=curve.curve, num_bends=curve.num_bends,
                  bn_grid_points=grid_points, settings=job.curve_state["curve"], metrics=metrics,
                  bn_interpolation=BnInterpolation(**interpolation), calibration=calibration)
 
@@ -592,4 +611,4 @@ def _replace_folder(src: Path, dst: Path, sources: list[Path]) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-__all__ = ["ExportError", "export_artifact", "collect_sources", "CheckpointError"]
+__all__ = ["ExportError", "export_artifact", "export_runs", "write_artifact", "collect_sources", "CheckpointError"]

@@ -34,7 +34,7 @@ from modeconn.training.ensembles.evaluate import ensemble_probs, expand_members,
 from modeconn.training.ensembles.fge import run_fge
 from modeconn.training.ensembles.snapshots import finished_snapshot_run
 from modeconn.training.ensembles.swa import run_swa
-from modeconn.training.export import export_artifact
+from modeconn.training.export import export_runs
 from modeconn.training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
 
@@ -153,9 +153,7 @@ def run_pipeline(
         fingerprint = _fingerprint(sources)
 
         def export() -> dict[str, Any]:
-            result = export_artifact([fge_dir, curve_dir], config.export.name, out=out,
-                                     grid_points=config.export.bn_grid_points, atol=config.export.parity_atol,
-                                     max_interpolation_pp=config.export.max_bn_interpolation_pp, swa=swa_path)
+            result = export_runs([fge_dir, curve_dir], config.export, out=out, swa=swa_path)
             done = {k: v for k, v in result.items() if k != "manifest"}
             done["fingerprint"] = fingerprint
             done["bn_interpolation"] = result["manifest"]["curve"]["bn_interpolation"]

@@ -303,19 +303,21 @@ def _labels_of(source: TorchDataset, workers: int, what: str) -> torch.Tensor:
 
 def dataset_from_torch(
     train: Any,
-    test: Any,
+    test: Any = None,
     val: Any = None,
     *,
     class_names: list[str] | None = None,
     name: str = "custom",
     in_memory: bool | None = None,
+    normalize: bool = False,
 ) -> Dataset:
-    """A Dataset over PyTorch data: `train`, `test` and optional `val`, each a map-style torch
+    """A Dataset over PyTorch data: `train`, optional `test` and `val`, each a map-style torch
     Dataset of (input, label) pairs or a DataLoader over one (its dataset and worker count are
-    used; batching and order are this package's). No `val`: no validation split (nothing is
-    held out of `train`). Inputs are normalised with the training split's mean and std per
-    entry of axis 1 (one pass). `in_memory`: True holds every split as a tensor, False streams
-    them through DataLoaders with worker processes, None holds them when small."""
+    used; batching and order are this package's). No `test` or `val`: an empty split (nothing is
+    held out of `train`). The inputs are what the networks take, as the loaders give them;
+    `normalize=True` instead normalises them with the training split's mean and std per entry
+    of axis 1 (one pass). `in_memory`: True holds every split as a tensor, False streams them
+    through DataLoaders with worker processes, None holds them when small."""
     parts = {"train": train, "test": test, "val": val}
     splits: dict[str, tuple[Inputs, torch.Tensor]] = {}
     for split, part in parts.items():
@@ -333,8 +335,9 @@ def dataset_from_torch(
     for split, (x, _) in splits.items():
         if len(x) and x.input_shape != shape:
             raise DataError(f"{split}: inputs have shape {list(x.input_shape)}, train inputs {list(shape)}")
-    if "val" not in splits:  # an empty validation split: rows 0..0 of train
-        splits["val"] = x_train.subset(torch.zeros(0, dtype=torch.int64)), torch.zeros(0, dtype=torch.int64)
+    for split in ("val", "test"):  # an empty split: rows 0..0 of train
+        if split not in splits:
+            splits[split] = x_train.subset(torch.zeros(0, dtype=torch.int64)), torch.zeros(0, dtype=torch.int64)
     num_classes = 1 + max(int(y.max()) for _, y in splits.values() if len(y))
     if class_names is None:  # torchvision's sets name their classes
         class_names = getattr(x_train.source, "classes", None)
@@ -342,6 +345,8 @@ def dataset_from_torch(
     if len(names) < num_classes:
         raise DataError(f"class_names has {len(names)} entries but the labels go up to {num_classes - 1}")
     mean, std, low, high = input_statistics(x_train)
+    if not normalize:  # the networks take the loaders' inputs as they are
+        mean, std = [0.0], [1.0]
     data = Dataset(name, x_train, y_train, splits["val"][0], splits["val"][1], splits["test"][0], splits["test"][1],
                    mean, std, names, value_range=(low, high) if low < high else (low, low + 1.0),
                    info={"source": "torch"})
@@ -623,3 +628,7 @@ def eval_batches(
 
 def iterations_per_epoch(data: Dataset, batch_size: int) -> int:
     return -(-len(data.y_train) // batch_size)
+
+
+# ---------------------------------------------------------------- torch datasets and loaders (the Python API)
+

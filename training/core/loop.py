@@ -123,10 +123,30 @@ class FitPlan:
     tensorboard: bool = False
 
 
+@dataclass
+class StageRun:
+    """How a stage runs, apart from its own settings section: the seed its draws derive from, the
+    run folder it writes (None: nothing is written, as from the Python API), whether it resumes,
+    and the options every stage's loop shares (checkpoint interval, step, SyncBN, TensorBoard)."""
+
+    seed: int = 0
+    run_dir: Path | None = None
+    resume: bool = False
+    save_every: int = 1
+    step: StepSettings = field(default_factory=StepSettings)
+    sync_batchnorm: bool = False
+    tensorboard: bool = False
+
+    def loop_options(self) -> dict[str, Any]:
+        """The FitPlan fields that come from the run, not from the stage's settings."""
+        return {"save_every": self.save_every, "sync_batchnorm": self.sync_batchnorm, "step": self.step,
+                "tensorboard": self.tensorboard and self.run_dir is not None}
+
+
 def fit(
     plan: FitPlan,
     *,
-    run_dir: Path,
+    run_dir: Path | None,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: Dataset,
@@ -134,18 +154,20 @@ def fit(
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Run `plan.epochs` epochs of SGD (resuming from the run's last checkpoint if asked);
-    returns the per-epoch metric rows."""
+    returns the per-epoch metric rows. `run_dir` None: in memory only (no files, no resume)."""
     epochs, batch_size, learning_rate, description = plan.epochs, plan.batch_size, plan.learning_rate, plan.description
     max_iterations, loss_fn, after_step = plan.max_iterations, plan.loss_fn, plan.after_step
     generator = torch.Generator().manual_seed(plan.seed)
     generators = {"data": generator, **plan.shared_generators}
     distributed.check_batch_size(batch_size, len(data.y_train), plan.batch_setting)
     shard = (distributed.rank(), distributed.world_size())
-    metrics_path = run_dir / "metrics.jsonl"
+    metrics_path = run_dir / "metrics.jsonl" if run_dir is not None else None
     rows: list[dict[str, Any]] = []
     start_epoch, iteration = 0, 0
     device = next(model.parameters()).device
     scaler = step.grad_scaler(plan.step, device)
+    if resume and run_dir is None:
+        raise ValueError("resume needs a run folder")
     if resume and (last := latest_checkpoint(run_dir)) is not None:
         state = load_checkpoint(last, map_location=device)
         model.load_state_dict(state["model"])
@@ -157,7 +179,7 @@ def fit(
                          f"this run uses {plan.step.model_dump()}[/yellow]")
         _restore_rng(state, generators, description)
         start_epoch, iteration = int(state["epoch"]), int(state["iteration"])
-        if metrics_path.exists():
+        if metrics_path is not None and metrics_path.exists():
             rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             rows = [r for r in rows if r["epoch"] <= start_epoch]
         progress.log(f"[dim]{description}: resumed from {last} (epoch {start_epoch})[/dim]")
@@ -169,7 +191,7 @@ def fit(
     step_model = step.step_model(distributed.wrap_for_training(model, plan.sync_batchnorm), plan.step, device,
                                  description)
     rows_total = len(data.y_train)
-    with monitor.epoch_logger(run_dir, plan.tensorboard, start_epoch) as log_row:
+    with monitor.epoch_logger(run_dir, plan.tensorboard and run_dir is not None, start_epoch) as log_row:
         for epoch in range(start_epoch, epochs):
             started = time.perf_counter()
             step_model.train()
@@ -213,9 +235,9 @@ def fit(
             row["seconds"] = time.perf_counter() - started
             rows.append(row)
             _log_epoch(description, row)
-            saving = (epoch + 1) % plan.save_every == 0 or (epoch + 1) in save_at
+            saving = run_dir is not None and ((epoch + 1) % plan.save_every == 0 or (epoch + 1) in save_at)
             rng_ranks = distributed.all_gather_objects(_rng_state(generators)) if saving else []
-            if not distributed.is_main():
+            if not distributed.is_main() or metrics_path is None:
                 continue
             # metrics first: a kill between the two writes then leaves an extra row (dropped on
             # resume), never a checkpoint whose epoch has no row

@@ -23,7 +23,7 @@ from modeconn.training.core.data import (
     build_dataset,
     eval_batches,
 )
-from modeconn.training.core.loop import resolve_device
+from modeconn.training.core.loop import StageRun, resolve_device
 from modeconn.training.core.metrics import classification_metrics
 from modeconn.training.core.model_source import build_from_record
 
@@ -54,6 +54,13 @@ def build_network(architecture: dict[str, Any], num_classes: int, device: torch.
     return build_from_record(architecture, num_classes).to(device)
 
 
+def sgd_optimizer(model: nn.Module, settings: Any, lr: float | None = None) -> torch.optim.SGD:
+    """SGD over `model` with a settings section's momentum and weight decay (and its lr unless
+    given); fresh momentum buffers."""
+    return torch.optim.SGD(model.parameters(), lr=settings.lr if lr is None else lr, momentum=settings.momentum,
+                           weight_decay=settings.weight_decay)
+
+
 def fresh_network(
     config: Config, data: Dataset, device: torch.device | str, sgd: Any, kind: str
 ) -> tuple[nn.Module, torch.optim.SGD, dict[str, Any]]:
@@ -61,7 +68,7 @@ def fresh_network(
     weight_decay), and the checkpoint fields naming where it came from."""
     torch.manual_seed(config.seed)
     model = build_network(architecture_spec(config), data.num_classes, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=sgd.lr, momentum=sgd.momentum, weight_decay=sgd.weight_decay)
+    optimizer = sgd_optimizer(model, sgd)
     architecture, dataset = config_specs(config, data)
     fields = {"kind": kind, "architecture": architecture, "dataset": dataset, "config": config.model_dump()}
     return model, optimizer, fields
@@ -81,6 +88,12 @@ def stage_device(config: Config) -> torch.device:
     """The device of this process: the `device` setting, and under torchrun this rank's GPU
     (the process group is joined here, with the `distributed.backend` setting)."""
     return distributed.setup(resolve_device(config.device), config.distributed.backend)
+
+
+def stage_run(config: Config, run_dir: Path, *, resume: bool, save_every: int) -> StageRun:
+    """The one place a stage's run options are read from the whole config."""
+    return StageRun(seed=config.seed, run_dir=run_dir, resume=resume, save_every=save_every, step=config.step,
+                    sync_batchnorm=config.distributed.sync_batchnorm, tensorboard=config.tensorboard)
 
 
 def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from scipy.optimize import linear_sum_assignment
+from torch import nn
 
 from modeconn.training.core import progress
 from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -164,15 +165,23 @@ def align_states(a: dict[str, Any], b: dict[str, Any], a_path: str | Path = "A",
     shape = a["dataset"].get("input_shape")
     if not shape:
         raise CheckpointError(f"{a_path}: its dataset record has no input_shape, needed to trace the network")
-    spec = derive_spec(model, example_input(shape))
+    aligned, record = align_weights(model, a["model"], b["model"], example_input(shape), seed=seed,
+                                    max_iterations=max_iterations)
+    return aligned, {"start": str(a_path), "end": str(b_path), **record}
+
+
+def align_weights(model: nn.Module, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], example: torch.Tensor,
+                  seed: int = 0, max_iterations: int = 100) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """B's state_dict permuted to match A's (both of `model`'s architecture), on the CPU, and the
+    alignment record. `model` is traced on `example` (a batch of inputs) to find the permutation
+    groups. `modeconn align`, `curve --align` and the Python API's `align` all align here."""
+    spec = derive_spec(model, example)
     learnable = {name for name, _ in model.named_parameters()}
-    a_weights = {k: v.detach().cpu() for k, v in a["model"].items()}
-    b_weights = {k: v.detach().cpu() for k, v in b["model"].items()}
+    a_weights = {k: v.detach().cpu() for k, v in a.items()}
+    b_weights = {k: v.detach().cpu() for k, v in b.items()}
     matching = weight_matching(spec, a_weights, b_weights, learnable, max_iterations=max_iterations, seed=seed)
     aligned = apply_permutation(spec, b_weights, matching.perms)
-    record = {"start": str(a_path), "end": str(b_path), "method": "weight matching", "seed": seed,
-              **matching.record(spec)}
-    return aligned, record
+    return aligned, {"method": "weight matching", "seed": seed, **matching.record(spec)}
 
 
 def align_checkpoints(start: Path, end: Path, out: Path, seed: int = 0) -> dict[str, Any]:

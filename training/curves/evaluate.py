@@ -16,11 +16,13 @@ how much worse the path's worst point is than its ends, not a held-out estimate.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from modeconn.training.core import progress, statistics
 from modeconn.training.core.bn import recompute_bn
@@ -46,16 +48,23 @@ VAL_METRICS = ("val_nll", "val_error")
 
 
 def lines(curve: CurveModel, state: dict[str, Any]) -> tuple[CurveModel, CurveModel, dict[str, Any]]:
+    """`straight_lines` of a curve checkpoint's fields."""
+    return straight_lines(curve, state["curve"].get("alignment"), state["dataset"]["input_shape"])
+
+
+def straight_lines(curve: CurveModel, alignment: dict[str, Any] | None,
+                   input_shape: Sequence[int]) -> tuple[CurveModel, CurveModel, dict[str, Any]]:
     """(the line from the start to the unaligned end, the line to the end aligned to the start,
-    the alignment record). A curve fitted with --align ends at the aligned end: its unaligned end
-    is that end with the recorded permutations undone; otherwise the end is aligned here."""
+    the alignment record). A curve fitted with --align ends at the aligned end (`alignment` is its
+    record): its unaligned end is that end with the recorded permutations undone; otherwise the
+    end is aligned here."""
     from modeconn.training.curves.align import apply_permutation, inverse, weight_matching
     from modeconn.training.curves.permutations import derive_spec, example_input
 
     points = curve.control_points().cpu()
     start, end = curve.unflatten(points[0]), curve.unflatten(points[-1])
-    spec = derive_spec(network_at(curve, 0.0).cpu(), example_input(state["dataset"]["input_shape"]))
-    record = state["curve"].get("alignment")
+    spec = derive_spec(network_at(curve, 0.0).cpu(), example_input(input_shape))
+    record = alignment
     if record is not None:
         undo = inverse({g: torch.tensor(p) for g, p in record["permutations"].items()})
         unaligned, aligned = apply_permutation(spec, end, undo), end
@@ -71,10 +80,15 @@ def lines(curve: CurveModel, state: dict[str, Any]) -> tuple[CurveModel, CurveMo
     return line(unaligned), line(aligned), {k: v for k, v in record.items() if k != "permutations"}
 
 
+def point_network(curve: CurveModel, t: float, data: Dataset) -> nn.Module:
+    """φ(t) as a plain network, BN statistics recomputed over `data`'s training split (eval mode)."""
+    return recompute_bn(network_at(curve, t), data).eval()
+
+
 @torch.no_grad()
 def evaluate_point(curve: CurveModel, t: float, data: Dataset, weight_decay: float) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics of φ(t) with BN recomputed, and its test probabilities."""
-    net = recompute_bn(network_at(curve, t), data).eval()
+    net = point_network(curve, t, data)
     train = classification_metrics(predict_probs(net, data, "train"), data.y_train)
     test_probs = predict_probs(net, data, "test")
     test = classification_metrics(test_probs, data.y_test)
@@ -124,16 +138,13 @@ def max_minus_worse_endpoint(rows: list[dict[str, float]], errors: list[np.ndarr
             "error": statistics.paired_bootstrap(errors[peak], errors[worse]).as_dict()}
 
 
-def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, device: str = "auto") -> dict[str, Any]:
-    started = time.perf_counter()
-    path = curve_file(Path(path))
-    out_dir = Path(out_dir) if out_dir else path.parent
-    check_report_folder(out_dir, ("curve.json", "curve.csv", "curve.png"))  # never over a user's files
-    dev = resolve_device(device)
-    curve, state = load_curve(path, dev)
-    data = load_data(state["dataset"], dev)
-    wd = float(state["curve"].get("weight_decay", 0.0))
-    line, aligned_line, alignment = lines(curve, state)
+def curve_report(curve: CurveModel, data: Dataset, points: int, weight_decay: float,
+                 alignment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every metric along the curve, the line and the aligned line at `points` evenly spaced t (BN
+    recomputed on `data`'s training split at each), their summaries, the headline and the paired
+    bootstrap intervals of (max along the path) - (worse endpoint). eval-curve and the Python API's
+    `Curve.evaluate` both report this."""
+    line, aligned_line, alignment_record = straight_lines(curve, alignment, data.input_shape)
     ts = even_ts(points)
     results: dict[str, list] = {name: [] for name in PATHS}
     probs_curve: list[torch.Tensor] = []
@@ -143,11 +154,11 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     with progress.task("eval-curve", len(jobs)) as advance:
         def work(job: tuple[str, float]) -> tuple[dict[str, float], torch.Tensor]:
             name, t = job
-            row, test_probs = evaluate_point(paths[name], t, data, wd)
+            row, test_probs = evaluate_point(paths[name], t, data, weight_decay)
             advance(status=f"{name} t={t:.3f} test err {row['test_error']:.2f}")
             return row, test_probs
 
-        done = iter(map_side_by_side(work, jobs, workers_for(curve.base, dev)))
+        done = iter(map_side_by_side(work, jobs, workers_for(curve.base, data.x_train.device)))
     for name in PATHS:
         previous = None
         for t in ts:
@@ -181,14 +192,30 @@ def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, de
     }
     differences = {f"{name.replace('_', ' ')} max - worse endpoint": max_minus_worse_endpoint(results[name], errors[name])
                    for name in PATHS}
-    settings = {**state["curve"], "alignment": alignment}  # the permutations themselves stay in the checkpoint
+    return {"points": points, "alignment": alignment_record, "summary": summary, "headline": headline,
+            "differences": differences, "test_size": len(y), **{name: results[name] for name in PATHS}}
+
+
+def evaluate_curve(path: Path, points: int = 61, out_dir: Path | None = None, device: str = "auto") -> dict[str, Any]:
+    """`modeconn eval-curve`: `curve_report` of a curve run, written as curve.json/.csv/.png."""
+    started = time.perf_counter()
+    path = curve_file(Path(path))
+    out_dir = Path(out_dir) if out_dir else path.parent
+    check_report_folder(out_dir, ("curve.json", "curve.csv", "curve.png"))  # never over a user's files
+    dev = resolve_device(device)
+    curve, state = load_curve(path, dev)
+    data = load_data(state["dataset"], dev)
+    wd = float(state["curve"].get("weight_decay", 0.0))
+    found = curve_report(curve, data, points, wd, state["curve"].get("alignment"))
+    results = {name: found[name] for name in PATHS}
+    headline, summary, differences, y = found["headline"], found["summary"], found["differences"], data.y_test
+    settings = {**state["curve"], "alignment": found["alignment"]}  # the permutations themselves stay in the checkpoint
     report = {"checkpoint": str(path), "points": points, "settings": settings, "summary": summary,
-              "headline": headline, "differences": differences, "test_size": len(y),
-              **{name: results[name] for name in PATHS}}
+              "headline": headline, "differences": differences, "test_size": len(y), **results}
     json_path, csv_path, png_path = out_dir / "curve.json", out_dir / "curve.csv", out_dir / "curve.png"
     atomic_write_json(json_path, report)
     atomic_write_text(csv_path, _csv(results))
-    atomic_write_bytes(png_path, _plot(results, endpoints["error"], state["curve"]["curve"]))
+    atomic_write_bytes(png_path, _plot(results, summary["endpoint_ensemble"]["error"], state["curve"]["curve"]))
     seconds = time.perf_counter() - started
     progress.log(
         f"eval-curve: ends {headline['start_test_error']:.2f} / {headline['end_test_error']:.2f} %, "
@@ -240,7 +267,7 @@ def save_curve_point(path: Path, t: float, out: Path, device: str = "auto") -> d
     dev = resolve_device(device)
     curve, state = load_curve(Path(path), dev)
     data = load_data(state["dataset"], dev)
-    net = recompute_bn(network_at(curve, t), data).eval()
+    net = point_network(curve, t, data)
     metrics = held_out_metrics(net, data)
     save_checkpoint(out, model_checkpoint(net, state["architecture"], state["dataset"], kind="curve-point",
                                           curve_point={"t": t, "curve": str(curve_file(Path(path)))}, metrics=metrics))

@@ -16,12 +16,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from modeconn.training.core import distributed, progress
 from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from modeconn.training.core.config import Config, ConfigError
-from modeconn.training.core.loop import FitPlan, fit
-from modeconn.training.core.networks import build_network, load_data, network_state, stage_device
+from modeconn.training.core.config import Config, ConfigError, CurveSettings
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.loop import FitPlan, StageRun, fit
+from modeconn.training.core.networks import (
+    build_network,
+    load_data,
+    network_state,
+    stage_device,
+    stage_run,
+)
 from modeconn.training.core.runs import prepare_run_dir
 from modeconn.training.core.schedules import paper_learning_rate
 from modeconn.training.core.sources import check_same_network
@@ -48,10 +56,50 @@ def _aligned_end(w0: dict[str, Any], w1: dict[str, Any], start: Path, end: Path,
     return state
 
 
+def curve_model(base: nn.Module, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor],
+                settings: CurveSettings) -> CurveModel:
+    """The curve of `settings` between two weight sets of `base` (its BN buffers are kept as they are:
+    they are recomputed per t later). A random init of the bends draws from the global RNG."""
+    device = next(base.parameters()).device
+    return CurveModel(base, {k: v.to(device) for k, v in start.items()}, {k: v.to(device) for k, v in end.items()},
+                      curve=settings.curve, num_bends=settings.num_bends, fix_start=settings.fix_start,
+                      fix_end=settings.fix_end, init=settings.init)
+
+
+def train_curve(curve: CurveModel, data: Dataset, settings: CurveSettings, run: StageRun,
+                checkpoint_fields: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Fit the curve's free bends on `data`'s training split (the one loop, training/core/loop.py);
+    returns the per-epoch rows. The CLI and the Python API both train curves here."""
+    optimizer = torch.optim.SGD([curve.free_points], lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
+    t_generator = torch.Generator().manual_seed(run.seed + 3)
+
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.rand((), generator=t_generator).to(x.device)
+        logits = model(x, t)  # the curve itself, or DDP around it
+        return F.cross_entropy(logits, y) + 0.5 * settings.weight_decay * distributed.unwrap(model).last_l2, logits
+
+    plan = FitPlan(
+        epochs=settings.epochs,
+        batch_size=settings.batch_size,
+        learning_rate=lambda epoch, _: paper_learning_rate(settings.lr, epoch, settings.epochs),
+        seed=run.seed + 1,
+        description=f"curve {settings.curve}",
+        batch_setting="curve.batch_size",
+        loss_fn=loss_fn,
+        shared_generators={"curve_t": t_generator},
+        **run.loop_options(),
+    )
+    rows = fit(plan, run_dir=run.run_dir, model=curve, optimizer=optimizer, data=data,
+               checkpoint_fields=checkpoint_fields or {}, resume=run.resume)
+    curve.last_l2 = None  # the last step's term holds its autograd graph (and stops a deepcopy)
+    return rows
+
+
 def fit_curve(
     config: Config, start: Path, end: Path, run_dir: Path, resume: bool = False, force: bool = False,
     align: bool = False,
 ) -> dict[str, Any]:
+    """`modeconn curve`: the two checkpoints' curve trained by `train_curve`, saved as RUN/final.pt."""
     final_path = run_dir / "final.pt"
     device = stage_device(config)
     started = time.perf_counter()
@@ -72,25 +120,7 @@ def fit_curve(
     torch.manual_seed(config.seed)
     base = build_network(w0["architecture"], data.num_classes, device)
     base.load_state_dict(w0["model"])  # BN buffers start from w0's; they are recomputed per t later
-    curve = CurveModel(
-        base,
-        {k: v.to(device) for k, v in w0["model"].items()},
-        {k: v.to(device) for k, v in w1["model"].items()},
-        curve=settings.curve,
-        num_bends=settings.num_bends,
-        fix_start=settings.fix_start,
-        fix_end=settings.fix_end,
-        init=settings.init,
-    )
-    optimizer = torch.optim.SGD([curve.free_points], lr=settings.lr, momentum=settings.momentum, weight_decay=0.0)
-
-    t_generator = torch.Generator().manual_seed(config.seed + 3)
-
-    def loss_fn(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.rand((), generator=t_generator).to(x.device)
-        logits = model(x, t)  # the curve itself, or DDP around it
-        return F.cross_entropy(logits, y) + 0.5 * settings.weight_decay * distributed.unwrap(model).last_l2, logits
-
+    curve = curve_model(base, w0["model"], w1["model"], settings)
     fields = {
         "kind": "curve",
         "architecture": w0["architecture"],
@@ -100,22 +130,8 @@ def fit_curve(
                   **({"alignment": alignment} if alignment is not None else {})},
         "config": config.model_dump(),
     }
-    plan = FitPlan(
-        epochs=settings.epochs,
-        batch_size=settings.batch_size,
-        learning_rate=lambda epoch, _: paper_learning_rate(settings.lr, epoch, settings.epochs),
-        seed=config.seed + 1,
-        description=f"curve {settings.curve}",
-        batch_setting="curve.batch_size",
-        save_every=settings.save_every,
-        sync_batchnorm=config.distributed.sync_batchnorm,
-        step=config.step,
-        tensorboard=config.tensorboard,
-        loss_fn=loss_fn,
-        shared_generators={"curve_t": t_generator},
-    )
-    rows = fit(plan, run_dir=run_dir, model=curve, optimizer=optimizer, data=data, checkpoint_fields=fields,
-               resume=resume)
+    run = stage_run(config, run_dir, resume=resume, save_every=settings.save_every)
+    rows = train_curve(curve, data, settings, run, fields)
     if not distributed.is_main():
         return {"run_dir": str(run_dir), "rank": distributed.rank()}
     save_checkpoint(final_path, {**fields, "model": curve.state_dict(), "metrics": rows[-1]})

@@ -7,8 +7,8 @@ records the shapes (ShapeProp), and walks the graph:
 
 - every conv/linear output starts a group (its weight's dim 0 and bias); the layer's weight
   dim 1 follows the group of its input;
-- BatchNorm (weight, bias, running_mean, running_var), activations, pooling, dropout and
-  identity carry their input's group (pre-activation BN before a conv acts on that conv's
+- BatchNorm (weight, bias, running_mean, running_var), LayerNorm (weight and bias when it
+  normalises dim 1), activations, pooling, dropout and identity carry their input's group (pre-activation BN before a conv acts on that conv's
   input channels, which is the group of whatever produced them);
 - flatten of [N, C, L...] carries the group with each channel expanded to a block of prod(L);
 - an elementwise binary op between two tensors (residual additions) *unions* their groups
@@ -226,6 +226,8 @@ class _Walk:
                 if getattr(layer, key, None) is not None:
                     self.records.append((label.element, Axis(f"{name}.{key}", 0, label.block)))
             return label
+        if isinstance(layer, nn.LayerNorm):
+            return self.layer_norm(node, name, layer)
         if isinstance(layer, _PASS_MODULES):
             return self.single(node)
         if isinstance(layer, nn.Flatten):
@@ -252,6 +254,19 @@ class _Walk:
             self.records.append((element, Axis(f"{name}.bias", 0)))
         self.records.append((label.element, Axis(f"{name}.weight", 1, label.block)))
         return _Label(element)
+
+    def layer_norm(self, node: fx.Node, name: str, layer: nn.LayerNorm) -> _Label:
+        """Mean and variance over the normalised dims do not change when units are permuted: over the
+        trailing dims only (not dim 1), LayerNorm acts per unit and carries the group as it is; over
+        dims 1.. it carries it with its affine weight and bias permuted along dim 0."""
+        label = self.single(node)
+        shape = self.shape(node.all_input_nodes[0]) or ()
+        if len(layer.normalized_shape) < len(shape) - 1:
+            return label
+        for key in ("weight", "bias"):
+            if getattr(layer, key, None) is not None:
+                self.records.append((label.element, Axis(f"{name}.{key}", 0, label.block)))
+        return label
 
     def function_rule(self, node: fx.Node) -> _Label:
         target = node.target

@@ -126,52 +126,63 @@ def _best_member(rows: list[dict[str, Any]]) -> tuple[int, str]:
     return min(range(len(rows)), key=lambda i: rows[i][key]), key
 
 
-def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
-    """Error, NLL, ECE and Brier of the ensemble of `paths` and of each member; mean pairwise
-    disagreement; paired bootstrap intervals of ensemble − best member and ensemble − first member."""
-    started = time.perf_counter()
-    if out_dir is not None:
-        check_report_folder(Path(out_dir), ("ensemble.json", "ensemble.csv"))  # never over a user's files
-    files = expand_members(paths)
-    members = predict_members(files, resolve_device(device))
-    labels = members.data.y_test
-    combined = ensemble_probs(members.probs)
-    y_val = members.data.y_val
-    growing = with_validation(growing_ensemble(members.probs, labels), members.val_probs, y_val, grow=True)
+def ensemble_summary(probs: torch.Tensor, labels: torch.Tensor, val_probs: torch.Tensor | None = None,
+                     y_val: torch.Tensor | None = None, names: list[str] | None = None,
+                     kinds: list[str] | None = None) -> dict[str, Any]:
+    """Error, NLL, ECE and Brier of the ensemble of members' probabilities `probs` [K, N, C] and of
+    each member; temperatures fitted on the validation probabilities when given; mean pairwise
+    disagreement; paired bootstrap intervals of ensemble - best member and ensemble - first member.
+    `modeconn ensemble-eval` and the Python API's `evaluate_ensemble` both report this."""
+    names = names or [f"member {i}" for i in range(len(probs))]
+    kinds = kinds or ["network"] * len(probs)
+    combined = ensemble_probs(probs)
+    growing = with_validation(growing_ensemble(probs, labels), val_probs, y_val, grow=True)
     ensemble = {k: v for k, v in growing[-1].items() if k != "members"}
-    own = with_validation(member_metrics(members.probs, labels), members.val_probs, y_val, grow=False)
-    rows = [
-        {"checkpoint": str(path), "kind": state.get("kind", "train"), **metrics}
-        for path, state, metrics in zip(files, members.states, own, strict=True)
-    ]
+    own = with_validation(member_metrics(probs, labels), val_probs, y_val, grow=False)
+    rows = [{"checkpoint": name, "kind": kind, **metrics} for name, kind, metrics in zip(names, kinds, own, strict=True)]
     calibration = None
-    if members.val_probs is not None:  # temperatures fitted on validation, applied to test
+    if val_probs is not None and y_val is not None and len(y_val):  # T fitted on validation, applied to test
         calibration = {
             "split": "val", "val_examples": len(y_val),
-            "ensemble": calibration_report(ensemble_probs(members.val_probs), y_val, combined, labels),
-            "members": [calibration_report(v, y_val, p, labels)
-                        for v, p in zip(members.val_probs, members.probs, strict=True)],
+            "ensemble": calibration_report(ensemble_probs(val_probs), y_val, combined, labels),
+            "members": [calibration_report(v, y_val, p, labels) for v, p in zip(val_probs, probs, strict=True)],
         }
         for row, report in zip(rows, calibration["members"], strict=True):
             row.update(calibrated_columns(report))
     best, chosen_on = _best_member(rows)
     differences = {
-        name: {"member": str(files[i]), **statistics.intervals_json(statistics.compare_probs(combined, members.probs[i], labels))}
+        name: {"member": names[i], **statistics.intervals_json(statistics.compare_probs(combined, probs[i], labels))}
         for name, i in (("ensemble - best member", best), ("ensemble - first member", 0))
     }
     differences["ensemble - best member"]["chosen_on"] = chosen_on
-    result: dict[str, Any] = {
-        "members": len(files),
+    return {
+        "members": len(probs),
         "ensemble": ensemble,
         "calibration": calibration,
-        "disagreement": disagreement(members.probs),
+        "disagreement": disagreement(probs),
         "member_metrics": rows,
         "growing": growing,
         "differences": differences,
         "test_size": len(labels),
-        "architecture": members.states[0]["architecture"],
-        "dataset": members.states[0]["dataset"].get("name"),
+        "best_member": best,
     }
+
+
+def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
+    """`modeconn ensemble-eval`: `ensemble_summary` of checkpoints (run folders stand for their
+    members), written as ensemble.json/.csv into `out_dir` when given."""
+    started = time.perf_counter()
+    if out_dir is not None:
+        check_report_folder(Path(out_dir), ("ensemble.json", "ensemble.csv"))  # never over a user's files
+    files = expand_members(paths)
+    members = predict_members(files, resolve_device(device))
+    labels, y_val = members.data.y_test, members.data.y_val
+    result = ensemble_summary(members.probs, labels, members.val_probs, y_val, [str(p) for p in files],
+                              [state.get("kind", "train") for state in members.states])
+    best = result.pop("best_member")
+    result.update(architecture=members.states[0]["architecture"], dataset=members.states[0]["dataset"].get("name"))
+    ensemble, calibration, rows = result["ensemble"], result["calibration"], result["member_metrics"]
+    differences, chosen_on = result["differences"], result["differences"]["ensemble - best member"]["chosen_on"]
     if out_dir is not None:
         out_dir = Path(out_dir)
         result["json"], result["csv"] = str(out_dir / "ensemble.json"), str(out_dir / "ensemble.csv")

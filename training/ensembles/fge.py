@@ -25,17 +25,20 @@ from torch import nn
 from modeconn.training.core import distributed, progress
 from modeconn.training.core.checkpoint import CheckpointError
 from modeconn.training.core.config import Config, ConfigError, FGESettings
-from modeconn.training.core.data import iterations_per_epoch
+from modeconn.training.core.data import Dataset, iterations_per_epoch
+from modeconn.training.core.loop import StageRun
 from modeconn.training.core.networks import (
     held_out_metrics,
     load_data,
     network_from_state,
     network_state,
+    sgd_optimizer,
     stage_device,
+    stage_run,
 )
 from modeconn.training.core.runs import prepare_run_dir
 from modeconn.training.core.schedules import even_cycle_iterations, fge_collects, fge_learning_rate
-from modeconn.training.ensembles.snapshots import SnapshotPlan, run_snapshots
+from modeconn.training.ensembles.snapshots import SnapshotPlan, run_snapshots, snapshot_networks
 
 MOMENTUM_KEPT, MOMENTUM_FRESH = "from checkpoint", "fresh"
 
@@ -90,8 +93,40 @@ def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
     return cycle, budget
 
 
+def fge_plan(settings: FGESettings, steps_per_epoch: int, *, record: dict[str, Any] | None = None,
+             start: dict[str, Any] | None = None) -> SnapshotPlan:
+    """FGE's walk: the triangular cycle between lr1 and lr2, a snapshot at each cycle's middle (lr2)
+    in every cycle that ends inside the budget. `record` adds to the settings the report shows."""
+    cycle, budget = fge_budget(settings, steps_per_epoch)
+    if budget % cycle:
+        progress.log(f"[yellow]fge: the budget ({budget} iterations) is not a whole number of cycles ({cycle}); "
+                     f"the last {budget % cycle} iterations add no snapshot[/yellow]")
+    return SnapshotPlan(
+        method="fge",
+        budget=budget,
+        batch_size=settings.batch_size,
+        learning_rate=lambda i: fge_learning_rate(i, cycle, settings.lr1, settings.lr2),
+        # whole cycles only: the cycle of the collection at i ends at i + c/2
+        collect_index=lambda i: i // cycle + 1 if fge_collects(i, cycle) and i + cycle // 2 <= budget else None,
+        cycle_end=lambda i: i + cycle // 2,
+        seed_offset=2,  # a data order of its own (train uses seed + 1)
+        settings={**settings.model_dump(), "cycle_iterations": cycle, **(record or {})},
+        bn_update=settings.bn_update,
+        start=start,
+    )
+
+
+def fge_networks(model: nn.Module, data: Dataset, settings: FGESettings, run: StageRun,
+                 optimizer: torch.optim.Optimizer | None = None) -> list[nn.Module]:
+    """FGE from `model` (trained in place) over `data`: the snapshots in memory, BN recomputed
+    as the CLI's are. Without `optimizer`, fresh momentum."""
+    plan = fge_plan(settings, iterations_per_epoch(data, settings.batch_size))
+    return snapshot_networks(plan, run, model=model, optimizer=optimizer or sgd_optimizer(model, settings, settings.lr1), data=data)
+
+
 def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """FGE from `start` (see fge_start); returns output paths and start/ensemble metrics."""
+    """`modeconn fge` from `start` (see fge_start): the snapshots and report written to `run_dir`;
+    returns output paths and start/ensemble metrics."""
     settings = config.fge
     device = stage_device(config)
     torch.manual_seed(config.seed)  # dropout draws do not depend on what ran before in this process
@@ -99,10 +134,7 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
     model, optimizer, state = begin.model, begin.optimizer, begin.state
     data = load_data(state["dataset"], device)
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
-    cycle, budget = fge_budget(settings, steps_per_epoch)
-    if budget % cycle:
-        progress.log(f"[yellow]fge: the budget ({budget} iterations) is not a whole number of cycles ({cycle}); "
-                     f"the last {budget % cycle} iterations add no snapshot[/yellow]")
+    fge_budget(settings, steps_per_epoch)  # before the run folder is claimed
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "fge.json")
     note = "momentum buffers kept" if begin.momentum == MOMENTUM_KEPT else "no optimizer state: fresh momentum"
     progress.log(f"fge: starting from {start} ({begin.source}; {note})")
@@ -115,23 +147,8 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
         "config": config.model_dump(),
         "source": str(start),
     }
-    plan = SnapshotPlan(
-        method="fge",
-        budget=budget,
-        batch_size=settings.batch_size,
-        learning_rate=lambda i: fge_learning_rate(i, cycle, settings.lr1, settings.lr2),
-        # whole cycles only: the cycle of the collection at i ends at i + c/2
-        collect_index=lambda i: i // cycle + 1 if fge_collects(i, cycle) and i + cycle // 2 <= budget else None,
-        cycle_end=lambda i: i + cycle // 2,
-        seed=config.seed + 2,  # a data order of its own (train uses seed + 1)
-        save_every=config.train.save_every,
-        settings={**settings.model_dump(), "cycle_iterations": cycle, "start_source": begin.source,
-                  "momentum_start": begin.momentum},
-        bn_update=settings.bn_update,
-        start=start_info,
-        sync_batchnorm=config.distributed.sync_batchnorm,
-        step=config.step,
-        tensorboard=config.tensorboard,
-    )
-    result = run_snapshots(plan, run_dir, model=model, optimizer=optimizer, data=data, fields=fields, resume=resume)
+    plan = fge_plan(settings, steps_per_epoch, start=start_info,
+                    record={"start_source": begin.source, "momentum_start": begin.momentum})
+    run = stage_run(config, run_dir, resume=resume, save_every=config.train.save_every)
+    result = run_snapshots(plan, run, model=model, optimizer=optimizer, data=data, fields=fields)
     return {**result, "start_source": begin.source, "momentum": begin.momentum}

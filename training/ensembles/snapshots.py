@@ -10,7 +10,7 @@ import csv
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,8 @@ from modeconn.training.core.checkpoint import (
     read_finished,
     save_checkpoint,
 )
-from modeconn.training.core.config import StepSettings
 from modeconn.training.core.data import Dataset, iterations_per_epoch
-from modeconn.training.core.loop import FitPlan, fit
+from modeconn.training.core.loop import FitPlan, StageRun, fit
 from modeconn.training.core.networks import epoch_metrics, held_out_metrics
 from modeconn.training.core.reports import csv_text
 from modeconn.training.ensembles.evaluate import snapshot_report
@@ -50,31 +49,45 @@ def bn_running_averages(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
-def save_snapshot(
-    path: Path, model: nn.Module, data: Dataset, fields: dict[str, Any], info: dict[str, Any], bn_update: bool
-) -> dict[str, float]:
-    """Save the live weights as an ordinary checkpoint; returns its test metrics.
+@dataclass
+class Snapshot:
+    """One collected network: a copy of the live weights, BN recomputed unless the plan says not."""
 
-    BN statistics are recomputed on a deep copy so the training model (and its running
-    averages, which the next steps keep updating) is untouched. The running averages are
-    kept beside the recomputed ones (`bn_running_averages`, a few KB) so the report can
-    measure what the recomputation changes from the files alone, also after a resume.
-    Under torchrun every rank calls this (the recomputation is shared); rank 0 evaluates
-    and writes, the others return {}.
-    """
+    index: int
+    network: nn.Module
+    info: dict[str, Any]  # method, index, iteration, cycle_end, epoch, lr
+    running: dict[str, torch.Tensor]  # the training model's BN running averages at collection
+    bn_recomputed: bool
+
+
+def snapshot_network(model: nn.Module, data: Dataset, bn_update: bool) -> tuple[nn.Module, dict[str, torch.Tensor], bool]:
+    """A deep copy of the live model with BN recomputed over `data`'s training split (so the training
+    model and its running averages, which the next steps keep updating, are untouched); the running
+    averages it replaced; whether it recomputed. Under torchrun every rank calls this (shared work)."""
     net = copy.deepcopy(model)
     running = bn_running_averages(net)
     recomputed = bn_update and bool(running)
     if recomputed:
         recompute_bn(net, data)
+    return net.eval(), running, recomputed
+
+
+def save_snapshot(path: Path, snapshot: Snapshot, data: Dataset, fields: dict[str, Any]) -> dict[str, float]:
+    """Save a snapshot as an ordinary checkpoint; returns its held-out metrics.
+
+    The running averages are kept beside the recomputed ones (`bn_running_averages`, a few KB)
+    so the report can measure what the recomputation changes from the files alone, also after a
+    resume. Rank 0 evaluates and writes; the others return {}.
+    """
     if not distributed.is_main():
         return {}
-    net.eval()
+    net = snapshot.network
     metrics = held_out_metrics(net, data)
     extra = {k: v for k, v in fields.items() if k not in ("architecture", "dataset")}
-    extra.update(kind=f"{fields['kind']}-snapshot", metrics=metrics, snapshot=info, bn_recomputed=recomputed)
-    if recomputed:
-        extra["bn_running_averages"] = running
+    extra.update(kind=f"{fields['kind']}-snapshot", metrics=metrics, snapshot=snapshot.info,
+                 bn_recomputed=snapshot.bn_recomputed)
+    if snapshot.bn_recomputed:
+        extra["bn_running_averages"] = snapshot.running
     save_checkpoint(path, model_checkpoint(net, fields["architecture"], fields["dataset"], **extra))
     return metrics
 
@@ -98,9 +111,9 @@ def collection_points(budget: int, collect_index: CollectIndex) -> list[tuple[in
 
 @dataclass
 class SnapshotPlan:
-    """What an FGE or SSE run does: `budget` iterations with `learning_rate(i)` (i = this run's
-    iteration from 1), a snapshot wherever `collect_index(i)` names one; `settings` and `start`
-    go into the report."""
+    """What an FGE or SSE walk does: `budget` iterations with `learning_rate(i)` (i = this run's
+    iteration from 1), a snapshot wherever `collect_index(i)` names one, the data order drawn from
+    the run's seed + `seed_offset`; `settings` and `start` go into the report."""
 
     method: str
     budget: int
@@ -108,28 +121,77 @@ class SnapshotPlan:
     learning_rate: Callable[[int], float]
     collect_index: CollectIndex
     cycle_end: Callable[[int], int]
-    seed: int
-    save_every: int
+    seed_offset: int
     settings: dict[str, Any]
     bn_update: bool = True
     start: dict[str, Any] | None = None
-    sync_batchnorm: bool = False
-    step: StepSettings = field(default_factory=StepSettings)
-    tensorboard: bool = False
+
+
+def collect_snapshots(
+    plan: SnapshotPlan,
+    run: StageRun,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Dataset,
+    on_snapshot: Callable[[Snapshot], None],
+    checkpoint_fields: dict[str, Any] | None = None,
+    learning_rate: Callable[[int, int], float] | None = None,
+    evaluate: Callable[[], dict[str, float]] | None = None,
+) -> list[dict[str, Any]]:
+    """Train the plan's budget with the one loop, handing every collected snapshot to `on_snapshot`;
+    returns the per-epoch rows. The CLI (files, resume) and the Python API (a list) both walk here.
+    `learning_rate(epoch, iteration)` replaces the plan's schedule lookup (the CLI logs it there)."""
+    steps_per_epoch = iterations_per_epoch(data, plan.batch_size)
+
+    def after_step(iteration: int, epoch: int) -> None:
+        index = plan.collect_index(iteration)
+        if index is None:
+            return
+        info = {"method": plan.method, "index": index, "iteration": iteration, "cycle_end": plan.cycle_end(iteration),
+                "epoch": iteration / steps_per_epoch, "lr": plan.learning_rate(iteration)}
+        net, running, recomputed = snapshot_network(model, data, plan.bn_update)
+        on_snapshot(Snapshot(index, net, info, running, recomputed))
+
+    fit_plan = FitPlan(
+        epochs=math.ceil(plan.budget / steps_per_epoch),
+        max_iterations=plan.budget,
+        batch_size=plan.batch_size,
+        learning_rate=learning_rate or (lambda _epoch, iteration: plan.learning_rate(iteration)),
+        seed=run.seed + plan.seed_offset,
+        description=plan.method,
+        batch_setting=f"{plan.method}.batch_size",
+        evaluate=evaluate,
+        after_step=after_step,
+        **run.loop_options(),
+    )
+    return fit(fit_plan, run_dir=run.run_dir, model=model, optimizer=optimizer, data=data,
+               checkpoint_fields=checkpoint_fields or {}, resume=run.resume)
+
+
+def snapshot_networks(plan: SnapshotPlan, run: StageRun, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                      data: Dataset) -> list[nn.Module]:
+    """The walk's snapshots in memory, in order (nothing written): the Python API's FGE and SSE."""
+    networks: list[nn.Module] = []
+    collect_snapshots(plan, run, model=model, optimizer=optimizer, data=data,
+                      on_snapshot=lambda snapshot: networks.append(snapshot.network))
+    return networks
 
 
 def run_snapshots(
     plan: SnapshotPlan,
-    run_dir: Path,
+    run: StageRun,
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     data: Dataset,
     fields: dict[str, Any],
-    resume: bool,
 ) -> dict[str, Any]:
-    """Train the plan's budget, save its snapshots, then write the report."""
-    method, budget, learning_rate, collect_index = plan.method, plan.budget, plan.learning_rate, plan.collect_index
+    """`modeconn fge` / `sse`: the walk with its snapshots, start weights and LR log written to the
+    run folder, then the report."""
+    method, budget, collect_index = plan.method, plan.budget, plan.collect_index
+    assert run.run_dir is not None
+    run_dir, resume = run.run_dir, run.resume
     started = time.perf_counter()
     steps_per_epoch = iterations_per_epoch(data, plan.batch_size)
     lr_path = run_dir / "lr.csv"
@@ -150,41 +212,22 @@ def run_snapshots(
             for stale in [i for i in lr_rows if i >= iteration]:
                 del lr_rows[stale]
             first_call = False
-        lr = learning_rate(iteration)
+        lr = plan.learning_rate(iteration)
         lr_rows[iteration] = (lr, epoch + 1)
         return lr
 
-    def after_step(iteration: int, epoch: int) -> None:
-        index = collect_index(iteration)
-        if index is None:
-            return
-        info = {"method": method, "index": index, "iteration": iteration, "cycle_end": plan.cycle_end(iteration),
-                "epoch": iteration / steps_per_epoch, "lr": learning_rate(iteration)}
-        metrics = save_snapshot(snapshot_path(run_dir, index), model, data, fields, info, plan.bn_update)
+    def save(snapshot: Snapshot) -> None:
+        metrics = save_snapshot(snapshot_path(run_dir, snapshot.index), snapshot, data, fields)
         if metrics:
-            progress.log(f"{method} snapshot {index} at iteration {iteration}: test error {metrics['test_error']:.2f} %")
+            progress.log(f"{method} snapshot {snapshot.index} at iteration {snapshot.info['iteration']}: "
+                         f"test error {metrics['test_error']:.2f} %")
 
     def end_of_epoch() -> dict[str, float]:
         write_lr_log(lr_path, lr_rows)
         return epoch_metrics(model, data)
 
-    fit_plan = FitPlan(
-        epochs=math.ceil(budget / steps_per_epoch),
-        max_iterations=budget,
-        batch_size=plan.batch_size,
-        learning_rate=lr_at,
-        seed=plan.seed,
-        description=method,
-        batch_setting=f"{method}.batch_size",
-        save_every=plan.save_every,
-        sync_batchnorm=plan.sync_batchnorm,
-        step=plan.step,
-        tensorboard=plan.tensorboard,
-        evaluate=end_of_epoch,
-        after_step=after_step,
-    )
-    fit(fit_plan, run_dir=run_dir, model=model, optimizer=optimizer, data=data, checkpoint_fields=fields,
-        resume=resume)
+    collect_snapshots(plan, run, model=model, optimizer=optimizer, data=data, on_snapshot=save,
+                      checkpoint_fields=fields, learning_rate=lr_at, evaluate=end_of_epoch)
     if not distributed.is_main():
         return {"run_dir": str(run_dir), "rank": distributed.rank()}
     write_lr_log(lr_path, lr_rows)

@@ -11,12 +11,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from modeconn.training.core.config import Config, ConfigError, SSESettings
-from modeconn.training.core.data import iterations_per_epoch
-from modeconn.training.core.networks import dataset_spec, fresh_network, load_data, stage_device
+from modeconn.training.core.data import Dataset, iterations_per_epoch
+from modeconn.training.core.loop import StageRun
+from modeconn.training.core.networks import (
+    dataset_spec,
+    fresh_network,
+    load_data,
+    sgd_optimizer,
+    stage_device,
+    stage_run,
+)
 from modeconn.training.core.runs import prepare_run_dir
 from modeconn.training.core.schedules import cosine_restart_learning_rate
-from modeconn.training.ensembles.snapshots import SnapshotPlan, run_snapshots
+from modeconn.training.ensembles.snapshots import SnapshotPlan, run_snapshots, snapshot_networks
 
 
 def sse_budget(settings: SSESettings, steps_per_epoch: int) -> tuple[int, int]:
@@ -31,28 +41,36 @@ def sse_budget(settings: SSESettings, steps_per_epoch: int) -> tuple[int, int]:
     return cycle, budget
 
 
-def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
-    """Snapshot Ensembles from scratch; returns output paths and ensemble metrics."""
-    settings = config.sse
-    device = stage_device(config)
-    data = load_data(dataset_spec(config), device)
-    steps_per_epoch = iterations_per_epoch(data, settings.batch_size)
+def sse_plan(settings: SSESettings, steps_per_epoch: int) -> SnapshotPlan:
+    """SSE's walk: the cosine LR restarted every cycle, a snapshot at the end of each."""
     cycle, budget = sse_budget(settings, steps_per_epoch)
-    model, optimizer, fields = fresh_network(config, data, device, settings, "sse")
-    # after the network is built: a model that cannot be built leaves no run folder
-    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
-    plan = SnapshotPlan(
+    return SnapshotPlan(
         method="sse",
         budget=budget,
         batch_size=settings.batch_size,
         learning_rate=lambda i: cosine_restart_learning_rate(i, cycle, settings.lr),
         collect_index=lambda i: i // cycle if i % cycle == 0 else None,
         cycle_end=lambda i: i,
-        seed=config.seed + 1,  # the data order of a train run with the same seed
-        save_every=config.train.save_every,
+        seed_offset=1,  # the data order of a train run with the same seed
         settings={**settings.model_dump(), "cycle_iterations": cycle},
-        sync_batchnorm=config.distributed.sync_batchnorm,
-        step=config.step,
-        tensorboard=config.tensorboard,
     )
-    return run_snapshots(plan, run_dir, model=model, optimizer=optimizer, data=data, fields=fields, resume=resume)
+
+
+def sse_networks(model: nn.Module, data: Dataset, settings: SSESettings, run: StageRun) -> list[nn.Module]:
+    """Snapshot Ensembles from `model` (its initialisation; trained in place): the snapshots in memory."""
+    plan = sse_plan(settings, iterations_per_epoch(data, settings.batch_size))
+    return snapshot_networks(plan, run, model=model, optimizer=sgd_optimizer(model, settings), data=data)
+
+
+def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = False) -> dict[str, Any]:
+    """`modeconn sse`: Snapshot Ensembles from scratch, written to `run_dir`; returns output paths and
+    ensemble metrics."""
+    settings = config.sse
+    device = stage_device(config)
+    data = load_data(dataset_spec(config), device)
+    plan = sse_plan(settings, iterations_per_epoch(data, settings.batch_size))
+    model, optimizer, fields = fresh_network(config, data, device, settings, "sse")
+    # after the network is built: a model that cannot be built leaves no run folder
+    prepare_run_dir(run_dir, config, resume=resume, force=force, final=run_dir / "sse.json")
+    run = stage_run(config, run_dir, resume=resume, save_every=config.train.save_every)
+    return run_snapshots(plan, run, model=model, optimizer=optimizer, data=data, fields=fields)

@@ -26,6 +26,7 @@ Both reset the statistics first and restore the model's mode and momenta afterwa
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,32 +52,57 @@ class SWAError(ModeconnError):
 
 
 @torch.no_grad()
+def average_parameters(networks: Iterable[nn.Module]) -> nn.Module:
+    """The arithmetic mean of the networks' parameters (AveragedModel, one network in memory at a
+    time), as a copy of the first network whose BN statistics are still the first one's (eval mode)."""
+    averaged: AveragedModel | None = None
+    for model in networks:
+        if averaged is None:
+            averaged = AveragedModel(model)
+        averaged.update_parameters(model)
+    if averaged is None:
+        raise SWAError("no networks to average")
+    return averaged.module.eval()  # a deep copy of the first network, its parameters now the average
+
+
+def with_bn_recomputed(net: nn.Module, data: Dataset) -> tuple[nn.Module, bool]:
+    """`net` with its BN statistics recomputed over `data`'s training split (eval mode), and
+    whether it had BN to recompute (without BN nothing changes)."""
+    recomputed = has_batchnorm(net)
+    if recomputed:
+        recompute_bn(net, data)
+    return net.eval(), recomputed
+
+
+def swa_average(networks: Iterable[nn.Module], data: Dataset) -> nn.Module:
+    """SWA: the parameters averaged, then BN recomputed (the Python API's `swa`; `modeconn swa` runs the
+    same two steps over checkpoints)."""
+    return with_bn_recomputed(average_parameters(networks), data)[0]
+
+
 def average_weights(paths: list[Path], device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The arithmetic mean of the checkpoints' parameters (AveragedModel), as a plain network
-    whose BN statistics are still the first checkpoint's; and the first checkpoint's fields."""
+    """`average_parameters` of checkpoints (each checked against the first); and the first's fields."""
     if not paths:
         raise SWAError("no checkpoints to average")
-    averaged: AveragedModel | None = None
     first: dict[str, Any] = {}
-    for path in paths:
-        model, state = load_network(path, device)
-        if averaged is None:
-            averaged, first = AveragedModel(model), state
-        else:
-            check_same_network([(paths[0], first), (path, state)], SWAError)
-        averaged.update_parameters(model)
-    assert averaged is not None
-    net = averaged.module  # a deep copy of the first network, its parameters now the average
-    fields = {k: v for k, v in first.items() if k in ("architecture", "dataset")}
-    return net.eval(), fields
+
+    def networks() -> Iterator[nn.Module]:
+        for path in paths:
+            model, state = load_network(path, device)
+            if first:
+                check_same_network([(paths[0], first), (path, state)], SWAError)
+            else:
+                first.update(state)
+            yield model
+
+    net = average_parameters(networks())
+    return net, {k: v for k, v in first.items() if k in ("architecture", "dataset")}
 
 
 def swa_network(paths: list[Path], data: Dataset, device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The averaged network with its BN statistics recomputed on `data`'s training split (eval mode)."""
+    """The averaged checkpoints with BN recomputed on `data`'s training split (eval mode)."""
     net, fields = average_weights(paths, device)
-    if has_batchnorm(net):
-        recompute_bn(net, data)
-    return net.eval(), fields
+    return with_bn_recomputed(net, data)[0], fields
 
 
 def run_swa(sources: list[Path], out: Path, device: str = "auto") -> dict[str, Any]:
@@ -91,10 +117,7 @@ def run_swa(sources: list[Path], out: Path, device: str = "auto") -> dict[str, A
     dev = resolve_device(device)
     net, fields = average_weights(members, dev)
     data = load_data(fields["dataset"], dev)
-    recomputed = has_batchnorm(net)
-    if recomputed:
-        recompute_bn(net, data)
-    net.eval()
+    net, recomputed = with_bn_recomputed(net, data)
     metrics = held_out_metrics(net, data)
     # the members' contents: a rerun that reuses this file can tell whether its snapshots changed
     swa = {"members": [str(p) for p in members], "sha256": [file_sha256(Path(p)) for p in members],
