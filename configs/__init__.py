@@ -1,0 +1,1 @@
+"""The shipped run configs (YAML), installed as package data of modeconn.configs."""
