@@ -224,7 +224,7 @@ def test_served_upload_is_resized_exactly_as_training_read_the_file(tmp_path: Pa
         decode(PNG, buf.getvalue(), (1, 8, 8))
     from modeconn.serving.openapi import binary_bodies
 
-    described = binary_bodies((1, 8, 8), (0.0, 1.0), 64, spec.image)[PNG]["schema"]["description"]
+    described = binary_bodies((1, 8, 8), (0.0, 1.0), 64, spec.image)[PNG]["description"]
     assert "any size" in described and "resized to 8x8" in described
 
 
