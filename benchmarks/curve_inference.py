@@ -1,4 +1,4 @@
-"""The curve at any t, and the ensemble graph measured fairly (issue 15, items 3 and 4).
+"""The curve at any t, and the ensemble graph measured fairly.
 
 Item 3, per workload and batch size, seconds per call of
   (m) member graph           members/member-000.onnx

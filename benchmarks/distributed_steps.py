@@ -1,4 +1,4 @@
-"""Training throughput over 1 and 2 processes (issue 14): images/s of the real loop.
+"""Training throughput over 1 and 2 processes: images/s of the real loop.
 
 For each world size W (torchrun --nproc_per_node=W, gloo on CPUs; one thread per process),
 `training.core.loop.fit` trains on synthetic CIFAR-shaped tensors (crop/flip augmentation on,

@@ -1,4 +1,4 @@
-"""Ensemble inference, side by side (issue 8, items 1 and 3).
+"""Ensemble inference, side by side.
 
 Item 1, for the demo artifact (cnn1d on MNIST-1D) and a CIFAR-shaped ensemble (K = 8
 PreResNet-20 with random weights and BN statistics, random 3x32x32 inputs): samples per

@@ -1,4 +1,4 @@
-"""HTTP serving, side by side (issue 8, item 2), against real `bentoml serve` processes.
+"""HTTP serving, side by side, against real `bentoml serve` processes.
 
 1. Latency at batch 1 with one client: p50/p99 of POST /predict against the in-process
    session call (serving/runtime.py's Runtime.run_ensemble, alone and with the response

@@ -1,4 +1,4 @@
-"""Serving peers side by side, one run (issue 15, items 5 and 6).
+"""Serving peers side by side, one run.
 
 The same `ensemble.onnx` behind four servers, each in its own process group, started and
 stopped by this script and measured one after the other, in rounds whose order rotates:
@@ -27,7 +27,7 @@ server's answer to one row is checked against the in-process session before it i
 --artifact cifar: an artifact of 8 PreResNet-20 members with random (untrained, seeded)
 weights on CIFAR-shaped inputs, exported by training/export.py (its parity gate on a small
 synthetic CIFAR-10 folder; tests/support.py build_image_artifact), and rows/s served at --clients clients as a share of
-the in-process session's rows/s at the batch sizes the server ran (issue 15, item 6).
+the in-process session's rows/s at the batch sizes the server ran.
 
 The client is one asyncio process of raw HTTP/1.1 keep-alive connections (http_serving.py's)
 on the same 2 cores as the servers; its CPU time is recorded beside each throughput.
@@ -562,7 +562,7 @@ def compact_table(run: dict) -> str:
 def summary(run: dict) -> str:
     section = run["sections"][0]["data"]["table"]
     lines = ["## Side by side (medians over server starts; details below)", "", compact_table(run), "",
-             "## Targets (issue 15)", ""]
+             "## Targets", ""]
     for enc in ("json", "binary"):
         ours, floor = section.get(f"modeconn/{enc}"), section.get(f"floor/{enc}")
         if ours is None:

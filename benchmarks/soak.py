@@ -1,4 +1,4 @@
-"""Soak (issue 13, item 5): many keep-alive clients for a minute against a real server, every
+"""Soak: many keep-alive clients for a minute against a real server, every
 answer checked against the offline ensemble graph.
 
 The script builds the demo-shaped artifact (tests/support.py: cnn1d members and a

@@ -1,4 +1,4 @@
-"""Training cost, side by side (issue 8, item 4).
+"""Training cost, side by side.
 
 1. One SGD step (forward, loss, backward, optimizer step, batch 128) of a curve (Bezier,
    3 bends, training/curves/model.py CurveModel with its L2 term, as `modeconn curve` trains it)
@@ -10,7 +10,7 @@
 3. `modeconn eval-curve`: seconds per evaluated point (each point: BN recomputation, train
    and test predictions; the curve and the straight line both count), with one point's
    parts timed separately.
-4. The step options (issue 14, item 6; training/core/step.py as `fit` runs them): fp32 vs bf16
+4. The step options (training/core/step.py as `fit` runs them): fp32 vs bf16
    vs fp16 autocast, channels_last and torch.compile, plain step, on this CPU; the default is
    chosen from these numbers. `--options-only` runs this section alone (results file
    training_step_options-DATE).

@@ -1,4 +1,4 @@
-"""A worker killed under load (issue 13, item 3), against real `bentoml serve` processes.
+"""A worker killed under load, against real `bentoml serve` processes.
 
 For each setting (MODECONN_WORKERS=1, =2, and 2 workers with one onnxruntime thread each),
 --clients keep-alive clients send batch-1 POST /predict back to back for --seconds; at

@@ -1,45 +1,20 @@
-"""Adaptive micro-batching in front of one onnxruntime session.
+"""Micro-batching in front of one onnxruntime session.
 
-Why this batcher and not BentoML's own (`@bentoml.api(batchable=True)`; issue 15, item 5).
-Measured in benchmarks/serving_peers.py (results/serving_peers-2026-12-02.md): one minimal
-BentoML service over the same ensemble.onnx, once with BentoML's batching and once with this
-batcher, all else equal (peers bentoml-batching / bentoml-microbatcher: 2 workers, 1
-onnxruntime thread each, batch-1 requests, 3 server starts each, the 2-core machine with other
-jobs using 1.1-1.5 of its cores meanwhile, so read pairs within a round, not absolute values):
-- one client, p50: this batcher lower in every round, JSON 10.4 / 6.7 / 4.7 ms against
-  12.0 / 12.5 / 8.1; raw float32 7.2 / 8.1 / 6.5 against 10.5 / 13.9 / 9.3;
-- 64 clients, rows/s: this batcher 1.28x / 1.12x / 0.97x BentoML's (JSON), 1.48x / 1.18x /
-  1.31x (raw), for the same server CPU per request (1.5-1.9 against 1.4-1.7 ms JSON,
-  2.0-2.2 against 2.1-2.5 ms raw): the difference is waiting, not work.
-The reason is in BentoML 1.4's CorkDispatcher: while a batch runs it polls for the next one in
-1 ms ticks (asyncio.sleep(0.001)) instead of being woken, and it holds requests for company
-whenever its fitted latency model says the latency budget allows; this batcher starts the
-next batch the moment the session is free and never waits (max_wait_ms 0). Nor does it fit the
-service's other needs: a batchable API batches one argument along one axis (the curve graph's
-t is one scalar per call, grouped by key here), and its max_latency_ms answers 503 ("shedding")
-by a latency estimate rather than bounding the queue by rows. So this batcher stays.
+Why not BentoML's own batching (`@bentoml.api(batchable=True)`): it polls for the next batch in
+1 ms ticks and may hold requests for company, and it batches one argument along one axis (the
+curve's t is one scalar per call); this batcher starts the next batch the moment the session is
+free and bounds its queue by rows. Measured side by side: benchmarks/README.md, "The batcher".
 
 Requests arrive here already validated (one bad request can never fail a batch). Each is
-queued with a key (graph input other than `x`: None for the ensemble, t for the curve).
-One asyncio task per batcher:
+queued with a key (graph input other than `x`: None for the ensemble, t for the curve). One
+asyncio task per batcher waits for the first pending request (and, with `max_wait_ms` > 0, for
+company), takes pending requests in arrival order up to `max_batch_rows` rows (at least one
+request), runs the session once per key in a thread, and splits the outputs per request. Under
+load batches grow on their own; at low load a request runs at once.
 
-1. waits for the first pending request;
-2. waits until `max_batch_rows` rows are pending, or until the oldest pending request is
-   `max_wait_ms` old, whichever comes first (max_wait_ms = 0, the default: no waiting);
-3. takes pending requests in arrival order up to `max_batch_rows` rows (always at least one
-   request, so a single request larger than the cap still runs), concatenates the rows of
-   each key and runs the session once per key in its own thread, then splits the outputs
-   back per request.
-
-While a batch runs, new requests pile up, so under load batches grow on their own; at low
-load a request runs at once. A positive `max_wait_ms` makes a lone request wait that long
-for company: measured on the demo it only added latency (benchmarks/results/http_serving-*),
-since one worker's HTTP handling, not the session, is what limits throughput there. Pending rows above
-`max_queue_rows` are refused with `Overloaded` (HTTP 503 + Retry-After) rather than left to
-time out: backpressure instead of an unbounded queue. A request under several keys (a curve
-request's ts) is admitted or refused whole (`submit_many`): queueing its keys one by one let
-a later key be refused while the earlier ones ran for nothing and filled the queue, so that
-two clients sending the largest curve requests starved each other.
+Pending rows above `max_queue_rows` are refused with `Overloaded` (HTTP 503 + Retry-After):
+backpressure instead of an unbounded queue. A request under several keys (a curve request's ts)
+is admitted or refused whole (`submit_many`), so nothing of a refused request keeps running.
 """
 
 from __future__ import annotations

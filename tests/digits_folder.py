@@ -64,3 +64,10 @@ def write_digits_folder(root: Path, test_fraction: float = 0.25, seed: int = 0,
         ordered = sorted(rows, key=lambda i: (labels[i], f"{i:04d}"))
         written[part] = pixels[ordered], labels[ordered]
     return DigitsFolder(root, *written["train"], *written["test"])
+
+
+if __name__ == "__main__":  # python tests/digits_folder.py DIR: the folder configs/digits.yaml reads
+    import sys
+
+    written = write_digits_folder(Path(sys.argv[1] if len(sys.argv) > 1 else "data/digits"))
+    print(f"{written.root}: {len(written.train_labels)} train, {len(written.test_labels)} test PNGs")

@@ -1,4 +1,4 @@
-"""Training over two processes (torchrun, gloo, CPU) against one process (issue 14).
+"""Training over two processes (torchrun, gloo, CPU) against one process.
 
 Real `torchrun --nproc_per_node=2` subprocesses: one launch of tests/ddp_worker.py runs
 several stages in one process group (each torchrun start costs seconds here), one CLI run

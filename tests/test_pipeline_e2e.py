@@ -51,9 +51,16 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
     assert (runs / "summary.json").is_file()
     _check_summary_markdown(runs, summary, tmp_path)
 
+    # the effective config, overrides included, and every stage's time
+    assert summary["config"]["train"]["epochs"] == 8 and summary["config"]["fge"]["lr1"] == 0.05
+    assert set(summary["stage_times"]) == {"train seed 0", "train seed 1", "curve", "eval-curve", "fge", "swa", "export"}
+    assert all(t["seconds"] > 0 and not t["earlier_run"] for t in summary["stage_times"].values())
     again = _pipeline(runs, home)  # every stage is done: all skipped, nothing re-exported
     assert again.returncode == 0, again.stderr[-4000:]
     assert again.stderr.count("already done, skipped") == 7
+    resumed = json.loads(again.stdout.strip().splitlines()[-1])
+    assert all(t["earlier_run"] for t in resumed["stage_times"].values())
+    assert "Stages: train seed 0" in (runs / "summary.md").read_text()
     assert json.loads(again.stdout.strip().splitlines()[-1])["artifact"] == summary["artifact"]
     stored = list((home / "models" / "modeconn-mnist1d").glob("*/manifest.json"))
     assert len(stored) == 1

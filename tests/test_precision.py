@@ -1,4 +1,4 @@
-"""The training step's options (issue 14, items 6 and 7): mixed precision, channels_last,
+"""The training step's options: mixed precision, channels_last,
 the GradScaler for fp16, TensorBoard events, and their flags and errors.
 
 Small runs: `fit` on 256 MNIST-1D signals of the demo data (cnn1d of width 8) or on 64

@@ -1,4 +1,4 @@
-"""Nothing the tool did not write is ever deleted (issue 13.1).
+"""Nothing the tool did not write is ever deleted.
 
 A foreign file (`thesis.tex`) is put in every place a command replaces or deletes: the run
 folder of train/curve/fge/sse --force, the compare and pipeline roots, export --out onto a

@@ -1,4 +1,4 @@
-"""Faults at serving time (issue 13): a broken artifact stops `bentoml serve` at once with
+"""Faults at serving time: a broken artifact stops `bentoml serve` at once with
 one line naming the model and the file; a worker killed with SIGKILL costs only its
 in-flight requests while its sibling answers and a replacement starts; a worker whose own
 load fails stays up answering 503 with the reason instead of crash-looping; an artifact that

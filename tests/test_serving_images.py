@@ -1,4 +1,4 @@
-"""PNG and JPEG uploads to a real `bentoml serve` of an image-shaped artifact (issue 15: "for
+"""PNG and JPEG uploads to a real `bentoml serve` of an image-shaped artifact ("for
 image artifacts PNG/JPEG uploads (decoded, checked against the manifest's input shape,
 normalised as in training)").
 

@@ -38,13 +38,20 @@ from modeconn.training.export import export_runs
 from modeconn.training.train import fge_start_epoch, finished_result, train_network, train_or_reuse
 
 
-def _stage(name: str, skip: dict[str, Any] | None, run: Any, skipped: list[str]) -> dict[str, Any]:
+def _stage(name: str, skip: dict[str, Any] | None, run: Any, skipped: list[str],
+           times: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Run a stage, or take its earlier result; `times` gets its seconds either way (an earlier
+    run's as that run recorded them, when it did)."""
     if skip is not None:
         progress.log(f"[dim]pipeline: {name} already done, skipped[/dim]")
         skipped.append(name)
+        times[name] = {"seconds": skip.get("seconds"), "earlier_run": True}
         return skip
     progress.log(f"[bold]pipeline: {name}[/bold]")
-    return run()
+    started = time.perf_counter()
+    result = run()
+    times[name] = {"seconds": time.perf_counter() - started, "earlier_run": False}
+    return result
 
 
 def _finished_curve(run_dir: Path) -> dict[str, Any] | None:
@@ -115,6 +122,7 @@ def run_pipeline(
         run_jobs([Job(train_or_reuse, (c, d)) for c, d in zip(seeded, runs, strict=True)],
                  min(jobs, 2), resolve_device(config.device))
     skipped: list[str] = []
+    times: dict[str, dict[str, Any]] = {}
     with progress.display(), progress.task("pipeline", 7, transient=False) as advance:
         trained: list[dict[str, Any]] = []
         together: list[dict[str, Any]] = []  # the batched pass's results, made by the first train stage
@@ -127,26 +135,26 @@ def run_pipeline(
 
         for i, (seed, run_dir) in enumerate(zip(seeds, runs, strict=True)):
             trained.append(_stage(f"train seed {seed}", finished_result(run_dir) if not together else None,
-                                  lambda i=i: train(i), skipped))
+                                  lambda i=i: train(i), skipped, times))
             advance()
         curve_dir = root / "curve"
         _stage("curve", _finished_curve(curve_dir),
                lambda: fit_curve(config, Path(trained[0]["checkpoint"]), Path(trained[1]["checkpoint"]), curve_dir,
-                                 resume=True), skipped)
+                                 resume=True), skipped, times)
         advance()
         curve_eval = _stage("eval-curve", _finished_eval(curve_dir),
                             lambda: evaluate_curve(curve_dir, points=config.curve.eval_points, device=config.device),
-                            skipped)
+                            skipped, times)
         advance()
         fge_dir = root / "fge"
         fge_from = checkpoint_path(runs[0], fge_start_epoch(config))
         fge = _stage("fge", finished_snapshot_run(fge_dir, "fge"),
-                     lambda: run_fge(config, fge_from, fge_dir, resume=True), skipped)
+                     lambda: run_fge(config, fge_from, fge_dir, resume=True), skipped, times)
         advance()
         snapshots = sorted((fge_dir / "snapshots").glob("snapshot-*.pt"))
         swa_path = root / "swa" / "swa.pt"  # a folder of its own: export --out may sit beside it in root
         _stage("swa", _finished_swa(swa_path, snapshots),
-               lambda: run_swa([fge_dir], swa_path, device=config.device), skipped)
+               lambda: run_swa([fge_dir], swa_path, device=config.device), skipped, times)
         advance()
         sources = [*snapshots, curve_dir / "final.pt", swa_path]
         record = root / "export.json"
@@ -160,7 +168,7 @@ def run_pipeline(
             atomic_write_json(record, done)
             return done
 
-        exported = _stage("export", _finished_export(record, fingerprint, out), export, skipped)
+        exported = _stage("export", _finished_export(record, fingerprint, out), export, skipped, times)
         advance()
     fge_vs_single = _fge_vs_single(Path(trained[0]["checkpoint"]), fge_dir, config.device)
     swa, swa_vs_single = _swa_vs_single(Path(trained[0]["checkpoint"]), swa_path, config.device)
@@ -168,7 +176,9 @@ def run_pipeline(
     summary["swa"] = swa
     summary.update(differences={"fge - single network": fge_vs_single, "swa - single network": swa_vs_single,
                                 **curve_eval["differences"]},
-                   test_size=curve_eval["test_size"], skipped_stages=skipped,
+                   test_size=curve_eval["test_size"], skipped_stages=skipped, stage_times=times,
+                   # the full effective config, --set overrides included: what reproduces this run
+                   config=config.model_dump(mode="json"),
                    provenance=provenance.provenance(curve_eval["test_size"]),
                    markdown=str(root / "summary.md"))
     atomic_write_json(root / "summary.json", summary)
@@ -258,16 +268,23 @@ def _difference_rows(summary: dict[str, Any]) -> list[tuple[str, list[str]]]:
     return rows
 
 
+def _stage_time(name: str, timing: dict[str, Any]) -> str:
+    seconds = "?" if timing["seconds"] is None else f"{timing['seconds']:.0f}"
+    return f"{name} {seconds} s" + (" (earlier run)" if timing["earlier_run"] else "")
+
+
 def summary_markdown(config: Config, summary: dict[str, Any]) -> str:
     """summary.md: the demo's table with machine, date, test size and intervals (the README copies it)."""
     info = summary["provenance"]
     skipped = summary.get("skipped_stages") or []
     timing = f"{summary['seconds']:.0f} s" + (f" (skipped as already done: {', '.join(skipped)})" if skipped else "")
+    stages = ", ".join(_stage_time(name, t) for name, t in (summary.get("stage_times") or {}).items())
     lines = [
         f"**modeconn pipeline: {config.model.label} on {config.data.name}** (config `{config.name}`)",
         "",
         *provenance.markdown_lines(info),
-        f"- Pipeline time: {timing}.",
+        f"- Pipeline time: {timing}." + (f" Stages: {stages}." if stages else ""),
+        "- Settings: the effective config, `--set` overrides included, is `config` in summary.json.",
         "",
         "| model | test error % | NLL | ECE | Brier |",
         "|---|---|---|---|---|",

@@ -1,4 +1,4 @@
-"""The peers `benchmarks/serving_peers.py` serves the same ensemble graph with (issue 15, item 5).
+"""The peers `benchmarks/serving_peers.py` serves the same ensemble graph with.
 
 Each module is a minimal server of its framework, configured from PEER_* environment
 variables the benchmark sets: PEER_ARTIFACT (an exported artifact folder), PEER_WORKERS,
