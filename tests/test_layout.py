@@ -115,7 +115,7 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
         names = set(zf.namelist())
     assert {t for t in tops if not t.endswith(".dist-info")} == {"modeconn"}
     for must in ("modeconn/models/registry.py", "modeconn/training/cli.py", "modeconn/serving/service.py",
-                 "modeconn/contract/manifest.py", "modeconn/training/core/ranks.py", "modeconn/configs/mnist1d.yaml"):
+                 "modeconn/contract/manifest.py", "modeconn/training/core/ranks.py"):
         assert must in names
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     with zipfile.ZipFile(wheel) as zf:
@@ -144,13 +144,3 @@ def test_import_modeconn_loads_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
-
-
-def test_a_command_without_config_runs_the_demo_settings() -> None:
-    """No --config: the demo's config (shipped in the package), not the bare field defaults."""
-    from modeconn.training.cli import build_parser, config_from_args
-    from modeconn.training.core.config import load_config
-
-    for command in ("train", "fge", "compare"):
-        args = build_parser().parse_args([command] + (["--from", "x.pt"] if command == "fge" else []))
-        assert config_from_args(args) == load_config(ROOT / "configs" / "mnist1d.yaml"), command

@@ -23,13 +23,7 @@ threads.wait_passively()
 
 from modeconn.contract.errors import ModeconnError  # noqa: E402
 from modeconn.training.core import distributed  # noqa: E402
-from modeconn.training.core.config import (  # noqa: E402
-    Config,
-    ConfigError,
-    demo_config_path,
-    load_config,
-    parse_set_overrides,
-)
+from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides  # noqa: E402
 
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 
@@ -72,8 +66,7 @@ def _step_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
     merged = {"seed": args.seed, "device": args.device, **_step_overrides(args), **(overrides or {}),
               **parse_set_overrides(args.set)}
-    # no --config: the demo's settings (the README's numbers), never the bare field defaults
-    return load_config(args.config if args.config is not None else demo_config_path(), merged)
+    return load_config(args.config, merged)
 
 
 def run_dir_from_args(args: argparse.Namespace, config: Config) -> Path:

@@ -248,14 +248,6 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def demo_config_path() -> Path:
-    """The demo's config (configs/mnist1d.yaml, shipped in the package): what every command runs
-    without --config, so a bare command reproduces the README's demo and writes to runs/demo."""
-    from importlib.resources import files
-
-    return Path(str(files("modeconn.configs") / "mnist1d.yaml"))
-
-
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Read a YAML config (or the defaults) and apply dotted overrides like {"train.lr": 0.05}."""
     tree: dict[str, Any] = {}

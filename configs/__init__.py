@@ -1,1 +1,0 @@
-"""The shipped run configs (YAML), installed as package data of modeconn.configs."""
