@@ -83,10 +83,15 @@ def one_thread():
     """One intra-op thread, here and in the subprocess: on a busy 2-core machine two OpenMP
     threads wait on each other (an epoch took 29 s instead of 1.6 s), and the resume test
     compares runs bit for bit, which needs the same thread count in both processes."""
-    previous = torch.get_num_threads()
+    previous, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the in-process CLI sets its threads from it
     yield
     torch.set_num_threads(previous)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 @pytest.fixture(scope="module")
