@@ -1,5 +1,5 @@
 """Fused-ensemble designs compared in benchmarks/ensemble_inference.py with the one
-training/export.py's EnsembleGraph ships (the members in turn in one graph, 1D convolutions
+training/export/graphs.py's EnsembleGraph ships (the members in turn in one graph, 1D convolutions
 run as 2D): the members stacked into one K-times-wide network of grouped convolutions (the
 design shipped before it), and the members in turn with 1D convolutions left 1D (the first
 design)."""

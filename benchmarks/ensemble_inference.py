@@ -6,7 +6,7 @@ second at batch 1, 64 and 1024 of
   (a) member loop      K member sessions (members/*.onnx) one after another, mean in numpy
   (a') the same with the sessions' thread spinning off (idle pool threads of one session
                        otherwise compete with the next session's)
-  (b) fused ensemble   ensemble.onnx as training/export.py's EnsembleGraph writes it now:
+  (b) fused ensemble   ensemble.onnx as training/export/graphs.py's EnsembleGraph writes it now:
                        the K members one after another in one graph, 1D convs run as 2D
   (b0) fused, stacked  the design shipped before: the members stacked into one K-times-wide
                        network of grouped convs (benchmarks/ensemble_designs.py)
@@ -53,7 +53,7 @@ from torch import nn
 
 from modeconn.models import build_model
 from modeconn.training.curves.model import CurveModel
-from modeconn.training.export import CurveGraph, EnsembleGraph, MemberGraph, Normalize, _export_onnx
+from modeconn.training.export import CurveGraph, EnsembleGraph, MemberGraph, Normalize, export_onnx
 
 QUIET_NOTE = ("Each number is the median over the timing samples taken while other processes used < "
               f"{common.QUIET_CORES} cores ('quiet' counts them; all samples if fewer than 2 were quiet); "
@@ -84,7 +84,7 @@ def conv_count(path: Path) -> int:
 def quiet_export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str]) -> float:
     started = time.perf_counter()
     with contextlib.redirect_stderr(io.StringIO()):
-        _export_onnx(module, args, path, inputs, outputs)
+        export_onnx(module, args, path, inputs, outputs)
     return time.perf_counter() - started
 
 

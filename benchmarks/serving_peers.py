@@ -25,7 +25,7 @@ service's binary input (branch serving-io): without it they read "unsupported". 
 server's answer to one row is checked against the in-process session before it is timed.
 
 --artifact cifar: an artifact of 8 PreResNet-20 members with random (untrained, seeded)
-weights on CIFAR-shaped inputs, exported by training/export.py (its parity gate on a small
+weights on CIFAR-shaped inputs, exported by training/export/ (its parity gate on a small
 synthetic CIFAR-10 folder; tests/support.py build_image_artifact), and rows/s served at --clients clients as a share of
 the in-process session's rows/s at the batch sizes the server ran.
 

@@ -107,7 +107,7 @@ def _inputs_of(nodes: Iterable[onnx.NodeProto]) -> list[str]:
 def _convs_as_2d(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
     """Each 1D Conv (explicit pads, as torch exports them) as Unsqueeze -> Conv2d -> Squeeze
     over a height-1 axis: the same numbers through onnxruntime's 2D kernels (as
-    training/export.py's Conv2dOfHeight1 does for the member graphs)."""
+    training/export/graphs.py's Conv2dOfHeight1 does for the member graphs)."""
     out: list[onnx.NodeProto] = []
     for node in nodes:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}

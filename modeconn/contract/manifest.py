@@ -1,6 +1,6 @@
 """The artifact manifest (`manifest.json`): one pydantic model, the only definition of the format.
 
-The exporter (training/export.py) builds a `Manifest` and writes its JSON; the loader
+The exporter (training/export/) builds a `Manifest` and writes its JSON; the loader
 (modeconn/contract/artifact.py) validates what it reads with the same model, so the two cannot drift.
 docs/manifest.md carries the tables generated from this model's JSON schema
 (`python -m modeconn.contract.manifest --write docs/manifest.md`; a test fails when they differ).

@@ -8,16 +8,11 @@ before anything is stored; an artifact that fails the parity gate is never store
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import datetime as dt
-import io
 import json
-import logging
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -26,10 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from modeconn.contract.artifact import MANIFEST_NAME, file_record, load_artifact
-from modeconn.contract.errors import ModeconnError
 from modeconn.contract.manifest import (
     FORMAT_VERSION,
     Architecture,
@@ -48,22 +41,34 @@ from modeconn.contract.manifest import (
     Parity,
     Swa,
 )
-from modeconn.contract.onnx_refs import CLASS_NAMES_KEY
 from modeconn.training.core import progress
-from modeconn.training.core.bn import recompute_bn
-from modeconn.training.core.checkpoint import CheckpointError, atomic_write_json, load_checkpoint
+from modeconn.training.core.checkpoint import atomic_write_json, load_checkpoint
 from modeconn.training.core.config import ExportSettings
-from modeconn.training.core.data import Dataset, input_batches, normalization_tensors
+from modeconn.training.core.data import Dataset
 from modeconn.training.core.metrics import classification_metrics
 from modeconn.training.core.model_source import architecture_label
 from modeconn.training.core.networks import load_data, load_network, predict_probs
 from modeconn.training.core.runs import artifact_target_problem, write_marker
 from modeconn.training.core.sources import check_same_network, run_members
 from modeconn.training.curves.fit import load_curve
-from modeconn.training.curves.model import COEFFICIENTS, CurveModel, even_ts, network_at
+from modeconn.training.curves.model import CurveModel, even_ts
 from modeconn.training.ensembles.calibration import calibration_report, grid_temperatures
+from modeconn.training.export.graphs import (
+    CurveGraph,
+    EnsembleGraph,
+    MemberGraph,
+    Normalize,
+    bn_statistics_grid,
+    export_onnx,
+    with_class_names,
+)
+from modeconn.training.export.parity import (
+    ExportError,
+    check_parity,
+    interpolation_check,
+    ort_session,
+)
 
-OPSET = 18
 DATA_PROVENANCE = ("train_size", "val_size", "test_size", "split_seed", "generation")
 
 
@@ -83,153 +88,6 @@ def image_input(described: dict[str, Any]) -> ImageInput | None:
         return None
     resize = described.get("resize")
     return ImageInput(channels=int(described["channels"]), resize=None if resize is None else [int(v) for v in resize])
-
-
-class ExportError(ModeconnError):
-    """Nothing was stored: bad inputs, or a graph that failed the parity gate."""
-
-
-# ---------------------------------------------------------------- graph modules
-class Normalize(nn.Module):
-    """The data set's normalisation, inside the graph, so clients send raw inputs."""
-
-    def __init__(self, mean: list[float], std: list[float], ndim: int) -> None:
-        super().__init__()
-        m, s = normalization_tensors(mean, std, ndim)
-        self.register_buffer("mean", m)
-        self.register_buffer("std", s)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class MemberGraph(nn.Module):
-    """One network: softmax of its logits on normalised inputs, 1D convolutions run as 2D
-    (conv1d_as_2d: 1.6-2.4x faster on the demo at batch 64 and 1024 on 2 CPU cores)."""
-
-    def __init__(self, net: nn.Module, normalize: Normalize) -> None:
-        super().__init__()
-        self.net, self.normalize = conv1d_as_2d(net), normalize
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(self.normalize(x)), dim=1)
-
-
-class EnsembleGraph(nn.Module):
-    """All members in one graph: the mean of their softmax outputs, and each member's.
-
-    The members run one after another inside the graph, each with its 1D convolutions run
-    as 2D ones of height 1 (onnxruntime's fast blocked-layout (NCHWc) CPU convolutions are
-    2D only). The design shipped before it, the members stacked into one K-times-wide
-    network of grouped convolutions (benchmarks/ensemble_designs.py), is as fast on 2 CPU
-    cores at batch 64 and 1024 and faster at batch 1, but ran at 0.17x the member loop on
-    an H100 at batch 1024 (cuDNN's grouped convolutions) and was bimodal at batch 1 on
-    CIFAR shapes; members in turn run the same kernels as the member graphs on any
-    provider. Measured fairly (every session's thread spinning off, or each way in its own
-    process) it is about as fast as the loop over K member sessions at batch 64 and 1024
-    (benchmarks/results/curve_inference-*); the 2x once reported came from the member
-    sessions' spinning thread pools slowing each other. What it gives is one call, one
-    thread pool and every member's probabilities from one graph.
-    """
-
-    def __init__(self, nets: list[nn.Module], normalize: Normalize) -> None:
-        super().__init__()
-        self.nets, self.normalize = nn.ModuleList(conv1d_as_2d(net) for net in nets), normalize
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.normalize(x)
-        member_probs = torch.stack([torch.softmax(net(z), dim=1) for net in self.nets])
-        return member_probs.mean(dim=0), member_probs
-
-
-class Conv2dOfHeight1(nn.Module):
-    """A Conv1d computed as a Conv2d over [N, C, 1, L]: the same numbers, the 2D kernels."""
-
-    def __init__(self, conv: nn.Conv1d) -> None:
-        super().__init__()
-        # the Conv1d's own parameters, same names and shapes: the state dict stays the network's
-        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
-        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
-        self.out_channels = conv.out_channels
-        self.stride, self.dilation, self.groups = (1, *conv.stride), (1, *conv.dilation), conv.groups
-        self.padding = conv.padding if isinstance(conv.padding, str) else (0, *conv.padding)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.conv2d(x.unsqueeze(2), self.weight.unsqueeze(2), self.bias, self.stride, self.padding,
-                         self.dilation, self.groups)
-        return y.squeeze(2)
-
-
-def conv1d_as_2d(net: nn.Module) -> nn.Module:
-    """`net` itself when it has no Conv1d, else an eval-mode copy whose Conv1d layers run as 2D ones."""
-    convs = [name for name, m in net.named_modules() if isinstance(m, nn.Conv1d) and m.padding_mode == "zeros"]
-    if not convs:
-        return net
-    if "" in convs:
-        return Conv2dOfHeight1(net)
-    net = copy.deepcopy(net).eval()
-    for name in convs:
-        parent, _, attr = name.rpartition(".")
-        setattr(net.get_submodule(parent), attr, Conv2dOfHeight1(net.get_submodule(name)))
-    return net
-
-
-class CurveGraph(nn.Module):
-    """φ(t) for any t: weights = coefficients(t) @ control points; BN statistics
-    interpolated linearly between the two nearest of `grid` precomputed points."""
-
-    def __init__(self, curve: CurveModel, bn_grid: dict[str, torch.Tensor], grid_points: int, normalize: Normalize) -> None:
-        super().__init__()
-        self.base = network_at(curve, 0.0).eval()
-        self.curve_type, self.num_bends = curve.curve, curve.num_bends
-        self.names, self.shapes, self.sizes = curve.names, curve.shapes, curve.sizes
-        self.register_buffer("points", curve.control_points())
-        # exact integers 0..n-1: a float32 linspace scaled by n-1 is off by an ulp, and the hat
-        # weights at a grid t then sum to 1 - 1e-6 (1e-5 in the probabilities)
-        self.register_buffer("grid", torch.arange(grid_points, dtype=torch.float32))
-        self.bn_names = list(bn_grid)
-        for i, name in enumerate(self.bn_names):
-            self.register_buffer(f"bn_{i}", bn_grid[name])  # [grid_points, C]
-        self.normalize = normalize
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.reshape(())
-        flat = COEFFICIENTS[self.curve_type](t, self.num_bends) @ self.points
-        weights = {n: w.view(s) for n, w, s in zip(self.names, flat.split(self.sizes), self.shapes, strict=True)}
-        hat = torch.relu(1 - (t * (self.grid.shape[0] - 1) - self.grid).abs())  # [grid_points]
-        stats = {name: hat @ getattr(self, f"bn_{i}") for i, name in enumerate(self.bn_names)}
-        return torch.softmax(functional_call(self.base, {**weights, **stats}, (self.normalize(x),)), dim=1)
-
-
-@dataclass
-class BnGrid:
-    """What the exporter computes at each grid t of the curve, with BN recomputed exactly there."""
-
-    statistics: dict[str, torch.Tensor]  # per BN buffer, [grid_points, C]
-    exact: torch.Tensor  # probabilities on the parity inputs, [grid_points, N, C]: the gate's reference
-    val_probs: list[torch.Tensor]  # validation probabilities at each t (empty without a validation split)
-
-
-@torch.no_grad()
-def bn_statistics_grid(
-    curve: CurveModel, data: Dataset, grid_points: int, x_check: torch.Tensor, normalize: Normalize
-) -> BnGrid:
-    """BN running mean/var recomputed at `grid_points` evenly spaced t, stacked per buffer; the
-    exactly recomputed network's probabilities on `x_check` (what the parity gate holds the
-    curve graph to) and on the validation split (what T(t) is fitted on) at each t."""
-    rows: dict[str, list[torch.Tensor]] = {}
-    exact, val = [], []
-    with progress.task("BN statistics along the curve", grid_points) as advance:
-        for t in even_ts(grid_points):
-            net = recompute_bn(network_at(curve, t), data).eval()
-            for name, buf in net.named_buffers():
-                if name.endswith(("running_mean", "running_var")):
-                    rows.setdefault(name, []).append(buf.clone())
-            exact.append(torch.softmax(net(normalize(x_check)), dim=1))
-            if len(data.y_val):
-                val.append(predict_probs(net, data, "val"))
-            advance()
-    return BnGrid({name: torch.stack(values) for name, values in rows.items()}, torch.stack(exact), val)
 
 
 # ---------------------------------------------------------------- sources
@@ -297,44 +155,6 @@ class ExportJob:
     max_interpolation_pp: float
     swa_net: nn.Module | None = None
     swa_state: dict[str, Any] | None = None
-
-
-# ---------------------------------------------------------------- ONNX and parity
-def _export_onnx(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str], outputs: list[str]) -> None:
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = {"x": {0: batch}, **({"t": None} if "t" in inputs else {})}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the exporter warns about every torchvision op it cannot find; none is used here
-    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(), args, str(path), input_names=inputs, output_names=outputs, opset_version=OPSET,
-            dynamic_shapes=dynamic, dynamo=True, external_data=False, verbose=False,
-        )
-
-
-def _with_class_names(path: Path, class_names: list[str]) -> Path:
-    """The graph at `path` with the class names in its metadata, for the service's start-up check."""
-    import onnx
-
-    model = onnx.load(str(path))
-    onnx.helper.set_model_props(model, {CLASS_NAMES_KEY: json.dumps(list(class_names))})
-    onnx.save(model, str(path))
-    return path
-
-
-def _ort_session(path: Path):  # noqa: ANN202
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def _check_parity(name: str, got: np.ndarray, expected: torch.Tensor, atol: float) -> float:
-    diff = float(np.abs(got - expected.cpu().numpy()).max())
-    if not diff <= atol:  # also catches NaN
-        raise ExportError(f"parity gate failed for {name}: onnxruntime differs from PyTorch by {diff:.3g} (> {atol:g})")
-    return diff
 
 
 # ---------------------------------------------------------------- export
@@ -428,12 +248,12 @@ def _export_network(work: Path, rel: str, net: nn.Module, job: ExportJob,
     """One network as a MemberGraph at `rel`, held to the network by the parity gate; its
     test and validation probabilities (None without a validation split)."""
     data, normalize, x_check = job.data, job.normalize, job.x_check
-    _export_onnx(MemberGraph(net, normalize).eval(), (x_check[:2],), work / rel, ["x"], ["probabilities"])
+    export_onnx(MemberGraph(net, normalize).eval(), (x_check[:2],), work / rel, ["x"], ["probabilities"])
     with torch.no_grad():  # the original network, not the rewritten export module
         expected = torch.softmax(net(normalize(x_check)), dim=1)
         probs = predict_probs(net, data, "test")
         val_probs = predict_probs(net, data, "val") if len(data.y_val) else None
-    parity[rel] = _check_parity(rel, _ort_session(work / rel).run(None, {"x": x_check.numpy()})[0], expected, job.atol)
+    parity[rel] = check_parity(rel, ort_session(work / rel).run(None, {"x": x_check.numpy()})[0], expected, job.atol)
     return probs, val_probs
 
 
@@ -469,13 +289,13 @@ def _build(work: Path, job: ExportJob) -> Manifest:
             advance()
 
     ensemble_graph = EnsembleGraph(list(nets), normalize).eval()
-    _export_onnx(ensemble_graph, (x_check[:2],), work / "ensemble.onnx", ["x"], ["probabilities", "member_probabilities"])
+    export_onnx(ensemble_graph, (x_check[:2],), work / "ensemble.onnx", ["x"], ["probabilities", "member_probabilities"])
     with torch.no_grad():  # the mean of the original networks' softmax outputs
         members_expected = torch.stack([torch.softmax(net(normalize(x_check)), dim=1) for net in nets])
         mean_expected = members_expected.mean(dim=0)
-    got_mean, got_members = _ort_session(work / "ensemble.onnx").run(None, {"x": x_check.numpy()})
-    parity["ensemble.onnx"] = max(_check_parity("ensemble.onnx", got_mean, mean_expected, atol),
-                                  _check_parity("ensemble.onnx (members)", got_members, members_expected, atol))
+    got_mean, got_members = ort_session(work / "ensemble.onnx").run(None, {"x": x_check.numpy()})
+    parity["ensemble.onnx"] = max(check_parity("ensemble.onnx", got_mean, mean_expected, atol),
+                                  check_parity("ensemble.onnx (members)", got_members, members_expected, atol))
     files.append("ensemble.onnx")
     ensemble_probs = torch.stack(member_probs).mean(dim=0)
     ensemble_val = torch.stack(member_val_probs).mean(dim=0) if has_val else None
@@ -510,7 +330,7 @@ def _build(work: Path, job: ExportJob) -> Manifest:
         input=InputSpec(shape=list(data.input_shape), dtype="float32", range=[float(v) for v in data.value_range],
                         normalization=Normalization(mean=list(info["mean"]), std=list(info["std"])),
                         image=image_input(described)),
-        files={rel: FileRecord(**file_record(_with_class_names(work / rel, data.class_names))) for rel in files},
+        files={rel: FileRecord(**file_record(with_class_names(work / rel, data.class_names))) for rel in files},
         members=members,
         ensemble=ensemble,
         curve=curve,
@@ -526,14 +346,14 @@ def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> Curve
     exact = bn_grid.exact
     graph = CurveGraph(curve, bn_grid.statistics, grid_points, normalize).eval()
     t0 = torch.tensor([0.5])
-    _export_onnx(graph, (x_check[:2], t0), work / "curve.onnx", ["x", "t"], ["probabilities"])
-    session = _ort_session(work / "curve.onnx")
+    export_onnx(graph, (x_check[:2], t0), work / "curve.onnx", ["x", "t"], ["probabilities"])
+    session = ort_session(work / "curve.onnx")
     worst = 0.0
     for t, expected in zip(even_ts(grid_points), exact, strict=True):  # every grid t: the exact network there
         got = session.run(None, {"x": x_check.numpy(), "t": np.array([t], dtype=np.float32)})[0]
-        worst = max(worst, _check_parity(f"curve.onnx at t={t:g}", got, expected, job.atol))
+        worst = max(worst, check_parity(f"curve.onnx at t={t:g}", got, expected, job.atol))
     parity["curve.onnx"] = worst
-    interpolation = _interpolation_check(graph, curve, data, grid_points)
+    interpolation = interpolation_check(graph, curve, data, grid_points)
     if not interpolation["max_abs_error_difference_pp"] <= job.max_interpolation_pp:
         raise ExportError(
             f"curve.onnx: between the {grid_points} grid points, interpolated BN statistics change the test error "
@@ -546,21 +366,6 @@ def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> Curve
     return Curve(file="curve.onnx", source=_source(job.sources.curve), type=curve.curve, num_bends=curve.num_bends,
                  bn_grid_points=grid_points, settings=job.curve_state["curve"], metrics=metrics,
                  bn_interpolation=BnInterpolation(**interpolation), calibration=calibration)
-
-
-@torch.no_grad()
-def _interpolation_check(graph: CurveGraph, curve: CurveModel, data: Dataset, grid_points: int) -> dict[str, Any]:
-    """Test error at off-grid t with interpolated BN statistics vs exactly recomputed ones."""
-    step = 1.0 / (grid_points - 1)
-    rows = []
-    for t in (0.5 * step, 0.25 + 0.5 * step, 0.5 + 0.5 * step, 0.75 + 0.3 * step):
-        interp = torch.cat([graph(x, torch.tensor([t])) for x, _ in input_batches(data, "test", 1024)])
-        exact_net = recompute_bn(network_at(curve, t), data).eval()
-        exact = predict_probs(exact_net, data, "test")
-        rows.append({"t": t, "interpolated_error": classification_metrics(interp, data.y_test)["error"],
-                     "exact_error": classification_metrics(exact, data.y_test)["error"]})
-    worst = max(abs(r["interpolated_error"] - r["exact_error"]) for r in rows)
-    return {"points": rows, "max_abs_error_difference_pp": worst}
 
 
 def _versions() -> dict[str, str]:
@@ -609,6 +414,3 @@ def _replace_folder(src: Path, dst: Path, sources: list[Path]) -> None:
             staged.rename(dst)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-__all__ = ["ExportError", "export_artifact", "export_runs", "write_artifact", "collect_sources", "CheckpointError"]
