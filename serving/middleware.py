@@ -14,7 +14,8 @@ RequestGuardMiddleware:
 
 - Bodies held at once by this worker above a budget -> 503 + Retry-After, before the body
   is read (the declared Content-Length, or one whole body's limit when chunked, is reserved
-  until the answer is sent). Once the last body is released after a burst, glibc is asked
+  until the answer is sent); bodies of at most 64 KiB have 16 MiB of their own beyond it,
+  so that slow uploads of large bodies cannot shut out ordinary requests. Once the last body is released after a burst, glibc is asked
   to give freed memory back (malloc_trim): its arenas otherwise keep the peak.
 - Body above a byte limit -> 413.
 - multipart/* or BentoML's pickle media type -> 415: the APIs take JSON only, and BentoML
@@ -63,6 +64,8 @@ _REFUSED_MEDIA_PREFIXES = (b"multipart/", b"application/vnd.bentoml+pickle")
 
 logger = logging.getLogger("bentoml.serve.modeconn")
 TRIM_AFTER_BYTES = 16 << 20  # bodies released since the last trim before the next one is worth it
+SMALL_BODY_BYTES = 64 << 10  # a small request (a few hundred rows of JSON)
+SMALL_SLICE_BYTES = 16 << 20  # held by small requests beyond the budget: 256 of them
 
 
 class RequestGuardMiddleware:
@@ -80,10 +83,15 @@ class RequestGuardMiddleware:
             await self.app(scope, receive, send)
             return
         reserved = self._reservation(scope)
-        if reserved and self.in_flight and self.in_flight + reserved > self.budget_bytes:
+        # small bodies have a slice of their own beyond the budget, so that slow uploads of
+        # large bodies cannot shut out ordinary requests
+        room = self.budget_bytes + (SMALL_SLICE_BYTES if reserved <= SMALL_BODY_BYTES else 0)
+        if reserved and self.in_flight and self.in_flight + reserved > room:
             message = (f"this worker holds {self.in_flight} bytes of request bodies; this one "
                        f"({reserved} bytes) would exceed its budget of {self.budget_bytes}; retry shortly")
-            await _send_json(send, 503, message, [(b"retry-after", b"1")])
+            # no `connection: close`: uvicorn then reads and drops the unread body (holding
+            # none of it), so the client sees the 503 rather than a reset while it still sends
+            await _send_json(send, 503, message, [(b"retry-after", b"1")], close=False)
             return
         self.in_flight += reserved
         try:
@@ -246,6 +254,7 @@ class PredictionBodies:
             if body.strip() and not _json_object(body):
                 await _send_json(send, 400, "the body of POST /info must be empty or a JSON object")
                 return
+            body = body if body.strip() else b""  # whitespace alone is no body, not bad JSON
             receive = _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
         await self.app(scope, receive, send)
 
@@ -305,10 +314,10 @@ class OpenAPIMiddleware:
 
 
 async def _send_json(send: Any, status: int, message: str,
-                     extra: list[tuple[bytes, bytes]] | None = None) -> None:
+                     extra: list[tuple[bytes, bytes]] | None = None, close: bool = True) -> None:
     body = json.dumps({"error": message}).encode()
-    # connection: close, since the body may not have been read to its end
-    await _send(send, status, body, [(b"connection", b"close"), *(extra or [])])
+    # connection: close by default, since the body may not have been read to its end
+    await _send(send, status, body, [*([(b"connection", b"close")] if close else []), *(extra or [])])
 
 
 def _malloc_trim() -> None:

@@ -244,14 +244,15 @@ def test_schemathesis_finds_the_contract_true(servers: tuple[Server, Server]) ->
         assert by_operation[(op, "positive")] >= 50 and by_operation[(op, "negative")] >= 50, by_operation
 
 
-def test_schemathesis_cli_with_every_check_finds_nothing(servers: tuple[Server, Server]) -> None:
+def test_schemathesis_cli_with_every_check_finds_nothing(servers: tuple[Server, Server], tmp_path: Path) -> None:
     """`schemathesis run --checks all` as an operator would run it: every phase it runs by
     default, every check (Allow headers on OPTIONS, unsupported methods, missing headers,
     response headers... beyond CHECKS above), at least MIN_CASES cases, no failure."""
     cmd = [sys.executable, "-m", "schemathesis.cli", "run", servers[0].url + "/docs.json", "--checks", "all",
            "--max-examples", str(CLI_EXAMPLES), "--workers", "2", "--continue-on-failure", "--seed", "1",
            "--no-color"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+    # run from a scratch folder: the CLI writes its crash cache (.schemathesis/) where it runs
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
     report = out.stdout + out.stderr
     print(report[-1500:])
     generated = re.search(r"(\d+) generated", report)

@@ -276,6 +276,8 @@ def test_metrics_count_the_traffic_sent(two_workers: tuple[Server, Path]) -> Non
     server, _ = two_workers
     x = demo_inputs(3, seed=1)
     http = requests.Session()
+    before = _scrape(server)  # the fixture's own probes (a prediction while loading) came first
+
     for _ in range(20):
         assert http.post(server.url + "/predict", json={"inputs": x.tolist()}, timeout=30).status_code == 200
     for _ in range(6):
@@ -285,17 +287,21 @@ def test_metrics_count_the_traffic_sent(two_workers: tuple[Server, Path]) -> Non
     info = requests.get(server.url + "/info", timeout=10).json()["batching"]
     assert info["worker_index"] in (1, 2) and info["worker_pid"] in _workers(server)
     m = _scrape(server)
-    assert _total(m, "modeconn_request_seconds_count", endpoint="/predict", status="200") == 20
-    assert _total(m, "modeconn_request_seconds_count", endpoint="/predict_curve", status="200") == 6
-    assert _total(m, "modeconn_refusals_total", endpoint="/predict", status="400", reason="bad_request") == 5
+
+    def sent(name: str, **labels: str) -> float:
+        return _total(m, name, **labels) - _total(before, name, **labels)
+
+    assert sent("modeconn_request_seconds_count", endpoint="/predict", status="200") == 20
+    assert sent("modeconn_request_seconds_count", endpoint="/predict_curve", status="200") == 6
+    assert sent("modeconn_refusals_total", endpoint="/predict", status="400", reason="bad_request") == 5
     # every row sent went through one session call; batches are at most one per request
-    assert _total(m, "modeconn_session_rows_sum", graph="ensemble") == 20 * 3
-    assert 1 <= _total(m, "modeconn_session_rows_count", graph="ensemble") <= 20
-    assert _total(m, "modeconn_session_seconds_count", graph="ensemble") == _total(
-        m, "modeconn_session_rows_count", graph="ensemble")
-    assert _total(m, "modeconn_session_rows_sum", graph="curve") == 6 * 2
-    curve_calls = _total(m, "modeconn_session_rows_count", graph="curve")
-    hits, misses = (_total(m, "modeconn_curve_cache_events_total", event=e) for e in ("hit", "miss"))
+    assert sent("modeconn_session_rows_sum", graph="ensemble") == 20 * 3
+    assert 1 <= sent("modeconn_session_rows_count", graph="ensemble") <= 20
+    assert sent("modeconn_session_seconds_count", graph="ensemble") == sent(
+        "modeconn_session_rows_count", graph="ensemble")
+    assert sent("modeconn_session_rows_sum", graph="curve") == 6 * 2
+    curve_calls = sent("modeconn_session_rows_count", graph="curve")
+    hits, misses = (sent("modeconn_curve_cache_events_total", event=e) for e in ("hit", "miss"))
     assert hits + misses == curve_calls and misses >= 1
     assert _total(m, "modeconn_queue_rows", graph="ensemble") == 0  # nothing waits once all answered
     tags = {dict(lab)["tag"] for (n, lab), v in m.items() if n == "modeconn_artifact_info" and v == 1}
