@@ -127,17 +127,29 @@ def request(port: int, method: str, path: str, body: bytes = b"", timeout: float
         conn.request(method, path, body=body, headers={"Content-Type": content_type, "Connection": "close"})
         r = conn.getresponse()
         return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
-    except (OSError, http.client.HTTPException):
-        return 0, {}, b""
+    except (OSError, http.client.HTTPException) as exc:
+        return 0, {"error": type(exc).__name__}, b""
     finally:
         conn.close()
+
+
+def outcome(status: int, headers: dict[str, str]) -> str:
+    """'200', '503+retry', '0 ConnectionResetError' (no answer, and why)..."""
+    if status == 503 and "retry-after" in headers:
+        return "503+retry"
+    return str(status) if status else f"0 {headers.get('error', '')}".strip()
+
+
+PROBES_SEEN: Counter[str] = Counter()  # every probe's outcome, for the notes of a failed row
 
 
 def probe(port: int, count: int) -> tuple[int, int]:
     """(answered 200, not) over `count` small predictions on fresh connections."""
     body = json.dumps({"inputs": [ROW]}).encode()
-    statuses = [request(port, "POST", "/predict", body)[0] for _ in range(count)]
-    return statuses.count(200), count - statuses.count(200)
+    seen = Counter(outcome(*request(port, "POST", "/predict", body)[:2]) for _ in range(count))
+    PROBES_SEEN.clear()
+    PROBES_SEEN.update(seen)
+    return seen["200"], count - seen["200"]
 
 
 def closed_by_server(sockets: list[socket.socket]) -> int:
@@ -151,6 +163,15 @@ def closed_by_server(sockets: list[socket.socket]) -> int:
         except OSError:
             closed += 1
     return closed
+
+
+def wait_all_workers(server: Server, workers: int, timeout_s: float = 120.0) -> None:
+    """Until every worker has logged that it is ready (one /readyz 200 says only that one is)."""
+    deadline = time.monotonic() + timeout_s
+    while server.log.read_text(errors="replace").count("ready in ") < workers:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not every worker ready after {timeout_s:g} s:\n{server.log_tail()}")
+        time.sleep(0.2)
 
 
 # ---------------------------------------------------------------- attacks on a running server
@@ -176,7 +197,7 @@ def held_sockets(server: Server, sizes: Sizes, name: str, first_bytes: bytes) ->
     time.sleep(sizes.settle_s)
     row.rss[1:] = [peak.peak, rss_mib(pids)]
     row.held = row.errors == 0 and closed >= 0.9 * len(sockets)
-    row.notes += f"{len(sockets)} sockets held {sizes.hold_s:g} s; the server closed {closed}; probes {sizes.probes}"
+    row.notes += f"{len(sockets)} sockets held {sizes.hold_s:g} s; the server closed {closed}; probes {sizes.probes}: {dict(PROBES_SEEN)}"
     return row
 
 
@@ -208,7 +229,7 @@ def slow_uploads(server: Server, sizes: Sizes) -> Row:
     row.rss[1:] = [peak.peak, rss_mib(pids)]
     row.answers, row.errors = probed[0]
     row.held = row.errors == 0 and row.rss[2] <= 1.2 * row.rss[0]
-    row.notes = f"{len(sockets)} uploads of 8 MiB at 1 KiB/s for {sizes.hold_s:g} s; probes {sizes.probes}"
+    row.notes = f"{len(sockets)} uploads of 8 MiB at 1 KiB/s for {sizes.hold_s:g} s; probes {sizes.probes}: {dict(PROBES_SEEN)}"
     return row
 
 
@@ -226,8 +247,7 @@ def large_json(server: Server, sizes: Sizes, limit: int) -> Row:
 
     def one() -> None:
         status, headers, _ = request(server.port, "POST", "/predict", body, timeout=120)
-        outcomes.append("200" if status == 200 else "503+retry" if status == 503 and "retry-after" in headers
-                        else str(status))
+        outcomes.append(outcome(status, headers))
 
     with RssPeak(server) as peak:
         for _ in range(sizes.large_rounds):
@@ -409,7 +429,9 @@ def store_tamper_kill(home: Path, work: Path, sizes: Sizes) -> Row:
 def main() -> None:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--artifact", type=Path, help="an exported artifact folder with a curve (default: build one)")
+    parser.add_argument("--only", default="", help="comma-separated attack names to run (default: all)")
     args = parser.parse_args()
+    only = {a.strip() for a in args.only.split(",") if a.strip()}
     sizes = Sizes.quick() if args.quick else Sizes()
     run = common.start_run("hostile")
     run["quick"], run["command"], run["sizes"] = args.quick, common.command_line(), sizes.__dict__
@@ -421,23 +443,27 @@ def main() -> None:
         store(artifact, home)
         limit = 8 << 20
         server = Server(home, MODEL_NAME, work / "server.log", MODECONN_WORKERS="2")
-        attacks: list[Callable[[], Row]] = [
-            lambda: held_sockets(server, sizes, "idle-sockets", b""),
-            lambda: held_sockets(server, sizes, "half-headers", b"POST /predict HTTP/1.1\r\nHost: x\r\n"),
-            lambda: slow_uploads(server, sizes),
-            lambda: large_json(server, sizes, limit),
-            lambda: heavy_curve(server, sizes),
-            lambda: bad_requests(server),
-        ]
+        attacks: dict[str, Callable[[], Row]] = {
+            "idle-sockets": lambda: held_sockets(server, sizes, "idle-sockets", b""),
+            "half-headers": lambda: held_sockets(server, sizes, "half-headers", b"POST /predict HTTP/1.1\r\nHost: x\r\n"),
+            "slow-uploads": lambda: slow_uploads(server, sizes),
+            "large-json": lambda: large_json(server, sizes, limit),
+            "heavy-curve": lambda: heavy_curve(server, sizes),
+            "bad-requests": lambda: bad_requests(server),
+        }
         try:
             server.wait_ready()
-            for attack in attacks:
-                rows.append(attack())
-                print(rows[-1], flush=True)
+            wait_all_workers(server, 2)
+            for name, attack in attacks.items():
+                if not only or name in only:
+                    rows.append(attack())
+                    print(rows[-1], flush=True)
         finally:
             server.stop()
-        rows.append(mismatched_manifest(home, work))
-        rows.append(store_tamper_kill(home, work, sizes))
+        if not only or "mismatched-manifest" in only:
+            rows.append(mismatched_manifest(home, work))
+        if not only or "store-tamper-kill" in only:
+            rows.append(store_tamper_kill(home, work, sizes))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = [[r.attack, r.answers, r.errors, *(round(v, 1) for v in r.rss), "held" if r.held else "FAILED", r.notes]

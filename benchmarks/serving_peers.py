@@ -72,6 +72,8 @@ class Peer:
 
 PEERS = {
     "modeconn": Peer("modeconn", "/readyz", "/predict", "/predict"),
+    # the same service from another checkout's interpreter (--baseline-python): before/after in one run
+    "modeconn-baseline": Peer("modeconn-baseline", "/readyz", "/predict", "/predict"),
     "bentoml-batching": Peer("bentoml-batching", "/readyz", "/predict", "/predict_raw"),
     "bentoml-microbatcher": Peer("bentoml-microbatcher", "/readyz", "/predict", "/predict_raw"),
     "litserve": Peer("litserve", "/health", "/predict", "/predict"),
@@ -101,9 +103,15 @@ class Settings:
                 "PEER_LITSERVE_WAIT_S": str(self.litserve_wait_s)}
 
 
+BASELINE_PYTHON: list[str] = []  # --baseline-python, once parsed
+
+
 def command(peer: str, port: int, workers: int) -> list[str]:
     py = sys.executable
-    if peer == "modeconn":
+    if peer in ("modeconn", "modeconn-baseline"):
+        if peer == "modeconn-baseline" and not BASELINE_PYTHON:
+            raise ValueError("peer modeconn-baseline needs --baseline-python (another checkout's interpreter)")
+        py = BASELINE_PYTHON[0] if peer == "modeconn-baseline" else py
         return [py, "-m", "bentoml", "serve", "modeconn.serving.service:ModeConnService", "--port", str(port),
                 "--host", "127.0.0.1"]
     if peer == "bentoml-batching":
@@ -289,7 +297,7 @@ def answers_of(peers: list[str], raw: np.ndarray, artifact: Path) -> dict[str, n
     from modeconn.serving.calibration import scale
 
     temperature = load_artifact(artifact).spec.ensemble_temperature
-    return {peer: scale(raw, temperature) if peer == "modeconn" and temperature is not None else raw
+    return {peer: scale(raw, temperature) if peer.startswith("modeconn") and temperature is not None else raw
             for peer in peers}
 
 
@@ -337,7 +345,8 @@ def main() -> None:
     parser.add_argument("--artifact-dir", type=Path, help="an exported artifact folder instead of building one")
     parser.add_argument("--build-only", type=Path, metavar="DIR",
                         help="build the artifact into DIR and stop (outside a timing lock), for --artifact-dir")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)}")
+    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} "
+                        "(modeconn-baseline only with --baseline-python)")
     parser.add_argument("--encodings", default="json,binary")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--per-client", type=int, default=0, help="requests per client (default 40, cifar 8, quick 3)")
@@ -351,7 +360,14 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="seconds to wait, per server start, for other work to use < 0.25 cores")
     parser.add_argument("--no-spinning", action="store_true", help="onnxruntime spinning off for every session")
+    parser.add_argument("--baseline-python", default="",
+                        help="for peer modeconn-baseline: the python of another checkout (its venv), "
+                             "to compare the service before and after a change in one run")
     args = parser.parse_args()
+    BASELINE_PYTHON[:] = [args.baseline_python] if args.baseline_python else []
+    run_peers = args.peers if args.baseline_python or args.peers != ",".join(PEERS) else ",".join(
+        p for p in PEERS if p != "modeconn-baseline")
+    args.peers = run_peers
     cifar = args.artifact == "cifar"
     args.per_client = args.per_client or (3 if args.quick else 8 if cifar else 40)
     args.latency_requests = args.latency_requests or (100 if args.quick else 200 if cifar else 500)

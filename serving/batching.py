@@ -150,6 +150,8 @@ class MicroBatcher:
         assert self._wakeup is not None
         self._wakeup.set()
         try:
+            if len(futures) == 1:  # the common case, without gather's extra future and callbacks
+                return [await futures[0]]
             return list(await asyncio.gather(*futures))
         except BaseException:
             for future in futures:  # queued parts of a failed or cancelled request do not run

@@ -19,6 +19,12 @@ GuardedH11Protocol is uvicorn's h11 protocol with deadlines and a cap:
 A connection past a deadline is closed; an app waiting for its body sees a disconnect.
 Request heads are bounded by h11 (16 KiB); bodies by the service's middleware.
 
+Lingering close (as nginx's `lingering_close`): when a response is answered before the
+client has sent its whole body (a 503 over the body budget, a 413) and the connection is to
+close, closing at once makes the kernel reset it, and a client still sending sees the reset,
+not the answer. So the worker shuts its side for writing and reads and drops what still
+comes, for at most LINGER_S (LINGER_GAP_S without data ends it sooner), then closes.
+
 `install` makes uvicorn use it: BentoML builds the worker's uvicorn.Config with the default
 protocol "auto" after importing the service, so the service module points that name here.
 """
@@ -34,6 +40,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 REFUSED_HEAD_S = 2.0
+LINGER_S, LINGER_GAP_S = 30.0, 5.0  # nginx's lingering_time and lingering_timeout
 
 
 @dataclass(frozen=True)
@@ -60,9 +67,10 @@ class GuardedH11Protocol(H11Protocol):
         self.timeout_keep_alive = self.limits.keep_alive_s
         self._deadline: asyncio.TimerHandle | None = None
         self._phase = "head"
+        self._linger_until = 0.0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_LingeringTransport(transport, self))
         if len(self.connections) > self.limits.max_connections:
             self.app = _refuse  # answered once its head arrives; uvicorn then closes it
             self._arm("head", REFUSED_HEAD_S)
@@ -70,8 +78,24 @@ class GuardedH11Protocol(H11Protocol):
             self._arm("head", self.limits.header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase == "linger":  # answered and closing: the rest of the body is dropped
+            self._arm("linger", LINGER_S, gap=LINGER_GAP_S)
+            return
         super().data_received(data)
         self._follow()
+
+    def linger(self, transport: asyncio.Transport) -> bool:
+        """Instead of closing now: half-close and drop what comes (see the module's docstring).
+        False when there is nothing to wait for, so the caller closes at once."""
+        if self._phase == "linger":
+            return True
+        if self.app is _refuse or self.conn.their_state is not h11.SEND_BODY or not transport.can_write_eof():
+            return False  # a connection over the cap holds no descriptor longer than it must
+        transport.write_eof()
+        transport.resume_reading()  # uvicorn may have paused reading while the body waited
+        self._linger_until = self.loop.time() + LINGER_S
+        self._arm("linger", LINGER_S, gap=LINGER_GAP_S)
+        return True
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -92,9 +116,11 @@ class GuardedH11Protocol(H11Protocol):
             self._cancel()
             self._phase = "app"
 
-    def _arm(self, phase: str, seconds: float) -> None:
+    def _arm(self, phase: str, seconds: float, gap: float | None = None) -> None:
         self._cancel()
         self._phase = phase
+        if gap is not None:  # lingering: the sooner of the overall end and `gap` without data
+            seconds = max(0.0, min(self._linger_until - self.loop.time(), gap))
         self._deadline = self.loop.call_later(seconds, self._expire)
 
     def _cancel(self) -> None:
@@ -104,8 +130,26 @@ class GuardedH11Protocol(H11Protocol):
 
     def _expire(self) -> None:
         self._deadline = None
-        if not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport.raw if isinstance(self.transport, _LingeringTransport) else self.transport
+        if not transport.is_closing():
+            transport.close()
+
+
+class _LingeringTransport:
+    """The connection's transport, whose close() lingers when the client is still sending."""
+
+    def __init__(self, raw: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self.raw, self._protocol = raw, protocol
+
+    def close(self) -> None:
+        if not self.raw.is_closing() and not self._protocol.linger(self.raw):
+            self.raw.close()
+
+    def is_closing(self) -> bool:
+        return self.raw.is_closing() or self._protocol._phase == "linger"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
 
 
 def install(limits: ConnectionLimits) -> None:

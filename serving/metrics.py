@@ -36,7 +36,7 @@ _CACHE_EVENTS = {"hits": "hit", "misses": "miss", "builds": "build", "evictions"
 _BODY_PEEK = 512  # bytes of an error body kept to tell its reason
 
 _state = {"enabled": True}
-_cache_seen: dict[str, int] = {}
+_written: dict[str, int] = {}
 _cache_lock = threading.Lock()
 
 
@@ -64,6 +64,12 @@ def _instruments() -> dict[str, Any]:
 
 
 @cache
+def _series(name: str, *labels: str) -> Any:
+    """The child of instrument `name` for `labels` and this worker, looked up once."""
+    return _instruments()[name].labels(*labels, worker())
+
+
+@cache
 def worker() -> str:
     """This worker's index (1..workers) as BentoML numbers it; "0" outside a BentoML worker."""
     import bentoml
@@ -74,14 +80,13 @@ def worker() -> str:
 def observe_run(graph: str, rows: int, seconds: float) -> None:
     """One session call (serving/runtime.py calls this once per batch)."""
     if _state["enabled"]:
-        m = _instruments()
-        m["session"].labels(graph, worker()).observe(seconds)
-        m["rows"].labels(graph, worker()).observe(rows)
+        _series("session", graph).observe(seconds)
+        _series("rows", graph).observe(rows)
 
 
 def artifact_loaded(tag: str) -> None:
     if _state["enabled"]:
-        _instruments()["info"].labels(tag, worker()).set(1)
+        _series("info", tag).set(1)
 
 
 def refusal_reason(status: int, body: bytes) -> str:
@@ -98,21 +103,25 @@ def refusal_reason(status: int, body: bytes) -> str:
 
 
 def sample(service: Any) -> None:
-    """Queue depth of each batcher and the fixed-t cache's counters of `service`, now."""
-    m = _instruments()
-    for graph, batcher in getattr(service, "_batchers", {}).items():
-        m["queue"].labels(graph, worker()).set(batcher.pending_rows)
-    runtime = getattr(service, "runtime", None)
-    cache = None if runtime is None else runtime.curve_cache
-    if cache is None:
-        return
-    stats = cache.stats.as_dict()
-    with _cache_lock:  # counters move by what changed since the last sample
-        for field, event in _CACHE_EVENTS.items():
-            if (delta := stats[field] - _cache_seen.get(field, 0)) > 0:
-                m["cache"].labels(event, worker()).inc(delta)
-            _cache_seen[field] = stats[field]
-    m["cache_size"].labels(worker()).set(stats["size"])
+    """Queue depth of each batcher and the fixed-t cache's counters of `service`, now; a
+    value is written only when it changed (each write goes to a shared file)."""
+    with _cache_lock:
+        for graph, batcher in getattr(service, "_batchers", {}).items():
+            if _written.get(graph) != (rows := batcher.pending_rows):
+                _series("queue", graph).set(rows)
+                _written[graph] = rows
+        runtime = getattr(service, "runtime", None)
+        cache = None if runtime is None else runtime.curve_cache
+        if cache is None:
+            return
+        stats = cache.stats.as_dict()
+        for field, event in _CACHE_EVENTS.items():  # counters move by what changed since the last sample
+            if (delta := stats[field] - _written.get(field, 0)) > 0:
+                _series("cache", event).inc(delta)
+                _written[field] = stats[field]
+        if _written.get("size") != stats["size"]:
+            _series("cache_size").set(stats["size"])
+            _written["size"] = stats["size"]
 
 
 class MetricsMiddleware:
@@ -151,10 +160,9 @@ class MetricsMiddleware:
     def _record(self, path: str, answer: dict[str, Any], seconds: float) -> None:
         endpoint = path if path in ("/predict", "/predict_curve", "/info", "/docs.json") else "other"
         status = answer["status"]
-        m = _instruments()
-        m["request"].labels(endpoint, str(status), worker()).observe(seconds)
+        _series("request", endpoint, str(status)).observe(seconds)
         if status >= 400:
-            m["refusals"].labels(endpoint, str(status), refusal_reason(status, answer["body"]), worker()).inc()
+            _series("refusals", endpoint, str(status), refusal_reason(status, answer["body"])).inc()
         self._sample()
 
     @staticmethod
