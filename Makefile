@@ -31,7 +31,7 @@ serve: install
 
 ## the whole test suite (lint first: it takes a second)
 test: install lint
-	$(BIN)/python -m pytest -q -rA -p no:cacheprovider
+	$(BIN)/python -m pytest -q -rA -p no:cacheprovider -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check modeconn models training serving tests benchmarks examples

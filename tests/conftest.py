@@ -8,16 +8,52 @@ needs trained networks shares the results. The MNIST-1D cache stays in its defau
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from filelock import FileLock
 
-from modeconn.training.core.config import Config, load_config
+if os.environ.get("PYTEST_XDIST_WORKER"):  # test processes side by side: idle OpenMP threads sleep
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from modeconn.training.core.config import Config, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CONFIG = REPO / "configs" / "mnist1d.yaml"
+
+
+T = TypeVar("T")
+
+
+def _shared(factory: pytest.TempPathFactory, name: str, build: Callable[[Path], T]) -> T:
+    """`build(folder)` once per test run, also when pytest-xdist runs the tests in several
+    processes: the first to get here builds into a folder all of them share, the others wait
+    for it and read its result (JSON; paths come back as Paths)."""
+    base = factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder, result = root / f"shared-{name}", root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not result.is_file():
+            folder.mkdir()
+            result.write_text(json.dumps(build(folder), default=_encode))
+    return json.loads(result.read_text(), object_hook=_decode)
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Path):
+        return {"__path__": str(value)}
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    raise TypeError(f"cannot share a {type(value).__name__} between test processes")
+
+
+def _decode(value: dict[str, Any]) -> Any:
+    return Path(value["__path__"]) if set(value) == {"__path__"} else value
 
 
 @pytest.fixture(scope="session")
@@ -43,16 +79,18 @@ def trained_pair(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any
     """Two demo networks (the full demo config, seeds 0 and 1, on the CPU); their result dicts."""
     from modeconn.training.train import train_network
 
-    root = tmp_path_factory.mktemp("pair")
-    results = []
-    for seed in (0, 1):
-        config = load_config(DEMO_CONFIG, {"seed": seed, "device": "cpu"})
-        started = time.perf_counter()
-        result = train_network(config, root / f"seed{seed}")
-        print(f"\n[trained_pair] seed {seed}: test error {result['metrics']['test_error']:.2f} % "
-              f"in {time.perf_counter() - started:.1f} s")
-        results.append(result)
-    return results
+    def build(root: Path) -> list[dict[str, Any]]:
+        results = []
+        for seed in (0, 1):
+            config = load_config(DEMO_CONFIG, {"seed": seed, "device": "cpu"})
+            started = time.perf_counter()
+            result = train_network(config, root / f"seed{seed}")
+            print(f"\n[trained_pair] seed {seed}: test error {result['metrics']['test_error']:.2f} % "
+                  f"in {time.perf_counter() - started:.1f} s")
+            results.append(result)
+        return results
+
+    return _shared(tmp_path_factory, "pair", build)
 
 
 @pytest.fixture(scope="session")
@@ -64,16 +102,18 @@ def demo_curve(
     from modeconn.training.curves.evaluate import evaluate_curve
     from modeconn.training.curves.fit import fit_curve
 
-    config = load_config(DEMO_CONFIG, {"device": "cpu"})
-    run_dir = tmp_path_factory.mktemp("curve") / "bezier"
-    started = time.perf_counter()
-    fit = fit_curve(
-        config, Path(trained_pair[0]["checkpoint"]), Path(trained_pair[1]["checkpoint"]), run_dir
-    )
-    fitted = time.perf_counter()
-    evaluation = evaluate_curve(Path(fit["checkpoint"]), points=61, device="cpu")
-    print(f"\n[demo_curve] fit {fitted - started:.1f} s, eval-curve {time.perf_counter() - fitted:.1f} s")
-    return {"fit": fit, "eval": evaluation}
+    def build(folder: Path) -> dict[str, Any]:
+        config = load_config(DEMO_CONFIG, {"device": "cpu"})
+        started = time.perf_counter()
+        fit = fit_curve(
+            config, Path(trained_pair[0]["checkpoint"]), Path(trained_pair[1]["checkpoint"]), folder / "bezier"
+        )
+        fitted = time.perf_counter()
+        evaluation = evaluate_curve(Path(fit["checkpoint"]), points=61, device="cpu")
+        print(f"\n[demo_curve] fit {fitted - started:.1f} s, eval-curve {time.perf_counter() - fitted:.1f} s")
+        return {"fit": fit, "eval": evaluation}
+
+    return _shared(tmp_path_factory, "curve", build)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +122,7 @@ def small_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     (tests/support.py train_small_runs), trained once per session; tests only read them."""
     from tests.support import train_small_runs
 
-    return train_small_runs(tmp_path_factory.mktemp("small-runs"))
+    return _shared(tmp_path_factory, "small-runs", train_small_runs)
 
 
 @pytest.fixture(scope="session")
@@ -92,4 +132,4 @@ def built_artifact(small_runs: dict[str, Path], tmp_path_factory: pytest.TempPat
     files change a copy."""
     from tests.support import build_test_artifact
 
-    return build_test_artifact(tmp_path_factory.mktemp("artifact") / "modeconn-test", small_runs)
+    return _shared(tmp_path_factory, "artifact", lambda folder: build_test_artifact(folder / "modeconn-test", small_runs))
