@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,11 +65,32 @@ def test_spinning_only_for_a_lone_process_on_a_quiet_machine() -> None:
     assert not threads.spinning_allowed(2, load=0.0, cores=2)  # our own workers side by side
     assert not threads.spinning_allowed(1, load=2.5, cores=2)  # others hold the cores
     assert threads.machine_shared(1, load=10.0, cores=2)
+    assert threads.machine_shared(1, load=0.0, cores=2, busy=1.0)  # others busy now, the load average lags
+    assert not threads.machine_shared(1, load=0.2, cores=2, busy=0.1)
 
 
-def test_cli_sets_passive_waiting_before_torch_loads() -> None:
-    """The variable must be in the environment when torch (and its OpenMP runtime) is first
-    imported: an import hook records it at that moment. A user's own value is kept."""
+@pytest.fixture
+def busy_loops() -> Iterator[int]:
+    """One busy-loop process per usable core, for the test's length."""
+    loops = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(threads.usable_cores())]
+    try:
+        yield len(loops)
+    finally:
+        for p in loops:
+            p.kill()
+            p.wait()
+
+
+def test_busy_cores_sees_other_processes_at_once(busy_loops: int) -> None:
+    busy = threads.busy_cores(0.3)
+    assert busy is not None and busy >= 0.6 * busy_loops, busy
+    assert threads.machine_shared()
+
+
+def test_cli_sets_passive_waiting_before_torch_loads(busy_loops: int) -> None:
+    """On a machine other processes keep busy, the variable must be in the environment when
+    torch (and its OpenMP runtime) is first imported: an import hook records it at that
+    moment. A user's own value is kept."""
     code = (
         "import os, sys, json\n"
         "seen = {}\n"

@@ -19,7 +19,7 @@ from typing import Any
 from modeconn.contract import threads
 
 # before torch is imported: its OpenMP runtime reads the wait policy once, when it loads
-threads.wait_passively()
+threads.wait_passively(when_shared=True)
 
 from modeconn.contract.errors import ModeconnError  # noqa: E402
 from modeconn.training.core import distributed  # noqa: E402

@@ -11,15 +11,20 @@ Overrides, strongest first: MODECONN_THREADS (threads per process), then OMP_NUM
 
 Waiting: an idle OpenMP thread spins for a while before it sleeps, which on a machine where
 other processes need the cores steals their time slices and slows everyone (torch's pool
-waits between every small op). `wait_passively()` sets OMP_WAIT_POLICY=PASSIVE unless the
-user set it; it must run before torch loads its OpenMP runtime, which reads it once.
-onnxruntime's spinning is a session option: `spinning_allowed` says when to keep it.
+waits between every small op). On a quiet machine spinning is faster (a demo epoch took
+1.5x as long with passive waits: benchmarks/results/busy_machine-*). So `wait_passively()`
+sets OMP_WAIT_POLICY=PASSIVE, unless the user set it, for processes that run side by side,
+and the CLI asks for it only when the machine is shared as it starts (`machine_shared`:
+other processes kept cores busy over a 0.1 s sample, or the load average is at the cores).
+It must run before torch loads its OpenMP runtime, which reads it once. onnxruntime's
+spinning is a session option: `spinning_allowed` says when to keep it.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -122,14 +127,41 @@ def load_average() -> float | None:
         return None
 
 
-def machine_shared(side_by_side: int = 1, load: float | None = None, cores: int | None = None) -> bool:
-    """Whether other processes compete for the cores: several of ours side by side, or a
-    1-minute load average already at the usable cores (others are computing)."""
+BUSY_CORES = 0.5  # cores other processes keep busy from which the machine counts as shared
+_STAT = Path("/proc/stat")
+
+
+def busy_cores(seconds: float = 0.1) -> float | None:
+    """Cores kept busy over the next `seconds` (from /proc/stat), by every process but this
+    one, which sleeps meanwhile; None where there is no /proc/stat."""
+    def sample() -> tuple[int, int] | None:
+        try:
+            fields = [int(v) for v in _STAT.read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+    first = sample()
+    if first is None:
+        return None
+    time.sleep(seconds)
+    second = sample()
+    if second is None or second[1] == first[1]:
+        return None
+    return (second[0] - first[0]) / (second[1] - first[1]) * (os.cpu_count() or 1)
+
+
+def machine_shared(side_by_side: int = 1, load: float | None = None, cores: int | None = None,
+                   busy: float | None = None) -> bool:
+    """Whether other processes compete for the cores: several of ours side by side, other
+    processes keeping BUSY_CORES or more busy now, or a 1-minute load average already at the
+    usable cores. Measured now unless `load` or `busy` is given."""
     if side_by_side > 1:
         return True
-    load = load_average() if load is None else load
+    if load is None and busy is None:
+        load, busy = load_average(), busy_cores()
     cores = usable_cores() if cores is None else cores
-    return load is not None and load >= cores
+    return (load is not None and load >= cores) or (busy is not None and busy >= BUSY_CORES)
 
 
 def spinning_allowed(side_by_side: int = 1, load: float | None = None, cores: int | None = None) -> bool:
@@ -138,11 +170,14 @@ def spinning_allowed(side_by_side: int = 1, load: float | None = None, cores: in
     return not machine_shared(side_by_side, load, cores)
 
 
-def wait_passively(environ: dict[str, str] | os._Environ[str] | None = None) -> None:
+def wait_passively(environ: dict[str, str] | os._Environ[str] | None = None, when_shared: bool = False) -> None:
     """OMP_WAIT_POLICY=PASSIVE unless already set: idle OpenMP threads sleep at once instead of
-    spinning. Call before torch is imported (its OpenMP runtime reads the variable when it
-    loads); child processes inherit it."""
-    (os.environ if environ is None else environ).setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    spinning. With `when_shared`, only if the machine is shared now (`machine_shared`). Call
+    before torch is imported (its OpenMP runtime reads the variable when it loads); child
+    processes inherit it."""
+    environ = os.environ if environ is None else environ
+    if "OMP_WAIT_POLICY" not in environ and (not when_shared or machine_shared()):
+        environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def describe(threads: int, side_by_side: int = 1) -> dict[str, object]:
