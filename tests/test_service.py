@@ -11,6 +11,7 @@ offline on the same graphs.
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import io
 import json
 import os
@@ -773,6 +774,7 @@ def test_load_artifact_refuses_a_bad_manifest(artifact_copy: Path, edit: Any, me
 def test_bentoml_build_lists_the_model(artifact_dir: Path, tmp_path: Path) -> None:
     home = tmp_path / "bentoml"
     tag = store_artifact(artifact_dir, "modeconn-mnist1d", home)  # the name bentofile.yaml names
+    installed = {(d.metadata["Name"], d.version) for d in importlib.metadata.distributions()}
     out = subprocess.run(
         [sys.executable, "-m", "bentoml", "build", "--output", "tag", str(REPO)],
         cwd=REPO,
@@ -782,6 +784,9 @@ def test_bentoml_build_lists_the_model(artifact_dir: Path, tmp_path: Path) -> No
         timeout=120,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    # BentoML pip-installs uv into the running environment when it finds none: the project lists it
+    assert "uv is not installed" not in out.stdout + out.stderr
+    assert {(d.metadata["Name"], d.version) for d in importlib.metadata.distributions()} == installed
     bento_dir = next((home / "bentos" / "modeconn").glob("*/bento.yaml")).parent
     bento = yaml.safe_load((bento_dir / "bento.yaml").read_text())
     assert [m["tag"] for m in bento["models"]] == [tag]
