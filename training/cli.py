@@ -143,6 +143,34 @@ def _align(args: argparse.Namespace) -> dict[str, Any]:
     return align_checkpoints(args.start, args.end, args.out, seed=args.seed)
 
 
+def _add_layer_barrier(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "layer-barrier", help="the barrier between two networks when one layer (or block) is interpolated at a time",
+        description="For each layer (every module with parameters) or block (every top-level child), only its "
+                    "parameters go from A's to B's while the rest stay A's; BN statistics recomputed at each point. "
+                    "The barrier is the largest rise above the straight line between that path's ends, in train "
+                    "NLL and held-out error; the row (all) is the whole straight line. Writes layer_barrier.json, "
+                    ".csv and .png.",
+    )
+    p.add_argument("--start", type=Path, required=True, help="checkpoint of network A (the rest stays A's)")
+    p.add_argument("--end", type=Path, required=True, help="checkpoint of network B")
+    p.add_argument("--by", choices=["layer", "block"], default="layer", help="what is interpolated at a time")
+    p.add_argument("--points", type=int, default=11, help="evenly spaced α in [0, 1] per group")
+    p.add_argument("--split", choices=["test", "val"], default="test", help="where the error is measured")
+    p.add_argument("--align", action="store_true", help="permute B's hidden units to match A's first (weight matching)")
+    p.add_argument("--out", type=Path, required=True, help="folder the layer_barrier.* reports go into")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(handler=_layer_barrier)
+
+
+def _layer_barrier(args: argparse.Namespace) -> dict[str, Any]:
+    from modeconn.training.curves.layerwise import evaluate_layer_barriers
+
+    return evaluate_layer_barriers(args.start, args.end, args.out, points=args.points, by=args.by,
+                                   split=args.split, align=args.align, device=args.device)
+
+
 def _add_eval_curve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-curve", help="evaluate a curve (and the straight line) at evenly spaced t")
     p.add_argument("run", type=Path, help="curve run directory or its final.pt")
@@ -389,7 +417,8 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_align, _add_curve, _add_eval_curve, _add_curve_point, _add_plane, _add_export, _add_fge, _add_sse,
+    _add_train, _add_align, _add_curve, _add_eval_curve, _add_curve_point, _add_layer_barrier, _add_plane, _add_export,
+    _add_fge, _add_sse,
     _add_ensemble_eval, _add_swa, _add_compare, _add_pipeline,
 ]
 

@@ -142,10 +142,11 @@ def _weight_matching(
     return Matching(perms, iterations, before, after, time.perf_counter() - started)
 
 
-def _network_state(path: Path) -> dict[str, Any]:
+def network_checkpoint(path: Path) -> dict[str, Any]:
+    """A network checkpoint's dict; a curve's is a CheckpointError (these commands take networks)."""
     state = load_checkpoint(path)
     if state.get("kind") == "curve":
-        raise CheckpointError(f"{path} is a curve, not a network; align takes two network checkpoints")
+        raise CheckpointError(f"{path} is a curve, not a network; pick a point with `modeconn curve-point` first")
     return state
 
 
@@ -191,7 +192,7 @@ def align_checkpoints(start: Path, end: Path, out: Path, seed: int = 0) -> dict[
 
     check_replaceable_checkpoint(out, "aligned")  # never over a user's file or a run's own checkpoint
     started = time.perf_counter()
-    a, b = _network_state(start), _network_state(end)
+    a, b = network_checkpoint(start), network_checkpoint(end)
     aligned, record = align_states(a, b, start, end, seed=seed)
     # B's training state (optimizer momentum, RNG, epoch) would not match the permuted weights: dropped,
     # so the file is a plain network (FGE from it starts with fresh momentum, as from any final.pt)
