@@ -351,6 +351,32 @@ def _swa(args: argparse.Namespace) -> dict[str, Any]:
     return run_swa(args.sources, args.out, device=args.device)
 
 
+def _add_swag(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "swag", help="SWAG: a Gaussian over the weights from an FGE/SSE walk, and an ensemble sampled from it",
+        description="Fits SWAG (diagonal + low-rank covariance, Maddox et al. 2019) to an FGE/SSE run's snapshots "
+                    "(a run directory stands for them) or to any checkpoints of one network, draws --samples "
+                    "networks with BN recomputed into OUT/samples/ (ordinary checkpoints, kind swag: export and "
+                    "ensemble-eval take them) and evaluates them as an ensemble (OUT/ensemble.json, swag.json).",
+    )
+    p.add_argument("sources", type=Path, nargs="+", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    p.add_argument("--out", type=Path, required=True, help="folder for samples/, swag.json and ensemble.json")
+    p.add_argument("--samples", type=int, default=8, help="networks to draw (default 8)")
+    p.add_argument("--rank", type=int, default=20, help="deviation columns kept: the last K snapshots (default 20)")
+    p.add_argument("--scale", type=float, default=1.0, help="covariance scale (the paper's samples: 1; 0.5 is common)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.set_defaults(handler=_swag_command)
+
+
+def _swag_command(args: argparse.Namespace) -> dict[str, Any]:
+    from modeconn.training.ensembles.swag import run_swag
+
+    return run_swag(args.sources, args.out, samples=args.samples, rank=args.rank, scale=args.scale, seed=args.seed,
+                    device=args.device)
+
+
 def _add_compare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "compare", help="the paper's budget table: Ind vs SSE vs FGE ensembles at 1B, 2B, 3B",
@@ -419,7 +445,7 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_train, _add_align, _add_curve, _add_eval_curve, _add_curve_point, _add_layer_barrier, _add_plane, _add_export,
     _add_fge, _add_sse,
-    _add_ensemble_eval, _add_swa, _add_compare, _add_pipeline,
+    _add_ensemble_eval, _add_swa, _add_swag, _add_compare, _add_pipeline,
 ]
 
 
