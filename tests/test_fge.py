@@ -475,7 +475,10 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     assert members == {(m, k, s): c for s in (0, 1) for (m, k), c in
                        {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4,
                         ("SWA", 1): 1, ("SWA", 2): 3, ("Ind m=2", 1): 2, ("Ind m=2", 2): 2,
-                        ("Ind m=3", 2): 3}.items()}
+                        ("Ind m=3", 2): 3, ("SWAG", 2): 8}.items()}  # SWAG: a spread needs 2 snapshots or more
+    swag = [r for r in rows if r["method"] == "SWAG"]
+    assert {float(r["swag_scale"]) for r in swag} <= {0.25, 0.5, 1.0} and "| SWAG − FGE |" in table
+    assert all(r["swag_scale"] == "" for r in rows if r["method"] != "SWAG")
     _check_equal_budget(tmp_path, rows, table)
     _check_swa_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("SWA", "2", "0")))
     assert result["table"]["FGE"]["2B"]["members"] == 3
@@ -561,6 +564,7 @@ def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
     assert f"{mean['mean']:+.2f} [{mean['low']:+.2f}, {mean['high']:+.2f}]" in table
     with (run_dir / "compare_differences.csv").open() as f:
         written = list(csv.DictReader(f))
-    # comparisons x budgets x metrics (calibrated NLL, error, NLL, Brier) x (2 seeds + mean + two-level)
-    assert len(written) == 6 * 2 * 4 * 4
+    # comparisons x budgets x metrics (calibrated NLL, error, NLL, Brier) x (2 seeds + mean + two-level);
+    # SWAG - FGE only at 2B (one FGE snapshot at 1B has no spread)
+    assert len(written) == (6 * 2 + 1) * 4 * 4
     assert json.loads((run_dir / "compare.json").read_text())["differences"] == result["differences"]

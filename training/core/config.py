@@ -181,6 +181,10 @@ class CompareSettings(_Strict):
     seeds: int = Field(3, ge=1)
     # the equal-budget baseline: at kB also m independent networks of kB/m epochs each
     equal_budget_members: list[int] = Field(default_factory=lambda: [2, 3])
+    # SWAG at kB: networks drawn from the Gaussian of FGE's snapshots at kB (0: no SWAG row),
+    # at the covariance scale of these the validation split prefers
+    swag_samples: int = Field(8, ge=0)
+    swag_scales: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0])
 
     @model_validator(mode="after")
     def _members_at_least_two(self) -> CompareSettings:

@@ -8,6 +8,9 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
 - SSE at kB: one SSE run of KB epochs; its snapshots whose cycle ends inside the first kB epochs.
 - SWA at kB: one network, the average of the same FGE snapshots as FGE at kB, BN recomputed
   (training/ensembles/swa.py; no training: an averaging and one BN pass per budget).
+- SWAG at kB: compare.swag_samples networks drawn from the SWAG Gaussian of the same snapshots
+  (training/ensembles/swag.py), BN recomputed for each, at the covariance scale of
+  compare.swag_scales with the lowest calibrated validation NLL (per seed and budget).
 - Ind m=M at kB (compare.equal_budget_members): the equal-budget ensemble, M independent networks
   of kB/M epochs each on the same schedule shape; Ind m* is the one of {Ind, Ind m=M...} with the
   lowest calibrated validation NLL at that budget (mean over seeds), chosen on validation only.
@@ -71,9 +74,10 @@ from modeconn.training.ensembles.fge import run_fge
 from modeconn.training.ensembles.snapshots import finished_snapshot_run
 from modeconn.training.ensembles.sse import run_sse
 from modeconn.training.ensembles.swa import swa_network
+from modeconn.training.ensembles.swag import swag_from_checkpoints, swag_network
 from modeconn.training.train import fge_start_epoch, train_or_reuse
 
-METHODS = ("Ind", "SSE", "FGE", "SWA")
+METHODS = ("Ind", "SSE", "FGE", "SWA", "SWAG")
 CHOSEN = "Ind m*"  # the equal-budget ensemble validation prefers
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50, the equal-budget
 # network j of M: config.seed + 100 s + 60 + 10 (M - 2) + j
@@ -211,7 +215,7 @@ def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, fir
 # and SWA, the one network from the same snapshots, against the single network and against FGE
 COMPARISONS = (("FGE - Ind", "FGE", "Ind"), ("FGE - Ind m*", "FGE", CHOSEN), ("FGE - SSE", "FGE", "SSE"),
                ("FGE - single network", "FGE", "single"), ("SWA - single network", "SWA", "single"),
-               ("SWA - FGE", "SWA", "FGE"))
+               ("SWA - FGE", "SWA", "FGE"), ("SWAG - FGE", "SWAG", "FGE"))
 # calibrated NLL first: the headline metric
 KEYS = ("cnll", *statistics.LOSSES)
 Losses = dict[str, np.ndarray]  # statistics.LOSSES -> per-example values on the test set
@@ -246,7 +250,7 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
             "SSE": _snapshots_within(sse.states, k * epochs * sse_steps),
         }
         for method in METHODS:
-            if method == "SWA":
+            if method in ("SWA", "SWAG"):
                 continue
             if counts[method] == 0:
                 raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
@@ -256,6 +260,8 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
             rows.append(row)
         # SWA: one network from the same snapshots as FGE at this budget (cheap: no training)
         rows.append(_swa_row(fge.paths[:counts["FGE"]], k, seed, config, data, device, losses))
+        if config.compare.swag_samples and counts["FGE"] >= 2:  # a Gaussian needs a spread
+            rows.append(_swag_row(fge.paths[:counts["FGE"]], k, seed, config, data, device, losses))
         losses["single", k] = single
     for (method, k), group in (equal or {}).items():
         chosen = predict_members([d / "final.pt" for _, d in group], device, data)
@@ -298,11 +304,31 @@ def _swa_row(snapshots: list[Path], k: int, seed: int, config: Config, data: Dat
     return row
 
 
+def _swag_row(snapshots: list[Path], k: int, seed: int, config: Config, data: Dataset, device: torch.device,
+              losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
+    """The ensemble of SWAG draws from `snapshots` at the scale validation prefers (members: draws)."""
+    moments, model = swag_from_checkpoints(snapshots, device)
+    found = []
+    for scale in config.compare.swag_scales:  # the same draws' noise at every scale: only the scale differs
+        generator = torch.Generator().manual_seed(seed * 1000 + k)
+        test, val = [], []
+        for _ in range(config.compare.swag_samples):
+            net = swag_network(model, moments, generator, scale, data)
+            test.append(predict_probs(net, data, "test").double())
+            if len(data.y_val):
+                val.append(predict_probs(net, data, "val").double())
+        row, row_losses = _row("SWAG", k, seed, len(test), ensemble_probs(torch.stack(test)),
+                               ensemble_probs(torch.stack(val)) if val else None, config, data)
+        found.append((row.get("calibrated_val_nll", row.get("val_nll", 0.0)), scale, row, row_losses))
+    _, scale, row, losses["SWAG", k] = min(found, key=lambda f: f[0])
+    return {**row, "swag_scale": scale}
+
+
 def _methods(rows: list[dict[str, Any]]) -> list[str]:
     """The methods of the table in their order: Ind, its equal-budget ensembles, Ind m*, the rest."""
     present = {r["method"] for r in rows}
     equal = sorted((m for m in present if m.startswith("Ind m=")), key=lambda m: int(m.split("=")[1]))
-    return [m for m in ("Ind", *equal, CHOSEN, "SSE", "FGE", "SWA") if m in present]
+    return [m for m in ("Ind", *equal, CHOSEN, "SSE", "FGE", "SWA", "SWAG") if m in present]
 
 
 def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict[int, dict[str, float]]]:
@@ -509,13 +535,16 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         f"- SSE at kB: the first kB epochs of one SSE run from scratch (cycle {config.sse.cycle_epochs} epochs, "
         f"lr {config.sse.lr}).",
         "- SWA at kB: one network, the average of FGE's snapshots at kB (BN recomputed on the training split).",
+        f"- SWAG at kB: {config.compare.swag_samples} networks drawn from the SWAG Gaussian of FGE's snapshots at kB "
+        f"(BN recomputed for each), at the covariance scale of {config.compare.swag_scales} with the lowest "
+        "calibrated validation NLL.",
         "- single network: the first Ind network alone (1B), the one FGE starts from.",
     ]
     return "\n".join(lines) + "\n"
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "chosen", "k", "budget_epochs", "seed", "members", "val_error", "val_nll",
+    header = ["method", "chosen", "k", "budget_epochs", "seed", "members", "swag_scale", "val_error", "val_nll",
               "calibrated_val_nll", "test_error", "test_nll", "test_ece", "test_brier", "temperature",
               "calibrated_test_nll", "calibrated_test_ece", "calibrated_test_brier"]
     return csv_text(header, rows)

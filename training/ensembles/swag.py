@@ -25,6 +25,7 @@ from modeconn.contract.errors import ModeconnError
 from modeconn.training.core import progress
 from modeconn.training.core.bn import recompute_bn
 from modeconn.training.core.checkpoint import atomic_write_json, model_checkpoint, save_checkpoint
+from modeconn.training.core.data import Dataset
 from modeconn.training.core.loop import resolve_device
 from modeconn.training.core.networks import load_data, load_network
 from modeconn.training.core.runs import RunDirError, check_report_folder
@@ -78,6 +79,29 @@ def parameters_of(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
     return {k: v for k, v in state.items() if k in names}
 
 
+def swag_from_checkpoints(paths: list[Path], device: torch.device | str = "cpu",
+                          rank: int = 20) -> tuple[dict[str, Any], nn.Module]:
+    """SWAG's moments of the checkpoints' parameters (each checked against the first), and a
+    network of their architecture on `device` to load draws into."""
+    model, first = load_network(paths[0], device)
+    snapshots = []
+    for path in paths:
+        net, state = load_network(path, "cpu")
+        check_same_network([(paths[0], first), (path, state)], SWAGError)
+        snapshots.append(parameters_of(net, net.state_dict()))
+    moments = swag_moments(snapshots, rank)
+    moments["checkpoint"] = first
+    return moments, model
+
+
+def swag_network(model: nn.Module, moments: dict[str, Any], generator: torch.Generator, scale: float,
+                 data: Dataset) -> nn.Module:
+    """`model` holding one draw, BN statistics recomputed on `data`'s training split (eval mode)."""
+    drawn = swag_sample(moments, generator, scale)
+    model.load_state_dict({k: drawn[k].to(v.dtype) if k in drawn else v for k, v in model.state_dict().items()})
+    return recompute_bn(model, data).eval()
+
+
 def run_swag(sources: list[Path], out_dir: Path, samples: int = 8, rank: int = 20, scale: float = 1.0,
              seed: int = 0, device: str = "auto") -> dict[str, Any]:
     """Fit SWAG to `sources` (checkpoints, or run folders standing for their snapshots), draw
@@ -97,13 +121,8 @@ def run_swag(sources: list[Path], out_dir: Path, samples: int = 8, rank: int = 2
     if len(members) < 2:
         raise SWAGError(f"SWAG needs at least 2 snapshots to have a spread; got {len(members)} ({members[0]})")
     dev = resolve_device(device)
-    model, first = load_network(members[0], dev)
-    snapshots = []
-    for path in members:
-        net, state = load_network(path, "cpu")
-        check_same_network([(members[0], first), (path, state)], SWAGError)
-        snapshots.append(parameters_of(net, net.state_dict()))
-    moments = swag_moments(snapshots, rank)
+    moments, model = swag_from_checkpoints(members, dev, rank)
+    first = moments["checkpoint"]
     data = load_data(first["dataset"], dev)
     generator = torch.Generator().manual_seed(seed)
     record = {"members": [str(p) for p in members], "rank": len(moments["deviations"]), "scale": scale,
@@ -112,10 +131,7 @@ def run_swag(sources: list[Path], out_dir: Path, samples: int = 8, rank: int = 2
     (out_dir / "samples").mkdir(exist_ok=True)
     with progress.task("swag samples", samples) as advance:
         for i in range(samples):
-            drawn = swag_sample(moments, generator, scale)
-            model.load_state_dict({k: drawn[k].to(v.dtype) if k in drawn else v
-                                   for k, v in model.state_dict().items()})
-            recompute_bn(model, data).eval()
+            swag_network(model, moments, generator, scale, data)
             path = out_dir / "samples" / f"sample-{i + 1:03d}.pt"
             save_checkpoint(path, model_checkpoint(model, first["architecture"], first["dataset"], kind="swag",
                                                    swag={**record, "index": i + 1}))
