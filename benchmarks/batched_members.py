@@ -44,7 +44,7 @@ POOL = 8  # distinct batches per member, cycled
 def demo_setup(device: torch.device) -> tuple[Callable[[int], torch.nn.Module], Callable[[int], list]]:
     """(network of seed s, that seed's batches) for the demo."""
     config = load_config(CONFIG, {"device": device.type})
-    data = load_data(dataset_spec(config), device)
+    data = load_data(dataset_spec(config.data), device)
 
     def network(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)
@@ -131,7 +131,7 @@ def end_to_end_section(run: dict[str, Any], args: Any) -> None:
     configs = [config.model_copy(update={"seed": s}) for s in range(k)]
     root = Path(tempfile.mkdtemp(prefix="batched-members-"))
     try:
-        load_data(dataset_spec(config), "cpu")  # the data cache filled before timing
+        load_data(dataset_spec(config.data), "cpu")  # the data cache filled before timing
         started, load_before = time.perf_counter(), common.load_average()
         train_members(configs, [root / f"batched-{s}" for s in range(k)])
         batched = time.perf_counter() - started
@@ -141,7 +141,7 @@ def end_to_end_section(run: dict[str, Any], args: Any) -> None:
         sequential = time.perf_counter() - started
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    examples = k * len(load_data(dataset_spec(config), "cpu").y_train)
+    examples = k * len(load_data(dataset_spec(config.data), "cpu").y_train)
     common.add_section(
         run, f"One demo epoch of {k} networks, end to end (evaluation and checkpoints included)",
         ["K", "sequential s", "batched s", "sequential examples/s", "batched examples/s", "batched / sequential",

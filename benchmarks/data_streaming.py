@@ -111,7 +111,7 @@ def main() -> None:
     run["quick"], run["command"], run["threads"] = args.quick, common.command_line(), torch.get_num_threads()
     rows, data, cold = [], {}, []
 
-    demo = dataset_spec(load_config(common.ROOT / "configs" / "mnist1d.yaml"))
+    demo = dataset_spec(load_config(common.ROOT / "configs" / "mnist1d.yaml").data)
     held = load_data(demo, "cpu")
     streamed = {w: held.streamed_copy(num_workers=w) for w in workers}
     r, d = _measure("demo (MNIST-1D)", _ways(held, streamed), {"name": "cnn1d"}, rounds)

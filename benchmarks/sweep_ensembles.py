@@ -66,7 +66,7 @@ def main() -> int:
     run["command"] = command_line()
     fge: dict[str, list[dict[str, float]]] = {}
     sse: dict[str, list[dict[str, float]]] = {}
-    start_epoch = fge_start_epoch(config)
+    start_epoch = fge_start_epoch(config.train, config.fge)
     for s in range(args.seeds):
         seed = SEED_BASE + s
         seed_dir = args.work / f"seed-{seed}"

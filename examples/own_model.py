@@ -73,7 +73,7 @@ def main() -> None:
           f"{along.differences['curve'].text()} pp (95 % interval)")
     middle = curve.network(0.5)  # a plain nn.Module, BN recomputed at t = 0.5
 
-    snapshots = modeconn.fge(first, data["train"], epochs=4 if args.tiny else 12, cycle_epochs=2)
+    snapshots = modeconn.fge(first, data["train"], epochs=4 if args.tiny else 12, cycle_epochs=2, lr1=0.05, lr2=0.005)
     ensemble = modeconn.evaluate_ensemble(snapshots, data["test"], val=data["val"])
     single = modeconn.evaluate_ensemble(first, data["test"])
     print(f"FGE: {len(snapshots)} snapshots, ensemble test error {ensemble.error:.2f} % (NLL {ensemble.nll:.3f}, "

@@ -71,7 +71,7 @@ def demo_data(demo_config: Config):  # noqa: ANN201
     """The demo's data set (the MNIST-1D variant configs/mnist1d.yaml generates), on the CPU."""
     from modeconn.training.core.networks import dataset_spec, load_data
 
-    return load_data(dataset_spec(demo_config), "cpu")
+    return load_data(dataset_spec(demo_config.data), "cpu")
 
 
 @pytest.fixture(scope="session")

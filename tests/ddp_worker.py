@@ -43,7 +43,8 @@ def config(**overrides: object):  # noqa: ANN201
 
 
 def main(out: Path, start: Path, end: Path) -> None:
-    stage_device(config())  # joins the process group
+    settings = config()
+    stage_device(settings.device, settings.distributed.backend)  # joins the process group
     me = distributed.rank()
     seen: dict[str, object] = {"rank": me, "world": distributed.world_size()}
 

@@ -74,7 +74,7 @@ def separate_run(config: Config, data: Dataset, run_dir: Path, resume: bool = Fa
     model, optimizer, fields = fresh_network(config, data, "cpu", settings, "train")
     plan = FitPlan(epochs=settings.epochs, batch_size=settings.batch_size,
                    learning_rate=lambda epoch, _: paper_learning_rate(settings.lr, epoch, settings.epochs),
-                   seed=config.seed + 1, save_every=settings.save_every, save_epochs=[fge_start_epoch(config)],
+                   seed=config.seed + 1, save_every=settings.save_every, save_epochs=[fge_start_epoch(settings, config.fge)],
                    evaluate=lambda: epoch_metrics(model, data))
     run_dir.mkdir(parents=True, exist_ok=True)
     fit(plan, run_dir=run_dir, model=model, optimizer=optimizer, data=data, checkpoint_fields=fields, resume=resume)
@@ -83,7 +83,7 @@ def separate_run(config: Config, data: Dataset, run_dir: Path, resume: bool = Fa
 @pytest.fixture(scope="module")
 def float64_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("float64")
-    data = as_float64(load_data(dataset_spec(demo()), "cpu"))
+    data = as_float64(load_data(dataset_spec(demo().data), "cpu"))
     configs = [demo(s) for s in SEEDS]
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)  # the networks are built in float64
@@ -247,9 +247,12 @@ def test_batching_blocker_names_what_prevents_one_pass() -> None:
 
 def test_train_batched_auto_means_on_a_gpu_only() -> None:
     assert load_config(None).train.batched == "auto"
-    assert not wants_batching(demo(0)) and wants_batching(demo(0, **BATCHED))
-    assert wants_batching(demo(0, device="cuda")) and not wants_batching(demo(0, device="cuda", **{"train.batched": False}))
-    assert wants_batching(demo(0, device="auto")) == torch.cuda.is_available()
+    def wants(config: Config) -> bool:
+        return wants_batching(config.train, config.device)
+
+    assert not wants(demo(0)) and wants(demo(0, **BATCHED))
+    assert wants(demo(0, device="cuda")) and not wants(demo(0, device="cuda", **{"train.batched": False}))
+    assert wants(demo(0, device="auto")) == torch.cuda.is_available()
     with pytest.raises(ConfigError, match="train.batched"):
         demo(0, **{"train.batched": "sometimes"})
 

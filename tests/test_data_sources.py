@@ -270,8 +270,8 @@ def test_arrays_from_a_config_and_a_checkpoint_record(tmp_path: Path) -> None:
                                 "data.test": str(tmp_path / "te.npz"), "data.val_size": 5})
     from modeconn.training.core.networks import config_specs, dataset_spec
 
-    data = load_data(dataset_spec(config), "cpu")
-    _, record = config_specs(config, data)
+    data = load_data(dataset_spec(config.data), "cpu")
+    _, record = config_specs(config.model, config.data, data)
     again = load_data(json.loads(json.dumps(record)), "cpu")  # a checkpoint's record, as stored
     assert torch.equal(again.x_train, data.x_train) and again.mean == data.mean and again.std == data.std
 
@@ -426,7 +426,9 @@ def test_every_stage_runs_over_the_streamed_digits_folder(few_digits: DigitsFold
     settings = {"device": "cpu", "data.name": "image_folder", "data.root": str(few_digits.root), "data.val_size": 60,
                 "data.num_workers": WORKERS, "data.channels": 3, "model.name": "preresnet", "model.kwargs": {"depth": 8},
                 "train.epochs": 2, "train.save_every": 1, "train.batch_size": 64, "curve.epochs": 1,
-                "curve.batch_size": 64, "fge.epochs": 2.0, "fge.cycle_epochs": 1.0, "fge.batch_size": 64}
+                "curve.batch_size": 64, "fge.epochs": 2.0, "fge.cycle_epochs": 1.0, "fge.batch_size": 64,
+                # smaller steps than the demo's (the defaults) for this small PreResNet
+                "curve.lr": 0.03, "fge.lr1": 0.05, "fge.lr2": 0.005}
     nets = [Path(train_network(load_config(None, {**settings, "seed": s}), tmp_path / f"net{s}")["checkpoint"])
             for s in (0, 1)]
     record = load_checkpoint(nets[0])["dataset"]

@@ -40,15 +40,19 @@ from modeconn.training.ensembles.fge import fge_start
 from modeconn.training.ensembles.sse import run_sse
 from modeconn.training.train import train_network
 
-STEPS = 29  # the demo's MNIST-1D variant: 3600 training signals (400 more held out for validation), batch 128
+STEPS = 29  # the published MNIST-1D: 3600 training signals (400 more held out for validation), batch 128
 CYCLE = 30  # a cycle of 1 epoch, made even in iterations
+# the published data set, not the demo's variant (the default); val_size: its default 10 %
+PUBLISHED = {"data.generation": {}, "data.val_size": 400}
+# FGE and SSE steps smaller than the demo's (lr1 0.4, lr2 0.04; SSE lr 0.4), for these short runs
+SMALL_STEPS = {"fge.lr1": 0.05, "fge.lr2": 0.005, "sse.lr": 0.2}
 SETTINGS = {"device": "cpu", "model.kwargs.width": 8, "train.epochs": 4, "train.save_every": 1,
-            "fge.start_fraction": 0.5}
+            "fge.start_fraction": 0.5, **PUBLISHED}
 # FGE from the epoch-2 checkpoint: cycle 1 epoch (30 iterations), 4.9 epochs = 142 iterations:
 # collections at 15, 45, 75, 105 (and 135 would be the middle of a cycle the budget cuts off)
 FGE_ARGS = ["--cycle", "1", "--epochs", "4.9", "--lr1", "0.05", "--lr2", "0.005"]
 # the smallest run with one snapshot: 2 epochs (58 iterations) hold one whole 30-iteration cycle
-ONE_SNAPSHOT = ["--cycle", "1", "--epochs", "2"]
+ONE_SNAPSHOT = ["--cycle", "1", "--epochs", "2", "--lr1", "0.05", "--lr2", "0.005"]
 SET_ARGS = [a for k, v in SETTINGS.items() if k != "device" for a in ("--set", f"{k}={v}")] + ["--device", "cpu"]
 
 
@@ -233,7 +237,7 @@ def test_fge_starts_from_the_checkpoints_optimizer_state(train_run: Path) -> Non
     saved = load_checkpoint(path)
     config = load_config(None, SETTINGS)
     settings = config.fge
-    begin = fge_start(path, config, torch.device("cpu"))
+    begin = fge_start(path, settings, torch.device("cpu"), model=config.model, data=config.data)
     model, optimizer = begin.model, begin.optimizer
     assert (begin.source, begin.momentum) == ("epoch checkpoint", "from checkpoint")
     buffers = [optimizer.state[p]["momentum_buffer"] for p in model.parameters()]
@@ -242,7 +246,7 @@ def test_fge_starts_from_the_checkpoints_optimizer_state(train_run: Path) -> Non
     assert any(b.abs().sum() > 0 for b in buffers)
     assert optimizer.param_groups[0]["momentum"] == settings.momentum
     # one step from the loaded state differs from one step of a zero-momentum start
-    fresh = fge_start(path, config, torch.device("cpu")).model
+    fresh = fge_start(path, settings, torch.device("cpu"), model=config.model, data=config.data).model
     cold = torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=settings.momentum, weight_decay=settings.weight_decay)
     data = load_data(saved["dataset"], "cpu")
     x, y = data.x_train[:128], data.y_train[:128]
@@ -287,7 +291,8 @@ def test_fge_from_a_final_checkpoint_starts_with_fresh_momentum(
     train_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     final = train_run / "final.pt"
-    begin = fge_start(final, load_config(None, SETTINGS), torch.device("cpu"))
+    config = load_config(None, SETTINGS)
+    begin = fge_start(final, config.fge, torch.device("cpu"), model=config.model, data=config.data)
     assert (begin.source, begin.momentum) == ("checkpoint without optimizer state", "fresh")
     assert len(begin.optimizer.state) == 0  # no momentum buffers: the first step starts them from its gradient
     saved = load_checkpoint(final)["model"]
@@ -454,6 +459,7 @@ def test_ensemble_eval_errors_clearly(train_run: Path, tmp_path: Path, capsys: p
 @pytest.mark.slow
 def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "2", "--device", "cpu",
+            *(a for k, v in {**PUBLISHED, **SMALL_STEPS}.items() for a in ("--set", f"{k}={v}")),
             "--set", "model.kwargs.width=8", "--set", "train.epochs=2", "--set", "fge.start_fraction=0.5",
             "--set", "fge.cycle_epochs=0.9", "--set", "sse.cycle_epochs=1"]
     result = _cli_json(argv)
@@ -482,6 +488,10 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     _check_equal_budget(tmp_path, rows, table)
     _check_swa_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("SWA", "2", "0")))
     assert result["table"]["FGE"]["2B"]["members"] == 3
+    # no --config: the built-in defaults (the demo's) with the overrides given, all recorded
+    assert result["config_origin"]["file"] is None and result["config_origin"]["overrides"]["compare.budgets"] == [1, 2]
+    assert result["config"]["compare"]["seeds"] == 2 and result["config"]["fge"]["cycle_epochs"] == 0.9
+    assert "- Settings: from the built-in defaults (the demo's, `configs/mnist1d.yaml`) with " in table
     _check_compare_intervals(tmp_path, result, table)
     finished = tmp_path / "seed-0" / "fge" / "fge.json"
     stamp = finished.stat().st_mtime_ns

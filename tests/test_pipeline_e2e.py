@@ -51,8 +51,14 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
     assert (runs / "summary.json").is_file()
     _check_summary_markdown(runs, summary, tmp_path)
 
-    # the effective config, overrides included, and every stage's time
+    # the effective config, overrides included, where it came from, and every stage's time
     assert summary["config"]["train"]["epochs"] == 8 and summary["config"]["fge"]["lr1"] == 0.05
+    origin = summary["config_origin"]
+    assert origin["file"] == "configs/mnist1d.yaml"
+    assert (origin["overrides"]["device"], origin["overrides"]["train.epochs"], origin["overrides"]["fge.lr1"]) == (
+        "cpu", 8, 0.05)
+    assert "- Settings: from `configs/mnist1d.yaml` with `device=cpu`, `train.epochs=8`, " in (
+        runs / "summary.md").read_text()
     assert set(summary["stage_times"]) == {"train seed 0", "train seed 1", "curve", "eval-curve", "fge", "swa", "export"}
     assert all(t["seconds"] > 0 and not t["earlier_run"] for t in summary["stage_times"].values())
     again = _pipeline(runs, home)  # every stage is done: all skipped, nothing re-exported
@@ -73,7 +79,7 @@ def test_pipeline_then_served_model(tmp_path: Path) -> None:
     for key in ("error", "nll", "ece", "brier"):  # the summary's SWA row is the exported network's
         assert artifact.spec.swa.metrics[key] == pytest.approx(summary["swa"][key], abs=1e-5), key
 
-    data = load_data(dataset_spec(load_config(ROOT / "configs" / "mnist1d.yaml")), "cpu")
+    data = load_data(dataset_spec(load_config(ROOT / "configs" / "mnist1d.yaml").data), "cpu")
     x = data.x_test[:200].numpy()
     offline = ort.InferenceSession(str(artifact.ensemble_file), providers=["CPUExecutionProvider"])
     expected = offline.run(None, {"x": x})[0]
@@ -105,7 +111,7 @@ def _check_summary_markdown(runs: Path, summary: dict, tmp_path: Path) -> None:
     """summary.md states the machine, date, test size and the intervals of summary.json; the
     README script copies it between its markers."""
     text = (runs / "summary.md").read_text()
-    n = len(load_data(dataset_spec(load_config(ROOT / "configs" / "mnist1d.yaml")), "cpu").y_test)
+    n = len(load_data(dataset_spec(load_config(ROOT / "configs" / "mnist1d.yaml").data), "cpu").y_test)
     assert summary["test_size"] == n and f"Test set: {n:,} examples" in text
     assert "Machine: " in text and " cores" in text and "UTC" in text and "torch " in text
     fge = summary["differences"]["fge - single network"]

@@ -33,7 +33,7 @@ ARCH = {"name": "cnn1d", "kwargs": {"width": 4}}
 
 @pytest.fixture(scope="module")
 def dataset(demo_config, demo_data) -> dict:  # noqa: ANN001
-    return config_specs(demo_config, demo_data)[1]
+    return config_specs(demo_config.model, demo_config.data, demo_data)[1]
 
 
 def _network(path: Path, seed: int, dataset: dict, architecture: dict = ARCH) -> Path:

@@ -36,7 +36,7 @@ def _member(path: Path, seed: int, dataset: dict, architecture: dict = ARCH) -> 
 
 @pytest.fixture(scope="module")
 def dataset(demo_config, demo_data) -> dict:  # noqa: ANN001
-    return config_specs(demo_config, demo_data)[1]
+    return config_specs(demo_config.model, demo_config.data, demo_data)[1]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from modeconn.training.core.checkpoint import (
     model_checkpoint,
     save_checkpoint,
 )
-from modeconn.training.core.config import Config, StepSettings
+from modeconn.training.core.config import Config, ModelSettings, StepSettings, TrainSettings
 from modeconn.training.core.data import Dataset, eval_batches, iterations_per_epoch, train_batches
 from modeconn.training.core.loop import checkpoint_path, latest_checkpoint
 from modeconn.training.core.metrics import classification_metrics
@@ -88,23 +88,22 @@ def batching_blocker(configs: list[Config]) -> str | None:
         return "several processes (torchrun)"
     if configs[0].step != StepSettings():
         return "non-default step settings (precision, channels_last, compile)"
-    if _has_dropout(configs[0]):
+    if _has_dropout(configs[0].model):
         return "the network has dropout"
     return None
 
 
-def wants_batching(config: Config) -> bool:
+def wants_batching(train: TrainSettings, device: str) -> bool:
     """`train.batched`: true or false as set; auto: on a GPU (the `device` setting), not on the CPU."""
-    choice = config.train.batched
-    if choice != "auto":
-        return bool(choice)
-    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if train.batched != "auto":
+        return bool(train.batched)
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
 
 
-def _has_dropout(config: Config) -> bool:
+def _has_dropout(settings: ModelSettings) -> bool:
     """Whether the architecture has active dropout (built without weights, the RNG untouched)."""
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
-        model = build_network(architecture_spec(config), num_classes=2, device="meta")
+        model = build_network(architecture_spec(settings), num_classes=2, device="meta")
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
@@ -120,7 +119,8 @@ def train_seeds(configs: list[Config], run_dirs: list[Path]) -> list[dict[str, A
     results: list[dict[str, Any] | None] = [finished_result(d) for d in run_dirs]
     todo = [i for i, r in enumerate(results) if r is None]
     pending = [configs[i] for i in todo]
-    blocker = "train.batched" if pending and not wants_batching(pending[0]) else batching_blocker(pending)
+    blocker = ("train.batched" if pending and not wants_batching(pending[0].train, pending[0].device)
+               else batching_blocker(pending))
     if blocker is None and len({_resume_epoch(run_dirs[i]) for i in todo}) > 1:
         blocker = "the runs stopped at different epochs"
     if blocker is None:
@@ -145,15 +145,15 @@ def train_members(configs: list[Config], run_dirs: list[Path], resume: bool = Fa
         raise ValueError(f"these runs cannot be trained in one pass: {blocker}")
     config, settings = configs[0], configs[0].train
     started = time.perf_counter()
-    device = stage_device(config)
+    device = stage_device(config.device, config.distributed.backend)
     for c, d in zip(configs, run_dirs, strict=True):
         prepare_run_dir(d, c, resume=resume, force=force, final=d / "final.pt")
-    data = data if data is not None else load_data(dataset_spec(config), device)
+    data = data if data is not None else load_data(dataset_spec(config.data), device)
     members = [_member(c, d, data, device) for c, d in zip(configs, run_dirs, strict=True)]
     start_epoch, iteration = _resume(members, device) if resume else (0, 0)
     distributed.check_batch_size(settings.batch_size, len(data.y_train), "train.batch_size")
     stack = _Stack(members, settings)
-    save_at = {fge_start_epoch(config), settings.epochs}
+    save_at = {fge_start_epoch(settings, config.fge), settings.epochs}
     name = f"train {config.name} x{len(members)}"
     with contextlib.ExitStack() as loggers:
         log_rows = [loggers.enter_context(monitor.epoch_logger(m.run_dir, config.tensorboard, start_epoch))

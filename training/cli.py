@@ -1,5 +1,7 @@
 """The `modeconn` command line: one subcommand per stage, all sharing the common options
 `--config`, `--out`, `--seed`, `--device`, `--resume`, `--force`, `--set`, `--json`.
+Without `--config` a command runs the built-in defaults, which are the demo's settings
+(configs/mnist1d.yaml spells them out), into runs/demo/.
 
 `train`, `curve`, `fge` and `sse` also run under `torchrun --nproc_per_node=N` (one
 optimisation over N processes, training/core/distributed.py); the other commands run as one process.
@@ -23,16 +25,24 @@ threads.wait_passively(when_shared=True)
 
 from modeconn.contract.errors import ModeconnError  # noqa: E402
 from modeconn.training.core import distributed  # noqa: E402
-from modeconn.training.core.config import Config, ConfigError, load_config, parse_set_overrides  # noqa: E402
+from modeconn.training.core.config import (  # noqa: E402
+    DEMO_CONFIG_FILE,
+    Config,
+    ConfigError,
+    config_origin,
+    load_config,
+    parse_set_overrides,
+)
 
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
+CONFIG_HELP = (f"YAML config (default: the built-in defaults, which are the demo's settings, as {DEMO_CONFIG_FILE}; "
+               "a file gives what differs)")
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--config", type=Path,
-                        help="YAML config (default: built-in demo settings); its model section names the network: "
-                             "name (a registered one, torchvision:NAME, timm:NAME) or factory "
-                             "('package.module:callable', any nn.Module; docs/own-model.md)")
+    parser.add_argument("--config", type=Path, help=CONFIG_HELP + "; its model section names the network: "
+                        "name (a registered one, torchvision:NAME, timm:NAME) or factory "
+                        "('package.module:callable', any nn.Module; docs/own-model.md)")
     parser.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/NAME/{default_out})")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
@@ -63,14 +73,20 @@ def _step_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "step.compile": args.compile, "tensorboard": args.tensorboard}
 
 
+def overrides_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The common flags, the command's own (`overrides`) and --set pairs, as dotted overrides."""
+    return {"seed": args.seed, "device": args.device, **_step_overrides(args), **(overrides or {}),
+            **parse_set_overrides(args.set)}
+
+
 def config_from_args(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Config:
-    merged = {"seed": args.seed, "device": args.device, **_step_overrides(args), **(overrides or {}),
-              **parse_set_overrides(args.set)}
-    return load_config(args.config, merged)
+    """--config (None: the built-in defaults, the demo's) with every override the command line gives."""
+    return load_config(args.config, overrides_from_args(args, overrides))
 
 
-def run_dir_from_args(args: argparse.Namespace, config: Config) -> Path:
-    return args.out if args.out is not None else Path("runs") / config.name / args.default_out
+def run_dir_from_args(args: argparse.Namespace, name: str) -> Path:
+    """--out, else runs/NAME/COMMAND (NAME: the config's `name`, `demo` for the built-in defaults)."""
+    return args.out if args.out is not None else Path("runs") / name / args.default_out
 
 
 # ---------------------------------------------------------------- train
@@ -86,7 +102,7 @@ def _train(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.train import train_network
 
     config = config_from_args(args, {"train.epochs": args.epochs, "train.lr": args.lr})
-    return train_network(config, run_dir_from_args(args, config), resume=args.resume, force=args.force)
+    return train_network(config, run_dir_from_args(args, config.name), resume=args.resume, force=args.force)
 
 
 # ---------------------------------------------------------------- curves
@@ -118,8 +134,8 @@ def _curve(args: argparse.Namespace) -> dict[str, Any]:
         "curve.lr": args.lr, "curve.init": args.init,
         "curve.fix_start": False if args.free_start else None, "curve.fix_end": False if args.free_end else None,
     })
-    return fit_curve(config, args.start, args.end, run_dir_from_args(args, config), resume=args.resume, force=args.force,
-                     align=args.align)
+    return fit_curve(config, args.start, args.end, run_dir_from_args(args, config.name), resume=args.resume,
+                     force=args.force, align=args.align)
 
 
 def _add_align(sub: argparse._SubParsersAction) -> None:
@@ -290,7 +306,7 @@ def _fge(args: argparse.Namespace) -> dict[str, Any]:
         "fge.cycle_epochs": args.cycle, "fge.lr1": args.lr1, "fge.lr2": args.lr2, "fge.epochs": args.epochs,
         "fge.bn_update": False if args.no_bn_update else None,
     })
-    return run_fge(config, args.start, run_dir_from_args(args, config), resume=args.resume, force=args.force)
+    return run_fge(config, args.start, run_dir_from_args(args, config.name), resume=args.resume, force=args.force)
 
 
 def _add_sse(sub: argparse._SubParsersAction) -> None:
@@ -306,7 +322,7 @@ def _sse(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.ensembles.sse import run_sse
 
     config = config_from_args(args, {"sse.cycle_epochs": args.cycle, "sse.lr": args.lr, "sse.epochs": args.epochs})
-    return run_sse(config, run_dir_from_args(args, config), resume=args.resume, force=args.force)
+    return run_sse(config, run_dir_from_args(args, config.name), resume=args.resume, force=args.force)
 
 
 def _add_ensemble_eval(sub: argparse._SubParsersAction) -> None:
@@ -399,13 +415,14 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _compare(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.ensembles.compare import compare_budgets
 
-    config = config_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
+    overrides = overrides_from_args(args, {"compare.budgets": args.budgets, "compare.seeds": args.seeds})
+    config = load_config(args.config, overrides)
     if args.ray is not None:
         from modeconn.training.core.cluster import connect
 
         connect(args.ray)  # before any work: without Ray, or without a cluster, one line and nothing written
-    return compare_budgets(config, run_dir_from_args(args, config), force=args.force, jobs_at_once=_jobs(args),
-                           ray=args.ray)
+    return compare_budgets(config, run_dir_from_args(args, config.name), force=args.force, jobs_at_once=_jobs(args),
+                           ray=args.ray, origin=config_origin(args.config, overrides))
 
 
 def _jobs(args: argparse.Namespace) -> int:
@@ -417,7 +434,7 @@ def _jobs(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- pipeline
 def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pipeline", help="the whole demo: two networks, a curve, FGE, SWA, export to the store")
-    p.add_argument("--config", type=Path, help="YAML config (default: built-in demo settings)")
+    p.add_argument("--config", type=Path, help=CONFIG_HELP)
     p.add_argument("--runs", type=Path, default=None, help="where the stages' runs go (default runs/NAME)")
     p.add_argument("--out", type=Path, default=None, help="write the artifact to this folder instead of the BentoML store "
                    "(new, empty, or an earlier artifact with nothing else in it)")
@@ -436,10 +453,10 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
 def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.pipeline import run_pipeline
 
-    config = load_config(args.config, {"seed": args.seed, "device": args.device, **_step_overrides(args),
-                                       **parse_set_overrides(args.set)})
+    overrides = overrides_from_args(args)
+    config = load_config(args.config, overrides)
     return run_pipeline(config, args.runs or Path("runs") / config.name, force=args.force, out=args.out,
-                        jobs=_jobs(args))
+                        jobs=_jobs(args), origin=config_origin(args.config, overrides))
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [

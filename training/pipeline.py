@@ -23,7 +23,7 @@ from modeconn.contract.artifact import file_sha256
 from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
 from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
-from modeconn.training.core.config import Config
+from modeconn.training.core.config import Config, ModelSettings, describe_origin
 from modeconn.training.core.distributed import Job, run_jobs
 from modeconn.training.core.loop import checkpoint_path, resolve_device
 from modeconn.training.core.metrics import classification_metrics
@@ -105,19 +105,21 @@ def _finished_export(record: Path, fingerprint: str, out: Path | None) -> dict[s
 
 
 def run_pipeline(
-    config: Config, root: Path, force: bool = False, out: Path | None = None, jobs: int = 1
+    config: Config, root: Path, force: bool = False, out: Path | None = None, jobs: int = 1,
+    origin: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) every stage under `root`; the artifact goes to the BentoML store
     under `config.export.name`, or to the folder `out`. The two networks train in one batched
     pass when `train.batched` asks for it (training/batched.py); otherwise `jobs` 2 trains them
-    side by side (training/core/distributed.py `run_jobs`)."""
+    side by side (training/core/distributed.py `run_jobs`). `origin` (config.config_origin):
+    the config file and overrides the settings came from, recorded in the summary."""
     started = time.perf_counter()
     claim_folder(root, "pipeline", force=force, container=True)  # --force deletes only the pipeline's own files
     seeds = (config.seed, config.seed + 1)
     runs = [root / f"train-seed{s}" for s in seeds]
     seeded = [config.model_copy(update={"seed": s}) for s in seeds]
     # both networks in one batched pass (training/batched.py) when they can be; else --jobs 2 side by side
-    batched = wants_batching(config) and batching_blocker(seeded) is None
+    batched = wants_batching(config.train, config.device) and batching_blocker(seeded) is None
     if jobs > 1 and not batched:  # the train stages below then find both networks finished
         run_jobs([Job(train_or_reuse, (c, d)) for c, d in zip(seeded, runs, strict=True)],
                  min(jobs, 2), resolve_device(config.device))
@@ -147,7 +149,7 @@ def run_pipeline(
                             skipped, times)
         advance()
         fge_dir = root / "fge"
-        fge_from = checkpoint_path(runs[0], fge_start_epoch(config))
+        fge_from = checkpoint_path(runs[0], fge_start_epoch(config.train, config.fge))
         fge = _stage("fge", finished_snapshot_run(fge_dir, "fge"),
                      lambda: run_fge(config, fge_from, fge_dir, resume=True), skipped, times)
         advance()
@@ -177,12 +179,13 @@ def run_pipeline(
     summary.update(differences={"fge - single network": fge_vs_single, "swa - single network": swa_vs_single,
                                 **curve_eval["differences"]},
                    test_size=curve_eval["test_size"], skipped_stages=skipped, stage_times=times,
-                   # the full effective config, --set overrides included: what reproduces this run
-                   config=config.model_dump(mode="json"),
+                   # the full effective config, --set overrides included: what reproduces this run;
+                   # and where it came from (the file, or the built-in defaults, and the overrides)
+                   config=config.model_dump(mode="json"), config_origin=origin,
                    provenance=provenance.provenance(curve_eval["test_size"]),
                    markdown=str(root / "summary.md"))
     atomic_write_json(root / "summary.json", summary)
-    atomic_write_text(root / "summary.md", summary_markdown(config, summary))
+    atomic_write_text(root / "summary.md", summary_markdown(summary))
     _print_table(summary)
     return summary
 
@@ -273,18 +276,22 @@ def _stage_time(name: str, timing: dict[str, Any]) -> str:
     return f"{name} {seconds} s" + (" (earlier run)" if timing["earlier_run"] else "")
 
 
-def summary_markdown(config: Config, summary: dict[str, Any]) -> str:
-    """summary.md: the demo's table with machine, date, test size and intervals (the README copies it)."""
-    info = summary["provenance"]
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """summary.md: the demo's table with machine, date, test size and intervals (the README copies it);
+    the settings from the summary's `config` and `config_origin`."""
+    info, config = summary["provenance"], summary["config"]
+    origin = summary.get("config_origin")
+    network = ModelSettings.model_validate(config["model"]).label
     skipped = summary.get("skipped_stages") or []
     timing = f"{summary['seconds']:.0f} s" + (f" (skipped as already done: {', '.join(skipped)})" if skipped else "")
     stages = ", ".join(_stage_time(name, t) for name, t in (summary.get("stage_times") or {}).items())
     lines = [
-        f"**modeconn pipeline: {config.model.label} on {config.data.name}** (config `{config.name}`)",
+        f"**modeconn pipeline: {network} on {config['data']['name']}** (config `{config['name']}`)",
         "",
         *provenance.markdown_lines(info),
         f"- Pipeline time: {timing}." + (f" Stages: {stages}." if stages else ""),
-        "- Settings: the effective config, `--set` overrides included, is `config` in summary.json.",
+        "- Settings: " + (f"from {describe_origin(origin)}; " if origin else "")
+        + "the effective config, overrides included, is `config` in summary.json.",
         "",
         "| model | test error % | NLL | ECE | Brier |",
         "|---|---|---|---|---|",

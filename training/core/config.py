@@ -1,10 +1,17 @@
 """Run settings: one pydantic-validated YAML config per experiment, with CLI overrides.
 
+The built-in defaults are the demo's settings (configs/mnist1d.yaml, which explains each
+choice): a command without --config runs the demo, and a config file gives only what differs.
+The data section's defaults follow `data.name`: mnist1d's are the demo's variant (its
+generation parameters and validation size); any other data set starts from its own (no
+generation, its own validation hold-out), so `--set data.name=...` needs nothing else.
+
 An unknown key or a bad value is an error that names the field (`train.lr: ...`).
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,14 +39,26 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# the demo's MNIST-1D variant (docs/demo-regime.md): the defaults of data.name mnist1d. An explicit
+# `generation: {}` is the published data set, `val_size: null` its default hold-out (10 %)
+DEMO_MNIST1D: dict[str, Any] = {
+    "val_size": 1000,  # of the 3000 generated training signals: 2000 train / 1000 validation
+    "generation": {"num_samples": 15000, "train_split": 0.2, "corr_noise_scale": 0.4},
+}
+# where the built-in defaults are written out, with the reasons for each value
+DEMO_CONFIG_FILE = "configs/mnist1d.yaml"
+
+
 class DataSettings(_Strict):
     name: str = "mnist1d"
     root: str | None = None  # folder holding the CIFAR archives; a cache folder for MNIST-1D
     # validation hold-out of the training set, for choosing settings (never the test split);
-    # None: the data set's default (MNIST-1D 10 % of its training part, CIFAR 5000 images)
+    # None: the data set's default (MNIST-1D 10 % of its training part, CIFAR 5000 images).
+    # Not given for mnist1d: the demo's 1000 (DEMO_MNIST1D)
     val_size: int | None = Field(None, ge=0)
     split_seed: int = 0
-    # MNIST-1D only: the mnist1d package's generation parameters (get_dataset_args fields)
+    # MNIST-1D only: the mnist1d package's generation parameters (get_dataset_args fields) that
+    # differ from the package's; not given for mnist1d: the demo's variant (DEMO_MNIST1D)
     generation: dict[str, Any] = Field(default_factory=dict)
     # arrays only: the train and test parts, each an .npz (arrays x, y) or a folder with
     # x.npy and y.npy; a relative path is taken from `root` when it is set
@@ -57,6 +76,15 @@ class DataSettings(_Strict):
     in_memory: bool | None = None
     # DataLoader worker processes of streamed splits; None: half the cores, 1 to 4
     num_workers: int | None = Field(None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_of_the_data_set(cls, tree: Any) -> Any:
+        # the defaults follow the data set named: the demo's variant for mnist1d (the default name);
+        # another data set keeps the field defaults, so naming it leaves no mnist1d field to unset
+        if isinstance(tree, dict) and tree.get("name", cls.model_fields["name"].default) == "mnist1d":
+            return {**copy.deepcopy(DEMO_MNIST1D), **tree}
+        return tree
 
     @model_validator(mode="after")
     def _mean_with_std(self) -> DataSettings:
@@ -118,7 +146,7 @@ class TrainSettings(_Strict):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    save_every: int = Field(5, ge=1, description="checkpoint every N epochs (and at the end)")
+    save_every: int = Field(10, ge=1, description="checkpoint every N epochs (and at the end)")
     # networks that differ only by seed (compare's Ind runs, the pipeline's two endpoints) in one
     # batched pass on one device (training/batched.py); false: one after another; auto: batched
     # on a GPU only (on the CPU a batched step of the demo network costs more than the separate
@@ -129,22 +157,22 @@ class TrainSettings(_Strict):
 class CurveSettings(_Strict):
     curve: Literal["bezier", "polychain"] = "bezier"
     num_bends: int = Field(3, ge=3)
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(60, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.03, gt=0)
+    lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     init: Literal["linear", "random"] = "linear"
     fix_start: bool = True
     fix_end: bool = True
-    save_every: int = Field(5, ge=1)
+    save_every: int = Field(10, ge=1)
     eval_points: int = Field(61, ge=2)
 
 
 class FGESettings(_Strict):
-    cycle_epochs: float = Field(2.0, gt=0)
-    lr1: float = Field(0.05, gt=0)
-    lr2: float = Field(0.005, gt=0)
+    cycle_epochs: float = Field(1.0, gt=0)
+    lr1: float = Field(0.4, gt=0)
+    lr2: float = Field(0.04, gt=0)
     epochs: float = Field(6.0, gt=0, description="FGE budget in epochs")
     start_fraction: float = Field(0.8, gt=0, le=1, description="start from this point of a train run")
     bn_update: bool = True
@@ -162,7 +190,7 @@ class FGESettings(_Strict):
 class SSESettings(_Strict):
     cycle_epochs: float = Field(10.0, gt=0)
     epochs: int = Field(30, ge=1, description="SSE budget in epochs")
-    lr: float = Field(0.2, gt=0)
+    lr: float = Field(0.4, gt=0)
     batch_size: int = Field(128, ge=1)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
@@ -178,7 +206,7 @@ class ExportSettings(_Strict):
 
 class CompareSettings(_Strict):
     budgets: list[int] = Field(default_factory=lambda: [1, 2, 3])
-    seeds: int = Field(3, ge=1)
+    seeds: int = Field(5, ge=1)
     # the equal-budget baseline: at kB also m independent networks of kB/m epochs each
     equal_budget_members: list[int] = Field(default_factory=lambda: [2, 3])
     # SWAG at kB: networks drawn from the Gaussian of FGE's snapshots at kB (0: no SWAG row),
@@ -212,7 +240,9 @@ class StepSettings(_Strict):
 
 
 class Config(_Strict):
-    name: str = "demo"
+    """Every setting of a run; each field's default is the demo's (configs/mnist1d.yaml)."""
+
+    name: str = "demo"  # reports show it; default run folders are runs/NAME/...
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     data: DataSettings = Field(default_factory=DataSettings)
@@ -252,10 +282,32 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+def _identity(section: str, fields: dict[str, Any]) -> tuple[str, Any]:
+    """Which data set or network a data / model section (a config file's fields) describes."""
+    if section == "model" and fields.get("factory") is not None:
+        return "factory", fields["factory"]
+    defaults = {"data": DataSettings, "model": ModelSettings}[section].model_fields["name"].default
+    return "name", fields.get("name", defaults)
+
+
+def _restart_changed_sections(tree: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """An override naming another data set (data.name) or network (model.name, model.factory) than
+    the file's starts that section over from the new choice's defaults: the file's fields of the
+    old choice (mnist1d's generation, a network's kwargs, a folder) do not carry over to it."""
+    for section in ("data", "model"):
+        old = tree.get(section)
+        named = [(k, overrides[f"{section}.{k}"]) for k in ("factory", "name") if f"{section}.{k}" in overrides]
+        if isinstance(old, dict) and named and named[0] != _identity(section, old):
+            tree[section] = {}
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a YAML config (or the defaults) and apply dotted overrides like {"train.lr": 0.05}."""
+    """Read a YAML config (None: the built-in defaults, the demo's) and apply dotted overrides
+    like {"train.lr": 0.05}; an override of None is not given. An override of data.name,
+    model.name or model.factory that names another data set or network than the file's starts
+    that section over (_restart_changed_sections)."""
     tree: dict[str, Any] = {}
-    source = "defaults"
+    source = "built-in defaults"
     if path is not None:
         path = Path(path)
         source = str(path)
@@ -267,13 +319,28 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path} is not valid YAML: {err}") from err
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    for dotted, value in (overrides or {}).items():
-        if value is not None:
-            _set_path(tree, dotted, value)
+    given = {dotted: value for dotted, value in (overrides or {}).items() if value is not None}
+    _restart_changed_sections(tree, given)
+    for dotted, value in given.items():
+        _set_path(tree, dotted, value)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from None
+
+
+def config_origin(path: str | Path | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where a run's settings came from, for its reports: the config file (None: the built-in
+    defaults, the demo's) and the overrides given on top of it (flags and --set)."""
+    return {"file": None if path is None else str(path),
+            "overrides": {k: v for k, v in (overrides or {}).items() if v is not None}}
+
+
+def describe_origin(origin: dict[str, Any]) -> str:
+    """One phrase for a report: `configs/x.yaml` or the built-in defaults, and the overrides."""
+    where = f"`{origin['file']}`" if origin.get("file") else f"the built-in defaults (the demo's, `{DEMO_CONFIG_FILE}`)"
+    given = ", ".join(f"`{k}={v}`" for k, v in (origin.get("overrides") or {}).items())
+    return where + (f" with {given}" if given else "")
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from modeconn.training.core.checkpoint import (
     load_checkpoint,
     load_checkpoint_or_weights,
 )
-from modeconn.training.core.config import Config
+from modeconn.training.core.config import Config, DataSettings, ModelSettings
 from modeconn.training.core.data import (
     LOADING_OPTIONS,
     SOURCE_OPTIONS,
@@ -32,20 +32,21 @@ Forward = Callable[[torch.Tensor], torch.Tensor]
 DATA_OPTIONS = SOURCE_OPTIONS + LOADING_OPTIONS
 
 
-def architecture_spec(config: Config) -> dict[str, Any]:
-    """The architecture record of the config's model: {name, kwargs} or {factory, kwargs}."""
-    return config.model.model_dump()
+def architecture_spec(model: ModelSettings) -> dict[str, Any]:
+    """The architecture record of a model section: {name, kwargs} or {factory, kwargs}."""
+    return model.model_dump()
 
 
-def dataset_spec(config: Config) -> dict[str, Any]:
-    d = config.data
-    return {"name": d.name, "root": d.root, "val_size": d.val_size, "split_seed": d.split_seed,
-            "generation": dict(d.generation), **{k: getattr(d, k) for k in DATA_OPTIONS}}
+def dataset_spec(data: DataSettings) -> dict[str, Any]:
+    """The data a data section names, as load_data and a checkpoint's `dataset` record take it."""
+    return {"name": data.name, "root": data.root, "val_size": data.val_size, "split_seed": data.split_seed,
+            "generation": dict(data.generation), **{k: getattr(data, k) for k in DATA_OPTIONS}}
 
 
-def config_specs(config: Config, data: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The architecture and dataset fields a checkpoint of a network made from `config` records."""
-    return architecture_spec(config), {**dataset_spec(config), **data.describe()}
+def config_specs(model: ModelSettings, data: DataSettings, dataset: Dataset) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The architecture and dataset fields a checkpoint records of a network of the `model` section
+    trained on `dataset`, loaded as the `data` section names it."""
+    return architecture_spec(model), {**dataset_spec(data), **dataset.describe()}
 
 
 def build_network(architecture: dict[str, Any], num_classes: int, device: torch.device | str = "cpu") -> nn.Module:
@@ -67,9 +68,9 @@ def fresh_network(
     """A network seeded with config.seed, its SGD optimizer from `sgd` (lr, momentum,
     weight_decay), and the checkpoint fields naming where it came from."""
     torch.manual_seed(config.seed)
-    model = build_network(architecture_spec(config), data.num_classes, device)
+    model = build_network(architecture_spec(config.model), data.num_classes, device)
     optimizer = sgd_optimizer(model, sgd)
-    architecture, dataset = config_specs(config, data)
+    architecture, dataset = config_specs(config.model, config.data, data)
     fields = {"kind": kind, "architecture": architecture, "dataset": dataset, "config": config.model_dump()}
     return model, optimizer, fields
 
@@ -84,10 +85,10 @@ def load_data(spec: dict[str, Any], device: torch.device | str) -> Dataset:
                              **{k: spec.get(k) for k in DATA_OPTIONS})
 
 
-def stage_device(config: Config) -> torch.device:
+def stage_device(device: str, backend: str) -> torch.device:
     """The device of this process: the `device` setting, and under torchrun this rank's GPU
     (the process group is joined here, with the `distributed.backend` setting)."""
-    return distributed.setup(resolve_device(config.device), config.distributed.backend)
+    return distributed.setup(resolve_device(device), backend)
 
 
 def stage_run(config: Config, run_dir: Path, *, resume: bool, save_every: int) -> StageRun:
@@ -104,18 +105,20 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     return network_from_state(state, path, device).eval(), state
 
 
-def network_state(path: str | Path, config: Config, device: torch.device | str, role: str) -> tuple[dict[str, Any], bool]:
+def network_state(path: str | Path, model: ModelSettings, data: DataSettings, device: torch.device | str,
+                  role: str) -> tuple[dict[str, Any], bool]:
     """A network to start from (`role`: a curve end, the FGE start) as checkpoint fields, and
     whether it is a modeconn checkpoint: one as saved, or weights trained elsewhere (a
-    state_dict file read with weights_only=True, or .safetensors) of the config's model on its
-    data, checked to fit that model (else an error naming the file and the first mismatch)."""
+    state_dict file read with weights_only=True, or .safetensors) of the `model` section on the
+    `data` section's data, checked to fit that model (else an error naming the file and the first
+    mismatch)."""
     contents, is_checkpoint = load_checkpoint_or_weights(path, map_location=device)
     if is_checkpoint:
         if contents.get("kind") == "curve":
             raise CheckpointError(f"{path} is a curve, not a network; the {role} must be a network "
                                   "(pick a point with `modeconn curve-point`)")
         return contents, True
-    architecture, dataset = config_specs(config, load_data(dataset_spec(config), device))
+    architecture, dataset = config_specs(model, data, load_data(dataset_spec(data), device))
     state = {"architecture": architecture, "dataset": dataset, "model": contents}
     network_from_state(state, path, device)  # the fit check, before any run folder is made
     return state, False

@@ -20,7 +20,13 @@ from torch import nn
 
 from modeconn.training.core import distributed, progress
 from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from modeconn.training.core.config import Config, ConfigError, CurveSettings
+from modeconn.training.core.config import (
+    Config,
+    ConfigError,
+    CurveSettings,
+    DataSettings,
+    ModelSettings,
+)
 from modeconn.training.core.data import Dataset
 from modeconn.training.core.loop import FitPlan, StageRun, fit
 from modeconn.training.core.networks import (
@@ -36,9 +42,10 @@ from modeconn.training.core.sources import check_same_network
 from modeconn.training.curves.model import CurveModel
 
 
-def _endpoint(path: Path, config: Config) -> dict[str, Any]:
-    """A curve end: a network checkpoint, or weights trained elsewhere of the config's model."""
-    return network_state(path, config, "cpu", "curve end")[0]
+def _endpoint(path: Path, model: ModelSettings, data: DataSettings) -> dict[str, Any]:
+    """A curve end: a network checkpoint, or weights trained elsewhere of the `model` section (on
+    the `data` section's data)."""
+    return network_state(path, model, data, "cpu", "curve end")[0]
 
 
 def _aligned_end(w0: dict[str, Any], w1: dict[str, Any], start: Path, end: Path, run_dir: Path) -> dict[str, Any]:
@@ -101,9 +108,9 @@ def fit_curve(
 ) -> dict[str, Any]:
     """`modeconn curve`: the two checkpoints' curve trained by `train_curve`, saved as RUN/final.pt."""
     final_path = run_dir / "final.pt"
-    device = stage_device(config)
+    device = stage_device(config.device, config.distributed.backend)
     started = time.perf_counter()
-    w0, w1 = _endpoint(start, config), _endpoint(end, config)
+    w0, w1 = (_endpoint(path, config.model, config.data) for path in (start, end))
     check_same_network([(start, w0), (end, w1)], CheckpointError)
     prepare_run_dir(run_dir, config, resume=resume, force=force, final=final_path)  # after the ends load
     started_before = final_path.exists() or any((run_dir / "checkpoints").glob("epoch-*.pt"))

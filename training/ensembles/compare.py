@@ -50,7 +50,7 @@ import yaml
 from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
 from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text
-from modeconn.training.core.config import Config, ConfigError
+from modeconn.training.core.config import CompareSettings, Config, ConfigError, describe_origin
 from modeconn.training.core.data import Dataset, iterations_per_epoch
 from modeconn.training.core.distributed import Job, run_jobs
 from modeconn.training.core.loop import checkpoint_path, resolve_device
@@ -128,7 +128,7 @@ def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
     budgets = sorted(set(config.compare.budgets))
     if not budgets or budgets[0] < 1 or budgets[-1] >= _SSE_OFFSET:
         raise ConfigError(f"compare.budgets must be whole numbers from 1 to {_SSE_OFFSET - 1}, got {config.compare.budgets}")
-    epochs, start = config.train.epochs, fge_start_epoch(config)
+    epochs, start = config.train.epochs, fge_start_epoch(config.train, config.fge)
     if start >= epochs:
         raise ConfigError(
             f"fge.start_fraction ({config.fge.start_fraction}) starts FGE at epoch {start} of train.epochs "
@@ -200,9 +200,10 @@ def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, fir
     (then this seed lists no Ind jobs of its own). Each folder is checked here, before anything runs."""
     inds = [] if ind_job is not None else _ind_runs(config, seed_dir, largest, base_seed)
     jobs = [Job(train_or_reuse, run) for run in inds]
-    fge_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - fge_start_epoch(config)})
+    start_epoch = fge_start_epoch(config.train, config.fge)
+    fge_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - start_epoch})
     _check_reusable(seed_dir / "fge", fge_config, _SHAPED_BY["fge"])
-    start = checkpoint_path(seed_dir / "ind-0", fge_start_epoch(config))
+    start = checkpoint_path(seed_dir / "ind-0", start_epoch)
     jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first if ind_job is None else ind_job,)))
     sse_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
     _check_reusable(seed_dir / "sse", sse_config, _SHAPED_BY["sse"])
@@ -233,7 +234,7 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
     """The seed's metric rows, and the per-example test losses of every (method, k) and of
     ("single", k): the first Ind network alone (FGE's starting run), the same at every k.
     Rows of method "Ind curve" hold the ensembles of the first j Ind networks (for the DEE)."""
-    epochs, start = config.train.epochs, fge_start_epoch(config)
+    epochs, start = config.train.epochs, fge_start_epoch(config.train, config.fge)
     fge_steps = iterations_per_epoch(data, config.fge.batch_size)
     sse_steps = iterations_per_epoch(data, config.sse.batch_size)
     ind = predict_members(finals, device, data)
@@ -241,7 +242,7 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
     sse = predict_members(expand_members([sse_dir]), device, data)
     members = {"Ind": ind, "FGE": fge, "SSE": sse}
     _, single = _row("single", 1, seed, 1, ind.probs[0], None if ind.val_probs is None else ind.val_probs[0],
-                     config, data)
+                     epochs, data)
     rows, losses = [], {}
     for k in budgets:
         counts = {
@@ -256,30 +257,31 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
                 raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
             chosen, count = members[method], counts[method]
             val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs[:count])
-            row, losses[method, k] = _row(method, k, seed, count, ensemble_probs(chosen.probs[:count]), val, config, data)
+            row, losses[method, k] = _row(method, k, seed, count, ensemble_probs(chosen.probs[:count]), val, epochs, data)
             rows.append(row)
         # SWA: one network from the same snapshots as FGE at this budget (cheap: no training)
-        rows.append(_swa_row(fge.paths[:counts["FGE"]], k, seed, config, data, device, losses))
+        rows.append(_swa_row(fge.paths[:counts["FGE"]], k, seed, epochs, data, device, losses))
         if config.compare.swag_samples and counts["FGE"] >= 2:  # a Gaussian needs a spread
-            rows.append(_swag_row(fge.paths[:counts["FGE"]], k, seed, config, data, device, losses))
+            rows.append(_swag_row(fge.paths[:counts["FGE"]], k, seed, epochs, config.compare, data, device, losses))
         losses["single", k] = single
     for (method, k), group in (equal or {}).items():
         chosen = predict_members([d / "final.pt" for _, d in group], device, data)
         val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs)
-        row, losses[method, k] = _row(method, k, seed, len(group), ensemble_probs(chosen.probs), val, config, data)
+        row, losses[method, k] = _row(method, k, seed, len(group), ensemble_probs(chosen.probs), val, epochs, data)
         rows.append(row)
     if ind.val_probs is not None:  # the deep ensemble's calibrated NLL curve: 1, 2, ... full-budget networks
         for j in range(1, len(finals) + 1):
             row, _ = _row("Ind curve", j, seed, j, ensemble_probs(ind.probs[:j]), ensemble_probs(ind.val_probs[:j]),
-                          config, data)
+                          epochs, data)
             rows.append(row)
     return rows, losses
 
 
 def _row(method: str, k: int, seed: int, members: int, probs: torch.Tensor, val_probs: torch.Tensor | None,
-         config: Config, data: Dataset) -> tuple[dict[str, Any], Losses]:
-    """A metric row of compare.csv and the per-example test losses of `probs` (with "cnll": the
-    NLL at the temperature fitted on validation; the raw NLL without a validation split)."""
+         epochs: int, data: Dataset) -> tuple[dict[str, Any], Losses]:
+    """A metric row of compare.csv (at k budgets of `epochs`) and the per-example test losses of
+    `probs` (with "cnll": the NLL at the temperature fitted on validation; the raw NLL without a
+    validation split)."""
     val, calibrated, scaled = {}, {}, probs
     if val_probs is not None:
         val = split_prefixed(classification_metrics(val_probs, data.y_val), "val")
@@ -287,38 +289,38 @@ def _row(method: str, k: int, seed: int, members: int, probs: torch.Tensor, val_
         report = calibration_report(val_probs, data.y_val, probs, data.y_test)
         calibrated = {**calibrated_columns(report), "calibrated_val_nll": report["calibrated_val_nll"]}
         scaled = calibrate(probs, report["temperature"])
-    row = {"method": method, "k": k, "budget_epochs": k * config.train.epochs, "seed": seed, "members": members,
+    row = {"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed, "members": members,
            **val, **split_prefixed(classification_metrics(probs, data.y_test)), **calibrated}
     losses = statistics.per_example_losses(probs, data.y_test)
     losses["cnll"] = statistics.per_example_losses(scaled, data.y_test)["nll"]
     return row, losses
 
 
-def _swa_row(snapshots: list[Path], k: int, seed: int, config: Config, data: Dataset, device: torch.device,
+def _swa_row(snapshots: list[Path], k: int, seed: int, epochs: int, data: Dataset, device: torch.device,
              losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
     """The SWA network of `snapshots` (members: how many were averaged); its losses go into `losses`."""
     net, _ = swa_network(snapshots, data, device)
     val = predict_probs(net, data, "val").double() if len(data.y_val) else None
     row, losses["SWA", k] = _row("SWA", k, seed, len(snapshots), predict_probs(net, data, "test").double(), val,
-                                 config, data)
+                                 epochs, data)
     return row
 
 
-def _swag_row(snapshots: list[Path], k: int, seed: int, config: Config, data: Dataset, device: torch.device,
-              losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
+def _swag_row(snapshots: list[Path], k: int, seed: int, epochs: int, settings: CompareSettings, data: Dataset,
+              device: torch.device, losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
     """The ensemble of SWAG draws from `snapshots` at the scale validation prefers (members: draws)."""
     moments, model = swag_from_checkpoints(snapshots, device)
     found = []
-    for scale in config.compare.swag_scales:  # the same draws' noise at every scale: only the scale differs
+    for scale in settings.swag_scales:  # the same draws' noise at every scale: only the scale differs
         generator = torch.Generator().manual_seed(seed * 1000 + k)
         test, val = [], []
-        for _ in range(config.compare.swag_samples):
+        for _ in range(settings.swag_samples):
             net = swag_network(model, moments, generator, scale, data)
             test.append(predict_probs(net, data, "test").double())
             if len(data.y_val):
                 val.append(predict_probs(net, data, "val").double())
         row, row_losses = _row("SWAG", k, seed, len(test), ensemble_probs(torch.stack(test)),
-                               ensemble_probs(torch.stack(val)) if val else None, config, data)
+                               ensemble_probs(torch.stack(val)) if val else None, epochs, data)
         found.append((row.get("calibrated_val_nll", row.get("val_nll", 0.0)), scale, row, row_losses))
     _, scale, row, losses["SWAG", k] = min(found, key=lambda f: f[0])
     return {**row, "swag_scale": scale}
@@ -440,14 +442,17 @@ def _verdict(name: str, k: int, metric: str, cell: dict[str, Any]) -> str | None
 
 
 def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], differences: dict[str, dict[str, Any]],
-              budgets: list[int], seeds: int, info: dict[str, Any], dee: dict[str, dict[int, float]]) -> str:
-    epochs, start = config.train.epochs, fge_start_epoch(config)
+              budgets: list[int], seeds: int, info: dict[str, Any], dee: dict[str, dict[int, float]],
+              origin: dict[str, Any] | None = None) -> str:
+    epochs, start = config.train.epochs, fge_start_epoch(config.train, config.fge)
     columns = " | ".join(f"{k}B ({k * epochs} ep)" for k in budgets)
     rule = "|---|---|" + "---|" * len(budgets)
     lines = [
         f"**Budget comparison: {config.model.label} on {config.data.name}** (config `{config.name}`)",
         "",
         *provenance.markdown_lines(info),
+        "- Settings: " + (f"from {describe_origin(origin)}; " if origin else "")
+        + "the effective config, overrides included, is `config` in compare.json.",
         "",
         f"B = {epochs} epochs. Ensemble test metrics (SWA: one network), mean ± std over {seeds} seed(s). The headline "
         "is the calibrated NLL (each ensemble at its temperature fitted on validation); DEE: how many full-budget "
@@ -566,14 +571,15 @@ def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
 
 
 def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_once: int = 1,
-                    ray: str | None = None) -> dict[str, Any]:
+                    ray: str | None = None, origin: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or reuse) every sub-run, `jobs_at_once` side by side, or each a task on the Ray
     cluster at `ray` (training/core/distributed.py `run_jobs`; the same results as one after
-    the other), then write compare.md and compare.csv into `run_dir`."""
+    the other), then write compare.md and compare.csv into `run_dir`. `origin`
+    (config.config_origin): the config file and overrides, recorded with the effective config."""
     started = time.perf_counter()
     claim_folder(run_dir, "compare", force=force, container=True)  # --force deletes only the comparison's own files
     device = resolve_device(config.device)
-    data = load_data(dataset_spec(config), device)
+    data = load_data(dataset_spec(config.data), device)
     budgets = _check_budgets(config, iterations_per_epoch(data, config.fge.batch_size),
                              iterations_per_epoch(data, config.sse.batch_size))
     largest, seeds = budgets[-1], config.compare.seeds
@@ -581,7 +587,7 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     base_seeds = [config.seed + _SEED_STRIDE * s for s in range(seeds)]
     inds = [run for d, b in zip(seed_dirs, base_seeds, strict=True) for run in _ind_runs(config, d, largest, b)]
     # every seed's Ind networks in one batched pass (training/batched.py), when they can be
-    blocker = batching_blocker([c for c, _ in inds]) if wants_batching(config) else "train.batched"
+    blocker = batching_blocker([c for c, _ in inds]) if wants_batching(config.train, config.device) else "train.batched"
     batched = blocker is None
     if config.train.batched is True and blocker is not None and len(inds) > 1:
         progress.log(f"[dim]compare: the Ind networks one after another ({blocker})[/dim]")
@@ -609,13 +615,14 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     info = provenance.provenance(len(data.y_test))
     paths = {name: run_dir / f"compare{suffix}" for name, suffix in
              (("markdown", ".md"), ("csv", ".csv"), ("differences_csv", "_differences.csv"), ("json", ".json"))}
-    markdown = _markdown(config, table, differences, budgets, seeds, info, dee)
+    markdown = _markdown(config, table, differences, budgets, seeds, info, dee, origin)
     result = {"run_dir": str(run_dir), **{k: str(p) for k, p in paths.items()},
               "table": {m: {f"{k}B": cell for k, cell in cells.items()} for m, cells in table.items()},
               # None: more than the largest Ind ensemble (JSON has no infinity)
               "deep_ensemble_equivalent": {m: {f"{k}B": v if math.isfinite(v) else None for k, v in cells.items()}
                                            for m, cells in dee.items()},
-              "differences": differences, "provenance": info, "test_size": len(data.y_test), "seeds": seeds}
+              "differences": differences, "provenance": info, "test_size": len(data.y_test), "seeds": seeds,
+              "config": config.model_dump(mode="json"), "config_origin": origin}
     atomic_write_text(paths["markdown"], markdown)
     atomic_write_text(paths["csv"], _csv(rows))
     atomic_write_text(paths["differences_csv"], _differences_csv(differences))

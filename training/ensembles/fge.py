@@ -24,7 +24,13 @@ from torch import nn
 
 from modeconn.training.core import distributed, progress
 from modeconn.training.core.checkpoint import CheckpointError
-from modeconn.training.core.config import Config, ConfigError, FGESettings
+from modeconn.training.core.config import (
+    Config,
+    ConfigError,
+    DataSettings,
+    FGESettings,
+    ModelSettings,
+)
 from modeconn.training.core.data import Dataset, iterations_per_epoch
 from modeconn.training.core.loop import StageRun
 from modeconn.training.core.networks import (
@@ -52,25 +58,26 @@ class FGEStart:
     momentum: str  # MOMENTUM_KEPT or MOMENTUM_FRESH
 
 
-def fge_start(path: Path, config: Config, device: torch.device) -> FGEStart:
-    """The network and SGD optimizer FGE starts from.
+def fge_start(path: Path, settings: FGESettings, device: torch.device, *, model: ModelSettings,
+              data: DataSettings) -> FGEStart:
+    """The network and SGD optimizer FGE (of `settings`) starts from.
 
     An epoch checkpoint brings its momentum buffers (the paper's setting). A checkpoint
     without optimizer state (final.pt, a snapshot, a curve point) or weights trained elsewhere
-    (a state_dict file or .safetensors of the config's model on its data: network_state)
-    starts with fresh momentum (zero buffers, as at any SGD start).
+    (a state_dict file or .safetensors of the `model` section on the `data` section's data:
+    network_state) starts with fresh momentum (zero buffers, as at any SGD start).
     """
-    path, settings = Path(path), config.fge
-    state, is_checkpoint = network_state(path, config, device, "FGE start")
+    path = Path(path)
+    state, is_checkpoint = network_state(path, model, data, device, "FGE start")
     if is_checkpoint:
         source = "epoch checkpoint" if "optimizer" in state else "checkpoint without optimizer state"
     else:
         source = "weights file"
-    model = network_from_state(state, path, device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=settings.lr1, momentum=settings.momentum,
+    network = network_from_state(state, path, device)
+    optimizer = torch.optim.SGD(network.parameters(), lr=settings.lr1, momentum=settings.momentum,
                                 weight_decay=settings.weight_decay)
     if "optimizer" not in state:
-        return FGEStart(model, optimizer, state, source, MOMENTUM_FRESH)
+        return FGEStart(network, optimizer, state, source, MOMENTUM_FRESH)
     try:
         optimizer.load_state_dict(state["optimizer"])
     except (ValueError, KeyError) as err:
@@ -78,7 +85,7 @@ def fge_start(path: Path, config: Config, device: torch.device) -> FGEStart:
     # load_state_dict also brings back the train run's hyperparameters; FGE's settings apply
     for group in optimizer.param_groups:
         group.update(momentum=settings.momentum, weight_decay=settings.weight_decay)
-    return FGEStart(model, optimizer, state, source, MOMENTUM_KEPT)
+    return FGEStart(network, optimizer, state, source, MOMENTUM_KEPT)
 
 
 def fge_budget(settings: FGESettings, steps_per_epoch: int) -> tuple[int, int]:
@@ -128,9 +135,9 @@ def run_fge(config: Config, start: Path, run_dir: Path, resume: bool = False, fo
     """`modeconn fge` from `start` (see fge_start): the snapshots and report written to `run_dir`;
     returns output paths and start/ensemble metrics."""
     settings = config.fge
-    device = stage_device(config)
+    device = stage_device(config.device, config.distributed.backend)
     torch.manual_seed(config.seed)  # dropout draws do not depend on what ran before in this process
-    begin = fge_start(start, config, device)
+    begin = fge_start(start, settings, device, model=config.model, data=config.data)
     model, optimizer, state = begin.model, begin.optimizer, begin.state
     data = load_data(state["dataset"], device)
     steps_per_epoch = iterations_per_epoch(data, settings.batch_size)

@@ -66,8 +66,8 @@ def run_sse(config: Config, run_dir: Path, resume: bool = False, force: bool = F
     """`modeconn sse`: Snapshot Ensembles from scratch, written to `run_dir`; returns output paths and
     ensemble metrics."""
     settings = config.sse
-    device = stage_device(config)
-    data = load_data(dataset_spec(config), device)
+    device = stage_device(config.device, config.distributed.backend)
+    data = load_data(dataset_spec(config.data), device)
     plan = sse_plan(settings, iterations_per_epoch(data, settings.batch_size))
     model, optimizer, fields = fresh_network(config, data, device, settings, "sse")
     # after the network is built: a model that cannot be built leaves no run folder
