@@ -97,13 +97,13 @@ def refusal_reason(status: int, body: bytes) -> str:
             422: "bad_request", 429: "too_many", 500: "error"}.get(status, f"status_{status}")
 
 
-def sample(service: Any) -> None:
-    """Queue depth of each batcher and the fixed-t cache's counters of `service`, now."""
+def sample(predictor: Any) -> None:
+    """Queue depth of each batcher and the fixed-t cache's counters of `predictor`
+    (serving/predictor.py), now."""
     m = _instruments()
-    for graph, batcher in getattr(service, "_batchers", {}).items():
+    for graph, batcher in predictor.batchers.items():
         m["queue"].labels(graph, worker()).set(batcher.pending_rows)
-    runtime = getattr(service, "runtime", None)
-    cache = None if runtime is None else runtime.curve_cache
+    cache = None if predictor.runtime is None else predictor.runtime.curve_cache
     if cache is None:
         return
     stats = cache.stats.as_dict()
@@ -120,8 +120,9 @@ class MetricsMiddleware:
     samples the queues and the curve cache as each request ends (and before /metrics answers,
     so a scrape sees this worker's latest values)."""
 
-    def __init__(self, app: Any, enabled: bool = True) -> None:
+    def __init__(self, app: Any, predictor: Any, enabled: bool = True) -> None:
         self.app = app
+        self.predictor = predictor
         _state["enabled"] = enabled
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -157,12 +158,5 @@ class MetricsMiddleware:
             m["refusals"].labels(endpoint, str(status), refusal_reason(status, answer["body"]), worker()).inc()
         self._sample()
 
-    @staticmethod
-    def _sample() -> None:
-        import bentoml
-
-        try:
-            service = bentoml.get_current_service()
-        except bentoml.exceptions.BentoMLException:  # before the service instance exists
-            return
-        sample(service)
+    def _sample(self) -> None:
+        sample(self.predictor)
