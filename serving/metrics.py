@@ -38,10 +38,18 @@ _BODY_PEEK = 512  # bytes of an error body kept to tell its reason
 _state = {"enabled": True}
 _cache_seen: dict[str, int] = {}
 _cache_lock = threading.Lock()
+_register_lock = threading.Lock()
+
+
+def _instruments() -> dict[str, Any]:
+    # The first callers may be the loader's thread, a batcher's and the event loop at once;
+    # registering a metric twice raises (prometheus_client's DuplicateTimeseries).
+    with _register_lock:
+        return _registered()
 
 
 @cache
-def _instruments() -> dict[str, Any]:
+def _registered() -> dict[str, Any]:
     import prometheus_client as prom  # here: after BentoML set PROMETHEUS_MULTIPROC_DIR
 
     def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Any:
