@@ -38,10 +38,18 @@ _BODY_PEEK = 512  # bytes of an error body kept to tell its reason
 _state = {"enabled": True}
 _written: dict[str, int] = {}
 _cache_lock = threading.Lock()
+_register_lock = threading.Lock()
+
+
+def _instruments() -> dict[str, Any]:
+    # The first callers may be the loader's thread, a batcher's and the event loop at once;
+    # registering a metric twice raises (prometheus_client's DuplicateTimeseries).
+    with _register_lock:
+        return _registered()
 
 
 @cache
-def _instruments() -> dict[str, Any]:
+def _registered() -> dict[str, Any]:
     import prometheus_client as prom  # here: after BentoML set PROMETHEUS_MULTIPROC_DIR
 
     def histogram(name: str, doc: str, labels: list[str], buckets: tuple[float, ...]) -> Any:
@@ -102,16 +110,16 @@ def refusal_reason(status: int, body: bytes) -> str:
             422: "bad_request", 429: "too_many", 500: "error"}.get(status, f"status_{status}")
 
 
-def sample(service: Any) -> None:
-    """Queue depth of each batcher and the fixed-t cache's counters of `service`, now; a
-    value is written only when it changed (each write goes to a shared file)."""
+def sample(predictor: Any) -> None:
+    """Queue depth of each batcher and the fixed-t cache's counters of `predictor`
+    (serving/predictor.py), now; a value is written only when it changed (each write goes to
+    a shared file)."""
     with _cache_lock:
-        for graph, batcher in getattr(service, "_batchers", {}).items():
+        for graph, batcher in predictor.batchers.items():
             if _written.get(graph) != (rows := batcher.pending_rows):
                 _series("queue", graph).set(rows)
                 _written[graph] = rows
-        runtime = getattr(service, "runtime", None)
-        cache = None if runtime is None else runtime.curve_cache
+        cache = None if predictor.runtime is None else predictor.runtime.curve_cache
         if cache is None:
             return
         stats = cache.stats.as_dict()
@@ -129,8 +137,9 @@ class MetricsMiddleware:
     samples the queues and the curve cache as each request ends (and before /metrics answers,
     so a scrape sees this worker's latest values)."""
 
-    def __init__(self, app: Any, enabled: bool = True) -> None:
+    def __init__(self, app: Any, predictor: Any, enabled: bool = True) -> None:
         self.app = app
+        self.predictor = predictor
         _state["enabled"] = enabled
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -165,12 +174,5 @@ class MetricsMiddleware:
             _series("refusals", endpoint, str(status), refusal_reason(status, answer["body"])).inc()
         self._sample()
 
-    @staticmethod
-    def _sample() -> None:
-        import bentoml
-
-        try:
-            service = bentoml.get_current_service()
-        except bentoml.exceptions.BentoMLException:  # before the service instance exists
-            return
-        sample(service)
+    def _sample(self) -> None:
+        sample(self.predictor)

@@ -28,18 +28,13 @@ it to the app. A body over the limit is drained (up to `drain_factor` times the 
 the 413 is sent: a client still uploading when the server answers and closes often sees a
 connection reset instead of the status code.
 
-PredictionBodies takes POST /predict and /predict_curve away from BentoML's request parsing:
-a binary media type (serving/encodings.py: raw float32, .npy, PNG/JPEG), which BentoML would
-read as JSON, and application/json, which the service's own handler validates and answers,
-a refusal included (one error shape, no traceback in the log: BentoML logs one for every
-request its model refuses). Why JSON too: BentoML's per-request parsing also cost about
-0.3 ms of server CPU per batch-1 request, a quarter of the throughput at 64 clients
-(benchmarks/results/serving_peers-*). A POST /info body must be empty or a JSON object before
-it goes on to BentoML. Every other request goes on to BentoML.
+InfoBodies: a POST /info body must be empty or a JSON object before it goes on to BentoML
+(which logs a traceback for any other); whitespace alone is no body. The prediction routes'
+bodies never reach BentoML: serving/fast_path.py answers them, inside these layers.
 
 OpenAPIMiddleware answers GET /docs.json with the document serving/openapi.py builds from
 the served artifact (BentoML registers its own, less true, /docs.json route before any
-mounted app, so only a middleware can take its place); until the service instance exists
+mounted app, so only a middleware can take its place); until the artifact is read
 the request falls through to BentoML's.
 """
 
@@ -49,7 +44,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -106,16 +101,16 @@ class RequestGuardMiddleware:
     def _reservation(self, scope: Scope) -> int:
         """What a request's body may hold: its Content-Length (bounded: a larger one is a 413),
         one whole body when chunked or unreadable, nothing when it has no body."""
-        length = _header(scope, b"content-length")
+        length = header(scope, b"content-length")
         if length:
             try:
                 return min(int(length), self.max_bytes)
             except ValueError:
                 return self.max_bytes
-        return self.max_bytes if _header(scope, b"transfer-encoding") else 0
+        return self.max_bytes if header(scope, b"transfer-encoding") else 0
 
     async def _guarded(self, scope: Scope, receive: Any, send: Any) -> None:
-        media_type = _header(scope, b"content-type").strip().lower()
+        media_type = header(scope, b"content-type").strip().lower()
         if media_type.startswith(_REFUSED_MEDIA_PREFIXES):
             await self._drain(receive, already=0)
             shown = media_type.decode(errors="replace")
@@ -123,7 +118,7 @@ class RequestGuardMiddleware:
             await _send_json(send, 415, f"content type {shown!r} is not accepted; send {accepted}")
             return
         try:
-            declared: int | None = int(_header(scope, b"content-length") or b"-1")
+            declared: int | None = int(header(scope, b"content-length") or b"-1")
         except ValueError:
             declared = None
         if declared is not None and declared > self.max_bytes:
@@ -169,8 +164,6 @@ class RequestGuardMiddleware:
         await _send_json(send, 413, message)
 
 
-BinaryHandler = Callable[[str, str, bytes, str], Awaitable[Any]]
-JsonHandler = Callable[[str, bytes], Awaitable[Any]]
 PREDICTION_ROUTES = ("/predict", "/predict_curve")
 JSON = "application/json"
 # The routes the document declares, with their methods (HEAD goes with GET), and the query
@@ -203,8 +196,8 @@ def _refusal(scope: Scope, methods: tuple[str, ...]) -> tuple[int, str, list[tup
     if method not in allowed:
         allow = ", ".join(methods)
         return 405, f"{method} is not allowed on {path}; use {allow}", [(b"allow", allow.encode())]
-    kind = media_type(_header(scope, b"content-type").decode("latin-1"))
-    has_body = _header(scope, b"content-length") not in (b"", b"0") or bool(_header(scope, b"transfer-encoding"))
+    kind = media_type(header(scope, b"content-type").decode("latin-1"))
+    has_body = header(scope, b"content-length") not in (b"", b"0") or bool(header(scope, b"transfer-encoding"))
     if method == "POST" and path in PREDICTION_ROUTES and kind not in (JSON, *BINARY_TYPES):
         shown = f"content type {kind!r} is" if kind else "a body without a content type is"
         accepted = ", ".join(BINARY_TYPES)
@@ -224,32 +217,14 @@ def _refusal(scope: Scope, methods: tuple[str, ...]) -> tuple[int, str, list[tup
     return 400, f"unknown query parameter {unknown[0]!r} on {method} {path} (it takes {takes}){why}", []
 
 
-class PredictionBodies:
-    def __init__(self, app: Any, binary: BinaryHandler, json_body: JsonHandler) -> None:
+class InfoBodies:
+    def __init__(self, app: Any) -> None:
         self.app = app
-        self.binary = binary
-        self.json_body = json_body
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        if path in PREDICTION_ROUTES:  # RouteRules let only JSON and binary types through
-            body = await _read_body(receive)
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/info":
+            body = await read_body(receive)
             if body is None:  # the client went away
-                return
-            kind = media_type(_header(scope, b"content-type").decode("latin-1"))
-            if kind == JSON:
-                response = await self.json_body(path, body)
-            else:
-                query = scope.get("query_string", b"").decode("latin-1")
-                response = await self.binary(path, kind, body, query)
-            await response(scope, receive, send)
-            return
-        if path == "/info":  # BentoML would log a traceback for a body that is not an object
-            body = await _read_body(receive)
-            if body is None:
                 return
             if body.strip() and not _json_object(body):
                 await _send_json(send, 400, "the body of POST /info must be empty or a JSON object")
@@ -266,7 +241,7 @@ def _json_object(body: bytes) -> bool:
         return False
 
 
-async def _read_body(receive: Any) -> bytes | None:
+async def read_body(receive: Any) -> bytes | None:
     """The whole body (RequestGuardMiddleware, outside, has bounded it already)."""
     chunks = []
     while True:
@@ -350,7 +325,7 @@ async def _send(
     await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> bytes:
+def header(scope: Scope, name: bytes) -> bytes:
     for key, value in scope.get("headers", []):
         if key == name:
             return value

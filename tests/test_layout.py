@@ -5,6 +5,7 @@ import no torch and nothing of training; training never reaches into serving).""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
@@ -144,3 +145,13 @@ def test_import_modeconn_loads_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_serving_bypass_opens_with_what_it_replaces_and_why() -> None:
+    """serving/fast_path.py reads the prediction bodies instead of BentoML: its first paragraph
+    says what it replaces and why, naming a benchmark result that exists."""
+    doc = ast.get_docstring(ast.parse((ROOT / "serving/fast_path.py").read_text())) or ""
+    first = " ".join(doc.split("\n\n")[0].split())
+    assert first.startswith("This middleware replaces BentoML's request parsing"), first
+    named = re.findall(r"benchmarks/results/[\w.-]+\.md", first)
+    assert named and all((ROOT / name).is_file() for name in named), named

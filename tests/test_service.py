@@ -472,7 +472,7 @@ def test_binary_encodings_answer_as_json_does(server: Server) -> None:
 
 
 def test_json_needs_application_json_and_is_refused_in_one_shape(server: Server) -> None:
-    """JSON bodies are answered by the middleware (serving/middleware.py PredictionBodies) with
+    """JSON bodies are answered by the middleware (serving/fast_path.py PredictionBodies) with
     the same answer whatever the media type's parameters; another media type (text/plain,
     which BentoML would have parsed as JSON) is a 415 naming application/json; a body the
     request model refuses is a 400 naming the field, with pydantic's report in `detail`."""
