@@ -6,8 +6,9 @@
    the cores. Reported: both wall times, their ratio (the target: busy at most 3x quiet), the
    cores other work used meanwhile (/proc/stat, benchmarks/common.py) and the load averages.
 2. One demo epoch (`modeconn train --epochs 1`) on the quiet machine with idle OpenMP threads
-   sleeping (OMP_WAIT_POLICY=PASSIVE, modeconn's default) against spinning (ACTIVE), runs
-   interleaved, --repeats each: the epoch's own time from metrics.jsonl and the process's wall time.
+   sleeping (OMP_WAIT_POLICY=PASSIVE, what modeconn sets when the machine is shared as it
+   starts) against spinning (ACTIVE, what a quiet machine keeps), runs interleaved, --repeats
+   each: the epoch's own time from metrics.jsonl and the process's wall time.
 
 The runs use the modeconn defaults for threads (modeconn/contract/threads.py) unless the
 environment overrides them (MODECONN_THREADS, OMP_NUM_THREADS); the settings are recorded.
@@ -88,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     sets = [*(QUICK if args.quick else []), *args.set, "device=cpu"]
     env = {**os.environ, "PYTHONPATH": str(common.ROOT)}
-    env.pop("OMP_WAIT_POLICY", None)  # modeconn's default (passive) unless a row sets it
+    env.pop("OMP_WAIT_POLICY", None)  # modeconn decides (passive when the machine is shared) unless a row sets it
     run = common.start_run("busy_machine")
     run.update(quick=args.quick, command=common.command_line(), sets=sets,
                threads=threads.describe(threads.threads_per_process(1)))

@@ -11,8 +11,8 @@ Overrides, strongest first: MODECONN_THREADS (threads per process), then OMP_NUM
 
 Waiting: an idle OpenMP thread spins for a while before it sleeps, which on a machine where
 other processes need the cores steals their time slices and slows everyone (torch's pool
-waits between every small op). On a quiet machine spinning is faster (a demo epoch took
-1.5x as long with passive waits: benchmarks/results/busy_machine-*). So `wait_passively()`
+waits between every small op). On a quiet machine spinning is faster
+(benchmarks/results/busy_machine-*). So `wait_passively()`
 sets OMP_WAIT_POLICY=PASSIVE, unless the user set it, for processes that run side by side,
 and the CLI asks for it only when the machine is shared as it starts (`machine_shared`:
 other processes kept cores busy over a 0.1 s sample, or the load average is at the cores).
