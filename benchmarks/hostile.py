@@ -140,16 +140,10 @@ def outcome(status: int, headers: dict[str, str]) -> str:
     return str(status) if status else f"0 {headers.get('error', '')}".strip()
 
 
-PROBES_SEEN: Counter[str] = Counter()  # every probe's outcome, for the notes of a failed row
-
-
-def probe(port: int, count: int) -> tuple[int, int]:
-    """(answered 200, not) over `count` small predictions on fresh connections."""
+def probe(port: int, count: int) -> Counter[str]:
+    """The outcomes of `count` small predictions on fresh connections ("200": answered)."""
     body = json.dumps({"inputs": [ROW]}).encode()
-    seen = Counter(outcome(*request(port, "POST", "/predict", body)[:2]) for _ in range(count))
-    PROBES_SEEN.clear()
-    PROBES_SEEN.update(seen)
-    return seen["200"], count - seen["200"]
+    return Counter(outcome(*request(port, "POST", "/predict", body)[:2]) for _ in range(count))
 
 
 def closed_by_server(sockets: list[socket.socket]) -> int:
@@ -189,7 +183,8 @@ def held_sockets(server: Server, sizes: Sizes, name: str, first_bytes: bytes) ->
         except OSError as exc:
             row.notes = f"opened {len(sockets)} of {sizes.sockets}: {exc}; "
         deadline = time.monotonic() + sizes.hold_s
-        row.answers, row.errors = probe(server.port, sizes.probes)
+        seen = probe(server.port, sizes.probes)
+        row.answers, row.errors = seen["200"], sizes.probes - seen["200"]
         time.sleep(max(0.0, deadline - time.monotonic()))
         closed = closed_by_server(sockets)
         for s in sockets:
@@ -197,7 +192,7 @@ def held_sockets(server: Server, sizes: Sizes, name: str, first_bytes: bytes) ->
     time.sleep(sizes.settle_s)
     row.rss[1:] = [peak.peak, rss_mib(pids)]
     row.held = row.errors == 0 and closed >= 0.9 * len(sockets)
-    row.notes += f"{len(sockets)} sockets held {sizes.hold_s:g} s; the server closed {closed}; probes {sizes.probes}: {dict(PROBES_SEEN)}"
+    row.notes += f"{len(sockets)} sockets held {sizes.hold_s:g} s; the server closed {closed}; probes {sizes.probes}: {dict(seen)}"
     return row
 
 
@@ -214,7 +209,7 @@ def slow_uploads(server: Server, sizes: Sizes) -> Row:
                 s.sendall(head + b" " * (256 << 10))  # a first quarter MiB at once, then a trickle
                 sockets.append(s)
         stop = time.monotonic() + sizes.hold_s
-        probed: list[tuple[int, int]] = []
+        probed: list[Counter[str]] = []
         probes = threading.Thread(target=lambda: probed.append(probe(server.port, sizes.probes)))
         probes.start()
         while time.monotonic() < stop:
@@ -227,9 +222,10 @@ def slow_uploads(server: Server, sizes: Sizes) -> Row:
             s.close()
     time.sleep(sizes.settle_s)
     row.rss[1:] = [peak.peak, rss_mib(pids)]
-    row.answers, row.errors = probed[0]
+    seen = probed[0]
+    row.answers, row.errors = seen["200"], sizes.probes - seen["200"]
     row.held = row.errors == 0 and row.rss[2] <= 1.2 * row.rss[0]
-    row.notes = f"{len(sockets)} uploads of 8 MiB at 1 KiB/s for {sizes.hold_s:g} s; probes {sizes.probes}: {dict(PROBES_SEEN)}"
+    row.notes = f"{len(sockets)} uploads of 8 MiB at 1 KiB/s for {sizes.hold_s:g} s; probes {sizes.probes}: {dict(seen)}"
     return row
 
 

@@ -345,8 +345,9 @@ def main() -> None:
     parser.add_argument("--artifact-dir", type=Path, help="an exported artifact folder instead of building one")
     parser.add_argument("--build-only", type=Path, metavar="DIR",
                         help="build the artifact into DIR and stop (outside a timing lock), for --artifact-dir")
-    parser.add_argument("--peers", default=",".join(PEERS), help=f"comma-separated subset of {','.join(PEERS)} "
-                        "(modeconn-baseline only with --baseline-python)")
+    parser.add_argument("--peers", default=",".join(p for p in PEERS if p != "modeconn-baseline"),
+                        help=f"comma-separated subset of {','.join(PEERS)} (modeconn-baseline only with "
+                             "--baseline-python)")
     parser.add_argument("--encodings", default="json,binary")
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--per-client", type=int, default=0, help="requests per client (default 40, cifar 8, quick 3)")
@@ -365,9 +366,6 @@ def main() -> None:
                              "to compare the service before and after a change in one run")
     args = parser.parse_args()
     BASELINE_PYTHON[:] = [args.baseline_python] if args.baseline_python else []
-    run_peers = args.peers if args.baseline_python or args.peers != ",".join(PEERS) else ",".join(
-        p for p in PEERS if p != "modeconn-baseline")
-    args.peers = run_peers
     cifar = args.artifact == "cifar"
     args.per_client = args.per_client or (3 if args.quick else 8 if cifar else 40)
     args.latency_requests = args.latency_requests or (100 if args.quick else 200 if cifar else 500)

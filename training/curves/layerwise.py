@@ -42,6 +42,7 @@ from modeconn.training.core.networks import (
 )
 from modeconn.training.core.reports import csv_text, png_bytes, pyplot
 from modeconn.training.core.runs import check_report_folder
+from modeconn.training.core.sources import check_same_network
 from modeconn.training.curves.align import align_states, network_checkpoint
 
 ALL = "(all)"
@@ -134,13 +135,8 @@ def evaluate_layer_barriers(start: Path, end: Path, out_dir: Path, points: int =
     out_dir = Path(out_dir)
     check_report_folder(out_dir, OUTPUTS)  # never over a user's files
     a_state, b_state = network_checkpoint(Path(start)), network_checkpoint(Path(end))
-    if align:
-        b_weights, _ = align_states(a_state, b_state, start, end)
-    else:
-        if a_state["architecture"] != b_state["architecture"]:
-            raise CheckpointError(f"{start} and {end} differ in architecture: "
-                                  f"{a_state['architecture']} vs {b_state['architecture']}")
-        b_weights = b_state["model"]
+    check_same_network([(Path(start), a_state), (Path(end), b_state)], CheckpointError)
+    b_weights = align_states(a_state, b_state, start, end)[0] if align else b_state["model"]
     dev = resolve_device(device)
     model = build_network(a_state["architecture"], a_state["dataset"]["num_classes"], dev)
     for path, weights in ((start, a_state["model"]), (end, b_weights)):

@@ -309,7 +309,7 @@ def _swa_row(snapshots: list[Path], k: int, seed: int, epochs: int, data: Datase
 def _swag_row(snapshots: list[Path], k: int, seed: int, epochs: int, settings: CompareSettings, data: Dataset,
               device: torch.device, losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
     """The ensemble of SWAG draws from `snapshots` at the scale validation prefers (members: draws)."""
-    moments, model = swag_from_checkpoints(snapshots, device)
+    moments, model, _ = swag_from_checkpoints(snapshots, device)
     found = []
     for scale in settings.swag_scales:  # the same draws' noise at every scale: only the scale differs
         generator = torch.Generator().manual_seed(seed * 1000 + k)

@@ -80,18 +80,16 @@ def parameters_of(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str,
 
 
 def swag_from_checkpoints(paths: list[Path], device: torch.device | str = "cpu",
-                          rank: int = 20) -> tuple[dict[str, Any], nn.Module]:
-    """SWAG's moments of the checkpoints' parameters (each checked against the first), and a
-    network of their architecture on `device` to load draws into."""
+                          rank: int = 20) -> tuple[dict[str, Any], nn.Module, dict[str, Any]]:
+    """SWAG's moments of the checkpoints' parameters (each checked against the first), a
+    network of their architecture on `device` to load draws into, and the first checkpoint."""
     model, first = load_network(paths[0], device)
     snapshots = []
     for path in paths:
         net, state = load_network(path, "cpu")
         check_same_network([(paths[0], first), (path, state)], SWAGError)
         snapshots.append(parameters_of(net, net.state_dict()))
-    moments = swag_moments(snapshots, rank)
-    moments["checkpoint"] = first
-    return moments, model
+    return swag_moments(snapshots, rank), model, first
 
 
 def swag_network(model: nn.Module, moments: dict[str, Any], generator: torch.Generator, scale: float,
@@ -121,8 +119,7 @@ def run_swag(sources: list[Path], out_dir: Path, samples: int = 8, rank: int = 2
     if len(members) < 2:
         raise SWAGError(f"SWAG needs at least 2 snapshots to have a spread; got {len(members)} ({members[0]})")
     dev = resolve_device(device)
-    moments, model = swag_from_checkpoints(members, dev, rank)
-    first = moments["checkpoint"]
+    moments, model, first = swag_from_checkpoints(members, dev, rank)
     data = load_data(first["dataset"], dev)
     generator = torch.Generator().manual_seed(seed)
     record = {"members": [str(p) for p in members], "rank": len(moments["deviations"]), "scale": scale,
