@@ -140,6 +140,9 @@ class _LingeringTransport:
 
     def __init__(self, raw: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
         self.raw, self._protocol = raw, protocol
+        # what uvicorn calls on every request, bound once rather than looked up by __getattr__
+        self.write, self.get_extra_info = raw.write, raw.get_extra_info
+        self.pause_reading, self.resume_reading = raw.pause_reading, raw.resume_reading
 
     def close(self) -> None:
         if not self.raw.is_closing() and not self._protocol.linger(self.raw):
