@@ -113,4 +113,7 @@ def test_a_curve_or_another_architecture_is_one_line(small_runs: dict[str, Path]
                      "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("modeconn layer-barrier: error:") and "is a curve" in err and "\n" not in err
-    assert not (tmp_path / "x" / "layer_barrier.json").exists()
+    assert not (tmp_path / "x").exists()  # refused before any folder is made
+    assert cli.main(["layer-barrier", "--start", str(small_runs["net0"]), "--end", str(small_runs["net1"]),
+                     "--out", str(tmp_path / "y"), "--points", "1", "--device", "cpu"]) == 2
+    assert "--points must be at least 2" in capsys.readouterr().err and not (tmp_path / "y").exists()

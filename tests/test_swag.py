@@ -82,3 +82,4 @@ def test_one_snapshot_is_one_line(small_runs: dict[str, Path], tmp_path: Path, c
     assert cli.main(["swag", str(small_runs["net0"]), "--out", str(tmp_path / "s"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("modeconn swag: error:") and "at least 2 snapshots" in err and "\n" not in err
+    assert not (tmp_path / "s").exists()  # refused before any folder is made

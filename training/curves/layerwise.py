@@ -95,14 +95,18 @@ def barrier(values: list[float], alphas: np.ndarray) -> tuple[float, float]:
     return float(rise[i]), float(alphas[i])
 
 
-def layer_barriers(model: nn.Module, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], data: Dataset,
-                   points: int = 11, by: str = "layer", split: str = "test") -> dict[str, Any]:
-    """The barrier of every parameter group of `model` (and of all at once) between the
-    states `a` and `b`, with the metrics at each α."""
+def check_settings(points: int, split: str, data: Dataset) -> None:
     if points < 2:
         raise ConfigError(f"--points must be at least 2, got {points}")
     if split == "val" and not len(data.y_val):
         raise ConfigError("--split val: the networks' data has no validation split")
+
+
+def layer_barriers(model: nn.Module, a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], data: Dataset,
+                   points: int = 11, by: str = "layer", split: str = "test") -> dict[str, Any]:
+    """The barrier of every parameter group of `model` (and of all at once) between the
+    states `a` and `b`, with the metrics at each α."""
+    check_settings(points, split, data)
     groups = {**parameter_groups(model, by), ALL: [name for name, _ in model.named_parameters()]}
     alphas = np.linspace(0.0, 1.0, points)
     rows, curves = [], {}
@@ -133,7 +137,6 @@ def evaluate_layer_barriers(start: Path, end: Path, out_dir: Path, points: int =
     layer_barrier.json/.csv/.png in `out_dir`."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    check_report_folder(out_dir, OUTPUTS)  # never over a user's files
     a_state, b_state = network_checkpoint(Path(start)), network_checkpoint(Path(end))
     check_same_network([(Path(start), a_state), (Path(end), b_state)], CheckpointError)
     b_weights = align_states(a_state, b_state, start, end)[0] if align else b_state["model"]
@@ -143,6 +146,9 @@ def evaluate_layer_barriers(start: Path, end: Path, out_dir: Path, points: int =
         if (problem := weights_mismatch(model, weights)) is not None:
             raise CheckpointError(f"{path}: weights do not fit architecture {a_state['architecture']}: {problem}")
     data = load_data(a_state["dataset"], dev)
+    check_settings(points, split, data)
+    parameter_groups(model, by)  # a bad --by fails here, before the report folder is made
+    check_report_folder(out_dir, OUTPUTS)  # never over a user's files
     a = {k: v.to(dev) for k, v in a_state["model"].items()}
     b = {k: v.to(dev) for k, v in b_weights.items()}
     report = layer_barriers(model, a, b, data, points=points, by=by, split=split)

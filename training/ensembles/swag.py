@@ -109,15 +109,15 @@ def run_swag(sources: list[Path], out_dir: Path, samples: int = 8, rank: int = 2
         raise SWAGError(f"--samples and --rank must be at least 1 and --scale positive "
                         f"(got {samples}, {rank}, {scale})")
     out_dir = Path(out_dir)
-    check_report_folder(out_dir, ("swag.json", "samples", "ensemble.json", "ensemble.csv"))
-    if (out_dir / "samples").exists() and any((out_dir / "samples").iterdir()):
-        raise RunDirError(f"--out {out_dir} already holds samples/ from an earlier draw; choose another --out")
     try:
         members = expand_members(sources)
     except ModeconnError as err:
         raise SWAGError(str(err)) from err
     if len(members) < 2:
         raise SWAGError(f"SWAG needs at least 2 snapshots to have a spread; got {len(members)} ({members[0]})")
+    if (out_dir / "samples").exists() and any((out_dir / "samples").iterdir()):
+        raise RunDirError(f"--out {out_dir} already holds samples/ from an earlier draw; choose another --out")
+    check_report_folder(out_dir, ("swag.json", "samples", "ensemble.json", "ensemble.csv"))
     dev = resolve_device(device)
     moments, model, first = swag_from_checkpoints(members, dev, rank)
     data = load_data(first["dataset"], dev)
