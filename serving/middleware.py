@@ -226,10 +226,11 @@ class InfoBodies:
             body = await read_body(receive)
             if body is None:  # the client went away
                 return
-            if body.strip() and not _json_object(body):
+            # whitespace alone is not JSON either: refused here, in the one error shape (BentoML
+            # would answer its own pydantic dump)
+            if body and not _json_object(body):
                 await _send_json(send, 400, "the body of POST /info must be empty or a JSON object")
                 return
-            body = body if body.strip() else b""  # whitespace alone is no body, not bad JSON
             receive = _replay([{"type": "http.request", "body": body, "more_body": False}], receive)
         await self.app(scope, receive, send)
 
