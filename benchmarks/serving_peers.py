@@ -301,42 +301,82 @@ def answers_of(peers: list[str], raw: np.ndarray, artifact: Path) -> dict[str, n
             for peer in peers}
 
 
+def start(peer: str, settings: Settings, args: Any, log: Path) -> tuple[PeerServer, dict[str, Any]]:
+    """A peer's server, ready and idle (its start-up time and idle CPU measured)."""
+    server = PeerServer(peer, settings, log)
+    try:
+        facts = {"ready_s": server.wait_ready()}
+        monitor = common.CpuMonitor(server.pids())
+        facts["others_cores_before"] = common.wait_for_quiet(monitor, args.quiet_wait)
+        facts["idle_cores"] = server.idle_cores()
+    except BaseException:
+        server.stop()
+        raise
+    return server, facts
+
+
+def measure_running(server: PeerServer, encs: dict[str, Encoded], expected: np.ndarray,
+                    args: Any) -> dict[str, Any]:
+    """One client's latency, then --clients clients' rows/s, per encoding, on a running server."""
+    peer, out = server.peer.name, {}
+    monitor = common.CpuMonitor(server.pids())
+    for name, enc in encs.items():
+        path = enc.path(server.peer)
+        problem = asyncio.run(check_answer(server.port, path, enc, expected))
+        if problem is not None:
+            out[name] = {"unsupported": problem}
+            print(f"  {peer} {name}: not measured: {problem[:160]}", flush=True)
+            continue
+        pids = server.pids()
+        cpu0 = server.cpu_seconds(pids)
+        lat, statuses = asyncio.run(sequential(server.port, path, enc, args.latency_requests, warmup=30))
+        cpu1 = server.cpu_seconds(pids)
+        before = monitor.snapshot()
+        load = asyncio.run(hs.concurrent_clients(server.port, enc.bodies, args.clients, args.per_client, path=path,
+                                                 ready=server.peer.ready, content_type=enc.content_type))
+        load["others_cores"] = monitor.others(before, monitor.snapshot())  # other jobs on the machine
+        # the servers' own CPU per request: far steadier than wall time when other jobs load the cores
+        load["server_cpu_ms"] = (server.cpu_seconds(pids) - cpu1) / load["requests"] * 1e3
+        load["server_cpu_ms_1_client"] = (cpu1 - cpu0) / (args.latency_requests + 30) * 1e3
+        out[name] = {"latency_s": lat, "latency_statuses": sorted(set(statuses)), "load": load,
+                     "mean_rows_per_batch": modeconn_batches(server.port) if peer.startswith("modeconn") else None}
+        print(f"  {peer} {name}: p50 {common.percentile(lat, 50) * 1e3:.2f} ms, "
+              f"{load['rows_per_s']:.0f} rows/s at {args.clients} clients {load['statuses']} "
+              f"(other work: {load['others_cores']:.2f} cores; server CPU {load['server_cpu_ms_1_client']:.2f} / "
+              f"{load['server_cpu_ms']:.2f} ms per request at 1 / {args.clients} clients)", flush=True)
+    return out
+
+
 def measure(peer: str, settings: Settings, encs: dict[str, Encoded], expected: np.ndarray, args: Any,
             log: Path) -> dict[str, Any]:
-    server = PeerServer(peer, settings, log)
-    out: dict[str, Any] = {}
+    """One start of one peer: started, measured, stopped."""
+    server, facts = start(peer, settings, args, log)
     try:
-        out["ready_s"] = server.wait_ready()
-        monitor = common.CpuMonitor(server.pids())
-        out["others_cores_before"] = common.wait_for_quiet(monitor, args.quiet_wait)
-        out["idle_cores"] = server.idle_cores()
-        for name, enc in encs.items():
-            path = enc.path(server.peer)
-            problem = asyncio.run(check_answer(server.port, path, enc, expected))
-            if problem is not None:
-                out[name] = {"unsupported": problem}
-                print(f"  {peer} {name}: not measured: {problem[:160]}", flush=True)
-                continue
-            pids = server.pids()
-            cpu0 = server.cpu_seconds(pids)
-            lat, statuses = asyncio.run(sequential(server.port, path, enc, args.latency_requests, warmup=30))
-            cpu1 = server.cpu_seconds(pids)
-            before = monitor.snapshot()
-            load = asyncio.run(hs.concurrent_clients(server.port, enc.bodies, args.clients, args.per_client, path=path,
-                                                     ready=server.peer.ready, content_type=enc.content_type))
-            load["others_cores"] = monitor.others(before, monitor.snapshot())  # other jobs on the machine
-            # the servers' own CPU per request: far steadier than wall time when other jobs load the cores
-            load["server_cpu_ms"] = (server.cpu_seconds(pids) - cpu1) / load["requests"] * 1e3
-            load["server_cpu_ms_1_client"] = (cpu1 - cpu0) / (args.latency_requests + 30) * 1e3
-            out[name] = {"latency_s": lat, "latency_statuses": sorted(set(statuses)), "load": load,
-                         "mean_rows_per_batch": modeconn_batches(server.port) if peer == "modeconn" else None}
-            print(f"  {peer} {name}: p50 {common.percentile(lat, 50) * 1e3:.2f} ms, "
-                  f"{load['rows_per_s']:.0f} rows/s at {args.clients} clients {load['statuses']} "
-                  f"(other work: {load['others_cores']:.2f} cores; server CPU {load['server_cpu_ms_1_client']:.2f} / "
-                  f"{load['server_cpu_ms']:.2f} ms per request at 1 / {args.clients} clients)", flush=True)
+        return {**facts, **measure_running(server, encs, expected, args)}
     finally:
         server.stop()
-    return out
+
+
+def measure_interleaved(peers: list[str], settings: Settings, encs: dict[str, Encoded],
+                        answers: dict[str, np.ndarray], args: Any, work: Path) -> dict[str, list[dict[str, Any]]]:
+    """Every peer started once and kept up; each round measures each of them in turn (order
+    rotated), so all see the same machine within seconds of each other: the way to compare two
+    versions of one server, whose difference is smaller than the spread between server starts."""
+    results: dict[str, list[dict[str, Any]]] = {p: [] for p in peers}
+    servers: dict[str, tuple[PeerServer, dict[str, Any]]] = {}
+    try:
+        for peer in peers:
+            servers[peer] = start(peer, settings, args, work / f"{peer}.log")
+        for r in range(args.rounds):
+            order = peers[r % len(peers):] + peers[:r % len(peers)]
+            print(f"round {r + 1}/{args.rounds}: {', '.join(order)} (load {common.load_average()})", flush=True)
+            for peer in order:
+                server, facts = servers[peer]
+                results[peer].append({**facts, **measure_running(server, encs, answers[peer], args)})
+    finally:
+        for server, _ in servers.values():
+            server.stop()
+    return results
 
 
 def main() -> None:
@@ -352,7 +392,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--per-client", type=int, default=0, help="requests per client (default 40, cifar 8, quick 3)")
     parser.add_argument("--latency-requests", type=int, default=0, help="one-client requests (default 500, quick 100)")
-    parser.add_argument("--rounds", type=int, default=0, help="server starts per peer, order rotated (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds: server starts per peer, order rotated; with --interleave, measurements "
+                             "per peer of servers started once (default 3, quick 1)")
     parser.add_argument("--workers", type=int, default=2, help="server processes per peer (modeconn's default: 2)")
     parser.add_argument("--ort-threads", type=int, default=1, help="onnxruntime intra-op threads per session")
     parser.add_argument("--reference-threads", type=int, default=0,
@@ -361,6 +402,9 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="seconds to wait, per server start, for other work to use < 0.25 cores")
     parser.add_argument("--no-spinning", action="store_true", help="onnxruntime spinning off for every session")
+    parser.add_argument("--interleave", action="store_true",
+                        help="start every peer once and measure them in turn, round after round, instead of "
+                             "one server start per peer and round")
     parser.add_argument("--baseline-python", default="",
                         help="for peer modeconn-baseline: the python of another checkout (its venv), "
                              "to compare the service before and after a change in one run")
@@ -402,12 +446,15 @@ def main() -> None:
                                args.reference_threads)
         expected = reference.pop("expected")[0]
         answers = answers_of(peers, expected, artifact)
-        results: dict[str, list[dict[str, Any]]] = {p: [] for p in peers}
-        for r in range(args.rounds):
-            order = peers[r % len(peers):] + peers[:r % len(peers)]  # no peer always first
-            print(f"round {r + 1}/{args.rounds}: {', '.join(order)} (load {common.load_average()})", flush=True)
-            for peer in order:
-                results[peer].append(measure(peer, settings, encs, answers[peer], args, work / f"{peer}-{r}.log"))
+        if args.interleave:
+            results = measure_interleaved(peers, settings, encs, answers, args, work)
+        else:
+            results = {p: [] for p in peers}
+            for r in range(args.rounds):
+                order = peers[r % len(peers):] + peers[:r % len(peers)]  # no peer always first
+                print(f"round {r + 1}/{args.rounds}: {', '.join(order)} (load {common.load_average()})", flush=True)
+                for peer in order:
+                    results[peer].append(measure(peer, settings, encs, answers[peer], args, work / f"{peer}-{r}.log"))
         report(run, reference, results, args, manifest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -551,7 +598,9 @@ def paired_section(run: dict, results: dict, args: Any) -> None:
         run, "modeconn against each peer, round by round",
         ["peer", "encoding", "rounds", "modeconn rows/s / peer's (median)", "per round",
          "modeconn p50 - peer's, ms (median)", "per round"], rows,
-        notes="Each round starts every server once, one after the other (order rotated per round).",
+        notes=("Interleaved: every server started once and kept up; each round measures each in turn "
+               "(order rotated per round)." if args.interleave else
+               "Each round starts every server once, one after the other (order rotated per round)."),
         data=rows)
 
 

@@ -98,14 +98,17 @@ class BatchStats:
 class MicroBatcher:
     """Coalesces concurrent `submit(key, x)` calls into few `run(key, x_batch)` calls.
 
-    `run` returns the graph outputs; output i is split along `split_axes[i]` (0 for
-    `probabilities` [N, C], 1 for `member_probabilities` [K, N, C]).
+    `run` returns a sequence of arrays; array i is split along `split_axes[i]` (0 for
+    `probabilities` [N, C], 1 for `member_probabilities` [K, N, C]). `on_batch`, when given,
+    is called after each batch has answered (serving/metrics.py samples the queue then).
     """
 
     def __init__(
-        self, run: RunFn, *, split_axes: Sequence[int], settings: BatchSettings, name: str
+        self, run: RunFn, *, split_axes: Sequence[int], settings: BatchSettings, name: str,
+        on_batch: Callable[[], None] | None = None,
     ) -> None:
         self._run = run
+        self._on_batch = on_batch
         self._split_axes = tuple(split_axes)
         self.max_batch_rows = settings.max_batch_rows
         self.max_wait_s = settings.max_wait_ms / 1000.0
@@ -235,3 +238,5 @@ class MicroBatcher:
                 if not it.future.done():
                     it.future.set_result(parts)
                 start = stop
+        if self._on_batch is not None:
+            self._on_batch()

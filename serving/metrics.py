@@ -12,7 +12,7 @@ replacement; gauges show the most recent value written for that worker index.
 | modeconn_request_seconds | histogram | endpoint, status | time from request to the end of the response |
 | modeconn_session_seconds | histogram | graph | one onnxruntime call (ensemble, swa, curve): per-model latency |
 | modeconn_session_rows | histogram | graph | rows per onnxruntime call, i.e. the batch size |
-| modeconn_queue_rows | gauge | graph | rows waiting in the batcher, sampled as each request ends |
+| modeconn_queue_rows | gauge | graph | rows waiting in the batcher, sampled as each batch ends |
 | modeconn_refusals_total | counter | endpoint, status, reason | answers with status >= 400, by reason |
 | modeconn_curve_cache_events_total | counter | event | fixed-t sessions: hit, miss, build, eviction |
 | modeconn_curve_cache_sessions | gauge | | fixed-t sessions cached now |
@@ -134,8 +134,9 @@ def sample(predictor: Any) -> None:
 
 class MetricsMiddleware:
     """Times every request but the probes and /metrics, counts error answers by reason, and
-    samples the queues and the curve cache as each request ends (and before /metrics answers,
-    so a scrape sees this worker's latest values)."""
+    samples the queues and the curve cache before /metrics answers, so a scrape sees this
+    worker's latest values (and as each request ends when nothing batches; batches sample
+    themselves)."""
 
     def __init__(self, app: Any, predictor: Any, enabled: bool = True) -> None:
         self.app = app
@@ -172,7 +173,8 @@ class MetricsMiddleware:
         _series("request", endpoint, str(status)).observe(seconds)
         if status >= 400:
             _series("refusals", endpoint, str(status), refusal_reason(status, answer["body"])).inc()
-        self._sample()
+        if not self.predictor.batchers:  # with batching, each batch samples (Predictor._sample)
+            self._sample()
 
     def _sample(self) -> None:
         sample(self.predictor)

@@ -38,7 +38,7 @@ from .batching import MicroBatcher, Overloaded
 from .calibration import calibration_card, curve_temperature, scale
 from .errors import error_response, faulty
 from .openapi import openapi_document
-from .runtime import Runtime, choose_providers, summarize
+from .runtime import RowAnswers, Runtime, choose_providers, summarize
 from .schemas import (
     MAX_REQUEST_ROWS,
     MAX_TS,
@@ -89,6 +89,7 @@ class Predictor:
         self.artifact: Artifact | None = None
         self.runtime: Runtime | None = None
         self.batchers: dict[str, MicroBatcher] = {}
+        self.runs: dict[str, Any] = {}  # graph -> its run for a batch of rows (_runs)
         self.load_error: str | None = None
         self.tag = ""
         self._folder = Path()
@@ -132,16 +133,11 @@ class Predictor:
             runtime.warmup(WARMUP_BATCH_SIZES)
             runtime.preload_curve(self.settings.curve_preload_ts, WARMUP_BATCH_SIZES)
             runtime.observe = metrics.observe_run  # from here on: warm-up runs are not traffic
+            self.runs = self._runs(runtime)
             if self.batching.enabled:
-                self.batchers["ensemble"] = MicroBatcher(runtime.run_ensemble, split_axes=(0, 1),
-                                                         settings=self.batching, name="ensemble")
-                if runtime.curve is not None:
-                    run_curve = faulty(self.settings.test_fault, "curve", runtime.run_curve)
-                    self.batchers["curve"] = MicroBatcher(run_curve, split_axes=(0,), settings=self.batching,
-                                                          name="curve")
-                if runtime.swa is not None:
-                    self.batchers["swa"] = MicroBatcher(runtime.run_swa, split_axes=(0,), settings=self.batching,
-                                                        name="swa")
+                for graph, run in self.runs.items():  # every output has its rows on axis 0
+                    self.batchers[graph] = MicroBatcher(run, split_axes=(0,) * (1 if graph == "curve" else len(
+                        RowAnswers._fields)), settings=self.batching, name=graph, on_batch=self._sample)
             self.runtime = runtime
             self._ready.set()
             startup.mark_served()
@@ -153,6 +149,30 @@ class Predictor:
             self.load_error = f"{type(exc).__name__}: {exc}"
             logger.exception("loading the artifact failed")
             return False
+
+    def _runs(self, runtime: Runtime) -> dict[str, Any]:
+        """Each graph's run for a batch of rows: the ensemble and SWA answered in full
+        (RowAnswers, raw and calibrated), the curve as probabilities (its ts are mixed per request)."""
+        spec = self.artifact.spec if self.artifact is not None else None
+        assert spec is not None
+
+        def ensemble(key: Any, x: np.ndarray) -> RowAnswers:
+            mean, members = runtime.run_ensemble(key, x)
+            return RowAnswers.of(mean, members, spec.ensemble_temperature)
+
+        def swa(key: Any, x: np.ndarray) -> RowAnswers:
+            (mean,) = runtime.run_swa(key, x)
+            return RowAnswers.of(mean, mean[None], spec.swa_temperature)
+
+        runs: dict[str, Any] = {"ensemble": ensemble}
+        if runtime.curve is not None:
+            runs["curve"] = faulty(self.settings.test_fault, "curve", runtime.run_curve)
+        if runtime.swa is not None:
+            runs["swa"] = swa
+        return runs
+
+    def _sample(self) -> None:
+        metrics.sample(self)  # queue depths and the curve cache, after every batch
 
     def close(self) -> None:
         for batcher in self.batchers.values():
@@ -210,24 +230,16 @@ class Predictor:
         return parse_inputs(rows, shape)
 
     async def predict(self, x: np.ndarray, calibrated: bool, model: str = "ensemble") -> PredictResponse | JSONResponse:
-        """The ensemble's mean softmax, or the SWA network's softmax, for the rows `x`."""
+        """The ensemble's mean softmax, or the SWA network's softmax, for the rows `x` (SWA: its
+        own entropy, mutual information 0, agreement 1)."""
         assert self.artifact is not None
-        spec = self.artifact.spec
         try:
-            if model == "swa":  # one network: its own entropy, mutual information 0, agreement 1
-                (mean,) = await self._run("swa", None, x)
-                members, temperature = mean[None], spec.swa_temperature
-            else:
-                mean, members = await self._run("ensemble", None, x)
-                temperature = spec.ensemble_temperature
+            answers = RowAnswers(*await self._run(model, None, x))
         except Overloaded as exc:
             return error_response(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
-        if (refusal := _non_finite(mean)) is not None:
+        if (refusal := _non_finite(answers.finite)) is not None:
             return refusal
-        answered = mean
-        if calibrated and temperature is not None:
-            answered = scale(mean, temperature)  # the argmax, so predictions and agreement, is unchanged
-        return PredictResponse(**summarize(mean, members, self.artifact.class_names, answered), model=model)
+        return PredictResponse(**answers.fields(self.artifact.class_names, calibrated), model=model)
 
     async def predict_curve(self, x: np.ndarray, ts: list[float], calibrated: bool) -> CurvePredictResponse | JSONResponse:
         """The curve's softmax at phi(t), or the mean over several t, for the rows `x`."""
@@ -239,7 +251,7 @@ class Predictor:
             return error_response(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         stacked = np.stack([out[0] for out in per_t])  # [T, N, C]
         mean = stacked[0] if len(ts) == 1 else stacked.mean(axis=0, dtype=np.float64)
-        if (refusal := _non_finite(mean)) is not None:
+        if (refusal := _non_finite(np.isfinite(mean).all(axis=1))) is not None:
             return refusal
         answered = mean
         if calibrated and (temperatures := self.artifact.spec.curve_temperatures) is not None:
@@ -248,12 +260,10 @@ class Predictor:
                 axis=0, dtype=np.float64)
         return CurvePredictResponse(**summarize(mean, stacked, self.artifact.class_names, answered), ts=ts)
 
-    async def _run(self, graph: str, key: Any, x: np.ndarray) -> list[np.ndarray]:
+    async def _run(self, graph: str, key: Any, x: np.ndarray) -> Any:
         if self.batching.enabled:
             return await self.batchers[graph].submit(key, x)
-        assert self.runtime is not None
-        run = {"ensemble": self.runtime.run_ensemble, "curve": self.runtime.run_curve, "swa": self.runtime.run_swa}[graph]
-        return await asyncio.get_running_loop().run_in_executor(None, run, key, x)
+        return await asyncio.get_running_loop().run_in_executor(None, self.runs[graph], key, x)
 
     # -- descriptions ----------------------------------------------------------------------
 
@@ -322,10 +332,10 @@ class Predictor:
                 "exact": self.runtime.curve_exact}
 
 
-def _non_finite(probabilities: np.ndarray) -> JSONResponse | None:
-    """A 500 naming the rows whose output is not finite (JSON has no NaN; the contract
-    promises numbers). Inputs are bounded so that this should not happen."""
-    bad = np.flatnonzero(~np.isfinite(probabilities).all(axis=1))
+def _non_finite(finite: np.ndarray) -> JSONResponse | None:
+    """A 500 naming the rows whose output is not finite (`finite`: per row; JSON has no NaN,
+    and the contract promises numbers). Inputs are bounded so that this should not happen."""
+    bad = np.flatnonzero(~finite)
     if not len(bad):
         return None
     logger.error("non-finite model output for rows %s", bad.tolist())

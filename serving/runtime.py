@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +23,7 @@ import onnxruntime as ort
 from modeconn.contract.artifact import Artifact, ArtifactError
 
 from . import nchwc
+from .calibration import scale
 from .env import env_flag
 from .fixed_t import CurveSplit, FixedTCache, t_key
 
@@ -324,16 +325,64 @@ def summarize(
     so it is clipped at 0. (A temperature rescales each distribution on its own, which
     breaks that identity, so the decomposition stays with the raw models.)"""
     answered = mean_probs if answered is None else answered
-    predictions = answered.argmax(axis=1)
+    total, expected, information = _decomposition(mean_probs, per_model_probs)
+    predictions, agreement = _votes(answered, per_model_probs)
+    return _fields(answered, predictions, class_names, total, expected, information, agreement)
+
+
+class RowAnswers(NamedTuple):
+    """What /predict answers for a batch of rows, every array with the rows on axis 0: a
+    batch is summarised once, in the session's thread, and each request takes its rows
+    (serving/batching.py splits the arrays), instead of a dozen small numpy calls per request.
+    The `calibrated` fields equal the raw ones when there is no temperature."""
+
+    probabilities: np.ndarray  # [N, C] as the graph gave them
+    calibrated: np.ndarray  # [N, C] at the temperature
+    predictions: np.ndarray
+    agreement: np.ndarray
+    calibrated_predictions: np.ndarray
+    calibrated_agreement: np.ndarray
+    entropy: np.ndarray
+    expected_entropy: np.ndarray
+    mutual_information: np.ndarray
+    finite: np.ndarray  # [N] bool: the row's probabilities are all finite
+
+    @classmethod
+    def of(cls, mean_probs: np.ndarray, per_model_probs: np.ndarray, temperature: float | None) -> RowAnswers:
+        """`summarize`'s statistics for every row, raw and at `temperature`."""
+        raw_votes = _votes(mean_probs, per_model_probs)
+        calibrated = mean_probs if temperature is None else scale(mean_probs, temperature)
+        votes = raw_votes if temperature is None else _votes(calibrated, per_model_probs)
+        finite = np.isfinite(mean_probs).all(axis=1)
+        return cls(mean_probs, calibrated, *raw_votes, *votes, *_decomposition(mean_probs, per_model_probs), finite)
+
+    def fields(self, class_names: Sequence[str], calibrated: bool) -> dict[str, list[Any]]:
+        if calibrated:
+            return _fields(self.calibrated, self.calibrated_predictions, class_names, self.entropy,
+                           self.expected_entropy, self.mutual_information, self.calibrated_agreement)
+        return _fields(self.probabilities, self.predictions, class_names, self.entropy, self.expected_entropy,
+                       self.mutual_information, self.agreement)
+
+
+def _decomposition(mean_probs: np.ndarray, per_model_probs: np.ndarray) -> tuple[np.ndarray, ...]:
     total = entropy(mean_probs)
     expected = entropy(per_model_probs).mean(axis=0)
-    agreement = (per_model_probs.argmax(axis=2) == predictions[None, :]).mean(axis=0)
+    return total, expected, np.maximum(total - expected, 0.0)
+
+
+def _votes(answered: np.ndarray, per_model_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    predictions = answered.argmax(axis=1)
+    return predictions, (per_model_probs.argmax(axis=2) == predictions[None, :]).mean(axis=0)
+
+
+def _fields(answered: np.ndarray, predictions: np.ndarray, class_names: Sequence[str], total: np.ndarray,
+            expected: np.ndarray, information: np.ndarray, agreement: np.ndarray) -> dict[str, list[Any]]:
     return {
         "probabilities": answered.tolist(),
         "predictions": predictions.tolist(),
         "labels": [class_names[i] for i in predictions],
         "entropy": total.tolist(),
         "expected_entropy": expected.tolist(),
-        "mutual_information": np.maximum(total - expected, 0.0).tolist(),
+        "mutual_information": information.tolist(),
         "agreement": agreement.tolist(),
     }

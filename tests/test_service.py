@@ -1127,3 +1127,28 @@ def test_service_settings_are_one_object_read_from_the_environment(monkeypatch: 
             m.setenv(name, value)
             with pytest.raises((SettingsError, ValueError), match=re.escape(words)):
                 ServiceSettings.from_env()
+
+
+def test_a_batch_summarised_once_answers_each_request_as_summarising_it_alone() -> None:
+    """The service summarises a whole batch (RowAnswers) and gives each request its rows: the
+    same fields, raw and calibrated, as summarising that request's rows on their own."""
+    from modeconn.serving.calibration import scale
+    from modeconn.serving.runtime import RowAnswers, summarize
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 7, 4)) * 3
+    members = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    mean = members.mean(axis=0)
+    names = ["a", "b", "c", "d"]
+    whole = RowAnswers.of(mean, members, temperature=1.7)
+    start = 0
+    for rows in (2, 1, 4):  # three requests batched together
+        part = RowAnswers(*(a[start:start + rows] for a in whole))
+        m, ms = mean[start:start + rows], members[:, start:start + rows]
+        assert part.fields(names, calibrated=True) == summarize(m, ms, names, scale(m, 1.7))
+        assert part.fields(names, calibrated=False) == summarize(m, ms, names)
+        start += rows
+    assert RowAnswers.of(mean, members, None).fields(names, True) == summarize(mean, members, names)
+    bad = mean.copy()
+    bad[[1, 5], 0] = np.nan
+    assert RowAnswers.of(bad, members, 1.7).finite.tolist() == [True, False, True, True, True, False, True]
