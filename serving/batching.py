@@ -228,6 +228,10 @@ class MicroBatcher:
             self.stats.rows += len(x)
             self.stats.requests += len(items)
             self.stats.max_rows_seen = max(self.stats.max_rows_seen, len(x))
+            if len(items) == 1:  # nothing to split
+                if not items[0].future.done():
+                    items[0].future.set_result(outputs)
+                continue
             start = 0
             for it in items:
                 stop = start + len(it.x)

@@ -38,7 +38,7 @@ from .batching import MicroBatcher, Overloaded
 from .calibration import calibration_card, curve_temperature, scale
 from .errors import error_response, faulty
 from .openapi import openapi_document
-from .runtime import RowAnswers, Runtime, choose_providers, summarize
+from .runtime import SPLIT_AXES, RowAnswers, Runtime, choose_providers, summarize
 from .schemas import (
     MAX_REQUEST_ROWS,
     MAX_TS,
@@ -135,9 +135,9 @@ class Predictor:
             runtime.observe = metrics.observe_run  # from here on: warm-up runs are not traffic
             self.runs = self._runs(runtime)
             if self.batching.enabled:
-                for graph, run in self.runs.items():  # every output has its rows on axis 0
-                    self.batchers[graph] = MicroBatcher(run, split_axes=(0,) * (1 if graph == "curve" else len(
-                        RowAnswers._fields)), settings=self.batching, name=graph, on_batch=self._sample)
+                for graph, run in self.runs.items():
+                    self.batchers[graph] = MicroBatcher(run, split_axes=(0,) if graph == "curve" else SPLIT_AXES,
+                                                        settings=self.batching, name=graph, on_batch=self._sample)
             self.runtime = runtime
             self._ready.set()
             startup.mark_served()

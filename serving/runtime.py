@@ -331,17 +331,16 @@ def summarize(
 
 
 class RowAnswers(NamedTuple):
-    """What /predict answers for a batch of rows, every array with the rows on axis 0: a
-    batch is summarised once, in the session's thread, and each request takes its rows
-    (serving/batching.py splits the arrays), instead of a dozen small numpy calls per request.
-    The `calibrated` fields equal the raw ones when there is no temperature."""
+    """What /predict answers for a batch of rows: a batch is summarised once, in the session's
+    thread, and each request takes its rows (serving/batching.py splits the arrays along
+    SPLIT_AXES), instead of a dozen small numpy calls per request. Predictions and agreement
+    are the calibrated probabilities'; a raw request recomputes its own from `members`."""
 
     probabilities: np.ndarray  # [N, C] as the graph gave them
-    calibrated: np.ndarray  # [N, C] at the temperature
+    calibrated: np.ndarray  # [N, C] at the temperature (the same array without one)
+    members: np.ndarray  # [M, N, C]
     predictions: np.ndarray
     agreement: np.ndarray
-    calibrated_predictions: np.ndarray
-    calibrated_agreement: np.ndarray
     entropy: np.ndarray
     expected_entropy: np.ndarray
     mutual_information: np.ndarray
@@ -349,19 +348,22 @@ class RowAnswers(NamedTuple):
 
     @classmethod
     def of(cls, mean_probs: np.ndarray, per_model_probs: np.ndarray, temperature: float | None) -> RowAnswers:
-        """`summarize`'s statistics for every row, raw and at `temperature`."""
-        raw_votes = _votes(mean_probs, per_model_probs)
+        """`summarize`'s statistics for every row, the probabilities also at `temperature`."""
         calibrated = mean_probs if temperature is None else scale(mean_probs, temperature)
-        votes = raw_votes if temperature is None else _votes(calibrated, per_model_probs)
-        finite = np.isfinite(mean_probs).all(axis=1)
-        return cls(mean_probs, calibrated, *raw_votes, *votes, *_decomposition(mean_probs, per_model_probs), finite)
+        return cls(mean_probs, calibrated, per_model_probs, *_votes(calibrated, per_model_probs),
+                   *_decomposition(mean_probs, per_model_probs), np.isfinite(mean_probs).all(axis=1))
 
     def fields(self, class_names: Sequence[str], calibrated: bool) -> dict[str, list[Any]]:
         if calibrated:
-            return _fields(self.calibrated, self.calibrated_predictions, class_names, self.entropy,
-                           self.expected_entropy, self.mutual_information, self.calibrated_agreement)
-        return _fields(self.probabilities, self.predictions, class_names, self.entropy, self.expected_entropy,
-                       self.mutual_information, self.agreement)
+            answered, (predictions, agreement) = self.calibrated, (self.predictions, self.agreement)
+        else:
+            answered, (predictions, agreement) = self.probabilities, _votes(self.probabilities, self.members)
+        return _fields(answered, predictions, class_names, self.entropy, self.expected_entropy,
+                       self.mutual_information, agreement)
+
+
+# the axis of the rows in each of RowAnswers' arrays
+SPLIT_AXES = tuple(1 if name == "members" else 0 for name in RowAnswers._fields)
 
 
 def _decomposition(mean_probs: np.ndarray, per_model_probs: np.ndarray) -> tuple[np.ndarray, ...]:

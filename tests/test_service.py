@@ -1133,7 +1133,7 @@ def test_a_batch_summarised_once_answers_each_request_as_summarising_it_alone() 
     """The service summarises a whole batch (RowAnswers) and gives each request its rows: the
     same fields, raw and calibrated, as summarising that request's rows on their own."""
     from modeconn.serving.calibration import scale
-    from modeconn.serving.runtime import RowAnswers, summarize
+    from modeconn.serving.runtime import SPLIT_AXES, RowAnswers, summarize
 
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(3, 7, 4)) * 3
@@ -1143,7 +1143,7 @@ def test_a_batch_summarised_once_answers_each_request_as_summarising_it_alone() 
     whole = RowAnswers.of(mean, members, temperature=1.7)
     start = 0
     for rows in (2, 1, 4):  # three requests batched together
-        part = RowAnswers(*(a[start:start + rows] for a in whole))
+        part = RowAnswers(*(np.take(a, range(start, start + rows), axis) for a, axis in zip(whole, SPLIT_AXES)))
         m, ms = mean[start:start + rows], members[:, start:start + rows]
         assert part.fields(names, calibrated=True) == summarize(m, ms, names, scale(m, 1.7))
         assert part.fields(names, calibrated=False) == summarize(m, ms, names)
