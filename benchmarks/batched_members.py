@@ -125,6 +125,48 @@ def step_section(run: dict[str, Any], args: Any, device: torch.device) -> None:
         data=data)
 
 
+def bound_section(run: dict[str, Any], args: Any, device: torch.device) -> None:
+    """The most batching could give: ONE network's step on a batch K times larger against K
+    steps of BATCH (the same examples). Stacking K members makes a wider network, which at best
+    runs as fast per example as this larger batch."""
+    network, batches = (cifar_setup if device.type == "cuda" else demo_setup)(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    net = network(0).train()
+    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    pool = batches(0)
+    rows, data = [], {}
+    for k in [k for k in args.members if k > 1]:
+        big = [(torch.cat([x for x, _ in pool[i:i + k]]), torch.cat([y for _, y in pool[i:i + k]]))
+               for i in range(0, len(pool) - k + 1, k)]
+
+        def step(x: torch.Tensor, y: torch.Tensor) -> None:
+            loss = F.cross_entropy(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        def small(k: int = k) -> None:
+            for x, y in pool[:k]:
+                step(x, y)
+            sync()
+
+        def large(big: list = big) -> None:
+            step(*big[0])
+            sync()
+
+        samples = common.interleaved({f"{k} x {BATCH}": small, f"1 x {k * BATCH}": large}, rounds=args.rounds,
+                                     min_sample_s=args.min_sample_s)
+        a, b = samples[f"{k} x {BATCH}"], samples[f"1 x {k * BATCH}"]
+        rows.append([k, k * BATCH / a.value, k * BATCH / b.value, a.value / b.value])
+        data[k] = {name: x.as_dict() for name, x in samples.items()}
+    common.add_section(
+        run, "The bound: one network, K steps of one batch against one step of a K times larger batch",
+        ["K", f"K steps of {BATCH}: examples/s", f"one step of K x {BATCH}: examples/s", "large / small"], rows,
+        notes="A batched pass of K members is a K times wider network; it cannot beat the larger batch's "
+              "examples/s by much, so a ratio near 1 here leaves nothing for batching to win.",
+        data=data)
+
+
 def end_to_end_section(run: dict[str, Any], args: Any) -> None:
     k = max(args.members)
     config = load_config(CONFIG, {"device": "cpu", "train.epochs": 1, "train.save_every": 1})
@@ -171,6 +213,7 @@ def main() -> None:
     if device.type == "cuda":
         run["gpu"] = torch.cuda.get_device_name()
     step_section(run, args, device)
+    bound_section(run, args, device)
     if args.end_to_end and device.type == "cpu":
         end_to_end_section(run, args)
     summary = ("Target on a quiet 2-core CPU: K = 8 at >= 3x the sequential examples/s; on a lent GPU the same "
