@@ -37,6 +37,12 @@ from modeconn.training.core.config import (  # noqa: E402
 DISTRIBUTED_COMMANDS = ("train", "curve", "fge", "sse")
 CONFIG_HELP = (f"YAML config (default: the built-in defaults, which are the demo's settings, as {DEMO_CONFIG_FILE}; "
                "a file gives what differs)")
+DEVICES = ["auto", "cpu", "cuda"]
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    """--device of the commands that only evaluate: auto (CUDA when there is one) by default."""
+    p.add_argument("--device", choices=DEVICES, default="auto")
 
 
 def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
@@ -45,7 +51,7 @@ def _common(parser: argparse.ArgumentParser, default_out: str) -> None:
                         "('package.module:callable', any nn.Module; docs/own-model.md)")
     parser.add_argument("--out", type=Path, default=None, help=f"run directory (default: runs/NAME/{default_out})")
     parser.add_argument("--seed", type=int, help="random seed (overrides the config)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="training device")
+    parser.add_argument("--device", choices=DEVICES, help="training device")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--force", action="store_true",
                         help="start over: delete what modeconn wrote in --out (a folder it made; anything else there "
@@ -175,7 +181,7 @@ def _add_layer_barrier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", choices=["test", "val"], default="test", help="where the error is measured")
     p.add_argument("--align", action="store_true", help="permute B's hidden units to match A's first (weight matching)")
     p.add_argument("--out", type=Path, required=True, help="folder the layer_barrier.* reports go into")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(handler=_layer_barrier)
 
@@ -192,7 +198,7 @@ def _add_eval_curve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, help="curve run directory or its final.pt")
     p.add_argument("--points", type=int, default=61, help="number of evenly spaced t (61 as in the paper)")
     p.add_argument("--out", type=Path, help="where curve.json/csv/png go (default: the run directory)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print the summaries as one JSON line")
     p.set_defaults(handler=_eval_curve)
 
@@ -210,7 +216,7 @@ def _add_curve_point(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", type=Path, help="curve run directory or its final.pt")
     p.add_argument("--t", type=float, required=True, help="the point, in [0, 1]")
     p.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_curve_point)
 
@@ -238,7 +244,7 @@ def _add_plane(sub: argparse._SubParsersAction) -> None:
                    help="where the error is measured: test (default), or val (the official plane.py's default; "
                         "on the demo 1,000 signals instead of 12,000, about 3x faster)")
     p.add_argument("--out", type=Path, help="where plane.* go (default: the curve's run directory; needed with --points)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     p.set_defaults(handler=_plane)
 
@@ -334,7 +340,7 @@ def _add_ensemble_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoints", type=Path, nargs="+", metavar="CKPT", help="checkpoint file or run directory")
     p.add_argument("--out", type=Path, help="also write ensemble.json and ensemble.csv into this folder")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(handler=_ensemble_eval)
 
@@ -356,7 +362,7 @@ def _add_swa(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("sources", type=Path, nargs="+", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
     p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (e.g. swa.pt)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(handler=_swa)
 
@@ -381,7 +387,7 @@ def _add_swag(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=20, help="deviation columns kept: the last K snapshots (default 20)")
     p.add_argument("--scale", type=float, default=1.0, help="covariance scale (the paper's samples: 1; 0.5 is common)")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(handler=_swag_command)
 
@@ -439,7 +445,7 @@ def _add_pipeline(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the artifact to this folder instead of the BentoML store "
                    "(new, empty, or an earlier artifact with nothing else in it)")
     p.add_argument("--seed", type=int, help="seed of the first network (the second uses seed + 1)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", choices=DEVICES)
     p.add_argument("--force", action="store_true",
                    help="rerun every stage: delete what the pipeline wrote in --runs (anything else there is kept; "
                         "a folder modeconn did not make is refused)")
