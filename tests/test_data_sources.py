@@ -447,6 +447,32 @@ def test_the_cli_prints_one_line_exits_2_and_writes_nothing(
         assert "\n" not in err and err.startswith(f"modeconn {command}: error: {message}"), err
 
 
+def test_the_readmes_own_model_and_data_config_trains(few_digits: DigitsFolder, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The YAML of the README's "Your own model and data" section, as it is there (its data.root
+    pointed at a digits folder): `modeconn train` from the repository root builds the example's
+    network by import path and records the factory and the preprocessing."""
+    import re
+
+    from modeconn.training import cli
+    from modeconn.training.core.checkpoint import load_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    section = (repo / "README.md").read_text().split("## Your own model and data\n", 1)[1].split("\n## ", 1)[0]
+    assert "examples/own_model.py" in section
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    config = tmp_path / "own.yaml"
+    config.write_text(block)
+    monkeypatch.chdir(repo)  # where the import path resolves, as the README says
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--set",
+                     f"data.root={few_digits.root}", "--set", "train.epochs=1", "--set", "data.val_size=50"]) == 0
+    state = load_checkpoint(out / "final.pt")
+    assert state["architecture"] == {"factory": "examples.own_model:SmallCNN", "kwargs": {}}
+    assert (state["dataset"]["name"], state["dataset"]["resize"], state["dataset"]["input_shape"]) == (
+        "image_folder", [8, 8], [1, 8, 8])
+
+
 # -- every stage over a streamed folder ------------------------------------------------------------
 def test_every_stage_runs_over_the_streamed_digits_folder(few_digits: DigitsFolder, tmp_path: Path) -> None:
     """train, curve, eval-curve, FGE, plane and export on the PNG folder read through loader
