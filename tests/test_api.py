@@ -268,6 +268,58 @@ def test_evaluate_ensemble_and_temperature(setup, sets, loaders) -> None:  # noq
     assert nll(t) <= min(nll(1.0), nll(t * 1.05), nll(t / 1.05)) + 1e-12
 
 
+# ---------------------------------------------------------------- streamed loaders
+def _weights(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+# a loader worker that dies is reported when its loader is collected: an error here, not a warning
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_every_function_runs_over_a_streamed_loader(sets, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Loaders of data too large to hold (here: a limit of 0 bytes) are streamed through their worker
+    processes; the curve, a point on it (BN recomputed), FGE, SSE, SWA and the evaluation along the
+    curve then give exactly what the same data held in memory gives. With two torch threads: the
+    evaluation along the curve would run its points side by side in memory, one at a time streamed."""
+    import gc
+
+    from modeconn.training.core import data as core_data
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    pair = [train_plain(ConvBN(), sets["train"], seed, epochs=2) for seed in (0, 1)]
+
+    def everything(workers: int) -> dict[str, object]:
+        loaders = {name: DataLoader(s, batch_size=BN_ROWS, num_workers=workers) for name, s in sets.items()}
+        curve = modeconn.fit_curve(pair[0], pair[1], loaders["train"], val=loaders["val"], epochs=1, batch_size=64,
+                                   lr=0.02)
+        snapshots = modeconn.fge(pair[0], loaders["train"], epochs=2, cycle_epochs=1, batch_size=60, lr1=0.05, lr2=0.005)
+        torch.manual_seed(2)
+        sse = modeconn.sse(ConvBN(), loaders["train"], epochs=1, cycle_epochs=1, batch_size=128)
+        report = modeconn.evaluate_ensemble(snapshots, loaders["test"], val=loaders["val"])
+        along = curve.evaluate(loaders["test"], points=3)
+        return {"streamed": curve.data.streamed, "curve": curve.model.free_points.detach().clone(),
+                "middle": _weights(curve.network(0.5)), "fge": [_weights(n) for n in snapshots],
+                "sse": [_weights(n) for n in sse], "swa": _weights(modeconn.swa(snapshots, loaders["train"])),
+                "ensemble": (report.error, report.nll, report.ece, report.brier, report.temperature),
+                "along": [r["test_error"] for r in along.curve + along.line]}
+
+    try:
+        held = everything(workers=0)
+        monkeypatch.setattr(core_data, "IN_MEMORY_MAX_BYTES", 0)
+        streamed = everything(workers=1)
+        gc.collect()  # the streamed splits' loaders shut their workers down here
+    finally:
+        torch.set_num_threads(threads)
+    assert (held.pop("streamed"), streamed.pop("streamed")) == (False, True)
+    assert torch.equal(held.pop("curve"), streamed.pop("curve"))
+    for key in ("middle", "swa"):
+        assert all(torch.equal(v, streamed[key][k]) for k, v in held.pop(key).items()), key
+    for key in ("fge", "sse"):
+        pairs = zip(held.pop(key), streamed[key], strict=True)
+        assert all(torch.equal(v, b[k]) for a, b in pairs for k, v in a.items()), key
+    assert held == {k: streamed[k] for k in held}
+
+
 # ---------------------------------------------------------------- export
 # once, for the network whose curve graph carries BN statistics (ONNX export takes seconds per graph)
 @pytest.mark.parametrize("setup", ["batchnorm"], indirect=True)

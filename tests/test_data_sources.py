@@ -394,19 +394,83 @@ def test_a_pickled_npy_is_refused(tmp_path: Path) -> None:
     assert _one_line(err).startswith(f"{folder / 'x.npy'} holds Python objects (a pickled array); refused")
 
 
+def _no_class_folders(root: Path) -> tuple[list[str], str]:
+    (root / "train").mkdir(parents=True)
+    (root / "test").mkdir()
+    return (["data.name=image_folder", f"data.root={root}"],
+            f"{root / 'train'} has no class folders: put each class's images in train/<class>/")
+
+
+def _class_missing_from_test(root: Path) -> tuple[list[str], str]:
+    for c in ("cat", "dog"):
+        _png(root / "train" / c / "a.png")
+    _png(root / "test" / "cat" / "a.png")
+    return ["data.name=image_folder", f"data.root={root}"], f"{root / 'test'} has no folder for class 'dog'"
+
+
+def _corrupt_image(root: Path) -> tuple[list[str], str]:
+    for part in ("train", "test"):
+        _png(root / part / "c" / "a.png")
+    (root / "test" / "c" / "b.png").write_bytes(b"not a png at all")
+    return ["data.name=image_folder", f"data.root={root}"], f"{root / 'test' / 'c' / 'b.png'}: not a readable image"
+
+
+def _mixed_sizes(root: Path) -> tuple[list[str], str]:
+    _png(root / "train" / "c" / "a.png", (8, 8))
+    _png(root / "train" / "c" / "b.png", (9, 8))
+    _png(root / "test" / "c" / "a.png", (8, 8))
+    return ["data.name=image_folder", f"data.root={root}"], f"images of mixed sizes: {root / 'train' / 'c' / 'b.png'}"
+
+
+def _arrays_of_different_lengths(root: Path) -> tuple[list[str], str]:
+    root.mkdir()
+    np.savez(root / "train.npz", x=np.zeros((10, 3)), y=np.zeros(9, np.int64))
+    np.savez(root / "test.npz", x=np.zeros((4, 3)), y=np.zeros(4, np.int64))
+    return (["data.name=arrays", f"data.train={root / 'train.npz'}", f"data.test={root / 'test.npz'}"],
+            f"{root / 'train.npz'}: x has 10 rows but y has 9 labels (data.train)")
+
+
+@pytest.mark.parametrize("case", [_no_class_folders, _class_missing_from_test, _corrupt_image, _mixed_sizes,
+                                  _arrays_of_different_lengths], ids=lambda case: case.__name__.strip("_"))
 def test_the_cli_prints_one_line_exits_2_and_writes_nothing(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    case, tmp_path: Path, capsys: pytest.CaptureFixture[str]  # noqa: ANN001
 ) -> None:
     from modeconn.training import cli
 
-    (tmp_path / "data" / "train").mkdir(parents=True)
-    (tmp_path / "data" / "test").mkdir()
+    settings, message = case(tmp_path / "data")
+    for command in ("train", "sse"):
+        out = tmp_path / command
+        code = cli.main([command, "--out", str(out), "--set", "device=cpu",
+                         *(arg for s in settings for arg in ("--set", s))])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and not out.exists(), err
+        assert "\n" not in err and err.startswith(f"modeconn {command}: error: {message}"), err
+
+
+def test_the_readmes_own_model_and_data_config_trains(few_digits: DigitsFolder, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The YAML of the README's "Your own model and data" section, as it is there (its data.root
+    pointed at a digits folder): `modeconn train` from the repository root builds the example's
+    network by import path and records the factory and the preprocessing."""
+    import re
+
+    from modeconn.training import cli
+    from modeconn.training.core.checkpoint import load_checkpoint
+
+    repo = Path(__file__).resolve().parents[1]
+    section = (repo / "README.md").read_text().split("## Your own model and data\n", 1)[1].split("\n## ", 1)[0]
+    assert "examples/own_model.py" in section
+    (block,) = re.findall(r"```yaml\n(.*?)```", section, flags=re.S)
+    config = tmp_path / "own.yaml"
+    config.write_text(block)
+    monkeypatch.chdir(repo)  # where the import path resolves, as the README says
     out = tmp_path / "run"
-    code = cli.main(["train", "--out", str(out), "--set", "data.name=image_folder",
-                     "--set", f"data.root={tmp_path / 'data'}", "--set", "device=cpu"])
-    assert code == 2 and not out.exists()
-    err = capsys.readouterr().err.strip()
-    assert err == f"modeconn train: error: {tmp_path / 'data' / 'train'} has no class folders: put each class's images in train/<class>/"
+    assert cli.main(["train", "--config", str(config), "--out", str(out), "--device", "cpu", "--set",
+                     f"data.root={few_digits.root}", "--set", "train.epochs=1", "--set", "data.val_size=50"]) == 0
+    state = load_checkpoint(out / "final.pt")
+    assert state["architecture"] == {"factory": "examples.own_model:SmallCNN", "kwargs": {}}
+    assert (state["dataset"]["name"], state["dataset"]["resize"], state["dataset"]["input_shape"]) == (
+        "image_folder", [8, 8], [1, 8, 8])
 
 
 # -- every stage over a streamed folder ------------------------------------------------------------

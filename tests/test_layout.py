@@ -5,6 +5,8 @@ import no torch and nothing of training; training never reaches into serving).""
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
@@ -107,10 +109,15 @@ def test_sources_never_import_the_bare_folder_names() -> None:
     assert not bad, bad
 
 
-def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path), str(ROOT)], check=True, timeout=300, capture_output=True)
-    wheel = next(tmp_path.glob("modeconn-*.whl"))
+                    "-w", str(out), str(ROOT)], check=True, timeout=300, capture_output=True)
+    return next(out.glob("modeconn-*.whl"))
+
+
+def test_the_wheel_installs_one_top_level_package(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as zf:
         tops = {name.split("/")[0] for name in zf.namelist()}
         names = set(zf.namelist())
@@ -123,21 +130,95 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
         assert "modeconn = modeconn.training.cli:main" in zf.read(entry).decode()
 
 
-def test_a_users_own_models_training_and_serving_do_not_collide(tmp_path: Path) -> None:
-    """A researcher's folder with its own models.py, training/ and serving.py, on sys.path first."""
-    (tmp_path / "models.py").write_text("raise RuntimeError('the user models.py was imported')\n")
-    (tmp_path / "training").mkdir()
-    (tmp_path / "training" / "__init__.py").write_text("raise RuntimeError('the user training was imported')\n")
-    (tmp_path / "serving.py").write_text("raise RuntimeError('the user serving.py was imported')\n")
-    code = ("import sys, modeconn, modeconn.training.cli, modeconn.serving.service, modeconn.models as m;"
-            "print(m.build_model('cnn1d', num_classes=10).__class__.__name__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip()
-    cli = subprocess.run([sys.executable, "-m", "modeconn", "--help"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=120)
-    assert cli.returncode == 0, cli.stderr
-    assert "curve" in cli.stdout and "fge" in cli.stdout
+# A researcher's folder: their own models.py, training/ and serving.py (each fails loudly if
+# imported), the network they name by import path, and their arrays.
+USER_NETS = """from torch import nn
+
+
+def build(num_classes: int, width: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Linear(6, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Linear(width, num_classes))
+"""
+USER_API = """import sys
+import torch
+from torch.utils.data import TensorDataset
+import modeconn, modeconn.serving.service
+from nets import build
+
+g = torch.Generator().manual_seed(0)
+x = torch.randn(96, 6, generator=g)
+data = TensorDataset(x, (x[:, 0] > 0).long())
+torch.manual_seed(0)
+a, b = build(2), build(2)
+curve = modeconn.fit_curve(a, b, data, epochs=1, batch_size=32)
+snapshots = modeconn.fge(a, data, epochs=2, cycle_epochs=1, batch_size=24)
+report = modeconn.evaluate_ensemble([curve.network(0.5), *snapshots], data)
+print(modeconn.__file__, len(snapshots), 0 <= report.error <= 100, "models" in sys.modules)
+"""
+
+
+def _user_folder(root: Path) -> Path:
+    import numpy as np
+
+    root.mkdir()
+    (root / "models.py").write_text("raise RuntimeError('the user models.py was imported')\n")
+    (root / "training").mkdir()
+    (root / "training" / "__init__.py").write_text("raise RuntimeError('the user training was imported')\n")
+    (root / "serving.py").write_text("raise RuntimeError('the user serving.py was imported')\n")
+    (root / "nets.py").write_text(USER_NETS)
+    (root / "api.py").write_text(USER_API)
+    rng = np.random.default_rng(0)
+    for part, rows in (("train", 120), ("test", 40)):
+        x = rng.normal(size=(rows, 6)).astype(np.float32)
+        np.savez(root / f"{part}.npz", x=x, y=(x[:, 0] > 0).astype(np.int64))
+    return root
+
+
+def test_installed_into_a_clean_venv_from_a_users_folder_with_models_training_and_serving(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """`pip install` of the wheel into a fresh venv (no editable install, no checkout on the path):
+    `import models` fails, and from a folder holding the user's own models.py, training/ and
+    serving.py the public API and the `modeconn` command (train, then ensemble-eval rebuilding the
+    user's network from its checkpoint) work."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    # the dependencies (torch, bentoml, ...) from this environment's site directories, as plain path
+    # entries after the venv's own: their .pth files, this checkout's editable install among them, do not run
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).resolve() != Path(purelib).resolve()]
+    (Path(purelib) / "dependencies.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
+                    str(wheel)], check=True, timeout=300, capture_output=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}
+
+    def run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+    neutral = tmp_path / "neutral"
+    neutral.mkdir()
+    for name in ("models", "training", "serving"):
+        missing = run(python, "-c", f"import {name}", cwd=neutral)
+        assert missing.returncode == 1 and f"No module named '{name}'" in missing.stderr, (name, missing.stderr)
+
+    user = _user_folder(tmp_path / "user")
+    api = run(python, "api.py", cwd=user)
+    assert api.returncode == 0, api.stderr[-3000:]
+    where, snapshots, error_ok, user_models = api.stdout.split()
+    assert Path(where).is_relative_to(Path(purelib)), where  # the installed copy, not the checkout
+    assert (snapshots, error_ok, user_models) == ("2", "True", "False")
+
+    modeconn = venv / "bin" / "modeconn"
+    train = run(modeconn, "train", "--set", "data.name=arrays", "--set", "data.train=train.npz", "--set",
+                "data.test=test.npz", "--set", "model.factory=nets:build", "--set", "train.epochs=1",
+                "--device", "cpu", "--out", "run", "--json", cwd=user)
+    assert train.returncode == 0, train.stderr[-3000:]
+    evaluated = run(modeconn, "ensemble-eval", "run", "--device", "cpu", "--json", cwd=user)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    result = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert result["architecture"] == {"factory": "nets:build", "kwargs": {}}
+    assert 0 <= result["ensemble"]["test_error"] <= 100
 
 
 def test_import_modeconn_loads_no_torch() -> None:

@@ -20,9 +20,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import save_file
+from torch.utils.data import TensorDataset
 
 from modeconn.training.cli import main
 from modeconn.training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
+from modeconn.training.core.config import load_config
 from modeconn.training.core.data import normalize
 from modeconn.training.core.model_source import ModelSourceError, build_from_record
 from modeconn.training.core.networks import build_network, load_data
@@ -200,6 +202,36 @@ def test_state_dict_and_safetensors_files_are_curve_ends_and_fge_starts(
     assert start["architecture"] == RECORD
     for name, value in states[1]["model"].items():
         assert torch.equal(start["model"][name], value), name
+
+
+# ---------------------------------------------------------------- one code path: the API computes what the command does
+@pytest.mark.slow
+def test_the_python_api_fits_the_curve_and_fge_the_commands_fit(
+    nets: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """`modeconn curve` / `modeconn fge` and `modeconn.fit_curve` / `modeconn.fge` on the same networks,
+    data (a TensorDataset of the inputs the networks take) and settings give the same weights."""
+    import modeconn as api  # the name `modeconn` is the command's runner in this module
+
+    states = [load_checkpoint(p) for p in nets]
+    data = load_data(states[0]["dataset"], "cpu")
+    train = TensorDataset(normalize(data.x_train, data.mean, data.std), data.y_train)
+    overrides = {"curve.epochs": 1, "fge.cycle_epochs": 1.0, "fge.epochs": 2.0}
+    config = load_config(None, overrides)
+    argv = ["--device", "cpu", *(arg for k, v in overrides.items() for arg in ("--set", f"{k}={v}"))]
+    assert main(["curve", "--start", str(nets[0]), "--end", str(nets[1]), "--out", str(tmp_path / "curve"), *argv]) == 0
+    assert main(["fge", "--from", str(nets[0]), "--out", str(tmp_path / "fge"), *argv]) == 0
+    capsys.readouterr()
+
+    curve = api.fit_curve(own_net(states[0]), own_net(states[1]), train, settings=config.curve, seed=config.seed)
+    command_curve, _ = load_curve(tmp_path / "curve")
+    assert torch.equal(curve.model.free_points.detach(), command_curve.free_points.detach())
+    snapshots = api.fge(own_net(states[0]), train, settings=config.fge, seed=config.seed)
+    files = sorted((tmp_path / "fge" / "snapshots").glob("snapshot-*.pt"))
+    assert len(snapshots) == len(files) == 2
+    for net, path in zip(snapshots, files, strict=True):
+        saved = load_checkpoint(path)["model"]
+        assert all(torch.equal(value, saved[name]) for name, value in net.state_dict().items()), path
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written

@@ -20,9 +20,12 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-def workers_for(net: nn.Module, device: torch.device) -> int:
-    """How many evaluations of `net` run side by side on `device`."""
-    if device.type != "cpu" or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules()):
+def workers_for(net: nn.Module, device: torch.device, streamed: bool = False) -> int:
+    """How many evaluations of `net` run side by side on `device`. Over `streamed` data one at a
+    time: its loader workers already take the cores, and workers started from several threads at
+    once (each pass that overlaps another starts its own loader) were seen to exit with status 1
+    when their loader shut down, which torch reports as a failed worker."""
+    if streamed or device.type != "cpu" or any(isinstance(m, nn.modules.dropout._DropoutNd) for m in net.modules()):
         return 1
     return max(1, torch.get_num_threads())
 

@@ -158,7 +158,7 @@ def curve_report(curve: CurveModel, data: Dataset, points: int, weight_decay: fl
             advance(status=f"{name} t={t:.3f} test err {row['test_error']:.2f}")
             return row, test_probs
 
-        done = iter(map_side_by_side(work, jobs, workers_for(curve.base, data.x_train.device)))
+        done = iter(map_side_by_side(work, jobs, workers_for(curve.base, data.device, data.streamed)))
     for name in PATHS:
         previous = None
         for t in ts:

@@ -196,8 +196,7 @@ def evaluate_plane(source: PlaneSource, basis: PlaneBasis, xs: np.ndarray, ys: n
                    data: Dataset, workers: int | None = None, split: str = "test") -> dict[str, np.ndarray]:
     """Every metric at every grid point, [len(xs), len(ys)] arrays, with a progress bar; `workers`
     points side by side (default: core/parallel.workers_for), each thread on its own copy of the network."""
-    # a streamed split's loader workers already take the cores: one grid point at a time
-    workers = workers or (1 if data.streamed else workers_for(source.template, data.device))
+    workers = workers or workers_for(source.template, data.device, data.streamed)
     cells = [(i, j) for i in range(len(xs)) for j in range(len(ys))]
     local = threading.local()
 
