@@ -1143,7 +1143,7 @@ def test_a_batch_summarised_once_answers_each_request_as_summarising_it_alone() 
     whole = RowAnswers.of(mean, members, temperature=1.7)
     start = 0
     for rows in (2, 1, 4):  # three requests batched together
-        part = RowAnswers(*(np.take(a, range(start, start + rows), axis) for a, axis in zip(whole, SPLIT_AXES)))
+        part = RowAnswers(*(np.take(a, range(start, start + rows), axis) for a, axis in zip(whole, SPLIT_AXES, strict=True)))
         m, ms = mean[start:start + rows], members[:, start:start + rows]
         assert part.fields(names, calibrated=True) == summarize(m, ms, names, scale(m, 1.7))
         assert part.fields(names, calibrated=False) == summarize(m, ms, names)
