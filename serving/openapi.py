@@ -114,12 +114,13 @@ def openapi_document(
         "required": ["inputs"],
         "oneOf": [
             {"title": "one t", "required": ["t"]},
-            {"title": "several ts", "required": ["ts"]}
-            | ({"not": {"required": ["coverage"]}} if curve_sets is not None else {}),
+            {"title": "several ts", "required": ["ts"]},
         ],
         "additionalProperties": False,
     }
     _sets_request(components["CurvePredictRequest"], curve_sets)
+    if curve_sets is not None:  # thresholds are for one t: coverage and ts never together
+        components["CurvePredictRequest"]["not"] = {"required": ["ts", "coverage"]}
     limits = (
         f"at most {max_rows} rows and {max_ts} `ts` values per request, "
         f"bodies up to {max_body_bytes} bytes"
