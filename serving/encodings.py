@@ -1,6 +1,6 @@
 """Request bodies besides JSON: raw float32, .npy, and PNG/JPEG images; and `t`/`ts` from the
-query string, and /predict's `model` and either route's `calibrated` (binary bodies have no
-JSON fields to hold them).
+query string, and /predict's `model` and either route's `calibrated`, `coverage` and
+`set_method` (binary bodies have no JSON fields to hold them).
 
 | Content-Type               | body                                                             |
 |----------------------------|------------------------------------------------------------------|
@@ -41,7 +41,8 @@ import numpy as np
 from modeconn.contract.images import image_array
 from modeconn.contract.manifest import ImageInput
 
-from .schemas import MAX_REQUEST_ROWS, MAX_TS, MODELS, InputError, check_values
+from .prediction_sets import SetRequest
+from .schemas import MAX_REQUEST_ROWS, MAX_TS, MODELS, SETS_NEED_ONE_T, InputError, check_values
 
 RAW = "application/octet-stream"
 NPY = "application/x-npy"
@@ -187,10 +188,13 @@ def _pixels(image: object, channels: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def curve_query(query: str) -> tuple[list[float], bool]:
+SET_PARAMS = {"coverage", "set_method"}
+
+
+def curve_query(query: str) -> tuple[list[float], bool, SetRequest | None]:
     """`t=0.3` or `ts=0.2,0.5,0.8` from a query string (exactly one of them, each in [0, 1]),
-    and `calibrated=true|false` (default true)."""
-    params = _query(query, {"t", "ts", "calibrated"})
+    `calibrated=true|false` (default true), and `coverage` and `set_method` (with one t only)."""
+    params = _query(query, {"t", "ts", "calibrated", *SET_PARAMS})
     if ("t" in params) == ("ts" in params):
         raise InputError("give exactly one of the query parameters t=0.3 or ts=0.2,0.5,0.8")
     name = "t" if "t" in params else "ts"
@@ -207,17 +211,39 @@ def curve_query(query: str) -> tuple[list[float], bool]:
         if not 0.0 <= value <= 1.0:  # also False for NaN
             raise InputError(f"{where} = {text!r} is not in [0, 1]")
         values.append(value)
-    return values, _calibrated(params)
+    sets = _sets(params)
+    if sets is not None and name == "ts":
+        raise InputError(SETS_NEED_ONE_T)
+    return values, _calibrated(params), sets
 
 
-def predict_query(query: str) -> tuple[bool, str]:
-    """/predict takes only `calibrated=true|false` and `model=ensemble|swa` (default ensemble) in
-    the query: refuse the rest rather than ignore it."""
-    params = _query(query, {"calibrated", "model"})
+def predict_query(query: str) -> tuple[bool, str, SetRequest | None]:
+    """/predict takes only `calibrated=true|false`, `model=ensemble|swa` (default ensemble),
+    `coverage` and `set_method=aps|raps` in the query: refuse the rest rather than ignore it."""
+    params = _query(query, {"calibrated", "model", *SET_PARAMS})
     model = params.get("model", "ensemble")
     if model not in MODELS:
         raise InputError(f"model = {model!r}: use {' or '.join(MODELS)}")
-    return _calibrated(params), model
+    return _calibrated(params), model, _sets(params)
+
+
+def _sets(params: dict[str, str]) -> SetRequest | None:
+    """`coverage=0.9` (a number in (0, 1)) and `set_method=aps|raps` (default aps; only with a coverage)."""
+    if "coverage" not in params:
+        if "set_method" in params:
+            raise InputError("set_method is given without coverage; give the coverage the sets should have")
+        return None
+    text = params["coverage"]
+    try:
+        coverage = float(text)
+    except ValueError:
+        raise InputError(f"coverage = {text!r} is not a number") from None
+    if not 0.0 < coverage < 1.0:  # also False for NaN
+        raise InputError(f"coverage = {text!r} is not in (0, 1)")
+    method = params.get("set_method", "aps")
+    if method not in ("aps", "raps"):
+        raise InputError(f"set_method = {method!r}: use aps or raps")
+    return SetRequest(coverage, method)
 
 
 def _calibrated(params: dict[str, str]) -> bool:

@@ -49,7 +49,8 @@ class PredictionBodies:
             ask = self._binary(scope["path"], kind, body, scope.get("query_string", b"").decode("latin-1"))
         answer = await self.predictor.answer(ask) if isinstance(ask, Ask) else ask
         if not isinstance(answer, Response):  # whole, with its length: BentoML would stream a model in chunks
-            answer = Response(answer.model_dump_json(), media_type=JSON)
+            # exclude_none: the prediction-set fields appear only when asked for (no other field is null)
+            answer = Response(answer.model_dump_json(exclude_none=True), media_type=JSON)
         await answer(scope, receive, send)
 
     def _json(self, route: str, body: bytes) -> Ask | Response:
@@ -69,9 +70,9 @@ class PredictionBodies:
             return refusal
         try:
             if route == PREDICT:
-                calibrated, model = encodings.predict_query(query)
-                return Ask(route, body, kind, calibrated=calibrated, model=model)
-            ts, calibrated = encodings.curve_query(query)
+                calibrated, model, sets = encodings.predict_query(query)
+                return Ask(route, body, kind, calibrated=calibrated, model=model, sets=sets)
+            ts, calibrated, sets = encodings.curve_query(query)
         except InputError as exc:
             return error_response(400, str(exc))
-        return Ask(route, body, kind, calibrated=calibrated, ts=tuple(ts))
+        return Ask(route, body, kind, calibrated=calibrated, ts=tuple(ts), sets=sets)

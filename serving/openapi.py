@@ -10,6 +10,9 @@ GET /info are missing. This document states what the service really accepts and 
   (minItems = maxItems per dimension) of numbers of magnitude <= MAX_ABS_INPUT;
 - `t` in [0, 1], or `ts`: 1..max_ts values in [0, 1]; exactly one of them (oneOf);
 - `model` on /predict: only the models this artifact has (ensemble, and swa when exported);
+- `coverage`: only the coverages the artifact has prediction-set thresholds for (absent from the
+  document when it has none), `set_method` only with it (dependentRequired), and on
+  /predict_curve only with one `t`;
 - answers: probabilities with one entry per class, predictions and labels from the
   manifest's classes; every error (400/404/413/415/500/503) with the one `ErrorResponse`;
 - GET and POST /info with the model card, and BentoML's health and metrics routes;
@@ -37,7 +40,7 @@ from pydantic import BaseModel
 
 from modeconn.contract.artifact import Artifact
 
-from . import encodings
+from . import encodings, prediction_sets
 from .schemas import (
     MAX_ABS_INPUT,
     MAX_REQUEST_ROWS,
@@ -75,6 +78,9 @@ def openapi_document(
     components["CurvePredictResponse"]["properties"]["ts"].update(_unit_array(max_ts))
     models = artifact.models
     components["PredictResponse"]["properties"]["model"] = {"type": "string", "enum": models}
+    ensemble_sets, curve_sets = (prediction_sets.section(artifact.spec, m) for m in ("ensemble", "curve"))
+    components["PredictResponse"] = _sets_answer(components["PredictResponse"], ensemble_sets, classes)
+    components["CurvePredictResponse"] = _sets_answer(components["CurvePredictResponse"], curve_sets, classes)
     components["PredictRequest"] = {
         "title": "PredictRequest",
         "type": "object",
@@ -92,6 +98,7 @@ def openapi_document(
         "required": ["inputs"],
         "additionalProperties": False,
     }
+    _sets_request(components["PredictRequest"], ensemble_sets)
     components["CurvePredictRequest"] = {
         "title": "CurvePredictRequest",
         "type": "object",
@@ -111,6 +118,9 @@ def openapi_document(
         ],
         "additionalProperties": False,
     }
+    _sets_request(components["CurvePredictRequest"], curve_sets)
+    if curve_sets is not None:  # thresholds are for one t: coverage and ts never together
+        components["CurvePredictRequest"]["not"] = {"required": ["ts", "coverage"]}
     limits = (
         f"at most {max_rows} rows and {max_ts} `ts` values per request, "
         f"bodies up to {max_body_bytes} bytes"
@@ -129,7 +139,8 @@ def openapi_document(
                 errors={**post_errors, "404": errors["404"]},
                 binary=binary,
                 binary_note=" With a binary body, `?calibrated=false` asks for raw probabilities"
-                + (" and `?model=swa` for the SWA network." if artifact.has_swa else "."),
+                + (", `?model=swa` for the SWA network" if artifact.has_swa else "")
+                + (", `?coverage=0.9&set_method=raps` for prediction sets" if ensemble_sets else "") + ".",
             )
         },
         "/predict_curve": {
@@ -143,7 +154,8 @@ def openapi_document(
                 binary=binary,
                 binary_note=" With a binary body, give `t` or `ts` in the query string: "
                 "`?t=0.3` or `?ts=0.2,0.5,0.8` (exactly one; values in [0, 1], at most "
-                f"{max_ts}); `&calibrated=false` for raw probabilities.",
+                f"{max_ts}); `&calibrated=false` for raw probabilities"
+                + ("; `&coverage=0.9` (one `t` only) and `&set_method=raps` for prediction sets." if curve_sets else "."),
             )
         },
         "/info": {
@@ -257,6 +269,37 @@ def _tighten_answer(schema: dict[str, Any], classes: list[str], max_rows: int) -
     return schema
 
 
+def _sets_request(schema: dict[str, Any], sets: Any) -> None:
+    """`coverage` and `set_method` on a request schema, when the artifact has thresholds for it."""
+    if sets is None:
+        return
+    schema["properties"]["coverage"] = {
+        "type": "number", "enum": list(sets.coverages),
+        "description": "also answer `prediction_sets`: conformal label sets holding the true class with this "
+        "probability (the coverages this artifact has thresholds for)"}
+    schema["properties"]["set_method"] = {
+        "type": "string", "enum": ["aps", "raps"], "default": "aps",
+        "description": "the conformal score: aps, or raps (penalises unlikely labels); only with coverage"}
+    schema["dependentRequired"] = {"set_method": ["coverage"]}
+
+
+def _sets_answer(schema: dict[str, Any], sets: Any, classes: list[str]) -> dict[str, Any]:
+    """The prediction-set fields of an answer: present only when the request gave `coverage`, so
+    never null; left out of the document when the artifact has no thresholds."""
+    props = schema["properties"]
+    if sets is None:
+        for name in ("prediction_sets", "coverage", "set_method"):
+            del props[name]
+        return schema
+    labels = {"type": "string", "enum": sorted(set(classes))}
+    props["prediction_sets"] = {
+        "type": "array", "items": {"type": "array", "items": labels, "minItems": 1, "maxItems": len(classes)},
+        "description": props["prediction_sets"]["description"]}
+    props["coverage"] = {"type": "number", "enum": list(sets.coverages), "description": props["coverage"]["description"]}
+    props["set_method"] = {"type": "string", "enum": ["aps", "raps"], "description": props["set_method"]["description"]}
+    return schema
+
+
 def _json(ref: str) -> dict[str, Any]:
     return {"application/json": {"schema": {"$ref": _REF.format(model=ref)}}}
 
@@ -270,7 +313,8 @@ def _error_responses(max_body_bytes: int) -> dict[str, dict[str, Any]]:
     }
     described = {
         "400": "the request is not valid for this model; `error` names the field or element",
-        "404": "this artifact has no curve (/predict_curve), or no SWA network (/predict with model swa)",
+        "404": "this artifact has no curve (/predict_curve), no SWA network (/predict with model swa), "
+        "or no prediction-set thresholds (a request with coverage)",
         "413": f"the body is larger than {max_body_bytes} bytes",
         "415": "a content type this route does not take (JSON needs application/json), or an "
         "image for a model that takes no images",

@@ -33,11 +33,12 @@ from starlette.responses import JSONResponse
 
 from modeconn.contract.artifact import Artifact, ArtifactError, load_artifact
 
-from . import encodings, metrics, startup
+from . import encodings, metrics, prediction_sets, startup
 from .batching import MicroBatcher, Overloaded
 from .calibration import calibration_card, curve_temperature, scale
 from .errors import error_response, faulty
 from .openapi import openapi_document
+from .prediction_sets import SetRequest
 from .runtime import SPLIT_AXES, RowAnswers, Runtime, choose_providers, summarize
 from .schemas import (
     MAX_REQUEST_ROWS,
@@ -70,14 +71,16 @@ class Ask:
     calibrated: bool = True
     model: str = "ensemble"
     ts: tuple[float, ...] = ()
+    sets: SetRequest | None = None  # prediction sets asked for (`coverage`)
 
     @classmethod
     def from_request(cls, route: str, request: PredictRequest | CurvePredictRequest) -> Ask:
         """A JSON body its request model accepted."""
+        sets = None if request.coverage is None else SetRequest(request.coverage, request.set_method)
         if isinstance(request, PredictRequest):
-            return cls(route, request.inputs, calibrated=request.calibrated, model=request.model)
+            return cls(route, request.inputs, calibrated=request.calibrated, model=request.model, sets=sets)
         ts = (request.t,) if request.t is not None else tuple(request.ts or ())
-        return cls(route, request.inputs, calibrated=request.calibrated, ts=ts)
+        return cls(route, request.inputs, calibrated=request.calibrated, ts=ts, sets=sets)
 
 
 class Predictor:
@@ -188,8 +191,9 @@ class Predictor:
             return error_response(503, f"model failed to load: {self.load_error}")
         return None
 
-    def refuse(self, route: str, model: str = "ensemble") -> JSONResponse | None:
-        """503 while loading or after a failed load; 404 for a graph this artifact lacks."""
+    def refuse(self, route: str, model: str = "ensemble", sets: SetRequest | None = None) -> JSONResponse | None:
+        """503 while loading or after a failed load; 404 for a graph (or prediction-set thresholds)
+        this artifact lacks; 400 for a coverage it has no thresholds for."""
         if self.load_error is not None:
             return error_response(503, f"model failed to load: {self.load_error}")
         if not self._ready.is_set():
@@ -200,13 +204,17 @@ class Predictor:
         if model == "swa" and not self.artifact.has_swa:  # the request model refused other names
             return error_response(404, "this artifact has no SWA network (manifest 'swa' is absent); "
                                   f"/predict models here: {', '.join(self.artifact.models)}")
+        if sets is not None:
+            owner = "curve" if route == CURVE else model
+            if (problem := prediction_sets.problem(self.artifact.spec, owner, sets)) is not None:
+                return error_response(*problem, field="coverage")
         return None
 
     # -- the one prediction path -----------------------------------------------------------
 
     async def answer(self, ask: Ask) -> PredictResponse | CurvePredictResponse | JSONResponse:
         """`ask` refused, or its rows decoded and predicted."""
-        if (refusal := self.refuse(ask.route, ask.model)) is not None:
+        if (refusal := self.refuse(ask.route, ask.model, ask.sets)) is not None:
             return refusal
         assert self.artifact is not None
         if ask.kind in encodings.IMAGE_TYPES and self.image_shape is None:
@@ -218,8 +226,8 @@ class Predictor:
         except InputError as exc:
             return error_response(400, str(exc))
         if ask.route == PREDICT:
-            return await self.predict(x, ask.calibrated, ask.model)
-        return await self.predict_curve(x, list(ask.ts), ask.calibrated)
+            return await self.predict(x, ask.calibrated, ask.model, ask.sets)
+        return await self.predict_curve(x, list(ask.ts), ask.calibrated, ask.sets)
 
     def decode(self, ask: Ask) -> np.ndarray:
         """The rows as checked float32 [N, *input_shape]; an InputError names the first problem."""
@@ -229,9 +237,11 @@ class Predictor:
             return encodings.decode(ask.kind, rows, shape, image=self.artifact.spec.input.image)
         return parse_inputs(rows, shape)
 
-    async def predict(self, x: np.ndarray, calibrated: bool, model: str = "ensemble") -> PredictResponse | JSONResponse:
+    async def predict(self, x: np.ndarray, calibrated: bool, model: str = "ensemble",
+                      sets: SetRequest | None = None) -> PredictResponse | JSONResponse:
         """The ensemble's mean softmax, or the SWA network's softmax, for the rows `x` (SWA: its
-        own entropy, mutual information 0, agreement 1)."""
+        own entropy, mutual information 0, agreement 1); with `sets`, the rows' prediction sets
+        (serving/prediction_sets.py; `refuse` checked the artifact has their thresholds)."""
         assert self.artifact is not None
         try:
             answers = RowAnswers(*await self._run(model, None, x))
@@ -239,10 +249,14 @@ class Predictor:
             return error_response(503, f"overloaded: {exc}; retry shortly", **{"Retry-After": "1"})
         if (refusal := _non_finite(answers.finite)) is not None:
             return refusal
-        return PredictResponse(**answers.fields(self.artifact.class_names, calibrated), model=model)
+        extra = {} if sets is None else prediction_sets.answer(
+            prediction_sets.section(self.artifact.spec, model), sets, answers.calibrated, self.artifact.class_names)
+        return PredictResponse(**answers.fields(self.artifact.class_names, calibrated), model=model, **extra)
 
-    async def predict_curve(self, x: np.ndarray, ts: list[float], calibrated: bool) -> CurvePredictResponse | JSONResponse:
-        """The curve's softmax at phi(t), or the mean over several t, for the rows `x`."""
+    async def predict_curve(self, x: np.ndarray, ts: list[float], calibrated: bool,
+                            sets: SetRequest | None = None) -> CurvePredictResponse | JSONResponse:
+        """The curve's softmax at phi(t), or the mean over several t, for the rows `x`; with `sets`
+        (one t: the request model and the query refuse several), the rows' prediction sets."""
         assert self.artifact is not None
         try:  # every t queued at once, or none (batching.MicroBatcher.submit_many)
             per_t = (await self.batchers["curve"].submit_many(ts, x) if self.batching.enabled
@@ -258,7 +272,14 @@ class Predictor:
             answered = np.mean(  # each t at its own T(t), then the mean over the ts
                 [scale(p, curve_temperature(temperatures, t)) for p, t in zip(stacked, ts, strict=True)],
                 axis=0, dtype=np.float64)
-        return CurvePredictResponse(**summarize(mean, stacked, self.artifact.class_names, answered), ts=ts)
+        extra = {}
+        if sets is not None:
+            temperatures = self.artifact.spec.curve_temperatures
+            assert temperatures is not None and len(ts) == 1  # thresholds come with temperatures
+            probs = answered if calibrated else scale(mean, curve_temperature(temperatures, ts[0]))
+            extra = prediction_sets.answer(prediction_sets.section(self.artifact.spec, "curve"), sets, probs,
+                                           self.artifact.class_names, t=ts[0])
+        return CurvePredictResponse(**summarize(mean, stacked, self.artifact.class_names, answered), ts=ts, **extra)
 
     async def _run(self, graph: str, key: Any, x: np.ndarray) -> Any:
         if self.batching.enabled:
@@ -320,6 +341,7 @@ class Predictor:
             },
             ready=self._ready.is_set(),
             calibration=calibration_card(self.artifact.spec),
+            prediction_sets=prediction_sets.card(self.artifact.spec),
         )
 
     def _curve_cache_stats(self) -> dict[str, Any] | None:

@@ -32,6 +32,9 @@ UnitFloat = Annotated[float, Field(ge=0.0, le=1.0, strict=True)]
 # What /predict can answer with: the ensemble graph (the default) or the SWA network (manifest `swa`).
 MODELS = ("ensemble", "swa")
 ModelName = Literal["ensemble", "swa"]
+SetMethod = Literal["aps", "raps"]
+SETS_NEED_ONE_T = ("'coverage' needs one 't': thresholds are calibrated for the network at one t, "
+                   "not for a mean over several")
 
 
 class InputError(ModeconnError):
@@ -66,6 +69,30 @@ class _PredictionRequest(_Request):
         strict=True,  # the document says boolean: 0, 1 or "true" are refused, not coerced
         description="temperature-scaled probabilities (the manifest's temperatures; GET /info); false: raw",
     )
+    coverage: float | None = Field(
+        default=None,
+        strict=True,  # a number: "0.9" is refused, not coerced
+        gt=0.0,
+        lt=1.0,
+        description="answer `prediction_sets` too: label sets that hold the true class with this probability "
+        "(split conformal; only the coverages the artifact has thresholds for, GET /info `prediction_sets`)",
+    )
+    set_method: SetMethod = Field(
+        default="aps", description="the conformal score of the sets: aps, or raps (fewer unlikely labels); "
+        "only with `coverage`")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coverage_not_null(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "coverage" in data and data["coverage"] is None:
+            raise ValueError("'coverage' is null; leave it out or give a value")
+        return data
+
+    @model_validator(mode="after")
+    def _method_with_coverage(self) -> _PredictionRequest:
+        if "set_method" in self.model_fields_set and self.coverage is None:
+            raise ValueError("'set_method' is given without 'coverage'; give the coverage the sets should have")
+        return self
 
 
 class PredictRequest(_PredictionRequest):
@@ -106,6 +133,8 @@ class CurvePredictRequest(_PredictionRequest):
     def _exactly_one_of_t_ts(self) -> CurvePredictRequest:
         if (self.t is None) == (self.ts is None):
             raise ValueError("give exactly one of 't' (a number) or 'ts' (a list of numbers)")
+        if self.coverage is not None and self.ts is not None:
+            raise ValueError(SETS_NEED_ONE_T)
         return self
 
 
@@ -128,6 +157,14 @@ class _Answer(BaseModel):
     agreement: list[float] = Field(
         description="fraction of the averaged models whose top class equals the prediction"
     )
+    # present only when the request gave `coverage` (left out of the JSON otherwise: exclude_none)
+    prediction_sets: list[list[str]] | None = Field(
+        default=None,
+        description="per row, the labels of its conformal prediction set, by decreasing probability "
+        "(at least one); only with `coverage`",
+    )
+    coverage: float | None = Field(default=None, description="the target coverage of the sets; only with `coverage`")
+    set_method: SetMethod | None = Field(default=None, description="aps or raps; only with `coverage`")
 
 
 class PredictResponse(_Answer):
@@ -186,6 +223,10 @@ class InfoResponse(BaseModel):
     ready: bool
     calibration: dict[str, Any] | None = Field(
         default=None, description="temperatures, NLL before/after on validation, calibrated test metrics"
+    )
+    prediction_sets: dict[str, Any] | None = Field(
+        default=None, description="the coverages `coverage` takes, per model, RAPS's parameters, and the "
+        "sets' coverage and mean size on the test split; null: the artifact has no thresholds"
     )
 
 

@@ -18,6 +18,7 @@ from . import metrics, middleware
 from .connections import install as install_connection_limits
 from .errors import ErrorBoundary, fault, guarded
 from .fast_path import PredictionBodies
+from .prediction_sets import SetRequest
 from .predictor import CURVE, PREDICT, Ask, Predictor
 from .schemas import (
     CurvePredictRequest,
@@ -74,20 +75,24 @@ class ModeConnService:
     @bentoml.api(route=PREDICT, input_spec=PredictRequest, output_spec=PredictResponse)
     @guarded
     async def predict(
-        self, inputs: list[Any], calibrated: bool = True, model: str = "ensemble"
+        self, inputs: list[Any], calibrated: bool = True, model: str = "ensemble", coverage: float | None = None,
+        set_method: str = "aps",
     ) -> PredictResponse | JSONResponse:
         """Mean softmax of the ensemble members, with entropy and member agreement; or, with
         "model": "swa", the softmax of the one averaged network."""
-        return await self.predictor.answer(Ask(PREDICT, inputs, calibrated=calibrated, model=model))
+        sets = None if coverage is None else SetRequest(coverage, set_method)
+        return await self.predictor.answer(Ask(PREDICT, inputs, calibrated=calibrated, model=model, sets=sets))
 
     @bentoml.api(route=CURVE, input_spec=CurvePredictRequest, output_spec=CurvePredictResponse)
     @guarded
     async def predict_curve(
-        self, inputs: list[Any], t: float | None = None, ts: list[float] | None = None, calibrated: bool = True
+        self, inputs: list[Any], t: float | None = None, ts: list[float] | None = None, calibrated: bool = True,
+        coverage: float | None = None, set_method: str = "aps",
     ) -> CurvePredictResponse | JSONResponse:
         """Softmax of the curve model at phi(t), or the mean softmax over several t."""
         points = (t,) if t is not None else tuple(ts or ())
-        return await self.predictor.answer(Ask(CURVE, inputs, calibrated=calibrated, ts=points))
+        sets = None if coverage is None else SetRequest(coverage, set_method)
+        return await self.predictor.answer(Ask(CURVE, inputs, calibrated=calibrated, ts=points, sets=sets))
 
     @bentoml.api(route="/info", output_spec=InfoResponse)
     @guarded

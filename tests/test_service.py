@@ -63,11 +63,13 @@ CURVE = "/predict_curve"
 
 
 def _without_curve(src: Path, dst: Path) -> Path:
-    """A copy without curve.onnx and swa.onnx (an artifact exported without them)."""
+    """A copy without curve.onnx and swa.onnx (an artifact exported without them), and without
+    prediction-set thresholds (as exported before them)."""
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
     manifest["curve"] = None
     del manifest["files"]["curve.onnx"], manifest["swa"], manifest["files"]["swa.onnx"]
+    del manifest["ensemble"]["prediction_sets"]
     (dst / "curve.onnx").unlink()
     (dst / "swa.onnx").unlink()
     (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
@@ -373,6 +375,113 @@ def test_unknown_or_absent_model_is_a_4xx_naming_it(server: Server, plain_server
                                      "/predict models here: ensemble")
     card = requests.get(plain_server.url + "/info", timeout=10).json()
     assert card["swa"] is None and card["models"] == ["ensemble"] and card["calibration"]["swa"] is None
+
+
+# -- prediction sets -------------------------------------------------------------------------
+
+
+def _offline_sets(probs: np.ndarray, sets: dict[str, Any], coverage: float, method: str,
+                  t: float | None = None) -> list[list[str]]:
+    """Each row's conformal set written out here: the classes by decreasing probability while the
+    cumulative probability (+ RAPS's penalty per rank above k_reg) stays <= the manifest's
+    threshold (linear in t between the curve's grid points), and at least the top class."""
+    column = sets["coverages"].index(coverage)
+    table = sets[method]
+    if t is None:
+        tau = table[column]
+    else:
+        position = t * (len(table) - 1)
+        low = min(int(position), len(table) - 2)
+        tau = table[low][column] + (position - low) * (table[low + 1][column] - table[low][column])
+    k_reg, penalty = (sets["raps_k_reg"], sets["raps_penalty"]) if method == "raps" else (0, 0.0)
+    rows = []
+    for row in probs:
+        order = sorted(range(len(row)), key=lambda c: -row[c])
+        taken, total = [], 0.0
+        for rank, c in enumerate(order, start=1):
+            total += row[c]
+            if rank > 1 and total + penalty * max(0, rank - k_reg) > tau:
+                break
+            taken.append(MNIST1D_CLASSES[c])
+        rows.append(taken)
+    return rows
+
+
+def test_prediction_sets_equal_offline(server: Server, offline: Offline, artifact_dir: Path, demo_data: Any) -> None:
+    """`coverage` (JSON) and ?coverage= (raw float32) answer the sets computed here from offline
+    onnxruntime probabilities at the manifest's temperatures and thresholds: the ensemble, SWA,
+    and the curve at a grid t and between grid points; APS and RAPS. Without `coverage` the
+    answer has none of the set fields."""
+    manifest = json.loads((artifact_dir / "manifest.json").read_text())
+    x = demo_data.x_test[:48].numpy()
+    plain = server.post("/predict", {"inputs": x.tolist()})
+    assert not {"prediction_sets", "coverage", "set_method"} & set(plain.json())
+    sizes = set()
+    for coverage, method in ((0.9, "aps"), (0.8, "raps"), (0.99, "raps"), (0.95, "aps")):
+        for model, probs in (("ensemble", offline.predict(x)[0]), ("swa", offline.predict_swa(x))):
+            want = _offline_sets(probs, manifest[model]["prediction_sets"], coverage, method)
+            body = server.post("/predict", {"inputs": x.tolist(), "model": model, "coverage": coverage,
+                                            "set_method": method}).json()
+            assert body["prediction_sets"] == want, (model, coverage, method)
+            assert body["coverage"] == coverage and body["set_method"] == method
+            assert {k: v for k, v in body.items() if k not in ("prediction_sets", "coverage", "set_method")} \
+                == server.post("/predict", {"inputs": x.tolist(), "model": model}).json()
+            binary = _post_bytes(server, f"/predict?model={model}&coverage={coverage}&set_method={method}",
+                                 x.tobytes(), RAW).json()
+            assert binary["prediction_sets"] == want and binary["set_method"] == method
+            sizes.update(len(row) for row in want)
+        for t in (0.3, 0.35):  # a grid t (11 points) and one between grid points
+            want = _offline_sets(offline.at(t, x), manifest["curve"]["prediction_sets"], coverage, method, t)
+            body = server.post(CURVE, {"inputs": x.tolist(), "t": t, "coverage": coverage, "set_method": method,
+                                       "calibrated": False}).json()  # sets come from calibrated probabilities
+            assert body["prediction_sets"] == want, (t, coverage, method)
+    assert len(sizes) >= 3  # sets of several sizes: the comparison shows something
+    r = server.post("/predict", {"inputs": x[:2].tolist(), "coverage": 0.9})
+    assert r.json()["set_method"] == "aps"  # the default
+    card = requests.get(server.url + "/info", timeout=10).json()["prediction_sets"]
+    assert card["ensemble"]["coverages"] == manifest["ensemble"]["prediction_sets"]["coverages"]
+    assert card["swa"]["test_coverage"] == manifest["swa"]["prediction_sets"]["test_coverage"]
+    assert set(card) == {"methods", "method", "ensemble", "swa", "curve"}
+
+
+def test_bad_coverage_is_a_4xx_naming_it(server: Server, plain_server: Server) -> None:
+    x = demo_inputs(2, seed=13)
+    available = "this artifact has 0.8, 0.85, 0.9, 0.95, 0.99"
+    for body, status, text in (
+        ({"coverage": 0.7}, 400, f"coverage = 0.7 has no calibrated thresholds; {available}"),
+        ({"coverage": 1.0}, 400, "coverage"),
+        ({"coverage": "0.9"}, 400, "coverage"),
+        ({"coverage": None}, 400, "'coverage' is null"),
+        ({"set_method": "raps"}, 400, "'set_method' is given without 'coverage'"),
+        ({"coverage": 0.9, "set_method": "lac"}, 400, "set_method"),
+    ):
+        r = server.post("/predict", {"inputs": x.tolist(), **body})
+        assert r.status_code == status and text in r.text, (body, r.text)
+    r = server.post(CURVE, {"inputs": x.tolist(), "ts": [0.2, 0.4], "coverage": 0.9})
+    assert r.status_code == 400 and "'coverage' needs one 't'" in r.text, r.text
+    for query, text in (("coverage=0.7", f"coverage = 0.7 has no calibrated thresholds; {available}"),
+                        ("coverage=abc", "coverage = 'abc' is not a number"),
+                        ("coverage=1.5", "coverage = '1.5' is not in (0, 1)"),
+                        ("set_method=raps", "set_method is given without coverage; give the coverage the sets should have"),
+                        ("coverage=0.9&set_method=lac", "set_method = 'lac': use aps or raps")):
+        r = _post_bytes(server, f"/predict?{query}", x.tobytes(), RAW)
+        assert r.status_code == 400 and r.json()["error"] == text, (query, r.text)
+    r = _post_bytes(server, CURVE + "?ts=0.2,0.4&coverage=0.9", x.tobytes(), RAW)
+    assert r.status_code == 400 and "'coverage' needs one 't'" in r.json()["error"], r.text
+    r = server.post("/predict", {"inputs": x.tolist(), "coverage": 0.7})
+    assert r.json()["field"] == "coverage"
+    # an artifact exported without thresholds (the reduced copy): 404 naming why
+    for r in (plain_server.post("/predict", {"inputs": x.tolist(), "coverage": 0.9}),
+              _post_bytes(plain_server, "/predict?coverage=0.9", x.tobytes(), RAW)):
+        assert r.status_code == 404 and "no prediction-set thresholds for the ensemble" in r.json()["error"], r.text
+    assert requests.get(plain_server.url + "/info", timeout=10).json()["prediction_sets"] is None
+    document = requests.get(plain_server.url + "/docs.json", timeout=10).json()["components"]["schemas"]
+    assert "coverage" not in document["PredictRequest"]["properties"]
+    assert "prediction_sets" not in document["PredictResponse"]["properties"]
+    document = requests.get(server.url + "/docs.json", timeout=10).json()["components"]["schemas"]
+    assert document["PredictRequest"]["properties"]["coverage"]["enum"] == [0.8, 0.85, 0.9, 0.95, 0.99]
+    assert document["PredictRequest"]["dependentRequired"] == {"set_method": ["coverage"]}
+    assert document["PredictResponse"]["properties"]["prediction_sets"]["items"]["items"]["enum"] == MNIST1D_CLASSES
 
 
 def _concurrent_batch1(server: Server, offline: Offline, n: int = 64) -> None:

@@ -14,7 +14,8 @@ probabilities. `input.image` and `dataset.source` (files-based training data) ca
 format 2; the exporter leaves them out when empty, and a manifest without them reads as null. Anything else is refused naming the version. The optional `swa` section (one
 averaged network) came later within format 2: a manifest without the key reads as `swa` null,
 and the exporter leaves the key out when there is no SWA network, so such artifacts stay
-readable by loaders that predate it.
+readable by loaders that predate it. The `prediction_sets` of `ensemble`, `swa` and `curve`
+(split-conformal thresholds) came later within format 2 in the same way: left out when absent.
 """
 
 from __future__ import annotations
@@ -200,6 +201,65 @@ class CurveCalibration(_Section):
         return value
 
 
+class _SetsCalibration(_Section):
+    """How split-conformal prediction sets were calibrated (modeconn/contract/conformal.py): on the
+    validation split, from the calibrated probabilities (the temperature applies first)."""
+
+    coverages: list[float] = Field(min_length=1, description="the target coverages thresholds exist for, "
+                                   "increasing; the service answers only these")
+    split_seed: int = Field(description="seed of the permutation that halves the validation split: half A "
+                            "chose RAPS's k_reg and penalty, half B calibrated RAPS's thresholds")
+    aps_examples: int = Field(ge=1, description="validation examples the APS thresholds were calibrated on (all)")
+    raps_selection_examples: int = Field(ge=1, description="half A: RAPS's parameters chosen on it")
+    raps_examples: int = Field(ge=1, description="half B: RAPS's thresholds calibrated on it")
+    raps_k_reg: int = Field(ge=0, description="RAPS: ranks above k_reg are penalised")
+    raps_penalty: float = Field(ge=0, description="RAPS: lambda, added per rank above k_reg")
+
+    @field_validator("coverages")
+    @classmethod
+    def _increasing(cls, value: list[float]) -> list[float]:
+        if not all(0 < c < 1 for c in value) or any(a >= b for a, b in zip(value, value[1:], strict=False)):
+            raise ValueError("coverages must be increasing values in (0, 1)")
+        return value
+
+    def _sized(self, where: str, rows: list[list[float]]) -> None:
+        for row in rows:
+            if len(row) != len(self.coverages):
+                raise ValueError(f"{where} has {len(row)} thresholds for {len(self.coverages)} coverages")
+
+
+class PredictionSets(_SetsCalibration):
+    """Thresholds of one network or of the ensemble, and what they gave on the test split."""
+
+    aps: list[float] = Field(description="APS threshold for each of `coverages`")
+    raps: list[float] = Field(description="RAPS threshold for each of `coverages`")
+    test_coverage: dict[str, list[float]] = Field(
+        description="test split, per method (aps, raps): the fraction of sets holding the true class, per coverage")
+    test_mean_size: dict[str, list[float]] = Field(
+        description="test split, per method: the mean number of classes in a set, per coverage")
+
+    @model_validator(mode="after")
+    def _shaped(self) -> PredictionSets:
+        self._sized("prediction_sets", [self.aps, self.raps, *self.test_coverage.values(),
+                                        *self.test_mean_size.values()])
+        return self
+
+
+class CurvePredictionSets(_SetsCalibration):
+    """Thresholds at each BN grid point of the curve (one k_reg and penalty for the whole curve, so
+    that thresholds interpolate linearly between grid points as T(t) does)."""
+
+    aps: list[list[float]] = Field(description="per grid t = i / (bn_grid_points - 1): APS thresholds per coverage")
+    raps: list[list[float]] = Field(description="per grid t: RAPS thresholds per coverage")
+
+    @model_validator(mode="after")
+    def _shaped(self) -> CurvePredictionSets:
+        self._sized("curve prediction_sets", [*self.aps, *self.raps])
+        if len(self.aps) != len(self.raps):
+            raise ValueError(f"prediction_sets: {len(self.aps)} APS and {len(self.raps)} RAPS grid points")
+        return self
+
+
 class Member(_Section):
     file: str = Field(description="the member's graph, listed under `files`")
     source: str | None = Field(default=None, description="the checkpoint it was exported from")
@@ -216,6 +276,8 @@ class Ensemble(_Section):
     metrics: Metrics = Field(description="test metrics of the mean of the members' softmax outputs")
     calibration: Calibration | None = Field(
         default=None, description="one T for the ensemble, on the log of the averaged probabilities")
+    prediction_sets: PredictionSets | None = Field(
+        default=None, description="split-conformal thresholds; absent without a validation split")
 
 
 class Swa(_Section):
@@ -230,6 +292,8 @@ class Swa(_Section):
     bn_recomputed: bool | None = Field(default=None, description="BN statistics recomputed after averaging")
     metrics: Metrics = Field(description="test split: error (%), nll (nats), ece (fraction, 15 bins), brier")
     calibration: Calibration | None = Field(default=None, description="its own T, fitted on the validation split")
+    prediction_sets: PredictionSets | None = Field(
+        default=None, description="split-conformal thresholds; absent without a validation split")
 
 
 class InterpolationPoint(_Section):
@@ -253,11 +317,16 @@ class Curve(_Section):
     metrics: dict[str, Any] = Field(description="eval-curve's headline (empty when curve.json was absent)")
     bn_interpolation: BnInterpolation | None = Field(default=None, description="off-grid check of the interpolated BN")
     calibration: CurveCalibration | None = Field(default=None, description="T(t) on the BN grid")
+    prediction_sets: CurvePredictionSets | None = Field(
+        default=None, description="split-conformal thresholds on the BN grid; absent without a validation split")
 
     @model_validator(mode="after")
     def _grid_sized(self) -> Curve:
         if self.calibration is not None and len(self.calibration.temperatures) != self.bn_grid_points:
             raise ValueError(f"calibration.temperatures has {len(self.calibration.temperatures)} entries; "
+                             f"bn_grid_points is {self.bn_grid_points}")
+        if self.prediction_sets is not None and len(self.prediction_sets.aps) != self.bn_grid_points:
+            raise ValueError(f"prediction_sets has {len(self.prediction_sets.aps)} grid points; "
                              f"bn_grid_points is {self.bn_grid_points}")
         return self
 

@@ -30,6 +30,7 @@ from modeconn.contract.manifest import (
     Calibration,
     Curve,
     CurveCalibration,
+    CurvePredictionSets,
     DatasetInfo,
     Ensemble,
     FileRecord,
@@ -39,6 +40,7 @@ from modeconn.contract.manifest import (
     Member,
     Normalization,
     Parity,
+    PredictionSets,
     Swa,
 )
 from modeconn.training.core import progress
@@ -53,6 +55,7 @@ from modeconn.training.core.sources import check_same_network, run_members
 from modeconn.training.curves.fit import load_curve
 from modeconn.training.curves.model import CurveModel, even_ts
 from modeconn.training.ensembles.calibration import calibration_report, grid_temperatures
+from modeconn.training.ensembles.conformal import curve_prediction_sets, prediction_sets
 from modeconn.training.export.graphs import (
     CurveGraph,
     EnsembleGraph,
@@ -213,7 +216,9 @@ def write_artifact(job: ExportJob, out: Path | None, sources: list[Path]) -> tup
     try:
         manifest = _build(work, job).model_dump(mode="json")
         # absent means none: loaders that predate these fields read the manifest
-        for section, key in ((manifest, "swa"), (manifest["input"], "image"), (manifest["dataset"], "source")):
+        optional = [(manifest, "swa"), (manifest["input"], "image"), (manifest["dataset"], "source"),
+                    *((manifest[name], "prediction_sets") for name in ("ensemble", "swa", "curve") if manifest.get(name))]
+        for section, key in optional:
             if section[key] is None:
                 del section[key]
         atomic_write_json(work / MANIFEST_NAME, manifest)
@@ -243,6 +248,15 @@ def _calibration(val_probs: torch.Tensor | None, test_probs: torch.Tensor, data:
     return Calibration(**calibration_report(val_probs, data.y_val, test_probs, data.y_test))
 
 
+def _prediction_sets(val_probs: torch.Tensor | None, test_probs: torch.Tensor, calibration: Calibration | None,
+                     data: Dataset) -> PredictionSets | None:
+    """Split-conformal thresholds at the calibrated probabilities (None without a validation split)."""
+    if val_probs is None or calibration is None:
+        return None
+    fields = prediction_sets(val_probs, data.y_val, calibration.temperature, test_probs, data.y_test)
+    return None if fields is None else PredictionSets(**fields)
+
+
 def _export_network(work: Path, rel: str, net: nn.Module, job: ExportJob,
                     parity: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One network as a MemberGraph at `rel`, held to the network by the parity gate; its
@@ -262,10 +276,11 @@ def _export_swa(work: Path, job: ExportJob, parity: dict[str, float]) -> Swa:
     assert job.swa_net is not None and job.swa_state is not None
     probs, val_probs = _export_network(work, "swa.onnx", job.swa_net, job, parity)
     record = job.swa_state.get("swa") or {}
+    calibration = _calibration(val_probs, probs, job.data)
     return Swa(file="swa.onnx", source=_source(job.sources.swa), kind=job.swa_state.get("kind"),
                averaged=[str(p) for p in record.get("members", [])], bn_recomputed=record.get("bn_recomputed"),
-               metrics=classification_metrics(probs, job.data.y_test),
-               calibration=_calibration(val_probs, probs, job.data))
+               metrics=classification_metrics(probs, job.data.y_test), calibration=calibration,
+               prediction_sets=_prediction_sets(val_probs, probs, calibration, job.data))
 
 
 def _build(work: Path, job: ExportJob) -> Manifest:
@@ -301,10 +316,11 @@ def _build(work: Path, job: ExportJob) -> Manifest:
     ensemble_val = torch.stack(member_val_probs).mean(dim=0) if has_val else None
     first = states[0]
     kinds = sorted({str(s.get("kind")) for s in states})
+    ensemble_calibration = _calibration(ensemble_val, ensemble_probs, data)
     ensemble = Ensemble(file="ensemble.onnx", num_members=len(nets), kind="+".join(kinds),
                         settings=first.get("fge") or first.get("config", {}).get("fge", {}),
-                        metrics=classification_metrics(ensemble_probs, data.y_test),
-                        calibration=_calibration(ensemble_val, ensemble_probs, data))
+                        metrics=classification_metrics(ensemble_probs, data.y_test), calibration=ensemble_calibration,
+                        prediction_sets=_prediction_sets(ensemble_val, ensemble_probs, ensemble_calibration, data))
 
     curve = None
     if job.curve is not None:
@@ -363,9 +379,13 @@ def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> Curve
     if job.sources.curve_report is not None:
         metrics = json.loads(job.sources.curve_report.read_text()).get("headline", {})
     calibration = CurveCalibration(**grid_temperatures(bn_grid.val_probs, data.y_val)) if bn_grid.val_probs else None
+    sets = None
+    if calibration is not None:
+        fields = curve_prediction_sets(bn_grid.val_probs, data.y_val, calibration.temperatures)
+        sets = None if fields is None else CurvePredictionSets(**fields)
     return Curve(file="curve.onnx", source=_source(job.sources.curve), type=curve.curve, num_bends=curve.num_bends,
                  bn_grid_points=grid_points, settings=job.curve_state["curve"], metrics=metrics,
-                 bn_interpolation=BnInterpolation(**interpolation), calibration=calibration)
+                 bn_interpolation=BnInterpolation(**interpolation), calibration=calibration, prediction_sets=sets)
 
 
 def _versions() -> dict[str, str]:
