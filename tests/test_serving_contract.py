@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,8 @@ from tests.test_serving_faults import (
     _replace_file,
     _serve_until_exit,
     _stored,
+    _until,
+    _worker_pid_answering,
     _workers,
 )
 
@@ -157,23 +158,6 @@ def test_graph_input_of_41_under_a_manifest_of_40_stops_serve(home: Path, tmp_pa
 # -- a running server and its store ----------------------------------------------------------------
 
 
-def _until(what: str, check: Callable[[], Any], server: Server, deadline_s: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"{what} not within {deadline_s} s:\n{server.log_tail()}")
-
-
-def _answering_pid(server: Server) -> int | None:
-    try:
-        r = requests.get(server.url + "/info", timeout=10, headers={"Connection": "close"})
-    except requests.RequestException:
-        return None
-    return r.json()["batching"]["worker_pid"] if r.status_code == 200 else None
-
-
 def _status(server: Server, method: str, path: str, **kw: Any) -> int | None:
     try:
         return requests.request(method, server.url + path, timeout=10, headers={"Connection": "close"}, **kw).status_code
@@ -233,8 +217,8 @@ def test_store_changed_under_a_running_server_then_a_worker_killed(two_workers: 
     # which worker takes a fresh connection is the kernel's choice: probing until the
     # replacement answers is how to see it serve, and the probe must say 200 throughout
     readyz: list[int | None] = []
-    _until("the replacement answering", lambda: readyz.append(_status(server, "GET", "/readyz")) or
-           _answering_pid(server) in new, server)
+    _until("the replacement answering", DEADLINE_S, lambda: readyz.append(_status(server, "GET", "/readyz")) or
+           _worker_pid_answering(server) in new, server)
     assert set(readyz) == {200}, readyz  # the probe never flapped meanwhile
     for _ in range(12):  # fresh connections land on either worker
         assert _same(_answers(server, x), before)
