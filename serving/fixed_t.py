@@ -209,8 +209,9 @@ class FixedTCache:
         with self._lock:
             return list(self._sessions)
 
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+    def close(self, wait: bool = False) -> None:
+        """No more builds; with `wait`, once the build under way (if any) has landed."""
+        self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
     def _build_in_background(self, key: float) -> None:
         try:

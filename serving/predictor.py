@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from starlette.responses import JSONResponse
 
+from modeconn.contract import hooks
 from modeconn.contract.artifact import Artifact, ArtifactError, load_artifact
 
 from . import encodings, metrics, prediction_sets, startup
@@ -129,6 +130,7 @@ class Predictor:
 
     def _load(self) -> bool:
         assert self.artifact is not None
+        hooks.hold_point("serve:load")  # tests only (modeconn/contract/hooks.py): a worker held while loading
         try:
             started = time.perf_counter()
             runtime = Runtime(self.artifact, choose_providers(self.settings.provider), self.settings.onnxruntime,

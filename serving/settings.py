@@ -19,6 +19,7 @@ serving/service.py is imported (BentoML's decorator needs some of them at that m
 | MODECONN_CURVE_PRELOAD | curve_preload: fixed-t sessions built before readiness, at t = i/(n-1) | 0 |
 | MODECONN_CURVE_BUILD_AFTER | curve_build_after: a t's session is built once it was asked for this often | 2 |
 | MODECONN_TEST_FAULT | test_fault: for tests only, paths that raise (comma-separated: json, bentoml, binary, curve; serving/errors.py) | none |
+| MODECONN_HOLD_AT, _HOLD_PIPE | for tests only: `serve:load` stops each worker before it opens its sessions (modeconn/contract/hooks.py) | none |
 
 A value that cannot be read stops the service with an error naming the variable.
 """

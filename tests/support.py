@@ -9,18 +9,21 @@ SWA network (`swa.onnx`) is the average of those three members (`modeconn swa`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import ctypes
 import io
 import json
 import os
 import pickle
+import select
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,8 @@ import requests
 import torch
 
 from modeconn.contract.artifact import load_artifact
+from modeconn.serving.batching import MicroBatcher
+from modeconn.serving.settings import DEFAULT_WORKERS
 from modeconn.training.core.bn import recompute_bn
 from modeconn.training.core.checkpoint import model_checkpoint, save_checkpoint
 from modeconn.training.core.config import load_config
@@ -175,21 +180,64 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+IN_MODIFY = 0x2  # <sys/inotify.h>
+
+
+@contextlib.contextmanager
+def _writes_to(path: Path) -> Iterator[int]:
+    """A descriptor (Linux inotify) that turns readable when `path` is written to."""
+    fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "inotify_init1")
+    try:
+        if _libc.inotify_add_watch(fd, os.fsencode(path), IN_MODIFY) < 0:
+            raise OSError(ctypes.get_errno(), f"inotify_add_watch {path}")
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _exit_of(proc: subprocess.Popen) -> Iterator[list[int]]:
+    """[a pidfd that turns readable when `proc` exits], or [] when it was already reaped."""
+    if proc.returncode is not None:
+        yield []
+        return
+    fd = os.pidfd_open(proc.pid)
+    try:
+        yield [fd]
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class Server:
     url: str
     proc: subprocess.Popen[bytes]
     log: Path
-    # /readyz statuses seen from process start until the first 200 (None = no connection)
-    readyz_history: list[int | None] = field(default_factory=list)
-    # /predict statuses seen while /readyz said 503
-    predict_while_loading: list[int] = field(default_factory=list)
+    workers: int = DEFAULT_WORKERS
 
     def log_tail(self, n: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-n:]
 
     def post(self, path: str, payload: Any, **kw: Any) -> requests.Response:
         return requests.post(self.url + path, json=payload, timeout=60, **kw)
+
+    def wait_for_log(self, text: str, count: int = 1, timeout: float = START_TIMEOUT_S) -> None:
+        """Until the log holds `text` `count` times: woken by each write to the log, not polled;
+        the test fails (with the log's end) if the server exits or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        with _writes_to(self.log) as written, _exit_of(self.proc) as exited:  # before the first read: nothing missed
+            while self.log.read_text(errors="replace").count(text) < count:
+                if self.proc.poll() is not None:  # its last lines were read above
+                    pytest.fail(f"server exited with {self.proc.returncode} before logging {text!r} "
+                                f"{count} time(s):\n{self.log_tail()}")
+                if (remaining := deadline - time.monotonic()) <= 0:
+                    pytest.fail(f"{text!r} not logged {count} time(s) within {timeout:g} s:\n{self.log_tail()}")
+                select.select([written, *exited], [], [], remaining)
+                with contextlib.suppress(BlockingIOError):
+                    os.read(written, 1 << 16)  # the events themselves say nothing more
 
 
 def start_server(home: Path, model: str, log: Path, **env: str) -> Server:
@@ -203,38 +251,20 @@ def start_server(home: Path, model: str, log: Path, **env: str) -> Server:
         stderr=subprocess.STDOUT,
         start_new_session=True,  # its own process group, so teardown reaches the workers
     )
-    return Server(f"http://127.0.0.1:{port}", proc, log)
+    return Server(f"http://127.0.0.1:{port}", proc, log, workers=int(env.get("MODECONN_WORKERS", DEFAULT_WORKERS)))
 
 
 def wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            pytest.fail(f"server exited with {server.proc.returncode}:\n{server.log_tail()}")
-        try:
-            status: int | None = requests.get(server.url + "/readyz", timeout=2).status_code
-        except requests.RequestException:
-            status = None
-        server.readyz_history.append(status)
-        if status == 200:
-            return
-        if status == 503 and len(server.predict_while_loading) < 3:
-            r = requests.post(server.url + "/predict", json={"inputs": [[0.0] * 40]}, timeout=10)
-            server.predict_while_loading.append(r.status_code)
-        time.sleep(0.05)
-    pytest.fail(f"server not ready after {START_TIMEOUT_S} s:\n{server.log_tail()}")
+    """Until every worker has logged that it is ready (serving/predictor.py), which it does
+    after it turned ready; one /readyz 200 would speak only for the worker that answered.
+    The listening socket is the arbiter's, open from the start, so a request sent now is
+    answered even by a worker whose server loop is still starting."""
+    server.wait_for_log("ready in ", server.workers)
 
 
 def wait_all_ready(*servers: Server) -> None:
-    """Poll every server at once (so each history starts at its process start) until all are ready."""
-    waiters = [threading.Thread(target=wait_ready, args=(s,)) for s in servers]
-    for w in waiters:
-        w.start()
-    for w in waiters:
-        w.join()
-    for s in servers:
-        if not s.readyz_history or s.readyz_history[-1] != 200:
-            pytest.fail(f"server did not become ready:\n{s.log_tail()}")
+    for server in servers:
+        wait_ready(server)
 
 
 def stop_server(server: Server) -> None:
@@ -245,6 +275,18 @@ def stop_server(server: Server) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(server.proc.pid, signal.SIGKILL)
             server.proc.wait(timeout=5)
+
+
+# -- the batcher in this process -----------------------------------------------------------------
+
+
+async def queued(batcher: MicroBatcher, rows: int) -> None:
+    """Let the submissions already scheduled run up to their first wait, then check that `rows`
+    wait in `batcher`'s queue (its pending_rows, the depth /metrics reports). A submission
+    queues its rows before it first waits, so one pass of the event loop (sleep(0): the tasks
+    scheduled earlier run first) leaves nothing to chance."""
+    await asyncio.sleep(0)
+    assert batcher.pending_rows == rows, (batcher.pending_rows, rows)
 
 
 # -- offline reference -------------------------------------------------------------------------

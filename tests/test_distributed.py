@@ -34,6 +34,7 @@ from modeconn.training.curves.fit import fit_curve
 from modeconn.training.ensembles.fge import run_fge
 from modeconn.training.ensembles.sse import run_sse
 from modeconn.training.train import train_network
+from tests.holds import start_held
 
 REPO = Path(__file__).resolve().parents[1]
 # torchrun as a module: the same launcher, also where a virtual environment has no torchrun script
@@ -224,18 +225,13 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(runs: dict[str
             "--set", f"train.lr={NO_BN['train.lr']}",
             "--set", "train.save_every=1", "--out", str(out)]
     cli = [*TORCHRUN, "--no-python", MODECONN]
-    job = subprocess.Popen([*cli, *args], cwd=REPO, env=ENV, start_new_session=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = out / "checkpoints" / "epoch-0001.pt"
-    deadline = time.monotonic() + 300
-    try:
-        while not first.exists() and job.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks
-    finally:
-        job.wait(timeout=60)
-    assert first.exists(), "the first checkpoint never appeared"
-    assert not (out / "final.pt").exists(), "the run ended before the kill"
+    # rank 0 stops right after writing the first checkpoint (rank 1 then waits for it in the
+    # next epoch's first all-reduce): an explicit hook, not a race with the second epoch
+    job = start_held([*cli, *args], "train:epoch-1", ENV, cwd=REPO, start_new_session=True)
+    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks
+    job.wait(timeout=60)
+    assert (out / "checkpoints" / "epoch-0001.pt").exists(), "the run never wrote its first checkpoint"
+    assert not (out / "checkpoints" / "epoch-0002.pt").exists(), "the run went on past the hold"
     resumed = subprocess.run([*cli, *args, "--resume", "--json"], cwd=REPO, env=ENV,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -327,23 +323,18 @@ def test_one_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(runs: 
             "--set", "train.epochs=2", "--set", f"train.lr={NO_BN['train.lr']}", "--set", "train.save_every=1",
             "--out", str(out), "--resume", "--json"]
     cli = [*TORCHRUN, "--max-restarts=1", "--no-python", MODECONN]
-    job = subprocess.Popen([*cli, *args], cwd=REPO, env=ENV, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = out / "checkpoints" / "epoch-0001.pt"
-    deadline = time.monotonic() + 300
-    killed = None
+    # rank 0 stops right after writing the first checkpoint, rank 1 waits for it in the next
+    # epoch; the restarted ranks resume past epoch 1 and do not stop there again
+    job = start_held([*cli, *args], "train:epoch-1", ENV, cwd=REPO, start_new_session=True,
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        while killed is None and job.poll() is None and time.monotonic() < deadline:
-            if first.exists():
-                killed = _rank_pid(job.pid, 1)
-                if killed is not None:
-                    os.kill(killed, signal.SIGKILL)
-            time.sleep(0.02)
+        killed = _rank_pid(job.pid, 1)
+        assert killed is not None, "rank 1 was not found after the first checkpoint"
+        os.kill(killed, signal.SIGKILL)
         stdout, stderr = job.communicate(timeout=600)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-    assert killed is not None, "rank 1 was not found after the first checkpoint"
     assert job.returncode == 0, stderr[-3000:]
     assert "resumed from" in stderr  # the restarted ranks continued from the checkpoint
     assert json.loads(stdout.strip().splitlines()[-1])["checkpoint"] == str(out / "final.pt")

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from holds import start_held
 
 from modeconn.training.cli import main
 from modeconn.training.core.checkpoint import load_checkpoint, model_checkpoint, save_checkpoint
@@ -39,6 +38,7 @@ from modeconn.training.core.schedules import (
 from modeconn.training.ensembles.fge import fge_start
 from modeconn.training.ensembles.sse import run_sse
 from modeconn.training.train import train_network
+from tests.holds import start_held
 
 STEPS = 29  # the published MNIST-1D: 3600 training signals (400 more held out for validation), batch 128
 CYCLE = 30  # a cycle of 1 epoch, made even in iterations

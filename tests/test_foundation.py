@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from holds import start_held
 
 from modeconn.training.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from modeconn.training.core.config import ConfigError, load_config
@@ -34,6 +33,7 @@ from modeconn.training.core.metrics import (
 )
 from modeconn.training.core.networks import load_network
 from modeconn.training.core.schedules import paper_learning_rate
+from tests.holds import start_held
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "mnist1d.yaml"

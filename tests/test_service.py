@@ -1,11 +1,11 @@
 """The serving stage against a real `bentoml serve` subprocess.
 
 One artifact is built (tests/support.py), stored twice in a temporary BentoML store
-(as is, and as a copy without a curve and without an SWA network), and served by two servers
+(as is, and as a copy without a curve and without an SWA network), and served by three servers
 started side by side: batching on (the default) with PRELOAD fixed-t curve sessions built
-before readiness (which makes loading long enough for /readyz to be seen non-200), and
-batching off (MODECONN_BATCHING=0) on the reduced copy. Expected numbers come from onnxruntime run
-offline on the same graphs.
+before readiness; batching off (MODECONN_BATCHING=0) on the reduced copy; and one whose worker
+is held just before it opens its sessions (modeconn/contract/hooks.py), to be seen loading.
+Expected numbers come from onnxruntime run offline on the same graphs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,15 +36,18 @@ from modeconn.contract.artifact import ArtifactError, file_record, load_artifact
 from modeconn.serving import nchwc
 from modeconn.serving.batching import BatchSettings, MicroBatcher
 from modeconn.serving.schemas import InputError
+from tests.holds import hold
 from tests.support import (
     ATOL,
     ENDPOINT_MEMBERS,
     MODEL,
     REPO,
+    START_TIMEOUT_S,
     Offline,
     Server,
     base_env,
     demo_inputs,
+    queued,
     start_server,
     stop_server,
     store_artifact,
@@ -84,33 +86,42 @@ def artifact_dir(built_artifact: Path) -> Path:
 @pytest.fixture(scope="module")
 def servers(
     artifact_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Server, Server]]:
+) -> Iterator[tuple[Server, Server, Server]]:
     tmp = tmp_path_factory.mktemp("serving")
     home = tmp / "bentoml"
     store_artifact(artifact_dir, MODEL, home)
     store_artifact(_without_curve(artifact_dir, tmp / "no-curve"), MODEL_NO_CURVE, home)
     # one worker each: the tests read per-worker state (/info's batching statistics)
-    main = start_server(
-        home, MODEL, tmp / "main.log", MODECONN_WORKERS="1",
-        MODECONN_CURVE_PRELOAD=str(PRELOAD), MODECONN_CURVE_CACHE=str(CURVE_CACHE),
-    )  # fmt: skip
-    plain = start_server(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0", MODECONN_WORKERS="1")
-    try:
-        wait_all_ready(main, plain)
-        yield main, plain
-    finally:
-        stop_server(main)
-        stop_server(plain)
+    with hold("serve:load") as loading_hold:
+        loading = start_server(home, MODEL, tmp / "loading.log", MODECONN_WORKERS="1", **loading_hold.env)
+        main = start_server(
+            home, MODEL, tmp / "main.log", MODECONN_WORKERS="1",
+            MODECONN_CURVE_PRELOAD=str(PRELOAD), MODECONN_CURVE_CACHE=str(CURVE_CACHE),
+        )  # fmt: skip
+        plain = start_server(home, MODEL_NO_CURVE, tmp / "plain.log", MODECONN_BATCHING="0", MODECONN_WORKERS="1")
+        try:
+            loading_hold.reached(loading.proc, timeout=START_TIMEOUT_S)
+            wait_all_ready(main, plain)
+            yield main, plain, loading
+        finally:
+            for started in (main, plain, loading):
+                stop_server(started)
 
 
 @pytest.fixture(scope="module")
-def server(servers: tuple[Server, Server]) -> Server:
+def server(servers: tuple[Server, Server, Server]) -> Server:
     return servers[0]
 
 
 @pytest.fixture(scope="module")
-def plain_server(servers: tuple[Server, Server]) -> Server:
+def plain_server(servers: tuple[Server, Server, Server]) -> Server:
     return servers[1]
+
+
+@pytest.fixture(scope="module")
+def loading_server(servers: tuple[Server, Server, Server]) -> Server:
+    """A server whose one worker stays in its load (held there) until the module ends."""
+    return servers[2]
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +154,18 @@ def _check_fields(body: dict[str, Any], answered: np.ndarray, per_model: np.ndar
 # -- readiness, health, info -----------------------------------------------------------------
 
 
-def test_readyz_is_not_200_while_loading(server: Server) -> None:
-    history = server.readyz_history
-    assert history[-1] == 200
-    assert 503 in history[:-1], f"never saw 'not ready' while loading: {history}"
-    first_ok = history.index(200)
-    assert all(s != 200 for s in history[:first_ok])
+def test_a_loading_worker_is_alive_not_ready_and_refuses_predictions(loading_server: Server, server: Server) -> None:
+    url = loading_server.url
+    assert requests.get(url + "/livez", timeout=10).status_code == 200
+    assert requests.get(url + "/readyz", timeout=10).status_code == 503
     # requests that come too early are refused cleanly, not failed with a 500
-    assert server.predict_while_loading and set(server.predict_while_loading) == {503}
+    for r in (requests.post(url + "/predict", json={"inputs": [[0.0] * 40]}, timeout=10),
+              requests.post(url + CURVE, json={"inputs": [[0.0] * 40], "t": 0.5}, timeout=10)):
+        assert (r.status_code, r.headers.get("retry-after")) == (503, "1"), r.text
+        assert r.json() == {"error": "model is still loading; poll /readyz"}, r.text
+    assert "ready in " not in loading_server.log_tail(10**6)
+    # the same artifact loaded: ready
+    assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
 
 
 def test_bentoml_system_endpoints(server: Server) -> None:
@@ -955,9 +970,7 @@ def test_fixed_t_sessions_equal_the_curve_graph_and_the_cache_is_bounded(
         assert stats["size"] == 3 and stats["capacity"] == 3 and stats["evictions"] == 3
         # a t missed twice is built in the background; the bound still holds once it lands
         assert cache.get(0.31) is None and cache.get(0.32) is None and cache.get(0.31) is None
-        deadline = time.monotonic() + 30
-        while float(np.float32(0.31)) not in cache.keys() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        cache.close(wait=True)  # the background build has landed
         assert cache.keys()[-1] == float(np.float32(0.31)) and len(cache.keys()) == 3
         assert float(np.float32(0.32)) not in cache.keys()  # asked for once: not built
     finally:
@@ -1161,10 +1174,9 @@ def test_batcher_runs_a_lone_request_at_once_and_batches_what_waits_meanwhile() 
         batcher = MicroBatcher(run, split_axes=(0,), settings=BatchSettings(), name="test")
         try:
             first = asyncio.ensure_future(batcher.submit(None, np.zeros((1, 2), np.float32)))
-            while not started.is_set():  # the lone request is running, alone
-                await asyncio.sleep(0.001)
+            assert await asyncio.to_thread(started.wait, 30)  # the lone request is running, alone
             rest = [asyncio.ensure_future(batcher.submit(None, np.full((1, 2), i, np.float32))) for i in range(5)]
-            await asyncio.sleep(0.05)
+            await queued(batcher, rows=5)
             assert batches == [1]  # nothing else ran while the session was busy
             release.set()
             return await asyncio.gather(first, *rest)

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,8 @@ from tests.test_serving_faults import (
     _replace_file,
     _serve_until_exit,
     _stored,
+    _until,
+    _worker_pid_answering,
     _workers,
 )
 
@@ -157,23 +158,6 @@ def test_graph_input_of_41_under_a_manifest_of_40_stops_serve(home: Path, tmp_pa
 # -- a running server and its store ----------------------------------------------------------------
 
 
-def _until(what: str, check: Callable[[], Any], server: Server, deadline_s: float = DEADLINE_S) -> Any:
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"{what} not within {deadline_s} s:\n{server.log_tail()}")
-
-
-def _answering_pid(server: Server) -> int | None:
-    try:
-        r = requests.get(server.url + "/info", timeout=10, headers={"Connection": "close"})
-    except requests.RequestException:
-        return None
-    return r.json()["batching"]["worker_pid"] if r.status_code == 200 else None
-
-
 def _status(server: Server, method: str, path: str, **kw: Any) -> int | None:
     try:
         return requests.request(method, server.url + path, timeout=10, headers={"Connection": "close"}, **kw).status_code
@@ -187,10 +171,8 @@ def two_workers(home: Path, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
     shutil.copytree(home, own)
     server = start_server(own, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="2")
     try:
-        wait_ready(server)
-        workers = _until("two workers", lambda: len(w := _workers(server)) == 2 and w, server)
-        seen: set[int] = set()
-        _until("both workers answering", lambda: seen.add(_answering_pid(server) or 0) or seen >= workers, server)
+        wait_ready(server)  # both workers logged that they are ready
+        assert len(_workers(server)) == 2, server.log_tail()
         yield server, own
     finally:
         stop_server(server)
@@ -229,10 +211,14 @@ def test_store_changed_under_a_running_server_then_a_worker_killed(two_workers: 
     (store / "curve.onnx").write_bytes(b"not a graph")
     victims = _workers(server)
     os.kill(min(victims), signal.SIGKILL)
-    new = _until("a replacement worker", lambda: _workers(server) - victims, server)
+    server.wait_for_log("ready in ", 3, timeout=DEADLINE_S)  # the replacement loaded its private copy
+    new = _workers(server) - victims
+    assert len(new) == 1, (victims, new)
+    # which worker takes a fresh connection is the kernel's choice: probing until the
+    # replacement answers is how to see it serve, and the probe must say 200 throughout
     readyz: list[int | None] = []
-    _until("the replacement answering", lambda: readyz.append(_status(server, "GET", "/readyz")) or
-           _answering_pid(server) in new, server)
+    _until("the replacement answering", DEADLINE_S, lambda: readyz.append(_status(server, "GET", "/readyz")) or
+           _worker_pid_answering(server) in new, server)
     assert set(readyz) == {200}, readyz  # the probe never flapped meanwhile
     for _ in range(12):  # fresh connections land on either worker
         assert _same(_answers(server, x), before)
@@ -251,9 +237,9 @@ def test_replacement_that_cannot_load_takes_no_traffic(two_workers: tuple[Server
     member.write_bytes(bytes(data))
     victims = _workers(server)
     os.kill(min(victims), signal.SIGKILL)
-    _until("a replacement worker", lambda: _workers(server) - victims, server)
-    _until("the replacement's refusal", lambda: "takes no connections and retries" in server.log_tail(10**6), server)
-    for _ in range(30):
+    server.wait_for_log("takes no connections and retries", timeout=DEADLINE_S)  # the replacement's refusal
+    assert len(_workers(server) - victims) == 1
+    for _ in range(30):  # the sibling answers everything meanwhile
         assert _status(server, "GET", "/readyz") == 200
         assert _status(server, "POST", "/predict", json={"inputs": [[0.5] * 40]}) == 200
     assert "member-001.onnx" in server.log_tail(10**6)

@@ -190,14 +190,32 @@ def _until(what: str, deadline_s: float, check: Callable[[], Any], server: Serve
 def two_workers(home: Path, tmp_path: Path) -> Iterator[Server]:
     server = start_server(home, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="2")
     try:
-        wait_ready(server)
-        workers = _until("two worker processes", 60, lambda: len(_workers(server)) == 2 and _workers(server), server)
-        # both answer: fresh connections land on either (the kernel hands them to whichever accepts)
-        seen: set[int] = set()
-        _until("both workers answering", 60, lambda: seen.add(_worker_pid_answering(server) or 0) or seen >= workers, server)
+        wait_ready(server)  # both workers logged that they are ready
+        assert len(_workers(server)) == 2, server.log_tail()
         yield server
     finally:
         stop_server(server)
+
+
+class _Outcomes:
+    """(send time, "200" | status | exception name) of the clients' requests, and a wait for
+    answers that each one wakes (not a poll)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, str]] = []
+        self._added = threading.Condition()
+
+    def add(self, sent: float, outcome: str) -> None:
+        with self._added:
+            self.seen.append((sent, outcome))
+            self._added.notify_all()
+
+    def wait_answers(self, what: str, n: int, server: Server, sent_after: float = float("-inf"),
+                     timeout_s: float = 30) -> None:
+        with self._added:
+            if not self._added.wait_for(lambda: sum(t > sent_after and o == "200" for t, o in self.seen) >= n,
+                                        timeout_s):
+                pytest.fail(f"{what}: fewer than {n} answers within {timeout_s} s:\n{server.log_tail()}")
 
 
 def test_killed_worker_costs_only_its_requests_and_is_replaced(two_workers: Server, home: Path) -> None:
@@ -209,7 +227,7 @@ def test_killed_worker_costs_only_its_requests_and_is_replaced(two_workers: Serv
     before = _workers(server)
     victim = min(before)
     killed_at: list[float] = []
-    outcomes: list[tuple[float, str]] = []  # (send time, "200" | status | exception name)
+    outcomes = _Outcomes()
     wrong: list[Any] = []
     stop = threading.Event()
 
@@ -221,28 +239,32 @@ def test_killed_worker_costs_only_its_requests_and_is_replaced(two_workers: Serv
                 body = {"inputs": x[i : i + 1].tolist(), "calibrated": False}  # raw: the graph's own output
                 r = http.post(server.url + "/predict", json=body, timeout=30)
             except requests.RequestException as exc:
-                outcomes.append((sent, type(exc).__name__))
+                outcomes.add(sent, type(exc).__name__)
                 continue
-            outcomes.append((sent, str(r.status_code)))
             if r.status_code == 200 and not np.allclose(r.json()["probabilities"], expected[i : i + 1], atol=ATOL):
                 wrong.append(r.json())
+            outcomes.add(sent, str(r.status_code))
 
     clients = [threading.Thread(target=client, args=(i,)) for i in range(4)]
     for c in clients:
         c.start()
     try:
-        _until("answers before the kill", 30, lambda: sum(o == "200" for _, o in outcomes) >= 20, server)
+        outcomes.wait_answers("before the kill", 20, server)
         killed_at.append(time.monotonic())
         os.kill(victim, signal.SIGKILL)
-        _until("answers after the kill", 30, lambda: sum(t > killed_at[0] and o == "200" for t, o in outcomes) >= 20, server)
-        new = _until("a replacement worker", 60, lambda: _workers(server) - before, server)
+        outcomes.wait_answers("after the kill", 20, server, sent_after=killed_at[0])
+        server.wait_for_log("ready in ", 3, timeout=60)  # the two first workers and the replacement
+        new = _workers(server) - before
+        assert len(new) == 1, (before, new)
+        # which worker takes a fresh connection is the kernel's choice: asking again until the
+        # replacement answers one is how to see it take traffic
         _until("the replacement answering", 60, lambda: _worker_pid_answering(server) in new, server)
     finally:
         stop.set()
         for c in clients:
             c.join(timeout=60)
-    after_kill = Counter(o for t, o in outcomes if t >= killed_at[0])
-    failed = {o: n for o, n in Counter(o for _, o in outcomes).items() if o != "200"}
+    after_kill = Counter(o for t, o in outcomes.seen if t >= killed_at[0])
+    failed = {o: n for o, n in Counter(o for _, o in outcomes.seen).items() if o != "200"}
     assert not wrong, wrong[:2]
     # at most one request per client was in flight on the victim; no 503s from the replacement
     assert sum(failed.values()) <= len(clients), failed
@@ -263,17 +285,21 @@ def test_worker_that_cannot_load_answers_503_with_the_reason(home: Path, tmp_pat
     server = start_server(own, MODEL, tmp_path / "serve.log", MODECONN_WORKERS="1")
     try:
         wait_ready(server)
-        (first,) = _until("one worker", 60, lambda: _workers(server), server)
+        (first,) = _workers(server)
         private = Path(psutil.Process(first).environ()["MODECONN_ARTIFACT_DIR"])
         (private / "members/member-001.onnx").chmod(0o644)  # the copy is read-only
         _flip_byte(private)
         os.kill(first, signal.SIGKILL)
-        (second,) = _until("a replacement", 60, lambda: (w := _workers(server)) and first not in w and w, server)
-        _until("/livez answering", 60, lambda: _get(server, "/livez") is not None, server)
-        livez = requests.get(server.url + "/livez", timeout=5)
+        server.wait_for_log("cannot serve model", timeout=60)  # the replacement refused the copy
+        (second,) = _workers(server)
+        assert second != first
+        # the listening socket is the arbiter's: this waits in its queue until the replacement's
+        # server loop takes it
+        livez = requests.get(server.url + "/livez", timeout=30)
         assert livez.status_code == 503, livez.text
         assert "member-001.onnx" in livez.json()["error"] and "sha256" in livez.json()["error"]
-        for _ in range(20):  # over a few seconds: answers at once, same worker (no crash loop)
+        # over a few seconds on purpose: it answers at once each time, same worker (no crash loop)
+        for _ in range(20):
             for path in ("/livez", "/readyz"):
                 r = requests.get(server.url + path, timeout=5)
                 assert r.status_code == 503 and "member-001.onnx" in r.json()["error"], r.text
@@ -285,13 +311,6 @@ def test_worker_that_cannot_load_answers_503_with_the_reason(home: Path, tmp_pat
         assert server.log_tail(10**6).count("cannot serve model") == 1
     finally:
         stop_server(server)
-
-
-def _get(server: Server, path: str) -> requests.Response | None:
-    try:
-        return requests.get(server.url + path, timeout=5)
-    except requests.RequestException:
-        return None
 
 
 # -- untrusted artifacts ---------------------------------------------------------------------

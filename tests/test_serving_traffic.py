@@ -40,6 +40,7 @@ from tests.support import (
     MODEL,
     Server,
     demo_inputs,
+    queued,
     start_server,
     stop_server,
     store_artifact,
@@ -155,20 +156,33 @@ def test_connections_above_the_cap_get_503_with_retry_after_at_once(servers: dic
     address = _address(server)
     held = [socket.create_connection(address) for _ in range(MAX_CONNECTIONS)]
     try:
-        time.sleep(0.2)  # accepted: the worker counts them
+        # the worker accepts connections in the order they were made: it counts these eight
+        # before it sees the next one
         extra = socket.create_connection(address)
         started = time.monotonic()
         extra.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
         data, how = _read_until_closed(extra, 5)
         elapsed = time.monotonic() - started
     finally:
-        for sock in held:
-            sock.close()
+        _end_and_see_closed(held)
     status, headers, body = _status_headers_body(data)
     assert (status, headers["retry-after"], headers["connection"], how) == (503, "1", "close", "closed"), data
     assert b"too many connections" in body and elapsed < FAST_S, (body, elapsed)
-    time.sleep(0.3)  # the held ones are gone: served again
-    assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
+    assert requests.get(server.url + "/readyz", timeout=10).status_code == 200  # the held ones are gone
+
+
+def _end_and_see_closed(sockets: list[socket.socket]) -> None:
+    """End each connection from this side and wait until the worker has closed it too. asyncio
+    drops a connection from the worker's count and wakes its request with the disconnect before
+    it closes the socket, so once each is seen closed here the worker holds nothing of them
+    when it reads its next request."""
+    for sock in sockets:
+        with contextlib.suppress(OSError):  # the worker may have closed it at a deadline already
+            sock.shutdown(socket.SHUT_WR)
+    for sock in sockets:
+        _, how = _read_until_closed(sock, 10)
+        assert how in ("closed", "reset"), how
+        sock.close()
 
 
 def _read_response(sock: socket.socket, limit_s: float) -> bytes:
@@ -191,8 +205,11 @@ def test_bodies_over_the_workers_budget_get_503_before_they_are_sent(servers: di
             b"Content-Length: %d\r\n\r\n" % MAX_BODY)
     uploading = [socket.create_connection(address) for _ in range(2)]  # two whole bodies: the budget
     for sock in uploading:
-        sock.sendall(head + b"\0" * 4096)
-    time.sleep(0.3)
+        # the worker reserves a body's bytes before it first reads the body, and that first read
+        # is what answers an Expect: 100-continue: the 100 says this body holds its share
+        sock.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+        assert _read_response(sock, 5).startswith(b"HTTP/1.1 100 ")
+        sock.sendall(b"\0" * 4096)
     third = socket.create_connection(address)
     started = time.monotonic()
     third.sendall(head)  # and not one byte of its body
@@ -213,9 +230,7 @@ def test_bodies_over_the_workers_budget_get_503_before_they_are_sent(servers: di
     r = requests.post(server.url + "/predict", data=x.tobytes(), timeout=30,
                       headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200, r.text
-    for sock in (*uploading, third):
-        sock.close()
-    time.sleep(0.3)
+    _end_and_see_closed([*uploading, third])  # their reservations given back
     r = requests.post(server.url + "/predict", data=demo_inputs(500, seed=3).tobytes(), timeout=30,
                       headers={"content-type": "application/octet-stream"})
     assert r.status_code == 200, r.text
@@ -225,6 +240,13 @@ def _worker_rss(server: Server) -> int:
     (worker,) = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
                  if "_bentoml_impl.worker" in " ".join(p.cmdline())]
     return worker.memory_info().rss
+
+
+def _settled(server: Server) -> None:
+    """The worker reads a request only between the steps of the others, and each request ends
+    (gives back its body, trims memory) in the step that sends its answer's last bytes: once
+    this one is answered, the requests answered before it have ended."""
+    assert requests.get(server.url + "/readyz", timeout=10).status_code == 200
 
 
 def _burst(url: str, body: bytes, content_type: str, clients: int, each: int) -> Counter[int]:
@@ -256,7 +278,7 @@ def test_rss_returns_after_a_burst_of_the_largest_bodies(servers: dict[str, Serv
     url = server.url + "/predict"
     small = _burst(url, json.dumps({"inputs": demo_inputs(4, seed=5).tolist()}).encode(), "application/json", 8, 4)
     assert set(small) == {200}, small
-    time.sleep(0.5)
+    _settled(server)
     before = _worker_rss(server)
     largest = _burst(url, json.dumps({"inputs": demo_inputs(1024, seed=5).tolist()}).encode(), "application/json", 8, 2)
     assert set(largest) == {200}, largest
@@ -276,7 +298,7 @@ def test_rss_returns_after_a_burst_of_the_largest_bodies(servers: dict[str, Serv
     finally:
         done.set()
         watcher.join()
-    time.sleep(1.0)
+    _settled(server)
     after = _worker_rss(server)
     print(f"\nworker RSS before {before / 2**20:.0f} MiB, peak {peak[0] / 2**20:.0f}, after {after / 2**20:.0f}; "
           f"{dict(statuses)}; load {psutil.getloadavg()}")
@@ -395,7 +417,7 @@ def test_user_errors_are_one_info_line_and_one_body_shape(servers: dict[str, Ser
     assert "1025" in by_what["1025 rows"] and "1024" in by_what["1025 rows"]
     assert "'text/plain'" in by_what["text/plain"] and "x-www-form-urlencoded" in by_what["curl's form type"]
     assert "'verbose'" in by_what["query on GET /info"]
-    time.sleep(0.5)
+    # each line is written before its answer is sent (serving/errors.py): all are in the log now
     log = server.log.read_text(errors="replace")[log_before:]
     lines = [line for line in log.splitlines() if re.search(r" -> 4\d\d: ", line)]
     print(f"\n{len(lines)} log lines for {len(answers)} bad requests, e.g.\n" + "\n".join(lines[:3]))
@@ -410,10 +432,11 @@ def test_a_multi_t_request_is_admitted_or_refused_whole_and_withdrawn_whole() ->
     """Batcher level: 16 ts of 4 rows reserve 64 rows at once; a second such request beyond the
     bound is refused with nothing of it queued; a cancelled request's queued ts never run."""
     ran: list[float] = []
-    release = threading.Event()
+    running, release = threading.Event(), threading.Event()
 
     def run(key: float, x: np.ndarray) -> list[np.ndarray]:
-        release.wait(10)
+        running.set()
+        assert release.wait(30)
         ran.append(key)
         return [x * key]
 
@@ -422,14 +445,14 @@ def test_a_multi_t_request_is_admitted_or_refused_whole_and_withdrawn_whole() ->
         batcher = MicroBatcher(run, split_axes=(0,), settings=settings, name="curve")
         x = np.ones((4, 2), np.float32)
         first = asyncio.create_task(batcher.submit_many([0.0], x))  # runs, and holds the session
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(running.wait, 30)
         ts = [i / 15 for i in range(16)]
         whole = asyncio.create_task(batcher.submit_many(ts, x))  # 64 rows: fits beside nothing queued
-        await asyncio.sleep(0.05)
+        await queued(batcher, rows=64)
         with pytest.raises(Overloaded, match="needs 64 more"):
             await batcher.submit_many([2.0 + i for i in range(16)], x)
         cancelled = asyncio.create_task(batcher.submit_many([9.0], x))  # 4 rows more: fits the bound
-        await asyncio.sleep(0.05)
+        await queued(batcher, rows=64 + 4)
         cancelled.cancel()
         release.set()
         outputs = await whole

@@ -1,2 +1,3 @@
 """What training and serving share: the error base, the manifest model, the artifact reader,
-file hashing and the BentoML store. Imports no torch, so the serving image stays small."""
+file hashing, the BentoML store, and the hold points where tests stop a process. Imports no
+torch, so the serving image stays small."""

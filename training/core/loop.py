@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeconn.training.core import distributed, hooks, monitor, progress, step
+from modeconn.contract import hooks
+from modeconn.training.core import distributed, monitor, progress, step
 from modeconn.training.core.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from modeconn.training.core.config import ConfigError, StepSettings
 from modeconn.training.core.data import Dataset, iterations_per_epoch, train_batches
