@@ -33,6 +33,7 @@ The client is one asyncio process of raw HTTP/1.1 keep-alive connections (http_s
 on the same 2 cores as the servers; its CPU time is recorded beside each throughput.
 
 Usage: python benchmarks/serving_peers.py [--artifact demo|cifar] [--artifact-dir DIR] [--quick]
+       [--peers modeconn,modeconn-baseline --baseline-python OTHER/.venv/bin/python --interleave]
 """
 
 from __future__ import annotations
