@@ -1,38 +1,86 @@
-"""Choose the demo's FGE and SSE settings on the VALIDATION split (never the test split).
+"""Choose every method's settings on the VALIDATION split, with the same effort per method.
 
-For each seed, one network is trained with the config's train section; FGE runs from its
-checkpoint at fge.start_fraction for fge.epochs (the 1B budget of `compare`), SSE from scratch
-for sse.epochs, over a grid of settings. The table ranks the settings by the ensemble's mean
-validation NLL over the seeds (validation error beside it); test metrics are not read at all.
+For a config and S seeds, at the 1B budget of `compare` (B = train.epochs):
+1. Ind: one network per train.lr of the grid (the paper's schedule shape kept). The lr with
+   the lowest mean calibrated validation NLL becomes train.lr: Ind's, FGE's start network's
+   and the equal-budget members' setting (their networks differ only in length). The full grid
+   also trains the equal-budget pair of 1B (2 networks of B/2 epochs) at every lr of the grid,
+   to show whether a choice of its own would differ.
+2. SSE: one run of sse.epochs from scratch per (snapshots per budget, lr).
+3. FGE: from each seed's network at the CHOSEN train.lr (its fge_start_epoch checkpoint), one run
+   of fge.epochs per (cycle, lr1), lr2 = lr1 / 10. Every snapshot keeps the BN running averages
+   beside the recomputed statistics, so BN recomputation on and off are both evaluated on the
+   same runs (what fge.bn_update false saves; no training) and chosen with the rest.
+The grids have the same number of configurations per method. Each is ranked by the mean over
+seeds of the calibrated validation NLL (the temperature fitted on validation: compare's
+headline), raw validation NLL and error beside it. Only validation predictions are computed:
+the sweep never reads the test split.
 
-    python benchmarks/sweep_ensembles.py --config configs/mnist1d.yaml --seeds 2
+    python benchmarks/sweep_ensembles.py --config configs/mnist1d.yaml --seeds 2 --jobs 2
 
-Sub-runs live under --work (default runs/sweep) and are reused when finished, so an
-interrupted sweep continues where it stopped.
+Sub-runs live under --work (default runs/sweep-<config name>) and are reused when finished,
+so an interrupted sweep continues where it stopped. The results go to
+benchmarks/results/sweep-ensembles-<config name>-<date>.{md,json}.
 """
 
 from __future__ import annotations
 
-import itertools
 import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
+import torch
 from common import RESULTS, add_section, arguments, command_line, start_run, write_results
 
+from modeconn.training.core import progress
 from modeconn.training.core.config import Config, load_config
-from modeconn.training.core.loop import checkpoint_path
+from modeconn.training.core.data import Dataset
+from modeconn.training.core.distributed import Job, run_jobs
+from modeconn.training.core.loop import checkpoint_path, resolve_device
+from modeconn.training.core.metrics import classification_metrics
+from modeconn.training.core.networks import dataset_spec, load_data, load_network, predict_probs
+from modeconn.training.core.statistics import equal_budget_epochs
+from modeconn.training.ensembles.calibration import fit_temperature, log_probs, nll_at
+from modeconn.training.ensembles.evaluate import ensemble_probs, expand_members
 from modeconn.training.ensembles.fge import run_fge
 from modeconn.training.ensembles.snapshots import finished_snapshot_run
 from modeconn.training.ensembles.sse import run_sse
-from modeconn.training.train import fge_start_epoch, finished_result, train_network
+from modeconn.training.train import fge_start_epoch, train_or_reuse
 
-FGE_GRID = {"cycle_epochs": [1.0, 2.0], "lr1": [0.05, 0.1, 0.2, 0.4, 0.8, 1.6], "lr2_fraction": [0.1]}
-SSE_GRID = {"lr": [0.1, 0.2, 0.4, 0.8]}
+GRIDS: dict[str, dict[str, Any]] = {
+    # six configurations per method: the lr over a factor of 32 for Ind; lr and cycle shape for
+    # FGE (cycle in epochs) and SSE (snapshots per budget)
+    "full": {
+        "train": [{"lr": lr} for lr in (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)],
+        "fge": [{"cycle_epochs": c, "lr1": lr1} for c in (1.0, 2.0) for lr1 in (0.2, 0.4, 0.8)],
+        "sse": [{"snapshots": n, "lr": lr} for n in (3, 5) for lr in (0.1, 0.2, 0.4)],
+        "equal_check": True,
+    },
+    # four per method, the lr only (each method's cycle as the config has it), for larger data
+    "small": {
+        "train": [{"lr": lr} for lr in (0.05, 0.1, 0.2, 0.4)],
+        "fge": [{"lr1": lr1} for lr1 in (0.05, 0.1, 0.2, 0.4)],
+        "sse": [{"lr": lr} for lr in (0.05, 0.1, 0.2, 0.4)],
+        "equal_check": False,
+    },
+}
 SEED_BASE = 1000  # seeds of their own, apart from the pipeline's (0, 1) and compare's (0, 100, 200, ...)
+EQUAL_MEMBERS = 2  # the equal-budget check: the pair of 1B, the ensemble closest to FGE there
 
 
+def equal_seed(seed: int, member: int) -> int:
+    """The seed of member j of the equal-budget pair of sweep seed `seed` (1000 + s): apart from
+    every other seed's members, so no network is shared between seeds."""
+    return seed + 100 * (member + 1)
+
+
+def equal_folder(fields: dict[str, Any], seed: int, member: int) -> str:
+    return f"{_folder('equal', fields)}-seed{equal_seed(seed, member)}"
+Scores = dict[str, float]
+
+
+# ---------------------------------------------------------------- the settings of each sub-run
 def _variant(config: Config, seed: int, section: str, fields: dict[str, Any]) -> Config:
     tree = config.model_dump()
     tree["seed"] = seed
@@ -40,63 +88,180 @@ def _variant(config: Config, seed: int, section: str, fields: dict[str, Any]) ->
     return Config.model_validate(tree)
 
 
-def _validation(summary: dict[str, Any]) -> dict[str, float]:
-    ensemble = summary["ensemble"]
-    return {"val_nll": ensemble["val_nll"], "val_error": ensemble["val_error"]}
+def fge_fields(config: Config, setting: dict[str, Any]) -> dict[str, Any]:
+    """FGE's fields for a grid setting: lr2 = lr1 / 10, BN recomputed (the running averages are
+    kept beside it, so both can be evaluated)."""
+    cycle = setting.get("cycle_epochs", config.fge.cycle_epochs)
+    return {"cycle_epochs": cycle, "lr1": setting["lr1"], "lr2": round(setting["lr1"] / 10, 6), "bn_update": True}
 
 
-def _rank(results: dict[str, list[dict[str, float]]]) -> list[list[Any]]:
+def sse_fields(config: Config, setting: dict[str, Any]) -> dict[str, Any]:
+    cycle = config.sse.epochs / setting["snapshots"] if "snapshots" in setting else config.sse.cycle_epochs
+    return {"cycle_epochs": round(cycle, 6), "lr": setting["lr"]}
+
+
+def _name(fields: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in fields.items() if k != "bn_update")
+
+
+def _folder(prefix: str, fields: dict[str, Any]) -> str:
+    return prefix + "".join(f"-{k}{v:g}" for k, v in fields.items() if k != "bn_update")
+
+
+# ---------------------------------------------------------------- the jobs (module level: workers import them)
+def _train(config: Config, run_dir: Path) -> None:
+    train_or_reuse(config, run_dir)
+
+
+def _fge(config: Config, start: Path, run_dir: Path) -> None:
+    if finished_snapshot_run(run_dir, "fge") is None:
+        run_fge(config, start, run_dir, resume=True)
+
+
+def _sse(config: Config, run_dir: Path) -> None:
+    if finished_snapshot_run(run_dir, "sse") is None:
+        run_sse(config, run_dir, resume=True)
+
+
+# ---------------------------------------------------------------- validation scores
+@torch.no_grad()
+def val_probs(paths: list[Path], data: Dataset, device: torch.device, running_bn: bool = False) -> torch.Tensor:
+    """[K, N_val, C] validation softmax outputs of each checkpoint; `running_bn`: with the BN
+    running averages a snapshot keeps beside its recomputed statistics (its own otherwise)."""
+    out = []
+    for path in paths:
+        model, state = load_network(path, device)
+        if running_bn and "bn_running_averages" in state:
+            model.load_state_dict({**model.state_dict(), **state["bn_running_averages"]})
+        out.append(predict_probs(model, data, "val"))
+    return torch.stack(out)
+
+
+def val_scores(member_probs: torch.Tensor, labels: torch.Tensor) -> Scores:
+    """The ensemble's calibrated validation NLL (T fitted on validation), raw NLL and error %."""
+    probs = ensemble_probs(member_probs)
+    metrics = classification_metrics(probs, labels)
+    temperature = fit_temperature(probs, labels)
+    return {"cal_nll": nll_at(log_probs(probs), labels, temperature), "nll": metrics["nll"],
+            "error": metrics["error"], "temperature": temperature}
+
+
+def rank(results: dict[str, list[Scores]]) -> list[list[Any]]:
+    """Table rows, best (lowest mean calibrated validation NLL) first."""
     rows = []
     for name, per_seed in results.items():
-        nll = [r["val_nll"] for r in per_seed]
-        err = [r["val_error"] for r in per_seed]
-        rows.append([name, statistics.fmean(nll), statistics.stdev(nll) if len(nll) > 1 else 0.0,
-                     statistics.fmean(err), " / ".join(f"{v:.4f}" for v in nll)])
+        cal = [r["cal_nll"] for r in per_seed]
+        rows.append([name, statistics.fmean(cal), statistics.stdev(cal) if len(cal) > 1 else 0.0,
+                     statistics.fmean(r["nll"] for r in per_seed), statistics.fmean(r["error"] for r in per_seed),
+                     " / ".join(f"{v:.4f}" for v in cal)])
     return sorted(rows, key=lambda r: r[1])
+
+
+HEADERS = ["setting", "cal. val NLL (mean)", "std", "val NLL (mean)", "val error % (mean)", "cal. val NLL per seed"]
+
+
+# ---------------------------------------------------------------- the sweep
+def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: int) -> dict[str, Any]:
+    """Train (or reuse) every sub-run and score it on validation; returns the per-method results
+    and the chosen settings."""
+    device = resolve_device(config.device)
+    data = load_data(dataset_spec(config.data), device)
+    if not len(data.y_val):
+        raise SystemExit(f"{config.name}: no validation split (data.val_size 0): nothing to choose on")
+    seed_dirs = {SEED_BASE + s: work / f"seed-{SEED_BASE + s}" for s in range(seeds)}
+    first: list[Job] = []
+    for seed, seed_dir in seed_dirs.items():
+        for fields in grid["train"]:
+            first.append(Job(_train, (_variant(config, seed, "train", fields), seed_dir / _folder("train", fields))))
+            if grid["equal_check"]:
+                for j, epochs in enumerate(equal_budget_epochs(config.train.epochs, EQUAL_MEMBERS)):
+                    run = _variant(config, equal_seed(seed, j), "train", {**fields, "epochs": epochs})
+                    first.append(Job(_train, (run, seed_dir / equal_folder(fields, seed, j))))
+        for setting in grid["sse"]:
+            fields = sse_fields(config, setting)
+            first.append(Job(_sse, (_variant(config, seed, "sse", fields), seed_dir / _folder("sse", fields))))
+    progress.log(f"[bold]sweep {config.name}: {len(first)} Ind/SSE runs, {jobs} at a time[/bold] ({work})")
+    run_jobs(first, jobs, device)
+
+    ind: dict[str, list[Scores]] = {}
+    equal: dict[str, list[Scores]] = {}
+    for seed, seed_dir in seed_dirs.items():
+        for fields in grid["train"]:
+            name = _name(fields)
+            ind.setdefault(name, []).append(val_scores(val_probs([seed_dir / _folder("train", fields) / "final.pt"],
+                                                                 data, device), data.y_val))
+            if grid["equal_check"]:
+                members = [seed_dir / equal_folder(fields, seed, j) / "final.pt" for j in range(EQUAL_MEMBERS)]
+                equal.setdefault(name, []).append(val_scores(val_probs(members, data, device), data.y_val))
+    sse: dict[str, list[Scores]] = {}
+    for seed_dir in seed_dirs.values():
+        for setting in grid["sse"]:
+            fields = sse_fields(config, setting)
+            snapshots = expand_members([seed_dir / _folder("sse", fields)])
+            sse.setdefault(_name(fields), []).append(val_scores(val_probs(snapshots, data, device), data.y_val))
+    chosen_train = grid["train"][[_name(f) for f in grid["train"]].index(rank(ind)[0][0])]
+
+    start_epoch = fge_start_epoch(config.train, config.fge)
+    second = [Job(_fge, (_variant(config, seed, "fge", fge_fields(config, setting)),
+                         checkpoint_path(seed_dir / _folder("train", chosen_train), start_epoch),
+                         seed_dir / _folder(f"fge-from-{_folder('train', chosen_train)}", fge_fields(config, setting))))
+              for seed, seed_dir in seed_dirs.items() for setting in grid["fge"]]
+    progress.log(f"[bold]sweep {config.name}: {len(second)} FGE runs from train.lr {chosen_train['lr']:g}[/bold]")
+    run_jobs(second, jobs, device)
+    fge: dict[str, list[Scores]] = {}
+    for job in second:
+        run_config, _, run_dir = job.args
+        snapshots = expand_members([run_dir])
+        fields = fge_fields(config, {"cycle_epochs": run_config.fge.cycle_epochs, "lr1": run_config.fge.lr1})
+        for bn, running in (("BN recomputed", False), ("BN running averages", True)):
+            scores = val_scores(val_probs(snapshots, data, device, running_bn=running), data.y_val)
+            fge.setdefault(f"{_name(fields)}, {bn}", []).append(scores)
+    best_fge = rank(fge)[0][0]
+    chosen = {
+        "train": chosen_train,
+        "fge": {**fge_fields(config, next(s for s in grid["fge"] if best_fge.startswith(_name(fge_fields(config, s))))),
+                "bn_update": best_fge.endswith("BN recomputed")},
+        "sse": sse_fields(config, next(s for s in grid["sse"] if _name(sse_fields(config, s)) == rank(sse)[0][0])),
+    }
+    return {"ind": ind, "equal": equal, "sse": sse, "fge": fge, "chosen": chosen, "start_epoch": start_epoch}
 
 
 def main() -> int:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/mnist1d.yaml"))
     parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--work", type=Path, default=Path("runs/sweep"))
+    parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    parser.add_argument("--jobs", type=int, default=1, help="sub-runs side by side")
+    parser.add_argument("--work", type=Path, default=None, help="sub-run folder (default runs/sweep-<config name>)")
     args = parser.parse_args()
     config = load_config(args.config, {"device": "cpu"})
-    run = start_run("sweep-ensembles")
+    grid = GRIDS[args.grid]
+    run = start_run(f"sweep-ensembles-{config.name}")
     run["command"] = command_line()
-    fge: dict[str, list[dict[str, float]]] = {}
-    sse: dict[str, list[dict[str, float]]] = {}
-    start_epoch = fge_start_epoch(config.train, config.fge)
-    for s in range(args.seeds):
-        seed = SEED_BASE + s
-        seed_dir = args.work / f"seed-{seed}"
-        train_dir = seed_dir / "train"
-        seeded = _variant(config, seed, "train", {})
-        finished_result(train_dir) or train_network(seeded, train_dir, resume=True)
-        start = checkpoint_path(train_dir, start_epoch)
-        for cycle, lr1, fraction in itertools.product(*FGE_GRID.values()):
-            fields = {"cycle_epochs": cycle, "lr1": lr1, "lr2": round(lr1 * fraction, 6)}
-            name = f"cycle {cycle:g} ep, lr1 {lr1:g}, lr2 {fields['lr2']:g}"
-            run_dir = seed_dir / f"fge-c{cycle:g}-a{lr1:g}-b{fields['lr2']:g}"
-            summary = finished_snapshot_run(run_dir, "fge") or run_fge(
-                _variant(config, seed, "fge", fields), start, run_dir, resume=True)
-            fge.setdefault(name, []).append(_validation(summary))
-        for lr in SSE_GRID["lr"]:
-            run_dir = seed_dir / f"sse-lr{lr:g}"
-            summary = finished_snapshot_run(run_dir, "sse") or run_sse(
-                _variant(config, seed, "sse", {"lr": lr}), run_dir, resume=True)
-            sse.setdefault(f"lr {lr:g}", []).append(_validation(summary))
-    headers = ["setting", "val NLL (mean)", "std", "val error % (mean)", "val NLL per seed"]
+    found = sweep(config, args.seeds, grid, args.work or Path("runs") / f"sweep-{config.name}", args.jobs)
     data = config.data
-    where = (f"{config.data.name} (val_size {data.val_size}, generation {data.generation}); "
-             f"{args.seeds} seeds ({SEED_BASE}..{SEED_BASE + args.seeds - 1}); train {config.train.epochs} epochs "
-             f"at lr {config.train.lr}")
-    add_section(run, f"FGE: {config.fge.epochs:g} epochs from the epoch-{start_epoch} checkpoint (1B), by validation NLL",
-                headers, _rank(fge), notes=where, data=fge)
-    add_section(run, f"SSE: {config.sse.epochs} epochs from scratch, cycle {config.sse.cycle_epochs:g} epochs (1B), "
-                "by validation NLL", headers, _rank(sse), notes=where, data=sse)
-    write_results(run, summary="Settings ranked by the ensemble's validation NLL; the test split is not read.",
-                  out_dir=args.out if args.out != RESULTS else RESULTS)
+    where = (f"{config.name}: {data.name} (val_size {data.val_size}, generation {data.generation}); "
+             f"{args.seeds} seeds ({SEED_BASE}..{SEED_BASE + args.seeds - 1}); grid `{args.grid}`")
+    epochs = config.train.epochs
+    add_section(run, f"Ind: one network of {epochs} epochs per train.lr (the paper's schedule), by calibrated "
+                "validation NLL", HEADERS, rank(found["ind"]), notes=where, data=found["ind"])
+    if found["equal"]:
+        add_section(run, f"Equal-budget check: {EQUAL_MEMBERS} networks of {epochs / EQUAL_MEMBERS:g} epochs (Ind m=2 "
+                    "at 1B) per train.lr", HEADERS, rank(found["equal"]), notes=where, data=found["equal"])
+    add_section(run, f"FGE: {config.fge.epochs:g} epochs from the epoch-{found['start_epoch']} checkpoint of the network "
+                f"at the chosen train.lr {found['chosen']['train']['lr']:g} (1B); lr2 = lr1 / 10; BN recomputed or "
+                "not, the same snapshots", HEADERS, rank(found["fge"]), notes=where, data=found["fge"])
+    add_section(run, f"SSE: {config.sse.epochs} epochs from scratch (1B), cycle = {config.sse.epochs} epochs / "
+                "snapshots", HEADERS, rank(found["sse"]), notes=where, data=found["sse"])
+    chosen = found["chosen"]
+    add_section(run, "Chosen (lowest mean calibrated validation NLL)", ["section", "settings"],
+                [[section, _name(fields) + (f", bn_update {fields['bn_update']}" if "bn_update" in fields else "")]
+                 for section, fields in chosen.items()], data=chosen)
+    count = {m: len(grid[m]) for m in ("train", "fge", "sse")}
+    write_results(run, out_dir=args.out if args.out != RESULTS else RESULTS, summary=(
+        f"Settings ranked by the ensemble's calibrated validation NLL (mean over seeds); the test split is not read. "
+        f"Configurations per method: Ind {count['train']}, FGE {count['fge']} (each evaluated with BN recomputed and "
+        f"with the running averages), SSE {count['sse']}."))
     return 0
 
 

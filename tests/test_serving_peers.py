@@ -44,7 +44,7 @@ def test_tables_are_medians_over_starts_and_ratios_within_rounds() -> None:
     assert agg["server_cpu_ms"] == pytest.approx(1.1)
     assert sp.aggregate(results["modeconn"], "binary") is None  # unsupported everywhere
     run: dict = {"sections": []}
-    sp.paired_section(run, results, types.SimpleNamespace(encodings="json,binary"))
+    sp.paired_section(run, results, types.SimpleNamespace(encodings="json,binary", interleave=False))
     (row,) = run["sections"][0]["rows"]
     assert row[:3] == ["floor", "json", 3]
     assert row[3] == pytest.approx(np.median([900 / 1000, 500 / 400, 700 / 800]))
