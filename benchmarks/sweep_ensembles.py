@@ -42,10 +42,8 @@ from modeconn.training.core.metrics import classification_metrics
 from modeconn.training.core.networks import dataset_spec, load_data, load_network, predict_probs
 from modeconn.training.core.statistics import equal_budget_epochs
 from modeconn.training.ensembles.calibration import fit_temperature, log_probs, nll_at
+from modeconn.training.ensembles.compare import fge_or_reuse, sse_or_reuse
 from modeconn.training.ensembles.evaluate import ensemble_probs, expand_members
-from modeconn.training.ensembles.fge import run_fge
-from modeconn.training.ensembles.snapshots import finished_snapshot_run
-from modeconn.training.ensembles.sse import run_sse
 from modeconn.training.train import fge_start_epoch, train_or_reuse
 
 GRIDS: dict[str, dict[str, Any]] = {
@@ -113,16 +111,6 @@ def _train(config: Config, run_dir: Path) -> None:
     train_or_reuse(config, run_dir)
 
 
-def _fge(config: Config, start: Path, run_dir: Path) -> None:
-    if finished_snapshot_run(run_dir, "fge") is None:
-        run_fge(config, start, run_dir, resume=True)
-
-
-def _sse(config: Config, run_dir: Path) -> None:
-    if finished_snapshot_run(run_dir, "sse") is None:
-        run_sse(config, run_dir, resume=True)
-
-
 # ---------------------------------------------------------------- validation scores
 @torch.no_grad()
 def val_probs(paths: list[Path], data: Dataset, device: torch.device, running_bn: bool = False) -> torch.Tensor:
@@ -179,7 +167,7 @@ def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: in
                     first.append(Job(_train, (run, seed_dir / equal_folder(fields, seed, j))))
         for setting in grid["sse"]:
             fields = sse_fields(config, setting)
-            first.append(Job(_sse, (_variant(config, seed, "sse", fields), seed_dir / _folder("sse", fields))))
+            first.append(Job(sse_or_reuse, (_variant(config, seed, "sse", fields), seed_dir / _folder("sse", fields))))
     progress.log(f"[bold]sweep {config.name}: {len(first)} Ind/SSE runs, {jobs} at a time[/bold] ({work})")
     run_jobs(first, jobs, device)
 
@@ -202,7 +190,7 @@ def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: in
     chosen_train = grid["train"][[_name(f) for f in grid["train"]].index(rank(ind)[0][0])]
 
     start_epoch = fge_start_epoch(config.train, config.fge)
-    second = [Job(_fge, (_variant(config, seed, "fge", fge_fields(config, setting)),
+    second = [Job(fge_or_reuse, (_variant(config, seed, "fge", fge_fields(config, setting)),
                          checkpoint_path(seed_dir / _folder("train", chosen_train), start_epoch),
                          seed_dir / _folder(f"fge-from-{_folder('train', chosen_train)}", fge_fields(config, setting))))
               for seed, seed_dir in seed_dirs.items() for setting in grid["fge"]]

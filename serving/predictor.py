@@ -158,8 +158,8 @@ class Predictor:
     def _runs(self, runtime: Runtime) -> dict[str, Any]:
         """Each graph's run for a batch of rows: the ensemble and SWA answered in full
         (RowAnswers, raw and calibrated), the curve as probabilities (its ts are mixed per request)."""
-        spec = self.artifact.spec if self.artifact is not None else None
-        assert spec is not None
+        assert self.artifact is not None
+        spec = self.artifact.spec
 
         def ensemble(key: Any, x: np.ndarray) -> RowAnswers:
             mean, members = runtime.run_ensemble(key, x)

@@ -148,12 +148,14 @@ def _check_budgets(config: Config, fge_steps: int, sse_steps: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- the sub-runs
-def _fge_run(config: Config, start: Path, run_dir: Path) -> None:
+def fge_or_reuse(config: Config, start: Path, run_dir: Path) -> None:
+    """FGE from `start` into `run_dir`, unless a finished run is there (module level: workers import it)."""
     if finished_snapshot_run(run_dir, "fge") is None:
         run_fge(config, start, run_dir, resume=True)
 
 
-def _sse_run(config: Config, run_dir: Path) -> None:
+def sse_or_reuse(config: Config, run_dir: Path) -> None:
+    """SSE into `run_dir`, unless a finished run is there."""
     if finished_snapshot_run(run_dir, "sse") is None:
         run_sse(config, run_dir, resume=True)
 
@@ -204,10 +206,10 @@ def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, fir
     fge_config = _variant(config, base_seed, fge={"epochs": largest * config.train.epochs - start_epoch})
     _check_reusable(seed_dir / "fge", fge_config, _SHAPED_BY["fge"])
     start = checkpoint_path(seed_dir / "ind-0", start_epoch)
-    jobs.append(Job(_fge_run, (fge_config, start, seed_dir / "fge"), after=(first if ind_job is None else ind_job,)))
+    jobs.append(Job(fge_or_reuse, (fge_config, start, seed_dir / "fge"), after=(first if ind_job is None else ind_job,)))
     sse_config = _variant(config, base_seed + _SSE_OFFSET, sse={"epochs": largest * config.train.epochs})
     _check_reusable(seed_dir / "sse", sse_config, _SHAPED_BY["sse"])
-    jobs.append(Job(_sse_run, (sse_config, seed_dir / "sse")))
+    jobs.append(Job(sse_or_reuse, (sse_config, seed_dir / "sse")))
     return jobs
 
 
