@@ -91,3 +91,29 @@ def test_digits_image_folder_own_network_cli_serve_and_png_uploads(tmp_path: Pat
         assert info["architecture"]["factory"] == "tests.own_models:build_digits"
     finally:
         stop_server(server)
+
+
+@pytest.mark.slow
+def test_compare_runs_the_digits_folder_by_config(tmp_path: Path) -> None:
+    """`modeconn compare --config` on an image folder with a network named by import path, two
+    sub-runs side by side (spawned workers import the factory too): the same table as the demo's,
+    on the 449 test digits, the equal-budget rows and FGE's differences against them included."""
+    folder = write_digits_folder(tmp_path / "digits")
+    tree = _config(folder.root)
+    tree["train"].update(epochs=2, save_every=1)
+    tree["fge"].update(epochs=1, cycle_epochs=0.9, start_fraction=0.5)  # an even cycle inside 1 epoch
+    tree["sse"] = {"cycle_epochs": 1, "epochs": 2, "lr": 0.05, "batch_size": 64}
+    tree["compare"] = {"budgets": [1, 2], "seeds": 2, "equal_budget_members": [2], "swag_samples": 2}
+    config = tmp_path / "digits.yaml"
+    config.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "compare"
+    _cli("compare", "--config", str(config), "--out", str(out), "--jobs", "2",
+         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    table = (out / "compare.md").read_text()
+    assert "**Budget comparison: tests.own_models:build_digits on image_folder** (config `digits`)" in table
+    assert "Test set: 449 examples" in table and "from `" + str(config) + "`" in table
+    for row in ("| Ind m=2 | calibrated NLL |", "| FGE − Ind m=2 | calibrated NLL |", "| FGE − SSE | error (pp) |"):
+        assert row in table, row
+    for k in (1, 2):  # the equal-budget pair shares kB = 2k epochs
+        epochs = [load_network(out / "seed-1" / f"eq-{k}B-m2-{j}" / "final.pt")[1]["metrics"]["epoch"] for j in (0, 1)]
+        assert sum(epochs) == 2 * k

@@ -72,11 +72,23 @@ def test_each_section_goes_to_its_own_page(tmp_path: Path) -> None:
     assert main(["--readme", str(readme), "--evidence", str(evidence), "--demo", str(demo), "--compare", str(compare)]) == 0
     assert readme.read_text() == "a\n<!-- results:demo -->\ndemo table\n<!-- /results:demo -->\n"
     assert evidence.read_text() == "b\n<!-- results:compare -->\nbudget table\n<!-- /results:compare -->\n"
+    # the other data sets' tables: their own sections of the evidence page, the demo's left as it is
+    evidence.write_text(evidence.read_text() + "<!-- results:compare-standard -->\n<!-- /results:compare-standard -->\n"
+                        "<!-- results:compare-digits -->\nold\n<!-- /results:compare-digits -->\n")
+    standard, digits = tmp_path / "standard.md", tmp_path / "digits.md"
+    standard.write_text("standard table\n")
+    digits.write_text("digits table\n")
+    assert main(["--evidence", str(evidence), "--compare-standard", str(standard), "--compare-digits", str(digits)]) == 0
+    assert evidence.read_text() == ("b\n<!-- results:compare -->\nbudget table\n<!-- /results:compare -->\n"
+                                    "<!-- results:compare-standard -->\nstandard table\n<!-- /results:compare-standard -->\n"
+                                    "<!-- results:compare-digits -->\ndigits table\n<!-- /results:compare-digits -->\n")
 
 
 def test_the_shipped_pages_hold_their_markers() -> None:
     root = Path(__file__).resolve().parents[1]
-    for section, page in (("demo", root / "README.md"), ("compare", root / "docs" / "evidence.md")):
+    evidence = root / "docs" / "evidence.md"
+    for section, page in (("demo", root / "README.md"), ("compare", evidence), ("compare-standard", evidence),
+                          ("compare-digits", evidence)):
         text = page.read_text()
         assert text.count(f"<!-- results:{section} -->") == 1 and text.count(f"<!-- /results:{section} -->") == 1
 

@@ -3,11 +3,13 @@ numbers are generated, never retyped.
 
     python -m modeconn.training.readme_results [--readme README.md] [--evidence docs/evidence.md]
         [--demo runs/demo/summary.md] [--compare runs/demo/compare/compare.md]
+        [--compare-standard runs/standard/compare/compare.md] [--compare-digits runs/digits/compare/compare.md]
 
 Each results file replaces what lies between its pair of marker comments in its page:
 `<!-- results:demo -->` ... `<!-- /results:demo -->` in the README (the pipeline's summary.md)
 and `<!-- results:compare -->` ... `<!-- /results:compare -->` in the evidence page (compare's
-compare.md); the rest of each page is left byte for byte. Both files state their machine, date, test-set size
+compare.md on the demo; `compare-standard` and `compare-digits`: the same table on the published
+MNIST-1D and on the digits image folder); the rest of each page is left byte for byte. Both files state their machine, date, test-set size
 and intervals (training/core/provenance.py), so the copy carries them. A section whose file is
 not given is left as it is; a missing file or marker is an error naming it.
 """
@@ -22,9 +24,12 @@ from pathlib import Path
 from modeconn.contract.errors import ModeconnError
 from modeconn.training.core.checkpoint import atomic_write_bytes, atomic_write_text
 
-SECTIONS = ("demo", "compare")
-DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md")}
-PAGES = {"demo": "readme", "compare": "evidence"}  # which page holds each section's markers
+SECTIONS = ("demo", "compare", "compare-standard", "compare-digits")
+DEFAULTS = {"demo": Path("runs/demo/summary.md"), "compare": Path("runs/demo/compare/compare.md"),
+            "compare-standard": Path("runs/standard/compare/compare.md"),
+            "compare-digits": Path("runs/digits/compare/compare.md")}
+# which page holds each section's markers
+PAGES = {"demo": "readme", "compare": "evidence", "compare-standard": "evidence", "compare-digits": "evidence"}
 # the docs' pictures, regenerated from a demo run folder (`--images runs/demo`)
 IMAGES = {"curve.png": Path("curve/curve.png"), "fge.png": Path("fge/fge.png")}
 
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     for section in SECTIONS:
         parser.add_argument(f"--{section}", type=Path, help=f"results file (default {DEFAULTS[section]} when it exists)")
     args = parser.parse_args(argv)
-    given = {s: getattr(args, s) for s in SECTIONS if getattr(args, s) is not None}
+    given = {s: getattr(args, s.replace("-", "_")) for s in SECTIONS if getattr(args, s.replace("-", "_")) is not None}
     # without arguments: every default file that exists (a section not run yet stays as it is)
     files = given or {s: p for s, p in DEFAULTS.items() if p.is_file()}
     try:

@@ -209,6 +209,9 @@ class CompareSettings(_Strict):
     seeds: int = Field(5, ge=1)
     # the equal-budget baseline: at kB also m independent networks of kB/m epochs each
     equal_budget_members: list[int] = Field(default_factory=lambda: [2, 3])
+    # their train.lr (None: train.lr): shorter networks may prefer another lr (the demo's, chosen
+    # on validation for the pair of 1B, is the default; other configs give theirs or null)
+    equal_budget_lr: float | None = Field(0.2, gt=0)
     # SWAG at kB: networks drawn from the Gaussian of FGE's snapshots at kB (0: no SWAG row),
     # at the covariance scale of these the validation split prefers
     swag_samples: int = Field(8, ge=0)

@@ -12,7 +12,7 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
   (training/ensembles/swag.py), BN recomputed for each, at the covariance scale of
   compare.swag_scales with the lowest calibrated validation NLL (per seed and budget).
 - Ind m=M at kB (compare.equal_budget_members): the equal-budget ensemble, M independent networks
-  of kB/M epochs each on the same schedule shape; Ind m* is the one of {Ind, Ind m=M...} with the
+  of kB/M epochs each on the same schedule shape, at compare.equal_budget_lr (None: train.lr); Ind m* is the one of {Ind, Ind m=M...} with the
   lowest calibrated validation NLL at that budget (mean over seeds), chosen on validation only.
 So a seed trains K + (K - 0.8) + K budgets, plus the equal-budget networks.
 
@@ -21,8 +21,8 @@ the Deep Ensemble Equivalent of each method is the interpolated number of full-b
 networks whose ensemble reaches its calibrated NLL.
 
 Statistics (training/core/statistics.py): every metric as mean ± std over seeds, and 95 % intervals
-of FGE − Ind, FGE − Ind m*, FGE − SSE, FGE − single network (the first Ind network), SWA − single
-network and SWA − FGE at each budget: per seed and for the seed mean over test examples (paired
+of FGE − Ind, FGE − Ind m*, FGE − each Ind m=M, FGE − SSE, FGE − single network (the first Ind
+network), SWA − single network, SWA − FGE and SWAG − FGE at each budget: per seed and for the seed mean over test examples (paired
 bootstrap: test sampling only), and for the seed mean over seeds and test examples (two-level
 bootstrap: training randomness too). Written to compare.md
 (with machine, date and test-set size), compare.csv (per-seed metrics), compare_differences.csv
@@ -187,7 +187,8 @@ def _equal_runs(config: Config, seed_dir: Path, budgets: list[int], base_seed: i
             group = []
             for j, epochs in enumerate(statistics.equal_budget_epochs(k * config.train.epochs, members)):
                 run_dir = seed_dir / f"eq-{k}B-m{members}-{j}"
-                run_config = _variant(config, base_seed + _EQUAL_OFFSET + 10 * (members - 2) + j, train={"epochs": epochs})
+                fields = {"epochs": epochs, "lr": config.compare.equal_budget_lr or config.train.lr}
+                run_config = _variant(config, base_seed + _EQUAL_OFFSET + 10 * (members - 2) + j, train=fields)
                 _check_reusable(run_dir, run_config, _SHAPED_BY["ind"])
                 group.append((run_config, run_dir))
             runs[equal_method(members), k] = group
@@ -379,12 +380,21 @@ def _choose_equal_budget(rows: list[dict[str, Any]], losses: list[dict[tuple[str
     return chosen_rows
 
 
+def comparisons(losses: list[dict[tuple[str, int], Losses]]) -> list[tuple[str, str, str]]:
+    """COMPARISONS with FGE against each equal-budget ensemble the runs have, after FGE − Ind m*:
+    where validation prefers one network, the baseline that may win is in those rows."""
+    present = {method for seed_losses in losses for method, _ in seed_losses}
+    equal = sorted((m for m in present if m.startswith("Ind m=")), key=lambda m: int(m.split("=")[1]))
+    at = [name for name, *_ in COMPARISONS].index("FGE - Ind m*") + 1
+    return [*COMPARISONS[:at], *((f"FGE - {m}", "FGE", m) for m in equal), *COMPARISONS[at:]]
+
+
 def _differences(losses: list[dict[tuple[str, int], Losses]], budgets: list[int]) -> dict[str, dict[str, Any]]:
     """For each comparison and budget: every seed's interval, mean ± std of the per-seed
     differences, the interval of the seed-mean difference over test examples (resampled once for
     all seeds) and, with two seeds or more, over seeds and test examples (two-level bootstrap)."""
     out: dict[str, dict[str, Any]] = {}
-    for name, method, baseline in COMPARISONS:
+    for name, method, baseline in comparisons(losses):
         for k in budgets:
             if any((method, k) not in s or (baseline, k) not in s for s in losses):
                 continue
@@ -497,9 +507,7 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         f"| comparison | metric | {columns} |",
         rule,
     ]
-    for name, *_ in COMPARISONS:
-        if name not in differences:
-            continue
+    for name in differences:  # in the order of `comparisons`
         for metric in KEYS:
             cells = []
             for k in budgets:
@@ -507,8 +515,8 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
                 cells.append("—" if cell is None else _cell(cell["seed_mean"][metric], metric,
                                                             (cell["seeds_and_examples"] or {}).get(metric)))
             lines.append(f"| {name.replace(' - ', ' − ')} | {statistics.LABELS[metric]} | {' | '.join(cells)} |")
-    verdicts = [v for name in ("FGE - Ind m*", "FGE - Ind", "FGE - SSE", "FGE - single network", "SWA - FGE")
-                if name in differences for k in budgets if f"{k}B" in differences[name]
+    verdicts = [v for name in differences if name != "SWA - single network" for k in budgets
+                if f"{k}B" in differences[name]
                 for metric in ("cnll", "error") if (v := _verdict(name, k, metric, differences[name][f"{k}B"]))]
     lines += ["", "What the table shows (generated from the intervals above; a difference whose interval "
               "includes 0 is not listed):", ""]
@@ -520,7 +528,7 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         "| comparison | metric | budget | mean ± std | " + " | ".join(f"seed {s}" for s in range(seeds)) + " |",
         "|---|---|---|---|" + "---|" * seeds,
     ]
-    for name, *_ in COMPARISONS:
+    for name in differences:
         for metric in KEYS:
             digits = statistics.DIGITS[metric]
             for k in budgets:
@@ -535,10 +543,12 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
     lines += [
         "",
         f"- Ind at kB: k independently trained networks of {epochs} epochs (train.lr {config.train.lr}).",
-        f"- Ind m=M at kB (M = {members}): M independent networks of kB/M epochs each, the same schedule shape "
-        "(the equal-budget ensemble); Ind m*: of Ind and these, the lowest calibrated validation NLL at that budget.",
+        f"- Ind m=M at kB (M = {members}): M independent networks of kB/M epochs each, the same schedule shape at "
+        f"lr {config.compare.equal_budget_lr or config.train.lr} (the equal-budget ensemble); Ind m*: of Ind and these, "
+        "the lowest calibrated validation NLL at that budget.",
         f"- FGE at kB: the first Ind network's epoch-{start} checkpoint (momentum kept), then kB − {start} FGE epochs "
-        f"(cycle {config.fge.cycle_epochs} epochs, lr1 {config.fge.lr1}, lr2 {config.fge.lr2}).",
+        f"(cycle {config.fge.cycle_epochs} epochs, lr1 {config.fge.lr1}, lr2 {config.fge.lr2}; snapshots with "
+        + ("BN recomputed on the training split)." if config.fge.bn_update else "the BN running averages of training)."),
         f"- SSE at kB: the first kB epochs of one SSE run from scratch (cycle {config.sse.cycle_epochs} epochs, "
         f"lr {config.sse.lr}).",
         "- SWA at kB: one network, the average of FGE's snapshots at kB (BN recomputed on the training split).",
