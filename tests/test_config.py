@@ -44,8 +44,9 @@ def test_no_config_is_exactly_the_demo_config() -> None:
     # the demo's own values, spelled out: what the README's tables were made with
     assert (demo.name, demo.data.val_size, demo.data.generation) == (
         "demo", 1000, {"num_samples": 15000, "train_split": 0.2, "corr_noise_scale": 0.4})
-    assert (demo.curve.epochs, demo.curve.lr, demo.fge.cycle_epochs, demo.fge.lr1, demo.fge.lr2, demo.sse.lr,
-            demo.compare.seeds) == (60, 0.1, 1.0, 0.4, 0.04, 0.4, 5)
+    assert (demo.train.lr, demo.curve.epochs, demo.curve.lr, demo.fge.cycle_epochs, demo.fge.lr1, demo.fge.lr2,
+            demo.fge.bn_update, demo.sse.cycle_epochs, demo.sse.lr, demo.compare.seeds, demo.compare.equal_budget_lr
+            ) == (0.4, 60, 0.1, 2.0, 0.4, 0.04, True, 6.0, 0.4, 5, 0.2)
     # the Python API's settings sections default to the same values
     assert FGESettings().model_dump() == demo.fge.model_dump()
     args = cli.build_parser().parse_args(["train"])
@@ -98,7 +99,7 @@ def test_shipped_configs_keep_their_values() -> None:
     standard = load_config(REPO / "configs" / "mnist1d_standard.yaml")
     assert (standard.data.generation, standard.data.val_size) == ({}, None)
     assert (standard.fge.lr1, standard.fge.lr2, standard.fge.cycle_epochs, standard.sse.lr,
-            standard.curve.lr, standard.curve.epochs, standard.compare.seeds) == (0.2, 0.02, 2.0, 0.2, 0.03, 30, 3)
+            standard.curve.lr, standard.curve.epochs, standard.compare.seeds) == (0.2, 0.02, 2.0, 0.2, 0.03, 30, 5)
     data = load_data(dataset_spec(standard.data), "cpu")  # the published MNIST-1D, 10 % held out
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (3600, 400, 1000)
     for name in ("cifar10_vgg16", "cifar10_preresnet164", "cifar10_wrn28x10"):
@@ -106,7 +107,8 @@ def test_shipped_configs_keep_their_values() -> None:
         assert (config.compare.seeds, config.data.generation, config.data.val_size) == (3, {}, None), name
         assert config.train.save_every == config.curve.save_every == 20, name
     digits = load_config(REPO / "configs" / "digits.yaml")
-    assert (digits.fge.lr1, digits.sse.lr, digits.curve.lr, digits.compare.seeds) == (0.05, 0.05, 0.02, 5)
+    assert (digits.train.lr, digits.fge.lr1, digits.fge.bn_update, digits.sse.lr, digits.curve.lr,
+            digits.compare.seeds) == (0.1, 0.2, False, 0.1, 0.02, 5)
 
 
 def test_errors_of_the_defaults_say_so_and_origins_read_as_given() -> None:

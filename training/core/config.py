@@ -143,7 +143,7 @@ class ModelSettings(_Strict):
 class TrainSettings(_Strict):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.4, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
     save_every: int = Field(10, ge=1, description="checkpoint every N epochs (and at the end)")
@@ -170,7 +170,7 @@ class CurveSettings(_Strict):
 
 
 class FGESettings(_Strict):
-    cycle_epochs: float = Field(1.0, gt=0)
+    cycle_epochs: float = Field(2.0, gt=0)
     lr1: float = Field(0.4, gt=0)
     lr2: float = Field(0.04, gt=0)
     epochs: float = Field(6.0, gt=0, description="FGE budget in epochs")
@@ -188,7 +188,7 @@ class FGESettings(_Strict):
 
 
 class SSESettings(_Strict):
-    cycle_epochs: float = Field(10.0, gt=0)
+    cycle_epochs: float = Field(6.0, gt=0)
     epochs: int = Field(30, ge=1, description="SSE budget in epochs")
     lr: float = Field(0.4, gt=0)
     batch_size: int = Field(128, ge=1)
