@@ -502,11 +502,14 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
 
 
 def _check_equal_budget(run_dir: Path, rows: list[dict[str, str]], table: str) -> None:
-    """The equal-budget members' epochs sum to the budget; Ind m* is the validation choice."""
+    """The equal-budget members' epochs sum to the budget, at their own lr (compare.equal_budget_lr,
+    the demo's default, not train.lr); Ind m* is the validation choice."""
     for k, m in ((1, 2), (2, 2), (2, 3)):
-        epochs = [load_checkpoint(run_dir / "seed-0" / f"eq-{k}B-m{m}-{j}" / "final.pt")["metrics"]["epoch"]
-                  for j in range(m)]
+        states = [load_checkpoint(run_dir / "seed-0" / f"eq-{k}B-m{m}-{j}" / "final.pt") for j in range(m)]
+        epochs = [state["metrics"]["epoch"] for state in states]
         assert sum(epochs) == 2 * k, (k, m, epochs)  # B = 2 epochs
+        assert {state["config"]["train"]["lr"] for state in states} == {0.2}
+    assert load_checkpoint(run_dir / "seed-0" / "ind-0" / "final.pt")["config"]["train"]["lr"] == 0.4
     for k in (1, 2):
         candidates = {}
         for method in ("Ind", "Ind m=2", "Ind m=3"):
