@@ -98,8 +98,9 @@ def test_shipped_configs_keep_their_values() -> None:
     """Values that were field defaults before the defaults became the demo's, now written out."""
     standard = load_config(REPO / "configs" / "mnist1d_standard.yaml")
     assert (standard.data.generation, standard.data.val_size) == ({}, None)
-    assert (standard.fge.lr1, standard.fge.lr2, standard.fge.cycle_epochs, standard.sse.lr,
-            standard.curve.lr, standard.curve.epochs, standard.compare.seeds) == (0.2, 0.02, 2.0, 0.2, 0.03, 30, 5)
+    assert (standard.train.lr, standard.fge.lr1, standard.fge.lr2, standard.fge.cycle_epochs, standard.fge.bn_update,
+            standard.sse.lr, standard.curve.lr, standard.curve.epochs, standard.compare.seeds
+            ) == (0.1, 0.2, 0.02, 2.0, False, 0.05, 0.03, 30, 5)
     data = load_data(dataset_spec(standard.data), "cpu")  # the published MNIST-1D, 10 % held out
     assert (len(data.y_train), len(data.y_val), len(data.y_test)) == (3600, 400, 1000)
     for name in ("cifar10_vgg16", "cifar10_preresnet164", "cifar10_wrn28x10"):
