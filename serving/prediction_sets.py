@@ -10,7 +10,8 @@ and its scores change continuously, and the interpolation is the same approximat
 makes. A mean over several ts has no calibrated thresholds: such requests are refused.
 
 The sets are always those of the calibrated probabilities (the thresholds were calibrated on
-them), also when a request asks for raw probabilities.
+them), also when a request asks for raw probabilities, and each row's u is drawn from the row's
+own values exactly as the exporter drew it for the validation inputs.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ class SetRequest:
 
 
 def section(spec: Manifest, model: str) -> PredictionSets | CurvePredictionSets | None:
-    """The thresholds of `model` (ensemble, swa, or curve); None when the manifest has none."""
+    """The thresholds of `model` (ensemble, swa, or curve); None when the manifest has none, or
+    only thresholds of scores drawn otherwise than this service draws them."""
     owner = {"ensemble": spec.ensemble, "swa": spec.swa, "curve": spec.curve}[model]
-    return None if owner is None else owner.prediction_sets
+    found = None if owner is None else owner.prediction_sets
+    return found if found is not None and found.randomisation == conformal.RANDOMISATION else None
 
 
 def problem(spec: Manifest, model: str, asked: SetRequest) -> tuple[int, str] | None:
@@ -43,8 +46,8 @@ def problem(spec: Manifest, model: str, asked: SetRequest) -> tuple[int, str] | 
     found = section(spec, model)
     if found is None:
         return 404, (f"this artifact has no prediction-set thresholds for the {model} (manifest "
-                     f"'{model}.prediction_sets' is absent: exported without a validation split, or by an "
-                     "earlier modeconn); ask without 'coverage'")
+                     f"'{model}.prediction_sets' is absent, or lacks 'randomisation': exported without a "
+                     "validation split, or by an earlier modeconn); ask without 'coverage'")
     if asked.coverage not in found.coverages:
         return 400, (f"coverage = {asked.coverage!r} has no calibrated thresholds; this artifact has "
                      f"{', '.join(map(repr, found.coverages))}")
@@ -60,11 +63,12 @@ def threshold(found: PredictionSets | CurvePredictionSets, asked: SetRequest, t:
     return table[index]  # type: ignore[return-value]
 
 
-def answer(found: PredictionSets | CurvePredictionSets, asked: SetRequest, calibrated: np.ndarray,
+def answer(found: PredictionSets | CurvePredictionSets, asked: SetRequest, calibrated: np.ndarray, x: np.ndarray,
            class_names: list[str] | tuple[str, ...], t: float | None = None) -> dict[str, Any]:
-    """The response fields: each row's set as labels (by decreasing probability), and what was asked."""
+    """The response fields: each row's set as labels (by decreasing probability; empty when no
+    label is needed for the coverage), and what was asked. `x`: the rows the model answered."""
     k_reg, penalty = (found.raps_k_reg, found.raps_penalty) if asked.method == "raps" else (0, 0.0)
-    rows = conformal.set_lists(calibrated, threshold(found, asked, t), k_reg, penalty)
+    rows = conformal.set_lists(calibrated, conformal.input_uniforms(x), threshold(found, asked, t), k_reg, penalty)
     return {"prediction_sets": [[class_names[c] for c in row] for row in rows],
             "coverage": asked.coverage, "set_method": asked.method}
 
@@ -81,6 +85,7 @@ def card(spec: Manifest) -> dict[str, Any] | None:
     if not models:
         return None
     return {"methods": list(conformal.METHODS),
-            "method": "split conformal on the validation split (APS; RAPS with k_reg and penalty chosen on "
-                      "half of it and calibrated on the other half), from the calibrated probabilities",
+            "method": "split conformal on the validation split (randomised APS; RAPS with k_reg and penalty "
+                      "chosen on half of it and calibrated on the other half), from the calibrated probabilities; "
+                      "each input's u is a hash of its values, so an input always gets the same set",
             **models}

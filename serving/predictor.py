@@ -252,7 +252,8 @@ class Predictor:
         if (refusal := _non_finite(answers.finite)) is not None:
             return refusal
         extra = {} if sets is None else prediction_sets.answer(
-            prediction_sets.section(self.artifact.spec, model), sets, answers.calibrated, self.artifact.class_names)
+            prediction_sets.section(self.artifact.spec, model), sets, answers.calibrated, x,
+            self.artifact.class_names)
         return PredictResponse(**answers.fields(self.artifact.class_names, calibrated), model=model, **extra)
 
     async def predict_curve(self, x: np.ndarray, ts: list[float], calibrated: bool,
@@ -279,7 +280,7 @@ class Predictor:
             temperatures = self.artifact.spec.curve_temperatures
             assert temperatures is not None and len(ts) == 1  # thresholds come with temperatures
             probs = answered if calibrated else scale(mean, curve_temperature(temperatures, ts[0]))
-            extra = prediction_sets.answer(prediction_sets.section(self.artifact.spec, "curve"), sets, probs,
+            extra = prediction_sets.answer(prediction_sets.section(self.artifact.spec, "curve"), sets, probs, x,
                                            self.artifact.class_names, t=ts[0])
         return CurvePredictResponse(**summarize(mean, stacked, self.artifact.class_names, answered), ts=ts, **extra)
 

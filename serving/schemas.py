@@ -161,7 +161,7 @@ class _Answer(BaseModel):
     prediction_sets: list[list[str]] | None = Field(
         default=None,
         description="per row, the labels of its conformal prediction set, by decreasing probability "
-        "(at least one); only with `coverage`",
+        "(empty for some rows when the coverage is below the model's accuracy: docs/http-api.md); only with `coverage`",
     )
     coverage: float | None = Field(default=None, description="the target coverage of the sets; only with `coverage`")
     set_method: SetMethod | None = Field(default=None, description="aps or raps; only with `coverage`")

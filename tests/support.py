@@ -349,3 +349,33 @@ class Offline:
 def demo_inputs(n: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.uniform(-4.1, 4.3, size=(n, 40)).astype(np.float32)
+
+
+# ---------------------------------------------------------------- conformal u, written out
+def conformal_u(row: np.ndarray) -> float:
+    """One input's conformal u with Python integers, as modeconn/contract/conformal.py
+    input_uniforms defines it (its random multipliers are the contract's own)."""
+    from modeconn.contract.conformal import _multipliers
+
+    mask = (1 << 64) - 1
+    bits = np.ascontiguousarray(row, dtype=np.float32).reshape(-1).view(np.uint32).tolist()
+    h = sum(int(b) * int(m) for b, m in zip(bits, _multipliers(len(bits)).tolist(), strict=True)) & mask
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & mask
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & mask
+    h ^= h >> 31
+    return (h >> 11) / 2.0**53
+
+
+def conformal_set(probs: np.ndarray, u: float, tau: float, k_reg: int = 0, penalty: float = 0.0) -> list[int]:
+    """One row's set written out: the classes by decreasing probability (ties in class order)
+    while mass before + u * own probability + penalty * max(0, rank - k_reg) stays <= tau."""
+    order = sorted(range(len(probs)), key=lambda c: (-probs[c], c))
+    taken, before = [], 0.0
+    for rank, c in enumerate(order, start=1):
+        if before + u * probs[c] + penalty * max(0, rank - k_reg) > tau:
+            break
+        taken.append(c)
+        before += probs[c]
+    return taken

@@ -46,6 +46,8 @@ from tests.support import (
     Offline,
     Server,
     base_env,
+    conformal_set,
+    conformal_u,
     demo_inputs,
     queued,
     start_server,
@@ -395,11 +397,10 @@ def test_unknown_or_absent_model_is_a_4xx_naming_it(server: Server, plain_server
 # -- prediction sets -------------------------------------------------------------------------
 
 
-def _offline_sets(probs: np.ndarray, sets: dict[str, Any], coverage: float, method: str,
+def _offline_sets(probs: np.ndarray, x: np.ndarray, sets: dict[str, Any], coverage: float, method: str,
                   t: float | None = None) -> list[list[str]]:
-    """Each row's conformal set written out here: the classes by decreasing probability while the
-    cumulative probability (+ RAPS's penalty per rank above k_reg) stays <= the manifest's
-    threshold (linear in t between the curve's grid points), and at least the top class."""
+    """Each row's conformal set written out here (tests/support.py conformal_set, with the row's u
+    from its own values) at the manifest's threshold (linear in t between the curve's grid points)."""
     column = sets["coverages"].index(coverage)
     table = sets[method]
     if t is None:
@@ -409,17 +410,8 @@ def _offline_sets(probs: np.ndarray, sets: dict[str, Any], coverage: float, meth
         low = min(int(position), len(table) - 2)
         tau = table[low][column] + (position - low) * (table[low + 1][column] - table[low][column])
     k_reg, penalty = (sets["raps_k_reg"], sets["raps_penalty"]) if method == "raps" else (0, 0.0)
-    rows = []
-    for row in probs:
-        order = sorted(range(len(row)), key=lambda c: -row[c])
-        taken, total = [], 0.0
-        for rank, c in enumerate(order, start=1):
-            total += row[c]
-            if rank > 1 and total + penalty * max(0, rank - k_reg) > tau:
-                break
-            taken.append(MNIST1D_CLASSES[c])
-        rows.append(taken)
-    return rows
+    return [[MNIST1D_CLASSES[c] for c in conformal_set(row, conformal_u(xi), tau, k_reg, penalty)]
+            for row, xi in zip(probs.astype(np.float64), x, strict=True)]
 
 
 def test_prediction_sets_equal_offline(server: Server, offline: Offline, artifact_dir: Path, demo_data: Any) -> None:
@@ -434,7 +426,7 @@ def test_prediction_sets_equal_offline(server: Server, offline: Offline, artifac
     sizes = set()
     for coverage, method in ((0.9, "aps"), (0.8, "raps"), (0.99, "raps"), (0.95, "aps")):
         for model, probs in (("ensemble", offline.predict(x)[0]), ("swa", offline.predict_swa(x))):
-            want = _offline_sets(probs, manifest[model]["prediction_sets"], coverage, method)
+            want = _offline_sets(probs, x, manifest[model]["prediction_sets"], coverage, method)
             body = server.post("/predict", {"inputs": x.tolist(), "model": model, "coverage": coverage,
                                             "set_method": method}).json()
             assert body["prediction_sets"] == want, (model, coverage, method)
@@ -446,11 +438,11 @@ def test_prediction_sets_equal_offline(server: Server, offline: Offline, artifac
             assert binary["prediction_sets"] == want and binary["set_method"] == method
             sizes.update(len(row) for row in want)
         for t in (0.3, 0.35):  # a grid t (11 points) and one between grid points
-            want = _offline_sets(offline.at(t, x), manifest["curve"]["prediction_sets"], coverage, method, t)
+            want = _offline_sets(offline.at(t, x), x, manifest["curve"]["prediction_sets"], coverage, method, t)
             body = server.post(CURVE, {"inputs": x.tolist(), "t": t, "coverage": coverage, "set_method": method,
                                        "calibrated": False}).json()  # sets come from calibrated probabilities
             assert body["prediction_sets"] == want, (t, coverage, method)
-    assert len(sizes) >= 3  # sets of several sizes: the comparison shows something
+    assert len(sizes) >= 3 and 0 in sizes  # sets of several sizes, empty ones too: the comparison shows something
     r = server.post("/predict", {"inputs": x[:2].tolist(), "coverage": 0.9})
     assert r.json()["set_method"] == "aps"  # the default
     card = requests.get(server.url + "/info", timeout=10).json()["prediction_sets"]

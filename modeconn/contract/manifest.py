@@ -207,6 +207,10 @@ class _SetsCalibration(_Section):
 
     coverages: list[float] = Field(min_length=1, description="the target coverages thresholds exist for, "
                                    "increasing; the service answers only these")
+    randomisation: str | None = Field(
+        default=None, description="how each input's u of the randomised scores was drawn ('input-hash-1': "
+        "modeconn/contract/conformal.py input_uniforms); absent: calibrated by an earlier modeconn without u, "
+        "which a service does not answer with")
     split_seed: int = Field(description="seed of the permutation that halves the validation split: half A "
                             "chose RAPS's k_reg and penalty, half B calibrated RAPS's thresholds")
     aps_examples: int = Field(ge=1, description="validation examples the APS thresholds were calibrated on (all)")

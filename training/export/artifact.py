@@ -55,7 +55,11 @@ from modeconn.training.core.sources import check_same_network, run_members
 from modeconn.training.curves.fit import load_curve
 from modeconn.training.curves.model import CurveModel, even_ts
 from modeconn.training.ensembles.calibration import calibration_report, grid_temperatures
-from modeconn.training.ensembles.conformal import curve_prediction_sets, prediction_sets
+from modeconn.training.ensembles.conformal import (
+    curve_prediction_sets,
+    prediction_sets,
+    split_uniforms,
+)
 from modeconn.training.export.graphs import (
     CurveGraph,
     EnsembleGraph,
@@ -158,6 +162,12 @@ class ExportJob:
     max_interpolation_pp: float
     swa_net: nn.Module | None = None
     swa_state: dict[str, Any] | None = None
+    uniforms: dict[str, np.ndarray] = field(default_factory=dict)  # each split's conformal u, made once
+
+    def split_uniforms(self, split: str) -> np.ndarray:
+        if split not in self.uniforms:
+            self.uniforms[split] = split_uniforms(self.data, split)
+        return self.uniforms[split]
 
 
 # ---------------------------------------------------------------- export
@@ -249,11 +259,13 @@ def _calibration(val_probs: torch.Tensor | None, test_probs: torch.Tensor, data:
 
 
 def _prediction_sets(val_probs: torch.Tensor | None, test_probs: torch.Tensor, calibration: Calibration | None,
-                     data: Dataset) -> PredictionSets | None:
+                     job: ExportJob) -> PredictionSets | None:
     """Split-conformal thresholds at the calibrated probabilities (None without a validation split)."""
     if val_probs is None or calibration is None:
         return None
-    fields = prediction_sets(val_probs, data.y_val, calibration.temperature, test_probs, data.y_test)
+    data = job.data
+    fields = prediction_sets(val_probs, data.y_val, job.split_uniforms("val"), calibration.temperature,
+                             test_probs, data.y_test, job.split_uniforms("test"))
     return None if fields is None else PredictionSets(**fields)
 
 
@@ -280,7 +292,7 @@ def _export_swa(work: Path, job: ExportJob, parity: dict[str, float]) -> Swa:
     return Swa(file="swa.onnx", source=_source(job.sources.swa), kind=job.swa_state.get("kind"),
                averaged=[str(p) for p in record.get("members", [])], bn_recomputed=record.get("bn_recomputed"),
                metrics=classification_metrics(probs, job.data.y_test), calibration=calibration,
-               prediction_sets=_prediction_sets(val_probs, probs, calibration, job.data))
+               prediction_sets=_prediction_sets(val_probs, probs, calibration, job))
 
 
 def _build(work: Path, job: ExportJob) -> Manifest:
@@ -320,7 +332,7 @@ def _build(work: Path, job: ExportJob) -> Manifest:
     ensemble = Ensemble(file="ensemble.onnx", num_members=len(nets), kind="+".join(kinds),
                         settings=first.get("fge") or first.get("config", {}).get("fge", {}),
                         metrics=classification_metrics(ensemble_probs, data.y_test), calibration=ensemble_calibration,
-                        prediction_sets=_prediction_sets(ensemble_val, ensemble_probs, ensemble_calibration, data))
+                        prediction_sets=_prediction_sets(ensemble_val, ensemble_probs, ensemble_calibration, job))
 
     curve = None
     if job.curve is not None:
@@ -381,7 +393,8 @@ def _export_curve(work: Path, job: ExportJob, parity: dict[str, float]) -> Curve
     calibration = CurveCalibration(**grid_temperatures(bn_grid.val_probs, data.y_val)) if bn_grid.val_probs else None
     sets = None
     if calibration is not None:
-        fields = curve_prediction_sets(bn_grid.val_probs, data.y_val, calibration.temperatures)
+        fields = curve_prediction_sets(bn_grid.val_probs, data.y_val, job.split_uniforms("val"),
+                                       calibration.temperatures)
         sets = None if fields is None else CurvePredictionSets(**fields)
     return Curve(file="curve.onnx", source=_source(job.sources.curve), type=curve.curve, num_bends=curve.num_bends,
                  bn_grid_points=grid_points, settings=job.curve_state["curve"], metrics=metrics,
