@@ -64,12 +64,18 @@ def expand_members(paths: list[Path]) -> list[Path]:
 
 
 @torch.no_grad()
+def ood_datasets(specs: Sequence[str], data: Dataset, seed: int = 0) -> dict[str, Dataset]:
+    """The OOD sets `specs` names (data.ood_names), each as `data` with those inputs for its test split."""
+    return {name: ood_split(data, ood_inputs(name, data, seed)) for name in ood_names(specs, data)}
+
+
 def predict_members(
     paths: list[Path], device: torch.device, data: Dataset | None = None, running_bn: bool = False,
-    ood: Sequence[str] = (), ood_seed: int = 0,
+    ood: Sequence[str] | dict[str, Dataset] = (), ood_seed: int = 0,
 ) -> Members:
     """Test probabilities of every member (each checkpoint is loaded once), and on each OOD set
-    of `ood` (data.ood_names: built-in sets made with `ood_seed`, or paths of inputs).
+    of `ood`: names (data.ood_names: built-in sets made with `ood_seed`, or paths of inputs) or
+    `ood_datasets` already made.
 
     `running_bn` also predicts with the BN running averages that FGE/SSE snapshots keep
     beside their recomputed statistics; members without them were saved with their
@@ -85,7 +91,7 @@ def predict_members(
         if data is None:
             data = load_data(state["dataset"], device)
         if not states:
-            ood_sets = {name: ood_split(data, ood_inputs(name, data, ood_seed)) for name in ood_names(ood, data)}
+            ood_sets = ood if isinstance(ood, dict) else ood_datasets(ood, data, ood_seed)
         probs.append(predict_probs(model, data, "test"))
         for name, inputs in ood_sets.items():
             ood_probs.setdefault(name, []).append(predict_probs(model, inputs, "test"))
