@@ -592,7 +592,7 @@ def _selective_markdown(table: dict[str, dict[int, dict[str, float]]], budgets: 
         f"{info['test_size']:,} test examples, mean ± std over {seeds} seed(s): AURC, the mean error rate (a "
         "fraction) of the most confident fraction over coverages 1/n .. 1 (confidence: the largest probability), "
         "lower is better; E-AURC, AURC minus that of the best ranking of the same errors (0: every error less "
-        "confident than every correct prediction); AUROC SCORE:SET, the probability that an input of the OOD set "
+        "confident than every correct prediction); AUROC SCORE: SET, the probability that an input of the OOD set "
         "scores higher than a test input (entropy, or minus the largest probability), 0.5: no better than chance.",
         "",
         "| method | metric | " + " | ".join(f"{k}B" for k in budgets) + " |",
