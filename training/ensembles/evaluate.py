@@ -63,12 +63,12 @@ def expand_members(paths: list[Path]) -> list[Path]:
     return out
 
 
-@torch.no_grad()
 def ood_datasets(specs: Sequence[str], data: Dataset, seed: int = 0) -> dict[str, Dataset]:
     """The OOD sets `specs` names (data.ood_names), each as `data` with those inputs for its test split."""
     return {name: ood_split(data, ood_inputs(name, data, seed)) for name in ood_names(specs, data)}
 
 
+@torch.no_grad()
 def predict_members(
     paths: list[Path], device: torch.device, data: Dataset | None = None, running_bn: bool = False,
     ood: Sequence[str] | dict[str, Dataset] = (), ood_seed: int = 0,
