@@ -493,6 +493,8 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     assert result["config"]["compare"]["seeds"] == 2 and result["config"]["fge"]["cycle_epochs"] == 0.9
     assert "- Settings: from the built-in defaults (the demo's, `configs/mnist1d.yaml`) with " in table
     _check_compare_intervals(tmp_path, result, table)
+    _check_selective(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("FGE", "2", "0")),
+                     result, table)
     finished = tmp_path / "seed-0" / "fge" / "fge.json"
     stamp = finished.stat().st_mtime_ns
     assert _cli_json(argv)["table"] == result["table"]  # all sub-runs reused, the same numbers
@@ -537,6 +539,30 @@ def _check_swa_row(seed_dir: Path, row: dict[str, str]) -> None:
     expected = classification_metrics(predict_probs(net, data, "test"), data.y_test)
     assert float(row["test_error"]) == pytest.approx(expected["error"], abs=0.01)  # at most one example
     assert float(row["test_nll"]) == pytest.approx(expected["nll"], abs=1e-4)
+
+
+def _check_selective(seed_dir: Path, row: dict[str, str], result: dict, table: str) -> None:
+    """The FGE row at 2B: AURC, E-AURC and the AUROC against the built-in OOD sets (seed 0: the
+    config's seed) of the first 3 snapshots' ensemble, by hand; and the second table."""
+    from modeconn.training.core.data import ood_inputs, ood_split
+    from modeconn.training.ensembles import selective
+
+    paths = sorted((seed_dir / "fge" / "snapshots").glob("snapshot-*.pt"))[:3]
+    _, mean = ensemble_by_hand(paths)
+    labels = labels_of(paths[0])
+    probs = mean.numpy()
+    wrong = (probs.argmax(1) != labels.numpy()).astype(float)
+    assert float(row["test_aurc"]) == pytest.approx(selective.aurc(probs.max(1), wrong), abs=1e-9)
+    assert float(row["test_eaurc"]) == pytest.approx(selective.excess_aurc(probs.max(1), wrong), abs=1e-9)
+    data = load_data(load_checkpoint(paths[0])["dataset"], "cpu")
+    for name in ("mnist1d-noise", "shuffled"):
+        split = ood_split(data, ood_inputs(name, data, 0))
+        out = torch.stack([predict_probs(load_network(p)[0], split, "test").double() for p in paths]).mean(0).numpy()
+        expected = selective.auroc(selective.entropy(probs), selective.entropy(out))
+        assert float(row[f"auroc_entropy:{name}"]) == pytest.approx(expected, abs=1e-9)
+        assert f"| FGE | AUROC entropy: {name} |" in table
+    cell = result["table"]["FGE"]["2B"]
+    assert cell["test_aurc_mean"] > 0 and "test_aurc_std" in cell and "| SWAG | E-AURC |" in table
 
 
 def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:

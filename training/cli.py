@@ -340,6 +340,11 @@ def _add_ensemble_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoints", type=Path, nargs="+", metavar="CKPT", help="checkpoint file or run directory")
     p.add_argument("--out", type=Path, help="also write ensemble.json and ensemble.csv into this folder")
+    p.add_argument("--ood", action="append", metavar="SET",
+                   help="an out-of-distribution set to tell from the test inputs (AUROC; repeatable): "
+                        "mnist1d-noise, shuffled, auto (the default: the built-in sets that apply to the data "
+                        "set), none, or the path of an .npz (array x) / .npy file or folder of inputs")
+    p.add_argument("--ood-seed", type=int, default=0, help="seed of the built-in OOD sets (default 0)")
     _add_device(p)
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.set_defaults(handler=_ensemble_eval)
@@ -348,7 +353,8 @@ def _add_ensemble_eval(sub: argparse._SubParsersAction) -> None:
 def _ensemble_eval(args: argparse.Namespace) -> dict[str, Any]:
     from modeconn.training.ensembles.evaluate import evaluate_checkpoints
 
-    return evaluate_checkpoints(args.checkpoints, device=args.device, out_dir=args.out)
+    return evaluate_checkpoints(args.checkpoints, device=args.device, out_dir=args.out,
+                                ood=args.ood or ["auto"], ood_seed=args.ood_seed)
 
 
 def _add_swa(sub: argparse._SubParsersAction) -> None:

@@ -216,6 +216,9 @@ class CompareSettings(_Strict):
     # at the covariance scale of these the validation split prefers
     swag_samples: int = Field(8, ge=0)
     swag_scales: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0])
+    # out-of-distribution sets each method's AUROC is reported for (made with the config's seed):
+    # "auto" = the built-in ones for the data set, "none", or paths of inputs (data.ood_names)
+    ood: list[str] = Field(default_factory=lambda: ["auto"])
 
     @model_validator(mode="after")
     def _members_at_least_two(self) -> CompareSettings:

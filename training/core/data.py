@@ -37,7 +37,7 @@ from modeconn.training.core.streaming import (
 )
 
 __all__ = ["DataError", "Dataset", "StreamedSplit", "build_dataset", "dataset_from_torch", "eval_batches",
-           "hold_out", "list_datasets", "normalize", "register_dataset", "train_batches"]
+           "hold_out", "list_datasets", "normalize", "ood_inputs", "register_dataset", "train_batches"]
 
 
 @dataclass
@@ -431,6 +431,76 @@ def mnist1d(root: str | Path | None = None, val_size: int | None = None, split_s
         value_range=(float(everything.min()), float(everything.max())),
         info={"split_seed": split_seed, "generation": params},
     )
+
+
+# ---------------------------------------------------------------- out-of-distribution inputs
+# the built-in sets a report tells from the test split (`ood_inputs`): MNIST-1D generated with
+# more noise than the data set's own generation, and each test input with its entries permuted
+# (the same values, so the same marginal, but no shape); any other name is a path (`read_inputs`)
+SHUFFLED = "shuffled"
+MNIST1D_NOISE = "mnist1d-noise"
+OOD_SETS = (MNIST1D_NOISE, SHUFFLED)
+# how much more noise: twice the correlated noise, five times the per-sample noise
+_MORE_NOISE = {"corr_noise_scale": 2.0, "iid_noise_scale": 5.0}
+
+
+AUTO = "auto"  # stands for default_ood_sets; "none" for no OOD set
+
+
+def ood_names(specs: list[str] | tuple[str, ...], data: Dataset) -> list[str]:
+    """The OOD sets `specs` names for `data`: "auto" expanded to `default_ood_sets`, "none" dropped."""
+    names: list[str] = []
+    for spec in specs:
+        for name in default_ood_sets(data) if spec == AUTO else [] if spec == "none" else [spec]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def default_ood_sets(data: Dataset) -> list[str]:
+    """The built-in OOD sets that apply to `data`: both for MNIST-1D, the shuffled inputs for any
+    other data set held in memory, none for a streamed one (shuffling would read it whole)."""
+    if data.name == "mnist1d":
+        return list(OOD_SETS)
+    return [] if isinstance(data.x_test, StreamedSplit) else [SHUFFLED]
+
+
+def shuffled_inputs(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each input with its entries in its own random order (seeded), shape kept."""
+    flat = x.reshape(len(x), -1)
+    order = torch.rand(flat.shape, generator=torch.Generator().manual_seed(seed)).argsort(dim=1)
+    return flat.gather(1, order.to(flat.device)).reshape(x.shape)
+
+
+def mnist1d_noise_inputs(data: Dataset, seed: int, root: str | Path | None = None) -> torch.Tensor:
+    """As many MNIST-1D signals as `data` has test signals (to a multiple of the 10 classes),
+    generated with `data`'s generation but more noise and the generator's seed `seed`."""
+    generation = data.info.get("generation")
+    if data.name != "mnist1d" or generation is None:
+        raise DataError(f"the OOD set {MNIST1D_NOISE!r} is made for MNIST-1D data; this data set is {data.name!r}")
+    params = {**generation, **{k: generation[k] * f for k, f in _MORE_NOISE.items()},
+              "num_samples": max(10, len(data.y_test)), "train_split": 0.0, "seed": seed}
+    arrays = _mnist1d_arrays(params, Path(root) if root else _cache_dir())
+    return torch.from_numpy(arrays["x_test"].astype(np.float32))
+
+
+def ood_inputs(spec: str, data: Dataset, seed: int = 0) -> torch.Tensor:
+    """Raw inputs (before normalisation, on `data`'s device) of the OOD set `spec`: a name in
+    OOD_SETS (made with `seed`) or the path of an .npz / .npy file or folder of inputs."""
+    if spec == SHUFFLED:
+        x = data.x_test.materialize() if isinstance(data.x_test, StreamedSplit) else data.x_test
+        return shuffled_inputs(x, seed)
+    if spec == MNIST1D_NOISE:
+        return mnist1d_noise_inputs(data, seed).to(data.device)
+    _load_sources()
+    from modeconn.training.core.datasets import read_inputs
+
+    return read_inputs(Path(spec), data).to(data.device)
+
+
+def ood_split(data: Dataset, x: torch.Tensor) -> Dataset:
+    """`data` with `x` as its test inputs (labels 0: only the inputs are used), for predicting on them."""
+    return Dataset(**{**data.__dict__, "x_test": x, "y_test": torch.zeros(len(x), dtype=torch.int64)})
 
 
 # ---------------------------------------------------------------- CIFAR

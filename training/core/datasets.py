@@ -339,3 +339,55 @@ def arrays(root: str | Path | None = None, val_size: int | None = None, split_se
     info = {"split_seed": split_seed, "train": str(train_path), "test": str(test_path)}
     return Dataset("arrays", x, y, x_val, y_val, x_test, y_test, mean, std,
                    names or [str(i) for i in range(num_classes)], value_range=_value_range(everything), info=info)
+
+
+# ---------------------------------------------------------------- inputs alone (out-of-distribution sets)
+def read_inputs(path: Path, data: Dataset) -> torch.Tensor:
+    """Inputs of `data`'s shape, without labels, read whole (float32, not normalised): an .npz
+    file's array x, an .npy file, a folder with x.npy, or, for an image_folder data set, a folder
+    of images (searched recursively, decoded as `data`'s images are). An error names the path."""
+    path = path.expanduser()
+    if not path.exists():
+        raise DataError(f"--ood: {path} is neither a built-in OOD set nor an existing file or folder")
+    if path.is_file() and path.suffix == ".npz":
+        x = _load_npz_inputs(path)
+    elif path.is_file():
+        x = _load_npy(path, mmap=False)
+    elif (path / "x.npy").is_file():
+        x = _load_npy(path / "x.npy", mmap=False)
+    elif data.name == "image_folder":
+        return _read_images(path, data)
+    else:
+        raise DataError(f"{path}: an OOD set of {data.name!r} inputs is an .npz file (array x), an .npy file "
+                        "or a folder with x.npy")
+    if x.dtype.kind not in "biuf" or x.ndim < 2 or tuple(x.shape[1:]) != data.input_shape:
+        raise DataError(f"{path}: inputs of shape {list(x.shape)} ({x.dtype}); expected [N, "
+                        f"{', '.join(map(str, data.input_shape))}] numbers, as the data set's inputs")
+    if not len(x):
+        raise DataError(f"{path}: no inputs")
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+
+def _load_npz_inputs(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in getattr(f, "files", ()):
+                raise DataError(f"{path} has no array 'x' (the inputs)")
+            return f["x"]
+    except ValueError as err:
+        if _pickled(err):
+            raise DataError(f"{path} holds Python objects (a pickled array); refused: save numeric arrays") from None
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+
+
+def _read_images(folder: Path, data: Dataset) -> torch.Tensor:
+    extensions = image_extensions()
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+    if not files:
+        raise DataError(f"{folder} holds no image files ({', '.join(sorted(extensions)[:6])}, ...)")
+    channels, size = data.input_shape[0], tuple(data.input_shape[1:])
+    resize = data.info.get("resize")
+    source = ImageFiles([str(p) for p in files], channels, None if resize is None else size, size)  # type: ignore[arg-type]
+    return torch.stack([source[i] for i in range(len(source))])

@@ -67,7 +67,9 @@ from modeconn.training.ensembles.calibration import (
 from modeconn.training.ensembles.evaluate import (
     ensemble_probs,
     expand_members,
+    ood_datasets,
     predict_members,
+    selective_columns,
     split_prefixed,
 )
 from modeconn.training.ensembles.fge import run_fge
@@ -240,9 +242,10 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
     epochs, start = config.train.epochs, fge_start_epoch(config.train, config.fge)
     fge_steps = iterations_per_epoch(data, config.fge.batch_size)
     sse_steps = iterations_per_epoch(data, config.sse.batch_size)
-    ind = predict_members(finals, device, data)
-    fge = predict_members(expand_members([fge_dir]), device, data)
-    sse = predict_members(expand_members([sse_dir]), device, data)
+    ood = ood_datasets(config.compare.ood, data, config.seed)
+    ind = predict_members(finals, device, data, ood=ood)
+    fge = predict_members(expand_members([fge_dir]), device, data, ood=ood)
+    sse = predict_members(expand_members([sse_dir]), device, data, ood=ood)
     members = {"Ind": ind, "FGE": fge, "SSE": sse}
     _, single = _row("single", 1, seed, 1, ind.probs[0], None if ind.val_probs is None else ind.val_probs[0],
                      epochs, data)
@@ -260,17 +263,20 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
                 raise ValueError("an ensemble of 0 members")  # _check_budgets rules this out
             chosen, count = members[method], counts[method]
             val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs[:count])
-            row, losses[method, k] = _row(method, k, seed, count, ensemble_probs(chosen.probs[:count]), val, epochs, data)
+            row, losses[method, k] = _row(method, k, seed, count, ensemble_probs(chosen.probs[:count]), val, epochs, data,
+                                          {name: ensemble_probs(p[:count]) for name, p in chosen.ood_probs.items()})
             rows.append(row)
         # SWA: one network from the same snapshots as FGE at this budget (cheap: no training)
-        rows.append(_swa_row(fge.paths[:counts["FGE"]], k, seed, epochs, data, device, losses))
+        rows.append(_swa_row(fge.paths[:counts["FGE"]], k, seed, epochs, data, device, losses, ood))
         if config.compare.swag_samples and counts["FGE"] >= 2:  # a Gaussian needs a spread
-            rows.append(_swag_row(fge.paths[:counts["FGE"]], k, seed, epochs, config.compare, data, device, losses))
+            rows.append(_swag_row(fge.paths[:counts["FGE"]], k, seed, epochs, config.compare, data, device, losses,
+                                  ood))
         losses["single", k] = single
     for (method, k), group in (equal or {}).items():
-        chosen = predict_members([d / "final.pt" for _, d in group], device, data)
+        chosen = predict_members([d / "final.pt" for _, d in group], device, data, ood=ood)
         val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs)
-        row, losses[method, k] = _row(method, k, seed, len(group), ensemble_probs(chosen.probs), val, epochs, data)
+        row, losses[method, k] = _row(method, k, seed, len(group), ensemble_probs(chosen.probs), val, epochs, data,
+                                      {name: ensemble_probs(p) for name, p in chosen.ood_probs.items()})
         rows.append(row)
     if ind.val_probs is not None:  # the deep ensemble's calibrated NLL curve: 1, 2, ... full-budget networks
         for j in range(1, len(finals) + 1):
@@ -281,10 +287,12 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
 
 
 def _row(method: str, k: int, seed: int, members: int, probs: torch.Tensor, val_probs: torch.Tensor | None,
-         epochs: int, data: Dataset) -> tuple[dict[str, Any], Losses]:
+         epochs: int, data: Dataset, ood_probs: dict[str, torch.Tensor] | None = None
+         ) -> tuple[dict[str, Any], Losses]:
     """A metric row of compare.csv (at k budgets of `epochs`) and the per-example test losses of
     `probs` (with "cnll": the NLL at the temperature fitted on validation; the raw NLL without a
-    validation split)."""
+    validation split). The row also has AURC, E-AURC and the AUROC against each OOD set of
+    `ood_probs` (name -> [N_set, C])."""
     val, calibrated, scaled = {}, {}, probs
     if val_probs is not None:
         val = split_prefixed(classification_metrics(val_probs, data.y_val), "val")
@@ -293,37 +301,42 @@ def _row(method: str, k: int, seed: int, members: int, probs: torch.Tensor, val_
         calibrated = {**calibrated_columns(report), "calibrated_val_nll": report["calibrated_val_nll"]}
         scaled = calibrate(probs, report["temperature"])
     row = {"method": method, "k": k, "budget_epochs": k * epochs, "seed": seed, "members": members,
-           **val, **split_prefixed(classification_metrics(probs, data.y_test)), **calibrated}
+           **val, **split_prefixed(classification_metrics(probs, data.y_test)), **calibrated,
+           **selective_columns(probs, data.y_test, ood_probs or {})}
     losses = statistics.per_example_losses(probs, data.y_test)
     losses["cnll"] = statistics.per_example_losses(scaled, data.y_test)["nll"]
     return row, losses
 
 
 def _swa_row(snapshots: list[Path], k: int, seed: int, epochs: int, data: Dataset, device: torch.device,
-             losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
+             losses: dict[tuple[str, int], Losses], ood: dict[str, Dataset] | None = None) -> dict[str, Any]:
     """The SWA network of `snapshots` (members: how many were averaged); its losses go into `losses`."""
     net, _ = swa_network(snapshots, data, device)
     val = predict_probs(net, data, "val").double() if len(data.y_val) else None
     row, losses["SWA", k] = _row("SWA", k, seed, len(snapshots), predict_probs(net, data, "test").double(), val,
-                                 epochs, data)
+                                 epochs, data, {name: predict_probs(net, s, "test").double() for name, s in (ood or {}).items()})
     return row
 
 
 def _swag_row(snapshots: list[Path], k: int, seed: int, epochs: int, settings: CompareSettings, data: Dataset,
-              device: torch.device, losses: dict[tuple[str, int], Losses]) -> dict[str, Any]:
+              device: torch.device, losses: dict[tuple[str, int], Losses], ood: dict[str, Dataset] | None = None
+              ) -> dict[str, Any]:
     """The ensemble of SWAG draws from `snapshots` at the scale validation prefers (members: draws)."""
     moments, model, _ = swag_from_checkpoints(snapshots, device)
     found = []
     for scale in settings.swag_scales:  # the same draws' noise at every scale: only the scale differs
         generator = torch.Generator().manual_seed(seed * 1000 + k)
-        test, val = [], []
+        test, val, outs = [], [], {name: [] for name in ood or {}}
         for _ in range(settings.swag_samples):
             net = swag_network(model, moments, generator, scale, data)
             test.append(predict_probs(net, data, "test").double())
+            for name, split in (ood or {}).items():
+                outs[name].append(predict_probs(net, split, "test").double())
             if len(data.y_val):
                 val.append(predict_probs(net, data, "val").double())
         row, row_losses = _row("SWAG", k, seed, len(test), ensemble_probs(torch.stack(test)),
-                               ensemble_probs(torch.stack(val)) if val else None, epochs, data)
+                               ensemble_probs(torch.stack(val)) if val else None, epochs, data,
+                               {name: ensemble_probs(torch.stack(p)) for name, p in outs.items()})
         found.append((row.get("calibrated_val_nll", row.get("val_nll", 0.0)), scale, row, row_losses))
     _, scale, row, losses["SWAG", k] = min(found, key=lambda f: f[0])
     return {**row, "swag_scale": scale}
@@ -349,6 +362,9 @@ def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict
             for split, metric in metrics:
                 spread = statistics.mean_std([r[f"{split}_{metric}"] for r in cell])
                 entry[f"{split}_{metric}_mean"], entry[f"{split}_{metric}_std"] = spread["mean"], spread["std"]
+            for key in (k for k in cell[0] if k.startswith(SELECTIVE_PREFIXES)):  # selective.py's metrics
+                spread = statistics.mean_std([r[key] for r in cell])
+                entry[f"{key}_mean"], entry[f"{key}_std"] = spread["mean"], spread["std"]
             entry["members"] = statistics.mean_std([r["members"] for r in cell])["mean"]
             entry["seeds"] = len(cell)
             if "chosen" in cell[0]:
@@ -564,7 +580,49 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     header = ["method", "chosen", "k", "budget_epochs", "seed", "members", "swag_scale", "val_error", "val_nll",
               "calibrated_val_nll", "test_error", "test_nll", "test_ece", "test_brier", "temperature",
               "calibrated_test_nll", "calibrated_test_ece", "calibrated_test_brier"]
-    return csv_text(header, rows)
+    selective = [k for k in rows[0] if k.startswith(SELECTIVE_PREFIXES)] if rows else []
+    return csv_text(header + selective, rows)
+
+
+# ---------------------------------------------------------------- selective prediction and OOD detection
+SELECTIVE_PREFIXES = ("test_aurc", "test_eaurc", "auroc_")
+
+
+def _selective_markdown(table: dict[str, dict[int, dict[str, float]]], budgets: list[int], seeds: int,
+                        info: dict[str, Any]) -> str:
+    """The second table: each method's AURC, E-AURC and AUROC per OOD set, mean ± std over seeds."""
+    methods = [m for m in table if m != "Ind curve"]
+    first = next((table[m][k] for m in methods for k in table[m]), {})
+    keys = [k[:-5] for k in first if k.endswith("_mean") and k.startswith(SELECTIVE_PREFIXES)]
+    if not keys:
+        return ""
+    lines = [
+        "",
+        f"Selective prediction and out-of-distribution detection (training/ensembles/selective.py), on the "
+        f"{info['test_size']:,} test examples, mean ± std over {seeds} seed(s): AURC, the mean error rate (a "
+        "fraction) of the most confident fraction over coverages 1/n .. 1 (confidence: the largest probability), "
+        "lower is better; E-AURC, AURC minus that of the best ranking of the same errors (0: every error less "
+        "confident than every correct prediction); AUROC SCORE: SET, the probability that an input of the OOD set "
+        "scores higher than a test input (entropy, or minus the largest probability), 0.5: no better than chance.",
+        "",
+        "| method | metric | " + " | ".join(f"{k}B" for k in budgets) + " |",
+        "|---|---|" + "---|" * len(budgets),
+    ]
+    for method in methods:
+        for key in keys:
+            cells = [table[method].get(k) for k in budgets]
+            values = ["—" if c is None or f"{key}_mean" not in c else f"{c[f'{key}_mean']:.4f} ± {c[f'{key}_std']:.4f}"
+                      for c in cells]
+            lines.append(f"| {method} | {_selective_label(key)} | {' | '.join(values)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _selective_label(key: str) -> str:
+    """test_aurc -> AURC, test_eaurc -> E-AURC, auroc_entropy:SET -> AUROC entropy: SET."""
+    if key.startswith("auroc_"):
+        score, _, name = key.removeprefix("auroc_").partition(":")
+        return f"AUROC {score.replace('_', ' ')}: {name}"
+    return {"test_aurc": "AURC", "test_eaurc": "E-AURC"}[key]
 
 
 def _differences_csv(differences: dict[str, dict[str, Any]]) -> str:
@@ -627,7 +685,8 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     info = provenance.provenance(len(data.y_test))
     paths = {name: run_dir / f"compare{suffix}" for name, suffix in
              (("markdown", ".md"), ("csv", ".csv"), ("differences_csv", "_differences.csv"), ("json", ".json"))}
-    markdown = _markdown(config, table, differences, budgets, seeds, info, dee, origin)
+    markdown = _markdown(config, table, differences, budgets, seeds, info, dee, origin) + _selective_markdown(
+        table, budgets, seeds, info)
     result = {"run_dir": str(run_dir), **{k: str(p) for k, p in paths.items()},
               "table": {m: {f"{k}B": cell for k, cell in cells.items()} for m, cells in table.items()},
               # None: more than the largest Ind ensemble (JSON has no infinity)

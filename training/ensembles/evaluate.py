@@ -8,7 +8,8 @@ final.pt, FGE/SSE snapshots, curve points), as long as all share architecture an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from modeconn.training.core.checkpoint import (
     atomic_write_json,
     atomic_write_text,
 )
-from modeconn.training.core.data import Dataset
+from modeconn.training.core.data import AUTO, Dataset, ood_inputs, ood_names, ood_split
 from modeconn.training.core.loop import resolve_device
 from modeconn.training.core.metrics import classification_metrics, disagreement
 from modeconn.training.core.networks import load_data, load_network, predict_probs
@@ -29,6 +30,12 @@ from modeconn.training.core.reports import csv_text, png_bytes, pyplot
 from modeconn.training.core.runs import check_report_folder
 from modeconn.training.core.sources import check_same_network, run_members
 from modeconn.training.ensembles.calibration import calibrated_columns, calibration_report
+from modeconn.training.ensembles.selective import (
+    SCORES,
+    ood_metrics,
+    selective_metrics,
+    selective_report,
+)
 
 _WEIGHTS = ("model", "optimizer", "bn_running_averages", "rng", "config")
 
@@ -45,6 +52,7 @@ class Members:
     running_probs: torch.Tensor | None  # the same with BN running averages; None when not asked
     states: list[dict[str, Any]]  # each checkpoint's fields, weights left out
     data: Dataset
+    ood_probs: dict[str, torch.Tensor] = field(default_factory=dict)  # OOD set -> [K, N_set, C]
 
 
 def expand_members(paths: list[Path]) -> list[Path]:
@@ -55,24 +63,38 @@ def expand_members(paths: list[Path]) -> list[Path]:
     return out
 
 
+def ood_datasets(specs: Sequence[str], data: Dataset, seed: int = 0) -> dict[str, Dataset]:
+    """The OOD sets `specs` names (data.ood_names), each as `data` with those inputs for its test split."""
+    return {name: ood_split(data, ood_inputs(name, data, seed)) for name in ood_names(specs, data)}
+
+
 @torch.no_grad()
 def predict_members(
-    paths: list[Path], device: torch.device, data: Dataset | None = None, running_bn: bool = False
+    paths: list[Path], device: torch.device, data: Dataset | None = None, running_bn: bool = False,
+    ood: Sequence[str] | dict[str, Dataset] = (), ood_seed: int = 0,
 ) -> Members:
-    """Test probabilities of every member (each checkpoint is loaded once).
+    """Test probabilities of every member (each checkpoint is loaded once), and on each OOD set
+    of `ood`: names (data.ood_names: built-in sets made with `ood_seed`, or paths of inputs) or
+    `ood_datasets` already made.
 
     `running_bn` also predicts with the BN running averages that FGE/SSE snapshots keep
     beside their recomputed statistics; members without them were saved with their
     running averages already, so both predictions are the same for those.
     """
     probs, val, running, states = [], [], [], []
+    ood_sets: dict[str, Dataset] = {}
+    ood_probs: dict[str, list[torch.Tensor]] = {}
     for path in paths:
         model, state = load_network(path, device)
         if states:
             check_same_network([(paths[0], states[0]), (path, state)], EnsembleError)
         if data is None:
             data = load_data(state["dataset"], device)
+        if not states:
+            ood_sets = ood if isinstance(ood, dict) else ood_datasets(ood, data, ood_seed)
         probs.append(predict_probs(model, data, "test"))
+        for name, inputs in ood_sets.items():
+            ood_probs.setdefault(name, []).append(predict_probs(model, inputs, "test"))
         if len(data.y_val):
             val.append(predict_probs(model, data, "val"))
         if running_bn:
@@ -84,7 +106,8 @@ def predict_members(
         states.append({k: v for k, v in state.items() if k not in _WEIGHTS})
     assert data is not None  # paths is never empty
     return Members(list(paths), torch.stack(probs), torch.stack(val) if val else None,
-                   torch.stack(running) if running_bn else None, states, data)
+                   torch.stack(running) if running_bn else None, states, data,
+                   {name: torch.stack(p) for name, p in ood_probs.items()})
 
 
 def split_prefixed(metrics: dict[str, float], split: str = "test") -> dict[str, float]:
@@ -128,10 +151,14 @@ def _best_member(rows: list[dict[str, Any]]) -> tuple[int, str]:
 
 def ensemble_summary(probs: torch.Tensor, labels: torch.Tensor, val_probs: torch.Tensor | None = None,
                      y_val: torch.Tensor | None = None, names: list[str] | None = None,
-                     kinds: list[str] | None = None) -> dict[str, Any]:
+                     kinds: list[str] | None = None, ood_probs: dict[str, torch.Tensor] | None = None
+                     ) -> dict[str, Any]:
     """Error, NLL, ECE and Brier of the ensemble of members' probabilities `probs` [K, N, C] and of
     each member; temperatures fitted on the validation probabilities when given; mean pairwise
-    disagreement; paired bootstrap intervals of ensemble - best member and ensemble - first member.
+    disagreement; paired bootstrap intervals of ensemble - best member and ensemble - first member;
+    `selective`: AURC and E-AURC, and the AUROC of telling each OOD set of `ood_probs`
+    (name -> [K, N_set, C]) from the test inputs, of the ensemble with bootstrap intervals
+    (training/ensembles/selective.py) and of each member in its row.
     `modeconn ensemble-eval` and the Python API's `evaluate_ensemble` both report this."""
     names = names or [f"member {i}" for i in range(len(probs))]
     kinds = kinds or ["network"] * len(probs)
@@ -140,6 +167,9 @@ def ensemble_summary(probs: torch.Tensor, labels: torch.Tensor, val_probs: torch
     ensemble = {k: v for k, v in growing[-1].items() if k != "members"}
     own = with_validation(member_metrics(probs, labels), val_probs, y_val, grow=False)
     rows = [{"checkpoint": name, "kind": kind, **metrics} for name, kind, metrics in zip(names, kinds, own, strict=True)]
+    ood_probs = ood_probs or {}
+    for i, row in enumerate(rows):
+        row.update(selective_columns(probs[i], labels, {name: p[i] for name, p in ood_probs.items()}))
     calibration = None
     if val_probs is not None and y_val is not None and len(y_val):  # T fitted on validation, applied to test
         calibration = {
@@ -155,10 +185,13 @@ def ensemble_summary(probs: torch.Tensor, labels: torch.Tensor, val_probs: torch
         for name, i in (("ensemble - best member", best), ("ensemble - first member", 0))
     }
     differences["ensemble - best member"]["chosen_on"] = chosen_on
+    selective = selective_report(combined.cpu().numpy(), labels.cpu().numpy(),
+                                 {name: ensemble_probs(p).cpu().numpy() for name, p in ood_probs.items()})
     return {
         "members": len(probs),
         "ensemble": ensemble,
         "calibration": calibration,
+        "selective": selective,
         "disagreement": disagreement(probs),
         "member_metrics": rows,
         "growing": growing,
@@ -168,17 +201,29 @@ def ensemble_summary(probs: torch.Tensor, labels: torch.Tensor, val_probs: torch
     }
 
 
-def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None) -> dict[str, Any]:
+def selective_columns(probs: torch.Tensor, labels: torch.Tensor, ood_probs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """test_aurc, test_eaurc and auroc_SCORE:SET of one model's [N, C] test and OOD probabilities."""
+    p = probs.double().cpu().numpy()
+    columns = split_prefixed(selective_metrics(p, labels.cpu().numpy()))
+    for name, out in ood_probs.items():
+        columns.update({f"{k}:{name}": v for k, v in ood_metrics(p, out.double().cpu().numpy()).items()})
+    return columns
+
+
+def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path | None = None,
+                         ood: Sequence[str] = (AUTO,), ood_seed: int = 0) -> dict[str, Any]:
     """`modeconn ensemble-eval`: `ensemble_summary` of checkpoints (run folders stand for their
-    members), written as ensemble.json/.csv into `out_dir` when given."""
+    members), written as ensemble.json/.csv into `out_dir` when given. `ood`: the OOD sets to tell
+    from the test inputs (data.ood_names: "auto" = the built-in ones for the data set, or paths)."""
     started = time.perf_counter()
     if out_dir is not None:
         check_report_folder(Path(out_dir), ("ensemble.json", "ensemble.csv"))  # never over a user's files
     files = expand_members(paths)
-    members = predict_members(files, resolve_device(device))
+    members = predict_members(files, resolve_device(device), ood=ood, ood_seed=ood_seed)
     labels, y_val = members.data.y_test, members.data.y_val
     result = ensemble_summary(members.probs, labels, members.val_probs, y_val, [str(p) for p in files],
-                              [state.get("kind", "train") for state in members.states])
+                              [state.get("kind", "train") for state in members.states], members.ood_probs)
+    result["selective"]["ood_seed"] = ood_seed
     best = result.pop("best_member")
     result.update(architecture=members.states[0]["architecture"], dataset=members.states[0]["dataset"].get("name"))
     ensemble, calibration, rows = result["ensemble"], result["calibration"], result["member_metrics"]
@@ -188,9 +233,11 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
         result["json"], result["csv"] = str(out_dir / "ensemble.json"), str(out_dir / "ensemble.csv")
         atomic_write_json(out_dir / "ensemble.json", result)
         atomic_write_text(out_dir / "ensemble.csv", csv_text(
-            ["checkpoint", "kind", "test_error", "test_nll", "test_ece", "test_brier", "temperature",
+            ["checkpoint", "kind", "test_error", "test_nll", "test_ece", "test_brier", "test_aurc", "test_eaurc",
+             *(f"auroc_{s}:{name}" for name in members.ood_probs for s in SCORES), "temperature",
              "calibrated_test_nll", "calibrated_test_ece", "calibrated_test_brier"],
             [*rows, {"checkpoint": "ensemble", "kind": f"{len(files)} members", **ensemble,
+                     **_selective_values(result["selective"]),
                      **calibrated_columns(calibration and calibration["ensemble"])}],
         ))
     progress.log(
@@ -210,7 +257,32 @@ def evaluate_checkpoints(paths: list[Path], device: str = "auto", out_dir: Path 
     for name, cell in differences.items():
         intervals = {k: statistics.Interval(**cell[k]) for k in statistics.LOSSES}
         progress.log(f"  {name} (95 % interval): {statistics.differences_text(intervals)}")
+    for line in selective_lines(result["selective"]):
+        progress.log(line)
     return result
+
+
+def _selective_values(selective: dict[str, Any]) -> dict[str, float]:
+    """The ensemble's selective and OOD values as ensemble.csv's columns."""
+    values = {f"test_{k}": selective[k]["value"] for k in ("aurc", "eaurc")}
+    for name, cell in selective["ood"].items():
+        values.update({f"auroc_{s}:{name}": cell[f"auroc_{s}"]["value"] for s in SCORES})
+    return values
+
+
+def _estimate_text(cell: dict[str, Any]) -> str:
+    return f"{cell['value']:.4f} [{cell['low']:.4f}, {cell['high']:.4f}]"
+
+
+def selective_lines(selective: dict[str, Any]) -> list[str]:
+    """The ensemble's AURC, E-AURC and AUROCs as log lines, with their 95 % bootstrap intervals."""
+    lines = [f"  selective prediction (confidence = largest probability; 95 % bootstrap over the "
+             f"{selective['test_size']} test examples): AURC {_estimate_text(selective['aurc'])}, "
+             f"E-AURC {_estimate_text(selective['eaurc'])}"]
+    for name, cell in selective["ood"].items():
+        lines.append(f"  OOD {name} ({cell['size']} inputs) vs test: AUROC by entropy "
+                     f"{_estimate_text(cell['auroc_entropy'])}, by largest probability {_estimate_text(cell['auroc_max_prob'])}")
+    return lines
 
 
 # ---------------------------------------------------------------- the FGE / SSE report
