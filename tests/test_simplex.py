@@ -191,7 +191,12 @@ def test_command_fits_evaluates_and_resumes_after_a_kill(small_runs: dict[str, P
     assert torch.allclose(got, expected, atol=1e-5)
     ensemble = json.loads((reference / "ensemble.json").read_text())
     assert ensemble["members"] == 2 and ensemble["ensemble"] == result["ensemble"]
-    # the run folder again without --resume is refused; with --resume it is the finished run
+    # the exporter takes the run as it takes an FGE run: its sampled points are the served members
+    artifact = tmp_path / "artifact"
+    assert _run(["export", str(reference), "--out", str(artifact), "--bn-grid-points", "2"], capsys)[0] == 0
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["ensemble"]["num_members"] == 2 and {m["kind"] for m in manifest["members"]} == {"simplex-point"}
+    # the run folder again without --resume is refused
     assert _run([*argv, "--out", str(reference)], capsys)[0] == 2
     # killed after the second vertex's first epoch, then resumed: the same vertices as uninterrupted
     killed = tmp_path / "killed"
