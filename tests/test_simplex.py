@@ -144,6 +144,19 @@ def test_fitted_simplex_points_stay_near_the_vertices_loss(digits_sets) -> None:
     assert len(fitted.sample(2, seed=1)) == 2
 
 
+def test_the_connecting_complex_trains_connectors_shared_by_every_network(digits_sets) -> None:  # noqa: ANN001
+    loaders = {k: DataLoader(v, batch_size=256) for k, v in digits_sets.items()}
+    nets = [train_plain(TinyBN(), digits_sets["train"], seed, epochs=2) for seed in (0, 1)]
+    fitted = modeconn.fit_simplex(nets, loaders["train"], connecting=True, vertices=2, epochs=1, eval_points=3,
+                                  ensemble_size=2)
+    assert fitted.model.simplexes == [[0, 2, 3], [1, 2, 3]] and fitted.model.num_vertices == 4
+    assert [r["vertex"] for r in fitted.history] == [1, 2]
+    report = fitted.evaluate(loaders["test"])
+    assert [r["point"] for r in report["rows"] if r["kind"] == "centre"] == ["centre of simplex 1", "centre of simplex 2"]
+    # every sampled point lies on one simplex of the complex: never both networks at once
+    assert all(min(r["weights"][0], r["weights"][1]) == 0 for r in report["rows"] if r["kind"] == "sample")
+
+
 # ---------------------------------------------------------------- the command
 FAST = ["--device", "cpu", "--epochs", "2", "--set", "simplex.eval_points=2", "--set", "simplex.ensemble_size=2",
         "--set", "simplex.save_every=1"]
