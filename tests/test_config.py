@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / DEMO_CONFIG_FILE
 # every command that reads a config, with the arguments it cannot run without
 COMMANDS = {"train": [], "curve": ["--start", "a.pt", "--end", "b.pt"], "fge": ["--from", "a.pt"], "sse": [],
+            "simplex": ["--runs", "a.pt"],
             "compare": [], "pipeline": []}
 
 

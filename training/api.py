@@ -30,6 +30,7 @@ from modeconn.training.core.config import (
     CurveSettings,
     ExportSettings,
     FGESettings,
+    SimplexSettings,
     SSESettings,
     _describe,
 )
@@ -38,6 +39,7 @@ from modeconn.training.core.loop import StageRun
 from modeconn.training.core.networks import predict_probs, weights_mismatch
 from modeconn.training.core.statistics import Interval
 from modeconn.training.curves.model import CurveModel
+from modeconn.training.simplex.model import SimplexModel
 
 Data = DataLoader | TorchDataset
 Section = TypeVar("Section", bound=BaseModel)
@@ -144,6 +146,76 @@ def fit_curve(start: nn.Module, end: nn.Module, train: Data, *, settings: CurveS
     curve = curve_model(copy.deepcopy(start), start.state_dict(), end.state_dict(), settings)
     history = train_curve(curve, data, settings, StageRun(seed=seed, save_every=settings.save_every))
     return Curve(curve.eval(), settings, data, history, train, val)
+
+
+# ---------------------------------------------------------------- simplexes
+@dataclass
+class Simplex:
+    """A fitted simplex (or the paper's mode-connecting complex) of networks; `model` holds its
+    vertices, the networks given first. A point is given by barycentric weights w over all the
+    vertices (w >= 0, sum 1): θ(w) = Σ w_i θ_i."""
+
+    model: SimplexModel
+    settings: SimplexSettings
+    data: Dataset  # the training data (BN statistics are recomputed over it) and validation split
+    history: list[dict[str, Any]]  # per-epoch training rows of each trained vertex ("vertex": its number)
+    train: Data
+    val: Data | None = None
+
+    def network(self, w: Sequence[float] | torch.Tensor) -> nn.Module:
+        """The plain network at θ(w), its BN statistics recomputed over the training data (eval mode)."""
+        from modeconn.training.simplex.evaluate import point_network
+
+        weights = torch.as_tensor(w, dtype=torch.float64).flatten()
+        if len(weights) != self.model.num_vertices or bool((weights < 0).any()) or abs(float(weights.sum()) - 1) > 1e-6:
+            raise ConfigError(f"w must be {self.model.num_vertices} non-negative weights summing to 1, got {weights.tolist()}")
+        return point_network(self.model, weights, self.data)
+
+    def sample(self, count: int, *, seed: int = 0) -> list[nn.Module]:
+        """`count` networks at points drawn as training draws them (uniform on a simplex of the
+        complex), BN recomputed for each: an ensemble's members."""
+        from modeconn.training.simplex.evaluate import point_network
+        from modeconn.training.simplex.model import sample_weights
+
+        generator = torch.Generator().manual_seed(seed)
+        return [point_network(self.model, sample_weights(self.model.num_vertices, self.model.simplexes, generator),
+                              self.data) for _ in range(count)]
+
+    def evaluate(self, test: Data) -> dict[str, Any]:
+        """What `modeconn simplex` reports: rows (train loss, train/val/test error and NLL) at every
+        vertex, every simplex's centre and `settings.eval_points` sampled points, their summary per
+        kind, the paired bootstrap interval of (sampled points - vertices) in mean test error, and
+        under "ensemble" `ensemble-eval`'s report of the first `settings.ensemble_size` sampled points."""
+        from modeconn.training.ensembles.evaluate import ensemble_summary
+        from modeconn.training.simplex.evaluate import simplex_evaluation
+
+        data = dataset_from_torch(self.train, test, self.val, class_names=self.data.class_names).to(self.data.x_train.device)
+        members: list[nn.Module] = []
+        found = simplex_evaluation(self.model, data, self.settings, keep=lambda _, net, __: members.append(net))
+        probs = found.pop("sample_probs")
+        val_probs = _member_probs(members, data, "val") if len(data.y_val) else None
+        found["ensemble"] = ensemble_summary(probs, data.y_test, val_probs, data.y_val if val_probs is not None else None)
+        return found
+
+
+def fit_simplex(networks: nn.Module | Sequence[nn.Module], train: Data, *, settings: SimplexSettings | None = None,
+                val: Data | None = None, seed: int = 0, **overrides: Any) -> Simplex:
+    """Grow a simplex of low loss (Benton et al., ICML 2021) with `networks` as its fixed vertices:
+    one network gives ESPRO's simplex around it, several one simplex through them (or, with
+    connecting=True, the paper's mode-connecting complex). `settings.vertices` trained vertices are
+    added one at a time. Keyword overrides set SimplexSettings fields (vertices=..., epochs=...)."""
+    from modeconn.training.simplex.fit import check_shape, grow_simplex
+    from modeconn.training.simplex.model import vertex_matrix
+
+    nets = _members(networks)
+    settings = _section(SimplexSettings, settings, overrides)
+    check_shape(len(nets), settings)
+    data = dataset_from_torch(train, None, val).to(_device(nets[0]))
+    torch.manual_seed(seed)
+    base = copy.deepcopy(nets[0])
+    vertices = vertex_matrix([n.state_dict() for n in nets], base).to(_device(nets[0]))
+    simplex, history = grow_simplex(base, vertices, data, settings, StageRun(seed=seed, save_every=settings.save_every))
+    return Simplex(simplex, settings, data, history, train, val)
 
 
 # ---------------------------------------------------------------- FGE, SSE, SWA

@@ -144,6 +144,41 @@ def _curve(args: argparse.Namespace) -> dict[str, Any]:
                      force=args.force, align=args.align)
 
 
+def _add_simplex(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simplex", help="fit a simplex of low loss through trained networks, or grow one from one network (ESPRO)",
+        description="Benton et al. (ICML 2021): the networks given are fixed vertices; simplex.vertices trained "
+                    "vertices are added one at a time (each from the centroid, the earlier ones frozen), trained on "
+                    "the loss at points drawn uniformly on the simplex minus λ·log of its squared volume "
+                    "(Cayley-Menger). One network: ESPRO's simplex around it; several: one simplex through them, "
+                    "or with --connecting the paper's mode-connecting complex. Then error and NLL at the vertices, "
+                    "the centre and sampled points (BN recomputed at each) into simplex.json/.csv, and the "
+                    "ensemble of sampled points (saved as RUN/snapshots/, so ensemble-eval and export take the "
+                    "run) into ensemble.json/.csv.",
+    )
+    _common(p, "simplex")
+    p.add_argument("--runs", type=Path, nargs="+", required=True, metavar="CKPT",
+                   help="checkpoints of the trained networks (fixed vertices), or weights trained elsewhere (a "
+                        "state_dict .pt or a .safetensors file of the config's model, on its data)")
+    p.add_argument("--vertices", type=int, help="overrides simplex.vertices (trained vertices added)")
+    p.add_argument("--epochs", type=int, help="overrides simplex.epochs (per trained vertex)")
+    p.add_argument("--lr", type=float, help="overrides simplex.lr")
+    p.add_argument("--volume-weight", type=float, help="overrides simplex.volume_weight (λ)")
+    p.add_argument("--connecting", action="store_true", default=None,
+                   help="simplex.connecting: one simplex per network, each with every trained vertex")
+    p.set_defaults(handler=_simplex)
+
+
+def _simplex(args: argparse.Namespace) -> dict[str, Any]:
+    from modeconn.training.simplex.fit import fit_simplex
+
+    config = config_from_args(args, {
+        "simplex.vertices": args.vertices, "simplex.epochs": args.epochs, "simplex.lr": args.lr,
+        "simplex.volume_weight": args.volume_weight, "simplex.connecting": args.connecting,
+    })
+    return fit_simplex(config, args.runs, run_dir_from_args(args, config.name), resume=args.resume, force=args.force)
+
+
 def _add_align(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "align", help="permute a network's hidden units to match another's (weight matching)",
@@ -472,7 +507,8 @@ def _pipeline(args: argparse.Namespace) -> dict[str, Any]:
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    _add_train, _add_align, _add_curve, _add_eval_curve, _add_curve_point, _add_layer_barrier, _add_plane, _add_export,
+    _add_train, _add_align, _add_curve, _add_eval_curve, _add_curve_point, _add_layer_barrier, _add_plane, _add_simplex,
+    _add_export,
     _add_fge, _add_sse,
     _add_ensemble_eval, _add_swa, _add_swag, _add_compare, _add_pipeline,
 ]

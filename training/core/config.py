@@ -169,6 +169,26 @@ class CurveSettings(_Strict):
     eval_points: int = Field(61, ge=2)
 
 
+class SimplexSettings(_Strict):
+    """`modeconn simplex` (Benton et al., ICML 2021): trained vertices added one at a time to the
+    networks given (fixed vertices), each new one trained with the earlier ones frozen."""
+
+    vertices: int = Field(2, ge=1, description="trained vertices added to the networks given")
+    # with two or more networks: the paper's mode-connecting complex (one simplex per network, each
+    # with every trained vertex) instead of one simplex through all of them
+    connecting: bool = False
+    epochs: int = Field(10, ge=1, description="epochs per trained vertex")
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(0.01, gt=0)  # cosine-annealed over each vertex's epochs, as the reference code
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    volume_weight: float = Field(1e-3, ge=0, description="λ of the regulariser −λ log(V² + ε)")
+    samples_per_step: int = Field(1, ge=1, description="points drawn per step, their losses averaged")
+    save_every: int = Field(5, ge=1)
+    eval_points: int = Field(10, ge=1, description="sampled points evaluated (BN recomputed at each)")
+    ensemble_size: int = Field(8, ge=1, description="sampled points ensembled (the first of those drawn)")
+
+
 class FGESettings(_Strict):
     cycle_epochs: float = Field(2.0, gt=0)
     lr1: float = Field(0.4, gt=0)
@@ -255,6 +275,7 @@ class Config(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     curve: CurveSettings = Field(default_factory=CurveSettings)
+    simplex: SimplexSettings = Field(default_factory=SimplexSettings)
     fge: FGESettings = Field(default_factory=FGESettings)
     sse: SSESettings = Field(default_factory=SSESettings)
     export: ExportSettings = Field(default_factory=ExportSettings)

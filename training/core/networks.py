@@ -102,6 +102,8 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> tuple[
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") == "curve":
         raise CheckpointError(f"{path} is a curve; pick a point with `modeconn curve-point` first")
+    if state.get("kind") == "simplex":
+        raise CheckpointError(f"{path} is a simplex; its sampled points are networks (the run's snapshots/)")
     return network_from_state(state, path, device).eval(), state
 
 

@@ -52,6 +52,10 @@ RUN_LAYOUT: Layout = {
     r"checkpoints": {r"epoch-\d+\.pt": None},
     r"snapshots": {r"snapshot-\d+\.pt": None},
     r"tensorboard": {r"events\.out\.tfevents\..+": None},  # tensorboard: true (training/core/monitor.py)
+    r"simplex\.(json|csv)": None,
+    # `modeconn simplex`: each trained vertex's run of the loop (training/simplex/fit.py)
+    r"vertex-\d+": {r"metrics\.jsonl": None, r"vertex\.pt": None, r"checkpoints": {r"epoch-\d+\.pt": None},
+                    r"tensorboard": {r"events\.out\.tfevents\..+": None}},
 }
 LAYOUTS: dict[str, Layout] = {
     "run": RUN_LAYOUT,

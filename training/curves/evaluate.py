@@ -88,7 +88,13 @@ def point_network(curve: CurveModel, t: float, data: Dataset) -> nn.Module:
 @torch.no_grad()
 def evaluate_point(curve: CurveModel, t: float, data: Dataset, weight_decay: float) -> tuple[dict[str, float], torch.Tensor]:
     """Metrics of φ(t) with BN recomputed, and its test probabilities."""
-    net = point_network(curve, t, data)
+    return network_row(point_network(curve, t, data), data, weight_decay)
+
+
+@torch.no_grad()
+def network_row(net: nn.Module, data: Dataset, weight_decay: float) -> tuple[dict[str, float], torch.Tensor]:
+    """A network's train loss (NLL + 0.5·wd·‖θ‖²), train/test (and validation) NLL and error, test
+    ECE and Brier, and its test probabilities: a row of eval-curve's and of the simplex report."""
     train = classification_metrics(predict_probs(net, data, "train"), data.y_train)
     test_probs = predict_probs(net, data, "test")
     test = classification_metrics(test_probs, data.y_test)
