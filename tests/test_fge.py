@@ -210,6 +210,23 @@ def flat_parameters(path: Path) -> torch.Tensor:
 
 
 @pytest.mark.slow
+def test_a_finished_run_is_judged_by_its_own_folder(fge_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """A moved (or relatively named) FGE folder is still finished, by the snapshots it holds, not
+    by the paths its report recorded: one missing in the copy makes it unfinished although the
+    recorded file still exists."""
+    import shutil
+
+    from modeconn.training.ensembles.snapshots import finished_snapshot_run
+
+    run_dir, _ = fge_run
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    assert finished_snapshot_run(moved, "fge") is not None
+    (moved / "snapshots" / "snapshot-002.pt").unlink()
+    assert (run_dir / "snapshots" / "snapshot-002.pt").is_file()
+    assert finished_snapshot_run(moved, "fge") is None
+
+
 def test_fge_weight_distances_equal_a_direct_computation(fge_run: tuple[Path, dict], train_run: Path) -> None:
     run_dir, _ = fge_run
     snapshots = sorted((run_dir / "snapshots").glob("snapshot-*.pt"))

@@ -247,8 +247,12 @@ def run_snapshots(
 
 
 def finished_snapshot_run(run_dir: Path, method: str) -> dict[str, Any] | None:
-    """The report of an FGE/SSE run that already finished (its METHOD.json is written last)."""
+    """The report of an FGE/SSE run that already finished (its METHOD.json is written last and
+    every snapshot it lists is in the folder). The snapshots are looked up in `run_dir` by name:
+    the paths the report records are as the run was started (relative to its working directory),
+    so a run continued from elsewhere, or a moved folder, is still found finished."""
     report = read_finished(run_dir / f"{method}.json")
-    if report is None or not all(Path(m["checkpoint"]).is_file() for m in report.get("members", [])):
+    members = [] if report is None else report.get("members", [])
+    if report is None or not all((run_dir / "snapshots" / Path(m["checkpoint"]).name).is_file() for m in members):
         return None
     return {**report["summary"], "skipped": True}
