@@ -11,12 +11,18 @@ For a config and S seeds, at the 1B budget of `compare` (B = train.epochs):
    of fge.epochs per (cycle, lr1), lr2 = lr1 / 10. Every snapshot keeps the BN running averages
    beside the recomputed statistics, so BN recomputation on and off are both evaluated on the
    same runs (what fge.bn_update false saves; no training) and chosen with the rest.
+4. Simplex: ESPRO grown from each seed's network at the CHOSEN train.lr (its final.pt), one run
+   per simplex.volume_weight λ, its simplex.vertices trained vertices sharing B epochs: compare's
+   Simplex at 2B, its smallest budget (at 1B the network has spent the budget). Scored as compare
+   scores it: the ensemble of the first simplex.ensemble_size points sampled on it, BN recomputed
+   at each (training data only).
 The grids have the same number of configurations per method. Each is ranked by the mean over
 seeds of the calibrated validation NLL (the temperature fitted on validation: compare's
 headline), raw validation NLL and error beside it. Only validation predictions are computed:
 the sweep never reads the test split.
 
     python benchmarks/sweep_ensembles.py --config configs/mnist1d.yaml --seeds 2 --jobs 2
+    python benchmarks/sweep_ensembles.py --methods simplex ...  # Ind (for train.lr) and the simplex only
 
 Sub-runs live under --work (default runs/sweep-<config name>) and are reused when finished,
 so an interrupted sweep continues where it stopped. The results go to
@@ -44,6 +50,8 @@ from modeconn.training.core.statistics import equal_budget_epochs
 from modeconn.training.ensembles.calibration import fit_temperature, log_probs, nll_at
 from modeconn.training.ensembles.compare import fge_or_reuse, sse_or_reuse
 from modeconn.training.ensembles.evaluate import ensemble_probs, expand_members
+from modeconn.training.simplex.evaluate import ensemble_points, point_network
+from modeconn.training.simplex.fit import grown_simplex, load_simplex
 from modeconn.training.train import fge_start_epoch, train_or_reuse
 
 GRIDS: dict[str, dict[str, Any]] = {
@@ -53,6 +61,11 @@ GRIDS: dict[str, dict[str, Any]] = {
         "train": [{"lr": lr} for lr in (0.025, 0.05, 0.1, 0.2, 0.4, 0.8)],
         "fge": [{"cycle_epochs": c, "lr1": lr1} for c in (1.0, 2.0) for lr1 in (0.2, 0.4, 0.8)],
         "sse": [{"snapshots": n, "lr": lr} for n in (3, 5) for lr in (0.1, 0.2, 0.4)],
+        # λ of −λ log(V² + ε): a doubling of the simplex changes log V² by a fixed amount (a triangle:
+        # 4 log 2 = 2.8) whatever its size, so λ trades against the change in training loss it buys;
+        # from 0 (off) and 1e-4 (a 3e-4 term: only the push off the centroid counts) to 1 (a 2.8 term
+        # against losses of a few tenths: the volume dominates)
+        "simplex": [{"volume_weight": v} for v in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)],
         "equal_check": True,
     },
     # four per method, the lr only (each method's cycle as the config has it), for larger data
@@ -60,9 +73,11 @@ GRIDS: dict[str, dict[str, Any]] = {
         "train": [{"lr": lr} for lr in (0.05, 0.1, 0.2, 0.4)],
         "fge": [{"lr1": lr1} for lr1 in (0.05, 0.1, 0.2, 0.4)],
         "sse": [{"lr": lr} for lr in (0.05, 0.1, 0.2, 0.4)],
+        "simplex": [{"volume_weight": v} for v in (1e-3, 1e-2, 1e-1, 1.0)],
         "equal_check": False,
     },
 }
+METHODS = ("ind", "equal", "sse", "fge", "simplex")  # Ind always runs: the others start from its choice
 SEED_BASE = 1000  # seeds of their own, apart from the pipeline's (0, 1) and compare's (0, 100, 200, ...)
 EQUAL_MEMBERS = 2  # the equal-budget check: the pair of 1B, the ensemble closest to FGE there
 
@@ -98,6 +113,11 @@ def sse_fields(config: Config, setting: dict[str, Any]) -> dict[str, Any]:
     return {"cycle_epochs": round(cycle, 6), "lr": setting["lr"]}
 
 
+def simplex_fields(config: Config, setting: dict[str, Any]) -> dict[str, Any]:
+    """The simplex's fields for a grid setting: its trained vertices share B epochs (compare's 2B)."""
+    return {**setting, "vertex_epochs": equal_budget_epochs(config.train.epochs, config.simplex.vertices)}
+
+
 def _name(fields: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:g}" for k, v in fields.items() if k != "bn_update")
 
@@ -109,6 +129,11 @@ def _folder(prefix: str, fields: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- the jobs (module level: workers import them)
 def _train(config: Config, run_dir: Path) -> None:
     train_or_reuse(config, run_dir)
+
+
+def _grow_simplex(config: Config, start: Path, run_dir: Path) -> None:
+    """The simplex grown from `start` (an interrupted one continued, a finished one kept); no test split read."""
+    grown_simplex(config, [start], run_dir, resume=True)
 
 
 # ---------------------------------------------------------------- validation scores
@@ -149,9 +174,19 @@ HEADERS = ["setting", "cal. val NLL (mean)", "std", "val NLL (mean)", "val error
 
 
 # ---------------------------------------------------------------- the sweep
-def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: int) -> dict[str, Any]:
-    """Train (or reuse) every sub-run and score it on validation; returns the per-method results
-    and the chosen settings."""
+def simplex_scores(run_dir: Path, config: Config, data: Dataset, device: torch.device) -> Scores:
+    """The validation scores of the ensemble compare takes from the simplex in `run_dir`: its first
+    simplex.ensemble_size sampled points (drawn with the run's seed), BN recomputed at each."""
+    simplex, _ = load_simplex(run_dir, device)
+    members = [predict_probs(point_network(simplex, w, data), data, "val")
+               for w in ensemble_points(simplex, config.simplex, config.seed)]
+    return val_scores(torch.stack(members), data.y_val)
+
+
+def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: int,
+          methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """Train (or reuse) every sub-run of `methods` and score it on validation; returns the
+    per-method results and the chosen settings."""
     device = resolve_device(config.device)
     data = load_data(dataset_spec(config.data), device)
     if not len(data.y_val):
@@ -161,11 +196,11 @@ def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: in
     for seed, seed_dir in seed_dirs.items():
         for fields in grid["train"]:
             first.append(Job(_train, (_variant(config, seed, "train", fields), seed_dir / _folder("train", fields))))
-            if grid["equal_check"]:
+            if grid["equal_check"] and "equal" in methods:
                 for j, epochs in enumerate(equal_budget_epochs(config.train.epochs, EQUAL_MEMBERS)):
                     run = _variant(config, equal_seed(seed, j), "train", {**fields, "epochs": epochs})
                     first.append(Job(_train, (run, seed_dir / equal_folder(fields, seed, j))))
-        for setting in grid["sse"]:
+        for setting in grid["sse"] if "sse" in methods else []:
             fields = sse_fields(config, setting)
             first.append(Job(sse_or_reuse, (_variant(config, seed, "sse", fields), seed_dir / _folder("sse", fields))))
     progress.log(f"[bold]sweep {config.name}: {len(first)} Ind/SSE runs, {jobs} at a time[/bold] ({work})")
@@ -178,12 +213,12 @@ def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: in
             name = _name(fields)
             ind.setdefault(name, []).append(val_scores(val_probs([seed_dir / _folder("train", fields) / "final.pt"],
                                                                  data, device), data.y_val))
-            if grid["equal_check"]:
+            if grid["equal_check"] and "equal" in methods:
                 members = [seed_dir / equal_folder(fields, seed, j) / "final.pt" for j in range(EQUAL_MEMBERS)]
                 equal.setdefault(name, []).append(val_scores(val_probs(members, data, device), data.y_val))
     sse: dict[str, list[Scores]] = {}
     for seed_dir in seed_dirs.values():
-        for setting in grid["sse"]:
+        for setting in grid["sse"] if "sse" in methods else []:
             fields = sse_fields(config, setting)
             snapshots = expand_members([seed_dir / _folder("sse", fields)])
             sse.setdefault(_name(fields), []).append(val_scores(val_probs(snapshots, data, device), data.y_val))
@@ -193,9 +228,19 @@ def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: in
     second = [Job(fge_or_reuse, (_variant(config, seed, "fge", fge_fields(config, setting)),
                          checkpoint_path(seed_dir / _folder("train", chosen_train), start_epoch),
                          seed_dir / _folder(f"fge-from-{_folder('train', chosen_train)}", fge_fields(config, setting))))
-              for seed, seed_dir in seed_dirs.items() for setting in grid["fge"]]
-    progress.log(f"[bold]sweep {config.name}: {len(second)} FGE runs from train.lr {chosen_train['lr']:g}[/bold]")
-    run_jobs(second, jobs, device)
+              for seed, seed_dir in seed_dirs.items() for setting in (grid["fge"] if "fge" in methods else [])]
+    simplexes = [Job(_grow_simplex, (_variant(config, seed, "simplex", simplex_fields(config, setting)),
+                                     seed_dir / _folder("train", chosen_train) / "final.pt",
+                                     seed_dir / _folder(f"simplex-from-{_folder('train', chosen_train)}", setting)))
+                 for seed, seed_dir in seed_dirs.items() for setting in (grid["simplex"] if "simplex" in methods else [])]
+    progress.log(f"[bold]sweep {config.name}: {len(second)} FGE and {len(simplexes)} simplex runs from train.lr "
+                 f"{chosen_train['lr']:g}[/bold]")
+    run_jobs(second + simplexes, jobs, device)
+    simplex: dict[str, list[Scores]] = {}
+    for job in simplexes:
+        run_config, _, run_dir = job.args
+        simplex.setdefault(_name({"volume_weight": run_config.simplex.volume_weight}), []).append(
+            simplex_scores(run_dir, run_config, data, device))
     fge: dict[str, list[Scores]] = {}
     for job in second:
         run_config, _, run_dir = job.args
@@ -204,14 +249,18 @@ def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: in
         for bn, running in (("BN recomputed", False), ("BN running averages", True)):
             scores = val_scores(val_probs(snapshots, data, device, running_bn=running), data.y_val)
             fge.setdefault(f"{_name(fields)}, {bn}", []).append(scores)
-    best_fge = rank(fge)[0][0]
-    chosen = {
-        "train": chosen_train,
-        "fge": {**fge_fields(config, next(s for s in grid["fge"] if best_fge.startswith(_name(fge_fields(config, s))))),
-                "bn_update": best_fge.endswith("BN recomputed")},
-        "sse": sse_fields(config, next(s for s in grid["sse"] if _name(sse_fields(config, s)) == rank(sse)[0][0])),
-    }
-    return {"ind": ind, "equal": equal, "sse": sse, "fge": fge, "chosen": chosen, "start_epoch": start_epoch}
+    chosen = {"train": chosen_train}
+    if fge:
+        best_fge = rank(fge)[0][0]
+        chosen["fge"] = {**fge_fields(config, next(s for s in grid["fge"]
+                                                   if best_fge.startswith(_name(fge_fields(config, s))))),
+                         "bn_update": best_fge.endswith("BN recomputed")}
+    if sse:
+        chosen["sse"] = sse_fields(config, next(s for s in grid["sse"] if _name(sse_fields(config, s)) == rank(sse)[0][0]))
+    if simplex:
+        chosen["simplex"] = next(s for s in grid["simplex"] if _name(s) == rank(simplex)[0][0])
+    return {"ind": ind, "equal": equal, "sse": sse, "fge": fge, "simplex": simplex, "chosen": chosen,
+            "start_epoch": start_epoch}
 
 
 def main() -> int:
@@ -221,12 +270,17 @@ def main() -> int:
     parser.add_argument("--grid", choices=sorted(GRIDS), default="full")
     parser.add_argument("--jobs", type=int, default=1, help="sub-runs side by side")
     parser.add_argument("--work", type=Path, default=None, help="sub-run folder (default runs/sweep-<config name>)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="the methods swept (Ind always: the others start from its train.lr); a subset "
+                             "writes sweep-ensembles-<methods>-<config name>")
     args = parser.parse_args()
     config = load_config(args.config, {"device": "cpu"})
     grid = GRIDS[args.grid]
-    run = start_run(f"sweep-ensembles-{config.name}")
+    methods = tuple(m for m in METHODS if m == "ind" or m in args.methods)
+    subset = "" if methods == METHODS else "-".join(m for m in methods if m != "ind") + "-"
+    run = start_run(f"sweep-ensembles-{subset}{config.name}")
     run["command"] = command_line()
-    found = sweep(config, args.seeds, grid, args.work or Path("runs") / f"sweep-{config.name}", args.jobs)
+    found = sweep(config, args.seeds, grid, args.work or Path("runs") / f"sweep-{config.name}", args.jobs, methods)
     data = config.data
     where = (f"{config.name}: {data.name} (val_size {data.val_size}, generation {data.generation}); "
              f"{args.seeds} seeds ({SEED_BASE}..{SEED_BASE + args.seeds - 1}); grid `{args.grid}`")
@@ -236,20 +290,31 @@ def main() -> int:
     if found["equal"]:
         add_section(run, f"Equal-budget check: {EQUAL_MEMBERS} networks of {epochs / EQUAL_MEMBERS:g} epochs (Ind m=2 "
                     "at 1B) per train.lr", HEADERS, rank(found["equal"]), notes=where, data=found["equal"])
-    add_section(run, f"FGE: {config.fge.epochs:g} epochs from the epoch-{found['start_epoch']} checkpoint of the network "
-                f"at the chosen train.lr {found['chosen']['train']['lr']:g} (1B); lr2 = lr1 / 10; BN recomputed or "
-                "not, the same snapshots", HEADERS, rank(found["fge"]), notes=where, data=found["fge"])
-    add_section(run, f"SSE: {config.sse.epochs} epochs from scratch (1B), cycle = {config.sse.epochs} epochs / "
-                "snapshots", HEADERS, rank(found["sse"]), notes=where, data=found["sse"])
+    if found["fge"]:
+        add_section(run, f"FGE: {config.fge.epochs:g} epochs from the epoch-{found['start_epoch']} checkpoint of the "
+                    f"network at the chosen train.lr {found['chosen']['train']['lr']:g} (1B); lr2 = lr1 / 10; BN "
+                    "recomputed or not, the same snapshots", HEADERS, rank(found["fge"]), notes=where, data=found["fge"])
+    if found["sse"]:
+        add_section(run, f"SSE: {config.sse.epochs} epochs from scratch (1B), cycle = {config.sse.epochs} epochs / "
+                    "snapshots", HEADERS, rank(found["sse"]), notes=where, data=found["sse"])
+    if found["simplex"]:
+        split = equal_budget_epochs(epochs, config.simplex.vertices)
+        add_section(run, f"Simplex: ESPRO from the network at the chosen train.lr {found['chosen']['train']['lr']:g}, "
+                    f"{config.simplex.vertices} trained vertices of {' + '.join(map(str, split))} epochs (lr "
+                    f"{config.simplex.lr:g}, cosine), per simplex.volume_weight: compare's 2B, its smallest budget; the "
+                    f"ensemble of {config.simplex.ensemble_size} sampled points, BN recomputed", HEADERS,
+                    rank(found["simplex"]), notes=where, data=found["simplex"])
     chosen = found["chosen"]
     add_section(run, "Chosen (lowest mean calibrated validation NLL)", ["section", "settings"],
                 [[section, _name(fields) + (f", bn_update {fields['bn_update']}" if "bn_update" in fields else "")]
                  for section, fields in chosen.items()], data=chosen)
-    count = {m: len(grid[m]) for m in ("train", "fge", "sse")}
+    count = {m: len(grid[m]) for m in ("train", "fge", "sse", "simplex")}
+    swept = [f"Ind {count['train']}"] + [text for method, text in (
+        ("fge", f"FGE {count['fge']} (each evaluated with BN recomputed and with the running averages)"),
+        ("sse", f"SSE {count['sse']}"), ("simplex", f"Simplex {count['simplex']}")) if method in methods]
     write_results(run, out_dir=args.out if args.out != RESULTS else RESULTS, summary=(
         f"Settings ranked by the ensemble's calibrated validation NLL (mean over seeds); the test split is not read. "
-        f"Configurations per method: Ind {count['train']}, FGE {count['fge']} (each evaluated with BN recomputed and "
-        f"with the running averages), SSE {count['sse']}."))
+        f"Configurations per method: {', '.join(swept)}."))
     return 0
 
 

@@ -478,12 +478,12 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     argv = ["compare", "--out", str(tmp_path), "--budgets", "1", "2", "--seeds", "2", "--device", "cpu",
             *(a for k, v in {**PUBLISHED, **SMALL_STEPS}.items() for a in ("--set", f"{k}={v}")),
             "--set", "model.kwargs.width=8", "--set", "train.epochs=2", "--set", "fge.start_fraction=0.5",
-            "--set", "fge.cycle_epochs=0.9", "--set", "sse.cycle_epochs=1"]
+            "--set", "fge.cycle_epochs=0.9", "--set", "compare.simplex=true", "--set", "sse.cycle_epochs=1"]
     result = _cli_json(argv)
     table = (tmp_path / "compare.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| method"))
     assert "1B" in header and "2B" in header
-    for method in ("Ind", "SSE", "FGE", "SWA"):
+    for method in ("Ind", "SSE", "FGE", "SWA", "Simplex"):
         assert any(line.startswith(f"| {method} |") for line in table.splitlines())
         assert f"| {method} | calibrated NLL |" in table  # at the temperature fitted on validation
     with (tmp_path / "compare.csv").open() as f:
@@ -498,11 +498,14 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     assert members == {(m, k, s): c for s in (0, 1) for (m, k), c in
                        {("Ind", 1): 1, ("Ind", 2): 2, ("FGE", 1): 1, ("FGE", 2): 3, ("SSE", 1): 2, ("SSE", 2): 4,
                         ("SWA", 1): 1, ("SWA", 2): 3, ("Ind m=2", 1): 2, ("Ind m=2", 2): 2,
-                        ("Ind m=3", 2): 3, ("SWAG", 2): 8}.items()}  # SWAG: a spread needs 2 snapshots or more
+                        ("Ind m=3", 2): 3, ("SWAG", 2): 8,  # SWAG: a spread needs 2 snapshots or more
+                        ("Simplex", 2): 8}.items()}  # from 2B: the first Ind network spends 1B
     swag = [r for r in rows if r["method"] == "SWAG"]
     assert {float(r["swag_scale"]) for r in swag} <= {0.25, 0.5, 1.0} and "| SWAG − FGE |" in table
     assert all(r["swag_scale"] == "" for r in rows if r["method"] != "SWAG")
     _check_equal_budget(tmp_path, rows, table)
+    _check_simplex_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("Simplex", "2", "0")),
+                       result, table)
     _check_swa_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("SWA", "2", "0")))
     assert result["table"]["FGE"]["2B"]["members"] == 3
     # no --config: the built-in defaults (the demo's) with the overrides given, all recorded
@@ -512,10 +515,10 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     _check_compare_intervals(tmp_path, result, table)
     _check_selective(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("FGE", "2", "0")),
                      result, table)
-    finished = tmp_path / "seed-0" / "fge" / "fge.json"
-    stamp = finished.stat().st_mtime_ns
+    finished = [tmp_path / "seed-0" / "fge" / "fge.json", tmp_path / "seed-1" / "simplex-2B" / "simplex.json"]
+    stamps = [path.stat().st_mtime_ns for path in finished]
     assert _cli_json(argv)["table"] == result["table"]  # all sub-runs reused, the same numbers
-    assert finished.stat().st_mtime_ns == stamp
+    assert [path.stat().st_mtime_ns for path in finished] == stamps
     assert main([*argv[:-2], "--set", "sse.cycle_epochs=2"]) == 2  # other SSE settings: refused
     assert f"{tmp_path / 'seed-0' / 'sse'} was made with other sse settings" in capsys.readouterr().err
 
@@ -540,6 +543,45 @@ def _check_equal_budget(run_dir: Path, rows: list[dict[str, str]], table: str) -
     assert "| Ind m* | calibrated NLL |" in table and "| FGE − Ind m* | calibrated NLL |" in table
     assert "| FGE | DEE |" in table and "What the table shows" in table
     assert "two-level bootstrap interval over seeds and test examples" in table
+
+
+def _check_simplex_row(seed_dir: Path, row: dict[str, str], result: dict, table: str) -> None:
+    """The Simplex row at 2B: the first Ind network's epochs and its trained vertices' sum to the
+    budget, and the row is the ensemble of its sampled points rebuilt by hand (θ(w) = Σ w_i θ_i from
+    the saved vertices, BN recomputed), those points drawn as `modeconn simplex` draws them."""
+    from modeconn.training.core.bn import recompute_bn
+    from modeconn.training.simplex.model import sample_weights
+
+    run = seed_dir / "simplex-2B"
+    vertices = [load_checkpoint(path) for path in sorted(run.glob("vertex-*/vertex.pt"))]
+    epochs = [max(r["epoch"] for r in v["history"]) for v in vertices]
+    assert load_checkpoint(seed_dir / "ind-0" / "final.pt")["metrics"]["epoch"] + sum(epochs) == 2 * 2  # B = 2
+    assert epochs == [1, 1] and load_checkpoint(run / "vertex-01" / "vertex.pt")["config"]["seed"] == 0
+    simplex = load_checkpoint(run / "final.pt")
+    ind = load_checkpoint(seed_dir / "ind-0" / "final.pt")["model"]
+    net, state = load_network(seed_dir / "ind-0" / "final.pt")
+    names = [n for n, _ in net.named_parameters()]
+    assert torch.equal(simplex["model"]["vertices"][0], torch.cat([ind[n].flatten() for n in names]))  # grown from it
+    data = load_data(state["dataset"], "cpu")
+    generator = torch.Generator().manual_seed(0 + 7)  # the run's seed (seed 0's) + 7, as `modeconn simplex`
+    members = []
+    for snapshot in sorted((run / "snapshots").glob("snapshot-*.pt")):
+        w = sample_weights(3, [[0, 1, 2]], generator)
+        assert load_checkpoint(snapshot)["simplex"]["weights"] == pytest.approx(w.tolist(), abs=1e-12)
+        flat = (w[:, None] * simplex["model"]["vertices"].double()).sum(0).float()
+        net.load_state_dict({**simplex["base"], **dict(zip(names, (c.view_as(ind[n]) for n, c in zip(
+            names, flat.split([ind[n].numel() for n in names]), strict=True)), strict=True))})
+        members.append(predict_probs(recompute_bn(net, data).eval(), data, "test").double())
+    assert len(members) == int(row["members"]) == 8
+    expected = classification_metrics(torch.stack(members).mean(0), data.y_test)
+    assert float(row["test_error"]) == pytest.approx(expected["error"], abs=0.01)  # at most one example
+    assert float(row["test_nll"]) == pytest.approx(expected["nll"], abs=1e-4)
+    assert float(row["test_brier"]) == pytest.approx(expected["brier"], abs=1e-4)
+    assert "test_aurc" in row and row["calibrated_test_nll"]  # the selective and calibrated columns too
+    assert set(result["differences"]["Simplex - FGE"]) == {"2B"} and "seeds_and_examples" in (
+        result["differences"]["Simplex - Ind m=2"]["2B"])
+    assert "| Simplex − FGE | calibrated NLL |" in table and "| Simplex − Ind m=3 | error (pp) |" in table
+    assert "- Simplex at kB (from 2B): ESPRO grown from the first Ind network" in table
 
 
 def _check_swa_row(seed_dir: Path, row: dict[str, str]) -> None:
@@ -623,5 +665,6 @@ def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
     # comparisons x budgets x metrics (calibrated NLL, error, NLL, Brier) x (2 seeds + mean + two-level);
     # FGE − Ind m=M where the equal-budget ensemble exists;
     # SWAG - FGE only at 2B (one FGE snapshot at 1B has no spread)
-    assert len(written) == (6 * 2 + 1 + 3) * 4 * 4  # FGE − Ind m=2 at 1B and 2B, m=3 at 2B
+    # and Simplex − FGE, Simplex − Ind m=2 and m=3 at 2B
+    assert len(written) == (6 * 2 + 1 + 3 + 3) * 4 * 4  # FGE − Ind m=2 at 1B and 2B, m=3 at 2B
     assert json.loads((run_dir / "compare.json").read_text())["differences"] == result["differences"]

@@ -168,7 +168,7 @@ def _run(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]
     return code, out.out, out.err
 
 
-@pytest.mark.parametrize("case", ["missing run", "two vertices", "connecting one network"])
+@pytest.mark.parametrize("case", ["missing run", "two vertices", "connecting one network", "epochs per vertex"])
 def test_bad_input_is_one_line_and_writes_nothing(case: str, small_runs: dict[str, Path], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "s"
@@ -176,6 +176,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, small_runs: dict[st
         "missing run": ([str(small_runs["net0"]), str(tmp_path / "nope.pt")], [], "nope.pt does not exist"),
         "two vertices": ([str(small_runs["net0"])], ["--vertices", "1"], "simplex.vertices: a simplex needs at least 3"),
         "connecting one network": ([str(small_runs["net0"])], ["--connecting"], "simplex.connecting joins two or more"),
+        "epochs per vertex": ([str(small_runs["net0"])], ["--set", "simplex.vertex_epochs=[3]"],
+                              "vertex_epochs must give 2 whole numbers of epochs"),
     }[case]
     code, _, err = _run(["simplex", "--runs", *runs, "--out", str(out), *extra, *FAST], capsys)
     assert code == 2 and expected in err and err.startswith("modeconn simplex:") and err.count("\n") == 1, err

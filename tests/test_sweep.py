@@ -24,9 +24,10 @@ import sweep_ensembles  # noqa: E402
 
 SETTINGS = {"device": "cpu", "model.kwargs.width": 8, "data.generation": {}, "data.val_size": 400,
             "train.epochs": 2, "train.save_every": 1, "fge.start_fraction": 0.5, "fge.epochs": 2,
-            "sse.epochs": 2}
+            "sse.epochs": 2, "simplex.ensemble_size": 3}
 GRID = {"train": [{"lr": 0.02}, {"lr": 0.1}], "fge": [{"cycle_epochs": 1.0, "lr1": 0.05}, {"cycle_epochs": 1.0, "lr1": 0.1}],
-        "sse": [{"snapshots": 1, "lr": 0.05}, {"snapshots": 2, "lr": 0.1}], "equal_check": True}
+        "sse": [{"snapshots": 1, "lr": 0.05}, {"snapshots": 2, "lr": 0.1}],
+        "simplex": [{"volume_weight": 1e-3}, {"volume_weight": 1.0}], "equal_check": True}
 
 
 @pytest.mark.slow
@@ -40,10 +41,10 @@ def test_the_sweep_chooses_on_validation_and_evaluates_bn_off_as_a_real_run(
     found = sweep_ensembles.sweep(config, 2, GRID, tmp_path / "work", jobs=1)
     assert set(calls) == {"val"}  # the test split is never predicted
     # same effort: every configuration of a method scored on both seeds; FGE with BN on and off
-    assert [len(found[m]) for m in ("ind", "equal", "sse", "fge")] == [2, 2, 2, 4]
-    assert all(len(scores) == 2 for m in ("ind", "equal", "sse", "fge") for scores in found[m].values())
+    assert [len(found[m]) for m in ("ind", "equal", "sse", "fge", "simplex")] == [2, 2, 2, 4, 2]
+    assert all(len(scores) == 2 for m in ("ind", "equal", "sse", "fge", "simplex") for scores in found[m].values())
     # the choices are the lowest mean calibrated validation NLL of each table
-    for method, section in (("ind", "train"), ("sse", "sse")):
+    for method, section in (("ind", "train"), ("sse", "sse"), ("simplex", "simplex")):
         best = min(found[method], key=lambda n: sum(s["cal_nll"] for s in found[method][n]))
         assert sweep_ensembles._name(found["chosen"][section]) == best
     best_fge = min(found["fge"], key=lambda n: sum(s["cal_nll"] for s in found["fge"][n]))
@@ -56,6 +57,7 @@ def test_the_sweep_chooses_on_validation_and_evaluates_bn_off_as_a_real_run(
     assert {state["metrics"]["epoch"] for state in states} == {1}
     # the SSE cycle is sse.epochs / snapshots
     assert (tmp_path / "work" / "seed-1000" / "sse-cycle_epochs1-lr0.1").is_dir()
+    _check_simplex(found, config, tmp_path / "work" / "seed-1001")
 
     # an independent check of one score: the seed-1000 network at lr 0.1, by hand
     data = load_data(dataset_spec(config.data), "cpu")
@@ -78,3 +80,34 @@ def test_the_sweep_chooses_on_validation_and_evaluates_bn_off_as_a_real_run(
     assert not torch.allclose(recomputed, real, atol=1e-4)  # recomputing BN changed something
     name = "cycle_epochs 1, lr1 0.05, lr2 0.005, BN running averages"
     assert found["fge"][name][0]["nll"] == pytest.approx(sweep_ensembles.val_scores(real, data.y_val)["nll"], abs=1e-6)
+
+
+def _check_simplex(found: dict, config, seed_dir: Path) -> None:
+    """The seed-1001 simplex at λ 1: grown from that seed's network at the chosen train.lr, its two
+    vertices sharing B = 2 epochs (compare's 2B), at its λ; its score is the validation NLL of the
+    ensemble of its first 3 sampled points rebuilt by hand (θ(w) = Σ w_i θ_i, BN recomputed)."""
+    from modeconn.training.core.bn import recompute_bn
+    from modeconn.training.simplex.model import sample_weights
+
+    train = seed_dir / f"train-lr{found['chosen']['train']['lr']:g}"
+    run = seed_dir / f"simplex-from-{train.name}-volume_weight1"
+    vertices = [load_checkpoint(path) for path in sorted(run.glob("vertex-*/vertex.pt"))]
+    assert [max(r["epoch"] for r in v["history"]) for v in vertices] == [1, 1]
+    assert {v["config"]["simplex"]["volume_weight"] for v in vertices} == {1.0}
+    simplex = load_checkpoint(run / "final.pt")
+    net, state = load_network(train / "final.pt")
+    names = [n for n, _ in net.named_parameters()]
+    shapes = {n: p.shape for n, p in net.named_parameters()}
+    assert torch.equal(simplex["model"]["vertices"][0], torch.cat([p.detach().flatten() for p in net.parameters()]))
+    data = load_data(state["dataset"], "cpu")
+    generator = torch.Generator().manual_seed(1001 + 7)
+    members = []
+    for _ in range(3):
+        w = sample_weights(3, [[0, 1, 2]], generator)
+        flat = (w[:, None] * simplex["model"]["vertices"].double()).sum(0).float()
+        chunks = flat.split([shapes[n].numel() for n in names])
+        net.load_state_dict({**simplex["base"], **{n: c.view(shapes[n]) for n, c in zip(names, chunks, strict=True)}})
+        members.append(predict_probs(recompute_bn(net, data).eval(), data, "val").double())
+    expected = classification_metrics(torch.stack(members).mean(0), data.y_val)
+    assert found["simplex"]["volume_weight 1"][1]["nll"] == pytest.approx(expected["nll"], abs=1e-4)
+    assert found["simplex"]["volume_weight 1"][1]["error"] == pytest.approx(expected["error"], abs=0.11)  # 1 of 400

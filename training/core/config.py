@@ -178,15 +178,30 @@ class SimplexSettings(_Strict):
     # with every trained vertex) instead of one simplex through all of them
     connecting: bool = False
     epochs: int = Field(10, ge=1, description="epochs per trained vertex")
+    # each trained vertex's own epochs, in order (None: `epochs` each); compare splits a budget so
+    vertex_epochs: list[int] | None = None
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.01, gt=0)  # cosine-annealed over each vertex's epochs, as the reference code
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
-    volume_weight: float = Field(1e-3, ge=0, description="λ of the regulariser −λ log(V² + ε)")
+    # chosen on validation for the demo (configs/mnist1d.yaml has the sweep's numbers)
+    volume_weight: float = Field(1e-2, ge=0, description="λ of the regulariser −λ log(V² + ε)")
     samples_per_step: int = Field(1, ge=1, description="points drawn per step, their losses averaged")
     save_every: int = Field(5, ge=1)
     eval_points: int = Field(10, ge=1, description="sampled points evaluated (BN recomputed at each)")
     ensemble_size: int = Field(8, ge=1, description="sampled points ensembled (the first of those drawn)")
+
+    @model_validator(mode="after")
+    def _one_length_per_vertex(self) -> SimplexSettings:
+        if self.vertex_epochs is not None and (len(self.vertex_epochs) != self.vertices
+                                               or min(self.vertex_epochs) < 1):
+            raise ValueError(f"vertex_epochs must give {self.vertices} whole numbers of epochs of at least 1 "
+                             f"(one per trained vertex), got {self.vertex_epochs}")
+        return self
+
+    def epochs_of(self, stage: int) -> int:
+        """Epochs of trained vertex `stage` (1, 2, ...)."""
+        return self.vertex_epochs[stage - 1] if self.vertex_epochs is not None else self.epochs
 
 
 class FGESettings(_Strict):
@@ -239,6 +254,9 @@ class CompareSettings(_Strict):
     # out-of-distribution sets each method's AUROC is reported for (made with the config's seed):
     # "auto" = the built-in ones for the data set, "none", or paths of inputs (data.ood_names)
     ood: list[str] = Field(default_factory=lambda: ["auto"])
+    # a Simplex row (ESPRO grown from the first Ind network, its vertices trained for the rest of
+    # the budget) from 2B on; off by default: it trains (k - 1) budgets more per seed and budget
+    simplex: bool = False
 
     @model_validator(mode="after")
     def _members_at_least_two(self) -> CompareSettings:

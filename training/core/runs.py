@@ -59,7 +59,8 @@ RUN_LAYOUT: Layout = {
 }
 LAYOUTS: dict[str, Layout] = {
     "run": RUN_LAYOUT,
-    "compare": {r"compare(_differences)?\.(md|csv|json)": None, r"seed-\d+": {r"ind-\d+": RUN_LAYOUT, r"eq-\d+B-m\d+-\d+": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"sse": RUN_LAYOUT}},
+    "compare": {r"compare(_differences)?\.(md|csv|json)": None, r"seed-\d+": {r"ind-\d+": RUN_LAYOUT, r"eq-\d+B-m\d+-\d+": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"sse": RUN_LAYOUT,
+                                                                  r"simplex-\d+B": RUN_LAYOUT}},
     "pipeline": {r"export\.json": None, r"summary\.(json|md)": None, r"train-seed-?\d+": RUN_LAYOUT,
                  r"curve": RUN_LAYOUT, r"fge": RUN_LAYOUT, r"swa": {r"swa\.pt": None}},
 }

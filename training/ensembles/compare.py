@@ -14,7 +14,13 @@ One budget B = train.epochs. For each seed s, with K = the largest budget multip
 - Ind m=M at kB (compare.equal_budget_members): the equal-budget ensemble, M independent networks
   of kB/M epochs each on the same schedule shape, at compare.equal_budget_lr (None: train.lr); Ind m* is the one of {Ind, Ind m=M...} with the
   lowest calibrated validation NLL at that budget (mean over seeds), chosen on validation only.
-So a seed trains K + (K - 0.8) + K budgets, plus the equal-budget networks.
+- Simplex at kB (compare.simplex, k >= 2): ESPRO (Benton et al. 2021) grown from the first Ind
+  network (its B epochs count) with simplex.vertices trained vertices sharing the other (k - 1)B
+  epochs (as evenly as whole epochs allow, the first vertices taking the remainder); the ensemble
+  of its simplex.ensemble_size sampled points, BN recomputed at each (training/simplex/). One
+  run per budget: each vertex's cosine schedule spans its own epochs, so budgets do not nest.
+So a seed trains K + (K - 0.8) + K budgets, plus the equal-budget networks (and with the simplex
+the sum of k - 1 over the budgets).
 
 Calibrated NLL (the temperature fitted on validation, Ashukha et al. 2020) is the headline metric;
 the Deep Ensemble Equivalent of each method is the interpolated number of full-budget Ind
@@ -22,13 +28,13 @@ networks whose ensemble reaches its calibrated NLL.
 
 Statistics (training/core/statistics.py): every metric as mean ± std over seeds, and 95 % intervals
 of FGE − Ind, FGE − Ind m*, FGE − each Ind m=M, FGE − SSE, FGE − single network (the first Ind
-network), SWA − single network, SWA − FGE and SWAG − FGE at each budget: per seed and for the seed mean over test examples (paired
+network), SWA − single network, SWA − FGE, SWAG − FGE, Simplex − FGE and Simplex − each Ind m=M at each budget: per seed and for the seed mean over test examples (paired
 bootstrap: test sampling only), and for the seed mean over seeds and test examples (two-level
 bootstrap: training randomness too). Written to compare.md
 (with machine, date and test-set size), compare.csv (per-seed metrics), compare_differences.csv
 and compare.json.
 
-Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse) and is skipped when
+Each sub-run has its own folder (seed-S/ind-J, seed-S/fge, seed-S/sse, seed-S/simplex-kB) and is skipped when
 finished, resumed when interrupted: rerunning the command after a kill continues it. A folder
 made with other settings (its config.yaml) is refused, naming the folder to delete.
 `--jobs N` runs N sub-runs side by side (an FGE run after its Ind run), with the same results.
@@ -49,7 +55,7 @@ import yaml
 
 from modeconn.training.batched import batching_blocker, train_seeds, wants_batching
 from modeconn.training.core import progress, provenance, statistics
-from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text
+from modeconn.training.core.checkpoint import atomic_write_json, atomic_write_text, read_finished
 from modeconn.training.core.config import CompareSettings, Config, ConfigError, describe_origin
 from modeconn.training.core.data import Dataset, iterations_per_epoch
 from modeconn.training.core.distributed import Job, run_jobs
@@ -77,16 +83,19 @@ from modeconn.training.ensembles.snapshots import finished_snapshot_run
 from modeconn.training.ensembles.sse import run_sse
 from modeconn.training.ensembles.swa import swa_network
 from modeconn.training.ensembles.swag import swag_from_checkpoints, swag_network
+from modeconn.training.simplex.fit import check_shape, fit_simplex
 from modeconn.training.train import fge_start_epoch, train_or_reuse
 
 METHODS = ("Ind", "SSE", "FGE", "SWA", "SWAG")
+SIMPLEX = "Simplex"
 CHOSEN = "Ind m*"  # the equal-budget ensemble validation prefers
 # seed s: Ind run j gets config.seed + 100 s + j, SSE config.seed + 100 s + 50, the equal-budget
 # network j of M: config.seed + 100 s + 60 + 10 (M - 2) + j
 _SEED_STRIDE, _SSE_OFFSET, _EQUAL_OFFSET = 100, 50, 60
 # the config sections that shape each kind of sub-run (FGE starts from an Ind run: train too)
 _SHAPED_BY = {"ind": ("seed", "data", "model", "train"), "fge": ("seed", "data", "model", "train", "fge"),
-              "sse": ("seed", "data", "model", "sse")}
+              "sse": ("seed", "data", "model", "sse"),
+              "simplex": ("seed", "data", "model", "train", "simplex")}
 # fields that change how a sub-run is executed, not its settings: a folder is reused across them
 _HOW_ONLY = {"train": ("batched",)}
 
@@ -162,6 +171,13 @@ def sse_or_reuse(config: Config, run_dir: Path) -> None:
         run_sse(config, run_dir, resume=True)
 
 
+def simplex_or_reuse(config: Config, start: Path, run_dir: Path) -> None:
+    """The simplex grown from `start` into `run_dir` and its sampled ensemble (RUN/snapshots/),
+    unless its evaluation (simplex.json, written last) is there; an interrupted run continues."""
+    if read_finished(run_dir / "simplex.json") is None:
+        fit_simplex(config, [start], run_dir, resume=True)
+
+
 def _ind_runs(config: Config, seed_dir: Path, largest: int, base_seed: int) -> list[tuple[Config, Path]]:
     """The seed's K Ind runs (config, folder), each folder checked here, before anything runs."""
     runs = []
@@ -197,6 +213,24 @@ def _equal_runs(config: Config, seed_dir: Path, budgets: list[int], base_seed: i
     return runs
 
 
+def _simplex_runs(config: Config, seed_dir: Path, budgets: list[int], base_seed: int) -> dict[int, tuple[Config, Path]]:
+    """k -> the simplex run at kB (budgets from 2B where every trained vertex gets an epoch): the
+    first Ind network's B epochs and (k - 1)B split over the trained vertices."""
+    if not config.compare.simplex:
+        return {}
+    check_shape(1, config.simplex)  # grown from one network: refused here, before anything runs
+    runs = {}
+    for k in budgets:
+        rest = (k - 1) * config.train.epochs
+        if rest < config.simplex.vertices:
+            continue  # 1B: the network has spent the budget
+        fields = {"vertex_epochs": statistics.equal_budget_epochs(rest, config.simplex.vertices)}
+        run_dir, run_config = seed_dir / f"simplex-{k}B", _variant(config, base_seed, simplex=fields)
+        _check_reusable(run_dir, run_config, _SHAPED_BY["simplex"])
+        runs[k] = (run_config, run_dir)
+    return runs
+
+
 def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, first: int,
                ind_job: int | None = None) -> list[Job]:
     """K Ind runs, then one FGE run from the first Ind run's fge_start_epoch checkpoint (long
@@ -221,7 +255,7 @@ def _seed_jobs(config: Config, seed_dir: Path, largest: int, base_seed: int, fir
 # and SWA, the one network from the same snapshots, against the single network and against FGE
 COMPARISONS = (("FGE - Ind", "FGE", "Ind"), ("FGE - Ind m*", "FGE", CHOSEN), ("FGE - SSE", "FGE", "SSE"),
                ("FGE - single network", "FGE", "single"), ("SWA - single network", "SWA", "single"),
-               ("SWA - FGE", "SWA", "FGE"), ("SWAG - FGE", "SWAG", "FGE"))
+               ("SWA - FGE", "SWA", "FGE"), ("SWAG - FGE", "SWAG", "FGE"), ("Simplex - FGE", SIMPLEX, "FGE"))
 # calibrated NLL first: the headline metric
 KEYS = ("cnll", *statistics.LOSSES)
 Losses = dict[str, np.ndarray]  # statistics.LOSSES -> per-example values on the test set
@@ -235,6 +269,7 @@ def _snapshots_within(states: list[dict[str, Any]], iterations: int) -> int:
 def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse_dir: Path,
                budgets: list[int], data: Dataset, device: torch.device,
                equal: dict[tuple[str, int], list[tuple[Config, Path]]] | None = None,
+               simplex: dict[int, tuple[Config, Path]] | None = None,
                ) -> tuple[list[dict[str, Any]], dict[tuple[str, int], Losses]]:
     """The seed's metric rows, and the per-example test losses of every (method, k) and of
     ("single", k): the first Ind network alone (FGE's starting run), the same at every k.
@@ -277,6 +312,12 @@ def _seed_rows(config: Config, seed: int, finals: list[Path], fge_dir: Path, sse
         val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs)
         row, losses[method, k] = _row(method, k, seed, len(group), ensemble_probs(chosen.probs), val, epochs, data,
                                       {name: ensemble_probs(p) for name, p in chosen.ood_probs.items()})
+        rows.append(row)
+    for k, (_, run_dir) in (simplex or {}).items():  # its sampled points, saved as ordinary checkpoints
+        chosen = predict_members(expand_members([run_dir]), device, data, ood=ood)
+        val = None if chosen.val_probs is None else ensemble_probs(chosen.val_probs)
+        row, losses[SIMPLEX, k] = _row(SIMPLEX, k, seed, len(chosen.probs), ensemble_probs(chosen.probs), val, epochs,
+                                       data, {name: ensemble_probs(p) for name, p in chosen.ood_probs.items()})
         rows.append(row)
     if ind.val_probs is not None:  # the deep ensemble's calibrated NLL curve: 1, 2, ... full-budget networks
         for j in range(1, len(finals) + 1):
@@ -346,7 +387,7 @@ def _methods(rows: list[dict[str, Any]]) -> list[str]:
     """The methods of the table in their order: Ind, its equal-budget ensembles, Ind m*, the rest."""
     present = {r["method"] for r in rows}
     equal = sorted((m for m in present if m.startswith("Ind m=")), key=lambda m: int(m.split("=")[1]))
-    return [m for m in ("Ind", *equal, CHOSEN, "SSE", "FGE", "SWA", "SWAG") if m in present]
+    return [m for m in ("Ind", *equal, CHOSEN, "SSE", "FGE", "SWA", "SWAG", SIMPLEX) if m in present]
 
 
 def _aggregate(rows: list[dict[str, Any]], budgets: list[int]) -> dict[str, dict[int, dict[str, float]]]:
@@ -398,11 +439,13 @@ def _choose_equal_budget(rows: list[dict[str, Any]], losses: list[dict[tuple[str
 
 def comparisons(losses: list[dict[tuple[str, int], Losses]]) -> list[tuple[str, str, str]]:
     """COMPARISONS with FGE against each equal-budget ensemble the runs have, after FGE − Ind m*:
-    where validation prefers one network, the baseline that may win is in those rows."""
+    where validation prefers one network, the baseline that may win is in those rows; and, where
+    there is a simplex, Simplex against each of them too."""
     present = {method for seed_losses in losses for method, _ in seed_losses}
     equal = sorted((m for m in present if m.startswith("Ind m=")), key=lambda m: int(m.split("=")[1]))
     at = [name for name, *_ in COMPARISONS].index("FGE - Ind m*") + 1
-    return [*COMPARISONS[:at], *((f"FGE - {m}", "FGE", m) for m in equal), *COMPARISONS[at:]]
+    simplex = [(f"{SIMPLEX} - {m}", SIMPLEX, m) for m in equal] if SIMPLEX in present else []
+    return [*COMPARISONS[:at], *((f"FGE - {m}", "FGE", m) for m in equal), *COMPARISONS[at:], *simplex]
 
 
 def _differences(losses: list[dict[tuple[str, int], Losses]], budgets: list[int]) -> dict[str, dict[str, Any]]:
@@ -485,7 +528,7 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         f"B = {epochs} epochs. Ensemble test metrics (SWA: one network), mean ± std over {seeds} seed(s). The headline "
         "is the calibrated NLL (each ensemble at its temperature fitted on validation); DEE: how many full-budget "
         "independent networks give the same calibrated NLL (interpolated; ∞: more than the largest Ind ensemble). "
-        "Ensemble size (SWA: snapshots averaged; Ind m*: the ensemble validation chose) in brackets.",
+        "Ensemble size (SWA: snapshots averaged; Ind m*: the ensemble validation chose; Simplex: points sampled) in brackets.",
         "",
         f"| method | metric | {columns} |",
         rule,
@@ -573,6 +616,12 @@ def _markdown(config: Config, table: dict[str, dict[int, dict[str, float]]], dif
         "calibrated validation NLL.",
         "- single network: the first Ind network alone (1B), the one FGE starts from.",
     ]
+    if config.compare.simplex:
+        lines.insert(-1, f"- Simplex at kB (from 2B): ESPRO grown from the first Ind network (its {epochs} epochs count) "
+                     f"with {config.simplex.vertices} trained vertices sharing the other (k − 1) × {epochs} epochs (as "
+                     f"evenly as whole epochs allow; lr {config.simplex.lr} cosine-annealed over each vertex's epochs, "
+                     f"λ {config.simplex.volume_weight:g}); the ensemble of {config.simplex.ensemble_size} points "
+                     "sampled uniformly on it, BN recomputed at each.")
     return "\n".join(lines) + "\n"
 
 
@@ -662,11 +711,15 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     if config.train.batched is True and blocker is not None and len(inds) > 1:
         progress.log(f"[dim]compare: the Ind networks one after another ({blocker})[/dim]")
     jobs: list[Job] = [Job(train_seeds, ([c for c, _ in inds], [d for _, d in inds]))] if batched else []
-    equal = {}
+    equal, simplex = {}, {}
     for seed_dir, base_seed in zip(seed_dirs, base_seeds, strict=True):
-        jobs += _seed_jobs(config, seed_dir, largest, base_seed, len(jobs), 0 if batched else None)
+        first = len(jobs)  # this seed's first Ind run (ind-0) without batching
+        jobs += _seed_jobs(config, seed_dir, largest, base_seed, first, 0 if batched else None)
         equal[seed_dir] = _equal_runs(config, seed_dir, budgets, base_seed)
         jobs += [Job(train_or_reuse, run) for group in equal[seed_dir].values() for run in group]
+        simplex[seed_dir] = _simplex_runs(config, seed_dir, budgets, base_seed)
+        jobs += [Job(simplex_or_reuse, (run_config, seed_dir / "ind-0" / "final.pt", run_dir),
+                     after=(0 if batched else first,)) for run_config, run_dir in simplex[seed_dir].values()]
     where = f"on Ray ({ray})" if ray else f"{jobs_at_once} at a time"
     progress.log(f"[bold]compare: {seeds} seed(s), {len(jobs)} runs, {where}[/bold] ({run_dir})")
     run_jobs(jobs, jobs_at_once, device, ray=ray)
@@ -675,7 +728,7 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     for s, seed_dir in enumerate(seed_dirs):
         finals = [seed_dir / f"ind-{j}" / "final.pt" for j in range(largest)]
         seed_rows, seed_losses = _seed_rows(config, s, finals, seed_dir / "fge", seed_dir / "sse", budgets, data, device,
-                                            equal[seed_dir])
+                                            equal[seed_dir], simplex[seed_dir])
         rows += seed_rows
         losses.append(seed_losses)
     rows += _choose_equal_budget(rows, losses, budgets)

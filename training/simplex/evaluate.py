@@ -57,6 +57,13 @@ def evaluation_points(simplex: SimplexModel, samples: int, seed: int) -> list[tu
     return points
 
 
+def ensemble_points(simplex: SimplexModel, settings: SimplexSettings, seed: int = 0) -> list[torch.Tensor]:
+    """The weights of the sampled ensemble's members: the first `ensemble_size` points drawn, as
+    `simplex_evaluation` draws them."""
+    points = evaluation_points(simplex, settings.ensemble_size, seed)
+    return [w for kind, _, w in points if kind == "sample"]
+
+
 def simplex_evaluation(simplex: SimplexModel, data: Dataset, settings: SimplexSettings, seed: int = 0,
                        keep: Any = None) -> dict[str, Any]:
     """The rows (one per point), their summary per kind, the sampled-minus-vertex interval and the

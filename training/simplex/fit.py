@@ -80,10 +80,11 @@ def train_vertex(simplex: SimplexModel, data: Dataset, settings: SimplexSettings
             loss = loss + settings.volume_weight * volume_penalty(inner.vertices(), inner.simplexes).to(loss.dtype)
         return loss, logits
 
+    epochs = settings.epochs_of(stage)
     plan = FitPlan(
-        epochs=settings.epochs,
+        epochs=epochs,
         batch_size=settings.batch_size,
-        learning_rate=lambda epoch, _: cosine_restart_learning_rate(epoch + 1, settings.epochs, settings.lr),
+        learning_rate=lambda epoch, _: cosine_restart_learning_rate(epoch + 1, epochs, settings.lr),
         seed=run.seed + 1 + 1000 * stage,
         description=f"simplex-vertex-{stage}",
         batch_setting="simplex.batch_size",
@@ -133,6 +134,18 @@ def fit_simplex(config: Config, runs: list[Path], run_dir: Path, resume: bool = 
     from modeconn.training.simplex.evaluate import write_evaluation
 
     started = time.perf_counter()
+    simplex, data, fields, final_path = grown_simplex(config, runs, run_dir, resume=resume, force=force)
+    result = write_evaluation(simplex, data, config.simplex, run_dir, final_path, fields, config.seed, config.device)
+    return {"run_dir": str(run_dir), "checkpoint": str(final_path), **result,
+            "seconds": time.perf_counter() - started}
+
+
+def grown_simplex(config: Config, runs: list[Path], run_dir: Path, resume: bool = False, force: bool = False
+                  ) -> tuple[SimplexModel, Dataset, dict[str, Any], Path]:
+    """The simplex grown from `runs` into `run_dir` (RUN/final.pt; with `resume`, a finished one is
+    loaded and an interrupted one continued), the data, the checkpoint fields and RUN/final.pt;
+    nothing evaluated (the validation sweep grows simplexes without reading the test split)."""
+    started = time.perf_counter()
     settings = config.simplex
     check_shape(len(runs), settings)
     final_path = run_dir / "final.pt"
@@ -160,9 +173,7 @@ def fit_simplex(config: Config, runs: list[Path], run_dir: Path, resume: bool = 
                                      "simplexes": simplex.simplexes, "history": history})
         progress.log(f"simplex: {simplex.num_vertices} vertices ({len(runs)} given, {settings.vertices} trained) "
                      f"in {time.perf_counter() - started:.1f}s -> {final_path}")
-    result = write_evaluation(simplex, data, settings, run_dir, final_path, fields, config.seed, config.device)
-    return {"run_dir": str(run_dir), "checkpoint": str(final_path), **result,
-            "seconds": time.perf_counter() - started}
+    return simplex, data, fields, final_path
 
 
 def simplex_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> tuple[SimplexModel, dict[str, Any]]:
