@@ -85,7 +85,10 @@ def test_layer_barrier_against_independent_computations(small_runs: dict[str, Pa
             values = report["curves"][name][metric]
             assert row[column] == pytest.approx(max(v - (values[0] + i / 2 * (values[-1] - values[0]))
                                                     for i, v in enumerate(values)), abs=1e-9)
+    for row in rows.values():  # the interval holds its estimate
+        assert row["test_error_barrier_low"] <= row["test_error_barrier"] <= row["test_error_barrier_high"]
     assert rows[ALL]["test_error_barrier"] > 5  # two independent networks: the straight line has a barrier
+    assert rows[ALL]["test_error_barrier_low"] > 0  # ... that test sampling alone does not explain
     assert {p.name for p in (tmp_path / "lb").iterdir()} >= {"layer_barrier.json", "layer_barrier.csv",
                                                               "layer_barrier.png"}
 

@@ -195,3 +195,15 @@ def test_equal_budget_members_sum_to_the_budget() -> None:
             assert sum(epochs) == budget and len(epochs) == m and max(epochs) - min(epochs) <= 1
     with pytest.raises(ValueError):
         equal_budget_epochs(2, 3)
+
+
+def test_bootstrap_of_a_maximum_equals_a_direct_computation() -> None:
+    """bootstrap_max_of_means: in each resample (the module's index stream) the largest of the
+    rows' means, and its percentiles; the estimate is the largest row mean."""
+    rng = np.random.default_rng(7)
+    values = rng.normal(size=(4, 60)) + np.array([[0.0], [0.3], [0.1], [0.25]])
+    got = st.bootstrap_max_of_means(values, resamples=500, seed=3)
+    index = st.bootstrap_indices(60, 500, 3)
+    maxima = np.max([[row[i].mean() for row in values] for i in index], axis=1)
+    assert got.mean == pytest.approx(values.mean(axis=1).max(), abs=1e-12)
+    assert (got.low, got.high) == pytest.approx(tuple(np.percentile(maxima, [2.5, 97.5])), abs=1e-12)

@@ -84,6 +84,27 @@ def bootstrap_means(
     of one comparison come from the same bootstrap draws.
     """
     d = np.atleast_2d(np.asarray(differences, dtype=np.float64))
+    means = _resampled_means(d, resamples, seed)
+    tail = (1.0 - level) / 2 * 100.0
+    low, high = np.percentile(means, [tail, 100.0 - tail], axis=1)
+    return [Interval(float(d[r].mean()), float(low[r]), float(high[r]), resamples, seed) for r in range(len(d))]
+
+
+def bootstrap_max_of_means(
+    values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED, level: float = LEVEL
+) -> Interval:
+    """Interval of max_r mean(values[r]) for `values` [M, n] (M statistics on the same n examples,
+    e.g. a barrier: the largest mean rise over the points of a path), from the same resampled
+    examples for every row. A percentile interval of a maximum leans high when rows tie."""
+    d = np.atleast_2d(np.asarray(values, dtype=np.float64))
+    maxima = _resampled_means(d, resamples, seed).max(axis=0)
+    tail = (1.0 - level) / 2 * 100.0
+    low, high = np.percentile(maxima, [tail, 100.0 - tail])
+    return Interval(float(d.mean(axis=1).max()), float(low), float(high), resamples, seed)
+
+
+def _resampled_means(d: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """[M, resamples]: each row's mean over each bootstrap resample of its n columns."""
     rows, n = d.shape
     if n == 0:
         raise ValueError("a bootstrap over 0 examples")
@@ -100,9 +121,7 @@ def bootstrap_means(
         flat = (index + np.arange(size)[:, None] * n).ravel()
         counts = np.bincount(flat, minlength=size * n).reshape(size, n).astype(np.float64)
         means[:, start:start + size] = (counts @ d.T).T / n
-    tail = (1.0 - level) / 2 * 100.0
-    low, high = np.percentile(means, [tail, 100.0 - tail], axis=1)
-    return [Interval(float(d[r].mean()), float(low[r]), float(high[r]), resamples, seed) for r in range(rows)]
+    return means
 
 
 def paired_bootstrap(

@@ -43,6 +43,7 @@ from modeconn.training.core.networks import (
 from modeconn.training.core.reports import csv_text, png_bytes, pyplot
 from modeconn.training.core.runs import check_report_folder
 from modeconn.training.core.sources import check_same_network
+from modeconn.training.core.statistics import Interval, bootstrap_max_of_means, per_example_losses
 from modeconn.training.curves.align import align_states, network_checkpoint
 
 ALL = "(all)"
@@ -78,13 +79,17 @@ def mixed_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], keys: li
 
 
 @torch.no_grad()
-def point_metrics(model: nn.Module, state: dict[str, torch.Tensor], data: Dataset, split: str) -> dict[str, float]:
-    """Train NLL and `split` NLL / error of `model` holding `state`, BN recomputed on the train split."""
+def point_metrics(model: nn.Module, state: dict[str, torch.Tensor], data: Dataset,
+                  split: str) -> tuple[dict[str, float], np.ndarray]:
+    """Train NLL and `split` NLL / error of `model` holding `state`, BN recomputed on the train
+    split; and the per-example `split` errors (0 or 100) the barrier's interval is drawn from."""
     model.load_state_dict(state)
     recompute_bn(model, data).eval()
     train = classification_metrics(predict_probs(model, data, "train"), data.y_train)
-    held = classification_metrics(predict_probs(model, data, split), getattr(data, f"y_{split}"))
-    return {"train_nll": train["nll"], f"{split}_nll": held["nll"], f"{split}_error": held["error"]}
+    probs, labels = predict_probs(model, data, split), data.labels(split)
+    held = classification_metrics(probs, labels)
+    errors = per_example_losses(probs, labels)["error"]
+    return {"train_nll": train["nll"], f"{split}_nll": held["nll"], f"{split}_error": held["error"]}, errors
 
 
 def barrier(values: list[float], alphas: np.ndarray) -> tuple[float, float]:
@@ -93,6 +98,14 @@ def barrier(values: list[float], alphas: np.ndarray) -> tuple[float, float]:
     rise = v - ((1 - alphas) * v[0] + alphas * v[-1])
     i = int(np.argmax(rise))
     return float(rise[i]), float(alphas[i])
+
+
+def barrier_interval(errors: np.ndarray, alphas: np.ndarray) -> Interval:
+    """The error barrier with its paired bootstrap interval over the held-out examples: per
+    example, the rise of its error (0 or 100) above the line between the path's ends, at each α
+    [points, n]; the barrier is the largest mean rise, resampled with the same examples at every α."""
+    rise = errors - ((1 - alphas)[:, None] * errors[0] + alphas[:, None] * errors[-1])
+    return bootstrap_max_of_means(rise)
 
 
 def check_settings(points: int, split: str, data: Dataset) -> None:
@@ -110,25 +123,28 @@ def layer_barriers(model: nn.Module, a: dict[str, torch.Tensor], b: dict[str, to
     groups = {**parameter_groups(model, by), ALL: [name for name, _ in model.named_parameters()]}
     alphas = np.linspace(0.0, 1.0, points)
     rows, curves = [], {}
-    a_metrics = point_metrics(model, a, data, split)  # α = 0 is A for every group
+    a_point = point_metrics(model, a, data, split)  # α = 0 is A for every group
     with progress.task("layer-barrier", len(groups) * (points - 1)) as advance:
         for name, keys in groups.items():
-            seen = [a_metrics]
+            seen = [a_point]
             for alpha in alphas[1:]:
                 seen.append(point_metrics(model, mixed_state(a, b, keys, float(alpha)), data, split))
                 advance(status=name)
-            curves[name] = {metric: [m[metric] for m in seen] for metric in seen[0]}
+            curves[name] = {metric: [m[metric] for m, _ in seen] for metric in seen[0][0]}
             loss_barrier, loss_at = barrier(curves[name]["train_nll"], alphas)
             error_barrier, error_at = barrier(curves[name][f"{split}_error"], alphas)
+            interval = barrier_interval(np.stack([e for _, e in seen]), alphas)
             rows.append({
                 "group": name, "parameters": sum(a[k].numel() for k in keys),
                 "train_nll_barrier": loss_barrier, "train_nll_barrier_alpha": loss_at,
                 f"{split}_error_barrier": error_barrier, f"{split}_error_barrier_alpha": error_at,
+                f"{split}_error_barrier_low": interval.low, f"{split}_error_barrier_high": interval.high,
                 f"{split}_error_max": max(curves[name][f"{split}_error"]),
                 f"{split}_error_at_1": curves[name][f"{split}_error"][-1],
             })
     return {"by": by, "split": split, "alphas": alphas.tolist(), "groups": rows, "curves": curves,
-            "start": a_metrics}
+            "start": a_point[0], "interval": "95 % paired bootstrap over the held-out examples (1000 resamples, "
+            "seed 0), the same resampled examples at every α: test sampling only, not training randomness"}
 
 
 def evaluate_layer_barriers(start: Path, end: Path, out_dir: Path, points: int = 11, by: str = "layer",
@@ -168,11 +184,13 @@ def _log(report: dict[str, Any], seconds: float) -> None:
     split = report["split"]
     progress.log(f"layer-barrier by {report['by']}, {len(report['alphas'])} points, BN recomputed at each "
                  f"({report['held_out_size']} {split} examples; {seconds:.1f}s):")
-    progress.log(f"  {'group':<28} {'params':>9} {'train NLL barrier':>18} {split + ' error barrier, pp':>22} "
+    progress.log(f"  {'group':<28} {'params':>9} {'train NLL barrier':>18} {split + ' error barrier, pp [95 %]':>30} "
                  f"{'A with B' + chr(39) + 's group, %':>20}")
     for r in report["groups"]:
-        progress.log(f"  {r['group']:<28} {r['parameters']:>9} {r['train_nll_barrier']:>18.4f} "
-                     f"{r[f'{split}_error_barrier']:>22.2f} {r[f'{split}_error_at_1']:>20.2f}")
+        shown = f"{r[f'{split}_error_barrier']:.2f} [{r[f'{split}_error_barrier_low']:.2f}, " \
+                f"{r[f'{split}_error_barrier_high']:.2f}]"
+        progress.log(f"  {r['group']:<28} {r['parameters']:>9} {r['train_nll_barrier']:>18.4f} {shown:>30} "
+                     f"{r[f'{split}_error_at_1']:>20.2f}")
 
 
 def _plot(report: dict[str, Any]) -> bytes:
