@@ -62,10 +62,11 @@ GRIDS: dict[str, dict[str, Any]] = {
         "fge": [{"cycle_epochs": c, "lr1": lr1} for c in (1.0, 2.0) for lr1 in (0.2, 0.4, 0.8)],
         "sse": [{"snapshots": n, "lr": lr} for n in (3, 5) for lr in (0.1, 0.2, 0.4)],
         # λ of −λ log(V² + ε): a doubling of the simplex changes log V² by a fixed amount (a triangle:
-        # 4 log 2 = 2.8) whatever its size, so λ trades against the change in training loss it buys;
-        # from 0 (off) and 1e-4 (a 3e-4 term: only the push off the centroid counts) to 1 (a 2.8 term
-        # against losses of a few tenths: the volume dominates)
-        "simplex": [{"volume_weight": v} for v in (0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)],
+        # 4 log 2 = 2.8) whatever its size, so λ trades against the change in training loss it buys.
+        # Swept alone (0 to 1) at the reference code's vertex lr 0.01, λ 0 to 1e-2 differed by 0.004
+        # and 1 dominated the loss (sweep-ensembles-simplex-volume-demo-2026-12-07): the vertices'
+        # lr decides how far they move, so it is swept with the two useful λ
+        "simplex": [{"lr": lr, "volume_weight": v} for lr in (0.01, 0.1, 0.4) for v in (1e-2, 1e-1)],
         "equal_check": True,
     },
     # four per method, the lr only (each method's cycle as the config has it), for larger data
@@ -239,8 +240,8 @@ def sweep(config: Config, seeds: int, grid: dict[str, Any], work: Path, jobs: in
     simplex: dict[str, list[Scores]] = {}
     for job in simplexes:
         run_config, _, run_dir = job.args
-        simplex.setdefault(_name({"volume_weight": run_config.simplex.volume_weight}), []).append(
-            simplex_scores(run_dir, run_config, data, device))
+        setting = next(s for s in grid["simplex"] if all(getattr(run_config.simplex, k) == v for k, v in s.items()))
+        simplex.setdefault(_name(setting), []).append(simplex_scores(run_dir, run_config, data, device))
     fge: dict[str, list[Scores]] = {}
     for job in second:
         run_config, _, run_dir = job.args
@@ -300,8 +301,8 @@ def main() -> int:
     if found["simplex"]:
         split = equal_budget_epochs(epochs, config.simplex.vertices)
         add_section(run, f"Simplex: ESPRO from the network at the chosen train.lr {found['chosen']['train']['lr']:g}, "
-                    f"{config.simplex.vertices} trained vertices of {' + '.join(map(str, split))} epochs (lr "
-                    f"{config.simplex.lr:g}, cosine), per simplex.volume_weight: compare's 2B, its smallest budget; the "
+                    f"{config.simplex.vertices} trained vertices of {' + '.join(map(str, split))} epochs (cosine from lr), "
+                    f"per setting of simplex ({', '.join(grid['simplex'][0])}): compare's 2B, its smallest budget; the "
                     f"ensemble of {config.simplex.ensemble_size} sampled points, BN recomputed", HEADERS,
                     rank(found["simplex"]), notes=where, data=found["simplex"])
     chosen = found["chosen"]

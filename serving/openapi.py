@@ -293,7 +293,7 @@ def _sets_answer(schema: dict[str, Any], sets: Any, classes: list[str]) -> dict[
         return schema
     labels = {"type": "string", "enum": sorted(set(classes))}
     props["prediction_sets"] = {
-        "type": "array", "items": {"type": "array", "items": labels, "minItems": 1, "maxItems": len(classes)},
+        "type": "array", "items": {"type": "array", "items": labels, "minItems": 0, "maxItems": len(classes)},
         "description": props["prediction_sets"]["description"]}
     props["coverage"] = {"type": "number", "enum": list(sets.coverages), "description": props["coverage"]["description"]}
     props["set_method"] = {"type": "string", "enum": ["aps", "raps"], "description": props["set_method"]["description"]}

@@ -35,7 +35,8 @@ NO_BN = {"model.kwargs": {"width": 8, "batchnorm": False}, "train.lr": 0.02}
 BN = {"model.kwargs": {"width": 8}}
 # the published MNIST-1D, all 4000 training signals (32 steps of 128 per epoch)
 TINY = {"device": "cpu", "data.val_size": 0, "train.epochs": 2, "train.save_every": 1, "curve.epochs": 1, "curve.save_every": 1,
-        "fge.epochs": 1, "fge.cycle_epochs": 1, "sse.epochs": 1, "sse.cycle_epochs": 1}
+        "fge.epochs": 1, "fge.cycle_epochs": 1, "sse.epochs": 1, "sse.cycle_epochs": 1,
+        "fge.bn_update": True}  # the standard config keeps training's averages; this test checks the recompute
 
 
 def config(**overrides: object):  # noqa: ANN201

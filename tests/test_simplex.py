@@ -185,7 +185,10 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, small_runs: dict[st
 
 
 def test_command_fits_evaluates_and_resumes_after_a_kill(small_runs: dict[str, Path], tmp_path: Path,
-                                                        capsys: pytest.CaptureFixture) -> None:
+                                                        capsys: pytest.CaptureFixture,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # one thread in this process as in the killed one: 1 and 2 threads round differently (AMD EPYC)
+    monkeypatch.setenv("MODECONN_THREADS", "1")
     argv = ["simplex", "--runs", str(small_runs["net0"]), *FAST]
     reference = tmp_path / "reference"
     code, stdout, _ = _run([*argv, "--out", str(reference), "--json"], capsys)
