@@ -31,6 +31,7 @@ benchmarks/results/sweep-ensembles-<config name>-<date>.{md,json}.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -161,11 +162,14 @@ def val_scores(member_probs: torch.Tensor, labels: torch.Tensor) -> Scores:
 
 
 def rank(results: dict[str, list[Scores]]) -> list[list[Any]]:
-    """Table rows, best (lowest mean calibrated validation NLL) first."""
+    """Table rows, best (lowest mean calibrated validation NLL) first; a setting that diverged
+    (a non-finite score on any seed) ranks last, its mean inf."""
     rows = []
     for name, per_seed in results.items():
         cal = [r["cal_nll"] for r in per_seed]
-        rows.append([name, statistics.fmean(cal), statistics.stdev(cal) if len(cal) > 1 else 0.0,
+        finite = all(math.isfinite(v) for v in cal)
+        spread = (statistics.stdev(cal) if len(cal) > 1 else 0.0) if finite else math.nan
+        rows.append([name, statistics.fmean(cal) if finite else math.inf, spread,
                      statistics.fmean(r["nll"] for r in per_seed), statistics.fmean(r["error"] for r in per_seed),
                      " / ".join(f"{v:.4f}" for v in cal)])
     return sorted(rows, key=lambda r: r[1])

@@ -37,11 +37,13 @@ import atexit
 import logging
 import os
 import shutil
+import signal
 import stat
 import tempfile
-import time
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from modeconn.contract.artifact import ArtifactError, load_artifact
 
@@ -54,6 +56,7 @@ ARTIFACT_DIR_ENV = "MODECONN_ARTIFACT_DIR"  # the private verified copy, inside 
 ARTIFACT_TAG_ENV = "MODECONN_ARTIFACT_TAG"  # the tag the hook resolved (the model name may say "latest")
 _SERVED = "served"
 RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0
+STOP_POLL_S = 1.0
 
 
 def verify_before_workers(model_name: str) -> None:
@@ -112,12 +115,47 @@ def remove_run_dir(run_dir: Path) -> None:
 
 def retry_until(attempt: Callable[[], bool], what: str) -> None:
     """Call `attempt` until it answers True, waiting 1, 2, 4 ... 30 s between tries (a
-    replacement worker whose siblings serve: it takes no connection meanwhile)."""
-    wait = RETRY_FIRST_S
-    while not attempt():
-        logger.warning("%s failed; this worker takes no connections and retries in %.0f s", what, wait)
-        time.sleep(wait)
-        wait = min(2 * wait, RETRY_MAX_S)
+    replacement worker whose siblings serve: it takes no connection meanwhile).
+
+    The wait blocks the worker's event loop, so uvicorn's own SIGTERM/SIGINT handling cannot
+    run: the worker stops (SystemExit) when it is asked to (the signal then also reaches the
+    handler it replaced) or when its arbiter is gone, instead of retrying as an orphan."""
+    parent, stop = os.getppid(), threading.Event()
+    replaced = _catch_stop_signals(stop)
+    try:
+        wait = RETRY_FIRST_S
+        while not attempt():
+            logger.warning("%s failed; this worker takes no connections and retries in %.0f s", what, wait)
+            waited = 0.0
+            while waited < wait:  # in steps, to notice an arbiter that died without a word
+                if stop.wait(min(STOP_POLL_S, wait - waited)) or os.getppid() != parent:
+                    logger.warning("%s: this worker stops (%s)", what,
+                                   "asked to" if stop.is_set() else "its server is gone")
+                    raise SystemExit(0)
+                waited += STOP_POLL_S
+            wait = min(2 * wait, RETRY_MAX_S)
+    finally:
+        for number, handler in replaced.items():
+            signal.signal(number, handler)
+
+
+def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
+    """SIGTERM and SIGINT set `stop` and then go to the handlers they had (returned, to be put
+    back); nothing where signals cannot be caught (a thread other than the main one)."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    replaced: dict[int, Any] = {}
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+
+        def asked(signum: int, frame: Any, previous: Any = previous) -> None:
+            stop.set()
+            if callable(previous):
+                previous(signum, frame)
+
+        replaced[number] = previous
+        signal.signal(number, asked)
+    return replaced
 
 
 def siblings_have_served() -> bool:

@@ -10,6 +10,7 @@ grows to 1e-6 after 64 and 9e-5 after 96), hence so few steps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -228,7 +229,7 @@ def test_killed_two_rank_run_resumes_to_the_uninterrupted_weights(runs: dict[str
     # rank 0 stops right after writing the first checkpoint (rank 1 then waits for it in the
     # next epoch's first all-reduce): an explicit hook, not a race with the second epoch
     job = start_held([*cli, *args], "train:epoch-1", ENV, cwd=REPO, start_new_session=True)
-    os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks
+    _kill_torchrun(job)
     job.wait(timeout=60)
     assert (out / "checkpoints" / "epoch-0001.pt").exists(), "the run never wrote its first checkpoint"
     assert not (out / "checkpoints" / "epoch-0002.pt").exists(), "the run went on past the hold"
@@ -281,7 +282,7 @@ def test_two_nodes_train_the_single_node_two_rank_weights(runs: dict[str, Any], 
     finally:
         for node in nodes:
             if node.poll() is None:
-                os.killpg(node.pid, signal.SIGKILL)
+                _kill_torchrun(node)
     assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outputs]
     # the rendezvous, not --node-rank, decides which agent's process is rank 0: it prints
     (stdout, stderr), = [o for o in outputs if o[0].strip()]
@@ -296,20 +297,34 @@ def test_two_nodes_train_the_single_node_two_rank_weights(runs: dict[str, Any], 
     assert all(torch.equal(reference[k], final["model"][k]) for k in reference)
 
 
-def _rank_pid(parent: int, rank: int) -> int | None:
-    """The pid of the worker process with RANK `rank` that torchrun (`parent`) started."""
+def _workers(parent: int) -> dict[int, list[bytes]]:
+    """The worker processes torchrun (`parent`) started: pid -> environment."""
+    found = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             status = (proc / "status").read_text()
             ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-            if ppid != parent:
-                continue
-            env = (proc / "environ").read_bytes().split(b"\0")
-            if f"RANK={rank}".encode() in env:
-                return int(proc.name)
+            if ppid == parent:
+                found[int(proc.name)] = (proc / "environ").read_bytes().split(b"\0")
         except (OSError, ValueError, StopIteration):
             continue
-    return None
+    return found
+
+
+def _rank_pid(parent: int, rank: int) -> int | None:
+    """The pid of the worker process with RANK `rank` that torchrun (`parent`) started."""
+    return next((pid for pid, env in _workers(parent).items() if f"RANK={rank}".encode() in env), None)
+
+
+def _kill_torchrun(job: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks: torchrun starts each rank in a session of its own, so
+    killing torchrun's process group alone leaves them running (a held rank forever)."""
+    ranks = _workers(job.pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(job.pid, signal.SIGKILL)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -334,7 +349,7 @@ def test_one_killed_rank_restarts_and_ends_with_the_uninterrupted_weights(runs: 
         stdout, stderr = job.communicate(timeout=600)
     finally:
         if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+            _kill_torchrun(job)
     assert job.returncode == 0, stderr[-3000:]
     assert "resumed from" in stderr  # the restarted ranks continued from the checkpoint
     assert json.loads(stdout.strip().splitlines()[-1])["checkpoint"] == str(out / "final.pt")

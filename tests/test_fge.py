@@ -665,6 +665,6 @@ def _check_compare_intervals(run_dir: Path, result: dict, table: str) -> None:
     # comparisons x budgets x metrics (calibrated NLL, error, NLL, Brier) x (2 seeds + mean + two-level);
     # FGE − Ind m=M where the equal-budget ensemble exists;
     # SWAG - FGE only at 2B (one FGE snapshot at 1B has no spread)
-    # and Simplex − FGE, Simplex − Ind m=2 and m=3 at 2B
-    assert len(written) == (6 * 2 + 1 + 3 + 3) * 4 * 4  # FGE − Ind m=2 at 1B and 2B, m=3 at 2B
+    # and Simplex − FGE, Simplex − Ind m*, m=2 and m=3 at 2B
+    assert len(written) == (6 * 2 + 1 + 3 + 4) * 4 * 4  # FGE − Ind m=2 at 1B and 2B, m=3 at 2B
     assert json.loads((run_dir / "compare.json").read_text())["differences"] == result["differences"]

@@ -423,3 +423,64 @@ def test_workers_variable_is_read_strictly(monkeypatch: pytest.MonkeyPatch) -> N
         monkeypatch.setenv("MODECONN_WORKERS", bad)
         with pytest.raises(ValueError, match=f"MODECONN_WORKERS='{bad}': {why}"):
             env_int("MODECONN_WORKERS", 2, minimum=1)
+
+
+# -- a replacement that keeps failing to load stops when it should ---------------------------------
+
+# as in a worker: uvicorn's handler only notes the signal, for an event loop the wait blocks
+RETRYING = """
+import logging, signal, sys
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+noted = []
+signal.signal(signal.SIGTERM, lambda number, frame: noted.append(number))
+from modeconn.serving.startup import retry_until
+try:
+    retry_until(lambda: False, "loading the artifact")
+finally:
+    print("handler saw", noted, file=sys.stderr, flush=True)
+"""
+ORPHANING = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1]], stderr=open(sys.argv[2], "w"))
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def _until_retrying(read: Callable[[], str]) -> None:
+    deadline = time.monotonic() + 60
+    while "retries in" not in read():
+        assert time.monotonic() < deadline, read()
+        time.sleep(0.05)
+
+
+def test_a_retrying_worker_stops_when_asked_and_when_its_server_dies(tmp_path: Path) -> None:
+    """Between tries the wait blocks the worker's event loop, so uvicorn's SIGTERM handling
+    cannot run: without its own check a replacement that cannot load outlived `bentoml serve`
+    stopping (or the arbiter killed), retrying forever."""
+    log = tmp_path / "asked.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", RETRYING], stderr=err, env=base_env(tmp_path))
+    try:
+        _until_retrying(log.read_text)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "loading the artifact: this worker stops (asked to)" in log.read_text()
+    assert "handler saw [15]" in log.read_text()  # the handler it replaced still heard of it
+
+    log = tmp_path / "orphaned.log"
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANING, RETRYING, str(log)], stdout=subprocess.PIPE,
+                              text=True, env=base_env(tmp_path))
+    child = psutil.Process(int(parent.stdout.readline()))
+    try:
+        _until_retrying(log.read_text)
+        parent.kill()  # the arbiter gone without a word: the worker is now an orphan
+        parent.wait(timeout=10)
+        child.wait(timeout=10)
+    finally:
+        if child.is_running():
+            child.kill()
+    assert "loading the artifact: this worker stops (its server is gone)" in log.read_text()

@@ -5,6 +5,7 @@ prediction."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ SETTINGS = {"device": "cpu", "model.kwargs.width": 8, "data.generation": {}, "da
             "sse.epochs": 2, "simplex.ensemble_size": 3}
 GRID = {"train": [{"lr": 0.02}, {"lr": 0.1}], "fge": [{"cycle_epochs": 1.0, "lr1": 0.05}, {"cycle_epochs": 1.0, "lr1": 0.1}],
         "sse": [{"snapshots": 1, "lr": 0.05}, {"snapshots": 2, "lr": 0.1}],
-        "simplex": [{"volume_weight": 1e-3}, {"volume_weight": 1.0}], "equal_check": True}
+        "simplex": [{"lr": 0.01, "volume_weight": 1e-3}, {"lr": 0.01, "volume_weight": 1.0}], "equal_check": True}
 
 
 @pytest.mark.slow
@@ -90,10 +91,10 @@ def _check_simplex(found: dict, config, seed_dir: Path) -> None:
     from modeconn.training.simplex.model import sample_weights
 
     train = seed_dir / f"train-lr{found['chosen']['train']['lr']:g}"
-    run = seed_dir / f"simplex-from-{train.name}-volume_weight1"
+    run = seed_dir / f"simplex-from-{train.name}-lr0.01-volume_weight1"
     vertices = [load_checkpoint(path) for path in sorted(run.glob("vertex-*/vertex.pt"))]
     assert [max(r["epoch"] for r in v["history"]) for v in vertices] == [1, 1]
-    assert {v["config"]["simplex"]["volume_weight"] for v in vertices} == {1.0}
+    assert {(v["config"]["simplex"]["lr"], v["config"]["simplex"]["volume_weight"]) for v in vertices} == {(0.01, 1.0)}
     simplex = load_checkpoint(run / "final.pt")
     net, state = load_network(train / "final.pt")
     names = [n for n, _ in net.named_parameters()]
@@ -109,5 +110,15 @@ def _check_simplex(found: dict, config, seed_dir: Path) -> None:
         net.load_state_dict({**simplex["base"], **{n: c.view(shapes[n]) for n, c in zip(names, chunks, strict=True)}})
         members.append(predict_probs(recompute_bn(net, data).eval(), data, "val").double())
     expected = classification_metrics(torch.stack(members).mean(0), data.y_val)
-    assert found["simplex"]["volume_weight 1"][1]["nll"] == pytest.approx(expected["nll"], abs=1e-4)
-    assert found["simplex"]["volume_weight 1"][1]["error"] == pytest.approx(expected["error"], abs=0.11)  # 1 of 400
+    assert found["simplex"]["lr 0.01, volume_weight 1"][1]["nll"] == pytest.approx(expected["nll"], abs=1e-4)
+    assert found["simplex"]["lr 0.01, volume_weight 1"][1]["error"] == pytest.approx(expected["error"], abs=0.11)  # 1 of 400
+
+
+def test_a_diverged_setting_ranks_last_and_the_rest_as_before() -> None:
+    scores = {"lr 0.4": [{"cal_nll": float("nan"), "nll": float("nan"), "error": 90.0}, {"cal_nll": 0.2, "nll": 0.3, "error": 6.0}],
+              "lr 0.1": [{"cal_nll": 0.3, "nll": 0.4, "error": 8.0}, {"cal_nll": 0.5, "nll": 0.6, "error": 9.0}],
+              "lr 0.2": [{"cal_nll": 0.25, "nll": 0.3, "error": 7.0}]}
+    rows = sweep_ensembles.rank(scores)
+    assert [r[0] for r in rows] == ["lr 0.2", "lr 0.1", "lr 0.4"]
+    assert rows[1][1:3] == pytest.approx([0.4, 0.1414213562])  # mean and sample std of 0.3, 0.5
+    assert rows[0][2] == 0.0 and rows[2][1] == math.inf and math.isnan(rows[2][2])

@@ -28,9 +28,10 @@ networks whose ensemble reaches its calibrated NLL.
 
 Statistics (training/core/statistics.py): every metric as mean ± std over seeds, and 95 % intervals
 of FGE − Ind, FGE − Ind m*, FGE − each Ind m=M, FGE − SSE, FGE − single network (the first Ind
-network), SWA − single network, SWA − FGE, SWAG − FGE, Simplex − FGE and Simplex − each Ind m=M at each budget: per seed and for the seed mean over test examples (paired
-bootstrap: test sampling only), and for the seed mean over seeds and test examples (two-level
-bootstrap: training randomness too). Written to compare.md
+network), SWA − single network, SWA − FGE, SWAG − FGE, Simplex − FGE, Simplex − Ind m* and
+Simplex − each Ind m=M at each budget: per seed and for the seed mean over test examples
+(paired bootstrap: test sampling only), and for the seed mean over seeds and test examples
+(two-level bootstrap: training randomness too). Written to compare.md
 (with machine, date and test-set size), compare.csv (per-seed metrics), compare_differences.csv
 and compare.json.
 
@@ -440,11 +441,11 @@ def _choose_equal_budget(rows: list[dict[str, Any]], losses: list[dict[tuple[str
 def comparisons(losses: list[dict[tuple[str, int], Losses]]) -> list[tuple[str, str, str]]:
     """COMPARISONS with FGE against each equal-budget ensemble the runs have, after FGE − Ind m*:
     where validation prefers one network, the baseline that may win is in those rows; and, where
-    there is a simplex, Simplex against each of them too."""
+    there is a simplex, Simplex against the one validation prefers and each of them too."""
     present = {method for seed_losses in losses for method, _ in seed_losses}
     equal = sorted((m for m in present if m.startswith("Ind m=")), key=lambda m: int(m.split("=")[1]))
     at = [name for name, *_ in COMPARISONS].index("FGE - Ind m*") + 1
-    simplex = [(f"{SIMPLEX} - {m}", SIMPLEX, m) for m in equal] if SIMPLEX in present else []
+    simplex = [(f"{SIMPLEX} - {m}", SIMPLEX, m) for m in (CHOSEN, *equal)] if SIMPLEX in present else []
     return [*COMPARISONS[:at], *((f"FGE - {m}", "FGE", m) for m in equal), *COMPARISONS[at:], *simplex]
 
 
