@@ -369,14 +369,14 @@ def test_demo_curve_connects_the_endpoints(demo_curve: dict[str, Any], trained_p
 
     report = json.loads(Path(ev["json"]).read_text())
     curve_rows, line_rows = report["curve"], report["line"]
-    assert [r["t"] for r in curve_rows] == [i / 60 for i in range(61)]
+    assert [r["t"] for r in curve_rows] == [i / 30 for i in range(31)]  # the fixture's 31 points
     assert max(r["test_error"] for r in curve_rows) == ev["curve_max_test_error"]
     assert max(r["test_error"] for r in line_rows) == ev["line_max_test_error"]
     assert line_rows[0]["test_error"] == curve_rows[0]["test_error"]  # the same endpoints
 
     with open(ev["csv"], newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 61
+    assert len(rows) == 31
     assert [float(r["curve_test_error"]) for r in rows] == pytest.approx([r["test_error"] for r in curve_rows])
     png = Path(ev["png"]).read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
