@@ -402,3 +402,37 @@ def test_compare_jobs_2_equals_jobs_1(tmp_path: Path, monkeypatch: pytest.Monkey
     for rel in [*snapshots, Path("seed-0/ind-0/final.pt")]:
         a, b = _weights(one / rel), _weights(two / rel)
         assert all(torch.equal(a[k], b[k]) for k in a), rel
+
+
+ORPHANED_POOL = """
+import time, torch
+from modeconn.training.core.distributed import Job, run_jobs
+run_jobs([Job(time.sleep, (600,)), Job(time.sleep, (600,))], 2, torch.device("cpu"))
+"""
+
+
+def test_job_workers_end_when_their_command_is_killed() -> None:
+    """`compare --jobs 2` (run_jobs) SIGKILLed: its pool's workers end too, instead of training
+    the jobs they hold for nobody."""
+    import psutil
+
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANED_POOL], cwd=REPO, env=ENV)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[psutil.Process] = []
+        while len(workers) < 2:  # both spawned and holding a job (a spawn helper may be a child too)
+            assert time.monotonic() < deadline and parent.poll() is None, "the pool never started its workers"
+            workers = [p for p in psutil.Process(parent.pid).children()
+                       if "spawn_main" in " ".join(p.cmdline())]
+            time.sleep(0.2)
+        time.sleep(3)  # past their initialiser: now in time.sleep(600)
+        parent.kill()
+        parent.wait(timeout=10)
+        gone, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()

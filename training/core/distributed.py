@@ -20,6 +20,7 @@ import copy
 import inspect
 import multiprocessing
 import os
+import signal
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -317,7 +318,8 @@ def run_jobs(jobs: list[Job], parallel: int, device: torch.device, ray: str | No
     results: dict[int, Any] = {}
     waiting = list(range(len(jobs)))
     started = 0
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
         running: dict[Future, int] = {}
         while waiting or running:
             for i in [i for i in waiting if all(a in results for a in jobs[i].after)]:
@@ -333,6 +335,22 @@ def run_jobs(jobs: list[Job], parallel: int, device: torch.device, ray: str | No
             for future in done:
                 results[running.pop(future)] = future.result()  # a job's error ends the whole set
     return [results[i] for i in range(len(jobs))]
+
+
+def _end_with_parent(parent: int) -> None:
+    """A worker ends when the command that started it does: killed without a word (SIGKILL, an
+    OOM kill), it cannot tell its pool to stop, and the workers would go on training jobs
+    nobody collects. Linux only (prctl's parent-death signal); elsewhere nothing changes."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os._exit(1)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _job_entry(fn: Callable[..., Any], args: tuple[Any, ...], gpu: int | None, side_by_side: int) -> Any:
