@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 from torch.nn import functional as F
@@ -297,23 +298,22 @@ def test_two_nodes_train_the_single_node_two_rank_weights(runs: dict[str, Any], 
     assert all(torch.equal(reference[k], final["model"][k]) for k in reference)
 
 
-def _workers(parent: int) -> dict[int, list[bytes]]:
+def _workers(parent: int) -> dict[int, list[str]]:
     """The worker processes torchrun (`parent`) started: pid -> environment."""
+    try:
+        children = psutil.Process(parent).children()
+    except psutil.NoSuchProcess:  # torchrun already gone
+        return {}
     found = {}
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            status = (proc / "status").read_text()
-            ppid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-            if ppid == parent:
-                found[int(proc.name)] = (proc / "environ").read_bytes().split(b"\0")
-        except (OSError, ValueError, StopIteration):
-            continue
+    for proc in children:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            found[proc.pid] = [f"{k}={v}" for k, v in proc.environ().items()]
     return found
 
 
 def _rank_pid(parent: int, rank: int) -> int | None:
     """The pid of the worker process with RANK `rank` that torchrun (`parent`) started."""
-    return next((pid for pid, env in _workers(parent).items() if f"RANK={rank}".encode() in env), None)
+    return next((pid for pid, env in _workers(parent).items() if f"RANK={rank}" in env), None)
 
 
 def _kill_torchrun(job: subprocess.Popen) -> None:
@@ -414,8 +414,6 @@ run_jobs([Job(time.sleep, (600,)), Job(time.sleep, (600,))], 2, torch.device("cp
 def test_job_workers_end_when_their_command_is_killed() -> None:
     """`compare --jobs 2` (run_jobs) SIGKILLed: its pool's workers end too, instead of training
     the jobs they hold for nobody."""
-    import psutil
-
     parent = subprocess.Popen([sys.executable, "-c", ORPHANED_POOL], cwd=REPO, env=ENV)
     try:
         deadline = time.monotonic() + 120

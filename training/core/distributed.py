@@ -337,6 +337,9 @@ def run_jobs(jobs: list[Job], parallel: int, device: torch.device, ray: str | No
     return [results[i] for i in range(len(jobs))]
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _end_with_parent(parent: int) -> None:
     """A worker ends when the command that started it does: killed without a word (SIGKILL, an
     OOM kill), it cannot tell its pool to stop, and the workers would go on training jobs
@@ -348,9 +351,6 @@ def _end_with_parent(parent: int) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # it died before the signal was asked for
         os._exit(1)
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def _job_entry(fn: Callable[..., Any], args: tuple[Any, ...], gpu: int | None, side_by_side: int) -> Any:
