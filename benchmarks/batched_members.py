@@ -167,6 +167,71 @@ def bound_section(run: dict[str, Any], args: Any, device: torch.device) -> None:
         data=data)
 
 
+def step_flops_per_example(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """FLOPs of one training step (forward, loss, backward) per example, by torch's FLOP counter
+    (2 x multiply-adds of convolutions, linear layers and matmuls; elementwise work uncounted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(net(x), y).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() // len(y)
+
+
+def roofline_section(run: dict[str, Any], args: Any, device: torch.device) -> dict[str, Any]:
+    """How close one plain step already is to the machine's arithmetic rate: the step's FLOPs
+    times its examples/s against the best square matmul on the same threads. Batching K members
+    changes the shapes, not the FLOPs per example, so peak / achieved bounds what it can win."""
+    network, batches = demo_setup(device)
+    plain = cases_for(1, network, batches, device)["sequential K=1"]
+    seconds = common.interleaved({"plain step": plain}, rounds=args.rounds, min_sample_s=args.min_sample_s)
+    net, (x, y) = network(0).train(), batches(0)[0]
+    flops = step_flops_per_example(net, x, y)
+    achieved = flops * BATCH / seconds["plain step"].value / 1e9
+    peak = common.matmul_peak(args.threads, quick=args.quick)
+    ceiling = peak["gflops"] / achieved
+    common.add_section(
+        run, f"The roofline: one plain demo step against this machine's matmul rate, {args.threads} thread(s)",
+        ["training FLOPs per example", "plain step GFLOP/s", "best matmul GFLOP/s", "step / matmul",
+         "most any batching can give"],
+        [[f"{flops / 1e6:.2f} M", achieved, f"{peak['gflops']} ({peak['by']})", achieved / peak["gflops"],
+          f"{ceiling:.2f}x"]],
+        notes="FLOPs counted by torch.utils.flop_counter (convolutions, linear layers: forward and backward), "
+              "the plain step timed again here (median of quiet samples); the matmul rate is the best of torch.mm and numpy on 1024 and 2048 "
+              "square matrices, the same threads. A batched pass does the same FLOPs per example, so its speed-up "
+              "over the plain step is at most matmul / step (and reaching the matmul rate with 5-wide 1D "
+              "convolutions of 32-64 channels is not to be expected).",
+        data={"flops_per_example": flops, "achieved_gflops": achieved, "matmul": peak})
+    return {"flops_per_example": flops, "achieved_gflops": achieved, "matmul": peak}
+
+
+def compare_floor_section(run: dict[str, Any], args: Any, flops_per_example: int) -> None:
+    """The least time `compare` could take on this machine: the training examples its finished
+    run folder shows (every sub-run's metrics.jsonl, the epoch rows times the training set)
+    times the step's FLOPs, at the best matmul rate on all the machine's cores."""
+    import json
+
+    config = load_config(CONFIG, {"device": "cpu"})
+    train_size = len(load_data(dataset_spec(config.data), "cpu").y_train)
+    epochs = sum(sum(1 for line in p.read_text().splitlines() if line.strip())
+                 for p in sorted(Path(args.compare_run).rglob("metrics.jsonl")))
+    summary = json.loads((Path(args.compare_run) / "compare.json").read_text())
+    cores = run["machine"]["cores"]
+    peak = common.matmul_peak(cores, quick=args.quick)
+    torch.set_num_threads(args.threads)
+    total = epochs * train_size * flops_per_example
+    common.add_section(
+        run, f"compare's floor on this machine ({args.compare_run})",
+        ["training epochs", "examples", "training TFLOP", f"best matmul GFLOP/s, {cores} threads",
+         "floor s (training at the matmul rate)", "compare took s"],
+        [[epochs, epochs * train_size, total / 1e12, peak["gflops"], total / peak["gflops"] / 1e9,
+          summary["seconds"]]],
+        notes="Training only (evaluation forward passes uncounted), so the true floor is higher. The run's "
+              "epochs are counted from its own files: every sub-run's metrics.jsonl rows.",
+        data={"epochs": epochs, "train_size": train_size, "matmul": peak, "compare_seconds": summary["seconds"]})
+
+
 def end_to_end_section(run: dict[str, Any], args: Any) -> None:
     k = max(args.members)
     config = load_config(CONFIG, {"device": "cpu", "train.epochs": 1, "train.save_every": 1})
@@ -199,6 +264,8 @@ def main() -> None:
     parser.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8], help="the K values")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--end-to-end", action="store_true", help="also one demo epoch end to end (CPU)")
+    parser.add_argument("--compare-run", type=Path, default=None,
+                        help="a finished `modeconn compare` folder of the demo: also its floor on this machine (CPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -214,6 +281,10 @@ def main() -> None:
         run["gpu"] = torch.cuda.get_device_name()
     step_section(run, args, device)
     bound_section(run, args, device)
+    if device.type == "cpu":
+        roofline = roofline_section(run, args, device)
+        if args.compare_run is not None:
+            compare_floor_section(run, args, roofline["flops_per_example"])
     if args.end_to_end and device.type == "cpu":
         end_to_end_section(run, args)
     summary = ("Target on a quiet 2-core CPU: K = 8 at >= 3x the sequential examples/s; on a lent GPU the same "

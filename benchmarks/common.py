@@ -222,8 +222,16 @@ def spread(samples: Samples) -> str:
 def matmul_peak(threads: int, quick: bool = False) -> dict[str, Any]:
     """Best fp32 GFLOP/s of square matmuls (torch, and numpy's BLAS) on `threads` threads."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(threads)
+    with threadpool_limits(limits=threads):  # numpy's BLAS keeps its own threads: held to the same count
+        return _matmul_peak(threads, quick)
+
+
+def _matmul_peak(threads: int, quick: bool) -> dict[str, Any]:
+    import torch
+
     best: dict[str, float] = {}
     sizes = (1024, 2048) if not quick else (1024,)
     for n in sizes:

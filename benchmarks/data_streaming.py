@@ -100,6 +100,34 @@ def _cold_start(build: Callable[[], Dataset]) -> float:
     return time.perf_counter() - started
 
 
+def _cold_in_worker(spec: dict[str, Any], start_method: str | None) -> float:
+    """`_cold_start` in a `--jobs` worker (run_jobs), its loader workers started by
+    `start_method` (None: the worker's own default, the command's since the pool sets it)."""
+    import multiprocessing
+
+    if start_method is not None:
+        multiprocessing.set_start_method(start_method, force=True)
+    return _cold_start(lambda: build_dataset("image_folder", **spec))
+
+
+def _jobs_section(run: dict[str, Any], spec: dict[str, Any], rounds: int) -> None:
+    from modeconn.training.core.distributed import Job, run_jobs
+
+    jobs = [Job(_cold_in_worker, (spec, "spawn")), Job(_cold_in_worker, (spec, None))]
+    samples = [run_jobs(jobs, 2, torch.device("cpu")) for _ in range(rounds)]
+    spawned, inherited = (sorted(s[i] for s in samples) for i in (0, 1))
+    common.add_section(
+        run, f"First data epoch of the digits folder inside a `--jobs` worker ({spec['num_workers']} loader workers)",
+        ["loader workers started by", "seconds (median)", "all samples"],
+        [["spawn (a spawned pool worker's default, what jobs did before)", common.median(spawned),
+          ", ".join(f"{v:.2f}" for v in spawned)],
+         [f"the command's default ({__import__('multiprocessing').get_start_method()})", common.median(inherited),
+          ", ".join(f"{v:.2f}" for v in inherited)]],
+        notes="Both jobs side by side in one run_jobs pool of 2 (the way `compare --jobs 2` runs its sub-runs), "
+              "each round a fresh pool. Every streamed split's first pass, and every pass nested in another "
+              "(BN recomputation and snapshot evaluation inside an FGE epoch), starts its loader workers.")
+
+
 def main() -> None:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="streamed worker counts (default 0 1 2)")
@@ -141,6 +169,11 @@ def main() -> None:
               "persistent across epochs; the digits are decoded from PNG every epoch.")
     common.add_section(run, f"First epoch of a fresh streamed data set ({max(workers)} workers: they start)",
                        ["data set", "seconds"], cold)
+    if max(workers) > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_digits_folder(Path(tmp) / "digits")
+            _jobs_section(run, {"root": folder.root, "val_size": 180, "channels": 3, "num_workers": max(workers)},
+                          rounds)
     common.write_results(run, out_dir=args.out)
 
 

@@ -507,6 +507,7 @@ def test_compare_writes_the_budget_table_and_skips_finished_runs(tmp_path: Path,
     _check_simplex_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("Simplex", "2", "0")),
                        result, table)
     _check_swa_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("SWA", "2", "0")))
+    _check_swag_row(tmp_path / "seed-0", next(r for r in rows if (r["method"], r["k"], r["seed"]) == ("SWAG", "2", "0")))
     assert result["table"]["FGE"]["2B"]["members"] == 3
     # no --config: the built-in defaults (the demo's) with the overrides given, all recorded
     assert result["config_origin"]["file"] is None and result["config_origin"]["overrides"]["compare.budgets"] == [1, 2]
@@ -598,6 +599,33 @@ def _check_swa_row(seed_dir: Path, row: dict[str, str]) -> None:
     expected = classification_metrics(predict_probs(net, data, "test"), data.y_test)
     assert float(row["test_error"]) == pytest.approx(expected["error"], abs=0.01)  # at most one example
     assert float(row["test_nll"]) == pytest.approx(expected["nll"], abs=1e-4)
+
+
+def _check_swag_row(seed_dir: Path, row: dict[str, str]) -> None:
+    """The SWAG row at 2B of seed 0: every scale's 8 draws (generator seed 0 * 1000 + 2, BN
+    recomputed) evaluated on validation AND test by hand; the row is the scale with the lowest
+    calibrated validation NLL, with that scale's test numbers (compare evaluates only it on test)."""
+    from modeconn.training.ensembles.calibration import calibration_report
+    from modeconn.training.ensembles.swag import swag_from_checkpoints, swag_network
+
+    paths = sorted((seed_dir / "fge" / "snapshots").glob("snapshot-*.pt"))[:3]
+    moments, model, first = swag_from_checkpoints(paths)
+    data = load_data(first["dataset"], "cpu")
+    by_scale = {}
+    for scale in (0.25, 0.5, 1.0):
+        generator = torch.Generator().manual_seed(2)
+        val, test = [], []
+        for _ in range(8):
+            net = swag_network(model, moments, generator, scale, data)
+            val.append(predict_probs(net, data, "val").double())
+            test.append(predict_probs(net, data, "test").double())
+        report = calibration_report(torch.stack(val).mean(0), data.y_val, torch.stack(test).mean(0), data.y_test)
+        by_scale[scale] = (report["calibrated_val_nll"], classification_metrics(torch.stack(test).mean(0), data.y_test))
+    chosen = min(by_scale, key=lambda scale: by_scale[scale][0])
+    assert float(row["swag_scale"]) == chosen
+    assert float(row["calibrated_val_nll"]) == pytest.approx(by_scale[chosen][0], abs=1e-6)
+    assert float(row["test_nll"]) == pytest.approx(by_scale[chosen][1]["nll"], abs=1e-6)
+    assert float(row["test_error"]) == pytest.approx(by_scale[chosen][1]["error"], abs=1e-6)
 
 
 def _check_selective(seed_dir: Path, row: dict[str, str], result: dict, table: str) -> None:

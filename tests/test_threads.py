@@ -5,6 +5,7 @@ same choice in training (CLI, run_jobs workers) and serving (onnxruntime session
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -147,9 +148,12 @@ def test_a_bad_override_is_one_line_and_exit_status_2() -> None:
 
 def _worker_settings(tag: int) -> dict[str, object]:
     """What a run_jobs worker process computes with (module level: the worker imports it)."""
+    import multiprocessing
+
     import torch
 
-    return {"tag": tag, "threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+    return {"tag": tag, "threads": torch.get_num_threads(), "wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "start_method": multiprocessing.get_start_method()}
 
 
 def test_run_jobs_workers_get_their_share_and_wait_passively(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -163,7 +167,9 @@ def test_run_jobs_workers_get_their_share_and_wait_passively(monkeypatch: pytest
     jobs = [Job(_worker_settings, (i,)) for i in range(2)]
     seen = run_jobs(jobs, parallel=2, device=torch.device("cpu"))
     share = max(1, threads.usable_cores() // 2)
-    assert seen == [{"tag": i, "threads": share, "wait_policy": "PASSIVE"} for i in range(2)]
+    # the workers are spawned, but start their own processes (DataLoader workers) as this one does
+    here = multiprocessing.get_start_method()
+    assert seen == [{"tag": i, "threads": share, "wait_policy": "PASSIVE", "start_method": here} for i in range(2)]
     monkeypatch.setenv("MODECONN_THREADS", "3")
     assert [s["threads"] for s in run_jobs(jobs, parallel=2, device=torch.device("cpu"))] == [3, 3]
 

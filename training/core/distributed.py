@@ -318,8 +318,8 @@ def run_jobs(jobs: list[Job], parallel: int, device: torch.device, ray: str | No
     results: dict[int, Any] = {}
     waiting = list(range(len(jobs)))
     started = 0
-    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_end_with_parent, initargs=(os.getpid(),)) as pool:
+    with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                             initargs=(os.getpid(), multiprocessing.get_start_method())) as pool:
         running: dict[Future, int] = {}
         while waiting or running:
             for i in [i for i in waiting if all(a in results for a in jobs[i].after)]:
@@ -338,6 +338,15 @@ def run_jobs(jobs: list[Job], parallel: int, device: torch.device, ray: str | No
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _start_worker(parent: int, start_method: str) -> None:
+    """A pool worker ends with its parent, and starts its own processes (DataLoader workers of
+    streamed data) the way the command would: a spawned process's default is spawn, which made
+    every loader worker a fresh interpreter importing torch, seconds for each pass of a split."""
+    multiprocessing.set_start_method(start_method, force=True)
+    _end_with_parent(parent)
+
 
 
 def _end_with_parent(parent: int) -> None:

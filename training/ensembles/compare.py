@@ -70,6 +70,9 @@ from modeconn.training.ensembles.calibration import (
     calibrate,
     calibrated_columns,
     calibration_report,
+    fit_temperature,
+    log_probs,
+    nll_at,
 )
 from modeconn.training.ensembles.evaluate import (
     ensemble_probs,
@@ -363,24 +366,34 @@ def _swa_row(snapshots: list[Path], k: int, seed: int, epochs: int, data: Datase
 def _swag_row(snapshots: list[Path], k: int, seed: int, epochs: int, settings: CompareSettings, data: Dataset,
               device: torch.device, losses: dict[tuple[str, int], Losses], ood: dict[str, Dataset] | None = None
               ) -> dict[str, Any]:
-    """The ensemble of SWAG draws from `snapshots` at the scale validation prefers (members: draws)."""
+    """The ensemble of SWAG draws from `snapshots` at the scale validation prefers (members:
+    draws). Every scale's draws are judged on validation alone; only the chosen scale's are
+    evaluated on the test and OOD sets (the same row as evaluating all, for a third of the work)."""
     moments, model, _ = swag_from_checkpoints(snapshots, device)
-    found = []
+    best: tuple[float, float, list[dict[str, torch.Tensor]], torch.Tensor | None] | None = None
     for scale in settings.swag_scales:  # the same draws' noise at every scale: only the scale differs
         generator = torch.Generator().manual_seed(seed * 1000 + k)
-        test, val, outs = [], [], {name: [] for name in ood or {}}
+        draws, val = [], []
         for _ in range(settings.swag_samples):
             net = swag_network(model, moments, generator, scale, data)
-            test.append(predict_probs(net, data, "test").double())
-            for name, split in (ood or {}).items():
-                outs[name].append(predict_probs(net, split, "test").double())
+            draws.append({name: v.clone() for name, v in net.state_dict().items()})
             if len(data.y_val):
                 val.append(predict_probs(net, data, "val").double())
-        row, row_losses = _row("SWAG", k, seed, len(test), ensemble_probs(torch.stack(test)),
-                               ensemble_probs(torch.stack(val)) if val else None, epochs, data,
-                               {name: ensemble_probs(torch.stack(p)) for name, p in outs.items()})
-        found.append((row.get("calibrated_val_nll", row.get("val_nll", 0.0)), scale, row, row_losses))
-    _, scale, row, losses["SWAG", k] = min(found, key=lambda f: f[0])
+        val_probs = ensemble_probs(torch.stack(val)) if val else None
+        # the criterion `_row` reports: validation NLL at the temperature fitted there (none: the first scale)
+        score = 0.0 if val_probs is None else nll_at(log_probs(val_probs), data.y_val,
+                                                     fit_temperature(val_probs, data.y_val))
+        if best is None or score < best[0]:
+            best = (score, scale, draws, val_probs)
+    _, scale, draws, val_probs = best
+    test, outs = [], {name: [] for name in ood or {}}
+    for draw in draws:
+        model.load_state_dict(draw)
+        test.append(predict_probs(model, data, "test").double())
+        for name, split in (ood or {}).items():
+            outs[name].append(predict_probs(model, split, "test").double())
+    row, losses["SWAG", k] = _row("SWAG", k, seed, len(test), ensemble_probs(torch.stack(test)), val_probs, epochs,
+                                  data, {name: ensemble_probs(torch.stack(p)) for name, p in outs.items()})
     return {**row, "swag_scale": scale}
 
 
@@ -726,12 +739,16 @@ def compare_budgets(config: Config, run_dir: Path, force: bool = False, jobs_at_
     run_jobs(jobs, jobs_at_once, device, ray=ray)
     rows: list[dict[str, Any]] = []
     losses: list[dict[tuple[str, int], Losses]] = []
-    for s, seed_dir in enumerate(seed_dirs):
-        finals = [seed_dir / f"ind-{j}" / "final.pt" for j in range(largest)]
-        seed_rows, seed_losses = _seed_rows(config, s, finals, seed_dir / "fge", seed_dir / "sse", budgets, data, device,
-                                            equal[seed_dir], simplex[seed_dir])
-        rows += seed_rows
-        losses.append(seed_losses)
+    with progress.task("compare: evaluating", seeds) as advance:  # minutes on a CPU: every member on the test set
+        for s, seed_dir in enumerate(seed_dirs):
+            evaluating = time.perf_counter()
+            finals = [seed_dir / f"ind-{j}" / "final.pt" for j in range(largest)]
+            seed_rows, seed_losses = _seed_rows(config, s, finals, seed_dir / "fge", seed_dir / "sse", budgets, data,
+                                                device, equal[seed_dir], simplex[seed_dir])
+            rows += seed_rows
+            losses.append(seed_losses)
+            progress.log(f"compare: seed {s} evaluated ({time.perf_counter() - evaluating:.1f}s)")
+            advance()
     rows += _choose_equal_budget(rows, losses, budgets)
     table = _aggregate(rows, budgets)
     dee = _deep_ensemble_equivalents(table)
