@@ -524,6 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    finished = False
     try:
         if distributed.launched() and args.command not in DISTRIBUTED_COMMANDS:
             raise ConfigError(f"{args.command} runs as one process; start it without torchrun "
@@ -533,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.handler(args)
         if distributed.launched():  # torchrun: the --json says how many processes made it
             result = {**result, "distributed": distributed.layout()}
+        finished = True
     except ConfigError as err:
         print(f"modeconn {args.command}: {err}", file=sys.stderr)
         return 2
@@ -543,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"modeconn {args.command}: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
     if args.json and distributed.rank_from_env() == 0:
         print(json.dumps(result, default=str))
     return 0

@@ -110,8 +110,14 @@ def _init_process_group(backend: str) -> None:
                             rank=rank_, world_size=world)
 
 
-def shutdown() -> None:
+def shutdown(finished: bool = False) -> None:
+    """Leave the process group. `finished` (the command succeeded here): first wait for the other
+    ranks, so that none tears its connections down while another still runs (rank 0 evaluates
+    alone at the end; twice in full suite runs a rank that left early aborted at exit). After an
+    error nobody waits: the others may be gone, and torchrun ends the rest."""
     if active():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
