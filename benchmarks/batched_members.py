@@ -17,6 +17,7 @@ Usage: python benchmarks/batched_members.py [--quick] [--threads N] [--members 1
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -210,8 +211,6 @@ def compare_floor_section(run: dict[str, Any], args: Any, flops_per_example: int
     """The least time `compare` could take on this machine: the training examples its finished
     run folder shows (every sub-run's metrics.jsonl, the epoch rows times the training set)
     times the step's FLOPs, at the best matmul rate on all the machine's cores."""
-    import json
-
     config = load_config(CONFIG, {"device": "cpu"})
     train_size = len(load_data(dataset_spec(config.data), "cpu").y_train)
     epochs = sum(sum(1 for line in p.read_text().splitlines() if line.strip())

@@ -16,6 +16,7 @@ Both ways give the same batches (tests/test_data_sources.py), so only time diffe
 
 from __future__ import annotations
 
+import multiprocessing
 import tempfile
 import time
 from collections.abc import Callable
@@ -103,8 +104,6 @@ def _cold_start(build: Callable[[], Dataset]) -> float:
 def _cold_in_worker(spec: dict[str, Any], start_method: str | None) -> float:
     """`_cold_start` in a `--jobs` worker (run_jobs), its loader workers started by
     `start_method` (None: the worker's own default, the command's since the pool sets it)."""
-    import multiprocessing
-
     if start_method is not None:
         multiprocessing.set_start_method(start_method, force=True)
     return _cold_start(lambda: build_dataset("image_folder", **spec))
@@ -121,7 +120,7 @@ def _jobs_section(run: dict[str, Any], spec: dict[str, Any], rounds: int) -> Non
         ["loader workers started by", "seconds (median)", "all samples"],
         [["spawn (a spawned pool worker's default, what jobs did before)", common.median(spawned),
           ", ".join(f"{v:.2f}" for v in spawned)],
-         [f"the command's default ({__import__('multiprocessing').get_start_method()})", common.median(inherited),
+         [f"the command's default ({multiprocessing.get_start_method()})", common.median(inherited),
           ", ".join(f"{v:.2f}" for v in inherited)]],
         notes="Both jobs side by side in one run_jobs pool of 2 (the way `compare --jobs 2` runs its sub-runs), "
               "each round a fresh pool. Every streamed split's first pass, and every pass nested in another "

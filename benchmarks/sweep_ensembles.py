@@ -48,7 +48,7 @@ from modeconn.training.core.loop import checkpoint_path, resolve_device
 from modeconn.training.core.metrics import classification_metrics
 from modeconn.training.core.networks import dataset_spec, load_data, load_network, predict_probs
 from modeconn.training.core.statistics import equal_budget_epochs
-from modeconn.training.ensembles.calibration import fit_temperature, log_probs, nll_at
+from modeconn.training.ensembles.calibration import calibrated_nll
 from modeconn.training.ensembles.compare import fge_or_reuse, sse_or_reuse
 from modeconn.training.ensembles.evaluate import ensemble_probs, expand_members
 from modeconn.training.simplex.evaluate import ensemble_points, point_network
@@ -156,8 +156,8 @@ def val_scores(member_probs: torch.Tensor, labels: torch.Tensor) -> Scores:
     """The ensemble's calibrated validation NLL (T fitted on validation), raw NLL and error %."""
     probs = ensemble_probs(member_probs)
     metrics = classification_metrics(probs, labels)
-    temperature = fit_temperature(probs, labels)
-    return {"cal_nll": nll_at(log_probs(probs), labels, temperature), "nll": metrics["nll"],
+    cal_nll, temperature = calibrated_nll(probs, labels)
+    return {"cal_nll": cal_nll, "nll": metrics["nll"],
             "error": metrics["error"], "temperature": temperature}
 
 

@@ -354,7 +354,6 @@ def _start_worker(parent: int, start_method: str) -> None:
     _end_with_parent(parent)
 
 
-
 def _end_with_parent(parent: int) -> None:
     """A worker ends when the command that started it does: killed without a word (SIGKILL, an
     OOM kill), it cannot tell its pool to stop, and the workers would go on training jobs

@@ -58,17 +58,23 @@ def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, bounds: tuple[flo
     return best if nll_at(logp, labels, best) <= nll_at(logp, labels, 1.0) else 1.0
 
 
+def calibrated_nll(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """The NLL of `probs` at the temperature fitted on them (probs, labels), and that temperature:
+    how settings and ensembles are judged on validation."""
+    temperature = fit_temperature(probs, labels)
+    return nll_at(log_probs(probs), labels, temperature), temperature
+
+
 def calibration_report(val_probs: torch.Tensor, y_val: torch.Tensor, test_probs: torch.Tensor,
                        y_test: torch.Tensor) -> dict[str, Any]:
     """T fitted on validation; raw and calibrated NLL on validation; calibrated test metrics
     (the manifest's `Calibration` fields, modeconn/contract/manifest.py)."""
-    temperature = fit_temperature(val_probs, y_val)
-    logp = log_probs(val_probs)
+    calibrated, temperature = calibrated_nll(val_probs, y_val)
     return {
         "temperature": temperature,
         "val_examples": len(y_val),
-        "val_nll": nll_at(logp, y_val, 1.0),
-        "calibrated_val_nll": nll_at(logp, y_val, temperature),
+        "val_nll": nll_at(log_probs(val_probs), y_val, 1.0),
+        "calibrated_val_nll": calibrated,
         "calibrated_metrics": classification_metrics(calibrate(test_probs, temperature), y_test),
     }
 

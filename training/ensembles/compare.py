@@ -69,10 +69,8 @@ from modeconn.training.core.schedules import even_cycle_iterations
 from modeconn.training.ensembles.calibration import (
     calibrate,
     calibrated_columns,
+    calibrated_nll,
     calibration_report,
-    fit_temperature,
-    log_probs,
-    nll_at,
 )
 from modeconn.training.ensembles.evaluate import (
     ensemble_probs,
@@ -380,9 +378,8 @@ def _swag_row(snapshots: list[Path], k: int, seed: int, epochs: int, settings: C
             if len(data.y_val):
                 val.append(predict_probs(net, data, "val").double())
         val_probs = ensemble_probs(torch.stack(val)) if val else None
-        # the criterion `_row` reports: validation NLL at the temperature fitted there (none: the first scale)
-        score = 0.0 if val_probs is None else nll_at(log_probs(val_probs), data.y_val,
-                                                     fit_temperature(val_probs, data.y_val))
+        # the criterion `_row` reports (no validation split: the first scale)
+        score = 0.0 if val_probs is None else calibrated_nll(val_probs, data.y_val)[0]
         if best is None or score < best[0]:
             best = (score, scale, draws, val_probs)
     _, scale, draws, val_probs = best
